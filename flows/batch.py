@@ -1,0 +1,47 @@
+"""The main flow: plan-shards → generate (one task per shard) → merge-outputs."""
+
+from __future__ import annotations
+
+import hashlib
+
+from prefect import flow
+from prefect.filesystems import LocalFileSystem
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from nightshift.inputs import CorpusOptions
+from nightshift.records import JobSpec, RunReport
+from nightshift.rundir import RunDir
+from tasks.generate import generate_shard
+from tasks.merge import merge_outputs
+from tasks.plan import plan_shards
+
+
+# Two shards in flight: while one shard's last rows decode, the next one's rows already
+# fill the engine's batch. More would only spread checkpoints thinner.
+@flow(name="nightshift-batch", task_runner=ThreadPoolTaskRunner(max_workers=2))
+def batch_inference(
+    input_path: str,
+    run_dir: str,
+    job: JobSpec,
+    shard_size: int = 10_000,
+    corpus: CorpusOptions | None = None,
+    checkpoint_storage: str | None = None,
+) -> RunReport:
+    """Run `job` over every row of `input_path`; outputs land in `run_dir`.
+
+    `checkpoint_storage` names a saved Prefect filesystem block ("local-file-system/x",
+    "s3-bucket/y") holding the task cache; by default it is `run_dir/checkpoints`.
+    """
+    plan = plan_shards(input_path, run_dir, shard_size, corpus)
+    generate = generate_shard.with_options(result_storage=checkpoint_storage or _local_checkpoints(run_dir))
+    futures = [generate.submit(shard, job, run_dir) for shard in plan.shards]
+    results = [future.result() for future in futures]
+    return merge_outputs(plan, results, run_dir)
+
+
+def _local_checkpoints(run_dir: str) -> str:
+    # Prefect wants result storage saved server-side; one block per run directory.
+    path = str(RunDir(run_dir).checkpoints)
+    name = "nightshift-ckpt-" + hashlib.sha256(path.encode()).hexdigest()[:16]
+    LocalFileSystem(basepath=path).save(name, overwrite=True)
+    return f"local-file-system/{name}"

@@ -1,0 +1,165 @@
+"""`nightshift` — run an LLM over a corpus or an OpenAI batch file, offline, with Prefect.
+
+    nightshift run INPUT --output RUN_DIR [--model tiny|smollm2|PATH] [--shard-size N] ...
+    nightshift models            provision the bundled models into the local cache
+    nightshift demo              summarize a sample corpus with SmolLM2 on this machine
+
+`run` exits 0 only when every input row is in output.jsonl or errors.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+# Models come from the local cache only; set before anything imports huggingface_hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DEMO_TEMPLATE = "Summarize this document in one sentence.\n\n{text}"
+DEMO_SYSTEM = "You are a concise assistant that writes accurate one-sentence summaries."
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nightshift", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run a batch job")
+    run.add_argument("input", help="OpenAI batch JSONL, or a corpus (.parquet, .csv, .jsonl with --text-column)")
+    run.add_argument("--output", required=True, help="run directory (re-running it resumes)")
+    _add_job_arguments(run)
+
+    models = commands.add_parser("models", help="provision the bundled models (idempotent)")
+    models.add_argument("names", nargs="*", help="tiny, smollm2, minilm (default: all)")
+
+    demo = commands.add_parser("demo", help="summarize a sample corpus with SmolLM2")
+    demo.add_argument("--output", default="runs/demo")
+    demo.add_argument("--documents", type=int, default=200)
+    demo.add_argument("--model", default="smollm2")
+
+    args = parser.parse_args(argv)
+    if args.command == "models":
+        return _models(args.names)
+    if args.command == "demo":
+        return _demo(args)
+    return _run(args)
+
+
+def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2", help="tiny, smollm2, or a model directory")
+    parser.add_argument("--served-model-name", help="model name written into responses (default: --model)")
+    parser.add_argument("--model-mismatch", choices=["error", "ignore"], default="error",
+                        help="what to do with a row whose body names another model")
+    parser.add_argument("--shard-size", type=int, default=10_000, help="rows per shard (checkpoint unit)")
+    parser.add_argument("--chunk-size", type=int, default=512, help="rows per chunk file inside a shard")
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--max-num-seqs", type=int, default=64, help="rows decoded together")
+    corpus = parser.add_argument_group("corpus inputs (Parquet, CSV, JSONL records)")
+    corpus.add_argument("--id-column", help="column holding each record's id (default: row-<n>)")
+    corpus.add_argument("--text-column", help="column holding the text (default: text)")
+    corpus.add_argument("--template", default="{text}", help="user prompt; {text} is replaced by the record's text")
+    corpus.add_argument("--system", help="system prompt")
+    corpus.add_argument("--max-tokens", type=int, default=256)
+    corpus.add_argument("--temperature", type=float, default=0.0)
+
+
+def _corpus_options(args):
+    from nightshift.inputs import CorpusOptions, detect_kind
+
+    explicit = args.text_column is not None or args.id_column is not None
+    if not explicit and detect_kind(args.input, None) != "corpus":
+        return None
+    return CorpusOptions(
+        id_column=args.id_column,
+        text_column=args.text_column or "text",
+        template=args.template,
+        system=args.system,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+    )
+
+
+def _run(args) -> int:
+    from nightshift.inputs import InputError
+    from nightshift.jobs import make_job
+
+    try:
+        job = make_job(
+            args.model,
+            chunk_size=args.chunk_size,
+            max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs,
+            served_model_name=args.served_model_name,
+            model_mismatch=args.model_mismatch,
+        )
+        report = run_job(args.input, args.output, job, args.shard_size, _corpus_options(args))
+    except (InputError, FileNotFoundError) as exc:
+        print(f"nightshift: {exc}", file=sys.stderr)
+        return 2
+    _print_report(report)
+    return 0 if report.complete else 1
+
+
+def run_job(input_path: str, run_dir: str, job, shard_size: int = 10_000, corpus=None):
+    """Plan the input (failing fast on a bad one), then run the flow."""
+    from flows.batch import batch_inference
+
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    return batch_inference(input_path=input_path, run_dir=run_dir, job=job, shard_size=shard_size, corpus=corpus)
+
+
+def _print_report(report) -> None:
+    print(
+        f"\n{report.total_rows} rows: {report.succeeded} succeeded, {report.failed} failed"
+        f" ({report.prompt_tokens} prompt + {report.completion_tokens} completion tokens)"
+    )
+    if report.errors_by_code:
+        print("errors by code: " + ", ".join(f"{c}={n}" for c, n in report.errors_by_code.items()))
+    print(f"outputs: {report.output_path}\nerrors:  {report.errors_path}\nresults: {report.results_path}")
+
+
+def _models(names: list[str]) -> int:
+    from nightshift.models import KNOWN_MODELS, provision
+
+    unknown = set(names) - set(KNOWN_MODELS)
+    if unknown:
+        print(f"nightshift: unknown model(s) {sorted(unknown)}; known: {KNOWN_MODELS}", file=sys.stderr)
+        return 2
+    for name, path in provision(tuple(names) or KNOWN_MODELS).items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _demo(args) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from nightshift.inputs import CorpusOptions
+    from nightshift.jobs import make_job
+    from nightshift.models import provision
+    from nightshift.samples import sample_documents
+
+    provision((args.model,)) if args.model in ("tiny", "smollm2") else None
+    run_dir = Path(args.output)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    corpus_path = run_dir / "corpus.parquet"
+    docs = sample_documents(args.documents)
+    pq.write_table(pa.Table.from_pylist(docs), corpus_path)
+    options = CorpusOptions(id_column="id", text_column="text", template=DEMO_TEMPLATE,
+                            system=DEMO_SYSTEM, max_tokens=64, temperature=0.0)
+    report = run_job(str(corpus_path), str(run_dir), make_job(args.model), 10_000, options)
+    _print_report(report)
+    texts = {d["id"]: d["text"] for d in docs}
+    print("\nSample summaries:")
+    with open(report.output_path) as lines:
+        for _, line in zip(range(4), lines):
+            row = json.loads(line)
+            print(f"\n[{row['custom_id']}] {texts[row['custom_id']]}\n  → {row['response']['body']['choices'][0]['message']['content']}")
+    return 0 if report.complete else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

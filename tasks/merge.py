@@ -1,0 +1,102 @@
+"""Merge stage: the shards' chunk files become the run's outputs, in input order.
+
+Plain SQL over the chunk Parquet files (DuckDB streams them; nothing is held whole):
+
+* ``output.jsonl``  — OpenAI Batch output lines of the rows that succeeded
+* ``errors.jsonl``  — OpenAI-style error lines of the rows that failed
+* ``results.parquet`` — custom_id, text, finish_reason, prompt_tokens, completion_tokens, shard
+
+Before writing, it proves that every planned row is present exactly once; outputs are
+written to temporary names and renamed, so a reader never sees a half-merged run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import duckdb
+from prefect import task
+
+from nightshift.records import Plan, RunReport, ShardResult, _write_json_atomic
+from nightshift.rundir import RunDir
+
+
+class IncompleteRun(RuntimeError):
+    """Some planned row is missing from, or repeated in, the generated chunks."""
+
+
+def merge(plan: Plan, results: list[ShardResult], run_dir: RunDir) -> RunReport:
+    files = [f for result in results for f in result.chunk_files]
+    con = duckdb.connect()
+    con.execute("SET preserve_insertion_order = false")
+    file_list = ", ".join(f"'{_sql_path(Path(f))}'" for f in files)
+    con.execute(f"CREATE VIEW chunk_rows AS SELECT * FROM read_parquet([{file_list}])")
+    rows, distinct, succeeded, prompt_tokens, completion_tokens = con.execute(
+        """
+        SELECT count(*), count(DISTINCT row_index), count(*) FILTER (WHERE ok),
+               coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0)
+        FROM chunk_rows
+        """
+    ).fetchone()
+    if rows != plan.total_rows or distinct != plan.total_rows:
+        raise IncompleteRun(
+            f"{plan.total_rows} rows planned but the chunks hold {rows} rows "
+            f"({distinct} distinct): refusing to write outputs that lose or repeat rows"
+        )
+    _write_lines(con, "SELECT line FROM chunk_rows WHERE ok ORDER BY row_index", run_dir.output)
+    _write_lines(con, "SELECT line FROM chunk_rows WHERE NOT ok ORDER BY row_index", run_dir.errors)
+    tmp = run_dir.results.with_name(run_dir.results.name + ".tmp")
+    con.execute(
+        f"""
+        COPY (
+            SELECT custom_id, text, finish_reason, prompt_tokens, completion_tokens, shard
+            FROM chunk_rows ORDER BY row_index
+        ) TO '{_sql_path(tmp)}' (FORMAT parquet)
+        """
+    )
+    os.replace(tmp, run_dir.results)
+    errors_by_code = dict(
+        con.execute(
+            "SELECT error_code, count(*) FROM chunk_rows WHERE NOT ok GROUP BY 1 ORDER BY 2 DESC"
+        ).fetchall()
+    )
+    report = RunReport(
+        run_dir=str(run_dir.root),
+        total_rows=plan.total_rows,
+        succeeded=succeeded,
+        failed=rows - succeeded,
+        prompt_tokens=int(prompt_tokens),
+        completion_tokens=int(completion_tokens),
+        output_path=str(run_dir.output),
+        errors_path=str(run_dir.errors),
+        results_path=str(run_dir.results),
+        errors_by_code=errors_by_code,
+    )
+    _write_json_atomic(run_dir.summary, report.__dict__)
+    return report
+
+
+@task(name="merge-outputs")
+def merge_outputs(plan: Plan, results: list[ShardResult], run_dir: str) -> RunReport:
+    return merge(plan, results, RunDir(run_dir))
+
+
+def _write_lines(con: duckdb.DuckDBPyConnection, query: str, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    reader = con.sql(query).to_arrow_reader(8192)
+    with open(tmp, "w", encoding="utf-8") as out:
+        for batch in reader:
+            for line in batch.column(0).to_pylist():
+                out.write(line)
+                out.write("\n")
+    os.replace(tmp, path)
+
+
+def _sql_path(path: Path) -> str:
+    return str(path).replace("'", "''")
+
+
+def load_report(run_dir: RunDir) -> RunReport:
+    return RunReport(**json.loads(run_dir.summary.read_text()))
