@@ -184,3 +184,12 @@ def get_engine(config: EngineConfig) -> BatchEngine:
         if _engine is None:
             _engine = BatchEngine(config)
         return _engine
+
+
+def shutdown_engine() -> None:
+    """Stop the process's engine, if one runs (its worker processes go with it)."""
+    global _engine
+    with _engine_lock:
+        if _engine is not None:
+            _engine.close()
+            _engine = None

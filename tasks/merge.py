@@ -29,17 +29,20 @@ class IncompleteRun(RuntimeError):
 
 def merge(plan: Plan, results: list[ShardResult], run_dir: RunDir) -> RunReport:
     files = [f for result in results for f in result.chunk_files]
-    con = duckdb.connect()
-    con.execute("SET preserve_insertion_order = false")
+    with duckdb.connect() as con:
+        return _merge(con, plan, files, run_dir)
+
+
+def _merge(con: duckdb.DuckDBPyConnection, plan: Plan, files: list[str], run_dir: RunDir) -> RunReport:
     file_list = ", ".join(f"'{_sql_path(Path(f))}'" for f in files)
     con.execute(f"CREATE VIEW chunk_rows AS SELECT * FROM read_parquet([{file_list}])")
-    rows, distinct, succeeded, prompt_tokens, completion_tokens = con.execute(
+    rows, distinct, succeeded, prompt_tokens, completion_tokens = con.sql(
         """
         SELECT count(*), count(DISTINCT row_index), count(*) FILTER (WHERE ok),
                coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0)
         FROM chunk_rows
         """
-    ).fetchone()
+    ).fetchall()[0]
     if rows != plan.total_rows or distinct != plan.total_rows:
         raise IncompleteRun(
             f"{plan.total_rows} rows planned but the chunks hold {rows} rows "
@@ -58,9 +61,7 @@ def merge(plan: Plan, results: list[ShardResult], run_dir: RunDir) -> RunReport:
     )
     os.replace(tmp, run_dir.results)
     errors_by_code = dict(
-        con.execute(
-            "SELECT error_code, count(*) FROM chunk_rows WHERE NOT ok GROUP BY 1 ORDER BY 2 DESC"
-        ).fetchall()
+        con.sql("SELECT error_code, count(*) FROM chunk_rows WHERE NOT ok GROUP BY 1 ORDER BY 2 DESC").fetchall()
     )
     report = RunReport(
         run_dir=str(run_dir.root),

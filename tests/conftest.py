@@ -1,0 +1,60 @@
+"""Shared fixtures: one Prefect server and one vLLM engine (the tiny model) per test session."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    """Rows are dicts (written as JSON) or raw str/bytes lines (written as they are)."""
+    with open(path, "wb") as out:
+        for row in rows:
+            if isinstance(row, dict):
+                row = json.dumps(row)
+            if isinstance(row, str):
+                row = row.encode()
+            out.write(row + b"\n")
+    return path
+
+
+def chat_request(custom_id: str, content: str, **body) -> dict:
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 8, "temperature": 0, **body}
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    # A 2-core machine needs far longer than the default to start the server.
+    with prefect_test_harness(server_startup_timeout=300):
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_job():
+    """A job on the tiny random Llama: small chunks so shards have several."""
+    from nightshift.jobs import make_job
+
+    return make_job("tiny", chunk_size=4, max_num_seqs=16)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_engine_at_the_end():
+    yield
+    from nightshift.engine import shutdown_engine
+
+    shutdown_engine()

@@ -1,0 +1,75 @@
+"""Specification of the input readers: every record comes out once, as a request or an error."""
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import chat_request, write_jsonl
+from nightshift.inputs import CorpusOptions, InputError, read_rows
+
+
+def codes(rows):
+    return [row.error["code"] if row.error else "ok" for row in rows]
+
+
+def test_openai_batch_rows_carry_a_request_or_an_error_code(tmp_path):
+    path = write_jsonl(
+        tmp_path / "in.jsonl",
+        [
+            chat_request("a", "hi"),
+            b"\xff\xfe not utf-8",
+            "{not json",
+            "[1, 2]",
+            {"method": "POST", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "x"}]}},
+            chat_request("a", "same id again"),
+            {**chat_request("m", "x"), "method": "GET"},
+            {**chat_request("u", "x"), "url": "/v1/embeddings"},
+            {"custom_id": "nobody", "method": "POST", "url": "/v1/chat/completions"},
+            {"custom_id": "nomsg", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": []}},
+            {"custom_id": "noprompt", "method": "POST", "url": "/v1/completions", "body": {"prompt": ""}},
+            "",
+            {"custom_id": 7, "method": "POST", "url": "/v1/chat/completions", "body": {}},
+        ],
+    )
+    rows = list(read_rows(str(path), "openai-batch"))
+    assert codes(rows) == [
+        "ok", "invalid_encoding", "invalid_json", "invalid_request", "missing_custom_id",
+        "duplicate_custom_id", "unsupported_method", "unsupported_url", "invalid_request",
+        "missing_messages", "missing_prompt", "invalid_custom_id",
+    ]
+    assert [row.line_no for row in rows] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13]  # blank line 12 is no record
+    assert all(row.error["line"] == row.line_no for row in rows if row.error)
+
+
+def test_corpus_parquet_rows_become_chat_requests_through_the_template(tmp_path):
+    path = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"doc": ["d1", "d2", "d3"], "body": ["alpha", None, "gamma"]}), path)
+    options = CorpusOptions(id_column="doc", text_column="body", template="Sum: {text}", system="Be brief.", max_tokens=5)
+    rows = list(read_rows(str(path), "corpus", options))
+    assert [r.custom_id for r in rows] == ["d1", "d2", "d3"]
+    assert codes(rows) == ["ok", "empty_prompt", "ok"]
+    assert rows[0].request["body"]["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Sum: alpha"},
+    ]
+    assert rows[0].request["body"]["max_tokens"] == 5
+
+
+def test_corpus_csv_without_the_text_column_fails_as_a_whole(tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_text("id,content\n1,hello\n")
+    with pytest.raises(InputError, match="no column 'text'"):
+        list(read_rows(str(path), "corpus", CorpusOptions(id_column="id", text_column="text")))
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n", b"garbage\nmore garbage\n"])
+def test_an_empty_or_non_jsonl_input_fails_as_a_whole(tmp_path, content):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(InputError):
+        list(read_rows(str(path), "openai-batch"))
+
+
+def test_a_missing_input_fails_as_a_whole(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        read_rows(str(tmp_path / "nope.jsonl"), "openai-batch")
