@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 from prefect import flow
@@ -11,7 +12,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from nightshift.inputs import CorpusOptions
 from nightshift.records import JobSpec, RunReport
 from nightshift.rundir import RunDir
-from tasks.generate import generate_shard
+from tasks.generate import checkpoint_intact, generate_shard
 from tasks.merge import merge_outputs
 from tasks.plan import plan_shards
 
@@ -36,7 +37,16 @@ def batch_inference(
     generate = generate_shard.with_options(result_storage=checkpoint_storage or _local_checkpoints(run_dir))
     futures = [generate.submit(shard, job, run_dir) for shard in plan.shards]
     results = [future.result() for future in futures]
-    return merge_outputs(plan, results, run_dir)
+    cached = sum(future.state.name == "Cached" for future in futures)
+    # A cache hit whose files were deleted or changed is regenerated, not trusted.
+    stale = [shard for shard, result in zip(plan.shards, results) if not checkpoint_intact(result)]
+    if stale:
+        regenerate = generate.with_options(refresh_cache=True)
+        redone = {shard.index: regenerate.submit(shard, job, run_dir) for shard in stale}
+        results = [redone[r.shard_index].result() if r.shard_index in redone else r for r in results]
+        cached -= len(stale)
+    report = merge_outputs(plan, results, run_dir)
+    return dataclasses.replace(report, shards=len(plan.shards), shards_cached=cached)
 
 
 def _local_checkpoints(run_dir: str) -> str:

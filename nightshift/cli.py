@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     models = commands.add_parser("models", help="provision the bundled models (idempotent)")
     models.add_argument("names", nargs="*", help="tiny, smollm2, minilm (default: all)")
 
+    status = commands.add_parser("status", help="shards done / partial / pending of a run, and an ETA")
+    status.add_argument("run_dir")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+
     demo = commands.add_parser("demo", help="summarize a sample corpus with SmolLM2")
     demo.add_argument("--output", default="runs/demo")
     demo.add_argument("--documents", type=int, default=200)
@@ -45,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         return _models(args.names)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "status":
+        from nightshift.status import print_status
+
+        return print_status(args.run_dir, as_json=args.json)
     return _run(args)
 
 
@@ -95,7 +103,10 @@ def _run(args) -> int:
             served_model_name=args.served_model_name,
             model_mismatch=args.model_mismatch,
         )
-        report = run_job(args.input, args.output, job, args.shard_size, _corpus_options(args))
+        corpus = _corpus_options(args)
+        report = _run_preemptible(
+            args.output, lambda: run_job(args.input, args.output, job, args.shard_size, corpus)
+        )
     except (InputError, FileNotFoundError) as exc:
         print(f"nightshift: {exc}", file=sys.stderr)
         return 2
@@ -104,11 +115,38 @@ def _run(args) -> int:
 
 
 def run_job(input_path: str, run_dir: str, job, shard_size: int = 10_000, corpus=None):
-    """Plan the input (failing fast on a bad one), then run the flow."""
+    """Run the flow: plan (failing fast on a bad input), generate, merge."""
     from flows.batch import batch_inference
 
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     return batch_inference(input_path=input_path, run_dir=run_dir, job=job, shard_size=shard_size, corpus=corpus)
+
+
+def _run_preemptible(run_dir: str, start):
+    """Run `start()`; on SIGTERM, let generation flush its finished rows and exit 143."""
+    from nightshift import preemption
+
+    preemption.install_sigterm_handler()
+    try:
+        return start()
+    except BaseException as exc:  # Prefect turns SIGTERM into TerminationSignal in the main thread
+        from prefect.exceptions import TerminationSignal
+
+        if not isinstance(exc, (TerminationSignal, preemption.Preempted)) and not preemption.stop_requested.is_set():
+            raise
+    preemption.stop_requested.set()
+    flushed = preemption.wait_until_flushed(preemption.grace_seconds() + 10)
+    print(
+        f"nightshift: stopped on SIGTERM ({'finished rows saved' if flushed else 'flush timed out'}); "
+        f"re-run the same command to resume {run_dir}",
+        file=sys.stderr,
+    )
+    sys.stderr.flush()
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):  # engine core and its workers
+        child.kill()
+    os._exit(preemption.EXIT_PREEMPTED)
 
 
 def _print_report(report) -> None:
@@ -116,6 +154,7 @@ def _print_report(report) -> None:
         f"\n{report.total_rows} rows: {report.succeeded} succeeded, {report.failed} failed"
         f" ({report.prompt_tokens} prompt + {report.completion_tokens} completion tokens)"
     )
+    print(f"shards: {report.shards} ({report.shards_cached} from checkpoints)")
     if report.errors_by_code:
         print("errors by code: " + ", ".join(f"{c}={n}" for c, n in report.errors_by_code.items()))
     print(f"outputs: {report.output_path}\nerrors:  {report.errors_path}\nresults: {report.results_path}")

@@ -14,11 +14,13 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections import deque
 from dataclasses import asdict
 from typing import Iterable, Iterator
 
 from nightshift.openai_format import PreparedRequest
+from nightshift.preemption import Preempted
 from nightshift.records import EngineConfig
 
 log = logging.getLogger("nightshift.engine")
@@ -36,7 +38,8 @@ class _Job:
         self.results: queue.Queue = queue.Queue()
         self.in_flight = 0
         self.admitted_all = False
-        self.cancelled = False
+        self.stop_admitting = False  # set on preemption: finish what is in flight, take no more
+        self.cancelled = False  # the consumer is gone: drop its results
 
 
 class BatchEngine:
@@ -68,17 +71,35 @@ class BatchEngine:
     def alive(self) -> bool:
         return self._dead is None and not self._closed
 
-    def generate(self, requests: Iterable[PreparedRequest]) -> Iterator[tuple[PreparedRequest, object]]:
+    def generate(
+        self,
+        requests: Iterable[PreparedRequest],
+        stop: threading.Event | None = None,
+        grace_s: float = 20.0,
+    ) -> Iterator[tuple[PreparedRequest, object]]:
+        """Yield rows as they finish. Once `stop` is set, no new row is admitted and the
+        rows in flight get `grace_s` seconds to finish; then `Preempted` is raised."""
         if not self.alive:
             raise EngineFailure(f"engine is not running: {self._dead!r}")
         job = _Job(requests)
         with self._wake:
             self._jobs.append(job)
             self._wake.notify()
+        deadline = None
         try:
             while True:
-                item = job.results.get()
+                if stop is not None and stop.is_set() and deadline is None:
+                    job.stop_admitting = True
+                    deadline = time.monotonic() + grace_s
+                try:
+                    item = job.results.get(timeout=0.25)
+                except queue.Empty:
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise Preempted(f"stopped on SIGTERM with {job.in_flight} rows in flight") from None
+                    continue
                 if item is _DONE:
+                    if deadline is not None:
+                        raise Preempted("stopped on SIGTERM after the rows in flight finished")
                     return
                 if isinstance(item, BaseException):
                     raise EngineFailure(str(item)) from item
@@ -127,7 +148,7 @@ class BatchEngine:
                 if not self._jobs:
                     return
                 job = self._jobs[0]
-            request = None if job.cancelled else next(job.requests, None)
+            request = None if (job.cancelled or job.stop_admitting) else next(job.requests, None)
             if request is None:
                 job.admitted_all = True
                 with self._wake:

@@ -103,6 +103,7 @@ class ShardResult:
     cache_key: str
     output_dir: str
     chunk_files: list[str]
+    chunk_sha256: list[str]
     rows: int
     succeeded: int
     failed: int
@@ -126,6 +127,8 @@ class RunReport:
     errors_path: str
     results_path: str
     errors_by_code: dict[str, int] = field(default_factory=dict)
+    shards: int = 0
+    shards_cached: int = 0  # came back from the task cache: nothing regenerated
 
     @property
     def complete(self) -> bool:

@@ -1,18 +1,23 @@
 """Generate stage: run one shard's rows through the process's shared vLLM engine.
 
-The task's Prefect cache key is the shard's content hash plus the job fingerprint (model
-identity, sampling-relevant settings, output format version), so a finished shard comes
-back Cached on a re-run and is never generated twice. Inside a shard, rows are written in
-fixed chunks (rows [k·chunk_size, (k+1)·chunk_size) of the shard), each chunk file written
-atomically; a restarted shard skips its complete chunks, so a kill costs the chunks that
-were in flight, not the shard.
+Checkpoints, two levels:
+
+* the task's Prefect cache key is the shard's content hash plus the job fingerprint (model
+  identity, sampling-relevant settings, output format version): a finished shard comes back
+  Cached on a re-run and is never generated again;
+* inside a shard, finished rows are written in chunk files of `chunk_size` rows, each written
+  atomically (temp file + rename). A restarted shard reads which rows its chunk files already
+  hold and generates only the others, so a kill loses at most the rows finished since the last
+  chunk file (fewer than `chunk_size`) plus the rows in flight.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 
 import pyarrow as pa
@@ -28,6 +33,7 @@ from nightshift.openai_format import (
     output_line,
     prepare_request,
 )
+from nightshift.preemption import Preempted, generation_in_progress, grace_seconds, stop_requested
 from nightshift.records import JobSpec, Shard, ShardResult, _write_json_atomic
 from nightshift.rundir import RunDir
 
@@ -55,8 +61,9 @@ def _task_cache_key(context: TaskRunContext, parameters: dict) -> str:
     return shard_cache_key(parameters["shard"], parameters["job"])
 
 
-def chunk_path(output_dir: Path, chunk: int) -> Path:
-    return output_dir / f"chunk-{chunk:05d}.parquet"
+def _retry_unless_preempted(task, task_run, state) -> bool:
+    # A preempted process is going away: retrying inside it would only be killed again.
+    return not isinstance(state.result(raise_on_failure=False), Preempted)
 
 
 @task(
@@ -65,73 +72,119 @@ def chunk_path(output_dir: Path, chunk: int) -> Path:
     persist_result=True,
     retries=2,
     retry_delay_seconds=1,
+    retry_condition_fn=_retry_unless_preempted,
 )
 def generate_shard(shard: Shard, job: JobSpec, run_dir: str) -> ShardResult:
     return generate(shard, job, RunDir(run_dir))
 
 
+def chunk_files(output_dir: Path) -> list[Path]:
+    return sorted(output_dir.glob("chunk-*.parquet"))
+
+
+def rows_on_disk(output_dir: Path) -> set[int]:
+    files = chunk_files(output_dir)
+    if not files:
+        return set()
+    return set(pq.read_table(files, columns=["row_index"])["row_index"].to_pylist())
+
+
 def generate(shard: Shard, job: JobSpec, run_dir: RunDir) -> ShardResult:
+    with generation_in_progress():
+        return _generate(shard, job, run_dir)
+
+
+def _generate(shard: Shard, job: JobSpec, run_dir: RunDir) -> ShardResult:
     started = time.monotonic()
     key = shard_cache_key(shard, job)
     output_dir = run_dir.shard_output(key)
     output_dir.mkdir(parents=True, exist_ok=True)
-    rows = pq.read_table(shard.path).to_pylist()
-    chunks = [rows[i : i + job.chunk_size] for i in range(0, len(rows), job.chunk_size)]
-    pending = [k for k in range(len(chunks)) if not chunk_path(output_dir, k).exists()]
-    writer = _ChunkWriter(output_dir, shard, chunks, pending)
+    done = rows_on_disk(output_dir)
+    todo = [row for row in pq.read_table(shard.path).to_pylist() if row["row_index"] not in done]
+    writer = _ChunkWriter(output_dir, shard.index, job.chunk_size, key)
 
     to_generate: list[PreparedRequest] = []
     engine = None
-    for k in pending:
-        for row in chunks[k]:
-            if row["error"] is not None:
-                writer.add_error(row, json.loads(row["error"]), key)
-                continue
-            if engine is None:
-                engine = get_engine(job.engine)  # only when some row needs it
-            try:
-                to_generate.append(
-                    prepare_request(
-                        row["row_index"],
-                        row["custom_id"],
-                        json.loads(row["request"]),
-                        job.served_model_name,
-                        _model_aliases(job),
-                        job.model_mismatch,
-                        engine.default_sampling_params,
-                    )
+    for row in todo:
+        if row["error"] is not None:
+            writer.add_error(row, json.loads(row["error"]))
+            continue
+        if engine is None:
+            engine = get_engine(job.engine)  # only when some row needs it
+        try:
+            to_generate.append(
+                prepare_request(
+                    row["row_index"],
+                    row["custom_id"],
+                    json.loads(row["request"]),
+                    job.served_model_name,
+                    _model_aliases(job),
+                    job.model_mismatch,
+                    engine.default_sampling_params,
                 )
-            except RequestRejected as exc:
-                writer.add_error(row, {"code": exc.code, "message": str(exc), "line": row["line_no"]}, key)
+            )
+        except RequestRejected as exc:
+            writer.add_error(row, {"code": exc.code, "message": str(exc), "line": row["line_no"]})
 
-    by_index = {row["row_index"]: row for k in pending for row in chunks[k]}
-    if to_generate:
-        for request, outcome in engine.generate(to_generate):
-            row = by_index[request.key]
-            if isinstance(outcome, Exception):
-                writer.add_error(row, _engine_refusal(outcome, row["line_no"]), key)
-            else:
-                writer.add_output(row, request.kind, outcome, job.served_model_name, key, engine.tokenizer)
-    writer.check_complete()
+    by_index = {row["row_index"]: row for row in todo}
+    try:
+        if to_generate:
+            for request, outcome in engine.generate(to_generate, stop_requested, grace_seconds()):
+                row = by_index[request.key]
+                if isinstance(outcome, Exception):
+                    writer.add_error(row, _engine_refusal(outcome, row["line_no"]))
+                else:
+                    writer.add_output(row, request.kind, outcome, job.served_model_name, engine.tokenizer)
+    finally:
+        writer.flush()  # finished rows survive a preemption or an engine fault
+    if stop_requested.is_set():
+        raise Preempted(f"shard {shard.index}: stopped on SIGTERM")
 
-    files = [str(chunk_path(output_dir, k)) for k in range(len(chunks))]
-    totals = pq.read_table(files, columns=["ok", "prompt_tokens", "completion_tokens"]).to_pydict() if files else {}
-    ok = totals.get("ok", [])
+    files = chunk_files(output_dir)
+    table = pq.read_table(files, columns=["row_index", "ok", "prompt_tokens", "completion_tokens"])
+    if table.num_rows != shard.num_rows or len(set(table["row_index"].to_pylist())) != shard.num_rows:
+        raise RuntimeError(f"shard {shard.index}: {table.num_rows} rows on disk, {shard.num_rows} planned")
+    ok = table["ok"].to_pylist()
     result = ShardResult(
         shard_index=shard.index,
         cache_key=key,
         output_dir=str(output_dir),
-        chunk_files=files,
-        rows=len(rows),
+        chunk_files=[str(f) for f in files],
+        chunk_sha256=[file_sha256(f) for f in files],
+        rows=shard.num_rows,
         succeeded=sum(ok),
         failed=len(ok) - sum(ok),
-        prompt_tokens=sum(v or 0 for v in totals.get("prompt_tokens", [])),
-        completion_tokens=sum(v or 0 for v in totals.get("completion_tokens", [])),
+        prompt_tokens=sum(v or 0 for v in table["prompt_tokens"].to_pylist()),
+        completion_tokens=sum(v or 0 for v in table["completion_tokens"].to_pylist()),
         regenerated_rows=len(to_generate),
         wall_seconds=round(time.monotonic() - started, 3),
     )
     _write_json_atomic(output_dir / "result.json", result.__dict__)
     return result
+
+
+def checkpoint_intact(result: ShardResult) -> bool:
+    """A cached result is only as good as its files: every chunk present, bytes unchanged.
+
+    A chunk whose bytes changed is removed, so regenerating the shard redoes its rows.
+    """
+    intact = True
+    for path, digest in zip(result.chunk_files, result.chunk_sha256):
+        path = Path(path)
+        if not path.exists():
+            intact = False
+        elif file_sha256(path) != digest:
+            path.unlink()
+            intact = False
+    return intact
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _model_aliases(job: JobSpec) -> set[str]:
@@ -146,64 +199,48 @@ def _engine_refusal(exc: Exception, line_no: int) -> dict:
 
 
 class _ChunkWriter:
-    """Collects finished rows per chunk and writes a chunk the moment its last row is in."""
+    """Buffers finished rows and writes them `chunk_size` at a time, atomically."""
 
-    def __init__(self, output_dir: Path, shard: Shard, chunks: list[list[dict]], pending: list[int]) -> None:
+    def __init__(self, output_dir: Path, shard_index: int, chunk_size: int, cache_key: str) -> None:
         self.output_dir = output_dir
-        self.shard = shard
-        self.chunk_of = {}
-        self.remaining = {}
-        self.buffers: dict[int, list[dict]] = {}
-        for k in pending:
-            self.remaining[k] = len(chunks[k])
-            self.buffers[k] = []
-            for row in chunks[k]:
-                self.chunk_of[row["row_index"]] = k
+        self.shard_index = shard_index
+        self.chunk_size = chunk_size
+        self.cache_key = cache_key
+        self.buffer: list[dict] = []
 
-    def add_output(self, row: dict, kind: str, output, model_name: str, key: str, tokenizer) -> None:
-        line = output_line(row["custom_id"], kind, output, model_name, key, tokenizer)
+    def add_output(self, row: dict, kind: str, output, model_name: str, tokenizer) -> None:
+        line = output_line(row["custom_id"], kind, output, model_name, self.cache_key, tokenizer)
         first = output.outputs[0]
         usage = line["response"]["body"]["usage"]
-        self._add(
-            row,
-            ok=True,
-            line=line,
-            text=first.text,
-            finish_reason=first.finish_reason,
-            prompt_tokens=usage["prompt_tokens"],
-            completion_tokens=usage["completion_tokens"],
-            error_code=None,
-        )
+        self._add(row, line, ok=True, text=first.text, finish_reason=first.finish_reason,
+                  prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"],
+                  error_code=None)
 
-    def add_error(self, row: dict, error: dict, key: str) -> None:
-        line = error_line(row["custom_id"], error, key)
-        self._add(row, ok=False, line=line, text=None, finish_reason=None,
+    def add_error(self, row: dict, error: dict) -> None:
+        line = error_line(row["custom_id"], error, self.cache_key)
+        self._add(row, line, ok=False, text=None, finish_reason=None,
                   prompt_tokens=None, completion_tokens=None, error_code=error["code"])
 
     def _add(self, row: dict, line: dict, **fields) -> None:
-        k = self.chunk_of[row["row_index"]]
-        self.buffers[k].append(
+        self.buffer.append(
             {
                 "row_index": row["row_index"],
-                "shard": self.shard.index,
+                "shard": self.shard_index,
                 "custom_id": row["custom_id"],
                 "line": json.dumps(line, ensure_ascii=False),
                 **fields,
             }
         )
-        self.remaining[k] -= 1
-        if self.remaining[k] == 0:
-            self._write(k)
+        if len(self.buffer) >= self.chunk_size:
+            self.flush()
 
-    def _write(self, k: int) -> None:
-        records = sorted(self.buffers.pop(k), key=lambda r: r["row_index"])
-        table = pa.Table.from_pylist(records, schema=CHUNK_SCHEMA)
-        path = chunk_path(self.output_dir, k)
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        pq.write_table(table, tmp)
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        records = sorted(self.buffer, key=lambda r: r["row_index"])
+        self.buffer = []
+        # Unique names: a chunk never overwrites another, whoever else writes this shard.
+        path = self.output_dir / f"chunk-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
+        tmp = path.with_name(path.name + ".tmp")
+        pq.write_table(pa.Table.from_pylist(records, schema=CHUNK_SCHEMA), tmp)
         os.replace(tmp, path)  # a chunk file either is whole or does not exist
-
-    def check_complete(self) -> None:
-        missing = {k: n for k, n in self.remaining.items() if n}
-        if missing:
-            raise RuntimeError(f"shard {self.shard.index}: chunks {sorted(missing)} did not complete")

@@ -1,0 +1,111 @@
+"""`nightshift status RUN_DIR`: how far a run (finished, running or killed) has got.
+
+Reads only the run directory — the plan manifest and the chunk files' Parquet footers — so
+it is cheap, safe while the job runs, and needs no Prefect server.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from nightshift.records import Plan
+from nightshift.rundir import RunDir
+
+
+@dataclass
+class ShardStatus:
+    index: int
+    rows: int
+    rows_done: int
+    state: str  # done | partial | pending
+
+
+@dataclass
+class RunStatus:
+    total_rows: int
+    rows_done: int
+    shards_done: int
+    shards_partial: int
+    shards_pending: int
+    rows_per_second: float | None
+    eta_seconds: float | None
+    merged: bool
+    shards: list[ShardStatus]
+
+
+def run_status(run_dir: str | Path) -> RunStatus:
+    rd = RunDir(run_dir)
+    if not rd.plan_manifest.exists():
+        raise FileNotFoundError(f"{run_dir} has no plan yet (plan/manifest.json)")
+    plan = Plan.load(rd.plan_manifest)
+    shard_states, written = [], []
+    for shard in plan.shards:
+        output = _latest_output_dir(rd, shard.content_hash)
+        done = 0
+        if output is not None:
+            for chunk in output.glob("chunk-*.parquet"):
+                rows = pq.ParquetFile(chunk).metadata.num_rows
+                done += rows
+                written.append((chunk.stat().st_mtime, rows))
+        finished = output is not None and (output / "result.json").exists()
+        state = "done" if finished else "partial" if done else "pending"
+        shard_states.append(ShardStatus(shard.index, shard.num_rows, done, state))
+    rows_done = sum(s.rows_done for s in shard_states)
+    rate = _recent_rate(written)
+    remaining = plan.total_rows - rows_done
+    return RunStatus(
+        total_rows=plan.total_rows,
+        rows_done=rows_done,
+        shards_done=sum(s.state == "done" for s in shard_states),
+        shards_partial=sum(s.state == "partial" for s in shard_states),
+        shards_pending=sum(s.state == "pending" for s in shard_states),
+        rows_per_second=rate,
+        eta_seconds=(remaining / rate) if rate and remaining else (0.0 if not remaining else None),
+        merged=rd.summary.exists() and rd.summary.stat().st_mtime >= rd.plan_manifest.stat().st_mtime,
+        shards=shard_states,
+    )
+
+
+def _latest_output_dir(rd: RunDir, content_hash: str) -> Path | None:
+    # One directory per (shard, job fingerprint); the newest belongs to the latest job.
+    candidates = sorted(rd.root.glob(f"shards/{content_hash[:32]}-*"), key=lambda p: p.stat().st_mtime)
+    return candidates[-1] if candidates else None
+
+
+def _recent_rate(written: list[tuple[float, int]]) -> float | None:
+    """Rows per second over the chunk files written in the last ten minutes of activity."""
+    if len(written) < 2:
+        return None
+    written.sort()
+    last = written[-1][0]
+    recent = [(t, n) for t, n in written if t >= last - 600]
+    if len(recent) < 2 or recent[-1][0] == recent[0][0]:
+        return None
+    return sum(n for _, n in recent[1:]) / (recent[-1][0] - recent[0][0])
+
+
+def print_status(run_dir: str, as_json: bool = False) -> int:
+    try:
+        status = run_status(run_dir)
+    except FileNotFoundError as exc:
+        print(f"nightshift: {exc}")
+        return 2
+    if as_json:
+        print(json.dumps(asdict(status), indent=2))
+        return 0
+    pct = 100 * status.rows_done / status.total_rows if status.total_rows else 100
+    print(f"{run_dir}: {status.rows_done}/{status.total_rows} rows ({pct:.1f}%)"
+          f"{' — merged' if status.merged else ''}")
+    print(f"shards: {status.shards_done} done, {status.shards_partial} partial, {status.shards_pending} pending")
+    if status.rows_per_second:
+        eta = status.eta_seconds or 0
+        print(f"rate: {status.rows_per_second:.1f} rows/s, estimated remaining: {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+    for shard in status.shards:
+        if shard.state == "partial":
+            print(f"  shard {shard.index}: {shard.rows_done}/{shard.rows} rows")
+    return 0

@@ -1,0 +1,98 @@
+"""Specification of the checkpoint store: Prefect's task cache keyed on the shard hash.
+
+A shard is regenerated exactly when its rows, the model, or a generation setting changed,
+or when its checkpoint no longer matches the files on disk — never because code changed.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, chat_request, read_jsonl, write_jsonl
+
+
+def batch(path, temperature=0.0):
+    return write_jsonl(path, [chat_request(f"r{i}", f"Row {i}", temperature=temperature) for i in range(30)])
+
+
+def run(path, run_dir, job):
+    from nightshift.cli import run_job
+
+    return run_job(str(path), str(run_dir), job, shard_size=10)
+
+
+@pytest.fixture
+def finished_run(tmp_path, prefect_server, tiny_job):
+    path = batch(tmp_path / "in.jsonl")
+    report = run(path, tmp_path / "run", tiny_job)
+    assert report.complete and report.shards == 3 and report.shards_cached == 0
+    return path, tmp_path / "run"
+
+
+def shard_dirs(run_dir):
+    return sorted((run_dir / "shards").glob("*"), key=lambda d: d.name)
+
+
+def test_deleting_one_shards_output_reruns_only_that_shard(finished_run, tiny_job):
+    path, run_dir = finished_run
+    before = read_jsonl(run_dir / "output.jsonl")
+    victim = shard_dirs(run_dir)[1]
+    for chunk in victim.glob("chunk-*.parquet"):
+        chunk.unlink()
+    report = run(path, run_dir, tiny_job)
+    assert report.complete and report.shards_cached == 2
+    assert len(list(victim.glob("chunk-*.parquet"))) > 0
+    after = read_jsonl(run_dir / "output.jsonl")
+    assert [r["custom_id"] for r in after] == [r["custom_id"] for r in before]
+    # greedy decoding: the regenerated shard says the same thing
+    assert [r["response"]["body"]["choices"] for r in after] == [r["response"]["body"]["choices"] for r in before]
+
+
+def test_a_corrupted_chunk_is_detected_and_its_shard_regenerated(finished_run, tiny_job):
+    path, run_dir = finished_run
+    chunk = next(shard_dirs(run_dir)[0].glob("chunk-*.parquet"))
+    chunk.write_bytes(chunk.read_bytes()[:-1] + b"\0")
+    report = run(path, run_dir, tiny_job)
+    assert report.complete and report.shards_cached == 2
+    assert len(read_jsonl(run_dir / "output.jsonl")) == 30
+
+
+def test_changing_the_sampling_temperature_reruns_every_shard(finished_run, tiny_job, tmp_path):
+    _, run_dir = finished_run
+    report = run(batch(tmp_path / "warmer.jsonl", temperature=0.7), run_dir, tiny_job)
+    assert report.complete and report.shards_cached == 0
+
+
+def test_editing_the_task_source_reruns_no_shard(finished_run, tmp_path):
+    path, run_dir = finished_run
+    copy = tmp_path / "edited-checkout"
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, copy / name)
+    with open(copy / "tasks" / "generate.py", "a") as source:
+        source.write("\n# an edit that changes the task's source but not what it generates\n")
+    from nightshift.models import cache_dir
+
+    done = subprocess.run(
+        [sys.executable, "-m", "nightshift.cli", "run", str(path), "--output", str(run_dir), "--model", "tiny",
+         "--shard-size", "10", "--chunk-size", "4"],
+        cwd=copy, env={**os.environ, "NIGHTSHIFT_CACHE": str(cache_dir()), "PYTHONPATH": str(copy)},
+        capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "shards: 3 (3 from checkpoints)" in done.stdout
+
+
+def test_changing_the_model_reruns_every_shard(finished_run, tmp_path):
+    from nightshift.jobs import make_job
+    from nightshift.models import model_dir
+
+    path, run_dir = finished_run
+    other = tmp_path / "tiny-copy"
+    shutil.copytree(model_dir("tiny"), other)
+    report = run(path, run_dir, make_job(str(other), chunk_size=4, max_num_seqs=16, served_model_name="tiny"))
+    assert report.complete and report.shards_cached == 0

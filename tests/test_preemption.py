@@ -1,0 +1,123 @@
+"""Kill the real CLI process mid-run — SIGKILL and SIGTERM — and resume it.
+
+Whatever is killed when, every input row ends up exactly once in the outputs, finished work
+is not redone, and the on-disk state is consistent at every moment.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from conftest import REPO, read_jsonl, write_jsonl
+
+ROWS = 480
+SHARD = 160
+
+
+def corpus(path: Path) -> Path:
+    rows = [{"id": f"doc-{i:04d}", "text": f"Document {i}: the quarterly invoice of client {i % 17} is overdue."}
+            for i in range(ROWS)]
+    return write_jsonl(path, rows)
+
+
+def nightshift(args, **kwargs):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NIGHTSHIFT_SIGTERM_GRACE_S": "5"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "nightshift.cli", *args], cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs,
+    )
+
+
+def run_args(input_path, run_dir):
+    return ["run", str(input_path), "--output", str(run_dir), "--model", "tiny", "--id-column", "id",
+            "--text-column", "text", "--max-tokens", "48", "--shard-size", str(SHARD), "--chunk-size", "16",
+            "--max-num-seqs", "8"]
+
+
+def chunk_rows(run_dir: Path) -> dict[str, list[int]]:
+    """row_index values on disk, per shard output directory; every chunk file must be readable."""
+    found = {}
+    for directory in sorted((run_dir / "shards").glob("*")):
+        files = sorted(directory.glob("chunk-*.parquet"))
+        found[directory.name] = pq.read_table(files, columns=["row_index"])["row_index"].to_pylist() if files else []
+    return found
+
+
+def wait_for_chunks(run_dir: Path, at_least: int, process, timeout=400):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sum(1 for _ in run_dir.glob("shards/*/chunk-*.parquet")) >= at_least:
+            return
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        time.sleep(0.2)
+    raise AssertionError("no chunk files appeared")
+
+
+def assert_complete_exactly_once(run_dir: Path):
+    outputs = read_jsonl(run_dir / "output.jsonl")
+    errors = read_jsonl(run_dir / "errors.jsonl")
+    ids = [row["custom_id"] for row in outputs + errors]
+    assert sorted(ids) == [f"doc-{i:04d}" for i in range(ROWS)]
+    assert [row["custom_id"] for row in outputs] == sorted(row["custom_id"] for row in outputs)
+
+
+def finish(process, timeout=600):
+    out, _ = process.communicate(timeout=timeout)
+    return process.returncode, out
+
+
+def test_sigkill_at_a_random_moment_then_rerun_loses_and_repeats_nothing(tmp_path):
+    source, run_dir = corpus(tmp_path / "in.jsonl"), tmp_path / "run"
+    first = nightshift(run_args(source, run_dir))
+    wait_for_chunks(run_dir, at_least=3, process=first)
+    time.sleep(random.uniform(0, 4))
+    os.killpg(first.pid, signal.SIGKILL)  # the whole process group: CLI, engine core, workers
+    first.wait()
+
+    on_disk = chunk_rows(run_dir)
+    finished = {d.name for d in (run_dir / "shards").glob("*") if (d / "result.json").exists()}
+    for rows in on_disk.values():
+        assert len(rows) == len(set(rows))  # no row twice, even inside a killed shard
+    mtimes = {f: f.stat().st_mtime_ns for f in run_dir.glob("shards/*/chunk-*.parquet")}
+
+    code, out = finish(nightshift(run_args(source, run_dir)))
+    assert code == 0, out[-3000:]
+    assert_complete_exactly_once(run_dir)
+    assert f"({len(finished)} from checkpoints)" in out
+    for directory in (run_dir / "shards").glob("*"):
+        result = json.loads((directory / "result.json").read_text())
+        if directory.name in finished:
+            continue
+        # only the rows missing on disk went through the engine again
+        assert result["regenerated_rows"] == SHARD - len(on_disk.get(directory.name, []))
+    for path, mtime in mtimes.items():  # finished chunks are kept, never rewritten
+        assert path.stat().st_mtime_ns == mtime
+
+
+def test_sigterm_stops_within_the_grace_period_consistent_and_resumable(tmp_path):
+    source, run_dir = corpus(tmp_path / "in.jsonl"), tmp_path / "run"
+    first = nightshift(run_args(source, run_dir))
+    wait_for_chunks(run_dir, at_least=2, process=first)
+    sent = time.monotonic()
+    first.send_signal(signal.SIGTERM)
+    code = first.wait(timeout=60)
+    stopped_after = time.monotonic() - sent
+    os.killpg(first.pid, signal.SIGKILL)  # anything left in the group would hold stdout open
+    out = first.stdout.read()
+    assert code == 143, out[-3000:]
+    assert stopped_after < 5 + 15  # grace + flush and shutdown
+    assert "re-run the same command to resume" in out
+    for rows in chunk_rows(run_dir).values():
+        assert len(rows) == len(set(rows))
+    assert not (run_dir / "output.jsonl").exists()  # no merged output from a partial run
+
+    code, out = finish(nightshift(run_args(source, run_dir)))
+    assert code == 0, out[-3000:]
+    assert_complete_exactly_once(run_dir)
