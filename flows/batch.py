@@ -33,6 +33,7 @@ def batch_inference(
     `checkpoint_storage` names a saved Prefect filesystem block ("local-file-system/x",
     "s3-bucket/y") holding the task cache; by default it is `run_dir/checkpoints`.
     """
+    job.save(RunDir(run_dir).job)
     plan = plan_shards(input_path, run_dir, shard_size, corpus)
     generate = generate_shard.with_options(result_storage=checkpoint_storage or _local_checkpoints(run_dir))
     futures = [generate.submit(shard, job, run_dir) for shard in plan.shards]

@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("run_dir")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
 
+    retry = commands.add_parser("retry", help="re-run the rows that failed for the engine's sake (engine_error)")
+    retry.add_argument("run_dir")
+
     demo = commands.add_parser("demo", help="summarize a sample corpus with SmolLM2")
     demo.add_argument("--output", default="runs/demo")
     demo.add_argument("--documents", type=int, default=200)
@@ -49,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
         return _models(args.names)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "retry":
+        from flows.retry import retry_errors
+
+        report = _run_preemptible(args.run_dir, lambda: retry_errors(args.run_dir))
+        _print_report(report)
+        return 0 if report.complete else 1
     if args.command == "status":
         from nightshift.status import print_status
 

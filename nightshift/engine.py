@@ -19,6 +19,8 @@ from collections import deque
 from dataclasses import asdict
 from typing import Iterable, Iterator
 
+from vllm.exceptions import VLLMClientError
+
 from nightshift.openai_format import PreparedRequest
 from nightshift.preemption import Preempted
 from nightshift.records import EngineConfig
@@ -29,7 +31,12 @@ _DONE = object()
 
 
 class EngineFailure(RuntimeError):
-    """The engine died under a job; the job's unfinished rows were not generated."""
+    """The engine died under a job; `in_flight` holds the keys of the job's rows it was
+    generating at that moment (the suspects, should one of them be what killed it)."""
+
+    def __init__(self, message: str, in_flight: list[int] | None = None) -> None:
+        super().__init__(message)
+        self.in_flight = in_flight or []
 
 
 class _Job:
@@ -63,9 +70,12 @@ class BatchEngine:
         self._wake = threading.Condition()
         self._owners: dict[str, tuple[_Job, PreparedRequest]] = {}
         self._dead: BaseException | None = None
+        # Fault injection for tests and drills: admitting this row kills the engine process.
+        self._chaos_custom_id = os.environ.get("NIGHTSHIFT_CHAOS_KILL_ENGINE_ON")
         self._closed = False
         self._thread = threading.Thread(target=self._drive, name="nightshift-engine", daemon=True)
         self._thread.start()
+        threading.Thread(target=self._watch, name="nightshift-engine-watch", daemon=True).start()
 
     @property
     def alive(self) -> bool:
@@ -101,8 +111,8 @@ class BatchEngine:
                     if deadline is not None:
                         raise Preempted("stopped on SIGTERM after the rows in flight finished")
                     return
-                if isinstance(item, BaseException):
-                    raise EngineFailure(str(item)) from item
+                if isinstance(item, EngineFailure):
+                    raise item
                 yield item
         finally:
             job.cancelled = True  # a consumer that stops early frees its rows' slots
@@ -115,6 +125,24 @@ class BatchEngine:
         del self.llm
 
     # --- the driver thread ----------------------------------------------------------------
+
+    def _watch(self) -> None:
+        """Wake the driver when the engine core process dies.
+
+        vLLM's own monitor notices a killed engine core and marks the client dead, but the
+        synchronous client's `step()` keeps waiting on its output queue; a death notice put on
+        that queue makes it raise EngineDeadError instead of hanging forever.
+        """
+        client = getattr(self.llm.llm_engine, "engine_core", None)
+        resources = getattr(client, "resources", None)
+        outputs = getattr(client, "outputs_queue", None)
+        if resources is None or outputs is None:
+            return
+        while self._dead is None and not self._closed:
+            if getattr(resources, "engine_dead", False):
+                outputs.put_nowait(RuntimeError("engine core process died"))
+                return
+            time.sleep(0.5)
 
     def _drive(self) -> None:
         engine = self.llm.llm_engine
@@ -134,13 +162,16 @@ class BatchEngine:
         except BaseException as exc:  # the engine is gone: every waiting job must hear it
             log.error("engine failed: %r", exc)
             self._dead = exc
+            in_flight: dict[int, tuple[_Job, list[int]]] = {}
             with self._wake:
-                jobs = {id(j): j for j, _ in self._owners.values()}
-                jobs.update({id(j): j for j in self._jobs})
+                for job, request in self._owners.values():
+                    in_flight.setdefault(id(job), (job, []))[1].append(request.key)
+                for job in self._jobs:
+                    in_flight.setdefault(id(job), (job, []))
                 self._jobs.clear()
             self._owners.clear()
-            for job in jobs.values():
-                job.results.put(exc)
+            for job, keys in in_flight.values():
+                job.results.put(EngineFailure(f"engine died: {exc!r}", in_flight=keys))
 
     def _admit(self) -> None:
         while len(self._owners) < self.max_in_flight:
@@ -156,9 +187,11 @@ class BatchEngine:
                 if job.in_flight == 0:
                     job.results.put(_DONE)
                 continue
+            if self._chaos_custom_id is not None and request.custom_id == self._chaos_custom_id:
+                _kill_engine_processes()
             try:
                 request_id = self._enqueue(request)
-            except Exception as exc:  # vLLM refused this one row (too long, bad schema...)
+            except (VLLMClientError, ValueError, TypeError) as exc:  # this row only: too long, bad schema...
                 job.results.put((request, exc))
                 continue
             job.in_flight += 1
@@ -188,6 +221,18 @@ class BatchEngine:
             job.results.put((request, output))
         if job.admitted_all and job.in_flight == 0:
             job.results.put(_DONE)
+
+
+def _kill_engine_processes() -> None:
+    """SIGKILL this process's vLLM engine processes (a real crash, for fault drills)."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "VLLM" in child.name() or any("VLLM" in part for part in child.cmdline()):
+                child.kill()
+        except psutil.Error:
+            pass
 
 
 _engine: BatchEngine | None = None

@@ -48,6 +48,14 @@ class JobSpec:
     chunk_size: int = 512
     model_mismatch: str = "error"  # or "ignore": see docs/inputs.md
 
+    def save(self, path: Path) -> None:
+        _write_json_atomic(path, asdict(self))
+
+    @classmethod
+    def load(cls, path: Path) -> "JobSpec":
+        data = json.loads(Path(path).read_text())
+        return cls(**{**data, "engine": EngineConfig(**data["engine"])})
+
     def fingerprint(self) -> str:
         """A hash of every setting that changes generated text (not of engine sizing)."""
         relevant = {

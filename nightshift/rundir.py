@@ -1,6 +1,7 @@
 """The layout of a run directory, in one place.
 
     RUN_DIR/
+      job.json                            the JobSpec of the latest run (for `nightshift retry`)
       plan/manifest.json                  the Plan: shards in input order
       plan/shard-00000-<hash12>.parquet   a shard's input rows
       shards/<cache_key>/chunk-00000.parquet   generated rows, one file per chunk
@@ -21,6 +22,10 @@ class RunDir:
 
     def __init__(self, root) -> None:
         object.__setattr__(self, "root", Path(root).resolve())
+
+    @property
+    def job(self) -> Path:
+        return self.root / "job.json"
 
     @property
     def plan_manifest(self) -> Path:

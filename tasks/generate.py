@@ -6,9 +6,14 @@ Checkpoints, two levels:
   identity, sampling-relevant settings, output format version): a finished shard comes back
   Cached on a re-run and is never generated again;
 * inside a shard, finished rows are written in chunk files of `chunk_size` rows, each written
-  atomically (temp file + rename). A restarted shard reads which rows its chunk files already
-  hold and generates only the others, so a kill loses at most the rows finished since the last
-  chunk file (fewer than `chunk_size`) plus the rows in flight.
+  atomically. A restarted shard reads which rows its chunk files already hold and generates
+  only the others, so a kill loses at most the rows finished since the last chunk file (fewer
+  than `chunk_size`) plus the rows in flight.
+
+Engine faults: when the engine dies, the rows it was generating are recorded as suspects and
+the task fails, so Prefect retries it on a fresh engine. Suspects then run one at a time; a
+row under which the engine dies twice is reported as an `engine_error` instead of being
+retried forever (`nightshift retry` gives such rows another chance later).
 """
 
 from __future__ import annotations
@@ -17,15 +22,15 @@ import hashlib
 import json
 import os
 import time
-import uuid
 from pathlib import Path
 
-import pyarrow as pa
+import duckdb
 import pyarrow.parquet as pq
 from prefect import task
 from prefect.context import TaskRunContext
 
-from nightshift.engine import get_engine
+from nightshift.chunks import best_rows_sql, chunk_files, rows_on_disk, write_chunk
+from nightshift.engine import EngineFailure, get_engine
 from nightshift.openai_format import (
     PreparedRequest,
     RequestRejected,
@@ -36,21 +41,6 @@ from nightshift.openai_format import (
 from nightshift.preemption import Preempted, generation_in_progress, grace_seconds, stop_requested
 from nightshift.records import JobSpec, Shard, ShardResult, _write_json_atomic
 from nightshift.rundir import RunDir
-
-CHUNK_SCHEMA = pa.schema(
-    [
-        ("row_index", pa.int64()),
-        ("shard", pa.int32()),
-        ("custom_id", pa.string()),
-        ("ok", pa.bool_()),
-        ("line", pa.string()),  # the output.jsonl or errors.jsonl line
-        ("text", pa.string()),
-        ("finish_reason", pa.string()),
-        ("prompt_tokens", pa.int64()),
-        ("completion_tokens", pa.int64()),
-        ("error_code", pa.string()),
-    ]
-)
 
 
 def shard_cache_key(shard: Shard, job: JobSpec) -> str:
@@ -78,89 +68,110 @@ def generate_shard(shard: Shard, job: JobSpec, run_dir: str) -> ShardResult:
     return generate(shard, job, RunDir(run_dir))
 
 
-def chunk_files(output_dir: Path) -> list[Path]:
-    return sorted(output_dir.glob("chunk-*.parquet"))
+@task(name="retry-shard-rows", retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_unless_preempted)
+def retry_shard_rows(shard: Shard, job: JobSpec, run_dir: str, rows: set[int]) -> ShardResult:
+    return generate(shard, job, RunDir(run_dir), only_rows=rows)
 
 
-def rows_on_disk(output_dir: Path) -> set[int]:
-    files = chunk_files(output_dir)
-    if not files:
-        return set()
-    return set(pq.read_table(files, columns=["row_index"])["row_index"].to_pylist())
-
-
-def generate(shard: Shard, job: JobSpec, run_dir: RunDir) -> ShardResult:
+def generate(shard: Shard, job: JobSpec, run_dir: RunDir, only_rows: set[int] | None = None) -> ShardResult:
+    """Generate the rows of `shard` that have no outcome on disk yet — or, with `only_rows`,
+    exactly those rows again (their new outcomes supersede the old ones)."""
     with generation_in_progress():
-        return _generate(shard, job, run_dir)
+        return _generate(shard, job, run_dir, only_rows)
 
 
-def _generate(shard: Shard, job: JobSpec, run_dir: RunDir) -> ShardResult:
+def _generate(shard: Shard, job: JobSpec, run_dir: RunDir, only_rows: set[int] | None) -> ShardResult:
     started = time.monotonic()
     key = shard_cache_key(shard, job)
     output_dir = run_dir.shard_output(key)
     output_dir.mkdir(parents=True, exist_ok=True)
-    done = rows_on_disk(output_dir)
-    todo = [row for row in pq.read_table(shard.path).to_pylist() if row["row_index"] not in done]
+    rows = pq.read_table(shard.path).to_pylist()
+    if only_rows is None:
+        done = rows_on_disk(output_dir)
+        todo = [row for row in rows if row["row_index"] not in done]
+    else:
+        todo = [row for row in rows if row["row_index"] in only_rows]
+    suspects = _Suspects(output_dir)
+    if only_rows is not None:
+        suspects.forgive(only_rows)
     writer = _ChunkWriter(output_dir, shard.index, job.chunk_size, key)
 
-    to_generate: list[PreparedRequest] = []
+    prepared: list[PreparedRequest] = []
     engine = None
     for row in todo:
         if row["error"] is not None:
             writer.add_error(row, json.loads(row["error"]))
-            continue
-        if engine is None:
-            engine = get_engine(job.engine)  # only when some row needs it
-        try:
-            to_generate.append(
-                prepare_request(
-                    row["row_index"],
-                    row["custom_id"],
-                    json.loads(row["request"]),
-                    job.served_model_name,
-                    _model_aliases(job),
-                    job.model_mismatch,
-                    engine.default_sampling_params,
+        elif suspects.deaths(row["row_index"]) >= 2:
+            writer.add_error(row, {"code": "engine_error", "line": row["line_no"],
+                                   "message": "the engine died twice while generating this row; it was set aside"})
+        else:
+            engine = engine or get_engine(job.engine)  # only when some row needs it
+            try:
+                prepared.append(
+                    prepare_request(row["row_index"], row["custom_id"], json.loads(row["request"]),
+                                    job.served_model_name, _model_aliases(job), job.model_mismatch,
+                                    engine.default_sampling_params)
                 )
-            )
-        except RequestRejected as exc:
-            writer.add_error(row, {"code": exc.code, "message": str(exc), "line": row["line_no"]})
+            except RequestRejected as exc:
+                writer.add_error(row, {"code": exc.code, "message": str(exc), "line": row["line_no"]})
 
     by_index = {row["row_index"]: row for row in todo}
+    # Suspects first and alone: if one kills the engine again, it alone is blamed.
+    batches = [[r] for r in prepared if suspects.deaths(r.key)] + [[r for r in prepared if not suspects.deaths(r.key)]]
     try:
-        if to_generate:
-            for request, outcome in engine.generate(to_generate, stop_requested, grace_seconds()):
+        for batch in batches:
+            if not batch:
+                continue
+            for request, outcome in engine.generate(batch, stop_requested, grace_seconds()):
                 row = by_index[request.key]
                 if isinstance(outcome, Exception):
                     writer.add_error(row, _engine_refusal(outcome, row["line_no"]))
                 else:
                     writer.add_output(row, request.kind, outcome, job.served_model_name, engine.tokenizer)
+    except EngineFailure as exc:
+        suspects.record(exc.in_flight)
+        raise
     finally:
         writer.flush()  # finished rows survive a preemption or an engine fault
     if stop_requested.is_set():
         raise Preempted(f"shard {shard.index}: stopped on SIGTERM")
+    result = _shard_result(shard, key, output_dir, len(prepared), time.monotonic() - started)
+    _write_json_atomic(output_dir / "result.json", result.__dict__)
+    return result
 
+
+def finished_result(shard: Shard, job: JobSpec, run_dir: RunDir) -> ShardResult:
+    """The ShardResult of a shard whose rows are all on disk, read back from its chunks."""
+    output_dir = run_dir.shard_output(shard_cache_key(shard, job))
+    return _shard_result(shard, shard_cache_key(shard, job), output_dir, 0, 0.0)
+
+
+def _shard_result(shard: Shard, key: str, output_dir: Path, generated: int, seconds: float) -> ShardResult:
     files = chunk_files(output_dir)
-    table = pq.read_table(files, columns=["row_index", "ok", "prompt_tokens", "completion_tokens"])
-    if table.num_rows != shard.num_rows or len(set(table["row_index"].to_pylist())) != shard.num_rows:
-        raise RuntimeError(f"shard {shard.index}: {table.num_rows} rows on disk, {shard.num_rows} planned")
-    ok = table["ok"].to_pylist()
-    result = ShardResult(
+    with duckdb.connect() as con:
+        rows, distinct, succeeded, prompt_tokens, completion_tokens = con.sql(
+            f"""
+            SELECT count(*), count(DISTINCT row_index), count(*) FILTER (WHERE ok),
+                   coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0)
+            FROM ({best_rows_sql(files)})
+            """
+        ).fetchall()[0]
+    if distinct != shard.num_rows:
+        raise RuntimeError(f"shard {shard.index}: {distinct} rows on disk, {shard.num_rows} planned")
+    return ShardResult(
         shard_index=shard.index,
         cache_key=key,
         output_dir=str(output_dir),
         chunk_files=[str(f) for f in files],
         chunk_sha256=[file_sha256(f) for f in files],
         rows=shard.num_rows,
-        succeeded=sum(ok),
-        failed=len(ok) - sum(ok),
-        prompt_tokens=sum(v or 0 for v in table["prompt_tokens"].to_pylist()),
-        completion_tokens=sum(v or 0 for v in table["completion_tokens"].to_pylist()),
-        regenerated_rows=len(to_generate),
-        wall_seconds=round(time.monotonic() - started, 3),
+        succeeded=succeeded,
+        failed=rows - succeeded,
+        prompt_tokens=int(prompt_tokens),
+        completion_tokens=int(completion_tokens),
+        regenerated_rows=generated,
+        wall_seconds=round(seconds, 3),
     )
-    _write_json_atomic(output_dir / "result.json", result.__dict__)
-    return result
 
 
 def checkpoint_intact(result: ShardResult) -> bool:
@@ -198,8 +209,31 @@ def _engine_refusal(exc: Exception, line_no: int) -> dict:
     return {"code": code, "message": message, "line": line_no}
 
 
+class _Suspects:
+    """Rows the engine died under, with how often; kept beside the shard's chunks."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.path = output_dir / "suspects.json"
+        self.counts: dict[int, int] = (
+            {int(k): v for k, v in json.loads(self.path.read_text()).items()} if self.path.exists() else {}
+        )
+
+    def deaths(self, row_index: int) -> int:
+        return self.counts.get(row_index, 0)
+
+    def record(self, row_indexes: list[int]) -> None:
+        for row_index in row_indexes:
+            self.counts[row_index] = self.counts.get(row_index, 0) + 1
+        _write_json_atomic(self.path, self.counts)
+
+    def forgive(self, row_indexes: set[int]) -> None:
+        if any(r in self.counts for r in row_indexes):
+            self.counts = {r: n for r, n in self.counts.items() if r not in row_indexes}
+            _write_json_atomic(self.path, self.counts)
+
+
 class _ChunkWriter:
-    """Buffers finished rows and writes them `chunk_size` at a time, atomically."""
+    """Buffers finished rows and writes them `chunk_size` at a time."""
 
     def __init__(self, output_dir: Path, shard_index: int, chunk_size: int, cache_key: str) -> None:
         self.output_dir = output_dir
@@ -222,25 +256,12 @@ class _ChunkWriter:
                   prompt_tokens=None, completion_tokens=None, error_code=error["code"])
 
     def _add(self, row: dict, line: dict, **fields) -> None:
-        self.buffer.append(
-            {
-                "row_index": row["row_index"],
-                "shard": self.shard_index,
-                "custom_id": row["custom_id"],
-                "line": json.dumps(line, ensure_ascii=False),
-                **fields,
-            }
-        )
+        self.buffer.append({"row_index": row["row_index"], "shard": self.shard_index, "custom_id": row["custom_id"],
+                            "line": json.dumps(line, ensure_ascii=False), **fields})
         if len(self.buffer) >= self.chunk_size:
             self.flush()
 
     def flush(self) -> None:
-        if not self.buffer:
-            return
-        records = sorted(self.buffer, key=lambda r: r["row_index"])
-        self.buffer = []
-        # Unique names: a chunk never overwrites another, whoever else writes this shard.
-        path = self.output_dir / f"chunk-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
-        tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(pa.Table.from_pylist(records, schema=CHUNK_SCHEMA), tmp)
-        os.replace(tmp, path)  # a chunk file either is whole or does not exist
+        if self.buffer:
+            write_chunk(self.output_dir, self.buffer)
+            self.buffer = []

@@ -6,8 +6,9 @@ Plain SQL over the chunk Parquet files (DuckDB streams them; nothing is held who
 * ``errors.jsonl``  — OpenAI-style error lines of the rows that failed
 * ``results.parquet`` — custom_id, text, finish_reason, prompt_tokens, completion_tokens, shard
 
-Before writing, it proves that every planned row is present exactly once; outputs are
-written to temporary names and renamed, so a reader never sees a half-merged run.
+Each row's best outcome is taken (see nightshift/chunks.py); before writing, merge proves
+that every planned row has one. Outputs are written to temporary names and renamed, so a
+reader never sees a half-merged run.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import duckdb
 from prefect import task
 
+from nightshift.chunks import best_rows_sql, chunk_files
 from nightshift.records import Plan, RunReport, ShardResult, _write_json_atomic
 from nightshift.rundir import RunDir
 
@@ -28,14 +30,14 @@ class IncompleteRun(RuntimeError):
 
 
 def merge(plan: Plan, results: list[ShardResult], run_dir: RunDir) -> RunReport:
-    files = [f for result in results for f in result.chunk_files]
+    # Every chunk in the shards' directories: `nightshift retry` may have added some since.
+    files = [f for result in results for f in chunk_files(Path(result.output_dir))]
     with duckdb.connect() as con:
         return _merge(con, plan, files, run_dir)
 
 
 def _merge(con: duckdb.DuckDBPyConnection, plan: Plan, files: list[str], run_dir: RunDir) -> RunReport:
-    file_list = ", ".join(f"'{_sql_path(Path(f))}'" for f in files)
-    con.execute(f"CREATE VIEW chunk_rows AS SELECT * FROM read_parquet([{file_list}])")
+    con.execute(f"CREATE VIEW chunk_rows AS {best_rows_sql(files)}")
     rows, distinct, succeeded, prompt_tokens, completion_tokens = con.sql(
         """
         SELECT count(*), count(DISTINCT row_index), count(*) FILTER (WHERE ok),

@@ -1,0 +1,34 @@
+"""Retry flow: give the rows that failed for the engine's sake another attempt.
+
+Only retryable errors (`engine_error`: the engine died under the row twice) are retried;
+validation errors would fail the same way again. Their new outcomes are added as chunks
+beside the old ones and supersede them in the merged outputs.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from nightshift.chunks import retryable_rows
+from nightshift.records import JobSpec, Plan, RunReport
+from nightshift.rundir import RunDir
+from tasks.generate import finished_result, retry_shard_rows, shard_cache_key
+from tasks.merge import merge_outputs
+
+
+@flow(name="nightshift-retry", task_runner=ThreadPoolTaskRunner(max_workers=2))
+def retry_errors(run_dir: str) -> RunReport:
+    rd = RunDir(run_dir)
+    plan, job = Plan.load(rd.plan_manifest), JobSpec.load(rd.job)
+    retry = {shard.index: retryable_rows(rd.shard_output(shard_cache_key(shard, job))) for shard in plan.shards}
+    futures = {
+        shard.index: retry_shard_rows.submit(shard, job, run_dir, retry[shard.index])
+        for shard in plan.shards
+        if retry[shard.index]
+    }
+    results = [
+        futures[shard.index].result() if shard.index in futures else finished_result(shard, job, rd)
+        for shard in plan.shards
+    ]
+    return merge_outputs(plan, results, run_dir)
