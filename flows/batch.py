@@ -9,12 +9,16 @@ from prefect import flow
 from prefect.filesystems import LocalFileSystem
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from blocks.pricing import GpuPricing
+from nightshift import progress
 from nightshift.inputs import CorpusOptions
 from nightshift.records import JobSpec, RunReport
 from nightshift.rundir import RunDir
+from nightshift.status import run_status
 from tasks.generate import checkpoint_intact, generate_shard
 from tasks.merge import merge_outputs
 from tasks.plan import plan_shards
+from tasks.report import cost_report
 
 
 # Two shards in flight: while one shard's last rows decode, the next one's rows already
@@ -27,14 +31,17 @@ def batch_inference(
     shard_size: int = 10_000,
     corpus: CorpusOptions | None = None,
     checkpoint_storage: str | None = None,
+    pricing: str | None = None,
 ) -> RunReport:
     """Run `job` over every row of `input_path`; outputs land in `run_dir`.
 
     `checkpoint_storage` names a saved Prefect filesystem block ("local-file-system/x",
     "s3-bucket/y") holding the task cache; by default it is `run_dir/checkpoints`.
+    `pricing` names a saved GpuPricing block for the cost report (default: its defaults).
     """
     job.save(RunDir(run_dir).job)
     plan = plan_shards(input_path, run_dir, shard_size, corpus)
+    progress.start(RunDir(run_dir), plan.total_rows, run_status(run_dir).rows_done)
     generate = generate_shard.with_options(result_storage=checkpoint_storage or _local_checkpoints(run_dir))
     futures = [generate.submit(shard, job, run_dir) for shard in plan.shards]
     results = [future.result() for future in futures]
@@ -47,6 +54,7 @@ def batch_inference(
         results = [redone[r.shard_index].result() if r.shard_index in redone else r for r in results]
         cached -= len(stale)
     report = merge_outputs(plan, results, run_dir)
+    cost_report(run_dir, GpuPricing.load(pricing) if pricing else None)
     return dataclasses.replace(report, shards=len(plan.shards), shards_cached=cached)
 
 

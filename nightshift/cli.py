@@ -39,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("run_dir")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
 
+    report = commands.add_parser("report", help="cost and throughput report of a run (or --all runs under a root)")
+    report.add_argument("run_dir", help="a run directory, or with --all a directory of runs")
+    report.add_argument("--format", choices=["md", "json"], default="md")
+    report.add_argument("--all", action="store_true", help="the trend over every run under RUN_DIR")
+
     retry = commands.add_parser("retry", help="re-run the rows that failed for the engine's sake (engine_error)")
     retry.add_argument("run_dir")
 
@@ -52,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         return _models(args.names)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "report":
+        return _report(args)
     if args.command == "retry":
         from flows.retry import retry_errors
 
@@ -167,6 +174,29 @@ def _print_report(report) -> None:
     if report.errors_by_code:
         print("errors by code: " + ", ".join(f"{c}={n}" for c, n in report.errors_by_code.items()))
     print(f"outputs: {report.output_path}\nerrors:  {report.errors_path}\nresults: {report.results_path}")
+
+
+def _report(args) -> int:
+    from nightshift.rundir import RunDir
+    from tasks.report import render_markdown, trend, write_report
+
+    if args.all:
+        rows = trend(Path(args.run_dir))
+        if args.format == "json":
+            print(json.dumps(rows, indent=2, default=str))
+        else:
+            print("| run | rows | tokens/s | $/1M tokens | $/1M spot | GPU util % |\n|---|---|---|---|---|---|")
+            for r in rows:
+                print(f"| {Path(r['run_dir']).name} | {r['rows']} | {r['tokens_per_second']} | "
+                      f"{r['cost_per_million_tokens']} | {r['cost_per_million_tokens_spot']} | {r['gpu_utilization_mean']} |")
+        return 0
+    run_dir = RunDir(args.run_dir)
+    if not run_dir.plan_manifest.exists() or not run_dir.job.exists():
+        print(f"nightshift: {args.run_dir} is not a run directory (no plan/manifest.json or job.json)", file=sys.stderr)
+        return 2
+    report = write_report(run_dir)
+    print(json.dumps(report, indent=2) if args.format == "json" else (run_dir.root / "report.md").read_text())
+    return 0
 
 
 def _models(names: list[str]) -> int:

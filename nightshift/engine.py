@@ -118,10 +118,19 @@ class BatchEngine:
             job.cancelled = True  # a consumer that stops early frees its rows' slots
 
     def close(self) -> None:
+        """Stop the driver and the engine's processes (dropping the LLM object alone does
+        not reliably end them, and each holds its KV cache)."""
         with self._wake:
             self._closed = True
             self._wake.notify()
         self._thread.join(timeout=30)
+        client = getattr(self.llm.llm_engine, "engine_core", None)
+        try:
+            if client is not None:
+                client.shutdown(timeout=10)
+        except Exception as exc:  # a dead engine may fail to shut down cleanly; it is gone anyway
+            log.warning("engine shutdown: %r", exc)
+        _kill_engine_processes()
         del self.llm
 
     # --- the driver thread ----------------------------------------------------------------

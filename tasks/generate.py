@@ -38,9 +38,11 @@ from nightshift.openai_format import (
     output_line,
     prepare_request,
 )
+from nightshift import progress
 from nightshift.preemption import Preempted, generation_in_progress, grace_seconds, stop_requested
 from nightshift.records import JobSpec, Shard, ShardResult, _write_json_atomic
 from nightshift.rundir import RunDir
+from nightshift.telemetry import GpuSampler
 
 
 def shard_cache_key(shard: Shard, job: JobSpec) -> str:
@@ -94,7 +96,7 @@ def _generate(shard: Shard, job: JobSpec, run_dir: RunDir, only_rows: set[int] |
     suspects = _Suspects(output_dir)
     if only_rows is not None:
         suspects.forgive(only_rows)
-    writer = _ChunkWriter(output_dir, shard.index, job.chunk_size, key)
+    writer = _ChunkWriter(output_dir, shard.index, job.chunk_size, key, run_dir)
 
     prepared: list[PreparedRequest] = []
     engine = None
@@ -116,6 +118,8 @@ def _generate(shard: Shard, job: JobSpec, run_dir: RunDir, only_rows: set[int] |
                 writer.add_error(row, {"code": exc.code, "message": str(exc), "line": row["line_no"]})
 
     by_index = {row["row_index"]: row for row in todo}
+    sampler = GpuSampler().__enter__()
+    engine_started = time.time()
     # Suspects first and alone: if one kills the engine again, it alone is blamed.
     batches = [[r] for r in prepared if suspects.deaths(r.key)] + [[r for r in prepared if not suspects.deaths(r.key)]]
     try:
@@ -133,10 +137,13 @@ def _generate(shard: Shard, job: JobSpec, run_dir: RunDir, only_rows: set[int] |
         raise
     finally:
         writer.flush()  # finished rows survive a preemption or an engine fault
+        sampler.__exit__()
+    engine_finished = time.time()
     if stop_requested.is_set():
         raise Preempted(f"shard {shard.index}: stopped on SIGTERM")
     result = _shard_result(shard, key, output_dir, len(prepared), time.monotonic() - started)
     _write_json_atomic(output_dir / "result.json", result.__dict__)
+    write_shard_metrics(result, output_dir, engine_started, engine_finished, sampler)
     return result
 
 
@@ -172,6 +179,37 @@ def _shard_result(shard: Shard, key: str, output_dir: Path, generated: int, seco
         regenerated_rows=generated,
         wall_seconds=round(seconds, 3),
     )
+
+
+def write_shard_metrics(result: ShardResult, output_dir: Path, engine_started: float, engine_finished: float,
+                        sampler: GpuSampler) -> None:
+    """metrics.json beside the shard's chunks: what this attempt did, what it cost, and the GPU."""
+    with duckdb.connect() as con:
+        finish = dict(con.sql(f"SELECT coalesce(finish_reason, 'error'), count(*) FROM "
+                              f"({best_rows_sql(result.chunk_files)}) GROUP BY 1").fetchall())
+        errors = dict(con.sql(f"SELECT error_code, count(*) FROM ({best_rows_sql(result.chunk_files)}) "
+                              "WHERE NOT ok GROUP BY 1").fetchall())
+    engine_seconds = max(engine_finished - engine_started, 1e-9)
+    metrics = {
+        "shard_index": result.shard_index,
+        "cache_key": result.cache_key,
+        "rows": result.rows,
+        "generated_rows": result.regenerated_rows,
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "wall_seconds": result.wall_seconds,
+        "engine_seconds": round(engine_seconds, 3),
+        "engine_started": engine_started,
+        "engine_finished": engine_finished,
+        # throughput of this attempt's generation (rows resumed from disk are not counted)
+        "tokens_per_second": None,
+        "finish_reasons": finish,
+        "errors_by_code": errors,
+        **sampler.summary(),
+    }
+    if result.regenerated_rows:
+        metrics["tokens_per_second"] = round((result.prompt_tokens + result.completion_tokens) / engine_seconds, 2)
+    _write_json_atomic(output_dir / "metrics.json", metrics)
 
 
 def checkpoint_intact(result: ShardResult) -> bool:
@@ -235,7 +273,8 @@ class _Suspects:
 class _ChunkWriter:
     """Buffers finished rows and writes them `chunk_size` at a time."""
 
-    def __init__(self, output_dir: Path, shard_index: int, chunk_size: int, cache_key: str) -> None:
+    def __init__(self, output_dir: Path, shard_index: int, chunk_size: int, cache_key: str, run_dir: RunDir) -> None:
+        self.run_dir = run_dir
         self.output_dir = output_dir
         self.shard_index = shard_index
         self.chunk_size = chunk_size
@@ -264,4 +303,6 @@ class _ChunkWriter:
     def flush(self) -> None:
         if self.buffer:
             write_chunk(self.output_dir, self.buffer)
+            tokens = sum((r["prompt_tokens"] or 0) + (r["completion_tokens"] or 0) for r in self.buffer)
+            progress.advance(self.run_dir, len(self.buffer), tokens)
             self.buffer = []

@@ -145,3 +145,43 @@ def test_a_second_run_on_the_same_directory_is_cached_and_duplicates_nothing(mix
     assert [json.loads(l)["custom_id"] for l in after.splitlines()] == [
         json.loads(l)["custom_id"] for l in before.splitlines()
     ]
+
+
+def test_the_cost_report_totals_equal_the_usage_in_output_jsonl(mixed_run):
+    _, run_dir, _ = mixed_run
+    report = json.loads((run_dir / "report.json").read_text())
+    usage = [row["response"]["body"]["usage"] for row in read_jsonl(run_dir / "output.jsonl")]
+    assert report["prompt_tokens"] == sum(u["prompt_tokens"] for u in usage)
+    assert report["completion_tokens"] == sum(u["completion_tokens"] for u in usage)
+    assert report["rows"] == len(usage) + len(read_jsonl(run_dir / "errors.jsonl"))
+    assert (run_dir / "report.md").read_text().startswith("# Nightshift run report")
+    assert (run_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cost_per_million_tokens_is_the_pricing_blocks_arithmetic(mixed_run):
+    from blocks.pricing import GpuPricing
+    from nightshift.rundir import RunDir
+    from tasks.report import build_report
+
+    _, run_dir, _ = mixed_run
+    pricing = GpuPricing(accelerator="H100", accelerators=8, on_demand_per_hour=4.0, spot_per_hour=1.5)
+    report = build_report(RunDir(run_dir), pricing)
+    hours = report["generate_seconds"] / 3600
+    tokens = report["prompt_tokens"] + report["completion_tokens"]
+    assert report["cost_per_million_tokens"] == pytest.approx(hours * 8 * 4.0 / (tokens / 1e6), rel=1e-3)
+    assert report["cost_per_million_tokens_spot"] == pytest.approx(hours * 8 * 1.5 / (tokens / 1e6), rel=1e-3)
+    assert report["cost_per_million_output_tokens"] == pytest.approx(
+        hours * 8 * 4.0 / (report["completion_tokens"] / 1e6), rel=1e-3)
+
+
+def test_without_a_gpu_the_report_says_so_and_gpu_fields_are_null(mixed_run):
+    _, run_dir, _ = mixed_run
+    report = json.loads((run_dir / "report.json").read_text())
+    for key in ("rows", "prompt_tokens", "completion_tokens", "tokens_per_second",
+                "output_tokens_per_second", "cost_per_million_tokens", "gpu_utilization_mean"):
+        assert key in report
+    assert report["tokens_per_second"] > 0
+    if report["gpu_count"] == 0:  # this machine: no NVML
+        assert report["gpu_utilization_mean"] is None and report["gpu_name"] is None
+        assert "no NVML" in report["gpu_telemetry"]
+        assert "no GPU telemetry" in (run_dir / "report.md").read_text()

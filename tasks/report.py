@@ -1,0 +1,267 @@
+"""Report stage: cost and throughput of a run, as plain SQL over its files.
+
+Sources: `results.parquet` (one row per input row: tokens, finish reason), the shards'
+`metrics.json` (timings, GPU telemetry) and chunk files (when rows finished, for the
+throughput-over-time chart). Writes `report.json`, `report.md` and `report.png` beside the
+outputs and, inside a flow, Prefect artifacts with stable keys (one version per run).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import duckdb
+from prefect import task
+
+from blocks.pricing import GpuPricing, ManagedApiPrices
+from nightshift.records import JobSpec, Plan, _write_json_atomic
+from nightshift.rundir import RunDir
+
+
+def _paths(files) -> str:
+    return "[" + ", ".join("'" + str(f).replace("'", "''") + "'" for f in files) + "]"
+
+
+def build_report(run_dir: RunDir, pricing: GpuPricing | None = None, managed: ManagedApiPrices | None = None,
+                 project_rows: int = 1_000_000) -> dict:
+    from tasks.generate import shard_cache_key
+
+    pricing, managed = pricing or GpuPricing(), managed or ManagedApiPrices()
+    plan, job = Plan.load(run_dir.plan_manifest), JobSpec.load(run_dir.job)
+    metric_files = [p for s in plan.shards if (p := run_dir.shard_output(shard_cache_key(s, job)) / "metrics.json").exists()]
+    con = duckdb.connect()
+    if run_dir.results.exists() and run_dir.results.stat().st_mtime >= run_dir.plan_manifest.stat().st_mtime:
+        con.execute(f"CREATE VIEW results AS SELECT * FROM read_parquet('{str(run_dir.results)}')")
+    else:  # still running (or killed): what the chunk files hold so far
+        from nightshift.chunks import best_rows_sql, chunk_files
+
+        chunks = [f for s in plan.shards for f in chunk_files(run_dir.shard_output(shard_cache_key(s, job)))]
+        source = best_rows_sql(chunks) if chunks else "SELECT NULL::VARCHAR AS finish_reason, 0 AS prompt_tokens, 0 AS completion_tokens WHERE false"
+        con.execute(f"CREATE VIEW results AS {source}")
+    totals = con.sql(
+        """
+        SELECT count(*) AS rows,
+               count(*) FILTER (WHERE finish_reason IS NOT NULL) AS succeeded,
+               coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
+               coalesce(sum(completion_tokens), 0) AS completion_tokens,
+               count(*) FILTER (WHERE finish_reason = 'length')
+                 / greatest(count(*) FILTER (WHERE finish_reason IS NOT NULL), 1) AS truncation_share
+        FROM results
+        """
+    ).fetchall()[0]
+    rows, succeeded, prompt_tokens, completion_tokens, truncation = totals
+    report: dict = {
+        "run_dir": str(run_dir.root),
+        "model": job.served_model_name,
+        "rows": rows,
+        "failed": rows - succeeded,
+        "prompt_tokens": int(prompt_tokens),
+        "completion_tokens": int(completion_tokens),
+        "total_tokens": int(prompt_tokens + completion_tokens),
+        "truncation_share": round(truncation, 4),
+        "errors_by_code": _errors_by_code(run_dir),
+    }
+    if metric_files:
+        con.execute(f"CREATE VIEW metrics AS SELECT * FROM read_json_auto({_paths(metric_files)}, union_by_name = true)")
+        span, engine_seconds, gpu_name, gpu_count, gpu_util, gpu_mem, gpu_power, telemetry = con.sql(
+            """
+            SELECT max(engine_finished) - min(engine_started), sum(engine_seconds), any_value(gpu_name),
+                   max(gpu_count), avg(gpu_util_mean), avg(gpu_mem_mib_mean), avg(gpu_power_w_mean),
+                   any_value(gpu_telemetry)
+            FROM metrics
+            """
+        ).fetchall()[0]
+        stragglers = con.sql(
+            """
+            SELECT shard_index, round(engine_seconds, 2) AS seconds,
+                   round(engine_seconds / median(engine_seconds) OVER (), 2) AS times_median
+            FROM metrics ORDER BY times_median DESC, shard_index LIMIT 3
+            """
+        ).fetchall()
+    else:
+        span = engine_seconds = gpu_util = gpu_mem = gpu_power = None
+        gpu_name, gpu_count, telemetry, stragglers = None, 0, "no shard metrics", []
+    con.close()
+
+    hours = (span or 0) / 3600
+    accelerator_hours = hours * pricing.accelerators
+    cost_on_demand = accelerator_hours * pricing.on_demand_per_hour
+    cost_spot = accelerator_hours * pricing.spot_per_hour
+    total = report["total_tokens"]
+
+    def per_million(cost: float, tokens: int) -> float | None:
+        return round(cost / (tokens / 1e6), 6) if tokens and span else None
+
+    rows_per_second = rows / span if span else None
+    report.update(
+        {
+            "generate_seconds": round(span, 3) if span else None,
+            "engine_seconds_summed": round(engine_seconds, 3) if engine_seconds else None,
+            "tokens_per_second": round(total / span, 2) if span else None,
+            "output_tokens_per_second": round(report["completion_tokens"] / span, 2) if span else None,
+            "accelerator": pricing.accelerator,
+            "accelerator_hours": round(accelerator_hours, 6),
+            "cost_on_demand": round(cost_on_demand, 6),
+            "cost_spot": round(cost_spot, 6),
+            "cost_per_million_tokens": per_million(cost_on_demand, total),
+            "cost_per_million_tokens_spot": per_million(cost_spot, total),
+            "cost_per_million_output_tokens": per_million(cost_on_demand, report["completion_tokens"]),
+            "cost_per_million_output_tokens_spot": per_million(cost_spot, report["completion_tokens"]),
+            "gpu_name": gpu_name,
+            "gpu_count": gpu_count or 0,
+            "gpu_telemetry": telemetry,
+            "gpu_utilization_mean": gpu_util,
+            "gpu_memory_mib_mean": gpu_mem,
+            "gpu_power_w_mean": gpu_power,
+            "stragglers": [{"shard": s, "engine_seconds": sec, "times_median": r} for s, sec, r in stragglers],
+            "managed_api_cost": {
+                name: round(prompt_tokens / 1e6 * p["input"] + completion_tokens / 1e6 * p["output"], 6)
+                for name, p in managed.prices.items()
+            },
+            "projection": {
+                "rows": project_rows,
+                "hours": round(project_rows / rows_per_second / 3600, 3) if rows_per_second else None,
+                "cost_on_demand": round(project_rows / rows_per_second / 3600 * pricing.accelerators
+                                        * pricing.on_demand_per_hour, 4) if rows_per_second else None,
+                "cost_spot": round(project_rows / rows_per_second / 3600 * pricing.accelerators
+                                   * pricing.spot_per_hour, 4) if rows_per_second else None,
+            },
+        }
+    )
+    return report
+
+
+def _errors_by_code(run_dir: RunDir) -> dict:
+    summary = json.loads(run_dir.summary.read_text()) if run_dir.summary.exists() else {}
+    return summary.get("errors_by_code", {})
+
+
+def render_markdown(report: dict, chart: str | None) -> str:
+    def fmt(value, unit="", digits=2):
+        return "n/a" if value is None else f"{value:,.{digits}f}{unit}"
+
+    gpu = (
+        f"{report['gpu_count']} × {report['gpu_name']}, utilization {fmt(report['gpu_utilization_mean'], ' %', 1)}"
+        if report["gpu_name"]
+        else f"no GPU telemetry: {report['gpu_telemetry']} (GPU fields are null)"
+    )
+    lines = [
+        f"# Nightshift run report — {Path(report['run_dir']).name}",
+        "",
+        f"Model **{report['model']}** on **{report['accelerator']}**. {gpu}.",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| rows (failed) | {report['rows']:,} ({report['failed']:,}) |",
+        f"| prompt / completion tokens | {report['prompt_tokens']:,} / {report['completion_tokens']:,} |",
+        f"| generate time | {fmt(report['generate_seconds'], ' s', 1)} |",
+        f"| tokens/s (output tokens/s) | {fmt(report['tokens_per_second'], '', 1)} ({fmt(report['output_tokens_per_second'], '', 1)}) |",
+        f"| accelerator-hours | {fmt(report['accelerator_hours'], '', 4)} |",
+        f"| cost on demand / spot | ${fmt(report['cost_on_demand'], '', 4)} / ${fmt(report['cost_spot'], '', 4)} |",
+        f"| $ per 1M tokens, on demand / spot | {fmt(report['cost_per_million_tokens'], '', 4)} / {fmt(report['cost_per_million_tokens_spot'], '', 4)} |",
+        f"| $ per 1M output tokens, on demand / spot | {fmt(report['cost_per_million_output_tokens'], '', 4)} / {fmt(report['cost_per_million_output_tokens_spot'], '', 4)} |",
+        f"| truncated (finish_reason = length) | {100 * report['truncation_share']:.1f} % |",
+        f"| projected for {report['projection']['rows']:,} rows | {fmt(report['projection']['hours'], ' h', 2)}, "
+        f"${fmt(report['projection']['cost_on_demand'], '', 2)} on demand, ${fmt(report['projection']['cost_spot'], '', 2)} spot |",
+        "",
+        "The same tokens on managed batch APIs (list prices as configured): "
+        + ", ".join(f"{name} ${cost:,.4f}" for name, cost in report["managed_api_cost"].items()),
+        "",
+    ]
+    if report["stragglers"]:
+        lines += ["Slowest shards against the median:", ""]
+        lines += [f"- shard {s['shard']}: {s['engine_seconds']} s ({s['times_median']}× median)" for s in report["stragglers"]]
+        lines.append("")
+    if report["errors_by_code"]:
+        lines.append("Errors by code: " + ", ".join(f"`{c}` {n}" for c, n in report["errors_by_code"].items()))
+        lines.append("")
+    if chart:
+        lines.append(f"![tokens/s and GPU utilization over the run]({chart})")
+    return "\n".join(lines) + "\n"
+
+
+def render_chart(run_dir: RunDir, path: Path) -> Path | None:
+    """tokens/s (from when chunk files landed) and GPU utilization (sampled) over the run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chunks = list(run_dir.root.glob("shards/*/chunk-*.parquet"))
+    if not chunks:
+        return None
+    with duckdb.connect() as con:
+        con.execute(
+            f"""CREATE VIEW landed AS
+                SELECT regexp_extract(filename, 'chunk-(\\d+)-', 1)::HUGEINT / 1e9 AS t,
+                       coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0) AS tokens
+                FROM read_parquet({_paths(chunks)}, filename = true)"""
+        )
+        first, last = con.sql("SELECT min(t), max(t) FROM landed").fetchall()[0]
+        width = max(1.0, (last - first) / 40)  # about forty bins, whatever the run's length
+        series = con.sql(
+            f"SELECT floor((t - {first}) / {width}) * {width} AS bin, sum(tokens) / {width} "
+            "FROM landed GROUP BY 1 ORDER BY 1"
+        ).fetchall()
+    samples = []
+    for metrics in run_dir.root.glob("shards/*/metrics.json"):
+        samples += [(s["t"], s["util"]) for s in json.loads(metrics.read_text()).get("gpu_samples", [])]
+    start = first
+    fig, ax = plt.subplots(figsize=(8, 3.2), dpi=100)
+    ax.step([t for t, _ in series], [v for _, v in series], where="post", color="tab:blue")
+    ax.set_xlabel("seconds since the first chunk landed")
+    ax.set_ylabel(f"tokens/s ({width:.0f} s bins)", color="tab:blue")
+    if samples:
+        gpu = ax.twinx()
+        samples.sort()
+        gpu.plot([t - start for t, _ in samples], [u for _, u in samples], color="tab:green", lw=0.8)
+        gpu.set_ylabel("GPU utilization %", color="tab:green")
+        gpu.set_ylim(0, 100)
+    else:
+        ax.set_title("no GPU telemetry on this host", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(run_dir: RunDir, pricing: GpuPricing | None = None, managed: ManagedApiPrices | None = None) -> dict:
+    report = build_report(run_dir, pricing, managed)
+    chart = render_chart(run_dir, run_dir.root / "report.png")
+    _write_json_atomic(run_dir.root / "report.json", report)
+    (run_dir.root / "report.md").write_text(render_markdown(report, chart.name if chart else None))
+    return report
+
+
+def trend(root: Path) -> list[dict]:
+    """One row per run under `root` that has a report, oldest first: the nightly trend."""
+    reports = sorted(Path(root).glob("*/report.json"), key=lambda p: p.stat().st_mtime)
+    if not reports:
+        return []
+    with duckdb.connect() as con:
+        rel = con.sql(
+            f"""
+            SELECT run_dir, rows, failed, total_tokens, tokens_per_second, output_tokens_per_second,
+                   cost_per_million_tokens, cost_per_million_tokens_spot, gpu_utilization_mean, truncation_share
+            FROM read_json_auto({_paths(reports)}, union_by_name = true, filename = true)
+            ORDER BY list_position({_paths(reports)}, filename)
+            """
+        )
+        columns = rel.columns
+        return [dict(zip(columns, row)) for row in rel.fetchall()]
+
+
+@task(name="cost-report")
+def cost_report(run_dir: str, pricing: GpuPricing | None = None, managed: ManagedApiPrices | None = None) -> dict:
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    rd = RunDir(run_dir)
+    report = write_report(rd, pricing, managed)
+    key = re.sub(r"[^a-z0-9-]+", "-", rd.root.name.lower()).strip("-") or "run"
+    create_markdown_artifact(key=f"nightshift-report-{key}", markdown=(rd.root / "report.md").read_text(),
+                             description="Nightshift cost and throughput report")
+    table = {k: v for k, v in report.items() if not isinstance(v, (dict, list))}
+    create_table_artifact(key=f"nightshift-figures-{key}", table=[table], description="Nightshift run figures")
+    return report
