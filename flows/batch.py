@@ -1,4 +1,5 @@
-"""The main flow: plan-shards → generate (one task per shard) → merge-outputs."""
+"""The main flow: plan-shards → generate (one task per shard) → merge-outputs → cost-report
+→ canary-validation."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from blocks.pricing import GpuPricing
 from nightshift import progress
+from nightshift.canaries import CanaryConfig
 from nightshift.inputs import CorpusOptions
 from nightshift.records import JobSpec, RunReport
 from nightshift.rundir import RunDir
 from nightshift.status import run_status
+from tasks.canary import canary_validation
 from tasks.generate import checkpoint_intact, generate_shard
 from tasks.merge import merge_outputs
 from tasks.plan import plan_shards
@@ -32,15 +35,18 @@ def batch_inference(
     corpus: CorpusOptions | None = None,
     checkpoint_storage: str | None = None,
     pricing: str | None = None,
+    validation: CanaryConfig | None = None,
 ) -> RunReport:
     """Run `job` over every row of `input_path`; outputs land in `run_dir`.
 
     `checkpoint_storage` names a saved Prefect filesystem block ("local-file-system/x",
     "s3-bucket/y") holding the task cache; by default it is `run_dir/checkpoints`.
     `pricing` names a saved GpuPricing block for the cost report (default: its defaults).
+    `validation` configures the canary stage (default: oracle and determinism checks).
     """
+    validation = validation or CanaryConfig()
     job.save(RunDir(run_dir).job)
-    plan = plan_shards(input_path, run_dir, shard_size, corpus)
+    plan = plan_shards(input_path, run_dir, shard_size, corpus, validation.canaries)
     progress.start(RunDir(run_dir), plan.total_rows, run_status(run_dir).rows_done)
     generate = generate_shard.with_options(result_storage=checkpoint_storage or _local_checkpoints(run_dir))
     futures = [generate.submit(shard, job, run_dir) for shard in plan.shards]
@@ -55,6 +61,7 @@ def batch_inference(
         cached -= len(stale)
     report = merge_outputs(plan, results, run_dir)
     cost_report(run_dir, GpuPricing.load(pricing) if pricing else None)
+    canary_validation(run_dir, job, validation)
     return dataclasses.replace(report, shards=len(plan.shards), shards_cached=cached)
 
 

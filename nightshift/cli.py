@@ -81,6 +81,13 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-size", type=int, default=512, help="rows per chunk file inside a shard")
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--max-num-seqs", type=int, default=64, help="rows decoded together")
+    checks = parser.add_argument_group("validation (canary stage)")
+    checks.add_argument("--canaries", help="canary file: requests with expectations (docs/canaries.md)")
+    checks.add_argument("--canary-min-pass-rate", type=float, default=1.0)
+    checks.add_argument("--oracle-model", help="reference weights for the oracle check (default: the job's model)")
+    checks.add_argument("--oracle-samples", type=int, default=3, help="greedy rows re-computed with transformers (0: off)")
+    checks.add_argument("--oracle-min-agreement", type=float, default=1.0)
+    checks.add_argument("--determinism-samples", type=int, default=2, help="rows re-run with the same seed (0: off)")
     corpus = parser.add_argument_group("corpus inputs (Parquet, CSV, JSONL records)")
     corpus.add_argument("--id-column", help="column holding each record's id (default: row-<n>)")
     corpus.add_argument("--text-column", help="column holding the text (default: text)")
@@ -106,9 +113,24 @@ def _corpus_options(args):
     )
 
 
+def _validation(args):
+    from nightshift.canaries import CanaryConfig
+    from nightshift.models import resolve_model
+
+    return CanaryConfig(
+        canaries=args.canaries,
+        min_pass_rate=args.canary_min_pass_rate,
+        oracle_model=resolve_model(args.oracle_model) if args.oracle_model else None,
+        oracle_samples=args.oracle_samples,
+        oracle_min_agreement=args.oracle_min_agreement,
+        determinism_samples=args.determinism_samples,
+    )
+
+
 def _run(args) -> int:
     from nightshift.inputs import InputError
     from nightshift.jobs import make_job
+    from tasks.canary import CanaryFailure
 
     try:
         job = make_job(
@@ -119,23 +141,27 @@ def _run(args) -> int:
             served_model_name=args.served_model_name,
             model_mismatch=args.model_mismatch,
         )
-        corpus = _corpus_options(args)
+        corpus, validation = _corpus_options(args), _validation(args)
         report = _run_preemptible(
-            args.output, lambda: run_job(args.input, args.output, job, args.shard_size, corpus)
+            args.output, lambda: run_job(args.input, args.output, job, args.shard_size, corpus, validation)
         )
     except (InputError, FileNotFoundError) as exc:
         print(f"nightshift: {exc}", file=sys.stderr)
         return 2
+    except CanaryFailure as exc:
+        print(f"nightshift: {exc}\nnightshift: see {Path(args.output) / 'validation.json'}", file=sys.stderr)
+        return 3
     _print_report(report)
     return 0 if report.complete else 1
 
 
-def run_job(input_path: str, run_dir: str, job, shard_size: int = 10_000, corpus=None):
-    """Run the flow: plan (failing fast on a bad input), generate, merge."""
+def run_job(input_path: str, run_dir: str, job, shard_size: int = 10_000, corpus=None, validation=None):
+    """Run the flow: plan (failing fast on a bad input), generate, merge, report, validate."""
     from flows.batch import batch_inference
 
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    return batch_inference(input_path=input_path, run_dir=run_dir, job=job, shard_size=shard_size, corpus=corpus)
+    return batch_inference(input_path=input_path, run_dir=run_dir, job=job, shard_size=shard_size,
+                           corpus=corpus, validation=validation)
 
 
 def _run_preemptible(run_dir: str, start):
@@ -228,9 +254,16 @@ def _demo(args) -> int:
     pq.write_table(pa.Table.from_pylist(docs), corpus_path)
     options = CorpusOptions(id_column="id", text_column="text", template=DEMO_TEMPLATE,
                             system=DEMO_SYSTEM, max_tokens=64, temperature=0.0)
-    report = run_job(str(corpus_path), str(run_dir), make_job(args.model), 10_000, options)
+    from nightshift.canaries import CanaryConfig
+
+    canaries = Path(__file__).resolve().parent.parent / "deployments" / "canaries" / "demo.jsonl"
+    report = run_job(str(corpus_path), str(run_dir), make_job(args.model), 10_000, options,
+                     CanaryConfig(canaries=str(canaries)))
     _print_report(report)
     texts = {d["id"]: d["text"] for d in docs}
+    validation = json.loads((run_dir / "validation.json").read_text())
+    print(f"validation: {'passed' if validation['validated'] else 'FAILED'} "
+          f"({', '.join(validation['checks'])}; details in {run_dir / 'validation.json'})")
     print("\nSample summaries:")
     with open(report.output_path) as lines:
         for _, line in zip(range(4), lines):

@@ -74,6 +74,7 @@ def prepare_request(
     model_aliases: set[str],
     model_mismatch: str,
     default_sampling_params: dict,
+    max_model_len: int | None = None,
 ) -> PreparedRequest:
     """Turn one request into engine arguments, or raise RequestRejected with an OpenAI code."""
     from pydantic import ValidationError
@@ -104,6 +105,13 @@ def prepare_request(
     max_tokens = getattr(parsed, "max_completion_tokens", None) or parsed.max_tokens
     if max_tokens is not None and max_tokens < 1:
         raise RequestRejected("invalid_request", "max_tokens must be at least 1")
+    if max_tokens is not None and max_model_len is not None and max_tokens >= max_model_len:
+        raise RequestRejected(
+            "context_length_exceeded",
+            f"max_tokens {max_tokens} does not fit the model's context of {max_model_len} tokens with any prompt",
+        )
+    if url == CHAT_URL and not any(_has_text(m.get("content")) for m in body["messages"] if isinstance(m, dict)):
+        raise RequestRejected("empty_prompt", "every message of the conversation is empty")
     try:
         params = parsed.to_sampling_params(max_tokens, default_sampling_params)
     except (ValueError, TypeError) as exc:
@@ -114,6 +122,14 @@ def prepare_request(
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         raise RequestRejected("invalid_request", "one prompt per batch line: a list of prompts is not supported")
     return PreparedRequest(key, custom_id, "completion", prompt, params)
+
+
+def _has_text(content) -> bool:
+    if isinstance(content, str):
+        return bool(content.strip())
+    if isinstance(content, list):  # OpenAI content parts
+        return any(isinstance(p, dict) and _has_text(p.get("text")) for p in content)
+    return False
 
 
 def batch_request_id(custom_id: str, cache_key: str) -> str:

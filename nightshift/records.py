@@ -90,8 +90,9 @@ class Plan:
 
     input_path: str
     input_kind: str  # "openai-batch" or "corpus"
-    total_rows: int
+    total_rows: int  # canary rows included
     shards: list[Shard]
+    canary_rows: int = 0
 
     def save(self, path: Path) -> None:
         _write_json_atomic(path, asdict(self))

@@ -8,6 +8,7 @@
       shards/<cache_key>/result.json      the ShardResult once the shard is complete
       checkpoints/                        Prefect result storage (the task cache)
       output.jsonl  errors.jsonl  results.parquet  run.json   merged outputs
+      canary_results.parquet  validation.json               the canary stage's evidence and verdict
 """
 
 from __future__ import annotations
@@ -52,6 +53,14 @@ class RunDir:
     @property
     def results(self) -> Path:
         return self.root / "results.parquet"
+
+    @property
+    def canary_results(self) -> Path:
+        return self.root / "canary_results.parquet"
+
+    @property
+    def validation(self) -> Path:
+        return self.root / "validation.json"
 
     @property
     def summary(self) -> Path:

@@ -49,7 +49,10 @@ def run_status(run_dir: str | Path) -> RunStatus:
         done = 0
         if output is not None:
             for chunk in output.glob("chunk-*.parquet"):
-                rows = pq.ParquetFile(chunk).metadata.num_rows
+                try:
+                    rows = pq.ParquetFile(chunk).metadata.num_rows
+                except Exception:  # damaged: the next run's checkpoint check regenerates it
+                    continue
                 done += rows
                 written.append((chunk.stat().st_mtime, rows))
         finished = output is not None and (output / "result.json").exists()

@@ -112,7 +112,7 @@ def _generate(shard: Shard, job: JobSpec, run_dir: RunDir, only_rows: set[int] |
                 prepared.append(
                     prepare_request(row["row_index"], row["custom_id"], json.loads(row["request"]),
                                     job.served_model_name, _model_aliases(job), job.model_mismatch,
-                                    engine.default_sampling_params)
+                                    engine.default_sampling_params, job.engine.max_model_len)
                 )
             except RequestRejected as exc:
                 writer.add_error(row, {"code": exc.code, "message": str(exc), "line": row["line_no"]})

@@ -20,6 +20,7 @@ from pathlib import Path
 import duckdb
 from prefect import task
 
+from nightshift.canaries import CANARY_PREFIX
 from nightshift.chunks import best_rows_sql, chunk_files
 from nightshift.records import Plan, RunReport, ShardResult, _write_json_atomic
 from nightshift.rundir import RunDir
@@ -37,37 +38,38 @@ def merge(plan: Plan, results: list[ShardResult], run_dir: RunDir) -> RunReport:
 
 
 def _merge(con: duckdb.DuckDBPyConnection, plan: Plan, files: list[str], run_dir: RunDir) -> RunReport:
-    con.execute(f"CREATE VIEW chunk_rows AS {best_rows_sql(files)}")
-    rows, distinct, succeeded, prompt_tokens, completion_tokens = con.sql(
-        """
-        SELECT count(*), count(DISTINCT row_index), count(*) FILTER (WHERE ok),
-               coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0)
-        FROM chunk_rows
-        """
-    ).fetchall()[0]
+    con.execute(f"CREATE VIEW all_rows AS {best_rows_sql(files)}")
+    rows, distinct = con.sql("SELECT count(*), count(DISTINCT row_index) FROM all_rows").fetchall()[0]
     if rows != plan.total_rows or distinct != plan.total_rows:
         raise IncompleteRun(
             f"{plan.total_rows} rows planned but the chunks hold {rows} rows "
             f"({distinct} distinct): refusing to write outputs that lose or repeat rows"
         )
+    # Canary rows rode along for validation; they are not the user's rows.
+    canary = f"starts_with(coalesce(custom_id, ''), '{CANARY_PREFIX}')"
+    con.execute(f"CREATE VIEW chunk_rows AS SELECT * FROM all_rows WHERE NOT {canary}")
+    if plan.canary_rows:
+        _copy_parquet(con, f"SELECT * FROM all_rows WHERE {canary} ORDER BY row_index", run_dir.canary_results)
+    rows, succeeded, prompt_tokens, completion_tokens = con.sql(
+        """
+        SELECT count(*), count(*) FILTER (WHERE ok),
+               coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0)
+        FROM chunk_rows
+        """
+    ).fetchall()[0]
     _write_lines(con, "SELECT line FROM chunk_rows WHERE ok ORDER BY row_index", run_dir.output)
     _write_lines(con, "SELECT line FROM chunk_rows WHERE NOT ok ORDER BY row_index", run_dir.errors)
-    tmp = run_dir.results.with_name(run_dir.results.name + ".tmp")
-    con.execute(
-        f"""
-        COPY (
-            SELECT custom_id, text, finish_reason, prompt_tokens, completion_tokens, shard
-            FROM chunk_rows ORDER BY row_index
-        ) TO '{_sql_path(tmp)}' (FORMAT parquet)
-        """
+    _copy_parquet(
+        con,
+        "SELECT custom_id, text, finish_reason, prompt_tokens, completion_tokens, shard FROM chunk_rows ORDER BY row_index",
+        run_dir.results,
     )
-    os.replace(tmp, run_dir.results)
     errors_by_code = dict(
         con.sql("SELECT error_code, count(*) FROM chunk_rows WHERE NOT ok GROUP BY 1 ORDER BY 2 DESC").fetchall()
     )
     report = RunReport(
         run_dir=str(run_dir.root),
-        total_rows=plan.total_rows,
+        total_rows=rows,
         succeeded=succeeded,
         failed=rows - succeeded,
         prompt_tokens=int(prompt_tokens),
@@ -94,6 +96,12 @@ def _write_lines(con: duckdb.DuckDBPyConnection, query: str, path: Path) -> None
             for line in batch.column(0).to_pylist():
                 out.write(line)
                 out.write("\n")
+    os.replace(tmp, path)
+
+
+def _copy_parquet(con: duckdb.DuckDBPyConnection, query: str, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    con.execute(f"COPY ({query}) TO '{_sql_path(tmp)}' (FORMAT parquet)")
     os.replace(tmp, path)
 
 

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
 
+from nightshift.canaries import CANARY_PREFIX, load_canaries
 from nightshift.inputs import CorpusOptions, InputRow, detect_kind, read_rows
 from nightshift.records import Plan, Shard
 from nightshift.rundir import RunDir
@@ -35,23 +36,35 @@ def plan(
     run_dir: RunDir,
     shard_size: int = 10_000,
     corpus: CorpusOptions | None = None,
+    canaries: list[InputRow] | None = None,
 ) -> Plan:
-    """Write the shards of `input_path` under the run directory and return their manifest."""
+    """Write the shards of `input_path` under the run directory and return their manifest.
+
+    Canary rows ride inside the shards — one at the head of each shard while they last, the
+    rest in the last shard — so they run under the real load and batching.
+    """
     if shard_size < 1:
         raise ValueError("shard_size must be at least 1")
     kind = detect_kind(input_path, corpus)
+    waiting_canaries = list(canaries or [])
     shards: list[Shard] = []
     pending: list[InputRow] = []
-    total = 0
+    total = 0  # rows planned, canaries included: the row_index space
     for row in read_rows(input_path, kind, corpus):
+        if not pending and waiting_canaries:
+            pending.append(waiting_canaries.pop(0))
+            total += 1
         pending.append(row)
         total += 1
-        if len(pending) == shard_size:
+        if len(pending) - sum(_is_canary(r) for r in pending) == shard_size:
             shards.append(_write_shard(run_dir, len(shards), total - len(pending), pending))
             pending = []
+    pending += waiting_canaries
+    total += len(waiting_canaries)
     if pending:
         shards.append(_write_shard(run_dir, len(shards), total - len(pending), pending))
-    result = Plan(input_path=input_path, input_kind=kind, total_rows=total, shards=shards)
+    result = Plan(input_path=input_path, input_kind=kind, total_rows=total, shards=shards,
+                  canary_rows=len(canaries or []))
     result.save(run_dir.plan_manifest)
     return result
 
@@ -62,8 +75,14 @@ def plan_shards(
     run_dir: str,
     shard_size: int = 10_000,
     corpus: CorpusOptions | None = None,
+    canary_file: str | None = None,
 ) -> Plan:
-    return plan(input_path, RunDir(run_dir), shard_size, corpus)
+    canaries = [row for row, _ in load_canaries(canary_file)] if canary_file else None
+    return plan(input_path, RunDir(run_dir), shard_size, corpus, canaries)
+
+
+def _is_canary(row: InputRow) -> bool:
+    return bool(row.custom_id) and row.custom_id.startswith(CANARY_PREFIX)
 
 
 def _write_shard(run_dir: RunDir, index: int, first_row: int, rows: list[InputRow]) -> Shard:

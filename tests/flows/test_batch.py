@@ -36,6 +36,19 @@ def mixed_batch() -> list:
         chat_request("too-long", "word " * 3000),
         chat_request("bad-type", "Hello", temperature="hot"),
         chat_request("streaming", "Hello", stream=True),
+        b"\xff\xfe not utf-8",
+        "[1, 2, 3]",
+        {"method": "POST", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "x"}]}},
+        {**chat_request("get", "x"), "method": "GET"},
+        {**chat_request("embed", "x"), "url": "/v1/embeddings"},
+        {"custom_id": "no-body", "method": "POST", "url": "/v1/chat/completions"},
+        {"custom_id": "no-messages", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": []}},
+        {"custom_id": "no-prompt", "method": "POST", "url": "/v1/completions", "body": {"max_tokens": 3}},
+        {"custom_id": 42, "method": "POST", "url": "/v1/chat/completions", "body": {}},
+        chat_request("empty", "   "),
+        chat_request("huge-max-tokens", "Hello", max_tokens=100_000),
+        chat_request("zero-max-tokens", "Hello", max_tokens=0),
+        chat_request("after-the-bad-ones", "Still fine"),
     ]
     return rows
 
@@ -58,7 +71,7 @@ def outcome_by_id(run_dir):
 
 def test_every_input_line_is_in_outputs_or_errors_exactly_once_in_input_order(mixed_run):
     path, run_dir, report = mixed_run
-    lines = path.read_text().splitlines()
+    lines = path.read_bytes().splitlines()
     outputs = read_jsonl(run_dir / "output.jsonl")
     errors = read_jsonl(run_dir / "errors.jsonl")
     assert report.complete and report.total_rows == len(lines) == len(outputs) + len(errors)
@@ -74,9 +87,15 @@ def test_bad_rows_get_an_openai_style_error_with_a_code_and_their_line(mixed_run
     by_code = {e["error"]["code"]: e for e in errors}
     assert set(by_code) == {
         "invalid_json", "duplicate_custom_id", "model_not_found", "unsupported_parameter",
-        "context_length_exceeded", "invalid_request",
+        "context_length_exceeded", "invalid_request", "invalid_encoding", "missing_custom_id",
+        "unsupported_method", "unsupported_url", "missing_messages", "missing_prompt", "invalid_custom_id",
+        "empty_prompt",
     }
-    assert sum(report.errors_by_code.values()) == len(errors) == 7
+    kinds_of_bad_line = 19  # 19 kinds of bad line, reported under 14 codes
+    assert sum(report.errors_by_code.values()) == len(errors) == kinds_of_bad_line
+    by_id = {e["custom_id"]: e["error"]["code"] for e in errors}
+    assert by_id["huge-max-tokens"] == "context_length_exceeded" and by_id["zero-max-tokens"] == "invalid_request"
+    assert by_id["no-body"] == "invalid_request" and by_id[None] in {"invalid_encoding", "invalid_json", "invalid_request", "missing_custom_id"}
     assert by_code["invalid_json"]["error"]["line"] == 4
     assert "gpt-4o-mini" in by_code["model_not_found"]["error"]["message"]
     assert all(e["response"] is None and e["error"]["message"] for e in errors)

@@ -1,0 +1,157 @@
+"""Canary stage: gate the run on evidence that its answers are right.
+
+Three checks, each reported, the first and last two gating:
+
+1. **Expectations** — the canary rows (which rode inside the real shards) must meet their
+   expectations; at least `min_pass_rate` of them must pass.
+2. **Oracle** — for `oracle_samples` greedy rows sampled from the run, Hugging Face
+   transformers `generate` on the reference weights (the job's, unless `oracle_model` names
+   others) recomputes the first `oracle_tokens` tokens; the share that agrees with the run's
+   output must reach `oracle_min_agreement`.
+3. **Determinism** — `determinism_samples` rows re-run through the engine with the same
+   parameters (seed included) must give the same text.
+
+On failure the flow run fails with a message naming what failed, the outputs stay on disk,
+`validation.json` says `"validated": false`, and `nightshift run` exits 3.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+
+import duckdb
+from prefect import task
+
+from nightshift.canaries import CANARY_PREFIX, CanaryConfig, check_expectations, load_canaries
+from nightshift.records import JobSpec, _write_json_atomic
+from nightshift.rundir import RunDir
+
+
+class CanaryFailure(RuntimeError):
+    """The run's outputs did not pass validation; they are on disk, marked not validated."""
+
+
+def validate(run_dir: RunDir, job: JobSpec, config: CanaryConfig) -> dict:
+    started = time.monotonic()
+    verdict: dict = {"validated": False, "checks": {}}
+    failures: list[str] = []
+
+    if config.canaries:
+        expected = {row.custom_id: expect for row, expect in load_canaries(config.canaries)}
+        with duckdb.connect() as con:
+            got = dict(con.sql(f"SELECT custom_id, text FROM read_parquet('{run_dir.canary_results}')").fetchall())
+        results = []
+        for custom_id, expect in expected.items():
+            problems = check_expectations(got.get(custom_id), expect)
+            results.append({"canary": custom_id.removeprefix(CANARY_PREFIX), "passed": not problems,
+                            "problems": problems, "text": got.get(custom_id)})
+        pass_rate = sum(r["passed"] for r in results) / len(results)
+        verdict["checks"]["canaries"] = {"pass_rate": pass_rate, "min_pass_rate": config.min_pass_rate, "results": results}
+        if pass_rate < config.min_pass_rate:
+            failed = [f"{r['canary']} ({'; '.join(r['problems'])})" for r in results if not r["passed"]]
+            failures.append(f"canaries passed {pass_rate:.0%} < {config.min_pass_rate:.0%}: " + ", ".join(failed))
+
+    samples = _greedy_chat_rows(run_dir, max(config.oracle_samples, config.determinism_samples))
+    if config.oracle_samples and samples:
+        oracle = _oracle_check(samples[: config.oracle_samples], config.oracle_model or job.engine.model, config.oracle_tokens)
+        agreement = sum(o["agrees"] for o in oracle) / len(oracle)
+        verdict["checks"]["oracle"] = {"agreement": agreement, "min_agreement": config.oracle_min_agreement,
+                                       "reference": config.oracle_model or job.engine.model,
+                                       "tokens": config.oracle_tokens, "results": oracle}
+        if agreement < config.oracle_min_agreement:
+            disagree = [o["custom_id"] for o in oracle if not o["agrees"]]
+            failures.append(f"oracle agreement {agreement:.0%} < {config.oracle_min_agreement:.0%} "
+                            f"(transformers on the reference weights disagrees on {', '.join(disagree)})")
+
+    if config.determinism_samples and samples:
+        rerun = _determinism_check(samples[: config.determinism_samples], job)
+        verdict["checks"]["determinism"] = {"results": rerun}
+        if not all(r["same"] for r in rerun):
+            failures.append("re-running with the same seed changed the output of "
+                            + ", ".join(r["custom_id"] for r in rerun if not r["same"]))
+
+    verdict["validated"] = not failures
+    verdict["failures"] = failures
+    verdict["seconds"] = round(time.monotonic() - started, 2)
+    _write_json_atomic(run_dir.validation, verdict)
+    return verdict
+
+
+@task(name="canary-validation")
+def canary_validation(run_dir: str, job: JobSpec, config: CanaryConfig) -> dict:
+    from prefect.artifacts import create_markdown_artifact
+
+    verdict = validate(RunDir(run_dir), job, config)
+    lines = [f"# Canary validation: {'passed' if verdict['validated'] else 'FAILED'}", ""]
+    lines += [f"- {failure}" for failure in verdict["failures"]]
+    for name, check in verdict["checks"].items():
+        summary = {k: v for k, v in check.items() if k != "results"}
+        lines.append(f"- {name}: {json.dumps(summary)}")
+    create_markdown_artifact(markdown="\n".join(lines), description="Nightshift canary validation")
+    if not verdict["validated"]:
+        raise CanaryFailure("validation failed — outputs are on disk but NOT validated: " + " | ".join(verdict["failures"]))
+    return verdict
+
+
+def _greedy_chat_rows(run_dir: RunDir, count: int) -> list[dict]:
+    """Up to `count` succeeded greedy chat rows of the run, sampled reproducibly."""
+    if count <= 0:
+        return []
+    from nightshift.records import Plan
+
+    shards = ", ".join(f"'{s.path}'" for s in Plan.load(run_dir.plan_manifest).shards)
+    with duckdb.connect() as con:
+        rows = con.sql(
+            f"""
+            SELECT r.custom_id, r.text, s.request
+            FROM read_parquet('{run_dir.results}') r
+            JOIN read_parquet([{shards}]) s USING (custom_id)
+            WHERE r.finish_reason IS NOT NULL AND s.request IS NOT NULL
+            ORDER BY s.row_index
+            """
+        ).fetchall()
+    candidates = []
+    for custom_id, text, request in rows:
+        body = json.loads(request)["body"] if request else {}
+        if "messages" in body and body.get("temperature") == 0 and body.get("n", 1) == 1 and "response_format" not in body:
+            candidates.append({"custom_id": custom_id, "text": text, "body": body})
+    random.Random(0).shuffle(candidates)
+    return candidates[:count]
+
+
+def _oracle_check(samples: list[dict], reference: str, k: int) -> list[dict]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(reference)
+    model = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32)
+    model.eval()
+    results = []
+    for sample in samples:
+        ids = tokenizer.apply_chat_template(sample["body"]["messages"], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=k, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        expected = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        ours = sample["text"] or ""
+        agrees = ours.startswith(expected) or (len(ours) < len(expected) and expected.startswith(ours))
+        results.append({"custom_id": sample["custom_id"], "agrees": agrees, "reference": expected, "ours": ours[: len(expected) + 20]})
+    return results
+
+
+def _determinism_check(samples: list[dict], job: JobSpec) -> list[dict]:
+    from nightshift.engine import get_engine
+    from nightshift.openai_format import prepare_request
+
+    engine = get_engine(job.engine)
+    prepared = [
+        prepare_request(i, s["custom_id"], {"url": "/v1/chat/completions", "body": s["body"]}, job.served_model_name,
+                        {job.served_model_name, job.engine.model}, "ignore", engine.default_sampling_params)
+        for i, s in enumerate(samples)
+    ]
+    again = {request.key: outcome for request, outcome in engine.generate(prepared)}
+    return [
+        {"custom_id": s["custom_id"], "same": not isinstance(again[i], Exception) and again[i].outputs[0].text == s["text"]}
+        for i, s in enumerate(samples)
+    ]

@@ -1,0 +1,87 @@
+"""Specification of the canary stage: a run is validated, or it fails loudly with its outputs kept."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, chat_request, read_jsonl, write_jsonl
+
+
+def canary(custom_id, content, **expect):
+    return {**chat_request(custom_id, content), "expect": expect}
+
+
+@pytest.fixture
+def batch(tmp_path):
+    return write_jsonl(tmp_path / "in.jsonl", [chat_request(f"r{i}", f"Row {i} of the batch") for i in range(25)])
+
+
+def test_a_run_whose_canaries_hold_is_validated_and_canaries_stay_out_of_the_outputs(tmp_path, batch, prefect_server, tiny_job):
+    from nightshift.canaries import CanaryConfig
+    from nightshift.cli import run_job
+
+    canaries = write_jsonl(tmp_path / "canaries.jsonl", [
+        canary("says-something", "Hello", min_length=1, max_length=500),
+        canary("matches", "Hello again", regex=r"\S"),
+    ])
+    run_dir = tmp_path / "run"
+    report = run_job(str(batch), str(run_dir), tiny_job, 10, None, CanaryConfig(canaries=str(canaries)))
+    assert report.total_rows == 25 and report.complete
+    assert [r["custom_id"] for r in read_jsonl(run_dir / "output.jsonl")] == [f"r{i}" for i in range(25)]
+    verdict = json.loads((run_dir / "validation.json").read_text())
+    assert verdict["validated"] is True
+    assert [r["passed"] for r in verdict["checks"]["canaries"]["results"]] == [True, True]
+    assert verdict["checks"]["oracle"]["agreement"] == 1.0  # transformers agrees with vLLM on the same weights
+    assert all(r["same"] for r in verdict["checks"]["determinism"]["results"])
+
+
+def test_a_wrong_expectation_fails_the_run_with_exit_3_naming_the_canary(tmp_path, batch):
+    canaries = write_jsonl(tmp_path / "canaries.jsonl", [
+        canary("fine", "Hello", min_length=1),
+        canary("impossible", "Hello", exact="this exact sentence will not come out"),
+    ])
+    run_dir = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "nightshift.cli", "run", str(batch), "--output", str(run_dir), "--model", "tiny",
+         "--max-num-seqs", "16", "--shard-size", "10", "--canaries", str(canaries)],
+        cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+    )
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "impossible" in done.stderr and "NOT validated" in done.stderr
+    assert "fine (" not in done.stderr
+    assert json.loads((run_dir / "validation.json").read_text())["validated"] is False
+    assert len(read_jsonl(run_dir / "output.jsonl")) == 25  # outputs kept, marked not validated
+
+
+def test_the_oracle_fails_a_run_whose_weights_differ_from_the_reference(tmp_path, batch, prefect_server):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from nightshift.canaries import CanaryConfig
+    from nightshift.cli import run_job
+    from nightshift.engine import shutdown_engine
+    from nightshift.jobs import make_job
+    from nightshift.models import model_dir
+    from tasks.canary import CanaryFailure
+
+    tampered = tmp_path / "tampered-tiny"
+    shutil.copytree(model_dir("tiny"), tampered)
+    weights = load_file(tampered / "model.safetensors")
+    generator = torch.Generator().manual_seed(1)
+    weights = {name: w + 0.5 * torch.randn(w.shape, generator=generator) if w.dim() == 2 else w for name, w in weights.items()}
+    save_file(weights, tampered / "model.safetensors", metadata={"format": "pt"})
+
+    job = make_job(str(tampered), chunk_size=4, max_num_seqs=16, served_model_name="tiny")
+    config = CanaryConfig(oracle_model=str(model_dir("tiny")), oracle_samples=3, determinism_samples=0)
+    try:
+        with pytest.raises(CanaryFailure, match="oracle agreement"):
+            run_job(str(batch), str(tmp_path / "run"), job, 10, None, config)
+    finally:
+        shutdown_engine()
+    verdict = json.loads((tmp_path / "run" / "validation.json").read_text())
+    assert verdict["validated"] is False and verdict["checks"]["oracle"]["agreement"] < 1.0
