@@ -95,7 +95,7 @@ def test_bad_rows_get_an_openai_style_error_with_a_code_and_their_line(mixed_run
     assert sum(report.errors_by_code.values()) == len(errors) == kinds_of_bad_line
     by_id = {e["custom_id"]: e["error"]["code"] for e in errors}
     assert by_id["huge-max-tokens"] == "context_length_exceeded" and by_id["zero-max-tokens"] == "invalid_request"
-    assert by_id["no-body"] == "invalid_request" and by_id[None] in {"invalid_encoding", "invalid_json", "invalid_request", "missing_custom_id"}
+    assert by_id["no-body"] == "invalid_request" and by_id[None] in {"invalid_encoding", "invalid_json", "invalid_request", "missing_custom_id", "invalid_custom_id"}
     assert by_code["invalid_json"]["error"]["line"] == 4
     assert "gpt-4o-mini" in by_code["model_not_found"]["error"]["message"]
     assert all(e["response"] is None and e["error"]["message"] for e in errors)
