@@ -1,5 +1,5 @@
-"""The main flow: plan-shards → generate (one task per shard) → merge-outputs → cost-report
-→ canary-validation."""
+"""The main flow: plan-shards → generate (one task per shard) → merge-outputs →
+canary-validation → cost-report."""
 
 from __future__ import annotations
 
@@ -60,8 +60,10 @@ def batch_inference(
         results = [redone[r.shard_index].result() if r.shard_index in redone else r for r in results]
         cached -= len(stale)
     report = merge_outputs(plan, results, run_dir)
-    cost_report(run_dir, GpuPricing.load(pricing) if pricing else None)
-    canary_validation(run_dir, job, validation)
+    try:
+        canary_validation(run_dir, job, validation)
+    finally:  # a failed validation still gets its cost report, verdict included
+        cost_report(run_dir, GpuPricing.load(pricing) if pricing else None)
     return dataclasses.replace(report, shards=len(plan.shards), shards_cached=cached)
 
 

@@ -218,13 +218,7 @@ def _parquet_records(fs, fs_path: str, options: CorpusOptions):
         except Exception as exc:
             raise InputError(f"input {fs_path!r} is not a readable Parquet file: {exc}") from exc
         columns = _require_columns(parquet.schema_arrow.names, options, fs_path)
-        line_no = 0
-        for batch in parquet.iter_batches(batch_size=4096, columns=columns):
-            ids = batch.column(options.id_column).to_pylist() if options.id_column else None
-            texts = batch.column(options.text_column).to_pylist()
-            for i, text in enumerate(texts):
-                line_no += 1
-                yield line_no, ids[i] if ids else None, text
+        yield from _batch_records(parquet.iter_batches(batch_size=4096, columns=columns), options, fs_path)
 
 
 def _csv_records(fs, fs_path: str, options: CorpusOptions):
@@ -240,15 +234,24 @@ def _csv_records(fs, fs_path: str, options: CorpusOptions):
             )
         except Exception as exc:
             raise InputError(f"input {fs_path!r} is not a readable CSV file: {exc}") from exc
-        columns = _require_columns(reader.schema.names, options, fs_path)
-        del columns
-        line_no = 0
-        for batch in reader:
+        _require_columns(reader.schema.names, options, fs_path)
+        yield from _batch_records(reader, options, fs_path)
+
+
+def _batch_records(batches, options: CorpusOptions, fs_path: str):
+    """(record number, id, text) from Arrow record batches; a file broken midway fails whole."""
+    import pyarrow as pa
+
+    line_no = 0
+    try:
+        for batch in batches:
             ids = batch.column(options.id_column).to_pylist() if options.id_column else None
             texts = batch.column(options.text_column).to_pylist()
             for i, text in enumerate(texts):
                 line_no += 1
                 yield line_no, ids[i] if ids else None, text
+    except pa.ArrowException as exc:
+        raise InputError(f"input {fs_path!r} is unreadable after record {line_no}: {exc}") from exc
 
 
 def _jsonl_records(fs, fs_path: str, options: CorpusOptions):

@@ -63,6 +63,13 @@ def build_report(run_dir: RunDir, pricing: GpuPricing | None = None, managed: Ma
         "truncation_share": round(truncation, 4),
         "errors_by_code": _errors_by_code(run_dir),
     }
+    if run_dir.validation.exists() and run_dir.validation.stat().st_mtime >= run_dir.plan_manifest.stat().st_mtime:
+        verdict = json.loads(run_dir.validation.read_text())
+        report["validated"] = verdict["validated"]
+        report["validation_failures"] = verdict["failures"]
+        report["validation_checks"] = {
+            name: {k: v for k, v in check.items() if k != "results"} for name, check in verdict["checks"].items()
+        }
     if metric_files:
         con.execute(f"CREATE VIEW metrics AS SELECT * FROM read_json_auto({_paths(metric_files)}, union_by_name = true)")
         span, engine_seconds, gpu_name, gpu_count, gpu_util, gpu_mem, gpu_power, telemetry = con.sql(
@@ -178,7 +185,12 @@ def render_markdown(report: dict, chart: str | None) -> str:
         lines.append("Errors by code: " + ", ".join(f"`{c}` {n}" for c, n in report["errors_by_code"].items()))
         lines.append("")
     if chart:
-        lines.append(f"![tokens/s and GPU utilization over the run]({chart})")
+        lines += [f"![tokens/s and GPU utilization over the run]({chart})", ""]
+    if "validated" in report:
+        lines += ["## Validation", "", f"**{'Validated' if report['validated'] else 'NOT validated'}**", ""]
+        lines += [f"- {failure}" for failure in report["validation_failures"]]
+        lines += [f"- {name}: " + ", ".join(f"{k} {v}" for k, v in check.items())
+                  for name, check in report["validation_checks"].items()]
     return "\n".join(lines) + "\n"
 
 

@@ -204,3 +204,17 @@ def test_without_a_gpu_the_report_says_so_and_gpu_fields_are_null(mixed_run):
         assert report["gpu_utilization_mean"] is None and report["gpu_name"] is None
         assert "no NVML" in report["gpu_telemetry"]
         assert "no GPU telemetry" in (run_dir / "report.md").read_text()
+
+
+def test_report_cli_prints_json_figures_and_the_trend_over_runs(mixed_run, capsys):
+    from nightshift.cli import main
+
+    _, run_dir, _ = mixed_run
+    assert main(["report", str(run_dir), "--format", "json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["rows"] == json.loads((run_dir / "run.json").read_text())["total_rows"]
+    assert figures["validated"] is True  # the canary stage's verdict is part of the report
+    assert main(["report", "--all", str(run_dir.parent), "--format", "json"]) == 0
+    trend = json.loads(capsys.readouterr().out)
+    assert [row["run_dir"] for row in trend] == [str(run_dir)]
+    assert "## Validation" in (run_dir / "report.md").read_text()
