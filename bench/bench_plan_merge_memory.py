@@ -82,6 +82,7 @@ def main() -> None:
         texts = [docs[i % len(docs)]["text"] + f" (copy {i})" for i in range(args.rows)]
         pq.write_table(pa.table({"id": ids, "text": texts}), corpus, row_group_size=8192)
         del ids, texts
+        corpus_mib = corpus.stat().st_size / 2**20
         run_dir = Path(tmp) / "run"
 
         start = time.perf_counter()
@@ -94,7 +95,7 @@ def main() -> None:
         merged, merge_kib = python(MERGE, str(run_dir)).split()
         merge_s = time.perf_counter() - start
 
-    print(f"corpus: {args.rows} rows, {corpus.stat().st_size / 2**20 if corpus.exists() else 0:.0f} MiB")
+    print(f"corpus: {args.rows} rows, {corpus_mib:.1f} MiB of Parquet")
     print(f"plan:     {rows} rows in {plan_s:.1f} s, peak RSS {int(plan_kib) / 1024:.0f} MiB")
     print(f"generate: {generate_s:.1f} s (tiny model, max_tokens=1, engine start included)")
     print(f"merge:    {merged} rows in {merge_s:.1f} s, peak RSS {int(merge_kib) / 1024:.0f} MiB")
