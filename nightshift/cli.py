@@ -246,7 +246,8 @@ def _demo(args) -> int:
     from nightshift.models import provision
     from nightshift.samples import sample_documents
 
-    provision((args.model,)) if args.model in ("tiny", "smollm2") else None
+    if args.model in ("tiny", "smollm2"):
+        provision((args.model,))
     run_dir = Path(args.output)
     run_dir.mkdir(parents=True, exist_ok=True)
     corpus_path = run_dir / "corpus.parquet"

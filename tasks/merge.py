@@ -13,7 +13,6 @@ reader never sees a half-merged run.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -107,7 +106,3 @@ def _copy_parquet(con: duckdb.DuckDBPyConnection, query: str, path: Path) -> Non
 
 def _sql_path(path: Path) -> str:
     return str(path).replace("'", "''")
-
-
-def load_report(run_dir: RunDir) -> RunReport:
-    return RunReport(**json.loads(run_dir.summary.read_text()))
