@@ -102,7 +102,8 @@ def prepare_request(
         raise RequestRejected("invalid_request", f"{where}: {first.get('msg')}") from None
     except ValueError as exc:
         raise RequestRejected("invalid_request", str(exc)) from None
-    max_tokens = getattr(parsed, "max_completion_tokens", None) or parsed.max_tokens
+    # vars(): reading the deprecated `max_tokens` attribute warns once per row
+    max_tokens = getattr(parsed, "max_completion_tokens", None) or vars(parsed).get("max_tokens")
     if max_tokens is not None and max_tokens < 1:
         raise RequestRejected("invalid_request", "max_tokens must be at least 1")
     if max_tokens is not None and max_model_len is not None and max_tokens >= max_model_len:
