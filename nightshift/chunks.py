@@ -48,11 +48,15 @@ def write_chunk(output_dir: Path, records: list[dict]) -> Path:
     return path
 
 
+def sql_path_list(files) -> str:
+    """A DuckDB list literal of file paths, quotes escaped."""
+    return "[" + ", ".join("'" + str(f).replace("'", "''") + "'" for f in files) + "]"
+
+
 def best_rows_sql(files: list[str | Path]) -> str:
     """SQL selecting each row's best outcome across `files` (see module docstring)."""
-    listed = ", ".join("'" + str(f).replace("'", "''") + "'" for f in files)
     return f"""
-        SELECT * EXCLUDE (filename) FROM read_parquet([{listed}], filename = true)
+        SELECT * EXCLUDE (filename) FROM read_parquet({sql_path_list(files)}, filename = true)
         QUALIFY row_number() OVER (PARTITION BY row_index ORDER BY ok DESC, filename DESC) = 1
     """
 

@@ -16,12 +16,9 @@ import duckdb
 from prefect import task
 
 from blocks.pricing import GpuPricing, ManagedApiPrices
+from nightshift.chunks import sql_path_list
 from nightshift.records import JobSpec, Plan, _write_json_atomic
 from nightshift.rundir import RunDir
-
-
-def _paths(files) -> str:
-    return "[" + ", ".join("'" + str(f).replace("'", "''") + "'" for f in files) + "]"
 
 
 def build_report(run_dir: RunDir, pricing: GpuPricing | None = None, managed: ManagedApiPrices | None = None,
@@ -71,7 +68,7 @@ def build_report(run_dir: RunDir, pricing: GpuPricing | None = None, managed: Ma
             name: {k: v for k, v in check.items() if k != "results"} for name, check in verdict["checks"].items()
         }
     if metric_files:
-        con.execute(f"CREATE VIEW metrics AS SELECT * FROM read_json_auto({_paths(metric_files)}, union_by_name = true)")
+        con.execute(f"CREATE VIEW metrics AS SELECT * FROM read_json_auto({sql_path_list(metric_files)}, union_by_name = true)")
         span, engine_seconds, gpu_name, gpu_count, gpu_util, gpu_mem, gpu_power, telemetry = con.sql(
             """
             SELECT max(engine_finished) - min(engine_started), sum(engine_seconds), any_value(gpu_name),
@@ -209,7 +206,7 @@ def render_chart(run_dir: RunDir, path: Path) -> Path | None:
             f"""CREATE VIEW landed AS
                 SELECT regexp_extract(filename, 'chunk-(\\d+)-', 1)::HUGEINT / 1e9 AS t,
                        coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0) AS tokens
-                FROM read_parquet({_paths(chunks)}, filename = true)"""
+                FROM read_parquet({sql_path_list(chunks)}, filename = true)"""
         )
         first, last = con.sql("SELECT min(t), max(t) FROM landed").fetchall()[0]
         width = max(1.0, (last - first) / 40)  # about forty bins, whatever the run's length
@@ -257,8 +254,8 @@ def trend(root: Path) -> list[dict]:
             f"""
             SELECT run_dir, rows, failed, total_tokens, tokens_per_second, output_tokens_per_second,
                    cost_per_million_tokens, cost_per_million_tokens_spot, gpu_utilization_mean, truncation_share
-            FROM read_json_auto({_paths(reports)}, union_by_name = true, filename = true)
-            ORDER BY list_position({_paths(reports)}, filename)
+            FROM read_json_auto({sql_path_list(reports)}, union_by_name = true, filename = true)
+            ORDER BY list_position({sql_path_list(reports)}, filename)
             """
         )
         columns = rel.columns
