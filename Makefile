@@ -1,4 +1,4 @@
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench deploy
 
 setup:
 	./scripts/setup.sh
@@ -11,3 +11,7 @@ test: setup
 
 bench: setup
 	.venv/bin/python bench/bench_generate.py
+
+# Work pools, block types and both deployments on the Prefect server at $PREFECT_API_URL.
+deploy: setup
+	./scripts/deploy.sh

@@ -1,15 +1,18 @@
-"""The main flow: plan-shards → generate (one task per shard) → merge-outputs →
-canary-validation → cost-report."""
+"""The main flow: plan-shards → generate (one task per shard, here or fanned out to a GPU
+work pool) → merge-outputs → canary-validation → cost-report."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+from datetime import datetime, timezone
+from pathlib import Path
 
 from prefect import flow
 from prefect.filesystems import LocalFileSystem
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from blocks.model import ModelConfig
 from blocks.pricing import GpuPricing
 from nightshift import progress
 from nightshift.canaries import CanaryConfig
@@ -18,7 +21,8 @@ from nightshift.records import JobSpec, RunReport
 from nightshift.rundir import RunDir
 from nightshift.status import run_status
 from tasks.canary import canary_validation
-from tasks.generate import checkpoint_intact, generate_shard
+from tasks.fanout import FanOut, dispatch_shard_groups
+from tasks.generate import generate_here
 from tasks.merge import merge_outputs
 from tasks.plan import plan_shards
 from tasks.report import cost_report
@@ -30,41 +34,60 @@ from tasks.report import cost_report
 def batch_inference(
     input_path: str,
     run_dir: str,
-    job: JobSpec,
+    job: JobSpec | None = None,
+    model: str | None = None,
     shard_size: int = 10_000,
     corpus: CorpusOptions | None = None,
+    storage: str | None = None,
     checkpoint_storage: str | None = None,
     pricing: str | None = None,
     validation: CanaryConfig | None = None,
+    fan_out: FanOut | None = None,
 ) -> RunReport:
-    """Run `job` over every row of `input_path`; outputs land in `run_dir`.
+    """Run a model over every row of `input_path`; outputs land in `run_dir`.
 
+    The model is `job`, or the ModelConfig block named `model` (a deployment names blocks).
+    `run_dir` may hold `{date}`: the flow run's scheduled date, so each night writes its own
+    directory and a retried night resumes its own.
+    `storage` names an ObjectStorage block with the credentials of an `s3://` input.
     `checkpoint_storage` names a saved Prefect filesystem block ("local-file-system/x",
     "s3-bucket/y") holding the task cache; by default it is `run_dir/checkpoints`.
     `pricing` names a saved GpuPricing block for the cost report (default: its defaults).
     `validation` configures the canary stage (default: oracle and determinism checks).
+    `fan_out` sends shard groups to a GPU work pool's deployment; without it every shard is
+    generated in this process.
     """
+    job = job or _job_from_block(model)
+    run_dir = scheduled_run_dir(run_dir)
     validation = validation or CanaryConfig()
     job.save(RunDir(run_dir).job)
-    plan = plan_shards(input_path, run_dir, shard_size, corpus, validation.canaries)
+    plan = plan_shards(input_path, run_dir, shard_size, corpus, validation.canaries, storage)
     progress.start(RunDir(run_dir), plan.total_rows, run_status(run_dir).rows_done)
-    generate = generate_shard.with_options(result_storage=checkpoint_storage or _local_checkpoints(run_dir))
-    futures = [generate.submit(shard, job, run_dir) for shard in plan.shards]
-    results = [future.result() for future in futures]
-    cached = sum(future.state.name == "Cached" for future in futures)
-    # A cache hit whose files were deleted or changed is regenerated, not trusted.
-    stale = [shard for shard, result in zip(plan.shards, results) if not checkpoint_intact(result)]
-    if stale:
-        regenerate = generate.with_options(refresh_cache=True)
-        redone = {shard.index: regenerate.submit(shard, job, run_dir) for shard in stale}
-        results = [redone[r.shard_index].result() if r.shard_index in redone else r for r in results]
-        cached -= len(stale)
+    checkpoints = checkpoint_storage or _local_checkpoints(run_dir)
+    if fan_out:
+        results, cached = dispatch_shard_groups(plan.shards, job, run_dir, checkpoints, fan_out)
+    else:
+        results, cached = generate_here(plan.shards, job, run_dir, checkpoints)
     report = merge_outputs(plan, results, run_dir)
     try:
         canary_validation(run_dir, job, validation)
     finally:  # a failed validation still gets its cost report, verdict included
         cost_report(run_dir, GpuPricing.load(pricing) if pricing else None)
     return dataclasses.replace(report, shards=len(plan.shards), shards_cached=cached)
+
+
+def scheduled_run_dir(run_dir: str) -> str:
+    """Absolute (workers share it), with `{date}` filled from the flow run's scheduled start."""
+    from prefect.runtime import flow_run
+
+    when = flow_run.scheduled_start_time or datetime.now(timezone.utc)
+    return str(Path(run_dir.replace("{date}", when.strftime("%Y-%m-%d"))).resolve())
+
+
+def _job_from_block(model: str | None) -> JobSpec:
+    if not model:
+        raise ValueError("give the flow a `job` or the name of a ModelConfig block as `model`")
+    return ModelConfig.load(model.removeprefix("nightshift-model/")).job()
 
 
 def _local_checkpoints(run_dir: str) -> str:

@@ -71,10 +71,13 @@ def detect_kind(path: str, corpus: CorpusOptions | None) -> str:
     return "openai-batch"
 
 
-def read_rows(path: str, kind: str, corpus: CorpusOptions | None = None) -> Iterator[InputRow]:
-    """Stream the rows of `path`. Raises InputError for an unreadable or empty input."""
+def read_rows(
+    path: str, kind: str, corpus: CorpusOptions | None = None, storage_options: dict | None = None
+) -> Iterator[InputRow]:
+    """Stream the rows of `path` (`storage_options` go to fsspec: s3fs credentials, endpoint).
+    Raises InputError for an unreadable or empty input."""
     try:
-        fs, fs_path = fsspec.core.url_to_fs(path)
+        fs, fs_path = fsspec.core.url_to_fs(path, **(storage_options or {}))
         if not fs.isfile(fs_path):
             raise InputError(f"input {path!r} does not exist or is not a file")
     except InputError:

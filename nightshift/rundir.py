@@ -7,6 +7,8 @@
       shards/<cache_key>/chunk-00000.parquet   generated rows, one file per chunk
       shards/<cache_key>/result.json      the ShardResult once the shard is complete
       checkpoints/                        Prefect result storage (the task cache)
+      groups/<group>/<flow_run_id>.json   a shard group's child flow run on a work pool: what it made
+      groups/<group>/<flow_run_id>.alive  its heartbeat, touched while it runs
       output.jsonl  errors.jsonl  results.parquet  run.json   merged outputs
       canary_results.parquet  validation.json               the canary stage's evidence and verdict
 """
@@ -37,6 +39,9 @@ class RunDir:
 
     def shard_output(self, cache_key: str) -> Path:
         return self.root / "shards" / cache_key
+
+    def group(self, group_key: str) -> Path:
+        return self.root / "groups" / group_key
 
     @property
     def checkpoints(self) -> Path:

@@ -75,6 +75,25 @@ def retry_shard_rows(shard: Shard, job: JobSpec, run_dir: str, rows: set[int]) -
     return generate(shard, job, RunDir(run_dir), only_rows=rows)
 
 
+def generate_here(shards: list[Shard], job: JobSpec, run_dir: str, checkpoint_storage: str) -> tuple[list[ShardResult], int]:
+    """Submit one cached generate task per shard in the current flow; returns the results in
+    shard order and how many came back from the cache untouched.
+
+    A cache hit whose files were deleted or changed is regenerated, not trusted.
+    """
+    task_ = generate_shard.with_options(result_storage=checkpoint_storage)
+    futures = [task_.submit(shard, job, run_dir) for shard in shards]
+    results = [future.result() for future in futures]
+    cached = sum(future.state.name == "Cached" for future in futures)
+    stale = [shard for shard, result in zip(shards, results) if not checkpoint_intact(result)]
+    if stale:
+        regenerate = task_.with_options(refresh_cache=True)
+        redone = {shard.index: regenerate.submit(shard, job, run_dir) for shard in stale}
+        results = [redone[r.shard_index].result() if r.shard_index in redone else r for r in results]
+        cached -= len(stale)
+    return results, cached
+
+
 def generate(shard: Shard, job: JobSpec, run_dir: RunDir, only_rows: set[int] | None = None) -> ShardResult:
     """Generate the rows of `shard` that have no outcome on disk yet — or, with `only_rows`,
     exactly those rows again (their new outcomes supersede the old ones)."""

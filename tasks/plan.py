@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
 
+from blocks.storage import ObjectStorage
 from nightshift.canaries import CANARY_PREFIX, load_canaries
 from nightshift.inputs import CorpusOptions, InputRow, detect_kind, read_rows
 from nightshift.records import Plan, Shard
@@ -37,6 +38,7 @@ def plan(
     shard_size: int = 10_000,
     corpus: CorpusOptions | None = None,
     canaries: list[InputRow] | None = None,
+    storage_options: dict | None = None,
 ) -> Plan:
     """Write the shards of `input_path` under the run directory and return their manifest.
 
@@ -50,7 +52,7 @@ def plan(
     shards: list[Shard] = []
     pending: list[InputRow] = []
     total = 0  # rows planned, canaries included: the row_index space
-    for row in read_rows(input_path, kind, corpus):
+    for row in read_rows(input_path, kind, corpus, storage_options):
         if not pending and waiting_canaries:
             pending.append(waiting_canaries.pop(0))
             total += 1
@@ -76,9 +78,13 @@ def plan_shards(
     shard_size: int = 10_000,
     corpus: CorpusOptions | None = None,
     canary_file: str | None = None,
+    storage: str | None = None,
 ) -> Plan:
+    """`storage` names an ObjectStorage block; it is loaded here so that its credentials
+    never travel as task parameters."""
     canaries = [row for row, _ in load_canaries(canary_file)] if canary_file else None
-    return plan(input_path, RunDir(run_dir), shard_size, corpus, canaries)
+    storage_options = ObjectStorage.load(storage).storage_options() if storage else None
+    return plan(input_path, RunDir(run_dir), shard_size, corpus, canaries, storage_options)
 
 
 def _is_canary(row: InputRow) -> bool:

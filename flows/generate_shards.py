@@ -1,0 +1,25 @@
+"""The shard-generation flow a GPU work pool runs: one engine load, a group of shards.
+
+The main flow dispatches it through the `nightshift-generate-shards/gpu` deployment (see
+tasks/fanout.py); it generates through the same cached tasks as a local run, so a shard
+finished anywhere is finished everywhere.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from nightshift.records import JobSpec, Shard
+from tasks.fanout import heartbeat, stall_if_drilled, write_group_manifest
+from tasks.generate import generate_here
+
+
+@flow(name="nightshift-generate-shards", task_runner=ThreadPoolTaskRunner(max_workers=2))
+def generate_shards(shards: list[Shard], job: JobSpec, run_dir: str, checkpoint_storage: str, group: str) -> int:
+    """Generate `shards` of the run in `run_dir`; returns how many came back Cached."""
+    with heartbeat(run_dir, group):
+        stall_if_drilled()
+        results, cached = generate_here(shards, job, run_dir, checkpoint_storage)
+        write_group_manifest(run_dir, group, results, cached)
+    return cached

@@ -1,0 +1,251 @@
+"""Fan-out: the generate stage run on a GPU work pool, one child flow run per shard group.
+
+The parent flow cuts the plan's shards into groups and hands each group to the
+shard-generation deployment with `run_deployment`. Each child flow run loads the engine
+once and generates its shards through the same cached `generate-shard` tasks as a local run
+(same cache keys, same result storage), so checkpoints are shared: a shard finished by any
+worker — or by an earlier local run — comes back Cached.
+
+What the dispatcher guarantees:
+
+* **No double dispatch.** Every child run carries the idempotency key
+  `<parent flow run>:<group>:<attempt>`. A retried parent re-asks for the same keys and gets
+  the runs it already made — finished ones are not redone, live ones are waited for.
+* **Bounded in flight.** At most `max_in_flight` groups have a live child run.
+* **Lost workers.** A child writes a heartbeat file while it runs. A run whose heartbeat is
+  older than `heartbeat_timeout_s` (its worker or machine died: Prefect would show it Running
+  forever) is marked Crashed and its group dispatched again; the new run resumes from the
+  chunk files the lost one wrote.
+* **Stragglers.** A group running longer than `straggler_factor` × the median of finished
+  groups is dispatched a second time. The first run to finish wins; the other is cancelled and
+  whatever it wrote is superseded (merge keeps one outcome per row).
+
+The run directory must be shared between the parent and the workers (one machine, NFS, a
+Kubernetes volume): chunks, heartbeats and group manifests live there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import statistics
+import threading
+import time
+import uuid
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import StateType
+from prefect.deployments import run_deployment
+from prefect.states import Cancelled, Cancelling, Crashed
+
+from nightshift.records import JobSpec, Shard, ShardResult, _write_json_atomic
+from nightshift.rundir import RunDir
+from tasks.generate import shard_cache_key
+
+HEARTBEAT_INTERVAL_S = 5.0
+_FAILED = {StateType.FAILED, StateType.CRASHED, StateType.CANCELLED}
+
+
+@dataclass(frozen=True)
+class FanOut:
+    """Where and how shard groups are dispatched (the flow's `fan_out` parameter)."""
+
+    deployment: str  # the shard-generation deployment, "nightshift-generate-shards/gpu"
+    shards_per_group: int = 4  # shards per child run: one engine load generates them all
+    max_in_flight: int = 8  # child runs live at once; match the pool's GPUs
+    straggler_factor: float = 3.0  # re-issue a group running longer than this × the median
+    straggler_min_s: float = 300.0  # …and longer than this: short groups are not worth a second engine
+    heartbeat_timeout_s: float = 120.0  # a run silent for this long has lost its worker
+    max_attempts: int = 3  # child runs per group that may fail before the stage fails
+    poll_s: float = 2.0
+
+
+@dataclass
+class _Group:
+    key: str
+    shards: list[Shard]
+    attempts: int = 0
+    live: dict[str, float] = field(default_factory=dict)  # flow run id → when first seen started (0: not yet)
+    winner: str | None = None
+
+
+def group_key(shards: list[Shard], job: JobSpec) -> str:
+    """Names a group by its shards' cache keys: the same work has the same name in every run."""
+    keys = "|".join(shard_cache_key(shard, job) for shard in shards)
+    return hashlib.sha256(keys.encode()).hexdigest()[:16]
+
+
+@task(name="dispatch-shard-groups")
+def dispatch_shard_groups(
+    shards: list[Shard], job: JobSpec, run_dir: str, checkpoint_storage: str, fan_out: FanOut
+) -> tuple[list[ShardResult], int]:
+    """Generate `shards` on the work pool behind `fan_out.deployment`; returns the shards'
+    results in order and how many came back from the cache."""
+    logger = get_run_logger()
+    size = max(1, fan_out.shards_per_group)
+    groups = [_Group(group_key(shards[i:i + size], job), shards[i:i + size]) for i in range(0, len(shards), size)]
+    parent = _parent_flow_run_id()
+    waiting, durations, manifests = deque(groups), [], {}
+
+    def launch(group: _Group) -> None:
+        # A retried parent finds the runs it made before under the same keys.
+        while True:
+            if group.attempts >= fan_out.max_attempts:
+                raise RuntimeError(f"shard group {group.key} failed {group.attempts} times; see its child runs")
+            run = run_deployment(
+                fan_out.deployment,
+                parameters={"shards": [asdict(s) for s in group.shards], "job": asdict(job),
+                            "run_dir": run_dir, "checkpoint_storage": checkpoint_storage, "group": group.key},
+                timeout=0,
+                idempotency_key=f"{parent}:{group.key}:{group.attempts}",
+                flow_run_name=f"shards-{group.shards[0].index}-{group.shards[-1].index}-try{group.attempts}",
+            )
+            group.attempts += 1
+            if run.state is None or run.state.type not in _FAILED:
+                group.live[str(run.id)] = 0.0
+                logger.info("group %s (shards %s–%s) → child run %s", group.key, group.shards[0].index,
+                            group.shards[-1].index, run.name)
+                return
+
+    with get_client(sync_client=True) as client:
+        while waiting or any(g.live for g in groups if g.winner is None):
+            while waiting and sum(bool(g.live) for g in groups if g.winner is None) < fan_out.max_in_flight:
+                launch(waiting.popleft())
+            time.sleep(fan_out.poll_s)
+            now = time.monotonic()
+            median = statistics.median(durations) if durations else None
+            for group in groups:
+                if group.winner is not None or not group.live:
+                    continue
+                for run_id, seen in list(group.live.items()):
+                    run = client.read_flow_run(uuid.UUID(run_id))
+                    state = run.state.type if run.state else StateType.SCHEDULED
+                    if state == StateType.COMPLETED:
+                        group.winner = run_id
+                        manifests[group.key] = manifest = read_group_manifest(run_dir, group.key, run_id)
+                        if manifest["cached"] < len(group.shards) and run.start_time and run.end_time:
+                            # A group served from the cache says nothing about how long work takes.
+                            durations.append((run.end_time - run.start_time).total_seconds())
+                        del group.live[run_id]
+                        _cancel_all(client, group, logger)
+                        break
+                    if state in _FAILED:
+                        del group.live[run_id]
+                        logger.warning("child run %s of group %s ended %s", run.name, group.key, run.state.name)
+                    elif state in (StateType.RUNNING, StateType.PENDING):
+                        if not seen:
+                            group.live[run_id] = seen = now
+                        running_s = (_utcnow() - run.start_time).total_seconds() if run.start_time else 0.0
+                        if _heartbeat_lost(run_dir, group.key, run_id, now - seen, fan_out.heartbeat_timeout_s):
+                            client.set_flow_run_state(run.id, Crashed(
+                                message=f"no heartbeat for {fan_out.heartbeat_timeout_s:.0f} s: its worker is gone; "
+                                        "the group was dispatched again"), force=True)
+                            del group.live[run_id]
+                            logger.warning("child run %s lost its worker; re-dispatching group %s", run.name, group.key)
+                        elif (median is not None and len(group.live) == 1
+                              and running_s > max(fan_out.straggler_factor * median, fan_out.straggler_min_s)):
+                            logger.warning("group %s running %.0f s (median %.0f s): dispatching a duplicate",
+                                           group.key, running_s, median)
+                            launch(group)
+                if group.winner is None and not group.live:
+                    launch(group)
+
+    cached = sum(m["cached"] for m in manifests.values())
+    by_index = {r.shard_index: r for m in manifests.values() for r in m["results"]}
+    return [by_index[shard.index] for shard in shards], cached
+
+
+def _cancel_all(client, group: _Group, logger) -> None:
+    """The group has a winner: its duplicates' work is no longer needed."""
+    for run_id in list(group.live):
+        run = client.read_flow_run(uuid.UUID(run_id))
+        if run.state and run.state.type in (StateType.SCHEDULED, StateType.PENDING):
+            client.set_flow_run_state(run.id, Cancelled(message="its group finished elsewhere"), force=True)
+        elif run.state and not run.state.is_final():
+            client.set_flow_run_state(run.id, Cancelling(message="its group finished elsewhere"), force=True)
+        logger.info("cancelled duplicate %s of group %s", run.name, group.key)
+        del group.live[run_id]
+
+
+def _heartbeat_lost(run_dir: str, group: str, run_id: str, running_s: float, timeout_s: float) -> bool:
+    beat = RunDir(run_dir).group(group) / f"{run_id}.alive"
+    last = beat.stat().st_mtime if beat.exists() else None
+    if last is None:
+        return running_s > timeout_s  # started (by the server's word) but never beat
+    return time.time() - last > timeout_s
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _parent_flow_run_id() -> str:
+    from prefect.runtime import flow_run
+
+    return flow_run.id or uuid.uuid4().hex
+
+
+# --- the child side -----------------------------------------------------------------------
+
+
+@contextmanager
+def heartbeat(run_dir: str, group: str):
+    """Touch `groups/<group>/<flow run id>.alive` every few seconds while the body runs."""
+    from prefect.runtime import flow_run
+
+    path = RunDir(run_dir).group(group) / f"{flow_run.id}.alive"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(path, worker_identity())
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_INTERVAL_S):
+            os.utime(path)
+
+    thread = threading.Thread(target=beat, name="nightshift-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+
+
+def stall_if_drilled() -> None:
+    """Straggler drill: with NIGHTSHIFT_CHAOS_STALL_FILE=<path> set on the workers, the first
+    child run to find that file removes it and hangs (heartbeating) like a straggler would."""
+    path = os.environ.get("NIGHTSHIFT_CHAOS_STALL_FILE")
+    if path:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            return
+        time.sleep(24 * 3600)
+
+
+def worker_identity() -> dict:
+    """Which machine and which worker slot (GPU) ran a child flow run."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "worker_pid": os.getppid(),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+
+def write_group_manifest(run_dir: str, group: str, results: list[ShardResult], cached: int) -> Path:
+    from prefect.runtime import flow_run
+
+    path = RunDir(run_dir).group(group) / f"{flow_run.id}.json"
+    _write_json_atomic(path, {"flow_run_id": flow_run.id, "cached": cached, **worker_identity(),
+                              "results": [asdict(r) for r in results]})
+    return path
+
+
+def read_group_manifest(run_dir: str, group: str, run_id: str) -> dict:
+    data = json.loads((RunDir(run_dir).group(group) / f"{run_id}.json").read_text())
+    data["results"] = [ShardResult(**r) for r in data["results"]]
+    return data

@@ -1,0 +1,277 @@
+"""The nightly deployment on real work pools: a `prefect server start`, process pools, workers,
+`prefect deploy` from deployments/prefect.yaml, `prefect deployment run --watch` — and one GPU
+worker killed mid-run.
+
+Shards fan out to both GPU workers; the killed worker's group is re-dispatched to the other;
+the merged output holds every row exactly once; the run is driven only by block names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import REPO, chat_request, read_jsonl, write_jsonl
+
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+ROWS = 16
+
+
+class Stack:
+    """A Prefect server on localhost (SQLite) and the processes that talk to it."""
+
+    def __init__(self, home: Path) -> None:
+        port = _free_port()
+        self.api = f"http://127.0.0.1:{port}/api"
+        self.env = {
+            **os.environ,
+            "PREFECT_HOME": str(home),
+            "PREFECT_API_URL": self.api,
+            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_UI_ENABLED": "false",
+            "PREFECT_WORKER_QUERY_SECONDS": "2",
+            "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "1",
+            "NIGHTSHIFT_HOME": str(REPO),
+            "HF_HUB_OFFLINE": "1",
+        }
+        self.env.pop("PREFECT_PROFILES_PATH", None)
+        self.processes: list[subprocess.Popen] = []
+        self.stall_flag = home / "stall-next-child-run"
+        self.logs = home / "logs"
+        self.logs.mkdir(parents=True)
+        self.spawn("server", [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)])
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.api}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(1)
+        raise AssertionError("prefect server did not start:\n" + (self.logs / "server.log").read_text()[-3000:])
+
+    def spawn(self, name: str, args: list[str], **env) -> subprocess.Popen:
+        # Own session each: killing a worker's group kills its flow runs and engines too,
+        # as losing the machine would.
+        process = subprocess.Popen(args, cwd=REPO, env={**self.env, **env}, start_new_session=True,
+                                   stdout=open(self.logs / f"{name}.log", "w"), stderr=subprocess.STDOUT)
+        self.processes.append(process)
+        return process
+
+    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        result = subprocess.run([PREFECT, *args], cwd=REPO, env=self.env, capture_output=True, text=True,
+                                timeout=timeout)
+        assert result.returncode == 0, f"prefect {' '.join(args)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        return result
+
+    def python(self, code: str) -> None:
+        subprocess.run([sys.executable, "-c", code], cwd=REPO, env=self.env, check=True, timeout=120)
+
+    def flow_runs(self, flow_name: str) -> list[dict]:
+        flows = httpx.post(f"{self.api}/flows/filter", json={"flows": {"name": {"any_": [flow_name]}}}).json()
+        return httpx.post(f"{self.api}/flow_runs/filter",
+                          json={"flows": {"id": {"any_": [f["id"] for f in flows]}}}).json()
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    stack = Stack(tmp_path_factory.mktemp("prefect"))
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="module")
+def deployed(stack):
+    """What docs/deployments.md tells an operator to do: pools, blocks, deploy, an orchestrating worker."""
+    subprocess.run(["scripts/deploy.sh"], cwd=REPO, env=stack.env, check=True, timeout=600)
+    stack.python("from blocks import ModelConfig, GpuPricing\n"
+                 "ModelConfig(model='tiny', chunk_size=2, max_num_seqs=8, gpu_memory_utilization=0.05).save('tiny-test')\n"
+                 "GpuPricing(accelerator='test-gpu', on_demand_per_hour=2.0, spot_per_hour=0.8).save('test-gpu')\n")
+    stack.spawn("worker-cpu", [PREFECT, "worker", "start", "--pool", "nightshift-cpu", "--name", "cpu"])
+    return stack
+
+
+def test_the_kubernetes_job_template_requests_gpus_on_gpu_nodes(stack):
+    from prefect.utilities.templating import apply_values
+
+    stack.cli("work-pool", "create", "nightshift-gpu-k8s", "--type", "kubernetes",
+              "--base-job-template", "deployments/k8s-gpu-job-template.json")
+    pool = httpx.get(f"{stack.api}/work_pools/nightshift-gpu-k8s").json()
+    template = pool["base_job_template"]
+    defaults = {k: v["default"] for k, v in template["variables"]["properties"].items() if "default" in v}
+    job = apply_values(template["job_configuration"]["job_manifest"], {**defaults, "gpus": 2})
+    pod = job["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "nightshift-runs"
+
+
+def test_blocks_register_and_show_up_as_block_types(deployed):
+    listed = deployed.cli("block", "type", "ls").stdout
+    for slug in ("nightshift-model", "nightshift-object-storage", "nightshift-gpu-pricing"):
+        assert slug in listed
+
+
+@pytest.fixture(scope="module")
+def gpu_workers(deployed):
+    """Two GPU workers, one flow run at a time each, pinned like one machine's two GPUs."""
+    return {slot: deployed.spawn(f"worker-gpu-{slot}", [PREFECT, "worker", "start", "--pool", "nightshift-gpu",
+                                                        "--limit", "1", "--name", f"gpu-{slot}"],
+                                 CUDA_VISIBLE_DEVICES=slot, NIGHTSHIFT_CHAOS_STALL_FILE=str(deployed.stall_flag))
+            for slot in ("0", "1")}
+
+
+def nightly_parameters(requests: Path, run_dir: Path, **fan_out) -> dict:
+    return {
+        "input_path": str(requests), "run_dir": str(run_dir), "model": "tiny-test", "pricing": "test-gpu",
+        "shard_size": 2,
+        "fan_out": {"deployment": "nightshift-generate-shards/gpu", "shards_per_group": 2, "max_in_flight": 2,
+                    "heartbeat_timeout_s": 30, **fan_out},
+        "validation": {"determinism_samples": 0},  # the orchestrating worker has no engine to spare
+    }
+
+
+def start_nightly(stack: Stack, parameters: dict) -> subprocess.Popen:
+    return subprocess.Popen([PREFECT, "deployment", "run", "nightshift-batch/nightly", "--params",
+                             json.dumps(parameters), "--watch", "--watch-timeout", "900"],
+                            cwd=REPO, env=stack.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def requests_file(path: Path, rows: int) -> Path:
+    return write_jsonl(path, [chat_request(f"req-{i:02d}", f"Tell me about topic {i}.") for i in range(rows)])
+
+
+def assert_every_row_once(run_dir: Path, rows: int) -> None:
+    lines = read_jsonl(run_dir / "output.jsonl")
+    assert sorted(line["custom_id"] for line in lines) == [f"req-{i:02d}" for i in range(rows)]
+    assert (run_dir / "errors.jsonl").read_text() == ""
+
+
+def test_a_straggling_group_is_reissued_and_the_first_finisher_wins(deployed, gpu_workers, tmp_path):
+    run_dir = tmp_path / "nightly"
+    deployed.stall_flag.touch()  # the first child run to start hangs
+    run = start_nightly(deployed, nightly_parameters(requests_file(tmp_path / "in.jsonl", 8), run_dir,
+                                                     straggler_factor=1.0, straggler_min_s=0))
+    output, _ = run.communicate(timeout=900)
+    assert run.returncode == 0, output[-4000:]
+
+    assert_every_row_once(run_dir, 8)
+    def children_states():  # the loser's worker may still be stopping it
+        states = sorted(c["state_type"] for c in deployed.flow_runs("nightshift-generate-shards")
+                        if c["parameters"]["run_dir"] == str(run_dir))
+        return states if "CANCELLING" not in states else None
+
+    states = _wait(children_states, None, "the duplicate was not cancelled", timeout=120)
+    assert states == ["CANCELLED", "COMPLETED", "COMPLETED"], "two groups, one dispatched twice, its loser cancelled"
+    assert len(list((run_dir / "groups").glob("*/*.json"))) == 2, "only the winners' results are used"
+
+
+@pytest.fixture(scope="module")
+def lost_worker_run(deployed, gpu_workers, tmp_path_factory):
+    """A nightly run during which one GPU worker — and the flow run and engine it ran — is SIGKILLed."""
+    tmp = tmp_path_factory.mktemp("lost-worker")
+    run_dir = tmp / "nightly"
+    run = start_nightly(deployed, nightly_parameters(requests_file(tmp / "in.jsonl", ROWS), run_dir))  # 8 shards
+
+    # Let a GPU worker finish a group and start its next, then pull the plug on it.
+    groups = run_dir / "groups"
+    victim = _wait(lambda: next((_slot(m) for m in groups.glob("*/*.json")), None), run, "no group finished")
+    finished = {m.parent.name for m in groups.glob("*/*.json")}
+    _wait(lambda: any(_slot(beat) == victim for beat in groups.glob("*/*.alive") if beat.parent.name not in finished),
+          run, "the worker took no second group")
+    time.sleep(3)
+    os.killpg(gpu_workers[victim].pid, signal.SIGKILL)
+
+    output, _ = run.communicate(timeout=900)
+    assert run.returncode == 0, output[-4000:]
+    return run_dir
+
+
+def test_shards_run_on_both_gpu_workers_and_the_merged_output_is_complete(lost_worker_run):
+    assert_every_row_once(lost_worker_run, ROWS)
+    winners = [json.loads(m.read_text()) for m in (lost_worker_run / "groups").glob("*/*.json")]
+    assert {w["cuda_visible_devices"] for w in winners} == {"0", "1"}, "shards ran on both GPU workers"
+    assert sorted(r["shard_index"] for w in winners for r in w["results"]) == list(range(8))
+    report = json.loads((lost_worker_run / "report.json").read_text())
+    assert report["accelerator"] == "test-gpu", "the pricing block named by the run was used"
+
+
+def test_the_lost_workers_run_is_shown_crashed_and_its_group_redone(deployed, lost_worker_run):
+    children = [c for c in deployed.flow_runs("nightshift-generate-shards")
+                if c["parameters"]["run_dir"] == str(lost_worker_run)]
+    crashed = [c for c in children if c["state_type"] == "CRASHED"]
+    assert len(crashed) == 1 and "no heartbeat" in crashed[0]["state"]["message"]
+    assert sum(c["state_type"] == "COMPLETED" for c in children) == 4, "every group finished once"
+
+
+def test_retrying_the_nightly_run_dispatches_no_group_twice(deployed, lost_worker_run):
+    [parent] = [p for p in deployed.flow_runs("nightshift-batch") if p["parameters"]["run_dir"] == str(lost_worker_run)]
+    children_before = len(deployed.flow_runs("nightshift-generate-shards"))
+    before = (lost_worker_run / "output.jsonl").read_text()
+
+    deployed.cli("flow-run", "retry", parent["id"])
+    state = _wait(lambda: _final_state(deployed, parent["id"]), None, "the retried run did not finish")
+
+    assert state == "COMPLETED"
+    assert len(deployed.flow_runs("nightshift-generate-shards")) == children_before
+    assert (lost_worker_run / "output.jsonl").read_text() == before
+
+
+def test_deployment_run_watch_exits_nonzero_when_the_run_fails(deployed, tmp_path):
+    stack = deployed
+    bad_input = tmp_path / "missing.jsonl"
+    result = subprocess.run([PREFECT, "deployment", "run", "nightshift-batch/nightly", "--params",
+                             json.dumps({"input_path": str(bad_input), "run_dir": str(tmp_path / "r"),
+                                         "model": "tiny-test"}),
+                             "--watch", "--watch-timeout", "600"],
+                            cwd=REPO, env=stack.env, capture_output=True, text=True, timeout=700)
+    assert result.returncode != 0
+    assert "Failed" in result.stdout + result.stderr
+
+
+def _slot(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text())["cuda_visible_devices"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _wait(condition, run: subprocess.Popen, message: str, timeout: float = 600):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if run is not None and run.poll() is not None:
+            raise AssertionError(f"{message}; the run ended:\n{run.stdout.read()[-4000:]}")
+        time.sleep(0.5)
+    raise AssertionError(message)
+
+
+def _final_state(stack: Stack, flow_run_id: str) -> str | None:
+    state = httpx.get(f"{stack.api}/flow_runs/{flow_run_id}").json()["state"]
+    return state["type"] if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,70 @@
+"""An `s3://` input read through an ObjectStorage block, against a real S3-compatible server
+(moto's), with credentials that must not leak into any file, parameter or log."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import chat_request, read_jsonl, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                httpx.get(endpoint, timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        yield endpoint
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_an_s3_input_runs_with_the_blocks_credentials_which_leak_nowhere(prefect_server, s3_endpoint, tiny_job, tmp_path):
+    import s3fs
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+
+    from blocks import ObjectStorage
+    from flows.batch import batch_inference
+    from nightshift.canaries import CanaryConfig
+
+    key, secret = "nightshift-test", f"s3cr3t-{uuid.uuid4().hex}"
+    lake = ObjectStorage(endpoint_url=s3_endpoint, access_key_id=key, secret_access_key=secret)
+    lake.save("lake-test", overwrite=True)
+    bucket = s3fs.S3FileSystem(**lake.storage_options())
+    bucket.mkdir("corpus")
+    local = write_jsonl(tmp_path / "requests.jsonl", [chat_request(f"doc-{i}", f"Summarize item {i}.") for i in range(6)])
+    bucket.put(str(local), "corpus/2026-11-22.jsonl")
+
+    run_dir = tmp_path / "run"
+    state = batch_inference(input_path="s3://corpus/2026-11-22.jsonl", run_dir=str(run_dir), job=tiny_job,
+                            storage="lake-test", shard_size=4,
+                            validation=CanaryConfig(oracle_samples=0, determinism_samples=0), return_state=True)
+
+    assert state.is_completed()
+    assert [line["custom_id"] for line in read_jsonl(run_dir / "output.jsonl")] == [f"doc-{i}" for i in range(6)]
+    for path in run_dir.rglob("*"):
+        assert not path.is_file() or secret.encode() not in path.read_bytes(), path
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        [flow_run] = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    assert logs and secret not in str(flow_run.parameters) + "".join(log.message for log in logs)
