@@ -204,7 +204,7 @@ def _print_report(report) -> None:
 
 def _report(args) -> int:
     from nightshift.rundir import RunDir
-    from tasks.report import render_markdown, trend, write_report
+    from tasks.report import trend, write_report
 
     if args.all:
         rows = trend(Path(args.run_dir))

@@ -6,6 +6,7 @@ and says why; every GPU figure is then null — never a made-up number.
 
 from __future__ import annotations
 
+import os
 import socket
 import statistics
 import threading
@@ -70,6 +71,8 @@ class GpuSampler:
         """Host and GPU facts plus mean / p50 / p95 of each sampled series (null without NVML)."""
         out = {
             "host": socket.gethostname(),
+            # which of the host's GPUs the engine had: engines on one host bill separately
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "gpu_name": self.gpu_name,
             "gpu_count": self.gpu_count,
             "gpu_telemetry": "pynvml" if self.samples else (self.unavailable_reason or "no samples"),

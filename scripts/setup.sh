@@ -24,4 +24,11 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
+# The tests' S3-compatible server (moto) lives in its own venv: its boto3 and s3fs's aiobotocore
+# pin botocore differently, and resolving both together sends pip backtracking for many minutes.
+if [ ! -x .venv-s3/bin/moto_server ]; then
+  "$PYTHON" -m venv .venv-s3
+  .venv-s3/bin/python -m pip install -q "moto[s3,server]"
+fi
+
 HF_HUB_OFFLINE=1 .venv/bin/nightshift models

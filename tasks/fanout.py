@@ -89,89 +89,114 @@ def dispatch_shard_groups(
 ) -> tuple[list[ShardResult], int]:
     """Generate `shards` on the work pool behind `fan_out.deployment`; returns the shards'
     results in order and how many came back from the cache."""
-    logger = get_run_logger()
-    size = max(1, fan_out.shards_per_group)
-    groups = [_Group(group_key(shards[i:i + size], job), shards[i:i + size]) for i in range(0, len(shards), size)]
-    parent = _parent_flow_run_id()
-    waiting, durations, manifests = deque(groups), [], {}
+    with get_client(sync_client=True) as client:
+        return _Dispatcher(shards, job, run_dir, checkpoint_storage, fan_out, client).run()
 
-    def launch(group: _Group) -> None:
-        # A retried parent finds the runs it made before under the same keys.
+
+class _Dispatcher:
+    def __init__(self, shards: list[Shard], job: JobSpec, run_dir: str, checkpoint_storage: str, fan_out: FanOut,
+                 client) -> None:
+        size = max(1, fan_out.shards_per_group)
+        self.shards, self.job, self.run_dir, self.fan_out, self.client = shards, job, run_dir, fan_out, client
+        self.checkpoint_storage = checkpoint_storage
+        self.groups = [_Group(group_key(shards[i:i + size], job), shards[i:i + size])
+                       for i in range(0, len(shards), size)]
+        self.parent = _parent_flow_run_id()
+        self.durations: list[float] = []  # seconds of the groups that generated something
+        self.manifests: dict[str, dict] = {}
+        self.logger = get_run_logger()
+
+    def run(self) -> tuple[list[ShardResult], int]:
+        waiting = deque(self.groups)
+        while waiting or self._unfinished():
+            while waiting and len(self._unfinished()) < self.fan_out.max_in_flight:
+                self._launch(waiting.popleft())
+            time.sleep(self.fan_out.poll_s)
+            for group in self._unfinished():
+                self._check(group)
+                if group.winner is None and not group.live:  # every run of it failed or was lost
+                    self._launch(group)
+        by_index = {r.shard_index: r for m in self.manifests.values() for r in m["results"]}
+        return [by_index[shard.index] for shard in self.shards], sum(m["cached"] for m in self.manifests.values())
+
+    def _unfinished(self) -> list[_Group]:
+        return [g for g in self.groups if g.winner is None and g.live]
+
+    def _launch(self, group: _Group) -> None:
+        # A retried parent asks for the same keys and gets back the runs it made before;
+        # those that failed are skipped over to the next attempt.
         while True:
-            if group.attempts >= fan_out.max_attempts:
+            if group.attempts >= self.fan_out.max_attempts:
                 raise RuntimeError(f"shard group {group.key} failed {group.attempts} times; see its child runs")
             run = run_deployment(
-                fan_out.deployment,
-                parameters={"shards": [asdict(s) for s in group.shards], "job": asdict(job),
-                            "run_dir": run_dir, "checkpoint_storage": checkpoint_storage, "group": group.key},
+                self.fan_out.deployment,
+                parameters={"shards": [asdict(s) for s in group.shards], "job": asdict(self.job),
+                            "run_dir": self.run_dir, "checkpoint_storage": self.checkpoint_storage,
+                            "group": group.key},
                 timeout=0,
-                idempotency_key=f"{parent}:{group.key}:{group.attempts}",
+                idempotency_key=f"{self.parent}:{group.key}:{group.attempts}",
                 flow_run_name=f"shards-{group.shards[0].index}-{group.shards[-1].index}-try{group.attempts}",
             )
             group.attempts += 1
             if run.state is None or run.state.type not in _FAILED:
                 group.live[str(run.id)] = 0.0
-                logger.info("group %s (shards %s–%s) → child run %s", group.key, group.shards[0].index,
-                            group.shards[-1].index, run.name)
+                self.logger.info("group %s (shards %s–%s) → child run %s", group.key, group.shards[0].index,
+                                 group.shards[-1].index, run.name)
                 return
 
-    with get_client(sync_client=True) as client:
-        while waiting or any(g.live for g in groups if g.winner is None):
-            while waiting and sum(bool(g.live) for g in groups if g.winner is None) < fan_out.max_in_flight:
-                launch(waiting.popleft())
-            time.sleep(fan_out.poll_s)
-            now = time.monotonic()
-            median = statistics.median(durations) if durations else None
-            for group in groups:
-                if group.winner is not None or not group.live:
-                    continue
-                for run_id, seen in list(group.live.items()):
-                    run = client.read_flow_run(uuid.UUID(run_id))
-                    state = run.state.type if run.state else StateType.SCHEDULED
-                    if state == StateType.COMPLETED:
-                        group.winner = run_id
-                        manifests[group.key] = manifest = read_group_manifest(run_dir, group.key, run_id)
-                        if manifest["cached"] < len(group.shards) and run.start_time and run.end_time:
-                            # A group served from the cache says nothing about how long work takes.
-                            durations.append((run.end_time - run.start_time).total_seconds())
-                        del group.live[run_id]
-                        _cancel_all(client, group, logger)
-                        break
-                    if state in _FAILED:
-                        del group.live[run_id]
-                        logger.warning("child run %s of group %s ended %s", run.name, group.key, run.state.name)
-                    elif state in (StateType.RUNNING, StateType.PENDING):
-                        if not seen:
-                            group.live[run_id] = seen = now
-                        running_s = (_utcnow() - run.start_time).total_seconds() if run.start_time else 0.0
-                        if _heartbeat_lost(run_dir, group.key, run_id, now - seen, fan_out.heartbeat_timeout_s):
-                            client.set_flow_run_state(run.id, Crashed(
-                                message=f"no heartbeat for {fan_out.heartbeat_timeout_s:.0f} s: its worker is gone; "
-                                        "the group was dispatched again"), force=True)
-                            del group.live[run_id]
-                            logger.warning("child run %s lost its worker; re-dispatching group %s", run.name, group.key)
-                        elif (median is not None and len(group.live) == 1
-                              and running_s > max(fan_out.straggler_factor * median, fan_out.straggler_min_s)):
-                            logger.warning("group %s running %.0f s (median %.0f s): dispatching a duplicate",
-                                           group.key, running_s, median)
-                            launch(group)
-                if group.winner is None and not group.live:
-                    launch(group)
+    def _check(self, group: _Group) -> None:
+        for run_id, seen in list(group.live.items()):
+            run = self.client.read_flow_run(uuid.UUID(run_id))
+            state = run.state.type if run.state else StateType.SCHEDULED
+            if state == StateType.COMPLETED:
+                self._finish(group, run)
+                return
+            if state in _FAILED:
+                del group.live[run_id]
+                self.logger.warning("child run %s of group %s ended %s", run.name, group.key, run.state.name)
+            elif state in (StateType.RUNNING, StateType.PENDING):
+                if not seen:
+                    group.live[run_id] = seen = time.monotonic()
+                self._watch(group, run, silent_for_at_least=time.monotonic() - seen)
 
-    cached = sum(m["cached"] for m in manifests.values())
-    by_index = {r.shard_index: r for m in manifests.values() for r in m["results"]}
-    return [by_index[shard.index] for shard in shards], cached
+    def _finish(self, group: _Group, run) -> None:
+        group.winner = str(run.id)
+        del group.live[group.winner]
+        manifest = group_manifest(self.run_dir, group.key, group.winner)
+        if not manifest.exists():
+            raise RuntimeError(f"child run {run.name} completed but {manifest} is missing: "
+                               "is the run directory shared with the GPU workers?")
+        self.manifests[group.key] = read_group_manifest(manifest)
+        if self.manifests[group.key]["cached"] < len(group.shards) and run.start_time and run.end_time:
+            # A group served from the cache says nothing about how long work takes.
+            self.durations.append((run.end_time - run.start_time).total_seconds())
+        for run_id in list(group.live):  # its duplicates' work is no longer needed
+            self._cancel(run_id, group)
 
+    def _watch(self, group: _Group, run, silent_for_at_least: float) -> None:
+        timeout = self.fan_out.heartbeat_timeout_s
+        if _heartbeat_lost(self.run_dir, group.key, str(run.id), silent_for_at_least, timeout):
+            self.client.set_flow_run_state(run.id, Crashed(
+                message=f"no heartbeat for {timeout:.0f} s: its worker is gone; the group was dispatched again"),
+                force=True)
+            del group.live[str(run.id)]
+            self.logger.warning("child run %s lost its worker; re-dispatching group %s", run.name, group.key)
+            return
+        running_s = (_utcnow() - run.start_time).total_seconds() if run.start_time else 0.0
+        median = statistics.median(self.durations) if self.durations else None
+        if (median is not None and len(group.live) == 1
+                and running_s > max(self.fan_out.straggler_factor * median, self.fan_out.straggler_min_s)):
+            self.logger.warning("group %s running %.0f s (median %.0f s): dispatching a duplicate",
+                                group.key, running_s, median)
+            self._launch(group)
 
-def _cancel_all(client, group: _Group, logger) -> None:
-    """The group has a winner: its duplicates' work is no longer needed."""
-    for run_id in list(group.live):
-        run = client.read_flow_run(uuid.UUID(run_id))
+    def _cancel(self, run_id: str, group: _Group) -> None:
+        run = self.client.read_flow_run(uuid.UUID(run_id))
         if run.state and run.state.type in (StateType.SCHEDULED, StateType.PENDING):
-            client.set_flow_run_state(run.id, Cancelled(message="its group finished elsewhere"), force=True)
+            self.client.set_flow_run_state(run.id, Cancelled(message="its group finished elsewhere"), force=True)
         elif run.state and not run.state.is_final():
-            client.set_flow_run_state(run.id, Cancelling(message="its group finished elsewhere"), force=True)
-        logger.info("cancelled duplicate %s of group %s", run.name, group.key)
+            self.client.set_flow_run_state(run.id, Cancelling(message="its group finished elsewhere"), force=True)
+        self.logger.info("cancelled duplicate %s of group %s", run.name, group.key)
         del group.live[run_id]
 
 
@@ -236,16 +261,20 @@ def worker_identity() -> dict:
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
+def group_manifest(run_dir: str, group: str, flow_run_id: str) -> Path:
+    return RunDir(run_dir).group(group) / f"{flow_run_id}.json"
+
+
 def write_group_manifest(run_dir: str, group: str, results: list[ShardResult], cached: int) -> Path:
     from prefect.runtime import flow_run
 
-    path = RunDir(run_dir).group(group) / f"{flow_run.id}.json"
+    path = group_manifest(run_dir, group, flow_run.id)
     _write_json_atomic(path, {"flow_run_id": flow_run.id, "cached": cached, **worker_identity(),
                               "results": [asdict(r) for r in results]})
     return path
 
 
-def read_group_manifest(run_dir: str, group: str, run_id: str) -> dict:
-    data = json.loads((RunDir(run_dir).group(group) / f"{run_id}.json").read_text())
+def read_group_manifest(path: Path) -> dict:
+    data = json.loads(path.read_text())
     data["results"] = [ShardResult(**r) for r in data["results"]]
     return data

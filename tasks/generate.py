@@ -162,7 +162,7 @@ def _generate(shard: Shard, job: JobSpec, run_dir: RunDir, only_rows: set[int] |
         raise Preempted(f"shard {shard.index}: stopped on SIGTERM")
     result = _shard_result(shard, key, output_dir, len(prepared), time.monotonic() - started)
     _write_json_atomic(output_dir / "result.json", result.__dict__)
-    write_shard_metrics(result, output_dir, engine_started, engine_finished, sampler)
+    write_shard_metrics(result, output_dir, engine_started, engine_finished, sampler, writer.tokens_written)
     return result
 
 
@@ -201,7 +201,7 @@ def _shard_result(shard: Shard, key: str, output_dir: Path, generated: int, seco
 
 
 def write_shard_metrics(result: ShardResult, output_dir: Path, engine_started: float, engine_finished: float,
-                        sampler: GpuSampler) -> None:
+                        sampler: GpuSampler, tokens_generated: int) -> None:
     """metrics.json beside the shard's chunks: what this attempt did, what it cost, and the GPU."""
     with duckdb.connect() as con:
         finish = dict(con.sql(f"SELECT coalesce(finish_reason, 'error'), count(*) FROM "
@@ -220,14 +220,15 @@ def write_shard_metrics(result: ShardResult, output_dir: Path, engine_started: f
         "engine_seconds": round(engine_seconds, 3),
         "engine_started": engine_started,
         "engine_finished": engine_finished,
-        # throughput of this attempt's generation (rows resumed from disk are not counted)
+        # throughput of this attempt: the tokens of rows resumed from disk were made by an earlier one
+        "tokens_generated": tokens_generated,
         "tokens_per_second": None,
         "finish_reasons": finish,
         "errors_by_code": errors,
         **sampler.summary(),
     }
     if result.regenerated_rows:
-        metrics["tokens_per_second"] = round((result.prompt_tokens + result.completion_tokens) / engine_seconds, 2)
+        metrics["tokens_per_second"] = round(tokens_generated / engine_seconds, 2)
     _write_json_atomic(output_dir / "metrics.json", metrics)
 
 
@@ -299,6 +300,7 @@ class _ChunkWriter:
         self.chunk_size = chunk_size
         self.cache_key = cache_key
         self.buffer: list[dict] = []
+        self.tokens_written = 0
 
     def add_output(self, row: dict, kind: str, output, model_name: str, tokenizer) -> None:
         line = output_line(row["custom_id"], kind, output, model_name, self.cache_key, tokenizer)
@@ -323,5 +325,6 @@ class _ChunkWriter:
         if self.buffer:
             write_chunk(self.output_dir, self.buffer)
             tokens = sum((r["prompt_tokens"] or 0) + (r["completion_tokens"] or 0) for r in self.buffer)
+            self.tokens_written += tokens
             progress.advance(self.run_dir, len(self.buffer), tokens)
             self.buffer = []

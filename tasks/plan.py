@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq

@@ -69,9 +69,18 @@ def build_report(run_dir: RunDir, pricing: GpuPricing | None = None, managed: Ma
         }
     if metric_files:
         con.execute(f"CREATE VIEW metrics AS SELECT * FROM read_json_auto({sql_path_list(metric_files)}, union_by_name = true)")
-        span, engine_seconds, gpu_name, gpu_count, gpu_util, gpu_mem, gpu_power, telemetry = con.sql(
-            """
-            SELECT max(engine_finished) - min(engine_started), sum(engine_seconds), any_value(gpu_name),
+        columns = {row[0] for row in con.sql("DESCRIBE metrics").fetchall()}
+        slot = "coalesce(cuda_visible_devices::VARCHAR, '')" if "cuda_visible_devices" in columns else "''"
+        # Wall time is first start → last finish; billed time adds up each engine slot's own
+        # span, since shards fanned out to several GPUs run (and bill) side by side.
+        span, slot_seconds, slots, engine_seconds, gpu_name, gpu_count, gpu_util, gpu_mem, gpu_power, telemetry = con.sql(
+            f"""
+            WITH slots AS (
+                SELECT max(engine_finished) - min(engine_started) AS seconds
+                FROM metrics GROUP BY host, {slot}
+            )
+            SELECT max(engine_finished) - min(engine_started), (SELECT sum(seconds) FROM slots),
+                   (SELECT count(*) FROM slots), sum(engine_seconds), any_value(gpu_name),
                    max(gpu_count), avg(gpu_util_mean), avg(gpu_mem_mib_mean), avg(gpu_power_w_mean),
                    any_value(gpu_telemetry)
             FROM metrics
@@ -85,12 +94,11 @@ def build_report(run_dir: RunDir, pricing: GpuPricing | None = None, managed: Ma
             """
         ).fetchall()
     else:
-        span = engine_seconds = gpu_util = gpu_mem = gpu_power = None
-        gpu_name, gpu_count, telemetry, stragglers = None, 0, "no shard metrics", []
+        span = slot_seconds = engine_seconds = gpu_util = gpu_mem = gpu_power = None
+        gpu_name, gpu_count, telemetry, stragglers, slots = None, 0, "no shard metrics", [], 0
     con.close()
 
-    hours = (span or 0) / 3600
-    accelerator_hours = hours * pricing.accelerators
+    accelerator_hours = (slot_seconds or 0) / 3600 * pricing.accelerators
     cost_on_demand = accelerator_hours * pricing.on_demand_per_hour
     cost_spot = accelerator_hours * pricing.spot_per_hour
     total = report["total_tokens"]
@@ -103,6 +111,7 @@ def build_report(run_dir: RunDir, pricing: GpuPricing | None = None, managed: Ma
         {
             "generate_seconds": round(span, 3) if span else None,
             "engine_seconds_summed": round(engine_seconds, 3) if engine_seconds else None,
+            "engine_slots": slots,
             "tokens_per_second": round(total / span, 2) if span else None,
             "output_tokens_per_second": round(report["completion_tokens"] / span, 2) if span else None,
             "accelerator": pricing.accelerator,
@@ -127,9 +136,9 @@ def build_report(run_dir: RunDir, pricing: GpuPricing | None = None, managed: Ma
             "projection": {
                 "rows": project_rows,
                 "hours": round(project_rows / rows_per_second / 3600, 3) if rows_per_second else None,
-                "cost_on_demand": round(project_rows / rows_per_second / 3600 * pricing.accelerators
+                "cost_on_demand": round(project_rows / rows_per_second / 3600 * max(slots, 1) * pricing.accelerators
                                         * pricing.on_demand_per_hour, 4) if rows_per_second else None,
-                "cost_spot": round(project_rows / rows_per_second / 3600 * pricing.accelerators
+                "cost_spot": round(project_rows / rows_per_second / 3600 * max(slots, 1) * pricing.accelerators
                                    * pricing.spot_per_hour, 4) if rows_per_second else None,
             },
         }

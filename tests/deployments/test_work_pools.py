@@ -212,6 +212,7 @@ def test_shards_run_on_both_gpu_workers_and_the_merged_output_is_complete(lost_w
     assert sorted(r["shard_index"] for w in winners for r in w["results"]) == list(range(8))
     report = json.loads((lost_worker_run / "report.json").read_text())
     assert report["accelerator"] == "test-gpu", "the pricing block named by the run was used"
+    assert report["engine_slots"] == 2, "two GPUs ran side by side and both are billed"
 
 
 def test_the_lost_workers_run_is_shown_crashed_and_its_group_redone(deployed, lost_worker_run):

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 import time
 import uuid
-from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import chat_request, read_jsonl, write_jsonl
+from conftest import REPO, chat_request, read_jsonl, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +19,7 @@ def s3_endpoint():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+    server = subprocess.Popen([str(REPO / ".venv-s3" / "bin" / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
     try:
