@@ -28,13 +28,15 @@ class ModelConfig(Block):
     served_model_name: str | None = Field(None, description="name written into responses (default: the model's)")
     dtype: str = Field("float32", description="float32 on CPU (bf16 is emulated there); bfloat16 on GPUs")
     max_model_len: int = Field(2048, description="context length: prompt + completion tokens")
-    max_num_seqs: int = Field(64, description="rows decoded together; larger batches, more tokens per dollar")
+    max_num_seqs: int | None = Field(None, description="rows decoded together (default: vLLM's for the hardware, 256–1,024)")
+    max_num_batched_tokens: int | None = Field(None, description="tokens per engine step (default: vLLM's for the hardware)")
     tensor_parallel_size: int = Field(1, description="GPUs one engine spans")
     gpu_memory_utilization: float = Field(0.2, description="share of GPU memory vLLM may take (≤ 0.3 on CPU)")
     quantization: str | None = Field(None, description="vLLM quantization method (awq, gptq, fp8, …)")
     kv_cache_dtype: str = Field("auto", description="KV-cache dtype (auto, fp8, …)")
     enable_prefix_caching: bool = Field(True, description="reuse KV cache across rows sharing a prompt prefix")
-    enforce_eager: bool = Field(True, description="skip CUDA graphs / torch.compile: faster start, slower decode")
+    enforce_eager: bool | None = Field(
+        None, description="skip CUDA graphs / torch.compile: faster start, slower decode (default: decided from the job's size)")
     seed: int = Field(0, description="engine seed: sampled rows are reproducible across runs")
     chunk_size: int = Field(512, description="rows per chunk file: the most a kill can lose per shard in flight")
     model_mismatch: Literal["error", "ignore"] = Field(
@@ -49,6 +51,7 @@ class ModelConfig(Block):
             chunk_size=self.chunk_size,
             max_model_len=self.max_model_len,
             max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
             served_model_name=self.served_model_name,
             model_mismatch=self.model_mismatch,
             dtype=self.dtype,

@@ -16,7 +16,9 @@ from blocks.model import ModelConfig
 from blocks.pricing import GpuPricing
 from nightshift import progress
 from nightshift.canaries import CanaryConfig
+from nightshift.engine import start_engine_in_background
 from nightshift.inputs import CorpusOptions
+from nightshift.jobs import size_for_input
 from nightshift.records import JobSpec, RunReport
 from nightshift.rundir import RunDir
 from nightshift.status import run_status
@@ -57,7 +59,9 @@ def batch_inference(
     `fan_out` sends shard groups to a GPU work pool's deployment; without it every shard is
     generated in this process.
     """
-    job = job or _job_from_block(model)
+    job = size_for_input(job or _job_from_block(model), input_path, corpus)
+    if not fan_out:  # the engine loads while the input is planned
+        start_engine_in_background(job.engine)
     run_dir = scheduled_run_dir(run_dir)
     validation = validation or CanaryConfig()
     job.save(RunDir(run_dir).job)

@@ -60,7 +60,7 @@ def load_canaries(path: str) -> list[tuple[InputRow, dict]]:
         row = parse_batch_line(json.dumps(obj).encode(), line_no)
         if row.error:
             raise InputError(f"canary file {path!r} line {line_no}: {row.error['message']}")
-        canaries.append((InputRow(0, CANARY_PREFIX + row.custom_id, row.request, None), expect))
+        canaries.append((InputRow(0, CANARY_PREFIX + row.custom_id, row.request_json, None), expect))
     if not canaries:
         raise InputError(f"canary file {path!r} holds no canaries")
     return canaries

@@ -28,6 +28,7 @@ CHUNK_SCHEMA = pa.schema(
         ("prompt_tokens", pa.int64()),
         ("completion_tokens", pa.int64()),
         ("error_code", pa.string()),
+        ("source", pa.string()),  # "engine", or "duplicate": copied from an identical deterministic row
     ]
 )
 

@@ -80,7 +80,13 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-size", type=int, default=10_000, help="rows per shard (checkpoint unit)")
     parser.add_argument("--chunk-size", type=int, default=512, help="rows per chunk file inside a shard")
     parser.add_argument("--max-model-len", type=int, default=2048)
-    parser.add_argument("--max-num-seqs", type=int, default=64, help="rows decoded together")
+    parser.add_argument("--max-num-seqs", type=int, help="rows decoded together (default: vLLM's for the hardware)")
+    parser.add_argument("--max-num-batched-tokens", type=int, help="tokens per engine step (default: vLLM's for the hardware)")
+    eager = parser.add_mutually_exclusive_group()
+    eager.add_argument("--enforce-eager", dest="enforce_eager", action="store_true", default=None,
+                       help="no compilation / CUDA graphs: fastest start (default: decided from the job's size)")
+    eager.add_argument("--compile", dest="enforce_eager", action="store_false",
+                       help="always compile / capture CUDA graphs: fastest decode")
     checks = parser.add_argument_group("validation (canary stage)")
     checks.add_argument("--canaries", help="canary file: requests with expectations (docs/canaries.md)")
     checks.add_argument("--canary-min-pass-rate", type=float, default=1.0)
@@ -138,6 +144,8 @@ def _run(args) -> int:
             chunk_size=args.chunk_size,
             max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            enforce_eager=args.enforce_eager,
             served_model_name=args.served_model_name,
             model_mismatch=args.model_mismatch,
         )
@@ -156,9 +164,17 @@ def _run(args) -> int:
 
 
 def run_job(input_path: str, run_dir: str, job, shard_size: int = 10_000, corpus=None, validation=None):
-    """Run the flow: plan (failing fast on a bad input), generate, merge, report, validate."""
+    """Run the flow: plan, generate, merge, report, validate. An input that cannot be read at
+    all fails here, in milliseconds; otherwise the engine starts loading at once, alongside
+    Prefect's start-up and planning."""
     from flows.batch import batch_inference
+    from nightshift.engine import start_engine_in_background
+    from nightshift.inputs import check_input, detect_kind
+    from nightshift.jobs import size_for_input
 
+    check_input(input_path, detect_kind(input_path, corpus), corpus)
+    job = size_for_input(job, input_path, corpus)
+    start_engine_in_background(job.engine)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     return batch_inference(input_path=input_path, run_dir=run_dir, job=job, shard_size=shard_size,
                            corpus=corpus, validation=validation)

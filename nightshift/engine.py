@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Iterable, Iterator
 
 from vllm.exceptions import VLLMClientError
@@ -62,10 +62,12 @@ class BatchEngine:
         from vllm import LLM
 
         self.config = config
-        self.llm = LLM(**{k: v for k, v in asdict(config).items() if v is not None})
+        self.llm = LLM(**engine_arguments(config))
         self.tokenizer = self.llm.get_tokenizer()
         self.default_sampling_params = self.llm.model_config.get_diff_sampling_param()
-        self.max_in_flight = 2 * config.max_num_seqs
+        # vLLM fills the sizes left open with its defaults for the hardware: read them back
+        self.max_num_seqs = self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
+        self.max_in_flight = 2 * self.max_num_seqs
         self._jobs: deque[_Job] = deque()
         self._wake = threading.Condition()
         self._owners: dict[str, tuple[_Job, PreparedRequest]] = {}
@@ -232,6 +234,75 @@ class BatchEngine:
             job.results.put(_DONE)
 
 
+# Below this many rows a job is done before compilation would pay for itself (see
+# docs/benchmarks.md: on a GPU, CUDA-graph capture and torch.compile take tens of seconds and
+# speed decoding up; on CPU, compilation made decoding no faster here, so CPU engines stay eager).
+COMPILE_MIN_ROWS = 5_000
+
+
+def choose_enforce_eager(config: EngineConfig, rows: int | None) -> EngineConfig:
+    """The config with `enforce_eager` decided, if the user left it open: compile on a GPU for
+    a job of at least COMPILE_MIN_ROWS rows (or of unknown size); eager otherwise."""
+    if config.enforce_eager is not None:
+        return config
+    from vllm.platforms import current_platform
+
+    eager = current_platform.is_cpu() or (rows is not None and rows < COMPILE_MIN_ROWS)
+    return replace(config, enforce_eager=eager)
+
+
+def engine_arguments(config: EngineConfig) -> dict:
+    """`LLM(...)` keyword arguments: the config's settings, vLLM's defaults for what it leaves
+    open, and on CPU an explicit KV-cache size."""
+    arguments = {k: v for k, v in asdict(config).items() if v is not None}
+    arguments.setdefault("enforce_eager", True)  # a config that nobody sized for its job: start fast
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu() and config.kv_cache_memory_bytes is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        arguments["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(config)
+    return arguments
+
+
+GiB = 1 << 30
+
+
+def cpu_kv_cache_bytes(config: EngineConfig, available: int | None = None) -> int:
+    """The KV cache a CPU engine gets: enough for every sequence at full context, at most
+    `gpu_memory_utilization` × the memory free right now, and at least one full-length sequence.
+
+    vLLM on CPU otherwise budgets `gpu_memory_utilization` × the node's memory *minus what it
+    sees in use*, so an engine starting beside another gets a negative budget and refuses to start.
+    """
+    import psutil
+
+    available = psutil.virtual_memory().available if available is None else available
+    per_token = kv_bytes_per_token(config)
+    if per_token is None:
+        return max(GiB, int(min(4 * GiB, config.gpu_memory_utilization * available)))
+    context = config.max_model_len
+    wanted = per_token * context * (config.max_num_seqs or 256)
+    floor = per_token * context + 64 * (1 << 20)
+    return int(max(floor, min(wanted, config.gpu_memory_utilization * available)))
+
+
+def kv_bytes_per_token(config: EngineConfig) -> int | None:
+    """K and V of every layer for one token, from the model's config.json (None if unknown)."""
+    import json
+    from pathlib import Path
+
+    try:
+        model = json.loads((Path(config.model) / "config.json").read_text())
+        model = model.get("text_config", model)
+        layers = model["num_hidden_layers"]
+        heads = model.get("num_key_value_heads") or model["num_attention_heads"]
+        head_dim = model.get("head_dim") or model["hidden_size"] // model["num_attention_heads"]
+    except (OSError, KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    dtype = config.kv_cache_dtype if config.kv_cache_dtype != "auto" else config.dtype
+    width = 1 if "fp8" in dtype or "int8" in dtype else 4 if dtype in ("float32", "float") else 2
+    return 2 * layers * heads * head_dim * width
+
+
 def _kill_engine_processes() -> None:
     """SIGKILL this process's vLLM engine processes (a real crash, for fault drills)."""
     import psutil
@@ -259,6 +330,22 @@ def get_engine(config: EngineConfig) -> BatchEngine:
         if _engine is None:
             _engine = BatchEngine(config)
         return _engine
+
+
+def start_engine_in_background(config: EngineConfig) -> threading.Thread:
+    """Begin loading the engine for `config` now, so that it loads while Prefect starts and the
+    input is planned; the first generate task waits for it (or, if it failed, starts it again
+    and meets the error itself)."""
+
+    def load() -> None:
+        try:
+            get_engine(config)
+        except BaseException as exc:  # the generate task that needs it will raise it
+            log.warning("engine start ahead of planning failed: %r", exc)
+
+    thread = threading.Thread(target=load, name="nightshift-engine-start", daemon=True)
+    thread.start()
+    return thread
 
 
 def shutdown_engine() -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import fsspec
+import orjson
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
@@ -45,20 +46,27 @@ class CorpusOptions:
     temperature: float = 0.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class InputRow:
-    """One input record: either a request or the error that kept it from being one."""
+    """One input record: either a request or the error that kept it from being one.
+
+    The request travels as JSON text holding at least `url` and `body` — for a batch line the
+    line itself, so planning never re-serialises it (planning speed is per-row work).
+    """
 
     line_no: int  # 1-based line (JSONL, CSV data line) or record number (Parquet)
     custom_id: str | None
-    request: dict | None  # {"url": ..., "body": {...}}
+    request_json: str | None  # {"url": ..., "body": {...}, ...}
     error: dict | None  # {"code": ..., "message": ..., "line": ...}
 
-    def canonical(self) -> bytes:
-        """The bytes a shard's content hash is computed over."""
-        return json.dumps(
-            [self.custom_id, self.request, self.error], sort_keys=True, ensure_ascii=False
-        ).encode()
+    @property
+    def request(self) -> dict | None:
+        return json.loads(self.request_json) if self.request_json is not None else None
+
+    @property
+    def error_json(self) -> str | None:
+        return orjson.dumps(self.error).decode() if self.error is not None else None
+
 
 
 def row_error(code: str, message: str, line_no: int) -> dict:
@@ -69,6 +77,36 @@ def detect_kind(path: str, corpus: CorpusOptions | None) -> str:
     if corpus is not None or path.lower().endswith(CORPUS_SUFFIXES):
         return "corpus"
     return "openai-batch"
+
+
+def estimate_rows(path: str, kind: str, storage_options: dict | None = None) -> int | None:
+    """About how many rows `path` holds, read in milliseconds: Parquet's footer, else the file's
+    size over the mean length of its first lines. None when it cannot be told — also for a
+    remote input without credentials at hand (probing a bucket could hang on retries)."""
+    if storage_options is None and "://" in path and not path.startswith("file://"):
+        return None
+    try:
+        fs, fs_path = fsspec.core.url_to_fs(path, **(storage_options or {}))
+        if fs_path.lower().endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            with fs.open(fs_path, "rb") as handle:
+                return pq.ParquetFile(handle).metadata.num_rows
+        size = fs.size(fs_path)
+        with fs.open(fs_path, "rb") as handle:
+            head = handle.read(1 << 16)
+    except Exception:
+        return None
+    lines = head.count(b"\n")
+    if not lines:
+        return 1 if size else 0
+    return int(size / (len(head) / lines)) if len(head) < size else lines
+
+
+def check_input(path: str, kind: str, corpus: CorpusOptions | None = None, storage_options: dict | None = None) -> None:
+    """Raise InputError at once for an input that cannot be read at all (missing, not a
+    file, unreadable, columns missing, no rows): the first row is read, nothing more."""
+    next(iter(read_rows(path, kind, corpus, storage_options)), None)
 
 
 def read_rows(
@@ -96,7 +134,7 @@ def _non_empty(rows: Iterator[InputRow], path: str) -> Iterator[InputRow]:
     usable = 0
     for row in rows:
         count += 1
-        usable += row.request is not None
+        usable += row.request_json is not None
         yield row
     if count == 0:
         raise InputError(f"input {path!r} holds no rows")
@@ -139,12 +177,12 @@ def parse_batch_line(raw: bytes, line_no: int) -> InputRow:
         return InputRow(line_no, custom_id, None, row_error(code, message, line_no))
 
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8").strip()
     except UnicodeDecodeError as exc:
         return bad("invalid_encoding", f"line is not valid UTF-8: {exc.reason} at byte {exc.start}")
     try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
+        obj = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
         return bad("invalid_json", f"line is not valid JSON: {exc.msg} at column {exc.colno}")
     if not isinstance(obj, dict):
         return bad("invalid_request", f"line must be a JSON object, got {type(obj).__name__}")
@@ -166,7 +204,7 @@ def parse_batch_line(raw: bytes, line_no: int) -> InputRow:
         return bad("missing_messages", "a chat completion body needs a non-empty messages list", custom_id)
     if url == COMPLETIONS_URL and body.get("prompt") in (None, "", []):
         return bad("missing_prompt", "a completion body needs a non-empty prompt", custom_id)
-    return InputRow(line_no, custom_id, {"url": url, "body": body}, None)
+    return InputRow(line_no, custom_id, text, None)
 
 
 # --- corpora --------------------------------------------------------------------------
@@ -198,7 +236,7 @@ def corpus_row(line_no: int, record_id, text, options: CorpusOptions) -> InputRo
     body: dict = {"messages": messages, "temperature": options.temperature}
     if options.max_tokens is not None:
         body["max_tokens"] = options.max_tokens
-    return InputRow(line_no, custom_id, {"url": CHAT_URL, "body": body}, None)
+    return InputRow(line_no, custom_id, orjson.dumps({"url": CHAT_URL, "body": body}).decode(), None)
 
 
 def _require_columns(available, options: CorpusOptions, path: str) -> list[str]:

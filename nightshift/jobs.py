@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from nightshift.models import KNOWN_MODELS, resolve_model
@@ -30,7 +31,7 @@ def make_job(
     *,
     chunk_size: int = 512,
     max_model_len: int = 2048,
-    max_num_seqs: int = 64,
+    max_num_seqs: int | None = None,
     served_model_name: str | None = None,
     model_mismatch: str = "error",
     **engine_overrides,
@@ -48,3 +49,13 @@ def make_job(
         chunk_size=chunk_size,
         model_mismatch=model_mismatch,
     )
+
+
+def size_for_input(job: JobSpec, input_path: str, corpus=None, storage_options: dict | None = None) -> JobSpec:
+    """The job with what depends on the input's size decided (compile or not), from an
+    estimate read in milliseconds, so that the engine can start loading before planning."""
+    from nightshift.engine import choose_enforce_eager
+    from nightshift.inputs import detect_kind, estimate_rows
+
+    rows = estimate_rows(input_path, detect_kind(input_path, corpus), storage_options)
+    return replace(job, engine=choose_enforce_eager(job.engine, rows))

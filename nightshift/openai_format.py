@@ -11,6 +11,7 @@ honour (streaming, tool calls, unknown fields) is rejected per row, never ignore
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -123,6 +124,16 @@ def prepare_request(
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         raise RequestRejected("invalid_request", "one prompt per batch line: a list of prompts is not supported")
     return PreparedRequest(key, custom_id, "completion", prompt, params)
+
+
+def duplicate_key(request: dict, prepared: PreparedRequest) -> str | None:
+    """Rows with the same key get the same output: the same url and body, and an output that
+    does not depend on chance (greedy, or sampled with a fixed seed). None for any other row."""
+    params = prepared.sampling_params
+    if params.temperature != 0 and params.seed is None:
+        return None
+    canonical = json.dumps([request["url"], request["body"]], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _has_text(content) -> bool:

@@ -14,23 +14,33 @@ from pathlib import Path
 
 # Bump when the bytes a shard's generation writes change shape: old checkpoints
 # then stop matching instead of being read with the wrong layout.
-OUTPUT_FORMAT_VERSION = 1
+OUTPUT_FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """How the vLLM engine is built. Fields mirror vLLM's `LLM(...)` arguments."""
+    """How the vLLM engine is built. Fields mirror vLLM's `LLM(...)` arguments; None leaves
+    the choice to vLLM (its offline defaults for the hardware) or to Nightshift's sizing:
+
+    * `max_num_seqs` / `max_num_batched_tokens`: vLLM's defaults for the hardware — 256 / 4,096
+      on CPU, 256 / 8,192 on most GPUs, 1,024 / 16,384 on H100/H200-class GPUs.
+    * `enforce_eager`: decided from the job's size (`nightshift.engine.choose_enforce_eager`).
+    * `kv_cache_memory_bytes`: on GPUs vLLM's `gpu_memory_utilization`; on CPU sized from the
+      model and the memory free when the engine starts (`nightshift.engine.cpu_kv_cache_bytes`).
+    """
 
     model: str
     dtype: str = "float32"
     max_model_len: int = 2048
-    max_num_seqs: int = 64
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
     gpu_memory_utilization: float = 0.2
-    enforce_eager: bool = True
+    enforce_eager: bool | None = None
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
     quantization: str | None = None
     kv_cache_dtype: str = "auto"
+    kv_cache_memory_bytes: int | None = None
     seed: int = 0
 
 

@@ -34,6 +34,7 @@ from nightshift.engine import EngineFailure, get_engine
 from nightshift.openai_format import (
     PreparedRequest,
     RequestRejected,
+    duplicate_key,
     error_line,
     output_line,
     prepare_request,
@@ -118,6 +119,8 @@ def _generate(shard: Shard, job: JobSpec, run_dir: RunDir, only_rows: set[int] |
     writer = _ChunkWriter(output_dir, shard.index, job.chunk_size, key, run_dir)
 
     prepared: list[PreparedRequest] = []
+    copies: dict[int, list[PreparedRequest]] = {}  # a generated row's key → identical rows that take its output
+    first_of: dict[str, PreparedRequest] = {}
     engine = None
     for row in todo:
         if row["error"] is not None:
@@ -127,14 +130,23 @@ def _generate(shard: Shard, job: JobSpec, run_dir: RunDir, only_rows: set[int] |
                                    "message": "the engine died twice while generating this row; it was set aside"})
         else:
             engine = engine or get_engine(job.engine)  # only when some row needs it
+            request = json.loads(row["request"])
             try:
-                prepared.append(
-                    prepare_request(row["row_index"], row["custom_id"], json.loads(row["request"]),
-                                    job.served_model_name, _model_aliases(job), job.model_mismatch,
-                                    engine.default_sampling_params, job.engine.max_model_len)
-                )
+                ready = prepare_request(row["row_index"], row["custom_id"], request, job.served_model_name,
+                                        _model_aliases(job), job.model_mismatch, engine.default_sampling_params,
+                                        job.engine.max_model_len)
             except RequestRejected as exc:
                 writer.add_error(row, {"code": exc.code, "message": str(exc), "line": row["line_no"]})
+                continue
+            # The cheapest token is the one not generated: an identical deterministic request
+            # already on its way to the engine answers this row too.
+            key = duplicate_key(request, ready)
+            if key is not None and key in first_of:
+                copies.setdefault(first_of[key].key, []).append(ready)
+                continue
+            if key is not None:
+                first_of[key] = ready
+            prepared.append(ready)
 
     by_index = {row["row_index"]: row for row in todo}
     sampler = GpuSampler().__enter__()
@@ -146,11 +158,13 @@ def _generate(shard: Shard, job: JobSpec, run_dir: RunDir, only_rows: set[int] |
             if not batch:
                 continue
             for request, outcome in engine.generate(batch, stop_requested, grace_seconds()):
-                row = by_index[request.key]
-                if isinstance(outcome, Exception):
-                    writer.add_error(row, _engine_refusal(outcome, row["line_no"]))
-                else:
-                    writer.add_output(row, request.kind, outcome, job.served_model_name, engine.tokenizer)
+                for answered in [request, *copies.get(request.key, ())]:
+                    row = by_index[answered.key]
+                    source = "engine" if answered is request else "duplicate"
+                    if isinstance(outcome, Exception):
+                        writer.add_error(row, _engine_refusal(outcome, row["line_no"]))
+                    else:
+                        writer.add_output(row, answered.kind, outcome, job.served_model_name, engine.tokenizer, source)
     except EngineFailure as exc:
         suspects.record(exc.in_flight)
         raise
@@ -302,18 +316,18 @@ class _ChunkWriter:
         self.buffer: list[dict] = []
         self.tokens_written = 0
 
-    def add_output(self, row: dict, kind: str, output, model_name: str, tokenizer) -> None:
+    def add_output(self, row: dict, kind: str, output, model_name: str, tokenizer, source: str = "engine") -> None:
         line = output_line(row["custom_id"], kind, output, model_name, self.cache_key, tokenizer)
         first = output.outputs[0]
         usage = line["response"]["body"]["usage"]
         self._add(row, line, ok=True, text=first.text, finish_reason=first.finish_reason,
                   prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"],
-                  error_code=None)
+                  error_code=None, source=source)
 
     def add_error(self, row: dict, error: dict) -> None:
         line = error_line(row["custom_id"], error, self.cache_key)
         self._add(row, line, ok=False, text=None, finish_reason=None,
-                  prompt_tokens=None, completion_tokens=None, error_code=error["code"])
+                  prompt_tokens=None, completion_tokens=None, error_code=error["code"], source=None)
 
     def _add(self, row: dict, line: dict, **fields) -> None:
         self.buffer.append({"row_index": row["row_index"], "shard": self.shard_index, "custom_id": row["custom_id"],
@@ -325,6 +339,7 @@ class _ChunkWriter:
         if self.buffer:
             write_chunk(self.output_dir, self.buffer)
             tokens = sum((r["prompt_tokens"] or 0) + (r["completion_tokens"] or 0) for r in self.buffer)
-            self.tokens_written += tokens
+            self.tokens_written += sum((r["prompt_tokens"] or 0) + (r["completion_tokens"] or 0)
+                                       for r in self.buffer if r["source"] == "engine")
             progress.advance(self.run_dir, len(self.buffer), tokens)
             self.buffer = []

@@ -25,7 +25,7 @@ SHARD_SCHEMA = pa.schema(
         ("row_index", pa.int64()),  # 0-based position in the input, the output order
         ("line_no", pa.int64()),
         ("custom_id", pa.string()),
-        ("request", pa.string()),  # JSON {"url", "body"}, null for a rejected row
+        ("request", pa.string()),  # JSON with "url" and "body" (a batch line as read), null for a rejected row
         ("error", pa.string()),  # JSON {"code", "message", "line"}, null for a request
     ]
 )
@@ -50,20 +50,21 @@ def plan(
     waiting_canaries = list(canaries or [])
     shards: list[Shard] = []
     pending: list[InputRow] = []
+    pending_canaries = 0  # canaries ride along and do not count towards shard_size
     total = 0  # rows planned, canaries included: the row_index space
     for row in read_rows(input_path, kind, corpus, storage_options):
         if not pending and waiting_canaries:
             pending.append(waiting_canaries.pop(0))
-            total += 1
+            pending_canaries = 1
         pending.append(row)
-        total += 1
-        if len(pending) - sum(_is_canary(r) for r in pending) == shard_size:
-            shards.append(_write_shard(run_dir, len(shards), total - len(pending), pending))
-            pending = []
+        if len(pending) - pending_canaries == shard_size:
+            shards.append(_write_shard(run_dir, len(shards), total, pending))
+            total += len(pending)
+            pending, pending_canaries = [], 0
     pending += waiting_canaries
-    total += len(waiting_canaries)
     if pending:
-        shards.append(_write_shard(run_dir, len(shards), total - len(pending), pending))
+        shards.append(_write_shard(run_dir, len(shards), total, pending))
+        total += len(pending)
     result = Plan(input_path=input_path, input_kind=kind, total_rows=total, shards=shards,
                   canary_rows=len(canaries or []))
     result.save(run_dir.plan_manifest)
@@ -86,27 +87,21 @@ def plan_shards(
     return plan(input_path, RunDir(run_dir), shard_size, corpus, canaries, storage_options)
 
 
-def _is_canary(row: InputRow) -> bool:
-    return bool(row.custom_id) and row.custom_id.startswith(CANARY_PREFIX)
-
-
 def _write_shard(run_dir: RunDir, index: int, first_row: int, rows: list[InputRow]) -> Shard:
-    import json
-
+    errors = [row.error_json for row in rows]
     digest = hashlib.sha256()
-    for row in rows:
-        digest.update(row.canonical())
-        digest.update(b"\n")
+    for row, error in zip(rows, errors):
+        digest.update(f"{row.custom_id}\x00{row.request_json}\x00{error}\n".encode())
     content_hash = digest.hexdigest()
     path = run_dir.shard_input(index, content_hash)
     if not path.exists():  # same name means same content: a re-plan rewrites nothing
         table = pa.table(
             {
-                "row_index": [first_row + i for i in range(len(rows))],
+                "row_index": pa.array(range(first_row, first_row + len(rows)), pa.int64()),
                 "line_no": [r.line_no for r in rows],
                 "custom_id": [r.custom_id for r in rows],
-                "request": [json.dumps(r.request, ensure_ascii=False) if r.request else None for r in rows],
-                "error": [json.dumps(r.error, ensure_ascii=False) if r.error else None for r in rows],
+                "request": [r.request_json for r in rows],
+                "error": errors,
             },
             schema=SHARD_SCHEMA,
         )

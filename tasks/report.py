@@ -35,7 +35,8 @@ def build_report(run_dir: RunDir, pricing: GpuPricing | None = None, managed: Ma
         from nightshift.chunks import best_rows_sql, chunk_files
 
         chunks = [f for s in plan.shards for f in chunk_files(run_dir.shard_output(shard_cache_key(s, job)))]
-        source = best_rows_sql(chunks) if chunks else "SELECT NULL::VARCHAR AS finish_reason, 0 AS prompt_tokens, 0 AS completion_tokens WHERE false"
+        source = best_rows_sql(chunks) if chunks else ("SELECT NULL::VARCHAR AS finish_reason, 0 AS prompt_tokens, "
+                                                        "0 AS completion_tokens, NULL::VARCHAR AS source WHERE false")
         con.execute(f"CREATE VIEW results AS {source}")
     totals = con.sql(
         """
@@ -44,11 +45,13 @@ def build_report(run_dir: RunDir, pricing: GpuPricing | None = None, managed: Ma
                coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
                coalesce(sum(completion_tokens), 0) AS completion_tokens,
                count(*) FILTER (WHERE finish_reason = 'length')
-                 / greatest(count(*) FILTER (WHERE finish_reason IS NOT NULL), 1) AS truncation_share
+                 / greatest(count(*) FILTER (WHERE finish_reason IS NOT NULL), 1) AS truncation_share,
+               count(*) FILTER (WHERE source = 'duplicate') AS rows_not_generated,
+               coalesce(sum(prompt_tokens + completion_tokens) FILTER (WHERE source = 'duplicate'), 0)
         FROM results
         """
     ).fetchall()[0]
-    rows, succeeded, prompt_tokens, completion_tokens, truncation = totals
+    rows, succeeded, prompt_tokens, completion_tokens, truncation, rows_not_generated, tokens_not_generated = totals
     report: dict = {
         "run_dir": str(run_dir.root),
         "model": job.served_model_name,
@@ -102,6 +105,7 @@ def build_report(run_dir: RunDir, pricing: GpuPricing | None = None, managed: Ma
     cost_on_demand = accelerator_hours * pricing.on_demand_per_hour
     cost_spot = accelerator_hours * pricing.spot_per_hour
     total = report["total_tokens"]
+    generated = total - int(tokens_not_generated)  # what the engine did: the rate and the $ per token
 
     def per_million(cost: float, tokens: int) -> float | None:
         return round(cost / (tokens / 1e6), 6) if tokens and span else None
@@ -112,7 +116,13 @@ def build_report(run_dir: RunDir, pricing: GpuPricing | None = None, managed: Ma
             "generate_seconds": round(span, 3) if span else None,
             "engine_seconds_summed": round(engine_seconds, 3) if engine_seconds else None,
             "engine_slots": slots,
-            "tokens_per_second": round(total / span, 2) if span else None,
+            "tokens_per_second": round(generated / span, 2) if span else None,
+            # identical deterministic rows answered from one generation: tokens and $ not spent
+            "served_without_generating": {
+                "rows": int(rows_not_generated),
+                "tokens": int(tokens_not_generated),
+                "cost_saved_on_demand": round(cost_on_demand * tokens_not_generated / generated, 6) if generated else 0.0,
+            },
             "output_tokens_per_second": round(report["completion_tokens"] / span, 2) if span else None,
             "accelerator": pricing.accelerator,
             "accelerator_hours": round(accelerator_hours, 6),
@@ -176,6 +186,8 @@ def render_markdown(report: dict, chart: str | None) -> str:
         f"| $ per 1M tokens, on demand / spot | {fmt(report['cost_per_million_tokens'], '', 4)} / {fmt(report['cost_per_million_tokens_spot'], '', 4)} |",
         f"| $ per 1M output tokens, on demand / spot | {fmt(report['cost_per_million_output_tokens'], '', 4)} / {fmt(report['cost_per_million_output_tokens_spot'], '', 4)} |",
         f"| truncated (finish_reason = length) | {100 * report['truncation_share']:.1f} % |",
+        f"| answered from an identical row, not generated | {report['served_without_generating']['rows']:,} rows, "
+        f"{report['served_without_generating']['tokens']:,} tokens, ${fmt(report['served_without_generating']['cost_saved_on_demand'], '', 4)} saved |",
         f"| projected for {report['projection']['rows']:,} rows | {fmt(report['projection']['hours'], ' h', 2)}, "
         f"${fmt(report['projection']['cost_on_demand'], '', 2)} on demand, ${fmt(report['projection']['cost_spot'], '', 2)} spot |",
         "",

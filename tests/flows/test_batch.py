@@ -50,6 +50,13 @@ def mixed_batch() -> list:
         chat_request("zero-max-tokens", "Hello", max_tokens=0),
         chat_request("after-the-bad-ones", "Still fine"),
     ]
+    # rows 16–19, one shard: identical requests, greedy and sampled
+    rows[16:16] = [
+        chat_request("twin-a", "Twins share one answer", max_tokens=6),
+        chat_request("dice-a", "Roll the dice", max_tokens=6, temperature=1.0),
+        chat_request("twin-b", "Twins share one answer", max_tokens=6),
+        chat_request("dice-b", "Roll the dice", max_tokens=6, temperature=1.0),
+    ]
     return rows
 
 
@@ -140,8 +147,25 @@ def test_results_parquet_has_one_row_per_input_row(mixed_run):
     path, run_dir, report = mixed_run
     table = pq.read_table(run_dir / "results.parquet")
     assert table.num_rows == report.total_rows
-    assert table.column_names == ["custom_id", "text", "finish_reason", "prompt_tokens", "completion_tokens", "shard"]
+    assert table.column_names == ["custom_id", "text", "finish_reason", "prompt_tokens", "completion_tokens", "shard",
+                                  "source"]
     assert sum(v or 0 for v in table["completion_tokens"].to_pylist()) == report.completion_tokens
+
+
+def test_identical_greedy_rows_are_generated_once_and_each_keeps_its_own_line(mixed_run):
+    _, run_dir, _ = mixed_run
+    outputs, _ = outcome_by_id(run_dir)
+    sources = dict(zip(*pq.read_table(run_dir / "results.parquet", columns=["custom_id", "source"]).to_pydict().values()))
+    twin_a, twin_b = (outputs[t]["response"]["body"] for t in ("twin-a", "twin-b"))
+    assert twin_a["choices"] == twin_b["choices"] and twin_a["usage"] == twin_b["usage"]
+    assert outputs["twin-a"]["id"] != outputs["twin-b"]["id"] and twin_a["id"] != twin_b["id"]
+    assert sorted([sources["twin-a"], sources["twin-b"]]) == ["duplicate", "engine"]
+    # sampled without a seed: the same request may rightly answer differently, so both are generated
+    assert sources["dice-a"] == sources["dice-b"] == "engine"
+    report = json.loads((run_dir / "report.json").read_text())
+    saved = report["served_without_generating"]
+    assert saved["rows"] == list(sources.values()).count("duplicate") == 1
+    assert saved["tokens"] == twin_b["usage"]["total_tokens"] and saved["cost_saved_on_demand"] > 0
 
 
 def test_a_second_run_on_the_same_directory_is_cached_and_duplicates_nothing(mixed_run, tiny_job):
