@@ -23,6 +23,10 @@ CANARY_PREFIX = "nightshift-canary:"
 EXPECTATIONS = ("exact", "regex", "json_schema", "one_of", "min_length", "max_length")
 
 
+class CanaryFailure(RuntimeError):
+    """The run's outputs did not pass validation; they are on disk, marked not validated."""
+
+
 @dataclass(frozen=True)
 class CanaryConfig:
     """What the canary stage checks and how strictly it gates the run."""

@@ -134,9 +134,9 @@ def _validation(args):
 
 
 def _run(args) -> int:
+    from nightshift.canaries import CanaryFailure
     from nightshift.inputs import InputError
     from nightshift.jobs import make_job
-    from tasks.canary import CanaryFailure
 
     try:
         job = make_job(
@@ -167,7 +167,6 @@ def run_job(input_path: str, run_dir: str, job, shard_size: int = 10_000, corpus
     """Run the flow: plan, generate, merge, report, validate. An input that cannot be read at
     all fails here, in milliseconds; otherwise the engine starts loading at once, alongside
     Prefect's start-up and planning."""
-    from flows.batch import batch_inference
     from nightshift.engine import start_engine_in_background
     from nightshift.inputs import check_input, detect_kind
     from nightshift.jobs import size_for_input
@@ -175,9 +174,15 @@ def run_job(input_path: str, run_dir: str, job, shard_size: int = 10_000, corpus
     check_input(input_path, detect_kind(input_path, corpus), corpus)
     job = size_for_input(job, input_path, corpus)
     start_engine_in_background(job.engine)
+    from flows.batch import batch_inference  # Prefect's import and start-up overlap the engine's load
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    return batch_inference(input_path=input_path, run_dir=run_dir, job=job, shard_size=shard_size,
-                           corpus=corpus, validation=validation)
+    try:
+        return batch_inference(input_path=input_path, run_dir=run_dir, job=job, shard_size=shard_size,
+                               corpus=corpus, validation=validation)
+    finally:  # the outputs are on disk (or the run failed): no graceful engine teardown to wait for
+        from nightshift.engine import shutdown_engine
+
+        shutdown_engine(graceful=False)
 
 
 def _run_preemptible(run_dir: str, start):

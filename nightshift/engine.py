@@ -119,17 +119,21 @@ class BatchEngine:
         finally:
             job.cancelled = True  # a consumer that stops early frees its rows' slots
 
-    def close(self) -> None:
+    def close(self, graceful: bool = True) -> None:
         """Stop the driver and the engine's processes (dropping the LLM object alone does
-        not reliably end them, and each holds its KV cache)."""
+        not reliably end them, and each holds its KV cache). Not `graceful`: the engine holds
+        nothing worth waiting for (every output is on disk), so its processes are killed
+        first — a graceful teardown waits seconds on its workers."""
         with self._wake:
             self._closed = True
             self._wake.notify()
         self._thread.join(timeout=30)
+        if not graceful:
+            _kill_engine_processes()
         client = getattr(self.llm.llm_engine, "engine_core", None)
         try:
             if client is not None:
-                client.shutdown(timeout=10)
+                client.shutdown(timeout=10 if graceful else 0)
         except Exception as exc:  # a dead engine may fail to shut down cleanly; it is gone anyway
             log.warning("engine shutdown: %r", exc)
         _kill_engine_processes()
@@ -348,10 +352,10 @@ def start_engine_in_background(config: EngineConfig) -> threading.Thread:
     return thread
 
 
-def shutdown_engine() -> None:
+def shutdown_engine(graceful: bool = True) -> None:
     """Stop the process's engine, if one runs (its worker processes go with it)."""
     global _engine
     with _engine_lock:
         if _engine is not None:
-            _engine.close()
+            _engine.close(graceful)
             _engine = None
