@@ -45,6 +45,7 @@ def batch_inference(
     pricing: str | None = None,
     validation: CanaryConfig | None = None,
     fan_out: FanOut | None = None,
+    result_cache: str | None = None,
 ) -> RunReport:
     """Run a model over every row of `input_path`; outputs land in `run_dir`.
 
@@ -58,8 +59,12 @@ def batch_inference(
     `validation` configures the canary stage (default: oracle and determinism checks).
     `fan_out` sends shard groups to a GPU work pool's deployment; without it every shard is
     generated in this process.
+    `result_cache` names a directory of deterministic rows' outputs shared across runs: rows
+    answered there are not generated again.
     """
     job = size_for_input(job or _job_from_block(model), input_path, corpus)
+    if result_cache:
+        job = dataclasses.replace(job, result_cache=result_cache)
     if not fan_out:  # the engine loads while the input is planned
         start_engine_in_background(job.engine)
     run_dir = scheduled_run_dir(run_dir)

@@ -28,7 +28,8 @@ CHUNK_SCHEMA = pa.schema(
         ("prompt_tokens", pa.int64()),
         ("completion_tokens", pa.int64()),
         ("error_code", pa.string()),
-        ("source", pa.string()),  # "engine", or "duplicate": copied from an identical deterministic row
+        # "engine"; "duplicate": an identical deterministic row's output; "cache": the result cache's
+        ("source", pa.string()),
     ]
 )
 

@@ -53,6 +53,18 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--model", default="smollm2")
 
     args = parser.parse_args(argv)
+    if args.command in ("run", "demo", "retry"):
+        try:
+            return _command(args)
+        finally:  # outputs are on disk (or the run failed): no graceful engine teardown to wait for
+            if "nightshift.engine" in sys.modules:
+                from nightshift.engine import shutdown_engine
+
+                shutdown_engine(graceful=False)
+    return _command(args)
+
+
+def _command(args) -> int:
     if args.command == "models":
         return _models(args.names)
     if args.command == "demo":
@@ -78,6 +90,8 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-mismatch", choices=["error", "ignore"], default="error",
                         help="what to do with a row whose body names another model")
     parser.add_argument("--shard-size", type=int, default=10_000, help="rows per shard (checkpoint unit)")
+    parser.add_argument("--result-cache", metavar="DIR",
+                        help="reuse deterministic rows' outputs across runs from this directory (docs/architecture.md)")
     parser.add_argument("--chunk-size", type=int, default=512, help="rows per chunk file inside a shard")
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--max-num-seqs", type=int, help="rows decoded together (default: vLLM's for the hardware)")
@@ -148,6 +162,7 @@ def _run(args) -> int:
             enforce_eager=args.enforce_eager,
             served_model_name=args.served_model_name,
             model_mismatch=args.model_mismatch,
+            result_cache=args.result_cache,
         )
         corpus, validation = _corpus_options(args), _validation(args)
         report = _run_preemptible(
@@ -176,13 +191,8 @@ def run_job(input_path: str, run_dir: str, job, shard_size: int = 10_000, corpus
     start_engine_in_background(job.engine)
     from flows.batch import batch_inference  # Prefect's import and start-up overlap the engine's load
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    try:
-        return batch_inference(input_path=input_path, run_dir=run_dir, job=job, shard_size=shard_size,
-                               corpus=corpus, validation=validation)
-    finally:  # the outputs are on disk (or the run failed): no graceful engine teardown to wait for
-        from nightshift.engine import shutdown_engine
-
-        shutdown_engine(graceful=False)
+    return batch_inference(input_path=input_path, run_dir=run_dir, job=job, shard_size=shard_size,
+                           corpus=corpus, validation=validation)
 
 
 def _run_preemptible(run_dir: str, start):

@@ -34,6 +34,7 @@ def make_job(
     max_num_seqs: int | None = None,
     served_model_name: str | None = None,
     model_mismatch: str = "error",
+    result_cache: str | None = None,
     **engine_overrides,
 ) -> JobSpec:
     path = resolve_model(model)
@@ -48,6 +49,7 @@ def make_job(
         model_identity=model_identity(path),
         chunk_size=chunk_size,
         model_mismatch=model_mismatch,
+        result_cache=str(Path(result_cache).resolve()) if result_cache and "://" not in result_cache else result_cache,
     )
 
 

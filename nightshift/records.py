@@ -57,6 +57,9 @@ class JobSpec:
     model_identity: str  # weights checksum, or path + size + mtime of the weight files
     chunk_size: int = 512
     model_mismatch: str = "error"  # or "ignore": see docs/inputs.md
+    # Opt-in content-addressed store of deterministic rows' outputs across runs (a directory);
+    # whether it is used changes no output, so it is not part of the fingerprint.
+    result_cache: str | None = None
 
     def save(self, path: Path) -> None:
         _write_json_atomic(path, asdict(self))
@@ -66,9 +69,9 @@ class JobSpec:
         data = json.loads(Path(path).read_text())
         return cls(**{**data, "engine": EngineConfig(**data["engine"])})
 
-    def fingerprint(self) -> str:
-        """A hash of every setting that changes generated text (not of engine sizing)."""
-        relevant = {
+    def output_fingerprint(self) -> str:
+        """A hash of every setting that changes what one request's response is."""
+        return _digest({
             "model_identity": self.model_identity,
             "served_model_name": self.served_model_name,
             "dtype": self.engine.dtype,
@@ -76,11 +79,13 @@ class JobSpec:
             "quantization": self.engine.quantization,
             "kv_cache_dtype": self.engine.kv_cache_dtype,
             "seed": self.engine.seed,
-            "chunk_size": self.chunk_size,
-            "model_mismatch": self.model_mismatch,
             "format": OUTPUT_FORMAT_VERSION,
-        }
-        return _digest(relevant)
+        })
+
+    def fingerprint(self) -> str:
+        """A hash of every setting that changes a shard's generated files (not of engine sizing)."""
+        return _digest({"output": self.output_fingerprint(), "chunk_size": self.chunk_size,
+                        "model_mismatch": self.model_mismatch})
 
 
 @dataclass(frozen=True)

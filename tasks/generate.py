@@ -40,6 +40,7 @@ from nightshift.openai_format import (
     prepare_request,
 )
 from nightshift import progress
+from nightshift.result_cache import ResultCache, cached_output_line
 from nightshift.preemption import Preempted, generation_in_progress, grace_seconds, stop_requested
 from nightshift.records import JobSpec, Shard, ShardResult, _write_json_atomic
 from nightshift.rundir import RunDir
@@ -118,9 +119,7 @@ def _generate(shard: Shard, job: JobSpec, run_dir: RunDir, only_rows: set[int] |
         suspects.forgive(only_rows)
     writer = _ChunkWriter(output_dir, shard.index, job.chunk_size, key, run_dir)
 
-    prepared: list[PreparedRequest] = []
-    copies: dict[int, list[PreparedRequest]] = {}  # a generated row's key → identical rows that take its output
-    first_of: dict[str, PreparedRequest] = {}
+    ready_rows: list[tuple[PreparedRequest, str | None]] = []  # with the key identical rows share
     engine = None
     for row in todo:
         if row["error"] is not None:
@@ -138,17 +137,30 @@ def _generate(shard: Shard, job: JobSpec, run_dir: RunDir, only_rows: set[int] |
             except RequestRejected as exc:
                 writer.add_error(row, {"code": exc.code, "message": str(exc), "line": row["line_no"]})
                 continue
-            # The cheapest token is the one not generated: an identical deterministic request
-            # already on its way to the engine answers this row too.
-            key = duplicate_key(request, ready)
-            if key is not None and key in first_of:
-                copies.setdefault(first_of[key].key, []).append(ready)
-                continue
-            if key is not None:
-                first_of[key] = ready
+            ready_rows.append((ready, duplicate_key(request, ready)))
+
+    # The cheapest token is the one not generated: a deterministic row is answered from the
+    # result cache, or by an identical row already on its way to the engine.
+    by_index = {row["row_index"]: row for row in todo}
+    cache = ResultCache(job.result_cache, job.output_fingerprint()) if job.result_cache else None
+    stored = cache.lookup([cache.key(same) for _, same in ready_rows if same]) if cache else {}
+    prepared: list[PreparedRequest] = []
+    copies: dict[int, list[PreparedRequest]] = {}  # a generated row's key → identical rows that take its output
+    first_of: dict[str, PreparedRequest] = {}
+    shared_key: dict[int, str] = {}
+    for ready, same in ready_rows:
+        if same is not None and cache is not None and cache.key(same) in stored:
+            row = by_index[ready.key]
+            writer.add_stored(row, cached_output_line(row["custom_id"], key, stored[cache.key(same)]),
+                              stored[cache.key(same)])
+        elif same is not None and same in first_of:
+            copies.setdefault(first_of[same].key, []).append(ready)
+        else:
+            if same is not None:
+                first_of[same] = ready
+                shared_key[ready.key] = same
             prepared.append(ready)
 
-    by_index = {row["row_index"]: row for row in todo}
     sampler = GpuSampler().__enter__()
     engine_started = time.time()
     # Suspects first and alone: if one kills the engine again, it alone is blamed.
@@ -160,16 +172,21 @@ def _generate(shard: Shard, job: JobSpec, run_dir: RunDir, only_rows: set[int] |
             for request, outcome in engine.generate(batch, stop_requested, grace_seconds()):
                 for answered in [request, *copies.get(request.key, ())]:
                     row = by_index[answered.key]
-                    source = "engine" if answered is request else "duplicate"
                     if isinstance(outcome, Exception):
                         writer.add_error(row, _engine_refusal(outcome, row["line_no"]))
-                    else:
-                        writer.add_output(row, answered.kind, outcome, job.served_model_name, engine.tokenizer, source)
+                        continue
+                    source = "engine" if answered is request else "duplicate"
+                    record = writer.add_output(row, answered.kind, outcome, job.served_model_name, engine.tokenizer,
+                                               source)
+                    if cache is not None and source == "engine" and request.key in shared_key:
+                        cache.add(cache.key(shared_key[request.key]), request.kind, record)
     except EngineFailure as exc:
         suspects.record(exc.in_flight)
         raise
     finally:
         writer.flush()  # finished rows survive a preemption or an engine fault
+        if cache is not None:
+            cache.flush(key)
         sampler.__exit__()
     engine_finished = time.time()
     if stop_requested.is_set():
@@ -316,24 +333,32 @@ class _ChunkWriter:
         self.buffer: list[dict] = []
         self.tokens_written = 0
 
-    def add_output(self, row: dict, kind: str, output, model_name: str, tokenizer, source: str = "engine") -> None:
+    def add_output(self, row: dict, kind: str, output, model_name: str, tokenizer, source: str = "engine") -> dict:
         line = output_line(row["custom_id"], kind, output, model_name, self.cache_key, tokenizer)
         first = output.outputs[0]
         usage = line["response"]["body"]["usage"]
-        self._add(row, line, ok=True, text=first.text, finish_reason=first.finish_reason,
-                  prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"],
-                  error_code=None, source=source)
+        return self._add(row, line, ok=True, text=first.text, finish_reason=first.finish_reason,
+                         prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"],
+                         error_code=None, source=source)
+
+    def add_stored(self, row: dict, line: dict, stored: dict) -> None:
+        """A row answered from the result cache."""
+        self._add(row, line, ok=True, text=stored["text"], finish_reason=stored["finish_reason"],
+                  prompt_tokens=stored["prompt_tokens"], completion_tokens=stored["completion_tokens"],
+                  error_code=None, source="cache")
 
     def add_error(self, row: dict, error: dict) -> None:
         line = error_line(row["custom_id"], error, self.cache_key)
         self._add(row, line, ok=False, text=None, finish_reason=None,
                   prompt_tokens=None, completion_tokens=None, error_code=error["code"], source=None)
 
-    def _add(self, row: dict, line: dict, **fields) -> None:
-        self.buffer.append({"row_index": row["row_index"], "shard": self.shard_index, "custom_id": row["custom_id"],
-                            "line": json.dumps(line, ensure_ascii=False), **fields})
+    def _add(self, row: dict, line: dict, **fields) -> dict:
+        record = {"row_index": row["row_index"], "shard": self.shard_index, "custom_id": row["custom_id"],
+                  "line": json.dumps(line, ensure_ascii=False), **fields}
+        self.buffer.append(record)
         if len(self.buffer) >= self.chunk_size:
             self.flush()
+        return record
 
     def flush(self) -> None:
         if self.buffer:

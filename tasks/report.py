@@ -46,8 +46,8 @@ def build_report(run_dir: RunDir, pricing: GpuPricing | None = None, managed: Ma
                coalesce(sum(completion_tokens), 0) AS completion_tokens,
                count(*) FILTER (WHERE finish_reason = 'length')
                  / greatest(count(*) FILTER (WHERE finish_reason IS NOT NULL), 1) AS truncation_share,
-               count(*) FILTER (WHERE source = 'duplicate') AS rows_not_generated,
-               coalesce(sum(prompt_tokens + completion_tokens) FILTER (WHERE source = 'duplicate'), 0)
+               count(*) FILTER (WHERE source IN ('duplicate', 'cache')) AS rows_not_generated,
+               coalesce(sum(prompt_tokens + completion_tokens) FILTER (WHERE source IN ('duplicate', 'cache')), 0)
         FROM results
         """
     ).fetchall()[0]
@@ -117,7 +117,7 @@ def build_report(run_dir: RunDir, pricing: GpuPricing | None = None, managed: Ma
             "engine_seconds_summed": round(engine_seconds, 3) if engine_seconds else None,
             "engine_slots": slots,
             "tokens_per_second": round(generated / span, 2) if span else None,
-            # identical deterministic rows answered from one generation: tokens and $ not spent
+            # deterministic rows answered by an identical row or the result cache: tokens and $ not spent
             "served_without_generating": {
                 "rows": int(rows_not_generated),
                 "tokens": int(tokens_not_generated),
@@ -186,7 +186,7 @@ def render_markdown(report: dict, chart: str | None) -> str:
         f"| $ per 1M tokens, on demand / spot | {fmt(report['cost_per_million_tokens'], '', 4)} / {fmt(report['cost_per_million_tokens_spot'], '', 4)} |",
         f"| $ per 1M output tokens, on demand / spot | {fmt(report['cost_per_million_output_tokens'], '', 4)} / {fmt(report['cost_per_million_output_tokens_spot'], '', 4)} |",
         f"| truncated (finish_reason = length) | {100 * report['truncation_share']:.1f} % |",
-        f"| answered from an identical row, not generated | {report['served_without_generating']['rows']:,} rows, "
+        f"| answered from an identical row or the result cache, not generated | {report['served_without_generating']['rows']:,} rows, "
         f"{report['served_without_generating']['tokens']:,} tokens, ${fmt(report['served_without_generating']['cost_saved_on_demand'], '', 4)} saved |",
         f"| projected for {report['projection']['rows']:,} rows | {fmt(report['projection']['hours'], ' h', 2)}, "
         f"${fmt(report['projection']['cost_on_demand'], '', 2)} on demand, ${fmt(report['projection']['cost_spot'], '', 2)} spot |",
