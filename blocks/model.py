@@ -27,7 +27,8 @@ class ModelConfig(Block):
     model: str = Field("smollm2", description="bundled name (tiny, smollm2) or a model directory on the workers")
     served_model_name: str | None = Field(None, description="name written into responses (default: the model's)")
     dtype: str = Field("float32", description="float32 on CPU (bf16 is emulated there); bfloat16 on GPUs")
-    max_model_len: int = Field(2048, description="context length: prompt + completion tokens")
+    max_model_len: int | None = Field(
+        None, description="context length: prompt + completion tokens (default: the model's own, fitted to memory)")
     max_num_seqs: int | None = Field(None, description="rows decoded together (default: vLLM's for the hardware, 256–1,024)")
     max_num_batched_tokens: int | None = Field(None, description="tokens per engine step (default: vLLM's for the hardware)")
     tensor_parallel_size: int = Field(1, description="GPUs one engine spans")

@@ -18,7 +18,7 @@ from nightshift import progress
 from nightshift.canaries import CanaryConfig
 from nightshift.engine import start_engine_in_background
 from nightshift.inputs import CorpusOptions
-from nightshift.jobs import size_for_input
+from nightshift.jobs import check_job, size_for_input
 from nightshift.records import JobSpec, RunReport
 from nightshift.rundir import RunDir
 from nightshift.status import run_status
@@ -65,7 +65,8 @@ def batch_inference(
     job = size_for_input(job or _job_from_block(model), input_path, corpus)
     if result_cache:
         job = dataclasses.replace(job, result_cache=result_cache)
-    if not fan_out:  # the engine loads while the input is planned
+    if not fan_out:  # the engine loads here, while the input is planned
+        check_job(job)
         start_engine_in_background(job.engine)
     run_dir = scheduled_run_dir(run_dir)
     validation = validation or CanaryConfig()

@@ -13,7 +13,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from nightshift.chunks import retryable_rows
 from nightshift.records import JobSpec, Plan, RunReport
 from nightshift.rundir import RunDir
-from tasks.generate import finished_result, retry_shard_rows, shard_cache_key
+from nightshift.chunks import shard_cache_key
+from tasks.generate import finished_result, retry_shard_rows
 from tasks.merge import merge_outputs
 
 

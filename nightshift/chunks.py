@@ -1,13 +1,17 @@
 """The chunk file: the unit in which generated rows reach the disk.
 
 A shard's output directory holds chunk files `chunk-<time_ns>-<random>.parquet`, each
-written whole under a temporary name and renamed. A row may appear in more than one chunk
+written whole under a temporary name and renamed. Here too: a shard's output directory name (`shard_cache_key`), the writer that fills chunks,
+the suspects file of rows an engine died under, and the checksums a checkpoint is verified by.
+A row may appear in more than one chunk
 after `nightshift retry` (a failed row retried) or a duplicated straggler; readers take its
 best outcome: a success over an error, then the most recent.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 import uuid
@@ -15,6 +19,11 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from nightshift import progress
+from nightshift.openai_format import error_line, output_line
+from nightshift.records import JobSpec, Shard, ShardResult, _write_json_atomic
+from nightshift.rundir import RunDir
 
 CHUNK_SCHEMA = pa.schema(
     [
@@ -82,3 +91,103 @@ def retryable_rows(output_dir: Path) -> set[int]:
     with duckdb.connect() as con:
         found = con.sql(f"SELECT row_index FROM ({best_rows_sql(files)}) WHERE NOT ok AND error_code IN ({codes})")
         return {row[0] for row in found.fetchall()}
+
+
+def shard_cache_key(shard: Shard, job: JobSpec) -> str:
+    return f"{shard.content_hash[:32]}-{job.fingerprint()[:16]}"
+
+
+def checkpoint_intact(result: ShardResult) -> bool:
+    """A cached result is only as good as its files: every chunk present, bytes unchanged.
+
+    A chunk whose bytes changed is removed, so regenerating the shard redoes its rows.
+    """
+    intact = True
+    for path, digest in zip(result.chunk_files, result.chunk_sha256):
+        path = Path(path)
+        if not path.exists():
+            intact = False
+        elif file_sha256(path) != digest:
+            path.unlink()
+            intact = False
+    return intact
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Suspects:
+    """Rows the engine died under, with how often; kept beside the shard's chunks."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.path = output_dir / "suspects.json"
+        self.counts: dict[int, int] = (
+            {int(k): v for k, v in json.loads(self.path.read_text()).items()} if self.path.exists() else {}
+        )
+
+    def deaths(self, row_index: int) -> int:
+        return self.counts.get(row_index, 0)
+
+    def record(self, row_indexes: list[int]) -> None:
+        for row_index in row_indexes:
+            self.counts[row_index] = self.counts.get(row_index, 0) + 1
+        _write_json_atomic(self.path, self.counts)
+
+    def forgive(self, row_indexes: set[int]) -> None:
+        if any(r in self.counts for r in row_indexes):
+            self.counts = {r: n for r, n in self.counts.items() if r not in row_indexes}
+            _write_json_atomic(self.path, self.counts)
+
+
+class ChunkWriter:
+    """Buffers finished rows and writes them `chunk_size` at a time."""
+
+    def __init__(self, output_dir: Path, shard_index: int, chunk_size: int, cache_key: str, run_dir: RunDir) -> None:
+        self.run_dir = run_dir
+        self.output_dir = output_dir
+        self.shard_index = shard_index
+        self.chunk_size = chunk_size
+        self.cache_key = cache_key
+        self.buffer: list[dict] = []
+        self.tokens_written = 0
+
+    def add_output(self, row: dict, kind: str, output, model_name: str, tokenizer, source: str = "engine") -> dict:
+        line = output_line(row["custom_id"], kind, output, model_name, self.cache_key, tokenizer)
+        first = output.outputs[0]
+        usage = line["response"]["body"]["usage"]
+        return self._add(row, line, ok=True, text=first.text, finish_reason=first.finish_reason,
+                         prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"],
+                         error_code=None, source=source)
+
+    def add_stored(self, row: dict, line: dict, stored: dict) -> None:
+        """A row answered from the result cache."""
+        self._add(row, line, ok=True, text=stored["text"], finish_reason=stored["finish_reason"],
+                  prompt_tokens=stored["prompt_tokens"], completion_tokens=stored["completion_tokens"],
+                  error_code=None, source="cache")
+
+    def add_error(self, row: dict, error: dict) -> None:
+        line = error_line(row["custom_id"], error, self.cache_key)
+        self._add(row, line, ok=False, text=None, finish_reason=None,
+                  prompt_tokens=None, completion_tokens=None, error_code=error["code"], source=None)
+
+    def _add(self, row: dict, line: dict, **fields) -> dict:
+        record = {"row_index": row["row_index"], "shard": self.shard_index, "custom_id": row["custom_id"],
+                  "line": json.dumps(line, ensure_ascii=False), **fields}
+        self.buffer.append(record)
+        if len(self.buffer) >= self.chunk_size:
+            self.flush()
+        return record
+
+    def flush(self) -> None:
+        if self.buffer:
+            write_chunk(self.output_dir, self.buffer)
+            tokens = sum((r["prompt_tokens"] or 0) + (r["completion_tokens"] or 0) for r in self.buffer)
+            self.tokens_written += sum((r["prompt_tokens"] or 0) + (r["completion_tokens"] or 0)
+                                       for r in self.buffer if r["source"] == "engine")
+            progress.advance(self.run_dir, len(self.buffer), tokens)
+            self.buffer = []

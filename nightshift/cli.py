@@ -93,7 +93,8 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--result-cache", metavar="DIR",
                         help="reuse deterministic rows' outputs across runs from this directory (docs/architecture.md)")
     parser.add_argument("--chunk-size", type=int, default=512, help="rows per chunk file inside a shard")
-    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--max-model-len", type=int,
+                        help="context: prompt + completion tokens (default: the model's own, lowered only to fit memory)")
     parser.add_argument("--max-num-seqs", type=int, help="rows decoded together (default: vLLM's for the hardware)")
     parser.add_argument("--max-num-batched-tokens", type=int, help="tokens per engine step (default: vLLM's for the hardware)")
     eager = parser.add_mutually_exclusive_group()
@@ -150,10 +151,11 @@ def _validation(args):
 def _run(args) -> int:
     from nightshift.canaries import CanaryFailure
     from nightshift.inputs import InputError
-    from nightshift.jobs import make_job
+    from nightshift.jobs import check_job, make_job
+    from nightshift.records import ConfigurationError
 
     try:
-        job = make_job(
+        job = check_job(make_job(
             args.model,
             chunk_size=args.chunk_size,
             max_model_len=args.max_model_len,
@@ -163,12 +165,12 @@ def _run(args) -> int:
             served_model_name=args.served_model_name,
             model_mismatch=args.model_mismatch,
             result_cache=args.result_cache,
-        )
+        ))
         corpus, validation = _corpus_options(args), _validation(args)
         report = _run_preemptible(
             args.output, lambda: run_job(args.input, args.output, job, args.shard_size, corpus, validation)
         )
-    except (InputError, FileNotFoundError) as exc:
+    except (InputError, FileNotFoundError, ConfigurationError) as exc:
         print(f"nightshift: {exc}", file=sys.stderr)
         return 2
     except CanaryFailure as exc:

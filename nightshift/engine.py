@@ -23,7 +23,7 @@ from vllm.exceptions import VLLMClientError
 
 from nightshift.openai_format import PreparedRequest
 from nightshift.preemption import Preempted
-from nightshift.records import EngineConfig
+from nightshift.records import ConfigurationError, EngineConfig
 
 log = logging.getLogger("nightshift.engine")
 
@@ -62,9 +62,13 @@ class BatchEngine:
         from vllm import LLM
 
         self.config = config
-        self.llm = LLM(**engine_arguments(config))
+        try:
+            self.llm = LLM(**engine_arguments(config))
+        except (ValueError, TypeError, OSError) as exc:  # not worth a retry: another try fails the same way
+            raise ConfigurationError(f"the engine could not start: {str(exc).splitlines()[0]}") from exc
         self.tokenizer = self.llm.get_tokenizer()
         self.default_sampling_params = self.llm.model_config.get_diff_sampling_param()
+        self.max_model_len = self.llm.model_config.max_model_len  # what vLLM settled on
         # vLLM fills the sizes left open with its defaults for the hardware: read them back
         self.max_num_seqs = self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
         self.max_in_flight = 2 * self.max_num_seqs
@@ -260,6 +264,7 @@ def engine_arguments(config: EngineConfig) -> dict:
     open, and on CPU an explicit KV-cache size."""
     arguments = {k: v for k, v in asdict(config).items() if v is not None}
     arguments.setdefault("enforce_eager", True)  # a config that nobody sized for its job: start fast
+    arguments.setdefault("max_model_len", -1)  # the model's own context, lowered only if memory requires
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu() and config.kv_cache_memory_bytes is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
@@ -283,24 +288,39 @@ def cpu_kv_cache_bytes(config: EngineConfig, available: int | None = None) -> in
     per_token = kv_bytes_per_token(config)
     if per_token is None:
         return max(GiB, int(min(4 * GiB, config.gpu_memory_utilization * available)))
-    context = config.max_model_len
+    context = config.max_model_len or model_context(config) or 2048
     wanted = per_token * context * (config.max_num_seqs or 256)
-    floor = per_token * context + 64 * (1 << 20)
+    # an explicit context must fit one whole sequence; the model's own is fitted to the cache by vLLM
+    floor = (per_token * context if config.max_model_len else 0) + 64 * (1 << 20)
     return int(max(floor, min(wanted, config.gpu_memory_utilization * available)))
 
 
-def kv_bytes_per_token(config: EngineConfig) -> int | None:
-    """K and V of every layer for one token, from the model's config.json (None if unknown)."""
+def model_context(config: EngineConfig) -> int | None:
+    """The model's context length from its config.json, as vLLM reads it first."""
+    model = _model_json(config)
+    value = model.get("max_position_embeddings") if model else None
+    return int(value) if value else None
+
+
+def _model_json(config: EngineConfig) -> dict | None:
     import json
     from pathlib import Path
 
     try:
         model = json.loads((Path(config.model) / "config.json").read_text())
-        model = model.get("text_config", model)
+    except (OSError, ValueError):
+        return None
+    return model.get("text_config", model)
+
+
+def kv_bytes_per_token(config: EngineConfig) -> int | None:
+    """K and V of every layer for one token, from the model's config.json (None if unknown)."""
+    model = _model_json(config)
+    try:
         layers = model["num_hidden_layers"]
         heads = model.get("num_key_value_heads") or model["num_attention_heads"]
         head_dim = model.get("head_dim") or model["hidden_size"] // model["num_attention_heads"]
-    except (OSError, KeyError, TypeError, ValueError, ZeroDivisionError):
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
         return None
     dtype = config.kv_cache_dtype if config.kv_cache_dtype != "auto" else config.dtype
     width = 1 if "fp8" in dtype or "int8" in dtype else 4 if dtype in ("float32", "float") else 2

@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from nightshift.models import KNOWN_MODELS, resolve_model
-from nightshift.records import EngineConfig, JobSpec
+from nightshift.records import ConfigurationError, EngineConfig, JobSpec
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
@@ -30,7 +30,7 @@ def make_job(
     model: str = "smollm2",
     *,
     chunk_size: int = 512,
-    max_model_len: int = 2048,
+    max_model_len: int | None = None,
     max_num_seqs: int | None = None,
     served_model_name: str | None = None,
     model_mismatch: str = "error",
@@ -61,3 +61,26 @@ def size_for_input(job: JobSpec, input_path: str, corpus=None, storage_options: 
 
     rows = estimate_rows(input_path, detect_kind(input_path, corpus), storage_options)
     return replace(job, engine=choose_enforce_eager(job.engine, rows))
+
+
+def check_job(job: JobSpec) -> JobSpec:
+    """Check the engine settings against the model with vLLM's own model config, before any
+    row is planned or any weight loaded (about a second); raise ConfigurationError in one line."""
+    from pydantic import ValidationError
+    from vllm.engine.arg_utils import EngineArgs
+
+    engine = job.engine
+    model = engine.model
+    if (model.startswith((".", "/", "~")) or os.sep in model) and not Path(model).expanduser().is_dir():
+        raise ConfigurationError(f"model directory {model!r} does not exist")
+    try:
+        EngineArgs(model=model, dtype=engine.dtype, max_model_len=engine.max_model_len or -1,
+                   quantization=engine.quantization, seed=engine.seed).create_model_config()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first.get("loc", ()) if not str(p).startswith(("literal", "is-instance")))
+        message = str(first.get("msg", exc)).removeprefix("Value error, ").split(". To allow")[0]
+        raise ConfigurationError(f"{field + ': ' if field else ''}{message}") from None
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise ConfigurationError(f"model {model!r}: {str(exc).splitlines()[0]}") from None
+    return job

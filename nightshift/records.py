@@ -17,11 +17,18 @@ from pathlib import Path
 OUTPUT_FORMAT_VERSION = 2
 
 
+class ConfigurationError(ValueError):
+    """The job cannot run as configured (a context longer than the model's, an unknown dtype,
+    a missing model, an engine that cannot start here). Said once, exit status 2, never retried."""
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How the vLLM engine is built. Fields mirror vLLM's `LLM(...)` arguments; None leaves
     the choice to vLLM (its offline defaults for the hardware) or to Nightshift's sizing:
 
+    * `max_model_len`: the model's own context, lowered only if memory cannot hold one sequence
+      that long (vLLM's auto-fit); the shards' metrics.json and the report say which it used.
     * `max_num_seqs` / `max_num_batched_tokens`: vLLM's defaults for the hardware — 256 / 4,096
       on CPU, 256 / 8,192 on most GPUs, 1,024 / 16,384 on H100/H200-class GPUs.
     * `enforce_eager`: decided from the job's size (`nightshift.engine.choose_enforce_eager`).
@@ -31,7 +38,7 @@ class EngineConfig:
 
     model: str
     dtype: str = "float32"
-    max_model_len: int = 2048
+    max_model_len: int | None = None
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
     gpu_memory_utilization: float = 0.2

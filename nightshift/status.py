@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from nightshift.records import Plan
+from nightshift.chunks import shard_cache_key
+from nightshift.records import JobSpec, Plan
 from nightshift.rundir import RunDir
 
 
@@ -42,12 +43,12 @@ def run_status(run_dir: str | Path) -> RunStatus:
     rd = RunDir(run_dir)
     if not rd.plan_manifest.exists():
         raise FileNotFoundError(f"{run_dir} has no plan yet (plan/manifest.json)")
-    plan = Plan.load(rd.plan_manifest)
+    plan, job = Plan.load(rd.plan_manifest), JobSpec.load(rd.job)
     shard_states, written = [], []
     for shard in plan.shards:
-        output = _latest_output_dir(rd, shard.content_hash)
+        output = rd.shard_output(shard_cache_key(shard, job))
         done = 0
-        if output is not None:
+        if output.is_dir():
             for chunk in output.glob("chunk-*.parquet"):
                 try:
                     rows = pq.ParquetFile(chunk).metadata.num_rows
@@ -55,7 +56,7 @@ def run_status(run_dir: str | Path) -> RunStatus:
                     continue
                 done += rows
                 written.append((chunk.stat().st_mtime, rows))
-        finished = output is not None and (output / "result.json").exists()
+        finished = (output / "result.json").exists()
         state = "done" if finished else "partial" if done else "pending"
         shard_states.append(ShardStatus(shard.index, shard.num_rows, done, state))
     rows_done = sum(s.rows_done for s in shard_states)
@@ -72,12 +73,6 @@ def run_status(run_dir: str | Path) -> RunStatus:
         merged=rd.summary.exists() and rd.summary.stat().st_mtime >= rd.plan_manifest.stat().st_mtime,
         shards=shard_states,
     )
-
-
-def _latest_output_dir(rd: RunDir, content_hash: str) -> Path | None:
-    # One directory per (shard, job fingerprint); the newest belongs to the latest job.
-    candidates = sorted(rd.root.glob(f"shards/{content_hash[:32]}-*"), key=lambda p: p.stat().st_mtime)
-    return candidates[-1] if candidates else None
 
 
 def _recent_rate(written: list[tuple[float, int]]) -> float | None:

@@ -48,7 +48,7 @@ from prefect.states import Cancelled, Cancelling, Crashed
 
 from nightshift.records import JobSpec, Shard, ShardResult, _write_json_atomic
 from nightshift.rundir import RunDir
-from tasks.generate import shard_cache_key
+from nightshift.chunks import shard_cache_key
 
 HEARTBEAT_INTERVAL_S = 5.0
 _FAILED = {StateType.FAILED, StateType.CRASHED, StateType.CANCELLED}

@@ -18,7 +18,6 @@ retried forever (`nightshift retry` gives such rows another chance later).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -29,26 +28,23 @@ import pyarrow.parquet as pq
 from prefect import task
 from prefect.context import TaskRunContext
 
-from nightshift.chunks import best_rows_sql, chunk_files, rows_on_disk, write_chunk
-from nightshift.engine import EngineFailure, get_engine
-from nightshift.openai_format import (
-    PreparedRequest,
-    RequestRejected,
-    duplicate_key,
-    error_line,
-    output_line,
-    prepare_request,
+from nightshift.chunks import (
+    ChunkWriter,
+    Suspects,
+    best_rows_sql,
+    checkpoint_intact,
+    chunk_files,
+    file_sha256,
+    rows_on_disk,
+    shard_cache_key,
 )
-from nightshift import progress
+from nightshift.engine import EngineFailure, get_engine
+from nightshift.openai_format import PreparedRequest, RequestRejected, duplicate_key, prepare_request
 from nightshift.result_cache import ResultCache, cached_output_line
 from nightshift.preemption import Preempted, generation_in_progress, grace_seconds, stop_requested
-from nightshift.records import JobSpec, Shard, ShardResult, _write_json_atomic
+from nightshift.records import ConfigurationError, JobSpec, Shard, ShardResult, _write_json_atomic
 from nightshift.rundir import RunDir
 from nightshift.telemetry import GpuSampler
-
-
-def shard_cache_key(shard: Shard, job: JobSpec) -> str:
-    return f"{shard.content_hash[:32]}-{job.fingerprint()[:16]}"
 
 
 def _task_cache_key(context: TaskRunContext, parameters: dict) -> str:
@@ -56,8 +52,9 @@ def _task_cache_key(context: TaskRunContext, parameters: dict) -> str:
 
 
 def _retry_unless_preempted(task, task_run, state) -> bool:
-    # A preempted process is going away: retrying inside it would only be killed again.
-    return not isinstance(state.result(raise_on_failure=False), Preempted)
+    # A preempted process is going away: retrying inside it would only be killed again. A
+    # configuration the engine refuses is refused again: it is said once, not retried.
+    return not isinstance(state.result(raise_on_failure=False), (Preempted, ConfigurationError))
 
 
 @task(
@@ -114,10 +111,10 @@ def _generate(shard: Shard, job: JobSpec, run_dir: RunDir, only_rows: set[int] |
         todo = [row for row in rows if row["row_index"] not in done]
     else:
         todo = [row for row in rows if row["row_index"] in only_rows]
-    suspects = _Suspects(output_dir)
+    suspects = Suspects(output_dir)
     if only_rows is not None:
         suspects.forgive(only_rows)
-    writer = _ChunkWriter(output_dir, shard.index, job.chunk_size, key, run_dir)
+    writer = ChunkWriter(output_dir, shard.index, job.chunk_size, key, run_dir)
 
     ready_rows: list[tuple[PreparedRequest, str | None]] = []  # with the key identical rows share
     engine = None
@@ -133,7 +130,7 @@ def _generate(shard: Shard, job: JobSpec, run_dir: RunDir, only_rows: set[int] |
             try:
                 ready = prepare_request(row["row_index"], row["custom_id"], request, job.served_model_name,
                                         _model_aliases(job), job.model_mismatch, engine.default_sampling_params,
-                                        job.engine.max_model_len)
+                                        engine.max_model_len)
             except RequestRejected as exc:
                 writer.add_error(row, {"code": exc.code, "message": str(exc), "line": row["line_no"]})
                 continue
@@ -193,7 +190,8 @@ def _generate(shard: Shard, job: JobSpec, run_dir: RunDir, only_rows: set[int] |
         raise Preempted(f"shard {shard.index}: stopped on SIGTERM")
     result = _shard_result(shard, key, output_dir, len(prepared), time.monotonic() - started)
     _write_json_atomic(output_dir / "result.json", result.__dict__)
-    write_shard_metrics(result, output_dir, engine_started, engine_finished, sampler, writer.tokens_written)
+    write_shard_metrics(result, output_dir, engine_started, engine_finished, sampler, writer.tokens_written,
+                        engine.max_model_len if engine else None)
     return result
 
 
@@ -232,7 +230,7 @@ def _shard_result(shard: Shard, key: str, output_dir: Path, generated: int, seco
 
 
 def write_shard_metrics(result: ShardResult, output_dir: Path, engine_started: float, engine_finished: float,
-                        sampler: GpuSampler, tokens_generated: int) -> None:
+                        sampler: GpuSampler, tokens_generated: int, max_model_len: int | None = None) -> None:
     """metrics.json beside the shard's chunks: what this attempt did, what it cost, and the GPU."""
     with duckdb.connect() as con:
         finish = dict(con.sql(f"SELECT coalesce(finish_reason, 'error'), count(*) FROM "
@@ -255,36 +253,13 @@ def write_shard_metrics(result: ShardResult, output_dir: Path, engine_started: f
         "tokens_generated": tokens_generated,
         "tokens_per_second": None,
         "finish_reasons": finish,
+        "max_model_len": max_model_len,  # the context the engine ran with
         "errors_by_code": errors,
         **sampler.summary(),
     }
     if result.regenerated_rows:
         metrics["tokens_per_second"] = round(tokens_generated / engine_seconds, 2)
     _write_json_atomic(output_dir / "metrics.json", metrics)
-
-
-def checkpoint_intact(result: ShardResult) -> bool:
-    """A cached result is only as good as its files: every chunk present, bytes unchanged.
-
-    A chunk whose bytes changed is removed, so regenerating the shard redoes its rows.
-    """
-    intact = True
-    for path, digest in zip(result.chunk_files, result.chunk_sha256):
-        path = Path(path)
-        if not path.exists():
-            intact = False
-        elif file_sha256(path) != digest:
-            path.unlink()
-            intact = False
-    return intact
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _model_aliases(job: JobSpec) -> set[str]:
@@ -296,75 +271,3 @@ def _engine_refusal(exc: Exception, line_no: int) -> dict:
     message = str(exc)
     code = "context_length_exceeded" if "context length" in message else "invalid_request"
     return {"code": code, "message": message, "line": line_no}
-
-
-class _Suspects:
-    """Rows the engine died under, with how often; kept beside the shard's chunks."""
-
-    def __init__(self, output_dir: Path) -> None:
-        self.path = output_dir / "suspects.json"
-        self.counts: dict[int, int] = (
-            {int(k): v for k, v in json.loads(self.path.read_text()).items()} if self.path.exists() else {}
-        )
-
-    def deaths(self, row_index: int) -> int:
-        return self.counts.get(row_index, 0)
-
-    def record(self, row_indexes: list[int]) -> None:
-        for row_index in row_indexes:
-            self.counts[row_index] = self.counts.get(row_index, 0) + 1
-        _write_json_atomic(self.path, self.counts)
-
-    def forgive(self, row_indexes: set[int]) -> None:
-        if any(r in self.counts for r in row_indexes):
-            self.counts = {r: n for r, n in self.counts.items() if r not in row_indexes}
-            _write_json_atomic(self.path, self.counts)
-
-
-class _ChunkWriter:
-    """Buffers finished rows and writes them `chunk_size` at a time."""
-
-    def __init__(self, output_dir: Path, shard_index: int, chunk_size: int, cache_key: str, run_dir: RunDir) -> None:
-        self.run_dir = run_dir
-        self.output_dir = output_dir
-        self.shard_index = shard_index
-        self.chunk_size = chunk_size
-        self.cache_key = cache_key
-        self.buffer: list[dict] = []
-        self.tokens_written = 0
-
-    def add_output(self, row: dict, kind: str, output, model_name: str, tokenizer, source: str = "engine") -> dict:
-        line = output_line(row["custom_id"], kind, output, model_name, self.cache_key, tokenizer)
-        first = output.outputs[0]
-        usage = line["response"]["body"]["usage"]
-        return self._add(row, line, ok=True, text=first.text, finish_reason=first.finish_reason,
-                         prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"],
-                         error_code=None, source=source)
-
-    def add_stored(self, row: dict, line: dict, stored: dict) -> None:
-        """A row answered from the result cache."""
-        self._add(row, line, ok=True, text=stored["text"], finish_reason=stored["finish_reason"],
-                  prompt_tokens=stored["prompt_tokens"], completion_tokens=stored["completion_tokens"],
-                  error_code=None, source="cache")
-
-    def add_error(self, row: dict, error: dict) -> None:
-        line = error_line(row["custom_id"], error, self.cache_key)
-        self._add(row, line, ok=False, text=None, finish_reason=None,
-                  prompt_tokens=None, completion_tokens=None, error_code=error["code"], source=None)
-
-    def _add(self, row: dict, line: dict, **fields) -> dict:
-        record = {"row_index": row["row_index"], "shard": self.shard_index, "custom_id": row["custom_id"],
-                  "line": json.dumps(line, ensure_ascii=False), **fields}
-        self.buffer.append(record)
-        if len(self.buffer) >= self.chunk_size:
-            self.flush()
-        return record
-
-    def flush(self) -> None:
-        if self.buffer:
-            write_chunk(self.output_dir, self.buffer)
-            tokens = sum((r["prompt_tokens"] or 0) + (r["completion_tokens"] or 0) for r in self.buffer)
-            self.tokens_written += sum((r["prompt_tokens"] or 0) + (r["completion_tokens"] or 0)
-                                       for r in self.buffer if r["source"] == "engine")
-            progress.advance(self.run_dir, len(self.buffer), tokens)
-            self.buffer = []

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from prefect import task
 
 from blocks.storage import ObjectStorage
-from nightshift.canaries import CANARY_PREFIX, load_canaries
+from nightshift.canaries import load_canaries
 from nightshift.inputs import CorpusOptions, InputRow, detect_kind, read_rows
 from nightshift.records import Plan, Shard
 from nightshift.rundir import RunDir

@@ -16,15 +16,13 @@ import duckdb
 from prefect import task
 
 from blocks.pricing import GpuPricing, ManagedApiPrices
-from nightshift.chunks import sql_path_list
+from nightshift.chunks import shard_cache_key, sql_path_list
 from nightshift.records import JobSpec, Plan, _write_json_atomic
 from nightshift.rundir import RunDir
 
 
 def build_report(run_dir: RunDir, pricing: GpuPricing | None = None, managed: ManagedApiPrices | None = None,
                  project_rows: int = 1_000_000) -> dict:
-    from tasks.generate import shard_cache_key
-
     pricing, managed = pricing or GpuPricing(), managed or ManagedApiPrices()
     plan, job = Plan.load(run_dir.plan_manifest), JobSpec.load(run_dir.job)
     metric_files = [p for s in plan.shards if (p := run_dir.shard_output(shard_cache_key(s, job)) / "metrics.json").exists()]
@@ -89,6 +87,7 @@ def build_report(run_dir: RunDir, pricing: GpuPricing | None = None, managed: Ma
             FROM metrics
             """
         ).fetchall()[0]
+        context = con.sql("SELECT max(max_model_len) FROM metrics").fetchall()[0][0] if "max_model_len" in columns else None
         stragglers = con.sql(
             """
             SELECT shard_index, round(engine_seconds, 2) AS seconds,
@@ -98,7 +97,7 @@ def build_report(run_dir: RunDir, pricing: GpuPricing | None = None, managed: Ma
         ).fetchall()
     else:
         span = slot_seconds = engine_seconds = gpu_util = gpu_mem = gpu_power = None
-        gpu_name, gpu_count, telemetry, stragglers, slots = None, 0, "no shard metrics", [], 0
+        gpu_name, gpu_count, telemetry, stragglers, slots, context = None, 0, "no shard metrics", [], 0, None
     con.close()
 
     accelerator_hours = (slot_seconds or 0) / 3600 * pricing.accelerators
@@ -113,6 +112,7 @@ def build_report(run_dir: RunDir, pricing: GpuPricing | None = None, managed: Ma
     rows_per_second = rows / span if span else None
     report.update(
         {
+            "max_model_len": context,  # the context the engine ran with (the model's own unless set)
             "generate_seconds": round(span, 3) if span else None,
             "engine_seconds_summed": round(engine_seconds, 3) if engine_seconds else None,
             "engine_slots": slots,
@@ -173,7 +173,8 @@ def render_markdown(report: dict, chart: str | None) -> str:
     lines = [
         f"# Nightshift run report — {Path(report['run_dir']).name}",
         "",
-        f"Model **{report['model']}** on **{report['accelerator']}**. {gpu}.",
+        f"Model **{report['model']}** (context {fmt(report.get('max_model_len'), ' tokens', 0)}) on "
+        f"**{report['accelerator']}**. {gpu}.",
         "",
         "| figure | value |",
         "|---|---|",
