@@ -3,9 +3,11 @@
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import chat_request, write_jsonl
+
 from nightshift.inputs import CorpusOptions, InputError, read_rows
+
+pytestmark = pytest.mark.fast
 
 
 def codes(rows):

@@ -3,10 +3,13 @@ for every non-blank line exactly once — as a request or as an error naming tha
 
 import json
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nightshift.inputs import InputError, read_rows
+
+pytestmark = pytest.mark.fast
 
 good_line = st.builds(
     lambda cid, text: json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",

@@ -1,6 +1,10 @@
 """Specification of the oracle's text comparison (no engine, no model)."""
 
+import pytest
+
 from tasks.canary import texts_agree
+
+pytestmark = pytest.mark.fast
 
 
 def test_a_reference_cut_inside_a_multibyte_character_agrees_with_the_whole_character():

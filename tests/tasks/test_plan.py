@@ -1,10 +1,13 @@
 """Specification of the plan stage: fixed-size, deterministic, content-hashed shards."""
 
 import pyarrow.parquet as pq
-
+import pytest
 from conftest import chat_request, write_jsonl
+
 from nightshift.rundir import RunDir
 from tasks.plan import plan
+
+pytestmark = pytest.mark.fast
 
 
 def test_shards_are_fixed_size_and_cover_every_row_in_order(tmp_path):

@@ -1,0 +1,64 @@
+"""Specification of the OpenAI Batch wire format, without an engine: a body means here what it
+means to vLLM's server; what a batch cannot honour is refused per row with an OpenAI code."""
+
+import pytest
+
+from nightshift.openai_format import RequestRejected, duplicate_key, prepare_request
+
+pytestmark = pytest.mark.fast
+
+CHAT = "/v1/chat/completions"
+
+
+def prepare(body: dict, url: str = CHAT, max_model_len: int = 2048):
+    request = {"url": url, "body": body}
+    return prepare_request(0, "row-0", request, "tiny", {"tiny"}, "error", {}, max_model_len), request
+
+
+def chat(**fields) -> dict:
+    return {"messages": [{"role": "user", "content": "Hello"}], **fields}
+
+
+def rejected(body: dict, url: str = CHAT) -> str:
+    with pytest.raises(RequestRejected) as refusal:
+        prepare(body, url)
+    return refusal.value.code
+
+
+def test_sampling_fields_map_onto_vllms_sampling_params():
+    ready, _ = prepare(chat(max_completion_tokens=7, temperature=0.3, top_p=0.9, seed=4, stop=["\n"], n=2))
+    params = ready.sampling_params
+    assert (params.max_tokens, params.temperature, params.top_p, params.seed, params.stop, params.n) == (
+        7, 0.3, 0.9, 4, ["\n"], 2)
+    assert ready.kind == "chat" and ready.prompt == [{"role": "user", "content": "Hello"}]
+
+
+def test_a_completion_body_keeps_its_prompt():
+    ready, _ = prepare({"prompt": "Once upon", "max_tokens": 3}, url="/v1/completions")
+    assert ready.kind == "completion" and ready.prompt == "Once upon" and ready.sampling_params.max_tokens == 3
+
+
+@pytest.mark.parametrize("body, code", [
+    (chat(stream=True), "unsupported_parameter"),
+    (chat(tools=[{"type": "function", "function": {"name": "f"}}]), "unsupported_parameter"),
+    (chat(frobnicate=1), "unsupported_parameter"),
+    (chat(model="gpt-4o-mini"), "model_not_found"),
+    (chat(temperature="hot"), "invalid_request"),
+    (chat(max_tokens=0), "invalid_request"),
+    (chat(max_tokens=4096), "context_length_exceeded"),
+    ({"messages": [{"role": "user", "content": "   "}]}, "empty_prompt"),
+])
+def test_what_a_batch_cannot_honour_is_refused_with_an_openai_code(body, code):
+    assert rejected(body) == code
+
+
+def test_only_rows_whose_output_is_not_left_to_chance_share_a_duplicate_key():
+    greedy, greedy_request = prepare(chat(temperature=0, max_tokens=5))
+    twin, twin_request = prepare(chat(max_tokens=5, temperature=0))  # same body, other key order
+    seeded, seeded_request = prepare(chat(temperature=0.8, seed=3))
+    sampled, sampled_request = prepare(chat(temperature=0.8))
+    longer, longer_request = prepare(chat(temperature=0, max_tokens=6))
+    assert duplicate_key(greedy_request, greedy) == duplicate_key(twin_request, twin) is not None
+    assert duplicate_key(seeded_request, seeded) is not None
+    assert duplicate_key(sampled_request, sampled) is None
+    assert duplicate_key(longer_request, longer) != duplicate_key(greedy_request, greedy)

@@ -1,0 +1,64 @@
+"""Specification of the report's arithmetic on a synthetic run directory (no engine, no server):
+billed hours add up each engine slot, $/1M tokens is the pricing block's arithmetic, and rows
+answered without generating are counted apart."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from blocks.pricing import GpuPricing
+from nightshift.chunks import shard_cache_key
+from nightshift.records import EngineConfig, JobSpec, Plan, Shard
+from nightshift.rundir import RunDir
+from tasks.report import build_report
+
+pytestmark = pytest.mark.fast
+
+
+def metrics(shard: int, host: str, started: float, seconds: float) -> dict:
+    return {"shard_index": shard, "host": host, "engine_started": started, "engine_finished": started + seconds,
+            "engine_seconds": seconds, "gpu_name": None, "gpu_count": 0, "gpu_util_mean": None,
+            "gpu_mem_mib_mean": None, "gpu_power_w_mean": None, "gpu_telemetry": "no NVML", "max_model_len": 2048}
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    run = RunDir(tmp_path / "run")
+    job = JobSpec(engine=EngineConfig(model="m"), served_model_name="m", model_identity="x")
+    shards = [Shard(index=i, path=f"s{i}", first_row=2 * i, num_rows=2, content_hash=f"{i}" * 64) for i in range(2)]
+    Plan(input_path="in.jsonl", input_kind="openai-batch", total_rows=4, shards=shards).save(run.plan_manifest)
+    job.save(run.job)
+    # two engines side by side on two hosts: 3,600 s each, spanning 5,400 s of wall time
+    for shard, host, started in ((shards[0], "gpu-a", 0.0), (shards[1], "gpu-b", 1800.0)):
+        out = run.shard_output(shard_cache_key(shard, job))
+        out.mkdir(parents=True)
+        (out / "metrics.json").write_text(json.dumps(metrics(shard.index, host, started, 3600.0)))
+    pq.write_table(pa.table({
+        "custom_id": ["a", "b", "c", "d"], "text": ["x", "x", "y", None],
+        "finish_reason": ["stop", "stop", "length", None], "prompt_tokens": [100, 100, 300, None],
+        "completion_tokens": [50, 50, 150, None], "shard": [0, 0, 1, 1],
+        "source": ["engine", "duplicate", "engine", None]}), run.results)
+    return run
+
+
+def test_billed_hours_add_up_each_engine_slot_and_cost_follows_the_pricing_block(run_dir):
+    pricing = GpuPricing(accelerator="H100", accelerators=2, on_demand_per_hour=4.0, spot_per_hour=1.5)
+    report = build_report(run_dir, pricing)
+    assert report["engine_slots"] == 2 and report["generate_seconds"] == 5400.0
+    assert report["accelerator_hours"] == pytest.approx(2 * 1.0 * 2)  # two slots of one hour, two GPUs each
+    assert report["cost_on_demand"] == pytest.approx(16.0) and report["cost_spot"] == pytest.approx(6.0)
+    assert report["total_tokens"] == 750 and report["rows"] == 4 and report["failed"] == 1
+    assert report["cost_per_million_tokens"] == pytest.approx(16.0 / 750 * 1e6)
+    assert report["truncation_share"] == pytest.approx(1 / 3, abs=1e-4)
+    assert report["max_model_len"] == 2048
+
+
+def test_rows_answered_without_generating_are_counted_apart_with_the_money_they_saved(run_dir):
+    report = build_report(run_dir, GpuPricing(on_demand_per_hour=4.0, accelerators=1))
+    saved = report["served_without_generating"]
+    generated = 750 - 150  # the duplicate's 150 tokens were never generated
+    assert saved["rows"] == 1 and saved["tokens"] == 150
+    assert report["tokens_per_second"] == pytest.approx(generated / 5400, abs=0.005)  # rounded to 2 places
+    assert saved["cost_saved_on_demand"] == pytest.approx(report["cost_on_demand"] * 150 / generated, rel=1e-3)
