@@ -95,10 +95,29 @@ def timed(args: list[str], env: dict, markers: tuple[str, ...] = (), ok_exits: t
 def run_batch(model: str, served_name: str, input_path: Path, work: Path, kv_gib: int) -> dict:
     output = work / "run_batch_out.jsonl"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_gib), "HF_HUB_OFFLINE": "1"}
-    result = timed([PYTHON, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(input_path), "-o", str(output),
-                    "--model", model, "--served-model-name", served_name, "--dtype", "float32",
-                    "--max-model-len", "2048", "--seed", "0"],
-                   env, markers=("Reading batch from", "Writing outputs to"))
+    result = timed(
+        [
+            PYTHON,
+            "-m",
+            "vllm.entrypoints.openai.run_batch",
+            "-i",
+            str(input_path),
+            "-o",
+            str(output),
+            "--model",
+            model,
+            "--served-model-name",
+            served_name,
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "2048",
+            "--seed",
+            "0",
+        ],
+        env,
+        markers=("Reading batch from", "Writing outputs to"),
+    )
     marks = result["markers"]
     result["phase"] = marks["Writing outputs to"] - marks["Reading batch from"]
     result["ok_rows"] = sum(1 for line in open(output) if json.loads(line).get("error") is None)
@@ -110,8 +129,21 @@ def nightshift(model: str, served_name: str, input_path: Path, work: Path) -> di
     shutil.rmtree(run_dir, ignore_errors=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env["HF_HUB_OFFLINE"] = "1"
-    result = timed([NIGHTSHIFT, "run", str(input_path), "--output", str(run_dir), "--model", model,
-                    "--served-model-name", served_name], env, ok_exits=(0, 3))
+    result = timed(
+        [
+            NIGHTSHIFT,
+            "run",
+            str(input_path),
+            "--output",
+            str(run_dir),
+            "--model",
+            model,
+            "--served-model-name",
+            served_name,
+        ],
+        env,
+        ok_exits=(0, 3),
+    )
     # exit 3: every row is out but the canary stage did not validate them (on a random model the
     # oracle's exact greedy agreement is fragile); the job's time is what is measured here
     result["validated"] = result["exit"] == 0
@@ -159,38 +191,53 @@ def main() -> None:
             order = ("run_batch", "nightshift") if round_no % 2 == 0 else ("nightshift", "run_batch")
             pair = {}
             for side in order:
-                pair[side] = (run_batch(model, served, input_path, work, kv_gib) if side == "run_batch"
-                              else nightshift(model, served, input_path, work))
+                pair[side] = (
+                    run_batch(model, served, input_path, work, kv_gib)
+                    if side == "run_batch"
+                    else nightshift(model, served, input_path, work)
+                )
             rb, ns = pair["run_batch"], pair["nightshift"]
-            print(f"{rows} rows, round {round_no + 1}: wall {ns['wall']:.1f} vs {rb['wall']:.1f} s; "
-                  f"CPU {ns['cpu']:.0f} vs {rb['cpu']:.0f} s; generate {ns['phase']:.1f} s vs batch phase "
-                  f"{rb['phase']:.1f} s; peak RSS {ns['peak_rss_mib']:.0f} vs {rb['peak_rss_mib']:.0f} MiB; "
-                  f"ok rows {ns['ok_rows']} / {rb['ok_rows']}; validated: {ns['validated']}", flush=True)
+            print(
+                f"{rows} rows, round {round_no + 1}: wall {ns['wall']:.1f} vs {rb['wall']:.1f} s; "
+                f"CPU {ns['cpu']:.0f} vs {rb['cpu']:.0f} s; generate {ns['phase']:.1f} s vs batch phase "
+                f"{rb['phase']:.1f} s; peak RSS {ns['peak_rss_mib']:.0f} vs {rb['peak_rss_mib']:.0f} MiB; "
+                f"ok rows {ns['ok_rows']} / {rb['ok_rows']}; validated: {ns['validated']}",
+                flush=True,
+            )
             pairs.append(pair)
         shutil.rmtree(work, ignore_errors=True)
 
-        def median(side: str, key: str) -> float:
+        def median(side: str, key: str, pairs=pairs) -> float:
             return statistics.median(p[side][key] for p in pairs)
 
-        summary.append({
-            "rows": rows, "rounds": rounds,
-            "wall_ratio": median("nightshift", "wall") / median("run_batch", "wall"),
-            "cpu_ratio": median("nightshift", "cpu") / median("run_batch", "cpu"),
-            "generate_vs_batch_phase": median("run_batch", "phase") / median("nightshift", "phase"),
-            "planning_rows_per_s": plan_rate,
-            "nightshift_wall": median("nightshift", "wall"), "run_batch_wall": median("run_batch", "wall"),
-            "nightshift_cpu": median("nightshift", "cpu"), "run_batch_cpu": median("run_batch", "cpu"),
-            "nightshift_rss_mib": median("nightshift", "peak_rss_mib"),
-            "run_batch_rss_mib": median("run_batch", "peak_rss_mib"),
-        })
-    print("\n| rows | rounds | Nightshift wall | run_batch wall | wall ratio | CPU s (NS vs RB) | CPU ratio "
-          "| generate vs batch phase | planning rows/s | peak RSS MiB (NS vs RB) |")
+        summary.append(
+            {
+                "rows": rows,
+                "rounds": rounds,
+                "wall_ratio": median("nightshift", "wall") / median("run_batch", "wall"),
+                "cpu_ratio": median("nightshift", "cpu") / median("run_batch", "cpu"),
+                "generate_vs_batch_phase": median("run_batch", "phase") / median("nightshift", "phase"),
+                "planning_rows_per_s": plan_rate,
+                "nightshift_wall": median("nightshift", "wall"),
+                "run_batch_wall": median("run_batch", "wall"),
+                "nightshift_cpu": median("nightshift", "cpu"),
+                "run_batch_cpu": median("run_batch", "cpu"),
+                "nightshift_rss_mib": median("nightshift", "peak_rss_mib"),
+                "run_batch_rss_mib": median("run_batch", "peak_rss_mib"),
+            }
+        )
+    print(
+        "\n| rows | rounds | Nightshift wall | run_batch wall | wall ratio | CPU s (NS vs RB) | CPU ratio "
+        "| generate vs batch phase | planning rows/s | peak RSS MiB (NS vs RB) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for s in summary:
-        print(f"| {s['rows']:,} | {s['rounds']} | {s['nightshift_wall']:.1f} s | {s['run_batch_wall']:.1f} s | "
-              f"**{s['wall_ratio']:.2f}×** | {s['nightshift_cpu']:.0f} vs {s['run_batch_cpu']:.0f} | "
-              f"{s['cpu_ratio']:.2f}× | {s['generate_vs_batch_phase']:.2f}× | {s['planning_rows_per_s']:,.0f} | "
-              f"{s['nightshift_rss_mib']:.0f} vs {s['run_batch_rss_mib']:.0f} |")
+        print(
+            f"| {s['rows']:,} | {s['rounds']} | {s['nightshift_wall']:.1f} s | {s['run_batch_wall']:.1f} s | "
+            f"**{s['wall_ratio']:.2f}×** | {s['nightshift_cpu']:.0f} vs {s['run_batch_cpu']:.0f} | "
+            f"{s['cpu_ratio']:.2f}× | {s['generate_vs_batch_phase']:.2f}× | {s['planning_rows_per_s']:,.0f} | "
+            f"{s['nightshift_rss_mib']:.0f} vs {s['run_batch_rss_mib']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

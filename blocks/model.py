@@ -28,16 +28,24 @@ class ModelConfig(Block):
     served_model_name: str | None = Field(None, description="name written into responses (default: the model's)")
     dtype: str = Field("float32", description="float32 on CPU (bf16 is emulated there); bfloat16 on GPUs")
     max_model_len: int | None = Field(
-        None, description="context length: prompt + completion tokens (default: the model's own, fitted to memory)")
-    max_num_seqs: int | None = Field(None, description="rows decoded together (default: vLLM's for the hardware, 256–1,024)")
-    max_num_batched_tokens: int | None = Field(None, description="tokens per engine step (default: vLLM's for the hardware)")
+        None, description="context length: prompt + completion tokens (default: the model's own, fitted to memory)"
+    )
+    max_num_seqs: int | None = Field(
+        None, description="rows decoded together (default: vLLM's for the hardware, 256–1,024)"
+    )
+    max_num_batched_tokens: int | None = Field(
+        None, description="tokens per engine step (default: vLLM's for the hardware)"
+    )
     tensor_parallel_size: int = Field(1, description="GPUs one engine spans")
     gpu_memory_utilization: float = Field(0.2, description="share of GPU memory vLLM may take (≤ 0.3 on CPU)")
     quantization: str | None = Field(None, description="vLLM quantization method (awq, gptq, fp8, …)")
     kv_cache_dtype: str = Field("auto", description="KV-cache dtype (auto, fp8, …)")
     enable_prefix_caching: bool = Field(True, description="reuse KV cache across rows sharing a prompt prefix")
     enforce_eager: bool | None = Field(
-        None, description="skip CUDA graphs / torch.compile: faster start, slower decode (default: decided from the job's size)")
+        None,
+        description="skip CUDA graphs / torch.compile: faster start, slower decode "
+        "(default: decided from the job's size)",
+    )
     seed: int = Field(0, description="engine seed: sampled rows are reproducible across runs")
     chunk_size: int = Field(512, description="rows per chunk file: the most a kill can lose per shard in flight")
     model_mismatch: Literal["error", "ignore"] = Field(

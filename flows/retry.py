@@ -10,10 +10,9 @@ from __future__ import annotations
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from nightshift.chunks import retryable_rows
+from nightshift.chunks import retryable_rows, shard_cache_key
 from nightshift.records import JobSpec, Plan, RunReport
 from nightshift.rundir import RunDir
-from nightshift.chunks import shard_cache_key
 from tasks.generate import finished_result, retry_shard_rows
 from tasks.merge import merge_outputs
 

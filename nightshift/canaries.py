@@ -60,7 +60,10 @@ def load_canaries(path: str) -> list[tuple[InputRow, dict]]:
             raise InputError(f"canary file {path!r} line {line_no}: not a JSON object with an 'expect' field") from None
         unknown = set(expect) - set(EXPECTATIONS) if isinstance(expect, dict) else {"(not an object)"}
         if unknown or not expect:
-            raise InputError(f"canary file {path!r} line {line_no}: expect needs some of {EXPECTATIONS}, got {sorted(unknown) or 'nothing'}")
+            raise InputError(
+                f"canary file {path!r} line {line_no}: expect needs some of {EXPECTATIONS}, "
+                f"got {sorted(unknown) or 'nothing'}"
+            )
         row = parse_batch_line(json.dumps(obj).encode(), line_no)
         if row.error:
             raise InputError(f"canary file {path!r} line {line_no}: {row.error['message']}")

@@ -1,9 +1,9 @@
 """The chunk file: the unit in which generated rows reach the disk.
 
-A shard's output directory holds chunk files `chunk-<time_ns>-<random>.parquet`, each
-written whole under a temporary name and renamed. Here too: a shard's output directory name (`shard_cache_key`), the writer that fills chunks,
-the suspects file of rows an engine died under, and the checksums a checkpoint is verified by.
-A row may appear in more than one chunk
+A shard's output directory holds chunk files `chunk-<time_ns>-<random>.parquet`, each written
+whole under a temporary name and renamed. Here too: a shard's output directory name
+(`shard_cache_key`), the writer that fills chunks, the suspects file of rows an engine died
+under, and the checksums a checkpoint is verified by. A row may appear in more than one chunk
 after `nightshift retry` (a failed row retried) or a duplicated straggler; readers take its
 best outcome: a success over an error, then the most recent.
 """
@@ -160,24 +160,54 @@ class ChunkWriter:
         line = output_line(row["custom_id"], kind, output, model_name, self.cache_key, tokenizer)
         first = output.outputs[0]
         usage = line["response"]["body"]["usage"]
-        return self._add(row, line, ok=True, text=first.text, finish_reason=first.finish_reason,
-                         prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"],
-                         error_code=None, source=source)
+        return self._add(
+            row,
+            line,
+            ok=True,
+            text=first.text,
+            finish_reason=first.finish_reason,
+            prompt_tokens=usage["prompt_tokens"],
+            completion_tokens=usage["completion_tokens"],
+            error_code=None,
+            source=source,
+        )
 
     def add_stored(self, row: dict, line: dict, stored: dict) -> None:
         """A row answered from the result cache."""
-        self._add(row, line, ok=True, text=stored["text"], finish_reason=stored["finish_reason"],
-                  prompt_tokens=stored["prompt_tokens"], completion_tokens=stored["completion_tokens"],
-                  error_code=None, source="cache")
+        self._add(
+            row,
+            line,
+            ok=True,
+            text=stored["text"],
+            finish_reason=stored["finish_reason"],
+            prompt_tokens=stored["prompt_tokens"],
+            completion_tokens=stored["completion_tokens"],
+            error_code=None,
+            source="cache",
+        )
 
     def add_error(self, row: dict, error: dict) -> None:
         line = error_line(row["custom_id"], error, self.cache_key)
-        self._add(row, line, ok=False, text=None, finish_reason=None,
-                  prompt_tokens=None, completion_tokens=None, error_code=error["code"], source=None)
+        self._add(
+            row,
+            line,
+            ok=False,
+            text=None,
+            finish_reason=None,
+            prompt_tokens=None,
+            completion_tokens=None,
+            error_code=error["code"],
+            source=None,
+        )
 
     def _add(self, row: dict, line: dict, **fields) -> dict:
-        record = {"row_index": row["row_index"], "shard": self.shard_index, "custom_id": row["custom_id"],
-                  "line": json.dumps(line, ensure_ascii=False), **fields}
+        record = {
+            "row_index": row["row_index"],
+            "shard": self.shard_index,
+            "custom_id": row["custom_id"],
+            "line": json.dumps(line, ensure_ascii=False),
+            **fields,
+        }
         self.buffer.append(record)
         if len(self.buffer) >= self.chunk_size:
             self.flush()
@@ -187,7 +217,10 @@ class ChunkWriter:
         if self.buffer:
             write_chunk(self.output_dir, self.buffer)
             tokens = sum((r["prompt_tokens"] or 0) + (r["completion_tokens"] or 0) for r in self.buffer)
-            self.tokens_written += sum((r["prompt_tokens"] or 0) + (r["completion_tokens"] or 0)
-                                       for r in self.buffer if r["source"] == "engine")
+            self.tokens_written += sum(
+                (r["prompt_tokens"] or 0) + (r["completion_tokens"] or 0)
+                for r in self.buffer
+                if r["source"] == "engine"
+            )
             progress.advance(self.run_dir, len(self.buffer), tokens)
             self.buffer = []

@@ -87,26 +87,49 @@ def _command(args) -> int:
 def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2", help="tiny, smollm2, or a model directory")
     parser.add_argument("--served-model-name", help="model name written into responses (default: --model)")
-    parser.add_argument("--model-mismatch", choices=["error", "ignore"], default="error",
-                        help="what to do with a row whose body names another model")
+    parser.add_argument(
+        "--model-mismatch",
+        choices=["error", "ignore"],
+        default="error",
+        help="what to do with a row whose body names another model",
+    )
     parser.add_argument("--shard-size", type=int, default=10_000, help="rows per shard (checkpoint unit)")
-    parser.add_argument("--result-cache", metavar="DIR",
-                        help="reuse deterministic rows' outputs across runs from this directory (docs/architecture.md)")
+    parser.add_argument(
+        "--result-cache",
+        metavar="DIR",
+        help="reuse deterministic rows' outputs across runs from this directory (docs/architecture.md)",
+    )
     parser.add_argument("--chunk-size", type=int, default=512, help="rows per chunk file inside a shard")
-    parser.add_argument("--max-model-len", type=int,
-                        help="context: prompt + completion tokens (default: the model's own, lowered only to fit memory)")
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        help="context: prompt + completion tokens (default: the model's own, lowered only to fit memory)",
+    )
     parser.add_argument("--max-num-seqs", type=int, help="rows decoded together (default: vLLM's for the hardware)")
-    parser.add_argument("--max-num-batched-tokens", type=int, help="tokens per engine step (default: vLLM's for the hardware)")
+    parser.add_argument(
+        "--max-num-batched-tokens", type=int, help="tokens per engine step (default: vLLM's for the hardware)"
+    )
     eager = parser.add_mutually_exclusive_group()
-    eager.add_argument("--enforce-eager", dest="enforce_eager", action="store_true", default=None,
-                       help="no compilation / CUDA graphs: fastest start (default: decided from the job's size)")
-    eager.add_argument("--compile", dest="enforce_eager", action="store_false",
-                       help="always compile / capture CUDA graphs: fastest decode")
+    eager.add_argument(
+        "--enforce-eager",
+        dest="enforce_eager",
+        action="store_true",
+        default=None,
+        help="no compilation / CUDA graphs: fastest start (default: decided from the job's size)",
+    )
+    eager.add_argument(
+        "--compile",
+        dest="enforce_eager",
+        action="store_false",
+        help="always compile / capture CUDA graphs: fastest decode",
+    )
     checks = parser.add_argument_group("validation (canary stage)")
     checks.add_argument("--canaries", help="canary file: requests with expectations (docs/canaries.md)")
     checks.add_argument("--canary-min-pass-rate", type=float, default=1.0)
     checks.add_argument("--oracle-model", help="reference weights for the oracle check (default: the job's model)")
-    checks.add_argument("--oracle-samples", type=int, default=3, help="greedy rows re-computed with transformers (0: off)")
+    checks.add_argument(
+        "--oracle-samples", type=int, default=3, help="greedy rows re-computed with transformers (0: off)"
+    )
     checks.add_argument("--oracle-min-agreement", type=float, default=1.0)
     checks.add_argument("--determinism-samples", type=int, default=2, help="rows re-run with the same seed (0: off)")
     corpus = parser.add_argument_group("corpus inputs (Parquet, CSV, JSONL records)")
@@ -155,17 +178,19 @@ def _run(args) -> int:
     from nightshift.records import ConfigurationError
 
     try:
-        job = check_job(make_job(
-            args.model,
-            chunk_size=args.chunk_size,
-            max_model_len=args.max_model_len,
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            enforce_eager=args.enforce_eager,
-            served_model_name=args.served_model_name,
-            model_mismatch=args.model_mismatch,
-            result_cache=args.result_cache,
-        ))
+        job = check_job(
+            make_job(
+                args.model,
+                chunk_size=args.chunk_size,
+                max_model_len=args.max_model_len,
+                max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens,
+                enforce_eager=args.enforce_eager,
+                served_model_name=args.served_model_name,
+                model_mismatch=args.model_mismatch,
+                result_cache=args.result_cache,
+            )
+        )
         corpus, validation = _corpus_options(args), _validation(args)
         report = _run_preemptible(
             args.output, lambda: run_job(args.input, args.output, job, args.shard_size, corpus, validation)
@@ -192,9 +217,11 @@ def run_job(input_path: str, run_dir: str, job, shard_size: int = 10_000, corpus
     job = size_for_input(job, input_path, corpus)
     start_engine_in_background(job.engine)
     from flows.batch import batch_inference  # Prefect's import and start-up overlap the engine's load
+
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    return batch_inference(input_path=input_path, run_dir=run_dir, job=job, shard_size=shard_size,
-                           corpus=corpus, validation=validation)
+    return batch_inference(
+        input_path=input_path, run_dir=run_dir, job=job, shard_size=shard_size, corpus=corpus, validation=validation
+    )
 
 
 def _run_preemptible(run_dir: str, start):
@@ -246,8 +273,11 @@ def _report(args) -> int:
         else:
             print("| run | rows | tokens/s | $/1M tokens | $/1M spot | GPU util % |\n|---|---|---|---|---|---|")
             for r in rows:
-                print(f"| {Path(r['run_dir']).name} | {r['rows']} | {r['tokens_per_second']} | "
-                      f"{r['cost_per_million_tokens']} | {r['cost_per_million_tokens_spot']} | {r['gpu_utilization_mean']} |")
+                print(
+                    f"| {Path(r['run_dir']).name} | {r['rows']} | {r['tokens_per_second']} | "
+                    f"{r['cost_per_million_tokens']} | {r['cost_per_million_tokens_spot']} | "
+                    f"{r['gpu_utilization_mean']} |"
+                )
         return 0
     run_dir = RunDir(args.run_dir)
     if not run_dir.plan_manifest.exists() or not run_dir.job.exists():
@@ -286,23 +316,30 @@ def _demo(args) -> int:
     corpus_path = run_dir / "corpus.parquet"
     docs = sample_documents(args.documents)
     pq.write_table(pa.Table.from_pylist(docs), corpus_path)
-    options = CorpusOptions(id_column="id", text_column="text", template=DEMO_TEMPLATE,
-                            system=DEMO_SYSTEM, max_tokens=64, temperature=0.0)
+    options = CorpusOptions(
+        id_column="id", text_column="text", template=DEMO_TEMPLATE, system=DEMO_SYSTEM, max_tokens=64, temperature=0.0
+    )
     from nightshift.canaries import CanaryConfig
 
     canaries = Path(__file__).resolve().parent.parent / "deployments" / "canaries" / "demo.jsonl"
-    report = run_job(str(corpus_path), str(run_dir), make_job(args.model), 10_000, options,
-                     CanaryConfig(canaries=str(canaries)))
+    report = run_job(
+        str(corpus_path), str(run_dir), make_job(args.model), 10_000, options, CanaryConfig(canaries=str(canaries))
+    )
     _print_report(report)
     texts = {d["id"]: d["text"] for d in docs}
     validation = json.loads((run_dir / "validation.json").read_text())
-    print(f"validation: {'passed' if validation['validated'] else 'FAILED'} "
-          f"({', '.join(validation['checks'])}; details in {run_dir / 'validation.json'})")
+    print(
+        f"validation: {'passed' if validation['validated'] else 'FAILED'} "
+        f"({', '.join(validation['checks'])}; details in {run_dir / 'validation.json'})"
+    )
     print("\nSample summaries:")
     with open(report.output_path) as lines:
         for _, line in zip(range(4), lines):
             row = json.loads(line)
-            print(f"\n[{row['custom_id']}] {texts[row['custom_id']]}\n  → {row['response']['body']['choices'][0]['message']['content']}")
+            print(
+                f"\n[{row['custom_id']}] {texts[row['custom_id']]}\n"
+                f"  → {row['response']['body']['choices'][0]['message']['content']}"
+            )
     return 0 if report.complete else 1
 
 

@@ -16,8 +16,8 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, replace
-from typing import Iterable, Iterator
 
 from vllm.exceptions import VLLMClientError
 
@@ -267,7 +267,11 @@ def engine_arguments(config: EngineConfig) -> dict:
     arguments.setdefault("max_model_len", -1)  # the model's own context, lowered only if memory requires
     from vllm.platforms import current_platform
 
-    if current_platform.is_cpu() and config.kv_cache_memory_bytes is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+    if (
+        current_platform.is_cpu()
+        and config.kv_cache_memory_bytes is None
+        and not os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+    ):
         arguments["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(config)
     return arguments
 

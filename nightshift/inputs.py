@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import fsspec
 import orjson
@@ -66,7 +66,6 @@ class InputRow:
     @property
     def error_json(self) -> str | None:
         return orjson.dumps(self.error).decode() if self.error is not None else None
-
 
 
 def row_error(code: str, message: str, line_no: int) -> dict:
@@ -163,7 +162,9 @@ def _read_openai_batch(fs, fs_path: str) -> Iterator[InputRow]:
                         line_no,
                         row.custom_id,
                         None,
-                        row_error("duplicate_custom_id", f"custom_id {row.custom_id!r} appears on an earlier line", line_no),
+                        row_error(
+                            "duplicate_custom_id", f"custom_id {row.custom_id!r} appears on an earlier line", line_no
+                        ),
                     )
                 else:
                     seen_ids.add(key)
@@ -196,7 +197,9 @@ def parse_batch_line(raw: bytes, line_no: int) -> InputRow:
         return bad("unsupported_method", f"method {method!r} is not supported; use POST", custom_id)
     url = obj.get("url")
     if url not in SUPPORTED_URLS:
-        return bad("unsupported_url", f"url {url!r} is not supported; use one of {', '.join(SUPPORTED_URLS)}", custom_id)
+        return bad(
+            "unsupported_url", f"url {url!r} is not supported; use one of {', '.join(SUPPORTED_URLS)}", custom_id
+        )
     body = obj.get("body")
     if not isinstance(body, dict):
         return bad("invalid_request", "body must be a JSON object", custom_id)
@@ -225,10 +228,14 @@ def _read_corpus(fs, fs_path: str, options: CorpusOptions) -> Iterator[InputRow]
 def corpus_row(line_no: int, record_id, text, options: CorpusOptions) -> InputRow:
     custom_id = f"row-{line_no}" if options.id_column is None else record_id
     if custom_id is None or custom_id == "":
-        return InputRow(line_no, None, None, row_error("missing_custom_id", f"column {options.id_column!r} is empty", line_no))
+        return InputRow(
+            line_no, None, None, row_error("missing_custom_id", f"column {options.id_column!r} is empty", line_no)
+        )
     custom_id = str(custom_id)
     if text is None or not str(text).strip():
-        return InputRow(line_no, custom_id, None, row_error("empty_prompt", f"column {options.text_column!r} is empty", line_no))
+        return InputRow(
+            line_no, custom_id, None, row_error("empty_prompt", f"column {options.text_column!r} is empty", line_no)
+        )
     messages = []
     if options.system:
         messages.append({"role": "system", "content": options.system})

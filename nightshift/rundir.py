@@ -1,16 +1,16 @@
 """The layout of a run directory, in one place.
 
-    RUN_DIR/
-      job.json                            the JobSpec of the latest run (for `nightshift retry`)
-      plan/manifest.json                  the Plan: shards in input order
-      plan/shard-00000-<hash12>.parquet   a shard's input rows
-      shards/<cache_key>/chunk-00000.parquet   generated rows, one file per chunk
-      shards/<cache_key>/result.json      the ShardResult once the shard is complete
-      checkpoints/                        Prefect result storage (the task cache)
-      groups/<group>/<flow_run_id>.json   a shard group's child flow run on a work pool: what it made
-      groups/<group>/<flow_run_id>.alive  its heartbeat, touched while it runs
-      output.jsonl  errors.jsonl  results.parquet  run.json   merged outputs
-      canary_results.parquet  validation.json               the canary stage's evidence and verdict
+RUN_DIR/
+  job.json                            the JobSpec of the latest run (for `nightshift retry`)
+  plan/manifest.json                  the Plan: shards in input order
+  plan/shard-00000-<hash12>.parquet   a shard's input rows
+  shards/<cache_key>/chunk-00000.parquet   generated rows, one file per chunk
+  shards/<cache_key>/result.json      the ShardResult once the shard is complete
+  checkpoints/                        Prefect result storage (the task cache)
+  groups/<group>/<flow_run_id>.json   a shard group's child flow run on a work pool: what it made
+  groups/<group>/<flow_run_id>.alive  its heartbeat, touched while it runs
+  output.jsonl  errors.jsonl  results.parquet  run.json   merged outputs
+  canary_results.parquet  validation.json               the canary stage's evidence and verdict
 """
 
 from __future__ import annotations

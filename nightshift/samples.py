@@ -10,13 +10,28 @@ from __future__ import annotations
 import random
 
 _COMPANIES = [
-    "Northwind Traders", "Bluepeak Logistics", "Harbor & Pine LLP", "Cedar Analytics",
-    "Orbital Foods", "Kestrel Manufacturing", "Lumen Health", "Granite Software",
-    "Silver Fern Hotels", "Redwood Energy", "Atlas Freight", "Meridian Bank",
+    "Northwind Traders",
+    "Bluepeak Logistics",
+    "Harbor & Pine LLP",
+    "Cedar Analytics",
+    "Orbital Foods",
+    "Kestrel Manufacturing",
+    "Lumen Health",
+    "Granite Software",
+    "Silver Fern Hotels",
+    "Redwood Energy",
+    "Atlas Freight",
+    "Meridian Bank",
 ]
 _SERVICES = [
-    "cloud hosting", "office cleaning", "payroll processing", "security monitoring",
-    "software maintenance", "fleet servicing", "catering", "legal advisory",
+    "cloud hosting",
+    "office cleaning",
+    "payroll processing",
+    "security monitoring",
+    "software maintenance",
+    "fleet servicing",
+    "catering",
+    "legal advisory",
 ]
 _PRODUCTS = [
     ("wireless headphones", "battery life", "the left earcup cracked"),
@@ -29,12 +44,29 @@ _PRODUCTS = [
     ("mechanical keyboard", "the switches", "the keycaps show shine"),
 ]
 _ITEMS = [
-    ("consulting hours", 150), ("laptop", 1200), ("monitor", 320), ("license seat", 45),
-    ("server rack", 2400), ("training session", 800), ("support plan", 600),
+    ("consulting hours", 150),
+    ("laptop", 1200),
+    ("monitor", 320),
+    ("license seat", 45),
+    ("server rack", 2400),
+    ("training session", 800),
+    ("support plan", 600),
 ]
 _NAMES = ["Ana", "Ben", "Chloe", "Dev", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jonas"]
-_MONTHS = ["January", "February", "March", "April", "May", "June", "July",
-           "August", "September", "October", "November", "December"]
+_MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
 
 
 def _date(rng: random.Random) -> str:
@@ -61,8 +93,9 @@ def _review(rng: random.Random) -> str:
     stars = rng.randint(1, 5)
     name = rng.choice(_NAMES)
     weeks = rng.randint(1, 20)
-    mood = {1: "Very disappointed.", 2: "Not great.", 3: "It is fine.",
-            4: "Happy overall.", 5: "Excellent purchase."}[stars]
+    mood = {1: "Very disappointed.", 2: "Not great.", 3: "It is fine.", 4: "Happy overall.", 5: "Excellent purchase."}[
+        stars
+    ]
     return (
         f"{stars}/5 stars, by {name}. {mood} I have used this {product} for {weeks} weeks. "
         f"I really like {praise}, but {complaint}. "

@@ -97,12 +97,14 @@ def print_status(run_dir: str, as_json: bool = False) -> int:
         print(json.dumps(asdict(status), indent=2))
         return 0
     pct = 100 * status.rows_done / status.total_rows if status.total_rows else 100
-    print(f"{run_dir}: {status.rows_done}/{status.total_rows} rows ({pct:.1f}%)"
-          f"{' — merged' if status.merged else ''}")
+    print(f"{run_dir}: {status.rows_done}/{status.total_rows} rows ({pct:.1f}%){' — merged' if status.merged else ''}")
     print(f"shards: {status.shards_done} done, {status.shards_partial} partial, {status.shards_pending} pending")
     if status.rows_per_second:
         eta = status.eta_seconds or 0
-        print(f"rate: {status.rows_per_second:.1f} rows/s, estimated remaining: {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+        print(
+            f"rate: {status.rows_per_second:.1f} rows/s, "
+            f"estimated remaining: {time.strftime('%H:%M:%S', time.gmtime(eta))}"
+        )
     for shard in status.shards:
         if shard.state == "partial":
             print(f"  shard {shard.index}: {shard.rows_done}/{shard.rows} rows")

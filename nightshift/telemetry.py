@@ -41,7 +41,7 @@ class GpuSampler:
             self._nvml = None
             self.unavailable_reason = f"no NVML on this host ({type(exc).__name__})"
 
-    def __enter__(self) -> "GpuSampler":
+    def __enter__(self) -> GpuSampler:
         if self._handles:
             self._thread = threading.Thread(target=self._run, name="nightshift-gpu-sampler", daemon=True)
             self._thread.start()

@@ -41,32 +41,52 @@ def validate(run_dir: RunDir, job: JobSpec, config: CanaryConfig) -> dict:
         results = []
         for custom_id, expect in expected.items():
             problems = check_expectations(got.get(custom_id), expect)
-            results.append({"canary": custom_id.removeprefix(CANARY_PREFIX), "passed": not problems,
-                            "problems": problems, "text": got.get(custom_id)})
+            results.append(
+                {
+                    "canary": custom_id.removeprefix(CANARY_PREFIX),
+                    "passed": not problems,
+                    "problems": problems,
+                    "text": got.get(custom_id),
+                }
+            )
         pass_rate = sum(r["passed"] for r in results) / len(results)
-        verdict["checks"]["canaries"] = {"pass_rate": pass_rate, "min_pass_rate": config.min_pass_rate, "results": results}
+        verdict["checks"]["canaries"] = {
+            "pass_rate": pass_rate,
+            "min_pass_rate": config.min_pass_rate,
+            "results": results,
+        }
         if pass_rate < config.min_pass_rate:
             failed = [f"{r['canary']} ({'; '.join(r['problems'])})" for r in results if not r["passed"]]
             failures.append(f"canaries passed {pass_rate:.0%} < {config.min_pass_rate:.0%}: " + ", ".join(failed))
 
     samples = _greedy_chat_rows(run_dir, max(config.oracle_samples, config.determinism_samples))
     if config.oracle_samples and samples:
-        oracle = _oracle_check(samples[: config.oracle_samples], config.oracle_model or job.engine.model, config.oracle_tokens)
+        oracle = _oracle_check(
+            samples[: config.oracle_samples], config.oracle_model or job.engine.model, config.oracle_tokens
+        )
         agreement = sum(o["agrees"] for o in oracle) / len(oracle)
-        verdict["checks"]["oracle"] = {"agreement": agreement, "min_agreement": config.oracle_min_agreement,
-                                       "reference": config.oracle_model or job.engine.model,
-                                       "tokens": config.oracle_tokens, "results": oracle}
+        verdict["checks"]["oracle"] = {
+            "agreement": agreement,
+            "min_agreement": config.oracle_min_agreement,
+            "reference": config.oracle_model or job.engine.model,
+            "tokens": config.oracle_tokens,
+            "results": oracle,
+        }
         if agreement < config.oracle_min_agreement:
             disagree = [o["custom_id"] for o in oracle if not o["agrees"]]
-            failures.append(f"oracle agreement {agreement:.0%} < {config.oracle_min_agreement:.0%} "
-                            f"(transformers on the reference weights disagrees on {', '.join(disagree)})")
+            failures.append(
+                f"oracle agreement {agreement:.0%} < {config.oracle_min_agreement:.0%} "
+                f"(transformers on the reference weights disagrees on {', '.join(disagree)})"
+            )
 
     if config.determinism_samples and samples:
         rerun = _determinism_check(samples[: config.determinism_samples], job)
         verdict["checks"]["determinism"] = {"results": rerun}
         if not all(r["same"] for r in rerun):
-            failures.append("re-running with the same seed changed the output of "
-                            + ", ".join(r["custom_id"] for r in rerun if not r["same"]))
+            failures.append(
+                "re-running with the same seed changed the output of "
+                + ", ".join(r["custom_id"] for r in rerun if not r["same"])
+            )
 
     verdict["validated"] = not failures
     verdict["failures"] = failures
@@ -87,7 +107,9 @@ def canary_validation(run_dir: str, job: JobSpec, config: CanaryConfig) -> dict:
         lines.append(f"- {name}: {json.dumps(summary)}")
     create_markdown_artifact(markdown="\n".join(lines), description="Nightshift canary validation")
     if not verdict["validated"]:
-        raise CanaryFailure("validation failed — outputs are on disk but NOT validated: " + " | ".join(verdict["failures"]))
+        raise CanaryFailure(
+            "validation failed — outputs are on disk but NOT validated: " + " | ".join(verdict["failures"])
+        )
     return verdict
 
 
@@ -111,7 +133,12 @@ def _greedy_chat_rows(run_dir: RunDir, count: int) -> list[dict]:
     candidates = []
     for custom_id, text, request in rows:
         body = json.loads(request)["body"] if request else {}
-        if "messages" in body and body.get("temperature") == 0 and body.get("n", 1) == 1 and "response_format" not in body:
+        if (
+            "messages" in body
+            and body.get("temperature") == 0
+            and body.get("n", 1) == 1
+            and "response_format" not in body
+        ):
             candidates.append({"custom_id": custom_id, "text": text, "body": body})
     random.Random(0).shuffle(candidates)
     return candidates[:count]
@@ -126,13 +153,21 @@ def _oracle_check(samples: list[dict], reference: str, k: int) -> list[dict]:
     model.eval()
     results = []
     for sample in samples:
-        ids = tokenizer.apply_chat_template(sample["body"]["messages"], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        ids = tokenizer.apply_chat_template(
+            sample["body"]["messages"], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
         with torch.no_grad():
             out = model.generate(**ids, max_new_tokens=k, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        expected = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        expected = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
         ours = sample["text"] or ""
-        results.append({"custom_id": sample["custom_id"], "agrees": texts_agree(ours, expected), "reference": expected,
-                        "ours": ours[: len(expected) + 20]})
+        results.append(
+            {
+                "custom_id": sample["custom_id"],
+                "agrees": texts_agree(ours, expected),
+                "reference": expected,
+                "ours": ours[: len(expected) + 20],
+            }
+        )
     return results
 
 
@@ -152,12 +187,22 @@ def _determinism_check(samples: list[dict], job: JobSpec) -> list[dict]:
 
     engine = get_engine(job.engine)
     prepared = [
-        prepare_request(i, s["custom_id"], {"url": "/v1/chat/completions", "body": s["body"]}, job.served_model_name,
-                        {job.served_model_name, job.engine.model}, "ignore", engine.default_sampling_params)
+        prepare_request(
+            i,
+            s["custom_id"],
+            {"url": "/v1/chat/completions", "body": s["body"]},
+            job.served_model_name,
+            {job.served_model_name, job.engine.model},
+            "ignore",
+            engine.default_sampling_params,
+        )
         for i, s in enumerate(samples)
     ]
     again = {request.key: outcome for request, outcome in engine.generate(prepared)}
     return [
-        {"custom_id": s["custom_id"], "same": not isinstance(again[i], Exception) and again[i].outputs[0].text == s["text"]}
+        {
+            "custom_id": s["custom_id"],
+            "same": not isinstance(again[i], Exception) and again[i].outputs[0].text == s["text"],
+        }
         for i, s in enumerate(samples)
     ]

@@ -46,9 +46,9 @@ from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
 from prefect.states import Cancelled, Cancelling, Crashed
 
+from nightshift.chunks import shard_cache_key
 from nightshift.records import JobSpec, Shard, ShardResult, _write_json_atomic
 from nightshift.rundir import RunDir
-from nightshift.chunks import shard_cache_key
 
 HEARTBEAT_INTERVAL_S = 5.0
 _FAILED = {StateType.FAILED, StateType.CRASHED, StateType.CANCELLED}
@@ -94,13 +94,15 @@ def dispatch_shard_groups(
 
 
 class _Dispatcher:
-    def __init__(self, shards: list[Shard], job: JobSpec, run_dir: str, checkpoint_storage: str, fan_out: FanOut,
-                 client) -> None:
+    def __init__(
+        self, shards: list[Shard], job: JobSpec, run_dir: str, checkpoint_storage: str, fan_out: FanOut, client
+    ) -> None:
         size = max(1, fan_out.shards_per_group)
         self.shards, self.job, self.run_dir, self.fan_out, self.client = shards, job, run_dir, fan_out, client
         self.checkpoint_storage = checkpoint_storage
-        self.groups = [_Group(group_key(shards[i:i + size], job), shards[i:i + size])
-                       for i in range(0, len(shards), size)]
+        self.groups = [
+            _Group(group_key(shards[i : i + size], job), shards[i : i + size]) for i in range(0, len(shards), size)
+        ]
         self.parent = _parent_flow_run_id()
         self.durations: list[float] = []  # seconds of the groups that generated something
         self.manifests: dict[str, dict] = {}
@@ -130,9 +132,13 @@ class _Dispatcher:
                 raise RuntimeError(f"shard group {group.key} failed {group.attempts} times; see its child runs")
             run = run_deployment(
                 self.fan_out.deployment,
-                parameters={"shards": [asdict(s) for s in group.shards], "job": asdict(self.job),
-                            "run_dir": self.run_dir, "checkpoint_storage": self.checkpoint_storage,
-                            "group": group.key},
+                parameters={
+                    "shards": [asdict(s) for s in group.shards],
+                    "job": asdict(self.job),
+                    "run_dir": self.run_dir,
+                    "checkpoint_storage": self.checkpoint_storage,
+                    "group": group.key,
+                },
                 timeout=0,
                 idempotency_key=f"{self.parent}:{group.key}:{group.attempts}",
                 flow_run_name=f"shards-{group.shards[0].index}-{group.shards[-1].index}-try{group.attempts}",
@@ -140,8 +146,13 @@ class _Dispatcher:
             group.attempts += 1
             if run.state is None or run.state.type not in _FAILED:
                 group.live[str(run.id)] = 0.0
-                self.logger.info("group %s (shards %s–%s) → child run %s", group.key, group.shards[0].index,
-                                 group.shards[-1].index, run.name)
+                self.logger.info(
+                    "group %s (shards %s–%s) → child run %s",
+                    group.key,
+                    group.shards[0].index,
+                    group.shards[-1].index,
+                    run.name,
+                )
                 return
 
     def _check(self, group: _Group) -> None:
@@ -164,8 +175,10 @@ class _Dispatcher:
         del group.live[group.winner]
         manifest = group_manifest(self.run_dir, group.key, group.winner)
         if not manifest.exists():
-            raise RuntimeError(f"child run {run.name} completed but {manifest} is missing: "
-                               "is the run directory shared with the GPU workers?")
+            raise RuntimeError(
+                f"child run {run.name} completed but {manifest} is missing: "
+                "is the run directory shared with the GPU workers?"
+            )
         self.manifests[group.key] = read_group_manifest(manifest)
         if self.manifests[group.key]["cached"] < len(group.shards) and run.start_time and run.end_time:
             # A group served from the cache says nothing about how long work takes.
@@ -176,18 +189,26 @@ class _Dispatcher:
     def _watch(self, group: _Group, run, silent_for_at_least: float) -> None:
         timeout = self.fan_out.heartbeat_timeout_s
         if _heartbeat_lost(self.run_dir, group.key, str(run.id), silent_for_at_least, timeout):
-            self.client.set_flow_run_state(run.id, Crashed(
-                message=f"no heartbeat for {timeout:.0f} s: its worker is gone; the group was dispatched again"),
-                force=True)
+            self.client.set_flow_run_state(
+                run.id,
+                Crashed(
+                    message=f"no heartbeat for {timeout:.0f} s: its worker is gone; the group was dispatched again"
+                ),
+                force=True,
+            )
             del group.live[str(run.id)]
             self.logger.warning("child run %s lost its worker; re-dispatching group %s", run.name, group.key)
             return
         running_s = (_utcnow() - run.start_time).total_seconds() if run.start_time else 0.0
         median = statistics.median(self.durations) if self.durations else None
-        if (median is not None and len(group.live) == 1
-                and running_s > max(self.fan_out.straggler_factor * median, self.fan_out.straggler_min_s)):
-            self.logger.warning("group %s running %.0f s (median %.0f s): dispatching a duplicate",
-                                group.key, running_s, median)
+        if (
+            median is not None
+            and len(group.live) == 1
+            and running_s > max(self.fan_out.straggler_factor * median, self.fan_out.straggler_min_s)
+        ):
+            self.logger.warning(
+                "group %s running %.0f s (median %.0f s): dispatching a duplicate", group.key, running_s, median
+            )
             self._launch(group)
 
     def _cancel(self, run_id: str, group: _Group) -> None:
@@ -257,8 +278,12 @@ def stall_if_drilled() -> None:
 
 def worker_identity() -> dict:
     """Which machine and which worker slot (GPU) ran a child flow run."""
-    return {"host": socket.gethostname(), "pid": os.getpid(), "worker_pid": os.getppid(),
-            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "worker_pid": os.getppid(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    }
 
 
 def group_manifest(run_dir: str, group: str, flow_run_id: str) -> Path:
@@ -269,8 +294,10 @@ def write_group_manifest(run_dir: str, group: str, results: list[ShardResult], c
     from prefect.runtime import flow_run
 
     path = group_manifest(run_dir, group, flow_run.id)
-    _write_json_atomic(path, {"flow_run_id": flow_run.id, "cached": cached, **worker_identity(),
-                              "results": [asdict(r) for r in results]})
+    _write_json_atomic(
+        path,
+        {"flow_run_id": flow_run.id, "cached": cached, **worker_identity(), "results": [asdict(r) for r in results]},
+    )
     return path
 
 

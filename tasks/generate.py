@@ -40,9 +40,9 @@ from nightshift.chunks import (
 )
 from nightshift.engine import EngineFailure, get_engine
 from nightshift.openai_format import PreparedRequest, RequestRejected, duplicate_key, prepare_request
-from nightshift.result_cache import ResultCache, cached_output_line
 from nightshift.preemption import Preempted, generation_in_progress, grace_seconds, stop_requested
 from nightshift.records import ConfigurationError, JobSpec, Shard, ShardResult, _write_json_atomic
+from nightshift.result_cache import ResultCache, cached_output_line
 from nightshift.rundir import RunDir
 from nightshift.telemetry import GpuSampler
 
@@ -74,7 +74,9 @@ def retry_shard_rows(shard: Shard, job: JobSpec, run_dir: str, rows: set[int]) -
     return generate(shard, job, RunDir(run_dir), only_rows=rows)
 
 
-def generate_here(shards: list[Shard], job: JobSpec, run_dir: str, checkpoint_storage: str) -> tuple[list[ShardResult], int]:
+def generate_here(
+    shards: list[Shard], job: JobSpec, run_dir: str, checkpoint_storage: str
+) -> tuple[list[ShardResult], int]:
     """Submit one cached generate task per shard in the current flow; returns the results in
     shard order and how many came back from the cache untouched.
 
@@ -122,15 +124,28 @@ def _generate(shard: Shard, job: JobSpec, run_dir: RunDir, only_rows: set[int] |
         if row["error"] is not None:
             writer.add_error(row, json.loads(row["error"]))
         elif suspects.deaths(row["row_index"]) >= 2:
-            writer.add_error(row, {"code": "engine_error", "line": row["line_no"],
-                                   "message": "the engine died twice while generating this row; it was set aside"})
+            writer.add_error(
+                row,
+                {
+                    "code": "engine_error",
+                    "line": row["line_no"],
+                    "message": "the engine died twice while generating this row; it was set aside",
+                },
+            )
         else:
             engine = engine or get_engine(job.engine)  # only when some row needs it
             request = json.loads(row["request"])
             try:
-                ready = prepare_request(row["row_index"], row["custom_id"], request, job.served_model_name,
-                                        _model_aliases(job), job.model_mismatch, engine.default_sampling_params,
-                                        engine.max_model_len)
+                ready = prepare_request(
+                    row["row_index"],
+                    row["custom_id"],
+                    request,
+                    job.served_model_name,
+                    _model_aliases(job),
+                    job.model_mismatch,
+                    engine.default_sampling_params,
+                    engine.max_model_len,
+                )
             except RequestRejected as exc:
                 writer.add_error(row, {"code": exc.code, "message": str(exc), "line": row["line_no"]})
                 continue
@@ -148,8 +163,9 @@ def _generate(shard: Shard, job: JobSpec, run_dir: RunDir, only_rows: set[int] |
     for ready, same in ready_rows:
         if same is not None and cache is not None and cache.key(same) in stored:
             row = by_index[ready.key]
-            writer.add_stored(row, cached_output_line(row["custom_id"], key, stored[cache.key(same)]),
-                              stored[cache.key(same)])
+            writer.add_stored(
+                row, cached_output_line(row["custom_id"], key, stored[cache.key(same)]), stored[cache.key(same)]
+            )
         elif same is not None and same in first_of:
             copies.setdefault(first_of[same].key, []).append(ready)
         else:
@@ -173,8 +189,9 @@ def _generate(shard: Shard, job: JobSpec, run_dir: RunDir, only_rows: set[int] |
                         writer.add_error(row, _engine_refusal(outcome, row["line_no"]))
                         continue
                     source = "engine" if answered is request else "duplicate"
-                    record = writer.add_output(row, answered.kind, outcome, job.served_model_name, engine.tokenizer,
-                                               source)
+                    record = writer.add_output(
+                        row, answered.kind, outcome, job.served_model_name, engine.tokenizer, source
+                    )
                     if cache is not None and source == "engine" and request.key in shared_key:
                         cache.add(cache.key(shared_key[request.key]), request.kind, record)
     except EngineFailure as exc:
@@ -190,8 +207,15 @@ def _generate(shard: Shard, job: JobSpec, run_dir: RunDir, only_rows: set[int] |
         raise Preempted(f"shard {shard.index}: stopped on SIGTERM")
     result = _shard_result(shard, key, output_dir, len(prepared), time.monotonic() - started)
     _write_json_atomic(output_dir / "result.json", result.__dict__)
-    write_shard_metrics(result, output_dir, engine_started, engine_finished, sampler, writer.tokens_written,
-                        engine.max_model_len if engine else None)
+    write_shard_metrics(
+        result,
+        output_dir,
+        engine_started,
+        engine_finished,
+        sampler,
+        writer.tokens_written,
+        engine.max_model_len if engine else None,
+    )
     return result
 
 
@@ -229,14 +253,28 @@ def _shard_result(shard: Shard, key: str, output_dir: Path, generated: int, seco
     )
 
 
-def write_shard_metrics(result: ShardResult, output_dir: Path, engine_started: float, engine_finished: float,
-                        sampler: GpuSampler, tokens_generated: int, max_model_len: int | None = None) -> None:
+def write_shard_metrics(
+    result: ShardResult,
+    output_dir: Path,
+    engine_started: float,
+    engine_finished: float,
+    sampler: GpuSampler,
+    tokens_generated: int,
+    max_model_len: int | None = None,
+) -> None:
     """metrics.json beside the shard's chunks: what this attempt did, what it cost, and the GPU."""
     with duckdb.connect() as con:
-        finish = dict(con.sql(f"SELECT coalesce(finish_reason, 'error'), count(*) FROM "
-                              f"({best_rows_sql(result.chunk_files)}) GROUP BY 1").fetchall())
-        errors = dict(con.sql(f"SELECT error_code, count(*) FROM ({best_rows_sql(result.chunk_files)}) "
-                              "WHERE NOT ok GROUP BY 1").fetchall())
+        finish = dict(
+            con.sql(
+                f"SELECT coalesce(finish_reason, 'error'), count(*) FROM "
+                f"({best_rows_sql(result.chunk_files)}) GROUP BY 1"
+            ).fetchall()
+        )
+        errors = dict(
+            con.sql(
+                f"SELECT error_code, count(*) FROM ({best_rows_sql(result.chunk_files)}) WHERE NOT ok GROUP BY 1"
+            ).fetchall()
+        )
     engine_seconds = max(engine_finished - engine_started, 1e-9)
     metrics = {
         "shard_index": result.shard_index,

@@ -60,7 +60,8 @@ def _merge(con: duckdb.DuckDBPyConnection, plan: Plan, files: list[str], run_dir
     _write_lines(con, "SELECT line FROM chunk_rows WHERE NOT ok ORDER BY row_index", run_dir.errors)
     _copy_parquet(
         con,
-        "SELECT custom_id, text, finish_reason, prompt_tokens, completion_tokens, shard, source FROM chunk_rows ORDER BY row_index",
+        "SELECT custom_id, text, finish_reason, prompt_tokens, completion_tokens, shard, source "
+        "FROM chunk_rows ORDER BY row_index",
         run_dir.results,
     )
     errors_by_code = dict(

@@ -65,8 +65,9 @@ def plan(
     if pending:
         shards.append(_write_shard(run_dir, len(shards), total, pending))
         total += len(pending)
-    result = Plan(input_path=input_path, input_kind=kind, total_rows=total, shards=shards,
-                  canary_rows=len(canaries or []))
+    result = Plan(
+        input_path=input_path, input_kind=kind, total_rows=total, shards=shards, canary_rows=len(canaries or [])
+    )
     result.save(run_dir.plan_manifest)
     return result
 

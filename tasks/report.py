@@ -21,11 +21,17 @@ from nightshift.records import JobSpec, Plan, _write_json_atomic
 from nightshift.rundir import RunDir
 
 
-def build_report(run_dir: RunDir, pricing: GpuPricing | None = None, managed: ManagedApiPrices | None = None,
-                 project_rows: int = 1_000_000) -> dict:
+def build_report(
+    run_dir: RunDir,
+    pricing: GpuPricing | None = None,
+    managed: ManagedApiPrices | None = None,
+    project_rows: int = 1_000_000,
+) -> dict:
     pricing, managed = pricing or GpuPricing(), managed or ManagedApiPrices()
     plan, job = Plan.load(run_dir.plan_manifest), JobSpec.load(run_dir.job)
-    metric_files = [p for s in plan.shards if (p := run_dir.shard_output(shard_cache_key(s, job)) / "metrics.json").exists()]
+    metric_files = [
+        p for s in plan.shards if (p := run_dir.shard_output(shard_cache_key(s, job)) / "metrics.json").exists()
+    ]
     con = duckdb.connect()
     if run_dir.results.exists() and run_dir.results.stat().st_mtime >= run_dir.plan_manifest.stat().st_mtime:
         con.execute(f"CREATE VIEW results AS SELECT * FROM read_parquet('{str(run_dir.results)}')")
@@ -33,8 +39,14 @@ def build_report(run_dir: RunDir, pricing: GpuPricing | None = None, managed: Ma
         from nightshift.chunks import best_rows_sql, chunk_files
 
         chunks = [f for s in plan.shards for f in chunk_files(run_dir.shard_output(shard_cache_key(s, job)))]
-        source = best_rows_sql(chunks) if chunks else ("SELECT NULL::VARCHAR AS finish_reason, 0 AS prompt_tokens, "
-                                                        "0 AS completion_tokens, NULL::VARCHAR AS source WHERE false")
+        source = (
+            best_rows_sql(chunks)
+            if chunks
+            else (
+                "SELECT NULL::VARCHAR AS finish_reason, 0 AS prompt_tokens, "
+                "0 AS completion_tokens, NULL::VARCHAR AS source WHERE false"
+            )
+        )
         con.execute(f"CREATE VIEW results AS {source}")
     totals = con.sql(
         """
@@ -69,13 +81,16 @@ def build_report(run_dir: RunDir, pricing: GpuPricing | None = None, managed: Ma
             name: {k: v for k, v in check.items() if k != "results"} for name, check in verdict["checks"].items()
         }
     if metric_files:
-        con.execute(f"CREATE VIEW metrics AS SELECT * FROM read_json_auto({sql_path_list(metric_files)}, union_by_name = true)")
+        con.execute(
+            f"CREATE VIEW metrics AS SELECT * FROM read_json_auto({sql_path_list(metric_files)}, union_by_name = true)"
+        )
         columns = {row[0] for row in con.sql("DESCRIBE metrics").fetchall()}
         slot = "coalesce(cuda_visible_devices::VARCHAR, '')" if "cuda_visible_devices" in columns else "''"
         # Wall time is first start → last finish; billed time adds up each engine slot's own
         # span, since shards fanned out to several GPUs run (and bill) side by side.
-        span, slot_seconds, slots, engine_seconds, gpu_name, gpu_count, gpu_util, gpu_mem, gpu_power, telemetry = con.sql(
-            f"""
+        span, slot_seconds, slots, engine_seconds, gpu_name, gpu_count, gpu_util, gpu_mem, gpu_power, telemetry = (
+            con.sql(
+                f"""
             WITH slots AS (
                 SELECT max(engine_finished) - min(engine_started) AS seconds
                 FROM metrics GROUP BY host, {slot}
@@ -86,8 +101,11 @@ def build_report(run_dir: RunDir, pricing: GpuPricing | None = None, managed: Ma
                    any_value(gpu_telemetry)
             FROM metrics
             """
-        ).fetchall()[0]
-        context = con.sql("SELECT max(max_model_len) FROM metrics").fetchall()[0][0] if "max_model_len" in columns else None
+            ).fetchall()[0]
+        )
+        context = (
+            con.sql("SELECT max(max_model_len) FROM metrics").fetchall()[0][0] if "max_model_len" in columns else None
+        )
         stragglers = con.sql(
             """
             SELECT shard_index, round(engine_seconds, 2) AS seconds,
@@ -121,7 +139,9 @@ def build_report(run_dir: RunDir, pricing: GpuPricing | None = None, managed: Ma
             "served_without_generating": {
                 "rows": int(rows_not_generated),
                 "tokens": int(tokens_not_generated),
-                "cost_saved_on_demand": round(cost_on_demand * tokens_not_generated / generated, 6) if generated else 0.0,
+                "cost_saved_on_demand": round(cost_on_demand * tokens_not_generated / generated, 6)
+                if generated
+                else 0.0,
             },
             "output_tokens_per_second": round(report["completion_tokens"] / span, 2) if span else None,
             "accelerator": pricing.accelerator,
@@ -146,10 +166,28 @@ def build_report(run_dir: RunDir, pricing: GpuPricing | None = None, managed: Ma
             "projection": {
                 "rows": project_rows,
                 "hours": round(project_rows / rows_per_second / 3600, 3) if rows_per_second else None,
-                "cost_on_demand": round(project_rows / rows_per_second / 3600 * max(slots, 1) * pricing.accelerators
-                                        * pricing.on_demand_per_hour, 4) if rows_per_second else None,
-                "cost_spot": round(project_rows / rows_per_second / 3600 * max(slots, 1) * pricing.accelerators
-                                   * pricing.spot_per_hour, 4) if rows_per_second else None,
+                "cost_on_demand": round(
+                    project_rows
+                    / rows_per_second
+                    / 3600
+                    * max(slots, 1)
+                    * pricing.accelerators
+                    * pricing.on_demand_per_hour,
+                    4,
+                )
+                if rows_per_second
+                else None,
+                "cost_spot": round(
+                    project_rows
+                    / rows_per_second
+                    / 3600
+                    * max(slots, 1)
+                    * pricing.accelerators
+                    * pricing.spot_per_hour,
+                    4,
+                )
+                if rows_per_second
+                else None,
             },
         }
     )
@@ -170,6 +208,7 @@ def render_markdown(report: dict, chart: str | None) -> str:
         if report["gpu_name"]
         else f"no GPU telemetry: {report['gpu_telemetry']} (GPU fields are null)"
     )
+    saved = report["served_without_generating"]
     lines = [
         f"# Nightshift run report — {Path(report['run_dir']).name}",
         "",
@@ -181,16 +220,20 @@ def render_markdown(report: dict, chart: str | None) -> str:
         f"| rows (failed) | {report['rows']:,} ({report['failed']:,}) |",
         f"| prompt / completion tokens | {report['prompt_tokens']:,} / {report['completion_tokens']:,} |",
         f"| generate time | {fmt(report['generate_seconds'], ' s', 1)} |",
-        f"| tokens/s (output tokens/s) | {fmt(report['tokens_per_second'], '', 1)} ({fmt(report['output_tokens_per_second'], '', 1)}) |",
+        f"| tokens/s (output tokens/s) | {fmt(report['tokens_per_second'], '', 1)} "
+        f"({fmt(report['output_tokens_per_second'], '', 1)}) |",
         f"| accelerator-hours | {fmt(report['accelerator_hours'], '', 4)} |",
         f"| cost on demand / spot | ${fmt(report['cost_on_demand'], '', 4)} / ${fmt(report['cost_spot'], '', 4)} |",
-        f"| $ per 1M tokens, on demand / spot | {fmt(report['cost_per_million_tokens'], '', 4)} / {fmt(report['cost_per_million_tokens_spot'], '', 4)} |",
-        f"| $ per 1M output tokens, on demand / spot | {fmt(report['cost_per_million_output_tokens'], '', 4)} / {fmt(report['cost_per_million_output_tokens_spot'], '', 4)} |",
+        f"| $ per 1M tokens, on demand / spot | {fmt(report['cost_per_million_tokens'], '', 4)} / "
+        f"{fmt(report['cost_per_million_tokens_spot'], '', 4)} |",
+        f"| $ per 1M output tokens, on demand / spot | {fmt(report['cost_per_million_output_tokens'], '', 4)} / "
+        f"{fmt(report['cost_per_million_output_tokens_spot'], '', 4)} |",
         f"| truncated (finish_reason = length) | {100 * report['truncation_share']:.1f} % |",
-        f"| answered from an identical row or the result cache, not generated | {report['served_without_generating']['rows']:,} rows, "
-        f"{report['served_without_generating']['tokens']:,} tokens, ${fmt(report['served_without_generating']['cost_saved_on_demand'], '', 4)} saved |",
+        f"| answered from an identical row or the result cache, not generated | {saved['rows']:,} rows, "
+        f"{saved['tokens']:,} tokens, ${fmt(saved['cost_saved_on_demand'], '', 4)} saved |",
         f"| projected for {report['projection']['rows']:,} rows | {fmt(report['projection']['hours'], ' h', 2)}, "
-        f"${fmt(report['projection']['cost_on_demand'], '', 2)} on demand, ${fmt(report['projection']['cost_spot'], '', 2)} spot |",
+        f"${fmt(report['projection']['cost_on_demand'], '', 2)} on demand, "
+        f"${fmt(report['projection']['cost_spot'], '', 2)} spot |",
         "",
         "The same tokens on managed batch APIs (list prices as configured): "
         + ", ".join(f"{name} ${cost:,.4f}" for name, cost in report["managed_api_cost"].items()),
@@ -198,7 +241,9 @@ def render_markdown(report: dict, chart: str | None) -> str:
     ]
     if report["stragglers"]:
         lines += ["Slowest shards against the median:", ""]
-        lines += [f"- shard {s['shard']}: {s['engine_seconds']} s ({s['times_median']}× median)" for s in report["stragglers"]]
+        lines += [
+            f"- shard {s['shard']}: {s['engine_seconds']} s ({s['times_median']}× median)" for s in report["stragglers"]
+        ]
         lines.append("")
     if report["errors_by_code"]:
         lines.append("Errors by code: " + ", ".join(f"`{c}` {n}" for c, n in report["errors_by_code"].items()))
@@ -208,8 +253,10 @@ def render_markdown(report: dict, chart: str | None) -> str:
     if "validated" in report:
         lines += ["## Validation", "", f"**{'Validated' if report['validated'] else 'NOT validated'}**", ""]
         lines += [f"- {failure}" for failure in report["validation_failures"]]
-        lines += [f"- {name}: " + ", ".join(f"{k} {v}" for k, v in check.items())
-                  for name, check in report["validation_checks"].items()]
+        lines += [
+            f"- {name}: " + ", ".join(f"{k} {v}" for k, v in check.items())
+            for name, check in report["validation_checks"].items()
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -291,8 +338,11 @@ def cost_report(run_dir: str, pricing: GpuPricing | None = None, managed: Manage
     rd = RunDir(run_dir)
     report = write_report(rd, pricing, managed)
     key = re.sub(r"[^a-z0-9-]+", "-", rd.root.name.lower()).strip("-") or "run"
-    create_markdown_artifact(key=f"nightshift-report-{key}", markdown=(rd.root / "report.md").read_text(),
-                             description="Nightshift cost and throughput report")
+    create_markdown_artifact(
+        key=f"nightshift-report-{key}",
+        markdown=(rd.root / "report.md").read_text(),
+        description="Nightshift cost and throughput report",
+    )
     table = {k: v for k, v in report.items() if not isinstance(v, (dict, list))}
     create_table_artifact(key=f"nightshift-figures-{key}", table=[table], description="Nightshift run figures")
     return report

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
-
 from conftest import REPO, read_jsonl, write_jsonl
 
 ROWS = 480
@@ -22,23 +21,48 @@ SHARD = 160
 
 
 def corpus(path: Path) -> Path:
-    rows = [{"id": f"doc-{i:04d}", "text": f"Document {i}: the quarterly invoice of client {i % 17} is overdue."}
-            for i in range(ROWS)]
+    rows = [
+        {"id": f"doc-{i:04d}", "text": f"Document {i}: the quarterly invoice of client {i % 17} is overdue."}
+        for i in range(ROWS)
+    ]
     return write_jsonl(path, rows)
 
 
 def nightshift(args, **kwargs):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "NIGHTSHIFT_SIGTERM_GRACE_S": "5"}
     return subprocess.Popen(
-        [sys.executable, "-m", "nightshift.cli", *args], cwd=REPO, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs,
+        [sys.executable, "-m", "nightshift.cli", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        **kwargs,
     )
 
 
 def run_args(input_path, run_dir):
-    return ["run", str(input_path), "--output", str(run_dir), "--model", "tiny", "--id-column", "id",
-            "--text-column", "text", "--max-tokens", "48", "--shard-size", str(SHARD), "--chunk-size", "16",
-            "--max-num-seqs", "8"]
+    return [
+        "run",
+        str(input_path),
+        "--output",
+        str(run_dir),
+        "--model",
+        "tiny",
+        "--id-column",
+        "id",
+        "--text-column",
+        "text",
+        "--max-tokens",
+        "48",
+        "--shard-size",
+        str(SHARD),
+        "--chunk-size",
+        "16",
+        "--max-num-seqs",
+        "8",
+    ]
 
 
 def chunk_rows(run_dir: Path) -> dict[str, list[int]]:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from conftest import REPO, chat_request, read_jsonl, write_jsonl
+
 from nightshift.models import resolve_model
 from nightshift.samples import sample_documents
 
@@ -18,25 +19,75 @@ def content_by_id(path):
 
 def test_message_content_matches_vllm_run_batch_for_every_custom_id(tmp_path):
     requests = [
-        chat_request(doc["id"], f"Summarize in one sentence:\n\n{doc['text']}", model="smollm2", max_tokens=40,
-                     **({"messages": [{"role": "system", "content": "Be concise."},
-                                      {"role": "user", "content": f"Summarize in one sentence:\n\n{doc['text']}"}]}
-                        if i % 2 else {}))
+        chat_request(
+            doc["id"],
+            f"Summarize in one sentence:\n\n{doc['text']}",
+            model="smollm2",
+            max_tokens=40,
+            **(
+                {
+                    "messages": [
+                        {"role": "system", "content": "Be concise."},
+                        {"role": "user", "content": f"Summarize in one sentence:\n\n{doc['text']}"},
+                    ]
+                }
+                if i % 2
+                else {}
+            ),
+        )
         for i, doc in enumerate(sample_documents(12, seed=3))
     ]
     batch = write_jsonl(tmp_path / "in.jsonl", requests)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     model = resolve_model("smollm2")
     subprocess.run(
-        [sys.executable, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(batch), "-o", str(tmp_path / "ref.jsonl"),
-         "--model", model, "--served-model-name", "smollm2", "--dtype", "float32", "--enforce-eager",
-         "--max-model-len", "2048", "--gpu-memory-utilization", "0.2", "--seed", "0"],
-        check=True, env=env, cwd=REPO, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.run_batch",
+            "-i",
+            str(batch),
+            "-o",
+            str(tmp_path / "ref.jsonl"),
+            "--model",
+            model,
+            "--served-model-name",
+            "smollm2",
+            "--dtype",
+            "float32",
+            "--enforce-eager",
+            "--max-model-len",
+            "2048",
+            "--gpu-memory-utilization",
+            "0.2",
+            "--seed",
+            "0",
+        ],
+        check=True,
+        env=env,
+        cwd=REPO,
+        capture_output=True,
     )
     ours = subprocess.run(
-        [sys.executable, "-m", "nightshift.cli", "run", str(batch), "--output", str(tmp_path / "run"),
-         "--model", "smollm2", "--shard-size", "5", "--chunk-size", "2"],
-        env=env, cwd=REPO, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "nightshift.cli",
+            "run",
+            str(batch),
+            "--output",
+            str(tmp_path / "run"),
+            "--model",
+            "smollm2",
+            "--shard-size",
+            "5",
+            "--chunk-size",
+            "2",
+        ],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert ours.returncode == 0, ours.stderr[-3000:]
 

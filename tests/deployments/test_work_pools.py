@@ -19,7 +19,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import REPO, chat_request, read_jsonl, write_jsonl
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -62,14 +61,21 @@ class Stack:
     def spawn(self, name: str, args: list[str], **env) -> subprocess.Popen:
         # Own session each: killing a worker's group kills its flow runs and engines too,
         # as losing the machine would.
-        process = subprocess.Popen(args, cwd=REPO, env={**self.env, **env}, start_new_session=True,
-                                   stdout=open(self.logs / f"{name}.log", "w"), stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            args,
+            cwd=REPO,
+            env={**self.env, **env},
+            start_new_session=True,
+            stdout=open(self.logs / f"{name}.log", "w"),
+            stderr=subprocess.STDOUT,
+        )
         self.processes.append(process)
         return process
 
     def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        result = subprocess.run([PREFECT, *args], cwd=REPO, env=self.env, capture_output=True, text=True,
-                                timeout=timeout)
+        result = subprocess.run(
+            [PREFECT, *args], cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
         assert result.returncode == 0, f"prefect {' '.join(args)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
         return result
 
@@ -78,8 +84,9 @@ class Stack:
 
     def flow_runs(self, flow_name: str) -> list[dict]:
         flows = httpx.post(f"{self.api}/flows/filter", json={"flows": {"name": {"any_": [flow_name]}}}).json()
-        return httpx.post(f"{self.api}/flow_runs/filter",
-                          json={"flows": {"id": {"any_": [f["id"] for f in flows]}}}).json()
+        return httpx.post(
+            f"{self.api}/flow_runs/filter", json={"flows": {"id": {"any_": [f["id"] for f in flows]}}}
+        ).json()
 
     def stop(self) -> None:
         for process in reversed(self.processes):
@@ -101,9 +108,11 @@ def stack(tmp_path_factory):
 def deployed(stack):
     """What docs/deployments.md tells an operator to do: pools, blocks, deploy, an orchestrating worker."""
     subprocess.run(["scripts/deploy.sh"], cwd=REPO, env=stack.env, check=True, timeout=600)
-    stack.python("from blocks import ModelConfig, GpuPricing\n"
-                 "ModelConfig(model='tiny', chunk_size=2, max_num_seqs=8, gpu_memory_utilization=0.05).save('tiny-test')\n"
-                 "GpuPricing(accelerator='test-gpu', on_demand_per_hour=2.0, spot_per_hour=0.8).save('test-gpu')\n")
+    stack.python(
+        "from blocks import ModelConfig, GpuPricing\n"
+        "ModelConfig(model='tiny', chunk_size=2, max_num_seqs=8, gpu_memory_utilization=0.05).save('tiny-test')\n"
+        "GpuPricing(accelerator='test-gpu', on_demand_per_hour=2.0, spot_per_hour=0.8).save('test-gpu')\n"
+    )
     stack.spawn("worker-cpu", [PREFECT, "worker", "start", "--pool", "nightshift-cpu", "--name", "cpu"])
     return stack
 
@@ -111,8 +120,15 @@ def deployed(stack):
 def test_the_kubernetes_job_template_requests_gpus_on_gpu_nodes(stack):
     from prefect.utilities.templating import apply_values
 
-    stack.cli("work-pool", "create", "nightshift-gpu-k8s", "--type", "kubernetes",
-              "--base-job-template", "deployments/k8s-gpu-job-template.json")
+    stack.cli(
+        "work-pool",
+        "create",
+        "nightshift-gpu-k8s",
+        "--type",
+        "kubernetes",
+        "--base-job-template",
+        "deployments/k8s-gpu-job-template.json",
+    )
     pool = httpx.get(f"{stack.api}/work_pools/nightshift-gpu-k8s").json()
     template = pool["base_job_template"]
     defaults = {k: v["default"] for k, v in template["variables"]["properties"].items() if "default" in v}
@@ -133,26 +149,54 @@ def test_blocks_register_and_show_up_as_block_types(deployed):
 @pytest.fixture(scope="module")
 def gpu_workers(deployed):
     """Two GPU workers, one flow run at a time each, pinned like one machine's two GPUs."""
-    return {slot: deployed.spawn(f"worker-gpu-{slot}", [PREFECT, "worker", "start", "--pool", "nightshift-gpu",
-                                                        "--limit", "1", "--name", f"gpu-{slot}"],
-                                 CUDA_VISIBLE_DEVICES=slot, NIGHTSHIFT_CHAOS_STALL_FILE=str(deployed.stall_flag))
-            for slot in ("0", "1")}
+    return {
+        slot: deployed.spawn(
+            f"worker-gpu-{slot}",
+            [PREFECT, "worker", "start", "--pool", "nightshift-gpu", "--limit", "1", "--name", f"gpu-{slot}"],
+            CUDA_VISIBLE_DEVICES=slot,
+            NIGHTSHIFT_CHAOS_STALL_FILE=str(deployed.stall_flag),
+        )
+        for slot in ("0", "1")
+    }
 
 
 def nightly_parameters(requests: Path, run_dir: Path, **fan_out) -> dict:
     return {
-        "input_path": str(requests), "run_dir": str(run_dir), "model": "tiny-test", "pricing": "test-gpu",
+        "input_path": str(requests),
+        "run_dir": str(run_dir),
+        "model": "tiny-test",
+        "pricing": "test-gpu",
         "shard_size": 2,
-        "fan_out": {"deployment": "nightshift-generate-shards/gpu", "shards_per_group": 2, "max_in_flight": 2,
-                    "heartbeat_timeout_s": 30, **fan_out},
+        "fan_out": {
+            "deployment": "nightshift-generate-shards/gpu",
+            "shards_per_group": 2,
+            "max_in_flight": 2,
+            "heartbeat_timeout_s": 30,
+            **fan_out,
+        },
         "validation": {"determinism_samples": 0},  # the orchestrating worker has no engine to spare
     }
 
 
 def start_nightly(stack: Stack, parameters: dict) -> subprocess.Popen:
-    return subprocess.Popen([PREFECT, "deployment", "run", "nightshift-batch/nightly", "--params",
-                             json.dumps(parameters), "--watch", "--watch-timeout", "900"],
-                            cwd=REPO, env=stack.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [
+            PREFECT,
+            "deployment",
+            "run",
+            "nightshift-batch/nightly",
+            "--params",
+            json.dumps(parameters),
+            "--watch",
+            "--watch-timeout",
+            "900",
+        ],
+        cwd=REPO,
+        env=stack.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def requests_file(path: Path, rows: int) -> Path:
@@ -168,15 +212,21 @@ def assert_every_row_once(run_dir: Path, rows: int) -> None:
 def test_a_straggling_group_is_reissued_and_the_first_finisher_wins(deployed, gpu_workers, tmp_path):
     run_dir = tmp_path / "nightly"
     deployed.stall_flag.touch()  # the first child run to start hangs
-    run = start_nightly(deployed, nightly_parameters(requests_file(tmp_path / "in.jsonl", 8), run_dir,
-                                                     straggler_factor=1.0, straggler_min_s=0))
+    run = start_nightly(
+        deployed,
+        nightly_parameters(requests_file(tmp_path / "in.jsonl", 8), run_dir, straggler_factor=1.0, straggler_min_s=0),
+    )
     output, _ = run.communicate(timeout=900)
     assert run.returncode == 0, output[-4000:]
 
     assert_every_row_once(run_dir, 8)
+
     def children_states():  # the loser's worker may still be stopping it
-        states = sorted(c["state_type"] for c in deployed.flow_runs("nightshift-generate-shards")
-                        if c["parameters"]["run_dir"] == str(run_dir))
+        states = sorted(
+            c["state_type"]
+            for c in deployed.flow_runs("nightshift-generate-shards")
+            if c["parameters"]["run_dir"] == str(run_dir)
+        )
         return states if "CANCELLING" not in states else None
 
     states = _wait(children_states, None, "the duplicate was not cancelled", timeout=120)
@@ -195,8 +245,11 @@ def lost_worker_run(deployed, gpu_workers, tmp_path_factory):
     groups = run_dir / "groups"
     victim = _wait(lambda: next((_slot(m) for m in groups.glob("*/*.json")), None), run, "no group finished")
     finished = {m.parent.name for m in groups.glob("*/*.json")}
-    _wait(lambda: any(_slot(beat) == victim for beat in groups.glob("*/*.alive") if beat.parent.name not in finished),
-          run, "the worker took no second group")
+    _wait(
+        lambda: any(_slot(beat) == victim for beat in groups.glob("*/*.alive") if beat.parent.name not in finished),
+        run,
+        "the worker took no second group",
+    )
     time.sleep(3)
     os.killpg(gpu_workers[victim].pid, signal.SIGKILL)
 
@@ -216,8 +269,11 @@ def test_shards_run_on_both_gpu_workers_and_the_merged_output_is_complete(lost_w
 
 
 def test_the_lost_workers_run_is_shown_crashed_and_its_group_redone(deployed, lost_worker_run):
-    children = [c for c in deployed.flow_runs("nightshift-generate-shards")
-                if c["parameters"]["run_dir"] == str(lost_worker_run)]
+    children = [
+        c
+        for c in deployed.flow_runs("nightshift-generate-shards")
+        if c["parameters"]["run_dir"] == str(lost_worker_run)
+    ]
     crashed = [c for c in children if c["state_type"] == "CRASHED"]
     assert len(crashed) == 1 and "no heartbeat" in crashed[0]["state"]["message"]
     assert sum(c["state_type"] == "COMPLETED" for c in children) == 4, "every group finished once"
@@ -239,11 +295,24 @@ def test_retrying_the_nightly_run_dispatches_no_group_twice(deployed, lost_worke
 def test_deployment_run_watch_exits_nonzero_when_the_run_fails(deployed, tmp_path):
     stack = deployed
     bad_input = tmp_path / "missing.jsonl"
-    result = subprocess.run([PREFECT, "deployment", "run", "nightshift-batch/nightly", "--params",
-                             json.dumps({"input_path": str(bad_input), "run_dir": str(tmp_path / "r"),
-                                         "model": "tiny-test"}),
-                             "--watch", "--watch-timeout", "600"],
-                            cwd=REPO, env=stack.env, capture_output=True, text=True, timeout=700)
+    result = subprocess.run(
+        [
+            PREFECT,
+            "deployment",
+            "run",
+            "nightshift-batch/nightly",
+            "--params",
+            json.dumps({"input_path": str(bad_input), "run_dir": str(tmp_path / "r"), "model": "tiny-test"}),
+            "--watch",
+            "--watch-timeout",
+            "600",
+        ],
+        cwd=REPO,
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=700,
+    )
     assert result.returncode != 0
     assert "Failed" in result.stdout + result.stderr
 

@@ -8,7 +8,6 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import chat_request, read_jsonl, write_jsonl
 
 SCHEMA = {
@@ -24,13 +23,21 @@ def mixed_batch() -> list:
     rows.insert(3, "{broken json")
     rows.insert(7, chat_request("plain-2", "duplicate id"))
     rows += [
-        chat_request("structured", "Classify", max_tokens=20,
-                     response_format={"type": "json_schema", "json_schema": {"name": "label", "schema": SCHEMA}}),
+        chat_request(
+            "structured",
+            "Classify",
+            max_tokens=20,
+            response_format={"type": "json_schema", "json_schema": {"name": "label", "schema": SCHEMA}},
+        ),
         chat_request("logprobs", "Hello", logprobs=True, top_logprobs=2),
         chat_request("two-choices", "Hello", n=2, temperature=0.8, seed=1),
         chat_request("stopped", "Hello", stop=["e"], max_completion_tokens=6),
-        {"custom_id": "completion", "method": "POST", "url": "/v1/completions",
-         "body": {"prompt": "Once upon a time", "max_tokens": 5, "temperature": 0}},
+        {
+            "custom_id": "completion",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"prompt": "Once upon a time", "max_tokens": 5, "temperature": 0},
+        },
         chat_request("other-model", "Hello", model="gpt-4o-mini"),
         chat_request("unknown-field", "Hello", frobnicate=True),
         chat_request("too-long", "word " * 3000),
@@ -84,7 +91,7 @@ def test_every_input_line_is_in_outputs_or_errors_exactly_once_in_input_order(mi
     assert report.complete and report.total_rows == len(lines) == len(outputs) + len(errors)
     error_lines = [e["error"]["line"] for e in errors]
     assert error_lines == sorted(error_lines) and len(set(error_lines)) == len(error_lines)
-    expected_ok = [json.loads(l)["custom_id"] for n, l in enumerate(lines, 1) if n not in error_lines]
+    expected_ok = [json.loads(line)["custom_id"] for n, line in enumerate(lines, 1) if n not in error_lines]
     assert [o["custom_id"] for o in outputs] == expected_ok
 
 
@@ -93,16 +100,32 @@ def test_bad_rows_get_an_openai_style_error_with_a_code_and_their_line(mixed_run
     _, errors = outcome_by_id(run_dir)
     by_code = {e["error"]["code"]: e for e in errors}
     assert set(by_code) == {
-        "invalid_json", "duplicate_custom_id", "model_not_found", "unsupported_parameter",
-        "context_length_exceeded", "invalid_request", "invalid_encoding", "missing_custom_id",
-        "unsupported_method", "unsupported_url", "missing_messages", "missing_prompt", "invalid_custom_id",
+        "invalid_json",
+        "duplicate_custom_id",
+        "model_not_found",
+        "unsupported_parameter",
+        "context_length_exceeded",
+        "invalid_request",
+        "invalid_encoding",
+        "missing_custom_id",
+        "unsupported_method",
+        "unsupported_url",
+        "missing_messages",
+        "missing_prompt",
+        "invalid_custom_id",
         "empty_prompt",
     }
     kinds_of_bad_line = 19  # 19 kinds of bad line, reported under 14 codes
     assert sum(report.errors_by_code.values()) == len(errors) == kinds_of_bad_line
     by_id = {e["custom_id"]: e["error"]["code"] for e in errors}
     assert by_id["huge-max-tokens"] == "context_length_exceeded" and by_id["zero-max-tokens"] == "invalid_request"
-    assert by_id["no-body"] == "invalid_request" and by_id[None] in {"invalid_encoding", "invalid_json", "invalid_request", "missing_custom_id", "invalid_custom_id"}
+    assert by_id["no-body"] == "invalid_request" and by_id[None] in {
+        "invalid_encoding",
+        "invalid_json",
+        "invalid_request",
+        "missing_custom_id",
+        "invalid_custom_id",
+    }
     assert by_code["invalid_json"]["error"]["line"] == 4
     assert "gpt-4o-mini" in by_code["model_not_found"]["error"]["message"]
     assert all(e["response"] is None and e["error"]["message"] for e in errors)
@@ -147,15 +170,24 @@ def test_results_parquet_has_one_row_per_input_row(mixed_run):
     path, run_dir, report = mixed_run
     table = pq.read_table(run_dir / "results.parquet")
     assert table.num_rows == report.total_rows
-    assert table.column_names == ["custom_id", "text", "finish_reason", "prompt_tokens", "completion_tokens", "shard",
-                                  "source"]
+    assert table.column_names == [
+        "custom_id",
+        "text",
+        "finish_reason",
+        "prompt_tokens",
+        "completion_tokens",
+        "shard",
+        "source",
+    ]
     assert sum(v or 0 for v in table["completion_tokens"].to_pylist()) == report.completion_tokens
 
 
 def test_identical_greedy_rows_are_generated_once_and_each_keeps_its_own_line(mixed_run):
     _, run_dir, _ = mixed_run
     outputs, _ = outcome_by_id(run_dir)
-    sources = dict(zip(*pq.read_table(run_dir / "results.parquet", columns=["custom_id", "source"]).to_pydict().values()))
+    sources = dict(
+        zip(*pq.read_table(run_dir / "results.parquet", columns=["custom_id", "source"]).to_pydict().values())
+    )
     twin_a, twin_b = (outputs[t]["response"]["body"] for t in ("twin-a", "twin-b"))
     assert twin_a["choices"] == twin_b["choices"] and twin_a["usage"] == twin_b["usage"]
     assert outputs["twin-a"]["id"] != outputs["twin-b"]["id"] and twin_a["id"] != twin_b["id"]
@@ -185,8 +217,8 @@ def test_a_second_run_on_the_same_directory_is_cached_and_duplicates_nothing(mix
     generate_states = [t.state.name for t in task_runs if t.name.startswith("generate-shard")]
     assert generate_states and set(generate_states) == {"Cached"}
     after = (run_dir / "output.jsonl").read_text()
-    assert [json.loads(l)["custom_id"] for l in after.splitlines()] == [
-        json.loads(l)["custom_id"] for l in before.splitlines()
+    assert [json.loads(line)["custom_id"] for line in after.splitlines()] == [
+        json.loads(line)["custom_id"] for line in before.splitlines()
     ]
 
 
@@ -214,14 +246,22 @@ def test_cost_per_million_tokens_is_the_pricing_blocks_arithmetic(mixed_run):
     assert report["cost_per_million_tokens"] == pytest.approx(hours * 8 * 4.0 / (tokens / 1e6), rel=1e-3)
     assert report["cost_per_million_tokens_spot"] == pytest.approx(hours * 8 * 1.5 / (tokens / 1e6), rel=1e-3)
     assert report["cost_per_million_output_tokens"] == pytest.approx(
-        hours * 8 * 4.0 / (report["completion_tokens"] / 1e6), rel=1e-3)
+        hours * 8 * 4.0 / (report["completion_tokens"] / 1e6), rel=1e-3
+    )
 
 
 def test_without_a_gpu_the_report_says_so_and_gpu_fields_are_null(mixed_run):
     _, run_dir, _ = mixed_run
     report = json.loads((run_dir / "report.json").read_text())
-    for key in ("rows", "prompt_tokens", "completion_tokens", "tokens_per_second",
-                "output_tokens_per_second", "cost_per_million_tokens", "gpu_utilization_mean"):
+    for key in (
+        "rows",
+        "prompt_tokens",
+        "completion_tokens",
+        "tokens_per_second",
+        "output_tokens_per_second",
+        "cost_per_million_tokens",
+        "gpu_utilization_mean",
+    ):
         assert key in report
     assert report["tokens_per_second"] > 0
     if report["gpu_count"] == 0:  # this machine: no NVML

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, chat_request, read_jsonl, write_jsonl
 
 
@@ -19,14 +18,19 @@ def batch(tmp_path):
     return write_jsonl(tmp_path / "in.jsonl", [chat_request(f"r{i}", f"Row {i} of the batch") for i in range(25)])
 
 
-def test_a_run_whose_canaries_hold_is_validated_and_canaries_stay_out_of_the_outputs(tmp_path, batch, prefect_server, tiny_job):
+def test_a_run_whose_canaries_hold_is_validated_and_canaries_stay_out_of_the_outputs(
+    tmp_path, batch, prefect_server, tiny_job
+):
     from nightshift.canaries import CanaryConfig
     from nightshift.cli import run_job
 
-    canaries = write_jsonl(tmp_path / "canaries.jsonl", [
-        canary("says-something", "Hello", min_length=1, max_length=500),
-        canary("matches", "Hello again", regex=r"\S"),
-    ])
+    canaries = write_jsonl(
+        tmp_path / "canaries.jsonl",
+        [
+            canary("says-something", "Hello", min_length=1, max_length=500),
+            canary("matches", "Hello again", regex=r"\S"),
+        ],
+    )
     run_dir = tmp_path / "run"
     report = run_job(str(batch), str(run_dir), tiny_job, 10, None, CanaryConfig(canaries=str(canaries)))
     assert report.total_rows == 25 and report.complete
@@ -39,15 +43,36 @@ def test_a_run_whose_canaries_hold_is_validated_and_canaries_stay_out_of_the_out
 
 
 def test_a_wrong_expectation_fails_the_run_with_exit_3_naming_the_canary(tmp_path, batch):
-    canaries = write_jsonl(tmp_path / "canaries.jsonl", [
-        canary("fine", "Hello", min_length=1),
-        canary("impossible", "Hello", exact="this exact sentence will not come out"),
-    ])
+    canaries = write_jsonl(
+        tmp_path / "canaries.jsonl",
+        [
+            canary("fine", "Hello", min_length=1),
+            canary("impossible", "Hello", exact="this exact sentence will not come out"),
+        ],
+    )
     run_dir = tmp_path / "run"
     done = subprocess.run(
-        [sys.executable, "-m", "nightshift.cli", "run", str(batch), "--output", str(run_dir), "--model", "tiny",
-         "--max-num-seqs", "16", "--shard-size", "10", "--canaries", str(canaries)],
-        cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "nightshift.cli",
+            "run",
+            str(batch),
+            "--output",
+            str(run_dir),
+            "--model",
+            "tiny",
+            "--max-num-seqs",
+            "16",
+            "--shard-size",
+            "10",
+            "--canaries",
+            str(canaries),
+        ],
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 3, done.stderr[-2000:]
     assert "impossible" in done.stderr and "NOT validated" in done.stderr
@@ -73,7 +98,9 @@ def test_the_oracle_fails_a_run_whose_weights_differ_from_the_reference(tmp_path
     shutil.copytree(model_dir("tiny"), tampered)
     weights = load_file(tampered / "model.safetensors")
     generator = torch.Generator().manual_seed(1)
-    weights = {name: w + 0.5 * torch.randn(w.shape, generator=generator) if w.dim() == 2 else w for name, w in weights.items()}
+    weights = {
+        name: w + 0.5 * torch.randn(w.shape, generator=generator) if w.dim() == 2 else w for name, w in weights.items()
+    }
     save_file(weights, tampered / "model.safetensors", metadata={"format": "pt"})
 
     job = make_job(str(tampered), chunk_size=4, max_num_seqs=16, served_model_name="tiny")

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, chat_request, read_jsonl, write_jsonl
 
 
@@ -78,10 +77,25 @@ def test_editing_the_task_source_reruns_no_shard(finished_run, tmp_path):
     from nightshift.models import cache_dir
 
     done = subprocess.run(
-        [sys.executable, "-m", "nightshift.cli", "run", str(path), "--output", str(run_dir), "--model", "tiny",
-         "--shard-size", "10", "--chunk-size", "4"],
-        cwd=copy, env={**os.environ, "NIGHTSHIFT_CACHE": str(cache_dir()), "PYTHONPATH": str(copy)},
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "nightshift.cli",
+            "run",
+            str(path),
+            "--output",
+            str(run_dir),
+            "--model",
+            "tiny",
+            "--shard-size",
+            "10",
+            "--chunk-size",
+            "4",
+        ],
+        cwd=copy,
+        env={**os.environ, "NIGHTSHIFT_CACHE": str(cache_dir()), "PYTHONPATH": str(copy)},
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "shards: 3 (3 from checkpoints)" in done.stdout

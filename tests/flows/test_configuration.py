@@ -6,7 +6,6 @@ import shutil
 import time
 
 import pytest
-
 from conftest import chat_request, write_jsonl
 
 
@@ -27,14 +26,18 @@ def short_context_model(tmp_path_factory):
 def cli(*args):
     from nightshift.cli import main
 
-    return main(["run", *map(str, args), "--served-model-name", "tiny", "--oracle-samples", "0",
-                 "--determinism-samples", "0"])
+    return main(
+        ["run", *map(str, args), "--served-model-name", "tiny", "--oracle-samples", "0", "--determinism-samples", "0"]
+    )
 
 
-def test_with_no_max_model_len_the_engine_runs_with_the_models_own_context(tmp_path, short_context_model,
-                                                                           prefect_server):
-    path = write_jsonl(tmp_path / "in.jsonl", [chat_request(f"r{i}", f"Clause {i}") for i in range(3)]
-                       + [chat_request("too-long", "word " * 1100)])
+def test_with_no_max_model_len_the_engine_runs_with_the_models_own_context(
+    tmp_path, short_context_model, prefect_server
+):
+    path = write_jsonl(
+        tmp_path / "in.jsonl",
+        [chat_request(f"r{i}", f"Clause {i}") for i in range(3)] + [chat_request("too-long", "word " * 1100)],
+    )
     assert cli(path, "--output", tmp_path / "run", "--model", short_context_model) == 0
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["max_model_len"] == 1024 and "1,024 tokens" in (tmp_path / "run" / "report.md").read_text()
@@ -42,8 +45,9 @@ def test_with_no_max_model_len_the_engine_runs_with_the_models_own_context(tmp_p
     assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [("too-long", "context_length_exceeded")]
 
 
-def test_a_context_longer_than_the_models_exits_2_in_one_line_before_anything_runs(tmp_path, short_context_model,
-                                                                                   capsys):
+def test_a_context_longer_than_the_models_exits_2_in_one_line_before_anything_runs(
+    tmp_path, short_context_model, capsys
+):
     from nightshift import engine
 
     path = write_jsonl(tmp_path / "in.jsonl", [chat_request("r0", "Clause")])
@@ -58,10 +62,13 @@ def test_a_context_longer_than_the_models_exits_2_in_one_line_before_anything_ru
     assert elapsed < 30
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--dtype-is-not-an-option"], None),
-    (["--model", "/no/such/model"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--dtype-is-not-an-option"], None),
+        (["--model", "/no/such/model"], "does not exist"),
+    ],
+)
 def test_other_configuration_errors_exit_2_with_a_clear_message(tmp_path, capsys, args, words):
     path = write_jsonl(tmp_path / "in.jsonl", [chat_request("r0", "Clause")])
     if words is None:  # argparse's own refusal of an unknown option

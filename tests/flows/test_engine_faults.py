@@ -9,7 +9,6 @@ import threading
 import time
 
 import pytest
-
 from conftest import chat_request, read_jsonl, write_jsonl
 
 
@@ -22,7 +21,9 @@ def fresh_engine():
     shutdown_engine()
 
 
-def test_killing_the_engine_mid_shard_retries_the_shard_and_loses_nothing(tmp_path, prefect_server, tiny_job, fresh_engine):
+def test_killing_the_engine_mid_shard_retries_the_shard_and_loses_nothing(
+    tmp_path, prefect_server, tiny_job, fresh_engine
+):
     from nightshift.cli import run_job
     from nightshift.engine import _kill_engine_processes
 
@@ -44,7 +45,9 @@ def test_killing_the_engine_mid_shard_retries_the_shard_and_loses_nothing(tmp_pa
     assert [row["custom_id"] for row in read_jsonl(run_dir / "output.jsonl")] == [f"r{i}" for i in range(120)]
 
 
-def test_a_row_that_kills_the_engine_twice_is_set_aside_then_retried(tmp_path, prefect_server, tiny_job, fresh_engine, monkeypatch):
+def test_a_row_that_kills_the_engine_twice_is_set_aside_then_retried(
+    tmp_path, prefect_server, tiny_job, fresh_engine, monkeypatch
+):
     from flows.retry import retry_errors
     from nightshift.cli import run_job
     from nightshift.engine import shutdown_engine

@@ -10,7 +10,6 @@ import uuid
 
 import httpx
 import pytest
-
 from conftest import REPO, chat_request, read_jsonl, write_jsonl
 
 
@@ -19,8 +18,11 @@ def s3_endpoint():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = subprocess.Popen([str(REPO / ".venv-s3" / "bin" / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [str(REPO / ".venv-s3" / "bin" / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     try:
         for _ in range(120):
@@ -35,7 +37,9 @@ def s3_endpoint():
         server.wait()
 
 
-def test_an_s3_input_runs_with_the_blocks_credentials_which_leak_nowhere(prefect_server, s3_endpoint, tiny_job, tmp_path):
+def test_an_s3_input_runs_with_the_blocks_credentials_which_leak_nowhere(
+    prefect_server, s3_endpoint, tiny_job, tmp_path
+):
     import s3fs
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
@@ -49,13 +53,21 @@ def test_an_s3_input_runs_with_the_blocks_credentials_which_leak_nowhere(prefect
     lake.save("lake-test", overwrite=True)
     bucket = s3fs.S3FileSystem(**lake.storage_options())
     bucket.mkdir("corpus")
-    local = write_jsonl(tmp_path / "requests.jsonl", [chat_request(f"doc-{i}", f"Summarize item {i}.") for i in range(6)])
+    local = write_jsonl(
+        tmp_path / "requests.jsonl", [chat_request(f"doc-{i}", f"Summarize item {i}.") for i in range(6)]
+    )
     bucket.put(str(local), "corpus/2026-11-22.jsonl")
 
     run_dir = tmp_path / "run"
-    state = batch_inference(input_path="s3://corpus/2026-11-22.jsonl", run_dir=str(run_dir), job=tiny_job,
-                            storage="lake-test", shard_size=4,
-                            validation=CanaryConfig(oracle_samples=0, determinism_samples=0), return_state=True)
+    state = batch_inference(
+        input_path="s3://corpus/2026-11-22.jsonl",
+        run_dir=str(run_dir),
+        job=tiny_job,
+        storage="lake-test",
+        shard_size=4,
+        validation=CanaryConfig(oracle_samples=0, determinism_samples=0),
+        return_state=True,
+    )
 
     assert state.is_completed()
     assert [line["custom_id"] for line in read_jsonl(run_dir / "output.jsonl")] == [f"doc-{i}" for i in range(6)]

@@ -7,7 +7,6 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import chat_request, read_jsonl, write_jsonl
 
 
@@ -30,18 +29,25 @@ def run(tmp_path, name, rows, job, validation):
     return run_dir, dict(zip(table["custom_id"], table["source"])), outputs
 
 
-def test_rows_answered_last_night_are_served_from_the_cache_under_tonights_ids(tmp_path, prefect_server, tiny_job,
-                                                                                no_checks):
+def test_rows_answered_last_night_are_served_from_the_cache_under_tonights_ids(
+    tmp_path, prefect_server, tiny_job, no_checks
+):
     job = dataclasses.replace(tiny_job, result_cache=str(tmp_path / "cache"))
     shared = [f"Contract clause {i} renews yearly" for i in range(5)]
     last_night = [chat_request(f"mon-{i}", text) for i, text in enumerate(shared)]
-    last_night += [chat_request("mon-dice", "Roll", temperature=1.0), chat_request("mon-seeded", "Roll", temperature=1.0, seed=7)]
+    last_night += [
+        chat_request("mon-dice", "Roll", temperature=1.0),
+        chat_request("mon-seeded", "Roll", temperature=1.0, seed=7),
+    ]
     _, sources, monday = run(tmp_path, "monday", last_night, job, no_checks)
     assert set(sources.values()) == {"engine"}
 
     tonight = [chat_request(f"tue-{i}", text) for i, text in enumerate(shared)]
-    tonight += [chat_request("tue-new", "A clause never seen"), chat_request("tue-dice", "Roll", temperature=1.0),
-                chat_request("tue-seeded", "Roll", temperature=1.0, seed=7)]
+    tonight += [
+        chat_request("tue-new", "A clause never seen"),
+        chat_request("tue-dice", "Roll", temperature=1.0),
+        chat_request("tue-seeded", "Roll", temperature=1.0, seed=7),
+    ]
     run_dir, sources, tuesday = run(tmp_path, "tuesday", tonight, job, no_checks)
     for i in range(5):
         assert sources[f"tue-{i}"] == "cache"
@@ -54,8 +60,9 @@ def test_rows_answered_last_night_are_served_from_the_cache_under_tonights_ids(t
     report = json.loads((run_dir / "report.json").read_text())
     saved = report["served_without_generating"]
     assert saved["rows"] == 6
-    assert saved["tokens"] == sum(tuesday[c]["response"]["body"]["usage"]["total_tokens"]
-                                  for c, s in sources.items() if s == "cache")
+    assert saved["tokens"] == sum(
+        tuesday[c]["response"]["body"]["usage"]["total_tokens"] for c, s in sources.items() if s == "cache"
+    )
 
 
 def test_a_changed_configuration_serves_nothing_from_the_cache(tmp_path, prefect_server, tiny_job, no_checks):

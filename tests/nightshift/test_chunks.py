@@ -10,9 +10,19 @@ pytestmark = pytest.mark.fast
 
 
 def record(row_index: int, ok: bool, text: str | None = None, code: str | None = None) -> dict:
-    return {"row_index": row_index, "shard": 0, "custom_id": f"r{row_index}", "ok": ok, "line": "{}",
-            "text": text, "finish_reason": "stop" if ok else None, "prompt_tokens": 1 if ok else None,
-            "completion_tokens": 1 if ok else None, "error_code": code, "source": "engine" if ok else None}
+    return {
+        "row_index": row_index,
+        "shard": 0,
+        "custom_id": f"r{row_index}",
+        "ok": ok,
+        "line": "{}",
+        "text": text,
+        "finish_reason": "stop" if ok else None,
+        "prompt_tokens": 1 if ok else None,
+        "completion_tokens": 1 if ok else None,
+        "error_code": code,
+        "source": "engine" if ok else None,
+    }
 
 
 def best(tmp_path) -> dict:

@@ -35,9 +35,18 @@ def test_openai_batch_rows_carry_a_request_or_an_error_code(tmp_path):
     )
     rows = list(read_rows(str(path), "openai-batch"))
     assert codes(rows) == [
-        "ok", "invalid_encoding", "invalid_json", "invalid_request", "missing_custom_id",
-        "duplicate_custom_id", "unsupported_method", "unsupported_url", "invalid_request",
-        "missing_messages", "missing_prompt", "invalid_custom_id",
+        "ok",
+        "invalid_encoding",
+        "invalid_json",
+        "invalid_request",
+        "missing_custom_id",
+        "duplicate_custom_id",
+        "unsupported_method",
+        "unsupported_url",
+        "invalid_request",
+        "missing_messages",
+        "missing_prompt",
+        "invalid_custom_id",
     ]
     assert [row.line_no for row in rows] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13]  # blank line 12 is no record
     assert all(row.error["line"] == row.line_no for row in rows if row.error)
@@ -46,7 +55,9 @@ def test_openai_batch_rows_carry_a_request_or_an_error_code(tmp_path):
 def test_corpus_parquet_rows_become_chat_requests_through_the_template(tmp_path):
     path = tmp_path / "c.parquet"
     pq.write_table(pa.table({"doc": ["d1", "d2", "d3"], "body": ["alpha", None, "gamma"]}), path)
-    options = CorpusOptions(id_column="doc", text_column="body", template="Sum: {text}", system="Be brief.", max_tokens=5)
+    options = CorpusOptions(
+        id_column="doc", text_column="body", template="Sum: {text}", system="Be brief.", max_tokens=5
+    )
     rows = list(read_rows(str(path), "corpus", options))
     assert [r.custom_id for r in rows] == ["d1", "d2", "d3"]
     assert codes(rows) == ["ok", "empty_prompt", "ok"]

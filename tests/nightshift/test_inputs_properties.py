@@ -12,9 +12,16 @@ from nightshift.inputs import InputError, read_rows
 pytestmark = pytest.mark.fast
 
 good_line = st.builds(
-    lambda cid, text: json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
-                                  "body": {"messages": [{"role": "user", "content": text}]}}).encode(),
-    st.text(min_size=1, max_size=8), st.text(max_size=20),
+    lambda cid, text: json.dumps(
+        {
+            "custom_id": cid,
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"messages": [{"role": "user", "content": text}]},
+        }
+    ).encode(),
+    st.text(min_size=1, max_size=8),
+    st.text(max_size=20),
 )
 json_value = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=10),
@@ -25,7 +32,9 @@ any_line = st.one_of(
     good_line,
     st.binary(max_size=60).map(lambda b: b.replace(b"\n", b" ")),
     json_value.map(lambda v: json.dumps(v).encode()),
-    st.dictionaries(st.sampled_from(["custom_id", "method", "url", "body"]), json_value).map(lambda d: json.dumps(d).encode()),
+    st.dictionaries(st.sampled_from(["custom_id", "method", "url", "body"]), json_value).map(
+        lambda d: json.dumps(d).encode()
+    ),
 )
 
 

@@ -29,7 +29,13 @@ def test_sampling_fields_map_onto_vllms_sampling_params():
     ready, _ = prepare(chat(max_completion_tokens=7, temperature=0.3, top_p=0.9, seed=4, stop=["\n"], n=2))
     params = ready.sampling_params
     assert (params.max_tokens, params.temperature, params.top_p, params.seed, params.stop, params.n) == (
-        7, 0.3, 0.9, 4, ["\n"], 2)
+        7,
+        0.3,
+        0.9,
+        4,
+        ["\n"],
+        2,
+    )
     assert ready.kind == "chat" and ready.prompt == [{"role": "user", "content": "Hello"}]
 
 
@@ -38,16 +44,19 @@ def test_a_completion_body_keeps_its_prompt():
     assert ready.kind == "completion" and ready.prompt == "Once upon" and ready.sampling_params.max_tokens == 3
 
 
-@pytest.mark.parametrize("body, code", [
-    (chat(stream=True), "unsupported_parameter"),
-    (chat(tools=[{"type": "function", "function": {"name": "f"}}]), "unsupported_parameter"),
-    (chat(frobnicate=1), "unsupported_parameter"),
-    (chat(model="gpt-4o-mini"), "model_not_found"),
-    (chat(temperature="hot"), "invalid_request"),
-    (chat(max_tokens=0), "invalid_request"),
-    (chat(max_tokens=4096), "context_length_exceeded"),
-    ({"messages": [{"role": "user", "content": "   "}]}, "empty_prompt"),
-])
+@pytest.mark.parametrize(
+    "body, code",
+    [
+        (chat(stream=True), "unsupported_parameter"),
+        (chat(tools=[{"type": "function", "function": {"name": "f"}}]), "unsupported_parameter"),
+        (chat(frobnicate=1), "unsupported_parameter"),
+        (chat(model="gpt-4o-mini"), "model_not_found"),
+        (chat(temperature="hot"), "invalid_request"),
+        (chat(max_tokens=0), "invalid_request"),
+        (chat(max_tokens=4096), "context_length_exceeded"),
+        ({"messages": [{"role": "user", "content": "   "}]}, "empty_prompt"),
+    ],
+)
 def test_what_a_batch_cannot_honour_is_refused_with_an_openai_code(body, code):
     assert rejected(body) == code
 

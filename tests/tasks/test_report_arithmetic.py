@@ -18,9 +18,20 @@ pytestmark = pytest.mark.fast
 
 
 def metrics(shard: int, host: str, started: float, seconds: float) -> dict:
-    return {"shard_index": shard, "host": host, "engine_started": started, "engine_finished": started + seconds,
-            "engine_seconds": seconds, "gpu_name": None, "gpu_count": 0, "gpu_util_mean": None,
-            "gpu_mem_mib_mean": None, "gpu_power_w_mean": None, "gpu_telemetry": "no NVML", "max_model_len": 2048}
+    return {
+        "shard_index": shard,
+        "host": host,
+        "engine_started": started,
+        "engine_finished": started + seconds,
+        "engine_seconds": seconds,
+        "gpu_name": None,
+        "gpu_count": 0,
+        "gpu_util_mean": None,
+        "gpu_mem_mib_mean": None,
+        "gpu_power_w_mean": None,
+        "gpu_telemetry": "no NVML",
+        "max_model_len": 2048,
+    }
 
 
 @pytest.fixture
@@ -35,11 +46,20 @@ def run_dir(tmp_path):
         out = run.shard_output(shard_cache_key(shard, job))
         out.mkdir(parents=True)
         (out / "metrics.json").write_text(json.dumps(metrics(shard.index, host, started, 3600.0)))
-    pq.write_table(pa.table({
-        "custom_id": ["a", "b", "c", "d"], "text": ["x", "x", "y", None],
-        "finish_reason": ["stop", "stop", "length", None], "prompt_tokens": [100, 100, 300, None],
-        "completion_tokens": [50, 50, 150, None], "shard": [0, 0, 1, 1],
-        "source": ["engine", "duplicate", "engine", None]}), run.results)
+    pq.write_table(
+        pa.table(
+            {
+                "custom_id": ["a", "b", "c", "d"],
+                "text": ["x", "x", "y", None],
+                "finish_reason": ["stop", "stop", "length", None],
+                "prompt_tokens": [100, 100, 300, None],
+                "completion_tokens": [50, 50, 150, None],
+                "shard": [0, 0, 1, 1],
+                "source": ["engine", "duplicate", "engine", None],
+            }
+        ),
+        run.results,
+    )
     return run
 
 
