@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 PLAN = """
 import resource, sys
-from nightshift.inputs import CorpusOptions
+from nightshift.config import CorpusOptions
 from nightshift.rundir import RunDir
 from tasks.plan import plan
 p = plan(sys.argv[1], RunDir(sys.argv[2]), 10_000, CorpusOptions(id_column="id", text_column="text", max_tokens=1))

@@ -3,7 +3,6 @@ work pool) → merge-outputs → canary-validation → cost-report."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,15 +14,14 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from blocks.model import ModelConfig
 from blocks.pricing import GpuPricing
 from nightshift import progress
-from nightshift.canaries import CanaryConfig
+from nightshift.config import DEFAULT_SHARD_SIZE, CanaryConfig, CorpusOptions, FanOut, JobSpec
 from nightshift.engine import start_engine_in_background
-from nightshift.inputs import CorpusOptions
 from nightshift.jobs import check_job, size_for_input
-from nightshift.records import JobSpec, RunReport
+from nightshift.records import RunReport
 from nightshift.rundir import RunDir
 from nightshift.status import run_status
 from tasks.canary import canary_validation
-from tasks.fanout import FanOut, dispatch_shard_groups
+from tasks.fanout import dispatch_shard_groups
 from tasks.generate import generate_here
 from tasks.merge import merge_outputs
 from tasks.plan import plan_shards
@@ -38,7 +36,7 @@ def batch_inference(
     run_dir: str,
     job: JobSpec | None = None,
     model: str | None = None,
-    shard_size: int = 10_000,
+    shard_size: int = DEFAULT_SHARD_SIZE,
     corpus: CorpusOptions | None = None,
     storage: str | None = None,
     checkpoint_storage: str | None = None,
@@ -64,7 +62,7 @@ def batch_inference(
     """
     job = size_for_input(job or _job_from_block(model), input_path, corpus)
     if result_cache:
-        job = dataclasses.replace(job, result_cache=result_cache)
+        job = job.model_copy(update={"result_cache": result_cache})
     if not fan_out:  # the engine loads here, while the input is planned
         check_job(job)
         start_engine_in_background(job.engine)
@@ -83,7 +81,7 @@ def batch_inference(
         canary_validation(run_dir, job, validation)
     finally:  # a failed validation still gets its cost report, verdict included
         cost_report(run_dir, GpuPricing.load(pricing) if pricing else None)
-    return dataclasses.replace(report, shards=len(plan.shards), shards_cached=cached)
+    return report.model_copy(update={"shards": len(plan.shards), "shards_cached": cached})
 
 
 def scheduled_run_dir(run_dir: str) -> str:

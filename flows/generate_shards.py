@@ -10,7 +10,8 @@ from __future__ import annotations
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from nightshift.records import JobSpec, Shard
+from nightshift.config import JobSpec
+from nightshift.records import Shard
 from tasks.fanout import heartbeat, stall_if_drilled, write_group_manifest
 from tasks.generate import generate_here
 

@@ -11,7 +11,8 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from nightshift.chunks import retryable_rows, shard_cache_key
-from nightshift.records import JobSpec, Plan, RunReport
+from nightshift.config import JobSpec
+from nightshift.records import Plan, RunReport
 from nightshift.rundir import RunDir
 from tasks.generate import finished_result, retry_shard_rows
 from tasks.merge import merge_outputs

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 
 from nightshift.inputs import InputError, InputRow, parse_batch_line
 
@@ -25,19 +24,6 @@ EXPECTATIONS = ("exact", "regex", "json_schema", "one_of", "min_length", "max_le
 
 class CanaryFailure(RuntimeError):
     """The run's outputs did not pass validation; they are on disk, marked not validated."""
-
-
-@dataclass(frozen=True)
-class CanaryConfig:
-    """What the canary stage checks and how strictly it gates the run."""
-
-    canaries: str | None = None  # canary file; None: no expectation canaries
-    min_pass_rate: float = 1.0  # share of canaries whose expectations must hold
-    oracle_model: str | None = None  # reference weights for the oracle; None: the job's model
-    oracle_samples: int = 3  # greedy rows re-computed with transformers (0: no oracle check)
-    oracle_tokens: int = 8  # first K tokens compared
-    oracle_min_agreement: float = 1.0
-    determinism_samples: int = 2  # rows re-run through the engine with the same seed
 
 
 def load_canaries(path: str) -> list[tuple[InputRow, dict]]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 import uuid
 from pathlib import Path
@@ -21,9 +20,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nightshift import progress
+from nightshift.config import JobSpec
 from nightshift.openai_format import error_line, output_line
-from nightshift.records import JobSpec, Shard, ShardResult, _write_json_atomic
-from nightshift.rundir import RunDir
+from nightshift.records import Shard, ShardResult
+from nightshift.rundir import RunDir, write_json_atomic, written_whole
 
 CHUNK_SCHEMA = pa.schema(
     [
@@ -53,9 +53,8 @@ def chunk_files(output_dir: Path) -> list[Path]:
 def write_chunk(output_dir: Path, records: list[dict]) -> Path:
     # Unique, time-ordered names: a chunk never overwrites another, whoever else writes here.
     path = Path(output_dir) / f"chunk-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(pa.Table.from_pylist(sorted(records, key=lambda r: r["row_index"]), schema=CHUNK_SCHEMA), tmp)
-    os.replace(tmp, path)  # a chunk file either is whole or does not exist
+    with written_whole(path) as tmp:  # a chunk file either is whole or does not exist
+        pq.write_table(pa.Table.from_pylist(sorted(records, key=lambda r: r["row_index"]), schema=CHUNK_SCHEMA), tmp)
     return path
 
 
@@ -136,12 +135,12 @@ class Suspects:
     def record(self, row_indexes: list[int]) -> None:
         for row_index in row_indexes:
             self.counts[row_index] = self.counts.get(row_index, 0) + 1
-        _write_json_atomic(self.path, self.counts)
+        write_json_atomic(self.path, self.counts)
 
     def forgive(self, row_indexes: set[int]) -> None:
         if any(r in self.counts for r in row_indexes):
             self.counts = {r: n for r, n in self.counts.items() if r not in row_indexes}
-            _write_json_atomic(self.path, self.counts)
+            write_json_atomic(self.path, self.counts)
 
 
 class ChunkWriter:

@@ -85,118 +85,86 @@ def _command(args) -> int:
 
 
 def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2", help="tiny, smollm2, or a model directory")
-    parser.add_argument("--served-model-name", help="model name written into responses (default: --model)")
-    parser.add_argument(
-        "--model-mismatch",
-        choices=["error", "ignore"],
-        default="error",
-        help="what to do with a row whose body names another model",
+    """Options from the typed configuration (nightshift/config.py): its names, types, choices,
+    defaults and descriptions; an option not given leaves the configuration's default."""
+    from nightshift.config import DEFAULT_SHARD_SIZE, CanaryConfig, CorpusOptions, EngineSettings, JobOptions
+    from nightshift.models import DEFAULT_MODEL
+
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="tiny, smollm2, or a model directory")
+    parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="rows per shard (checkpoint unit)")
+    _add_fields(parser.add_argument_group("job"), JobOptions)
+    _add_fields(parser.add_argument_group("engine (vLLM)"), EngineSettings)
+    _add_fields(
+        parser.add_argument_group("validation (canary stage)"),
+        CanaryConfig,
+        rename={"min_pass_rate": "canary_min_pass_rate"},
     )
-    parser.add_argument("--shard-size", type=int, default=10_000, help="rows per shard (checkpoint unit)")
-    parser.add_argument(
-        "--result-cache",
-        metavar="DIR",
-        help="reuse deterministic rows' outputs across runs from this directory (docs/architecture.md)",
-    )
-    parser.add_argument("--chunk-size", type=int, default=512, help="rows per chunk file inside a shard")
-    parser.add_argument(
-        "--max-model-len",
-        type=int,
-        help="context: prompt + completion tokens (default: the model's own, lowered only to fit memory)",
-    )
-    parser.add_argument("--max-num-seqs", type=int, help="rows decoded together (default: vLLM's for the hardware)")
-    parser.add_argument(
-        "--max-num-batched-tokens", type=int, help="tokens per engine step (default: vLLM's for the hardware)"
-    )
-    eager = parser.add_mutually_exclusive_group()
-    eager.add_argument(
-        "--enforce-eager",
-        dest="enforce_eager",
-        action="store_true",
-        default=None,
-        help="no compilation / CUDA graphs: fastest start (default: decided from the job's size)",
-    )
-    eager.add_argument(
-        "--compile",
-        dest="enforce_eager",
-        action="store_false",
-        help="always compile / capture CUDA graphs: fastest decode",
-    )
-    checks = parser.add_argument_group("validation (canary stage)")
-    checks.add_argument("--canaries", help="canary file: requests with expectations (docs/canaries.md)")
-    checks.add_argument("--canary-min-pass-rate", type=float, default=1.0)
-    checks.add_argument("--oracle-model", help="reference weights for the oracle check (default: the job's model)")
-    checks.add_argument(
-        "--oracle-samples", type=int, default=3, help="greedy rows re-computed with transformers (0: off)"
-    )
-    checks.add_argument("--oracle-min-agreement", type=float, default=1.0)
-    checks.add_argument("--determinism-samples", type=int, default=2, help="rows re-run with the same seed (0: off)")
-    corpus = parser.add_argument_group("corpus inputs (Parquet, CSV, JSONL records)")
-    corpus.add_argument("--id-column", help="column holding each record's id (default: row-<n>)")
-    corpus.add_argument("--text-column", help="column holding the text (default: text)")
-    corpus.add_argument("--template", default="{text}", help="user prompt; {text} is replaced by the record's text")
-    corpus.add_argument("--system", help="system prompt")
-    corpus.add_argument("--max-tokens", type=int, default=256)
-    corpus.add_argument("--temperature", type=float, default=0.0)
+    _add_fields(parser.add_argument_group("corpus inputs (Parquet, CSV, JSONL records)"), CorpusOptions)
+
+
+def _add_fields(group, model, rename: dict[str, str] | None = None) -> None:
+    import types
+    import typing
+
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        kind = next(k for k in typing.get_args(annotation) if k is not type(None)) if union else annotation
+        choices = list(typing.get_args(kind)) if typing.get_origin(kind) is typing.Literal else None
+        default = None if field.is_required() else field.get_default(call_default_factory=True)
+        text = field.description + (f" [default: {default}]" if default is not None else "")
+        flag = "--" + (rename or {}).get(name, name).replace("_", "-")
+        if kind is bool:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            group.add_argument(flag, dest=name, type=str if choices else kind, choices=choices, default=None, help=text)
+
+
+def _given(args, model) -> dict:
+    """The options of `model` given on the command line."""
+    return {name: getattr(args, name) for name in model.model_fields if getattr(args, name, None) is not None}
 
 
 def _corpus_options(args):
-    from nightshift.inputs import CorpusOptions, detect_kind
+    from nightshift.config import CorpusOptions
+    from nightshift.inputs import detect_kind
 
-    explicit = args.text_column is not None or args.id_column is not None
+    given = _given(args, CorpusOptions)
+    explicit = "text_column" in given or "id_column" in given
     if not explicit and detect_kind(args.input, None) != "corpus":
         return None
-    return CorpusOptions(
-        id_column=args.id_column,
-        text_column=args.text_column or "text",
-        template=args.template,
-        system=args.system,
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-    )
+    return CorpusOptions(**given)
 
 
 def _validation(args):
-    from nightshift.canaries import CanaryConfig
+    from nightshift.config import CanaryConfig
     from nightshift.models import resolve_model
 
-    return CanaryConfig(
-        canaries=args.canaries,
-        min_pass_rate=args.canary_min_pass_rate,
-        oracle_model=resolve_model(args.oracle_model) if args.oracle_model else None,
-        oracle_samples=args.oracle_samples,
-        oracle_min_agreement=args.oracle_min_agreement,
-        determinism_samples=args.determinism_samples,
-    )
+    given = _given(args, CanaryConfig)
+    if "oracle_model" in given:
+        given["oracle_model"] = resolve_model(given["oracle_model"])
+    return CanaryConfig(**given)
 
 
 def _run(args) -> int:
+    from pydantic import ValidationError
+
     from nightshift.canaries import CanaryFailure
+    from nightshift.config import ConfigurationError, EngineSettings, JobOptions
     from nightshift.inputs import InputError
-    from nightshift.jobs import check_job, make_job
-    from nightshift.records import ConfigurationError
+    from nightshift.jobs import check_job, make_job, validation_message
 
     try:
-        job = check_job(
-            make_job(
-                args.model,
-                chunk_size=args.chunk_size,
-                max_model_len=args.max_model_len,
-                max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=args.max_num_batched_tokens,
-                enforce_eager=args.enforce_eager,
-                served_model_name=args.served_model_name,
-                model_mismatch=args.model_mismatch,
-                result_cache=args.result_cache,
-            )
-        )
+        job = check_job(make_job(args.model, **_given(args, EngineSettings), **_given(args, JobOptions)))
         corpus, validation = _corpus_options(args), _validation(args)
         report = _run_preemptible(
             args.output, lambda: run_job(args.input, args.output, job, args.shard_size, corpus, validation)
         )
     except (InputError, FileNotFoundError, ConfigurationError) as exc:
         print(f"nightshift: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:
+        print(f"nightshift: {validation_message(exc)}", file=sys.stderr)
         return 2
     except CanaryFailure as exc:
         print(f"nightshift: {exc}\nnightshift: see {Path(args.output) / 'validation.json'}", file=sys.stderr)
@@ -205,7 +173,7 @@ def _run(args) -> int:
     return 0 if report.complete else 1
 
 
-def run_job(input_path: str, run_dir: str, job, shard_size: int = 10_000, corpus=None, validation=None):
+def run_job(input_path: str, run_dir: str, job, shard_size: int | None = None, corpus=None, validation=None):
     """Run the flow: plan, generate, merge, report, validate. An input that cannot be read at
     all fails here, in milliseconds; otherwise the engine starts loading at once, alongside
     Prefect's start-up and planning."""
@@ -219,8 +187,9 @@ def run_job(input_path: str, run_dir: str, job, shard_size: int = 10_000, corpus
     from flows.batch import batch_inference  # Prefect's import and start-up overlap the engine's load
 
     Path(run_dir).mkdir(parents=True, exist_ok=True)
+    sizes = {"shard_size": shard_size} if shard_size else {}
     return batch_inference(
-        input_path=input_path, run_dir=run_dir, job=job, shard_size=shard_size, corpus=corpus, validation=validation
+        input_path=input_path, run_dir=run_dir, job=job, corpus=corpus, validation=validation, **sizes
     )
 
 
@@ -304,7 +273,7 @@ def _demo(args) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from nightshift.inputs import CorpusOptions
+    from nightshift.config import CorpusOptions
     from nightshift.jobs import make_job
     from nightshift.models import provision
     from nightshift.samples import sample_documents
@@ -319,11 +288,11 @@ def _demo(args) -> int:
     options = CorpusOptions(
         id_column="id", text_column="text", template=DEMO_TEMPLATE, system=DEMO_SYSTEM, max_tokens=64, temperature=0.0
     )
-    from nightshift.canaries import CanaryConfig
+    from nightshift.config import CanaryConfig
 
     canaries = Path(__file__).resolve().parent.parent / "deployments" / "canaries" / "demo.jsonl"
     report = run_job(
-        str(corpus_path), str(run_dir), make_job(args.model), 10_000, options, CanaryConfig(canaries=str(canaries))
+        str(corpus_path), str(run_dir), make_job(args.model), None, options, CanaryConfig(canaries=str(canaries))
     )
     _print_report(report)
     texts = {d["id"]: d["text"] for d in docs}

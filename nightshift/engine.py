@@ -17,13 +17,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, replace
 
 from vllm.exceptions import VLLMClientError
 
+from nightshift.config import ConfigurationError, EngineConfig
 from nightshift.openai_format import PreparedRequest
 from nightshift.preemption import Preempted
-from nightshift.records import ConfigurationError, EngineConfig
 
 log = logging.getLogger("nightshift.engine")
 
@@ -256,13 +255,13 @@ def choose_enforce_eager(config: EngineConfig, rows: int | None) -> EngineConfig
     from vllm.platforms import current_platform
 
     eager = current_platform.is_cpu() or (rows is not None and rows < COMPILE_MIN_ROWS)
-    return replace(config, enforce_eager=eager)
+    return config.model_copy(update={"enforce_eager": eager})
 
 
 def engine_arguments(config: EngineConfig) -> dict:
     """`LLM(...)` keyword arguments: the config's settings, vLLM's defaults for what it leaves
     open, and on CPU an explicit KV-cache size."""
-    arguments = {k: v for k, v in asdict(config).items() if v is not None}
+    arguments = config.model_dump(exclude_none=True)
     arguments.setdefault("enforce_eager", True)  # a config that nobody sized for its job: start fast
     arguments.setdefault("max_model_len", -1)  # the model's own context, lowered only if memory requires
     from vllm.platforms import current_platform

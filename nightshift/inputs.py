@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import fsspec
 import orjson
 
+from nightshift.config import CorpusOptions
+
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
 SUPPORTED_URLS = (CHAT_URL, COMPLETIONS_URL)
@@ -32,18 +34,6 @@ CORPUS_SUFFIXES = (".parquet", ".csv")
 
 class InputError(ValueError):
     """The whole input is unusable; raised before any GPU time is spent."""
-
-
-@dataclass(frozen=True)
-class CorpusOptions:
-    """How corpus records become chat requests."""
-
-    id_column: str | None = None  # None: ids are row-<n>
-    text_column: str = "text"
-    template: str = "{text}"
-    system: str | None = None
-    max_tokens: int | None = 256
-    temperature: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

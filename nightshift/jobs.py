@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import replace
 from pathlib import Path
 
-from nightshift.models import KNOWN_MODELS, resolve_model
-from nightshift.records import ConfigurationError, EngineConfig, JobSpec
+from pydantic import ValidationError
+
+from nightshift.config import ConfigurationError, EngineConfig, EngineSettings, JobOptions, JobSpec
+from nightshift.models import DEFAULT_MODEL, KNOWN_MODELS, resolve_model
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
@@ -26,31 +27,32 @@ def model_identity(model_path: str) -> str:
     return hashlib.sha256(f"{path.resolve()}|{'|'.join(parts)}".encode()).hexdigest()
 
 
-def make_job(
-    model: str = "smollm2",
-    *,
-    chunk_size: int = 512,
-    max_model_len: int | None = None,
-    max_num_seqs: int | None = None,
-    served_model_name: str | None = None,
-    model_mismatch: str = "error",
-    result_cache: str | None = None,
-    **engine_overrides,
-) -> JobSpec:
+def make_job(model: str = DEFAULT_MODEL, **settings) -> JobSpec:
+    """A JobSpec for `model` (a bundled name or a directory) with any EngineSettings and JobOptions
+    fields given by name; those left out, or given as None, take the configuration's defaults."""
+    given = {name: value for name, value in settings.items() if value is not None}
+    unknown = set(given) - set(EngineSettings.model_fields) - set(JobOptions.model_fields)
+    if unknown:
+        raise ConfigurationError(f"unknown setting(s): {', '.join(sorted(unknown))}")
     path = resolve_model(model)
-    if served_model_name is None:
-        served_model_name = model if model in KNOWN_MODELS else os.path.basename(path.rstrip("/"))
-    if model_mismatch not in ("error", "ignore"):
-        raise ValueError("model_mismatch must be 'error' or 'ignore'")
-    engine = EngineConfig(model=path, max_model_len=max_model_len, max_num_seqs=max_num_seqs, **engine_overrides)
-    return JobSpec(
-        engine=engine,
-        served_model_name=served_model_name,
-        model_identity=model_identity(path),
-        chunk_size=chunk_size,
-        model_mismatch=model_mismatch,
-        result_cache=str(Path(result_cache).resolve()) if result_cache and "://" not in result_cache else result_cache,
-    )
+    options = {name: value for name, value in given.items() if name in JobOptions.model_fields}
+    options.setdefault("served_model_name", model if model in KNOWN_MODELS else os.path.basename(path.rstrip("/")))
+    cache = options.get("result_cache")
+    if cache and "://" not in cache:
+        options["result_cache"] = str(Path(cache).resolve())  # workers elsewhere read the same absolute path
+    try:
+        engine = EngineConfig(model=path, **{n: v for n, v in given.items() if n in EngineSettings.model_fields})
+        return JobSpec(engine=engine, model_identity=model_identity(path), **options)
+    except ValidationError as exc:
+        raise ConfigurationError(validation_message(exc)) from None
+
+
+def validation_message(exc: ValidationError) -> str:
+    """The first problem pydantic (or vLLM's pydantic configs) found, in one line."""
+    first = exc.errors()[0]
+    field = ".".join(str(p) for p in first.get("loc", ()) if not str(p).startswith(("literal", "is-instance")))
+    message = str(first.get("msg", exc)).removeprefix("Value error, ").split(". To allow")[0]
+    return f"{field + ': ' if field else ''}{message}"
 
 
 def size_for_input(job: JobSpec, input_path: str, corpus=None, storage_options: dict | None = None) -> JobSpec:
@@ -60,13 +62,12 @@ def size_for_input(job: JobSpec, input_path: str, corpus=None, storage_options: 
     from nightshift.inputs import detect_kind, estimate_rows
 
     rows = estimate_rows(input_path, detect_kind(input_path, corpus), storage_options)
-    return replace(job, engine=choose_enforce_eager(job.engine, rows))
+    return job.model_copy(update={"engine": choose_enforce_eager(job.engine, rows)})
 
 
 def check_job(job: JobSpec) -> JobSpec:
     """Check the engine settings against the model with vLLM's own model config, before any
     row is planned or any weight loaded (about a second); raise ConfigurationError in one line."""
-    from pydantic import ValidationError
     from vllm.engine.arg_utils import EngineArgs
 
     engine = job.engine
@@ -82,10 +83,7 @@ def check_job(job: JobSpec) -> JobSpec:
             seed=engine.seed,
         ).create_model_config()
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first.get("loc", ()) if not str(p).startswith(("literal", "is-instance")))
-        message = str(first.get("msg", exc)).removeprefix("Value error, ").split(". To allow")[0]
-        raise ConfigurationError(f"{field + ': ' if field else ''}{message}") from None
+        raise ConfigurationError(validation_message(exc)) from None
     except (ValueError, OSError, RuntimeError) as exc:
         raise ConfigurationError(f"model {model!r}: {str(exc).splitlines()[0]}") from None
     return job

@@ -16,6 +16,7 @@ TINY = "tiny"
 SMOLLM2 = "smollm2"
 MINILM = "minilm"
 KNOWN_MODELS = (TINY, SMOLLM2, MINILM)
+DEFAULT_MODEL = SMOLLM2  # what a job runs when it names no model
 
 _CHATML_TEMPLATE = (
     "{% for message in messages %}"

@@ -13,8 +13,7 @@ import threading
 import time
 from collections import deque
 
-from nightshift.records import _write_json_atomic
-from nightshift.rundir import RunDir
+from nightshift.rundir import RunDir, write_json_atomic
 
 log = logging.getLogger("nightshift.progress")
 LOG_EVERY_S = 60.0
@@ -61,7 +60,7 @@ class Progress:
         done_here = self.completed - self.completed_at_start
         remaining = self.total - self.completed
         eta = remaining / (done_here / elapsed) if done_here and elapsed > 0 else (0.0 if not remaining else None)
-        _write_json_atomic(
+        write_json_atomic(
             self.run_dir.root / "progress.json",
             {
                 "completed": self.completed,

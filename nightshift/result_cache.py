@@ -16,7 +16,6 @@ the fingerprint's files, filtered to one shard's keys.
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from pathlib import Path
@@ -26,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nightshift.openai_format import batch_request_id
+from nightshift.rundir import written_whole
 
 SCHEMA = pa.schema(
     [
@@ -81,11 +81,9 @@ class ResultCache:
     def flush(self, shard_key: str) -> None:
         if not self.added:
             return
-        self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"{shard_key}-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
-        tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(pa.Table.from_pylist(self.added, schema=SCHEMA), tmp)
-        os.replace(tmp, path)
+        with written_whole(path) as tmp:
+            pq.write_table(pa.Table.from_pylist(self.added, schema=SCHEMA), tmp)
         self.added = []
 
 

@@ -15,6 +15,10 @@ RUN_DIR/
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,3 +74,19 @@ class RunDir:
     @property
     def summary(self) -> Path:
         return self.root / "run.json"
+
+
+@contextmanager
+def written_whole(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write; once written it replaces `path` in one
+    rename, so a reader sees the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    yield tmp
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data) -> None:
+    with written_whole(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))

@@ -14,7 +14,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from nightshift.chunks import shard_cache_key
-from nightshift.records import JobSpec, Plan
+from nightshift.config import JobSpec
+from nightshift.records import Plan
 from nightshift.rundir import RunDir
 
 

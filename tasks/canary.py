@@ -24,9 +24,9 @@ import time
 import duckdb
 from prefect import task
 
-from nightshift.canaries import CANARY_PREFIX, CanaryConfig, CanaryFailure, check_expectations, load_canaries
-from nightshift.records import JobSpec, _write_json_atomic
-from nightshift.rundir import RunDir
+from nightshift.canaries import CANARY_PREFIX, CanaryFailure, check_expectations, load_canaries
+from nightshift.config import CanaryConfig, JobSpec
+from nightshift.rundir import RunDir, write_json_atomic
 
 
 def validate(run_dir: RunDir, job: JobSpec, config: CanaryConfig) -> dict:
@@ -91,7 +91,7 @@ def validate(run_dir: RunDir, job: JobSpec, config: CanaryConfig) -> dict:
     verdict["validated"] = not failures
     verdict["failures"] = failures
     verdict["seconds"] = round(time.monotonic() - started, 2)
-    _write_json_atomic(run_dir.validation, verdict)
+    write_json_atomic(run_dir.validation, verdict)
     return verdict
 
 

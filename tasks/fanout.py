@@ -36,7 +36,7 @@ import time
 import uuid
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -47,25 +47,12 @@ from prefect.deployments import run_deployment
 from prefect.states import Cancelled, Cancelling, Crashed
 
 from nightshift.chunks import shard_cache_key
-from nightshift.records import JobSpec, Shard, ShardResult, _write_json_atomic
-from nightshift.rundir import RunDir
+from nightshift.config import FanOut, JobSpec
+from nightshift.records import Shard, ShardResult
+from nightshift.rundir import RunDir, write_json_atomic
 
 HEARTBEAT_INTERVAL_S = 5.0
 _FAILED = {StateType.FAILED, StateType.CRASHED, StateType.CANCELLED}
-
-
-@dataclass(frozen=True)
-class FanOut:
-    """Where and how shard groups are dispatched (the flow's `fan_out` parameter)."""
-
-    deployment: str  # the shard-generation deployment, "nightshift-generate-shards/gpu"
-    shards_per_group: int = 4  # shards per child run: one engine load generates them all
-    max_in_flight: int = 8  # child runs live at once; match the pool's GPUs
-    straggler_factor: float = 3.0  # re-issue a group running longer than this × the median
-    straggler_min_s: float = 300.0  # …and longer than this: short groups are not worth a second engine
-    heartbeat_timeout_s: float = 120.0  # a run silent for this long has lost its worker
-    max_attempts: int = 3  # child runs per group that may fail before the stage fails
-    poll_s: float = 2.0
 
 
 @dataclass
@@ -133,8 +120,8 @@ class _Dispatcher:
             run = run_deployment(
                 self.fan_out.deployment,
                 parameters={
-                    "shards": [asdict(s) for s in group.shards],
-                    "job": asdict(self.job),
+                    "shards": [s.model_dump() for s in group.shards],
+                    "job": self.job.model_dump(),
                     "run_dir": self.run_dir,
                     "checkpoint_storage": self.checkpoint_storage,
                     "group": group.key,
@@ -249,7 +236,7 @@ def heartbeat(run_dir: str, group: str):
 
     path = RunDir(run_dir).group(group) / f"{flow_run.id}.alive"
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(path, worker_identity())
+    write_json_atomic(path, worker_identity())
     stop = threading.Event()
 
     def beat() -> None:
@@ -294,14 +281,19 @@ def write_group_manifest(run_dir: str, group: str, results: list[ShardResult], c
     from prefect.runtime import flow_run
 
     path = group_manifest(run_dir, group, flow_run.id)
-    _write_json_atomic(
+    write_json_atomic(
         path,
-        {"flow_run_id": flow_run.id, "cached": cached, **worker_identity(), "results": [asdict(r) for r in results]},
+        {
+            "flow_run_id": flow_run.id,
+            "cached": cached,
+            **worker_identity(),
+            "results": [r.model_dump() for r in results],
+        },
     )
     return path
 
 
 def read_group_manifest(path: Path) -> dict:
     data = json.loads(path.read_text())
-    data["results"] = [ShardResult(**r) for r in data["results"]]
+    data["results"] = [ShardResult.model_validate(r) for r in data["results"]]
     return data

@@ -38,12 +38,13 @@ from nightshift.chunks import (
     rows_on_disk,
     shard_cache_key,
 )
+from nightshift.config import ConfigurationError, JobSpec
 from nightshift.engine import EngineFailure, get_engine
 from nightshift.openai_format import PreparedRequest, RequestRejected, duplicate_key, prepare_request
 from nightshift.preemption import Preempted, generation_in_progress, grace_seconds, stop_requested
-from nightshift.records import ConfigurationError, JobSpec, Shard, ShardResult, _write_json_atomic
+from nightshift.records import Shard, ShardResult
 from nightshift.result_cache import ResultCache, cached_output_line
-from nightshift.rundir import RunDir
+from nightshift.rundir import RunDir, write_json_atomic
 from nightshift.telemetry import GpuSampler
 
 
@@ -206,7 +207,7 @@ def _generate(shard: Shard, job: JobSpec, run_dir: RunDir, only_rows: set[int] |
     if stop_requested.is_set():
         raise Preempted(f"shard {shard.index}: stopped on SIGTERM")
     result = _shard_result(shard, key, output_dir, len(prepared), time.monotonic() - started)
-    _write_json_atomic(output_dir / "result.json", result.__dict__)
+    result.save(output_dir / "result.json")
     write_shard_metrics(
         result,
         output_dir,
@@ -297,7 +298,7 @@ def write_shard_metrics(
     }
     if result.regenerated_rows:
         metrics["tokens_per_second"] = round(tokens_generated / engine_seconds, 2)
-    _write_json_atomic(output_dir / "metrics.json", metrics)
+    write_json_atomic(output_dir / "metrics.json", metrics)
 
 
 def _model_aliases(job: JobSpec) -> set[str]:

@@ -13,7 +13,6 @@ reader never sees a half-merged run.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import duckdb
@@ -21,8 +20,8 @@ from prefect import task
 
 from nightshift.canaries import CANARY_PREFIX
 from nightshift.chunks import best_rows_sql, chunk_files
-from nightshift.records import Plan, RunReport, ShardResult, _write_json_atomic
-from nightshift.rundir import RunDir
+from nightshift.records import Plan, RunReport, ShardResult
+from nightshift.rundir import RunDir, written_whole
 
 
 class IncompleteRun(RuntimeError):
@@ -79,7 +78,7 @@ def _merge(con: duckdb.DuckDBPyConnection, plan: Plan, files: list[str], run_dir
         results_path=str(run_dir.results),
         errors_by_code=errors_by_code,
     )
-    _write_json_atomic(run_dir.summary, report.__dict__)
+    report.save(run_dir.summary)
     return report
 
 
@@ -89,20 +88,17 @@ def merge_outputs(plan: Plan, results: list[ShardResult], run_dir: str) -> RunRe
 
 
 def _write_lines(con: duckdb.DuckDBPyConnection, query: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
     reader = con.sql(query).to_arrow_reader(8192)
-    with open(tmp, "w", encoding="utf-8") as out:
+    with written_whole(path) as tmp, open(tmp, "w", encoding="utf-8") as out:
         for batch in reader:
             for line in batch.column(0).to_pylist():
                 out.write(line)
                 out.write("\n")
-    os.replace(tmp, path)
 
 
 def _copy_parquet(con: duckdb.DuckDBPyConnection, query: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    con.execute(f"COPY ({query}) TO '{_sql_path(tmp)}' (FORMAT parquet)")
-    os.replace(tmp, path)
+    with written_whole(path) as tmp:
+        con.execute(f"COPY ({query}) TO '{_sql_path(tmp)}' (FORMAT parquet)")
 
 
 def _sql_path(path: Path) -> str:

@@ -8,7 +8,6 @@ with the same hashes, which is what makes a shard's hash a usable checkpoint key
 from __future__ import annotations
 
 import hashlib
-import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,9 +15,10 @@ from prefect import task
 
 from blocks.storage import ObjectStorage
 from nightshift.canaries import load_canaries
-from nightshift.inputs import CorpusOptions, InputRow, detect_kind, read_rows
+from nightshift.config import DEFAULT_SHARD_SIZE, CorpusOptions
+from nightshift.inputs import InputRow, detect_kind, read_rows
 from nightshift.records import Plan, Shard
-from nightshift.rundir import RunDir
+from nightshift.rundir import RunDir, written_whole
 
 SHARD_SCHEMA = pa.schema(
     [
@@ -34,7 +34,7 @@ SHARD_SCHEMA = pa.schema(
 def plan(
     input_path: str,
     run_dir: RunDir,
-    shard_size: int = 10_000,
+    shard_size: int = DEFAULT_SHARD_SIZE,
     corpus: CorpusOptions | None = None,
     canaries: list[InputRow] | None = None,
     storage_options: dict | None = None,
@@ -76,7 +76,7 @@ def plan(
 def plan_shards(
     input_path: str,
     run_dir: str,
-    shard_size: int = 10_000,
+    shard_size: int = DEFAULT_SHARD_SIZE,
     corpus: CorpusOptions | None = None,
     canary_file: str | None = None,
     storage: str | None = None,
@@ -106,8 +106,6 @@ def _write_shard(run_dir: RunDir, index: int, first_row: int, rows: list[InputRo
             },
             schema=SHARD_SCHEMA,
         )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        with written_whole(path) as tmp:
+            pq.write_table(table, tmp)
     return Shard(index=index, path=str(path), first_row=first_row, num_rows=len(rows), content_hash=content_hash)

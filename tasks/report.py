@@ -17,8 +17,9 @@ from prefect import task
 
 from blocks.pricing import GpuPricing, ManagedApiPrices
 from nightshift.chunks import shard_cache_key, sql_path_list
-from nightshift.records import JobSpec, Plan, _write_json_atomic
-from nightshift.rundir import RunDir
+from nightshift.config import JobSpec
+from nightshift.records import Plan
+from nightshift.rundir import RunDir, write_json_atomic
 
 
 def build_report(
@@ -308,7 +309,7 @@ def render_chart(run_dir: RunDir, path: Path) -> Path | None:
 def write_report(run_dir: RunDir, pricing: GpuPricing | None = None, managed: ManagedApiPrices | None = None) -> dict:
     report = build_report(run_dir, pricing, managed)
     chart = render_chart(run_dir, run_dir.root / "report.png")
-    _write_json_atomic(run_dir.root / "report.json", report)
+    write_json_atomic(run_dir.root / "report.json", report)
     (run_dir.root / "report.md").write_text(render_markdown(report, chart.name if chart else None))
     return report
 

@@ -110,7 +110,8 @@ def deployed(stack):
     subprocess.run(["scripts/deploy.sh"], cwd=REPO, env=stack.env, check=True, timeout=600)
     stack.python(
         "from blocks import ModelConfig, GpuPricing\n"
-        "ModelConfig(model='tiny', chunk_size=2, max_num_seqs=8, gpu_memory_utilization=0.05).save('tiny-test')\n"
+        "ModelConfig(model='tiny', options={'chunk_size': 2},\n"
+        "            engine={'max_num_seqs': 8, 'gpu_memory_utilization': 0.05}).save('tiny-test')\n"
         "GpuPricing(accelerator='test-gpu', on_demand_per_hour=2.0, spot_per_hour=0.8).save('test-gpu')\n"
     )
     stack.spawn("worker-cpu", [PREFECT, "worker", "start", "--pool", "nightshift-cpu", "--name", "cpu"])

@@ -21,8 +21,8 @@ def batch(tmp_path):
 def test_a_run_whose_canaries_hold_is_validated_and_canaries_stay_out_of_the_outputs(
     tmp_path, batch, prefect_server, tiny_job
 ):
-    from nightshift.canaries import CanaryConfig
     from nightshift.cli import run_job
+    from nightshift.config import CanaryConfig
 
     canaries = write_jsonl(
         tmp_path / "canaries.jsonl",
@@ -87,8 +87,8 @@ def test_the_oracle_fails_a_run_whose_weights_differ_from_the_reference(tmp_path
     import torch
     from safetensors.torch import load_file, save_file
 
-    from nightshift.canaries import CanaryConfig
     from nightshift.cli import run_job
+    from nightshift.config import CanaryConfig
     from nightshift.engine import shutdown_engine
     from nightshift.jobs import make_job
     from nightshift.models import model_dir

@@ -46,7 +46,7 @@ def test_an_s3_input_runs_with_the_blocks_credentials_which_leak_nowhere(
 
     from blocks import ObjectStorage
     from flows.batch import batch_inference
-    from nightshift.canaries import CanaryConfig
+    from nightshift.config import CanaryConfig
 
     key, secret = "nightshift-test", f"s3cr3t-{uuid.uuid4().hex}"
     lake = ObjectStorage(endpoint_url=s3_endpoint, access_key_id=key, secret_access_key=secret)

@@ -2,7 +2,6 @@
 deterministically cost no generation; nothing is served across a configuration change, and
 sampled rows without a seed are always generated."""
 
-import dataclasses
 import json
 
 import pyarrow.parquet as pq
@@ -12,7 +11,7 @@ from conftest import chat_request, read_jsonl, write_jsonl
 
 @pytest.fixture(scope="module")
 def no_checks():
-    from nightshift.canaries import CanaryConfig
+    from nightshift.config import CanaryConfig
 
     return CanaryConfig(oracle_samples=0, determinism_samples=0)
 
@@ -32,7 +31,7 @@ def run(tmp_path, name, rows, job, validation):
 def test_rows_answered_last_night_are_served_from_the_cache_under_tonights_ids(
     tmp_path, prefect_server, tiny_job, no_checks
 ):
-    job = dataclasses.replace(tiny_job, result_cache=str(tmp_path / "cache"))
+    job = tiny_job.model_copy(update={"result_cache": str(tmp_path / "cache")})
     shared = [f"Contract clause {i} renews yearly" for i in range(5)]
     last_night = [chat_request(f"mon-{i}", text) for i, text in enumerate(shared)]
     last_night += [
@@ -66,9 +65,9 @@ def test_rows_answered_last_night_are_served_from_the_cache_under_tonights_ids(
 
 
 def test_a_changed_configuration_serves_nothing_from_the_cache(tmp_path, prefect_server, tiny_job, no_checks):
-    job = dataclasses.replace(tiny_job, result_cache=str(tmp_path / "cache"))
+    job = tiny_job.model_copy(update={"result_cache": str(tmp_path / "cache")})
     rows = [chat_request(f"r{i}", f"Invoice {i} is overdue") for i in range(3)]
     run(tmp_path, "first", rows, job, no_checks)
-    renamed = dataclasses.replace(job, served_model_name="tiny-v2")  # another output fingerprint, same engine
+    renamed = job.model_copy(update={"served_model_name": "tiny-v2"})  # another output fingerprint, same engine
     _, sources, _ = run(tmp_path, "renamed", rows, renamed, no_checks)
     assert set(sources.values()) == {"engine"}

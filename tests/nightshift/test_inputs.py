@@ -5,7 +5,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import chat_request, write_jsonl
 
-from nightshift.inputs import CorpusOptions, InputError, read_rows
+from nightshift.config import CorpusOptions
+from nightshift.inputs import InputError, read_rows
 
 pytestmark = pytest.mark.fast
 

@@ -10,7 +10,8 @@ import pytest
 
 from blocks.pricing import GpuPricing
 from nightshift.chunks import shard_cache_key
-from nightshift.records import EngineConfig, JobSpec, Plan, Shard
+from nightshift.config import EngineConfig, JobSpec
+from nightshift.records import Plan, Shard
 from nightshift.rundir import RunDir
 from tasks.report import build_report
 

@@ -1,0 +1,173 @@
+"""Nightshift's configuration, declared once: typed, with its defaults, descriptions and
+validation. The CLI builds its options from these fields (`nightshift.cli`), the Model block
+embeds them (`blocks/model.py`), and flows take them as parameters; nothing else writes a default.
+
+    EngineSettings ─┬─ EngineConfig (+ the model's path)  ─┐
+    JobOptions     ─┴──────────────────────────────────────┴─ JobSpec: what decides a shard's outputs
+    CorpusOptions   how corpus records become requests
+    CanaryConfig    what the canary stage checks
+    FanOut          where shard groups go on a work pool
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from nightshift.rundir import write_json_atomic
+
+# Bump when the bytes a shard's generation writes change shape: old checkpoints
+# then stop matching instead of being read with the wrong layout.
+OUTPUT_FORMAT_VERSION = 2
+
+DEFAULT_SHARD_SIZE = 10_000  # rows per shard: the unit of checkpoints, retries and fan-out
+
+
+class ConfigurationError(ValueError):
+    """The job cannot run as configured (a context longer than the model's, an unknown dtype,
+    a missing model, an engine that cannot start here). Said once, exit status 2, never retried."""
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class EngineSettings(_Config):
+    """How the vLLM engine is built, the model aside. Fields mirror vLLM's `LLM(...)` arguments;
+    None leaves the choice to vLLM (its offline defaults for the hardware) or to Nightshift's sizing."""
+
+    dtype: Literal["auto", "float32", "float", "bfloat16", "float16", "half"] = Field(
+        "float32", description="weights and activations: float32 on CPU (bf16 is emulated there), bfloat16 on GPUs"
+    )
+    max_model_len: int | None = Field(
+        None,
+        gt=0,
+        description="context: prompt + completion tokens (default: the model's own, lowered only to fit memory)",
+    )
+    max_num_seqs: int | None = Field(
+        None,
+        gt=0,
+        description="rows decoded together (default: vLLM's for the hardware: 256 on CPU, up to 1,024 on GPUs)",
+    )
+    max_num_batched_tokens: int | None = Field(
+        None, gt=0, description="tokens per engine step (default: vLLM's for the hardware)"
+    )
+    gpu_memory_utilization: float = Field(0.2, gt=0, le=1, description="share of accelerator memory vLLM may take")
+    enforce_eager: bool | None = Field(
+        None,
+        description="no compilation / CUDA graphs: fastest start, slower decode (default: decided from the job's size)",
+    )
+    enable_prefix_caching: bool = Field(True, description="reuse KV cache across rows sharing a prompt prefix")
+    tensor_parallel_size: int = Field(1, gt=0, description="accelerators one engine spans")
+    quantization: str | None = Field(None, description="vLLM quantization method (awq, gptq, fp8, ...)")
+    kv_cache_dtype: str = Field("auto", description="KV-cache dtype (auto, fp8, ...)")
+    kv_cache_memory_bytes: int | None = Field(
+        None,
+        gt=0,
+        description="KV cache in bytes (default: gpu_memory_utilization on GPUs; sized from the model on CPU)",
+    )
+    seed: int = Field(0, description="engine seed: sampled rows are reproducible across runs")
+
+
+class EngineConfig(EngineSettings):
+    """The engine for one model: the settings plus the model's directory (or engine-resolved name)."""
+
+    model: str = Field(description="model directory (or a name the engine resolves)")
+
+
+class JobOptions(_Config):
+    """What a job adds to its engine: names, checkpoint granularity, policies."""
+
+    served_model_name: str | None = Field(
+        None,
+        description="model name written into responses and matched against each body's model (default: the model's)",
+    )
+    chunk_size: int = Field(512, gt=0, description="rows per chunk file: the most a kill can lose per shard in flight")
+    model_mismatch: Literal["error", "ignore"] = Field(
+        "error", description="a row whose body names another model: reject it (error) or run it anyway (ignore)"
+    )
+    result_cache: str | None = Field(
+        None,
+        description="directory of deterministic rows' outputs reused across runs (not part of the fingerprint: "
+        "using it changes no output)",
+    )
+
+
+class JobSpec(JobOptions):
+    """Everything that decides what a shard's outputs are, besides the shard's rows."""
+
+    engine: EngineConfig
+    served_model_name: str
+    model_identity: str = Field(description="weights checksum, or path + size + mtime of the weight files")
+
+    def save(self, path: Path) -> None:
+        write_json_atomic(path, self.model_dump())
+
+    @classmethod
+    def load(cls, path: Path) -> JobSpec:
+        return cls.model_validate_json(Path(path).read_text())
+
+    def output_fingerprint(self) -> str:
+        """A hash of every setting that changes what one request's response is."""
+        return _digest(
+            {
+                "model_identity": self.model_identity,
+                "served_model_name": self.served_model_name,
+                "dtype": self.engine.dtype,
+                "max_model_len": self.engine.max_model_len,
+                "quantization": self.engine.quantization,
+                "kv_cache_dtype": self.engine.kv_cache_dtype,
+                "seed": self.engine.seed,
+                "format": OUTPUT_FORMAT_VERSION,
+            }
+        )
+
+    def fingerprint(self) -> str:
+        """A hash of every setting that changes a shard's generated files (not of engine sizing)."""
+        return _digest(
+            {"output": self.output_fingerprint(), "chunk_size": self.chunk_size, "model_mismatch": self.model_mismatch}
+        )
+
+
+class CorpusOptions(_Config):
+    """How corpus records (Parquet, CSV, JSONL) become chat requests."""
+
+    id_column: str | None = Field(None, description="column holding each record's id (default: row-<n>)")
+    text_column: str = Field("text", description="column holding the text")
+    template: str = Field("{text}", description="user prompt; {text} is replaced by the record's text")
+    system: str | None = Field(None, description="system prompt")
+    max_tokens: int | None = Field(256, gt=0, description="completion tokens per record")
+    temperature: float = Field(0.0, ge=0, description="sampling temperature (0: greedy)")
+
+
+class CanaryConfig(_Config):
+    """What the canary stage checks and how strictly it gates the run."""
+
+    canaries: str | None = Field(None, description="canary file: requests with expectations (docs/canaries.md)")
+    min_pass_rate: float = Field(1.0, ge=0, le=1, description="share of canaries whose expectations must hold")
+    oracle_model: str | None = Field(None, description="reference weights for the oracle (default: the job's model)")
+    oracle_samples: int = Field(3, ge=0, description="greedy rows re-computed with transformers (0: off)")
+    oracle_tokens: int = Field(8, gt=0, description="first tokens compared with the reference")
+    oracle_min_agreement: float = Field(1.0, ge=0, le=1, description="share of oracle samples that must agree")
+    determinism_samples: int = Field(2, ge=0, description="rows re-run through the engine with the same seed (0: off)")
+
+
+class FanOut(_Config):
+    """Where and how shard groups are dispatched (the flow's `fan_out` parameter)."""
+
+    deployment: str = Field(description='the shard-generation deployment, "nightshift-generate-shards/gpu"')
+    shards_per_group: int = Field(4, gt=0, description="shards per child run: one engine load generates them all")
+    max_in_flight: int = Field(8, gt=0, description="child runs live at once; match the pool's GPUs")
+    straggler_factor: float = Field(3.0, ge=1, description="re-issue a group running longer than this × the median")
+    straggler_min_s: float = Field(300.0, ge=0, description="…and longer than this: short groups are not worth it")
+    heartbeat_timeout_s: float = Field(120.0, gt=0, description="a run silent for this long has lost its worker")
+    max_attempts: int = Field(3, gt=0, description="child runs per group that may fail before the stage fails")
+    poll_s: float = Field(2.0, gt=0, description="seconds between looks at the child runs")
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
