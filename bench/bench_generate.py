@@ -52,9 +52,10 @@ def run_raw(engine, requests) -> tuple[float, int]:
 
 
 def run_pipeline(job, batch_path: str, shard_size: int) -> tuple[float, int]:
+    from nightshift.tasks.generate import generate
+    from nightshift.tasks.plan import plan
+
     from nightshift.rundir import RunDir
-    from tasks.generate import generate
-    from tasks.plan import plan
 
     run_dir = RunDir(tempfile.mkdtemp(prefix="nightshift-bench-"))
     shards = plan(batch_path, run_dir, shard_size).shards

@@ -24,7 +24,7 @@ PLAN = """
 import resource, sys
 from nightshift.config import CorpusOptions
 from nightshift.rundir import RunDir
-from tasks.plan import plan
+from nightshift.tasks.plan import plan
 p = plan(sys.argv[1], RunDir(sys.argv[2]), 10_000, CorpusOptions(id_column="id", text_column="text", max_tokens=1))
 print(p.total_rows, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
@@ -36,7 +36,7 @@ from nightshift.engine import shutdown_engine
 from nightshift.jobs import make_job
 from nightshift.records import Plan
 from nightshift.rundir import RunDir
-from tasks.generate import generate
+from nightshift.tasks.generate import generate
 if __name__ == "__main__":
     run_dir = RunDir(sys.argv[1])
     job = make_job("tiny", max_num_seqs=128)
@@ -50,7 +50,7 @@ MERGE = """
 import pickle, resource, sys
 from nightshift.records import Plan
 from nightshift.rundir import RunDir
-from tasks.merge import merge
+from nightshift.tasks.merge import merge
 run_dir = RunDir(sys.argv[1])
 report = merge(Plan.load(run_dir.plan_manifest), pickle.load(open(run_dir.root / "results.pkl", "rb")), run_dir)
 print(report.succeeded + report.failed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)

@@ -7,12 +7,18 @@ import hashlib
 from datetime import datetime, timezone
 from pathlib import Path
 
+from nightshift.blocks.model import ModelConfig
+from nightshift.blocks.pricing import GpuPricing
+from nightshift.tasks.canary import canary_validation
+from nightshift.tasks.fanout import dispatch_shard_groups
+from nightshift.tasks.generate import generate_here
+from nightshift.tasks.merge import merge_outputs
+from nightshift.tasks.plan import plan_shards
+from nightshift.tasks.report import cost_report
 from prefect import flow
 from prefect.filesystems import LocalFileSystem
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from blocks.model import ModelConfig
-from blocks.pricing import GpuPricing
 from nightshift import progress
 from nightshift.config import DEFAULT_SHARD_SIZE, CanaryConfig, CorpusOptions, FanOut, JobSpec
 from nightshift.engine import start_engine_in_background
@@ -20,12 +26,6 @@ from nightshift.jobs import check_job, size_for_input
 from nightshift.records import RunReport
 from nightshift.rundir import RunDir
 from nightshift.status import run_status
-from tasks.canary import canary_validation
-from tasks.fanout import dispatch_shard_groups
-from tasks.generate import generate_here
-from tasks.merge import merge_outputs
-from tasks.plan import plan_shards
-from tasks.report import cost_report
 
 
 # Two shards in flight: while one shard's last rows decode, the next one's rows already

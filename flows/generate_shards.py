@@ -7,13 +7,13 @@ finished anywhere is finished everywhere.
 
 from __future__ import annotations
 
+from nightshift.tasks.fanout import heartbeat, stall_if_drilled, write_group_manifest
+from nightshift.tasks.generate import generate_here
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from nightshift.config import JobSpec
 from nightshift.records import Shard
-from tasks.fanout import heartbeat, stall_if_drilled, write_group_manifest
-from tasks.generate import generate_here
 
 
 @flow(name="nightshift-generate-shards", task_runner=ThreadPoolTaskRunner(max_workers=2))

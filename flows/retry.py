@@ -7,6 +7,8 @@ beside the old ones and supersede them in the merged outputs.
 
 from __future__ import annotations
 
+from nightshift.tasks.generate import finished_result, retry_shard_rows
+from nightshift.tasks.merge import merge_outputs
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -14,8 +16,6 @@ from nightshift.chunks import retryable_rows, shard_cache_key
 from nightshift.config import JobSpec
 from nightshift.records import Plan, RunReport
 from nightshift.rundir import RunDir
-from tasks.generate import finished_result, retry_shard_rows
-from tasks.merge import merge_outputs
 
 
 @flow(name="nightshift-retry", task_runner=ThreadPoolTaskRunner(max_workers=2))

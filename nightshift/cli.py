@@ -72,7 +72,7 @@ def _command(args) -> int:
     if args.command == "report":
         return _report(args)
     if args.command == "retry":
-        from flows.retry import retry_errors
+        from nightshift.flows.retry import retry_errors
 
         report = _run_preemptible(args.run_dir, lambda: retry_errors(args.run_dir))
         _print_report(report)
@@ -184,7 +184,7 @@ def run_job(input_path: str, run_dir: str, job, shard_size: int | None = None, c
     check_input(input_path, detect_kind(input_path, corpus), corpus)
     job = size_for_input(job, input_path, corpus)
     start_engine_in_background(job.engine)
-    from flows.batch import batch_inference  # Prefect's import and start-up overlap the engine's load
+    from nightshift.flows.batch import batch_inference  # Prefect's import and start-up overlap the engine's load
 
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     sizes = {"shard_size": shard_size} if shard_size else {}
@@ -233,7 +233,7 @@ def _print_report(report) -> None:
 
 def _report(args) -> int:
     from nightshift.rundir import RunDir
-    from tasks.report import trend, write_report
+    from nightshift.tasks.report import trend, write_report
 
     if args.all:
         rows = trend(Path(args.run_dir))

@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 PREFECT=.venv/bin/prefect
 $PREFECT work-pool create nightshift-cpu --type process --overwrite
 $PREFECT work-pool create nightshift-gpu --type process --overwrite
-$PREFECT block register -m blocks
+$PREFECT block register -m nightshift.blocks
 NIGHTSHIFT_HOME="$PWD" $PREFECT --no-prompt deploy --all --prefect-file deployments/prefect.yaml

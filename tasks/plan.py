@@ -11,9 +11,9 @@ import hashlib
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from nightshift.blocks.storage import ObjectStorage
 from prefect import task
 
-from blocks.storage import ObjectStorage
 from nightshift.canaries import load_canaries
 from nightshift.config import DEFAULT_SHARD_SIZE, CorpusOptions
 from nightshift.inputs import InputRow, detect_kind, read_rows

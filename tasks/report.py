@@ -13,9 +13,9 @@ import re
 from pathlib import Path
 
 import duckdb
+from nightshift.blocks.pricing import GpuPricing, ManagedApiPrices
 from prefect import task
 
-from blocks.pricing import GpuPricing, ManagedApiPrices
 from nightshift.chunks import shard_cache_key, sql_path_list
 from nightshift.config import JobSpec
 from nightshift.records import Plan

@@ -109,7 +109,7 @@ def deployed(stack):
     """What docs/deployments.md tells an operator to do: pools, blocks, deploy, an orchestrating worker."""
     subprocess.run(["scripts/deploy.sh"], cwd=REPO, env=stack.env, check=True, timeout=600)
     stack.python(
-        "from blocks import ModelConfig, GpuPricing\n"
+        "from nightshift.blocks import ModelConfig, GpuPricing\n"
         "ModelConfig(model='tiny', options={'chunk_size': 2},\n"
         "            engine={'max_num_seqs': 8, 'gpu_memory_utilization': 0.05}).save('tiny-test')\n"
         "GpuPricing(accelerator='test-gpu', on_demand_per_hour=2.0, spot_per_hour=0.8).save('test-gpu')\n"

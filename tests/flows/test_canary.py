@@ -85,6 +85,7 @@ def test_the_oracle_fails_a_run_whose_weights_differ_from_the_reference(tmp_path
     import shutil
 
     import torch
+    from nightshift.tasks.canary import CanaryFailure
     from safetensors.torch import load_file, save_file
 
     from nightshift.cli import run_job
@@ -92,7 +93,6 @@ def test_the_oracle_fails_a_run_whose_weights_differ_from_the_reference(tmp_path
     from nightshift.engine import shutdown_engine
     from nightshift.jobs import make_job
     from nightshift.models import model_dir
-    from tasks.canary import CanaryFailure
 
     tampered = tmp_path / "tampered-tiny"
     shutil.copytree(model_dir("tiny"), tampered)

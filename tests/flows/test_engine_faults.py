@@ -48,7 +48,8 @@ def test_killing_the_engine_mid_shard_retries_the_shard_and_loses_nothing(
 def test_a_row_that_kills_the_engine_twice_is_set_aside_then_retried(
     tmp_path, prefect_server, tiny_job, fresh_engine, monkeypatch
 ):
-    from flows.retry import retry_errors
+    from nightshift.flows.retry import retry_errors
+
     from nightshift.cli import run_job
     from nightshift.engine import shutdown_engine
 

@@ -41,11 +41,11 @@ def test_an_s3_input_runs_with_the_blocks_credentials_which_leak_nowhere(
     prefect_server, s3_endpoint, tiny_job, tmp_path
 ):
     import s3fs
+    from nightshift.blocks import ObjectStorage
+    from nightshift.flows.batch import batch_inference
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 
-    from blocks import ObjectStorage
-    from flows.batch import batch_inference
     from nightshift.config import CanaryConfig
 
     key, secret = "nightshift-test", f"s3cr3t-{uuid.uuid4().hex}"

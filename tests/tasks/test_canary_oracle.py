@@ -1,8 +1,7 @@
 """Specification of the oracle's text comparison (no engine, no model)."""
 
 import pytest
-
-from tasks.canary import texts_agree
+from nightshift.tasks.canary import texts_agree
 
 pytestmark = pytest.mark.fast
 

@@ -3,9 +3,9 @@
 import pyarrow.parquet as pq
 import pytest
 from conftest import chat_request, write_jsonl
+from nightshift.tasks.plan import plan
 
 from nightshift.rundir import RunDir
-from tasks.plan import plan
 
 pytestmark = pytest.mark.fast
 

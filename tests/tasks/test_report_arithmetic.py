@@ -7,13 +7,13 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from nightshift.blocks.pricing import GpuPricing
+from nightshift.tasks.report import build_report
 
-from blocks.pricing import GpuPricing
 from nightshift.chunks import shard_cache_key
 from nightshift.config import EngineConfig, JobSpec
 from nightshift.records import Plan, Shard
 from nightshift.rundir import RunDir
-from tasks.report import build_report
 
 pytestmark = pytest.mark.fast
 
