@@ -151,12 +151,13 @@ def _run(args) -> int:
 
     from nightshift.canaries import CanaryFailure
     from nightshift.config import ConfigurationError, EngineSettings, JobOptions
-    from nightshift.inputs import InputError
+    from nightshift.inputs import InputError, check_input, detect_kind
     from nightshift.jobs import check_job, make_job, validation_message
 
     try:
-        job = check_job(make_job(args.model, **_given(args, EngineSettings), **_given(args, JobOptions)))
         corpus, validation = _corpus_options(args), _validation(args)
+        check_input(args.input, detect_kind(args.input, corpus), corpus)  # milliseconds: before vLLM's import
+        job = check_job(make_job(args.model, **_given(args, EngineSettings), **_given(args, JobOptions)))
         report = _run_preemptible(
             args.output, lambda: run_job(args.input, args.output, job, args.shard_size, corpus, validation)
         )

@@ -93,9 +93,10 @@ def estimate_rows(path: str, kind: str, storage_options: dict | None = None) -> 
 
 
 def check_input(path: str, kind: str, corpus: CorpusOptions | None = None, storage_options: dict | None = None) -> None:
-    """Raise InputError at once for an input that cannot be read at all (missing, not a
-    file, unreadable, columns missing, no rows): the first row is read, nothing more."""
-    next(iter(read_rows(path, kind, corpus, storage_options)), None)
+    """Raise InputError at once for an input that cannot be used at all (missing, not a file,
+    unreadable, columns missing, no rows, no usable row): rows are read up to the first usable
+    one — the whole file only when none is."""
+    next((row for row in read_rows(path, kind, corpus, storage_options) if row.request_json is not None), None)
 
 
 def read_rows(
@@ -121,17 +122,32 @@ def read_rows(
 def _non_empty(rows: Iterator[InputRow], path: str) -> Iterator[InputRow]:
     count = 0
     usable = 0
+    first_error = None
     for row in rows:
         count += 1
         usable += row.request_json is not None
+        first_error = first_error or row.error
         yield row
     if count == 0:
         raise InputError(f"input {path!r} holds no rows")
     if usable == 0 and count > 0:
         raise InputError(
-            f"input {path!r}: none of its {count} rows is a usable request "
-            "(is it the right format? see errors of the first rows with `--dry-run`)"
+            f"input {path!r}: none of its {count} rows is a usable request (is it the right format?); "
+            f"line {first_error['line']}: {first_error['message']}"
         )
+
+
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def _without_bom(lines):
+    """The lines of a file, a UTF-8 byte-order mark (Windows tools write one) taken off the first."""
+    lines = iter(lines)
+    first = next(lines, None)
+    if first is None:
+        return
+    yield first.removeprefix(UTF8_BOM)
+    yield from lines
 
 
 # --- OpenAI batch JSONL ---------------------------------------------------------------
@@ -140,7 +156,7 @@ def _non_empty(rows: Iterator[InputRow], path: str) -> Iterator[InputRow]:
 def _read_openai_batch(fs, fs_path: str) -> Iterator[InputRow]:
     seen_ids: set[int] = set()
     with fs.open(fs_path, "rb") as handle:
-        for line_no, raw in enumerate(handle, start=1):
+        for line_no, raw in enumerate(_without_bom(handle), start=1):
             if not raw.strip():
                 continue  # blank lines are separators, not records
             row = parse_batch_line(raw, line_no)
@@ -295,7 +311,7 @@ def _batch_records(batches, options: CorpusOptions, fs_path: str):
 def _jsonl_records(fs, fs_path: str, options: CorpusOptions):
     checked = False
     with fs.open(fs_path, "rb") as handle:
-        for line_no, raw in enumerate(handle, start=1):
+        for line_no, raw in enumerate(_without_bom(handle), start=1):
             if not raw.strip():
                 continue
             try:

@@ -1,5 +1,8 @@
 """Specification of the input readers: every record comes out once, as a request or an error."""
 
+import json
+import time
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -87,3 +90,34 @@ def test_an_empty_or_non_jsonl_input_fails_as_a_whole(tmp_path, content):
 def test_a_missing_input_fails_as_a_whole(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         read_rows(str(tmp_path / "nope.jsonl"), "openai-batch")
+
+
+def test_a_utf8_byte_order_mark_is_read_as_such_in_jsonl_and_csv(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    batch = tmp_path / "exported.jsonl"
+    batch.write_bytes(bom + json.dumps(chat_request("first", "hi")).encode() + b"\n")
+    assert [(r.custom_id, r.error) for r in read_rows(str(batch), "openai-batch")] == [("first", None)]
+    corpus = tmp_path / "exported.csv"
+    corpus.write_bytes(bom + b"id,text\nd1,hello\n")
+    rows = list(read_rows(str(corpus), "corpus", CorpusOptions(id_column="id")))
+    assert [(r.custom_id, r.error) for r in rows] == [("d1", None)]
+
+
+@pytest.mark.parametrize(
+    "make_input, words",
+    [
+        (lambda d: d / "missing.jsonl", "does not exist"),
+        (lambda d: (d / "other.csv").write_text("id,body\n1,x\n") and d / "other.csv", "has no column 'text'"),
+        (lambda d: (d / "junk.jsonl").write_text("not json\n") and d / "junk.jsonl", "line 1: line is not valid JSON"),
+    ],
+)
+def test_an_unusable_input_exits_2_with_one_message_before_anything_starts(tmp_path, capsys, make_input, words):
+    from nightshift.cli import main
+
+    path = make_input(tmp_path)
+    started = time.monotonic()
+    assert main(["run", str(path), "--output", str(tmp_path / "run")]) == 2
+    assert time.monotonic() - started < 5  # no engine, no Prefect server: the input alone was read
+    message = capsys.readouterr().err.strip()
+    assert len(message.splitlines()) == 1 and words in message, message
+    assert not (tmp_path / "run").exists()
