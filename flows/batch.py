@@ -23,6 +23,7 @@ from nightshift import progress
 from nightshift.config import DEFAULT_SHARD_SIZE, CanaryConfig, CorpusOptions, FanOut, JobSpec
 from nightshift.engine import start_engine_in_background
 from nightshift.jobs import check_job, size_for_input
+from nightshift.lease import run_lease
 from nightshift.records import RunReport
 from nightshift.rundir import RunDir
 from nightshift.status import run_status
@@ -60,27 +61,30 @@ def batch_inference(
     `result_cache` names a directory of deterministic rows' outputs shared across runs: rows
     answered there are not generated again.
     """
+    from prefect.runtime import flow_run
+
     job = size_for_input(job or _job_from_block(model), input_path, corpus)
     if result_cache:
         job = job.model_copy(update={"result_cache": result_cache})
-    if not fan_out:  # the engine loads here, while the input is planned
-        check_job(job)
-        start_engine_in_background(job.engine)
     run_dir = scheduled_run_dir(run_dir)
-    validation = validation or CanaryConfig()
-    job.save(RunDir(run_dir).job)
-    plan = plan_shards(input_path, run_dir, shard_size, corpus, validation.canaries, storage)
-    progress.start(RunDir(run_dir), plan.total_rows, run_status(run_dir).rows_done)
-    checkpoints = checkpoint_storage or _local_checkpoints(run_dir)
-    if fan_out:
-        results, cached = dispatch_shard_groups(plan.shards, job, run_dir, checkpoints, fan_out)
-    else:
-        results, cached = generate_here(plan.shards, job, run_dir, checkpoints)
-    report = merge_outputs(plan, results, run_dir)
-    try:
-        canary_validation(run_dir, job, validation)
-    finally:  # a failed validation still gets its cost report, verdict included
-        cost_report(run_dir, GpuPricing.load(pricing) if pricing else None)
+    with run_lease(run_dir, flow_run.id):  # one live run per run directory
+        if not fan_out:  # the engine loads here, while the input is planned
+            check_job(job)
+            start_engine_in_background(job.engine)
+        validation = validation or CanaryConfig()
+        job.save(RunDir(run_dir).job)
+        plan = plan_shards(input_path, run_dir, shard_size, corpus, validation.canaries, storage)
+        progress.start(RunDir(run_dir), plan.total_rows, run_status(run_dir).rows_done)
+        checkpoints = checkpoint_storage or _local_checkpoints(run_dir)
+        if fan_out:
+            results, cached = dispatch_shard_groups(plan.shards, job, run_dir, checkpoints, fan_out)
+        else:
+            results, cached = generate_here(plan.shards, job, run_dir, checkpoints)
+        report = merge_outputs(plan, results, run_dir)
+        try:
+            canary_validation(run_dir, job, validation)
+        finally:  # a failed validation still gets its cost report, verdict included
+            cost_report(run_dir, GpuPricing.load(pricing) if pricing else None)
     return report.model_copy(update={"shards": len(plan.shards), "shards_cached": cached})
 
 

@@ -14,12 +14,18 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from nightshift.chunks import retryable_rows, shard_cache_key
 from nightshift.config import JobSpec
+from nightshift.lease import run_lease
 from nightshift.records import Plan, RunReport
 from nightshift.rundir import RunDir
 
 
 @flow(name="nightshift-retry", task_runner=ThreadPoolTaskRunner(max_workers=2))
 def retry_errors(run_dir: str) -> RunReport:
+    with run_lease(run_dir):
+        return _retry(run_dir)
+
+
+def _retry(run_dir: str) -> RunReport:
     rd = RunDir(run_dir)
     plan, job = Plan.load(rd.plan_manifest), JobSpec.load(rd.job)
     retry = {shard.index: retryable_rows(rd.shard_output(shard_cache_key(shard, job))) for shard in plan.shards}

@@ -181,17 +181,19 @@ def run_job(input_path: str, run_dir: str, job, shard_size: int | None = None, c
     from nightshift.engine import start_engine_in_background
     from nightshift.inputs import check_input, detect_kind
     from nightshift.jobs import size_for_input
+    from nightshift.lease import run_lease
 
     check_input(input_path, detect_kind(input_path, corpus), corpus)
     job = size_for_input(job, input_path, corpus)
-    start_engine_in_background(job.engine)
-    from nightshift.flows.batch import batch_inference  # Prefect's import and start-up overlap the engine's load
-
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    sizes = {"shard_size": shard_size} if shard_size else {}
-    return batch_inference(
-        input_path=input_path, run_dir=run_dir, job=job, corpus=corpus, validation=validation, **sizes
-    )
+    with run_lease(run_dir):  # before the engine loads: a second run on a live directory costs nothing
+        start_engine_in_background(job.engine)
+        from nightshift.flows.batch import batch_inference  # Prefect's import and start-up overlap the engine's load
+
+        sizes = {"shard_size": shard_size} if shard_size else {}
+        return batch_inference(
+            input_path=input_path, run_dir=run_dir, job=job, corpus=corpus, validation=validation, **sizes
+        )
 
 
 def _run_preemptible(run_dir: str, start):
