@@ -1,0 +1,153 @@
+"""Specification of the fan-out dispatcher against a fake Prefect client and work pool (no server,
+no workers): bounded in flight, every shard's result back in order, failed child runs dispatched
+again under the next idempotency key, a retried parent getting its runs back, a bounded number of
+attempts."""
+
+import hashlib
+import logging
+import uuid
+from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
+
+import pytest
+from nightshift.tasks import fanout
+from prefect.client.schemas.objects import StateType
+
+from nightshift.config import EngineConfig, FanOut, JobSpec
+from nightshift.records import Shard, ShardResult
+from nightshift.rundir import write_json_atomic
+
+pytestmark = pytest.mark.fast
+
+PARENT = "parent-run"
+
+
+class FakePool:
+    """Plays the Prefect server and the GPU workers. Each child run walks through a script of
+    states, one step each time the dispatcher reads it; a run that completes writes its group
+    manifest as a real child run does."""
+
+    def __init__(self, run_dir, scripts):
+        self.run_dir, self.scripts = run_dir, scripts  # scripts(group key, attempt) → list of states
+        self.runs: dict[str, SimpleNamespace] = {}
+        self.by_key: dict[str, str] = {}
+        self.created: list[str] = []  # idempotency keys of the runs this pool made
+        self.most_live = 0
+
+    def run_deployment(self, name, parameters, timeout, idempotency_key, flow_run_name):
+        if idempotency_key in self.by_key:  # Prefect answers a known key with the run it made
+            return self.runs[self.by_key[idempotency_key]]
+        group, attempt = parameters["group"], int(idempotency_key.rsplit(":", 1)[1])
+        run = SimpleNamespace(
+            id=uuid.uuid4(),
+            name=flow_run_name,
+            script=list(self.scripts(group, attempt)),
+            group=group,
+            shards=parameters["shards"],
+            state=self._state(StateType.SCHEDULED),
+            start_time=None,
+            end_time=None,
+        )
+        self.runs[str(run.id)], self.by_key[idempotency_key] = run, str(run.id)
+        self.created.append(idempotency_key)
+        self.most_live = max(self.most_live, sum(not r.state.is_final() for r in self.runs.values()))
+        return run
+
+    def read_flow_run(self, run_id):
+        run = self.runs[str(run_id)]
+        if run.script and not run.state.is_final():
+            run.state = self._state(run.script.pop(0))
+            now = datetime.now(timezone.utc)
+            run.start_time = run.start_time or now - timedelta(seconds=1)
+            if run.state.type == StateType.COMPLETED:
+                run.end_time = now
+                results = [
+                    ShardResult(
+                        shard_index=s["index"],
+                        cache_key="k",
+                        output_dir="d",
+                        chunk_files=[],
+                        chunk_sha256=[],
+                        rows=s["num_rows"],
+                        succeeded=s["num_rows"],
+                        failed=0,
+                        prompt_tokens=0,
+                        completion_tokens=0,
+                        regenerated_rows=s["num_rows"],
+                        wall_seconds=1.0,
+                    ).model_dump()
+                    for s in run.shards
+                ]
+                write_json_atomic(
+                    fanout.group_manifest(self.run_dir, run.group, str(run.id)), {"cached": 0, "results": results}
+                )
+        return run
+
+    def set_flow_run_state(self, run_id, state, force=False):
+        self.runs[str(run_id)].state = state
+
+    @staticmethod
+    def _state(kind):
+        final = kind in (StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED)
+        return SimpleNamespace(type=kind, name=kind.value.title(), is_final=lambda: final)
+
+
+JOB = JobSpec(engine=EngineConfig(model="m"), served_model_name="m", model_identity="x")
+
+
+def shard(i: int) -> Shard:
+    return Shard(
+        index=i, path=f"s{i}", first_row=10 * i, num_rows=10, content_hash=hashlib.sha256(str(i).encode()).hexdigest()
+    )
+
+
+def dispatch(run_dir, pool, groups=5, **settings):
+    job = JOB
+    shards = [shard(i) for i in range(groups)]
+    fan_out = FanOut(deployment="gen/gpu", shards_per_group=1, poll_s=0.001, **settings)
+    dispatcher = fanout._Dispatcher(shards, job, str(run_dir), "ckpt", fan_out, pool)
+    return shards, dispatcher.run()
+
+
+@pytest.fixture(autouse=True)
+def no_prefect_context(monkeypatch):
+    monkeypatch.setattr(fanout, "get_run_logger", lambda: logging.getLogger("test-fanout"))
+    monkeypatch.setattr(fanout, "_parent_flow_run_id", lambda: PARENT)
+
+
+def use(monkeypatch, pool):
+    monkeypatch.setattr(fanout, "run_deployment", pool.run_deployment)
+    return pool
+
+
+def test_at_most_max_in_flight_runs_are_live_and_every_shard_comes_back_in_order(tmp_path, monkeypatch):
+    steps = [StateType.PENDING, StateType.RUNNING, StateType.RUNNING, StateType.COMPLETED]
+    pool = use(monkeypatch, FakePool(tmp_path, lambda group, attempt: steps))
+    shards, (results, cached) = dispatch(tmp_path, pool, groups=5, max_in_flight=2)
+    assert pool.most_live == 2 and len(pool.created) == 5
+    assert [r.shard_index for r in results] == [s.index for s in shards] and cached == 0
+
+
+def test_a_failed_child_run_is_dispatched_again_and_a_retried_parent_gets_its_runs_back(tmp_path, monkeypatch):
+    def scripts(group, attempt):
+        if group == fanout.group_key([shard(0)], JOB) and attempt == 0:
+            return [StateType.RUNNING, StateType.FAILED]
+        return [StateType.RUNNING, StateType.COMPLETED]
+
+    pool = use(monkeypatch, FakePool(tmp_path, scripts))
+    _, (results, _) = dispatch(tmp_path, pool, groups=2)
+    retried = [key for key in pool.created if key.endswith(":1")]
+    assert len(retried) == 1 and retried[0].startswith(f"{PARENT}:") and len(pool.created) == 3
+    assert [r.shard_index for r in results] == [0, 1]
+
+    made = list(pool.created)
+    _, (again, _) = dispatch(tmp_path, pool, groups=2)  # the parent flow run retried: same keys
+    assert pool.created == made  # no new child run: the failed one is skipped, the finished ones reused
+    assert [r.shard_index for r in again] == [0, 1]
+
+
+def test_a_group_that_keeps_failing_fails_the_stage_naming_the_group(tmp_path, monkeypatch):
+    pool = use(monkeypatch, FakePool(tmp_path, lambda group, attempt: [StateType.RUNNING, StateType.CRASHED]))
+    with pytest.raises(RuntimeError, match=r"shard group \w+ failed 2 times"):
+        dispatch(tmp_path, pool, groups=1, max_attempts=2)
+    assert len(pool.created) == 2
