@@ -18,6 +18,8 @@ from pathlib import Path
 # Models come from the local cache only; set before anything imports huggingface_hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A temporary Prefect server would otherwise log an ERROR for telemetry it cannot send offline.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 DEMO_TEMPLATE = "Summarize this document in one sentence.\n\n{text}"
 DEMO_SYSTEM = "You are a concise assistant that writes accurate one-sentence summaries."
