@@ -61,10 +61,13 @@ class BatchEngine:
         from vllm import LLM
 
         self.config = config
+        arguments = engine_arguments(config)
         try:
-            self.llm = LLM(**engine_arguments(config))
-        except (ValueError, TypeError, OSError) as exc:  # not worth a retry: another try fails the same way
-            raise ConfigurationError(f"the engine could not start: {str(exc).splitlines()[0]}") from exc
+            self.llm = LLM(**arguments)
+        except Exception as exc:  # not worth a retry here: another start on this machine fails the same way
+            raise ConfigurationError(
+                f"the engine could not start: {str(exc).splitlines()[0]} ({memory_picture(arguments)})"
+            ) from exc
         self.tokenizer = self.llm.get_tokenizer()
         self.default_sampling_params = self.llm.model_config.get_diff_sampling_param()
         self.max_model_len = self.llm.model_config.max_model_len  # what vLLM settled on
@@ -278,6 +281,28 @@ def engine_arguments(config: EngineConfig) -> dict:
 GiB = 1 << 30
 
 
+def memory_picture(arguments: dict) -> str:
+    """Free memory against what the engine was asked to take, and who holds the rest: what an
+    operator needs when an engine refuses to start."""
+    import psutil
+
+    asked = arguments.get("kv_cache_memory_bytes")
+    if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        asked = int(os.environ["VLLM_CPU_KVCACHE_SPACE"]) * GiB
+    holders = []
+    for process in psutil.process_iter(["pid", "name", "memory_info"]):
+        info = process.info
+        if info.get("memory_info"):
+            holders.append((info["memory_info"].rss, info["name"], info["pid"]))
+    top = ", ".join(f"{name} (pid {pid}) {rss / GiB:.1f} GiB" for rss, name, pid in sorted(holders, reverse=True)[:3])
+    kv = (
+        f"KV cache asked {asked / GiB:.1f} GiB"
+        if asked
+        else f"gpu_memory_utilization {arguments.get('gpu_memory_utilization')}"
+    )
+    return f"memory free {psutil.virtual_memory().available / GiB:.1f} GiB, {kv}; largest processes: {top}"
+
+
 def cpu_kv_cache_bytes(config: EngineConfig, available: int | None = None) -> int:
     """The KV cache a CPU engine gets: enough for every sequence at full context, at most
     `gpu_memory_utilization` × the memory free right now, and at least one full-length sequence.
@@ -344,18 +369,26 @@ def _kill_engine_processes() -> None:
 
 _engine: BatchEngine | None = None
 _engine_lock = threading.Lock()
+_refused: dict[EngineConfig, ConfigurationError] = {}  # configs the engine would not start with
 
 
 def get_engine(config: EngineConfig) -> BatchEngine:
-    """The process's engine for `config`, started on first use and after a failure."""
+    """The process's engine for `config`, started on first use and after a failure. A config
+    the engine refused to start with is refused again at once, not tried a second time."""
     global _engine
     with _engine_lock:
+        if config in _refused:
+            raise _refused[config]
         if _engine is not None and (_engine.config != config or not _engine.alive):
             log.info("replacing engine (config changed or engine died)")
             _engine.close()
             _engine = None
         if _engine is None:
-            _engine = BatchEngine(config)
+            try:
+                _engine = BatchEngine(config)
+            except ConfigurationError as refusal:
+                _refused[config] = refusal
+                raise
         return _engine
 
 
@@ -367,8 +400,8 @@ def start_engine_in_background(config: EngineConfig) -> threading.Thread:
     def load() -> None:
         try:
             get_engine(config)
-        except BaseException as exc:  # the generate task that needs it will raise it
-            log.warning("engine start ahead of planning failed: %r", exc)
+        except BaseException as exc:  # the generate task that needs it raises it (not starting again)
+            log.debug("engine start ahead of planning failed: %r", exc)
 
     thread = threading.Thread(target=load, name="nightshift-engine-start", daemon=True)
     thread.start()

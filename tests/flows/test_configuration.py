@@ -78,3 +78,37 @@ def test_other_configuration_errors_exit_2_with_a_clear_message(tmp_path, capsys
         return
     assert cli(path, "--output", tmp_path / "run", *args) == 2
     assert words in capsys.readouterr().err
+
+
+def test_an_engine_that_cannot_start_is_said_once_with_its_memory_picture_and_not_retried(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    path = write_jsonl(tmp_path / "in.jsonl", [chat_request(f"r{i}", f"Clause {i}") for i in range(3)])
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "100000"}  # more KV cache than any machine here holds
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nightshift.cli",
+            "run",
+            str(path),
+            "--output",
+            str(tmp_path / "run"),
+            "--model",
+            "tiny",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output[-3000:]
+    last = [line for line in done.stderr.splitlines() if line.startswith("nightshift:")][-1]
+    assert "the engine could not start" in last and "memory free" in last and "100000.0 GiB" in last
+    assert output.count("Initializing a V1 LLM engine") == 1  # started once: no Prefect retries, no second try
