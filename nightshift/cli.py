@@ -153,13 +153,12 @@ def _run(args) -> int:
 
     from nightshift.canaries import CanaryFailure
     from nightshift.config import ConfigurationError, EngineSettings, JobOptions
-    from nightshift.inputs import InputError, check_input, detect_kind
-    from nightshift.jobs import check_job, make_job, validation_message
+    from nightshift.inputs import InputError
+    from nightshift.jobs import make_job, validation_message
 
     try:
         corpus, validation = _corpus_options(args), _validation(args)
-        check_input(args.input, detect_kind(args.input, corpus), corpus)  # milliseconds: before vLLM's import
-        job = check_job(make_job(args.model, **_given(args, EngineSettings), **_given(args, JobOptions)))
+        job = make_job(args.model, **_given(args, EngineSettings), **_given(args, JobOptions))
         report = _run_preemptible(
             args.output, lambda: run_job(args.input, args.output, job, args.shard_size, corpus, validation)
         )
@@ -177,16 +176,17 @@ def _run(args) -> int:
 
 
 def run_job(input_path: str, run_dir: str, job, shard_size: int | None = None, corpus=None, validation=None):
-    """Run the flow: plan, generate, merge, report, validate. An input that cannot be read at
-    all fails here, in milliseconds; otherwise the engine starts loading at once, alongside
-    Prefect's start-up and planning."""
-    from nightshift.engine import start_engine_in_background
+    """Run the flow: plan, generate, merge, report, validate. An input that cannot be used at
+    all fails here in milliseconds, then a configuration the model refuses (about a second);
+    otherwise the engine starts loading at once, alongside Prefect's start-up and planning."""
     from nightshift.inputs import check_input, detect_kind
-    from nightshift.jobs import size_for_input
+
+    check_input(input_path, detect_kind(input_path, corpus), corpus)  # before vLLM is even imported
+    from nightshift.engine import start_engine_in_background
+    from nightshift.jobs import check_job, size_for_input
     from nightshift.lease import run_lease
 
-    check_input(input_path, detect_kind(input_path, corpus), corpus)
-    job = size_for_input(job, input_path, corpus)
+    job = size_for_input(check_job(job), input_path, corpus)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     with run_lease(run_dir):  # before the engine loads: a second run on a live directory costs nothing
         start_engine_in_background(job.engine)
@@ -206,9 +206,9 @@ def _run_preemptible(run_dir: str, start):
     try:
         return start()
     except BaseException as exc:  # Prefect turns SIGTERM into TerminationSignal in the main thread
-        from prefect.exceptions import TerminationSignal
-
-        if not isinstance(exc, (TerminationSignal, preemption.Preempted)) and not preemption.stop_requested.is_set():
+        prefect_exceptions = sys.modules.get("prefect.exceptions")  # not imported: not Prefect's signal
+        terminated = prefect_exceptions is not None and isinstance(exc, prefect_exceptions.TerminationSignal)
+        if not (terminated or isinstance(exc, preemption.Preempted)) and not preemption.stop_requested.is_set():
             raise
     preemption.stop_requested.set()
     flushed = preemption.wait_until_flushed(preemption.grace_seconds() + 10)
