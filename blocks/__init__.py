@@ -4,8 +4,9 @@ Register them with `prefect block register -m nightshift.blocks`; flows take the
 (`model`, `storage`, `pricing`).
 """
 
+from nightshift.blocks.checkpoints import RunCheckpoints
 from nightshift.blocks.model import ModelConfig
 from nightshift.blocks.pricing import GpuPricing, ManagedApiPrices
 from nightshift.blocks.storage import ObjectStorage
 
-__all__ = ["GpuPricing", "ManagedApiPrices", "ModelConfig", "ObjectStorage"]
+__all__ = ["GpuPricing", "ManagedApiPrices", "ModelConfig", "ObjectStorage", "RunCheckpoints"]

@@ -3,12 +3,13 @@ work pool) → merge-outputs → canary-validation → cost-report."""
 
 from __future__ import annotations
 
-import hashlib
 from datetime import datetime, timezone
 from pathlib import Path
 
+from nightshift.blocks.checkpoints import saved_run_checkpoints
 from nightshift.blocks.model import ModelConfig
 from nightshift.blocks.pricing import GpuPricing
+from nightshift.blocks.storage import ObjectStorage
 from nightshift.tasks.canary import canary_validation
 from nightshift.tasks.fanout import dispatch_shard_groups
 from nightshift.tasks.generate import generate_here
@@ -16,7 +17,6 @@ from nightshift.tasks.merge import merge_outputs
 from nightshift.tasks.plan import plan_shards
 from nightshift.tasks.report import cost_report
 from prefect import flow
-from prefect.filesystems import LocalFileSystem
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from nightshift import progress
@@ -27,6 +27,7 @@ from nightshift.lease import run_lease
 from nightshift.records import RunReport
 from nightshift.rundir import RunDir
 from nightshift.status import run_status
+from nightshift.storage import is_url, use_storage_options
 
 
 # Two shards in flight: while one shard's last rows decode, the next one's rows already
@@ -51,7 +52,9 @@ def batch_inference(
     The model is `job`, or the ModelConfig block named `model` (a deployment names blocks).
     `run_dir` may hold `{date}`: the flow run's scheduled date, so each night writes its own
     directory and a retried night resumes its own.
-    `storage` names an ObjectStorage block with the credentials of an `s3://` input.
+    `run_dir` is a local directory or an object-store URL (`s3://bucket/runs/{date}`).
+    `storage` names an ObjectStorage block with the credentials of `s3://` inputs and run
+    directories (default: the environment's or the machine role's).
     `checkpoint_storage` names a saved Prefect filesystem block ("local-file-system/x",
     "s3-bucket/y") holding the task cache; by default it is `run_dir/checkpoints`.
     `pricing` names a saved GpuPricing block for the cost report (default: its defaults).
@@ -63,6 +66,8 @@ def batch_inference(
     """
     from prefect.runtime import flow_run
 
+    if storage:  # in this process's memory only: never a parameter, a file or a log line
+        use_storage_options(ObjectStorage.load(storage).storage_options())
     job = size_for_input(job or _job_from_block(model), input_path, corpus)
     if result_cache:
         job = job.model_copy(update={"result_cache": result_cache})
@@ -75,9 +80,9 @@ def batch_inference(
         job.save(RunDir(run_dir).job)
         plan = plan_shards(input_path, run_dir, shard_size, corpus, validation.canaries, storage)
         progress.start(RunDir(run_dir), plan.total_rows, run_status(run_dir).rows_done)
-        checkpoints = checkpoint_storage or _local_checkpoints(run_dir)
+        checkpoints = checkpoint_storage or saved_run_checkpoints(str(RunDir(run_dir).checkpoints))
         if fan_out:
-            results, cached = dispatch_shard_groups(plan.shards, job, run_dir, checkpoints, fan_out)
+            results, cached = dispatch_shard_groups(plan.shards, job, run_dir, checkpoints, fan_out, storage)
         else:
             results, cached = generate_here(plan.shards, job, run_dir, checkpoints)
         report = merge_outputs(plan, results, run_dir)
@@ -93,18 +98,11 @@ def scheduled_run_dir(run_dir: str) -> str:
     from prefect.runtime import flow_run
 
     when = flow_run.scheduled_start_time or datetime.now(timezone.utc)
-    return str(Path(run_dir.replace("{date}", when.strftime("%Y-%m-%d"))).resolve())
+    run_dir = run_dir.replace("{date}", when.strftime("%Y-%m-%d"))
+    return run_dir.rstrip("/") if is_url(run_dir) else str(Path(run_dir).resolve())
 
 
 def _job_from_block(model: str | None) -> JobSpec:
     if not model:
         raise ValueError("give the flow a `job` or the name of a ModelConfig block as `model`")
     return ModelConfig.load(model.removeprefix("nightshift-model/")).job()
-
-
-def _local_checkpoints(run_dir: str) -> str:
-    # Prefect wants result storage saved server-side; one block per run directory.
-    path = str(RunDir(run_dir).checkpoints)
-    name = "nightshift-ckpt-" + hashlib.sha256(path.encode()).hexdigest()[:16]
-    LocalFileSystem(basepath=path).save(name, overwrite=True)
-    return f"local-file-system/{name}"

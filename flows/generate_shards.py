@@ -7,6 +7,7 @@ finished anywhere is finished everywhere.
 
 from __future__ import annotations
 
+from nightshift.blocks.storage import ObjectStorage
 from nightshift.tasks.fanout import heartbeat, stall_if_drilled, write_group_manifest
 from nightshift.tasks.generate import generate_here
 from prefect import flow
@@ -14,11 +15,23 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from nightshift.config import JobSpec
 from nightshift.records import Shard
+from nightshift.storage import use_storage_options
 
 
 @flow(name="nightshift-generate-shards", task_runner=ThreadPoolTaskRunner(max_workers=2))
-def generate_shards(shards: list[Shard], job: JobSpec, run_dir: str, checkpoint_storage: str, group: str) -> int:
-    """Generate `shards` of the run in `run_dir`; returns how many came back Cached."""
+def generate_shards(
+    shards: list[Shard],
+    job: JobSpec,
+    run_dir: str,
+    checkpoint_storage: str,
+    group: str,
+    storage: str | None = None,
+) -> int:
+    """Generate `shards` of the run in `run_dir`; returns how many came back Cached.
+    `storage` names the ObjectStorage block whose credentials reach an `s3://` run directory
+    (default: this machine's environment or role)."""
+    if storage:
+        use_storage_options(ObjectStorage.load(storage).storage_options())
     with heartbeat(run_dir, group):
         stall_if_drilled()
         results, cached = generate_here(shards, job, run_dir, checkpoint_storage)

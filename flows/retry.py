@@ -7,6 +7,7 @@ beside the old ones and supersede them in the merged outputs.
 
 from __future__ import annotations
 
+from nightshift.blocks.storage import ObjectStorage
 from nightshift.tasks.generate import finished_result, retry_shard_rows
 from nightshift.tasks.merge import merge_outputs
 from prefect import flow
@@ -17,10 +18,15 @@ from nightshift.config import JobSpec
 from nightshift.lease import run_lease
 from nightshift.records import Plan, RunReport
 from nightshift.rundir import RunDir
+from nightshift.storage import use_storage_options
 
 
 @flow(name="nightshift-retry", task_runner=ThreadPoolTaskRunner(max_workers=2))
-def retry_errors(run_dir: str) -> RunReport:
+def retry_errors(run_dir: str, storage: str | None = None) -> RunReport:
+    """`storage` names the ObjectStorage block of an `s3://` run directory (default: the
+    environment's credentials)."""
+    if storage:
+        use_storage_options(ObjectStorage.load(storage).storage_options())
     with run_lease(run_dir):
         return _retry(run_dir)
 

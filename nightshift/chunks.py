@@ -23,7 +23,8 @@ from nightshift import progress
 from nightshift.config import JobSpec
 from nightshift.openai_format import error_line, output_line
 from nightshift.records import Shard, ShardResult
-from nightshift.rundir import RunDir, write_json_atomic, written_whole
+from nightshift.rundir import RunDir, write_json_atomic
+from nightshift.storage import duckdb_connection, location, read_table, written_whole
 
 CHUNK_SCHEMA = pa.schema(
     [
@@ -47,12 +48,12 @@ RETRYABLE_CODES = ("engine_error",)
 
 
 def chunk_files(output_dir: Path) -> list[Path]:
-    return sorted(Path(output_dir).glob("chunk-*.parquet"))
+    return sorted(location(output_dir).glob("chunk-*.parquet"), key=str)
 
 
 def write_chunk(output_dir: Path, records: list[dict]) -> Path:
     # Unique, time-ordered names: a chunk never overwrites another, whoever else writes here.
-    path = Path(output_dir) / f"chunk-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
+    path = location(output_dir) / f"chunk-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
     with written_whole(path) as tmp:  # a chunk file either is whole or does not exist
         pq.write_table(pa.Table.from_pylist(sorted(records, key=lambda r: r["row_index"]), schema=CHUNK_SCHEMA), tmp)
     return path
@@ -76,7 +77,7 @@ def rows_on_disk(output_dir: Path) -> set[int]:
     files = chunk_files(output_dir)
     if not files:
         return set()
-    return set(pq.read_table(files, columns=["row_index"])["row_index"].to_pylist())
+    return set(read_table(files, columns=["row_index"])["row_index"].to_pylist())
 
 
 def retryable_rows(output_dir: Path) -> set[int]:
@@ -84,10 +85,8 @@ def retryable_rows(output_dir: Path) -> set[int]:
     files = chunk_files(output_dir)
     if not files:
         return set()
-    import duckdb
-
     codes = ", ".join(f"'{c}'" for c in RETRYABLE_CODES)
-    with duckdb.connect() as con:
+    with duckdb_connection() as con:
         found = con.sql(f"SELECT row_index FROM ({best_rows_sql(files)}) WHERE NOT ok AND error_code IN ({codes})")
         return {row[0] for row in found.fetchall()}
 
@@ -103,7 +102,7 @@ def checkpoint_intact(result: ShardResult) -> bool:
     """
     intact = True
     for path, digest in zip(result.chunk_files, result.chunk_sha256):
-        path = Path(path)
+        path = location(path)
         if not path.exists():
             intact = False
         elif file_sha256(path) != digest:
@@ -114,7 +113,7 @@ def checkpoint_intact(result: ShardResult) -> bool:
 
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with location(path).open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

@@ -187,7 +187,6 @@ def run_job(input_path: str, run_dir: str, job, shard_size: int | None = None, c
     from nightshift.lease import run_lease
 
     job = size_for_input(check_job(job), input_path, corpus)
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
     with run_lease(run_dir):  # before the engine loads: a second run on a live directory costs nothing
         start_engine_in_background(job.engine)
         from nightshift.flows.batch import batch_inference  # Prefect's import and start-up overlap the engine's load
@@ -241,7 +240,7 @@ def _report(args) -> int:
     from nightshift.tasks.report import trend, write_report
 
     if args.all:
-        rows = trend(Path(args.run_dir))
+        rows = trend(args.run_dir)
         if args.format == "json":
             print(json.dumps(rows, indent=2, default=str))
         else:

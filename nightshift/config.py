@@ -109,7 +109,9 @@ class JobSpec(JobOptions):
 
     @classmethod
     def load(cls, path: Path) -> JobSpec:
-        return cls.model_validate_json(Path(path).read_text())
+        from nightshift.storage import location
+
+        return cls.model_validate_json(location(path).read_text())
 
     def output_fingerprint(self) -> str:
         """A hash of every setting that changes what one request's response is."""

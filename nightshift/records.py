@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from nightshift.rundir import write_json_atomic
+from nightshift.storage import location
 
 
 class _Record(BaseModel):
@@ -23,7 +24,7 @@ class _Record(BaseModel):
 
     @classmethod
     def load(cls, path: Path):
-        return cls.model_validate_json(Path(path).read_text())
+        return cls.model_validate_json(location(path).read_text())
 
 
 class Shard(_Record):

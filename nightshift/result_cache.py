@@ -9,8 +9,9 @@ used for sampled rows without a seed; a changed model, dtype, context, seed or q
 changes the fingerprint, so nothing from another configuration is served.
 
 Layout: `DIR/<output fingerprint[:16]>/<shard key>-<time>-<random>.parquet`, written whole
-(temporary name, then rename), so a reader sees complete files only; lookups are DuckDB over
-the fingerprint's files, filtered to one shard's keys.
+(see nightshift.storage), so a reader sees complete files only; lookups are DuckDB over the
+fingerprint's files, filtered to one shard's keys. DIR may be a local directory or an
+object-store URL (`s3://bucket/nightshift-cache`).
 """
 
 from __future__ import annotations
@@ -18,14 +19,12 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from pathlib import Path
 
-import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nightshift.openai_format import batch_request_id
-from nightshift.rundir import written_whole
+from nightshift.storage import duckdb_connection, location, sql_path, written_whole
 
 SCHEMA = pa.schema(
     [
@@ -42,7 +41,7 @@ SCHEMA = pa.schema(
 
 class ResultCache:
     def __init__(self, root: str, output_fingerprint: str) -> None:
-        self.directory = Path(root) / output_fingerprint[:16]
+        self.directory = location(root) / output_fingerprint[:16]
         self.fingerprint = output_fingerprint
         self.added: list[dict] = []
 
@@ -51,12 +50,12 @@ class ResultCache:
 
     def lookup(self, keys: list[str]) -> dict[str, dict]:
         """The stored responses of those `keys` that have one."""
-        files = sorted(self.directory.glob("*.parquet"))
+        files = sorted(self.directory.glob("*.parquet"), key=str)
         if not keys or not files:
             return {}
         wanted = pa.table({"key": keys})
-        paths = "[" + ", ".join("'" + str(f).replace("'", "''") + "'" for f in files) + "]"
-        with duckdb.connect() as con:
+        paths = "[" + ", ".join(f"'{sql_path(f)}'" for f in files) + "]"
+        with duckdb_connection() as con:
             con.register("wanted", wanted)
             found = con.sql(
                 f"SELECT c.* FROM read_parquet({paths}) c SEMI JOIN wanted USING (key) "

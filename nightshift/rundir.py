@@ -11,16 +11,18 @@ RUN_DIR/
   groups/<group>/<flow_run_id>.alive  its heartbeat, touched while it runs
   output.jsonl  errors.jsonl  results.parquet  run.json   merged outputs
   canary_results.parquet  validation.json               the canary stage's evidence and verdict
+
+RUN_DIR is a local directory or an object-store prefix (`s3://bucket/runs/tonight`): the same
+layout either way, reached through `nightshift.storage`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from nightshift.storage import is_url, location, written_whole
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,8 @@ class RunDir:
     root: Path
 
     def __init__(self, root) -> None:
-        object.__setattr__(self, "root", Path(root).resolve())
+        root = location(root)
+        object.__setattr__(self, "root", root if is_url(root) else root.resolve())
 
     @property
     def job(self) -> Path:
@@ -76,17 +79,9 @@ class RunDir:
         return self.root / "run.json"
 
 
-@contextmanager
-def written_whole(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path` to write; once written it replaces `path` in one
-    rename, so a reader sees the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    yield tmp
-    os.replace(tmp, path)
-
-
 def write_json_atomic(path: Path, data) -> None:
     with written_whole(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
+__all__ = ["RunDir", "write_json_atomic", "written_whole"]

@@ -11,12 +11,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
-from nightshift.chunks import shard_cache_key
+from nightshift.chunks import chunk_files, shard_cache_key
 from nightshift.config import JobSpec
 from nightshift.records import Plan
 from nightshift.rundir import RunDir
+from nightshift.storage import parquet_rows
 
 
 @dataclass
@@ -49,14 +48,13 @@ def run_status(run_dir: str | Path) -> RunStatus:
     for shard in plan.shards:
         output = rd.shard_output(shard_cache_key(shard, job))
         done = 0
-        if output.is_dir():
-            for chunk in output.glob("chunk-*.parquet"):
-                try:
-                    rows = pq.ParquetFile(chunk).metadata.num_rows
-                except Exception:  # damaged: the next run's checkpoint check regenerates it
-                    continue
-                done += rows
-                written.append((chunk.stat().st_mtime, rows))
+        for chunk in chunk_files(output):
+            try:
+                rows = parquet_rows(chunk)
+            except Exception:  # damaged: the next run's checkpoint check regenerates it
+                continue
+            done += rows
+            written.append((_written_at(chunk), rows))
         finished = (output / "result.json").exists()
         state = "done" if finished else "partial" if done else "pending"
         shard_states.append(ShardStatus(shard.index, shard.num_rows, done, state))
@@ -74,6 +72,12 @@ def run_status(run_dir: str | Path) -> RunStatus:
         merged=rd.summary.exists() and rd.summary.stat().st_mtime >= rd.plan_manifest.stat().st_mtime,
         shards=shard_states,
     )
+
+
+def _written_at(chunk: Path) -> float:
+    """When a chunk was written, from its name (`chunk-<time_ns>-…`): no stat call per file,
+    which on an object store would be a request each."""
+    return int(chunk.name.split("-")[1]) / 1e9
 
 
 def _recent_rate(written: list[tuple[float, int]]) -> float | None:

@@ -21,12 +21,12 @@ import json
 import random
 import time
 
-import duckdb
 from prefect import task
 
 from nightshift.canaries import CANARY_PREFIX, CanaryFailure, check_expectations, load_canaries
 from nightshift.config import CanaryConfig, JobSpec
 from nightshift.rundir import RunDir, write_json_atomic
+from nightshift.storage import duckdb_connection, sql_path
 
 
 def validate(run_dir: RunDir, job: JobSpec, config: CanaryConfig) -> dict:
@@ -36,8 +36,10 @@ def validate(run_dir: RunDir, job: JobSpec, config: CanaryConfig) -> dict:
 
     if config.canaries:
         expected = {row.custom_id: expect for row, expect in load_canaries(config.canaries)}
-        with duckdb.connect() as con:
-            got = dict(con.sql(f"SELECT custom_id, text FROM read_parquet('{run_dir.canary_results}')").fetchall())
+        with duckdb_connection() as con:
+            got = dict(
+                con.sql(f"SELECT custom_id, text FROM read_parquet('{sql_path(run_dir.canary_results)}')").fetchall()
+            )
         results = []
         for custom_id, expect in expected.items():
             problems = check_expectations(got.get(custom_id), expect)
@@ -119,12 +121,12 @@ def _greedy_chat_rows(run_dir: RunDir, count: int) -> list[dict]:
         return []
     from nightshift.records import Plan
 
-    shards = ", ".join(f"'{s.path}'" for s in Plan.load(run_dir.plan_manifest).shards)
-    with duckdb.connect() as con:
+    shards = ", ".join(f"'{sql_path(s.path)}'" for s in Plan.load(run_dir.plan_manifest).shards)
+    with duckdb_connection() as con:
         rows = con.sql(
             f"""
             SELECT r.custom_id, r.text, s.request
-            FROM read_parquet('{run_dir.results}') r
+            FROM read_parquet('{sql_path(run_dir.results)}') r
             JOIN read_parquet([{shards}]) s USING (custom_id)
             WHERE r.finish_reason IS NOT NULL AND s.request IS NOT NULL
             ORDER BY s.row_index

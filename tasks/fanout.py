@@ -20,8 +20,9 @@ What the dispatcher guarantees:
   groups is dispatched a second time. The first run to finish wins; the other is cancelled and
   whatever it wrote is superseded (merge keeps one outcome per row).
 
-The run directory must be shared between the parent and the workers (one machine, NFS, a
-Kubernetes volume): chunks, heartbeats and group manifests live there.
+Chunks, heartbeats and group manifests live in the run directory. With an object-store run
+directory (`s3://bucket/runs/x`) the bucket and the Prefect API are all the parent and the
+workers share; a local path works when every machine mounts it.
 """
 
 from __future__ import annotations
@@ -72,21 +73,34 @@ def group_key(shards: list[Shard], job: JobSpec) -> str:
 
 @task(name="dispatch-shard-groups")
 def dispatch_shard_groups(
-    shards: list[Shard], job: JobSpec, run_dir: str, checkpoint_storage: str, fan_out: FanOut
+    shards: list[Shard],
+    job: JobSpec,
+    run_dir: str,
+    checkpoint_storage: str,
+    fan_out: FanOut,
+    storage: str | None = None,
 ) -> tuple[list[ShardResult], int]:
     """Generate `shards` on the work pool behind `fan_out.deployment`; returns the shards'
-    results in order and how many came back from the cache."""
+    results in order and how many came back from the cache. `storage` (an ObjectStorage
+    block's name, never its secrets) is handed on for the workers to load."""
     with get_client(sync_client=True) as client:
-        return _Dispatcher(shards, job, run_dir, checkpoint_storage, fan_out, client).run()
+        return _Dispatcher(shards, job, run_dir, checkpoint_storage, fan_out, client, storage).run()
 
 
 class _Dispatcher:
     def __init__(
-        self, shards: list[Shard], job: JobSpec, run_dir: str, checkpoint_storage: str, fan_out: FanOut, client
+        self,
+        shards: list[Shard],
+        job: JobSpec,
+        run_dir: str,
+        checkpoint_storage: str,
+        fan_out: FanOut,
+        client,
+        storage: str | None = None,
     ) -> None:
         size = max(1, fan_out.shards_per_group)
         self.shards, self.job, self.run_dir, self.fan_out, self.client = shards, job, run_dir, fan_out, client
-        self.checkpoint_storage = checkpoint_storage
+        self.checkpoint_storage, self.storage = checkpoint_storage, storage
         self.groups = [
             _Group(group_key(shards[i : i + size], job), shards[i : i + size]) for i in range(0, len(shards), size)
         ]
@@ -125,6 +139,7 @@ class _Dispatcher:
                     "run_dir": self.run_dir,
                     "checkpoint_storage": self.checkpoint_storage,
                     "group": group.key,
+                    "storage": self.storage,
                 },
                 timeout=0,
                 idempotency_key=f"{self.parent}:{group.key}:{group.attempts}",
@@ -210,7 +225,10 @@ class _Dispatcher:
 
 def _heartbeat_lost(run_dir: str, group: str, run_id: str, running_s: float, timeout_s: float) -> bool:
     beat = RunDir(run_dir).group(group) / f"{run_id}.alive"
-    last = beat.stat().st_mtime if beat.exists() else None
+    try:
+        last = json.loads(beat.read_text())["heartbeat"]
+    except (OSError, ValueError, KeyError):
+        last = None
     if last is None:
         return running_s > timeout_s  # started (by the server's word) but never beat
     return time.time() - last > timeout_s
@@ -231,17 +249,21 @@ def _parent_flow_run_id() -> str:
 
 @contextmanager
 def heartbeat(run_dir: str, group: str):
-    """Touch `groups/<group>/<flow run id>.alive` every few seconds while the body runs."""
+    """Rewrite `groups/<group>/<flow run id>.alive` every few seconds while the body runs: its
+    content carries the time (an object store has no mtime to touch)."""
     from prefect.runtime import flow_run
 
     path = RunDir(run_dir).group(group) / f"{flow_run.id}.alive"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, worker_identity())
+    identity = worker_identity()
+    write_json_atomic(path, {**identity, "heartbeat": time.time()})
     stop = threading.Event()
 
     def beat() -> None:
         while not stop.wait(HEARTBEAT_INTERVAL_S):
-            os.utime(path)
+            try:
+                write_json_atomic(path, {**identity, "heartbeat": time.time()})
+            except OSError:  # a missed beat is not fatal; HEARTBEAT_TIMEOUT spans several
+                continue
 
     thread = threading.Thread(target=beat, name="nightshift-heartbeat", daemon=True)
     thread.start()

@@ -23,8 +23,6 @@ import os
 import time
 from pathlib import Path
 
-import duckdb
-import pyarrow.parquet as pq
 from prefect import task
 from prefect.context import TaskRunContext
 
@@ -45,6 +43,7 @@ from nightshift.preemption import Preempted, generation_in_progress, grace_secon
 from nightshift.records import Shard, ShardResult
 from nightshift.result_cache import ResultCache, cached_output_line
 from nightshift.rundir import RunDir, write_json_atomic
+from nightshift.storage import duckdb_connection, read_table
 from nightshift.telemetry import GpuSampler
 
 
@@ -81,7 +80,8 @@ def generate_here(
     """Submit one cached generate task per shard in the current flow; returns the results in
     shard order and how many came back from the cache untouched.
 
-    A cache hit whose files were deleted or changed is regenerated, not trusted.
+    The task cache lives in the saved filesystem block `checkpoint_storage`. A cache hit whose
+    files were deleted or changed is regenerated, not trusted.
     """
     task_ = generate_shard.with_options(result_storage=checkpoint_storage)
     futures = [task_.submit(shard, job, run_dir) for shard in shards]
@@ -106,9 +106,8 @@ def generate(shard: Shard, job: JobSpec, run_dir: RunDir, only_rows: set[int] | 
 def _generate(shard: Shard, job: JobSpec, run_dir: RunDir, only_rows: set[int] | None) -> ShardResult:
     started = time.monotonic()
     key = shard_cache_key(shard, job)
-    output_dir = run_dir.shard_output(key)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    rows = pq.read_table(shard.path).to_pylist()
+    output_dir = run_dir.shard_output(key)  # written whole, file by file: no directory to make
+    rows = read_table(shard.path).to_pylist()
     if only_rows is None:
         done = rows_on_disk(output_dir)
         todo = [row for row in rows if row["row_index"] not in done]
@@ -228,7 +227,7 @@ def finished_result(shard: Shard, job: JobSpec, run_dir: RunDir) -> ShardResult:
 
 def _shard_result(shard: Shard, key: str, output_dir: Path, generated: int, seconds: float) -> ShardResult:
     files = chunk_files(output_dir)
-    with duckdb.connect() as con:
+    with duckdb_connection() as con:
         rows, distinct, succeeded, prompt_tokens, completion_tokens = con.sql(
             f"""
             SELECT count(*), count(DISTINCT row_index), count(*) FILTER (WHERE ok),
@@ -264,7 +263,7 @@ def write_shard_metrics(
     max_model_len: int | None = None,
 ) -> None:
     """metrics.json beside the shard's chunks: what this attempt did, what it cost, and the GPU."""
-    with duckdb.connect() as con:
+    with duckdb_connection() as con:
         finish = dict(
             con.sql(
                 f"SELECT coalesce(finish_reason, 'error'), count(*) FROM "

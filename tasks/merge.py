@@ -7,8 +7,8 @@ Plain SQL over the chunk Parquet files (DuckDB streams them; nothing is held who
 * ``results.parquet`` — custom_id, text, finish_reason, prompt_tokens, completion_tokens, shard
 
 Each row's best outcome is taken (see nightshift/chunks.py); before writing, merge proves
-that every planned row has one. Outputs are written to temporary names and renamed, so a
-reader never sees a half-merged run.
+that every planned row has one. Each output is written whole (a local temporary, then one
+rename or one upload to the bucket), so a reader never sees a half-merged run.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from prefect import task
 from nightshift.canaries import CANARY_PREFIX
 from nightshift.chunks import best_rows_sql, chunk_files
 from nightshift.records import Plan, RunReport, ShardResult
-from nightshift.rundir import RunDir, written_whole
+from nightshift.rundir import RunDir
+from nightshift.storage import duckdb_connection, sql_path, written_whole
 
 
 class IncompleteRun(RuntimeError):
@@ -30,8 +31,8 @@ class IncompleteRun(RuntimeError):
 
 def merge(plan: Plan, results: list[ShardResult], run_dir: RunDir) -> RunReport:
     # Every chunk in the shards' directories: `nightshift retry` may have added some since.
-    files = [f for result in results for f in chunk_files(Path(result.output_dir))]
-    with duckdb.connect() as con:
+    files = [f for result in results for f in chunk_files(result.output_dir)]
+    with duckdb_connection() as con:
         return _merge(con, plan, files, run_dir)
 
 
@@ -98,8 +99,4 @@ def _write_lines(con: duckdb.DuckDBPyConnection, query: str, path: Path) -> None
 
 def _copy_parquet(con: duckdb.DuckDBPyConnection, query: str, path: Path) -> None:
     with written_whole(path) as tmp:
-        con.execute(f"COPY ({query}) TO '{_sql_path(tmp)}' (FORMAT parquet)")
-
-
-def _sql_path(path: Path) -> str:
-    return str(path).replace("'", "''")
+        con.execute(f"COPY ({query}) TO '{sql_path(tmp)}' (FORMAT parquet)")

@@ -12,7 +12,6 @@ import json
 import re
 from pathlib import Path
 
-import duckdb
 from nightshift.blocks.pricing import GpuPricing, ManagedApiPrices
 from prefect import task
 
@@ -20,6 +19,7 @@ from nightshift.chunks import shard_cache_key, sql_path_list
 from nightshift.config import JobSpec
 from nightshift.records import Plan
 from nightshift.rundir import RunDir, write_json_atomic
+from nightshift.storage import duckdb_connection, location, sql_path, written_whole
 
 
 def build_report(
@@ -33,9 +33,9 @@ def build_report(
     metric_files = [
         p for s in plan.shards if (p := run_dir.shard_output(shard_cache_key(s, job)) / "metrics.json").exists()
     ]
-    con = duckdb.connect()
+    con = duckdb_connection()
     if run_dir.results.exists() and run_dir.results.stat().st_mtime >= run_dir.plan_manifest.stat().st_mtime:
-        con.execute(f"CREATE VIEW results AS SELECT * FROM read_parquet('{str(run_dir.results)}')")
+        con.execute(f"CREATE VIEW results AS SELECT * FROM read_parquet('{sql_path(run_dir.results)}')")
     else:  # still running (or killed): what the chunk files hold so far
         from nightshift.chunks import best_rows_sql, chunk_files
 
@@ -271,7 +271,7 @@ def render_chart(run_dir: RunDir, path: Path) -> Path | None:
     chunks = list(run_dir.root.glob("shards/*/chunk-*.parquet"))
     if not chunks:
         return None
-    with duckdb.connect() as con:
+    with duckdb_connection() as con:
         con.execute(
             f"""CREATE VIEW landed AS
                 SELECT regexp_extract(filename, 'chunk-(\\d+)-', 1)::HUGEINT / 1e9 AS t,
@@ -301,7 +301,8 @@ def render_chart(run_dir: RunDir, path: Path) -> Path | None:
     else:
         ax.set_title("no GPU telemetry on this host", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    with written_whole(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
     return path
 
@@ -310,16 +311,17 @@ def write_report(run_dir: RunDir, pricing: GpuPricing | None = None, managed: Ma
     report = build_report(run_dir, pricing, managed)
     chart = render_chart(run_dir, run_dir.root / "report.png")
     write_json_atomic(run_dir.root / "report.json", report)
-    (run_dir.root / "report.md").write_text(render_markdown(report, chart.name if chart else None))
+    with written_whole(run_dir.root / "report.md") as tmp:
+        tmp.write_text(render_markdown(report, chart.name if chart else None))
     return report
 
 
 def trend(root: Path) -> list[dict]:
     """One row per run under `root` that has a report, oldest first: the nightly trend."""
-    reports = sorted(Path(root).glob("*/report.json"), key=lambda p: p.stat().st_mtime)
+    reports = sorted(location(root).glob("*/report.json"), key=lambda p: p.stat().st_mtime)
     if not reports:
         return []
-    with duckdb.connect() as con:
+    with duckdb_connection() as con:
         rel = con.sql(
             f"""
             SELECT run_dir, rows, failed, total_tokens, tokens_per_second, output_tokens_per_second,

@@ -45,6 +45,37 @@ def prefect_server():
 
 
 @pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3-compatible server (moto's), on a free port, for the whole session."""
+    import socket
+    import subprocess
+    import time
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [str(REPO / ".venv-s3" / "bin" / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                httpx.get(endpoint, timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        yield endpoint
+    finally:
+        server.kill()
+        server.wait()
+
+
+@pytest.fixture(scope="session")
 def tiny_job():
     """A job on the tiny random Llama: small chunks so shards have several."""
     from nightshift.jobs import make_job

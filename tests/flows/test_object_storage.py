@@ -3,38 +3,9 @@
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import time
 import uuid
 
-import httpx
-import pytest
-from conftest import REPO, chat_request, read_jsonl, write_jsonl
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen(
-        [str(REPO / ".venv-s3" / "bin" / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                httpx.get(endpoint, timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        yield endpoint
-    finally:
-        server.kill()
-        server.wait()
+from conftest import chat_request, read_jsonl, write_jsonl
 
 
 def test_an_s3_input_runs_with_the_blocks_credentials_which_leak_nowhere(

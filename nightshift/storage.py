@@ -1,0 +1,149 @@
+"""One storage layer for every stage: a run directory, a shard file, a chunk or a result cache
+is a local path or an object-store URL (`s3://bucket/prefix/run`), reached the same way.
+
+`location()` gives a pathlib object for either: `pathlib.Path` for a local path, a
+universal-pathlib `UPath` over fsspec for a URL; both have `/`, `open`, `exists`, `glob`,
+`read_text`, `stat`, `unlink`, so stages have one code path.
+
+Object stores have no rename. `written_whole()` always hands the writer a local temporary
+file; locally it replaces the target in one rename, remotely it is uploaded in one PUT (one
+multipart upload for large files), which an object store makes visible all at once. A reader
+sees the old object or the new one, never part of one, and a writer killed half-way leaves
+nothing behind that a later run could trust.
+
+Credentials: the environment or the machine's role (s3fs's own chain: `AWS_ACCESS_KEY_ID`,
+`AWS_ENDPOINT_URL`, instance profile), or an ObjectStorage block the flow loads by name and
+hands to `use_storage_options()`. They stay in this process's memory: never in a parameter, a
+run file or a log line. Transient faults (throttling, 5xx, dropped connections) are retried by
+botocore with adaptive backoff; a failure that outlasts them names the object.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import fsspec
+
+# botocore's retry loop, for throttling, 5xx and connection errors on every request.
+# A dead endpoint fails in about a minute, not after ten full connect timeouts.
+_S3_RETRIES = {"config_kwargs": {"retries": {"max_attempts": 10, "mode": "adaptive"}, "connect_timeout": 5}}
+_options: dict[str, dict] = {}  # protocol → storage options of this process (credentials)
+
+
+class StorageError(OSError):
+    """A read or write that failed after its retries; the message names the object."""
+
+
+def is_url(path) -> bool:
+    text = str(path)
+    return "://" in text and not text.startswith("file://")
+
+
+def protocol_of(path) -> str:
+    return str(path).split("://", 1)[0] if is_url(path) else "file"
+
+
+def use_storage_options(options: dict, protocol: str = "s3") -> None:
+    """Credentials and endpoint for every `protocol://` location this process opens."""
+    _options[protocol] = dict(options)
+
+
+def storage_options(path) -> dict:
+    protocol = protocol_of(path)
+    options = dict(_options.get(protocol, {}))
+    if protocol in ("s3", "s3a"):
+        options.setdefault("config_kwargs", _S3_RETRIES["config_kwargs"])
+        # Other machines write the same prefixes: a cached listing would hide their objects.
+        options.setdefault("use_listings_cache", False)
+    return options
+
+
+def location(path) -> Path:
+    """A pathlib object for a local path or an object-store URL (typed as Path: same API)."""
+    if not is_url(path):
+        return Path(str(path)).expanduser()
+    from upath import UPath
+
+    if isinstance(path, UPath):
+        return path
+    return UPath(str(path), **storage_options(path))
+
+
+def filesystem(path) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem holding `path`, and the path as that filesystem names it."""
+    return fsspec.core.url_to_fs(str(path), **storage_options(path))
+
+
+@contextmanager
+def written_whole(path) -> Iterator[Path]:
+    """Yield a local temporary file to write; once the body returns it becomes `path` whole.
+    If the body raises, `path` is left as it was."""
+    target = location(path)
+    if not is_url(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+        try:
+            yield tmp
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return
+    scratch = tempfile.mkdtemp(prefix="nightshift-upload-")
+    try:
+        tmp = Path(scratch) / target.name
+        yield tmp
+        fs, fs_path = filesystem(target)
+        try:
+            fs.put_file(str(tmp), fs_path)
+        except Exception as exc:
+            raise StorageError(f"could not write {target}: {exc}") from exc
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def read_table(paths, columns: list[str] | None = None):
+    """A pyarrow Table from one Parquet file or several (all on one filesystem)."""
+    import pyarrow.parquet as pq
+
+    many = isinstance(paths, (list, tuple))
+    paths = list(paths) if many else [paths]
+    fs, _ = filesystem(paths[0])
+    names = [filesystem(p)[1] for p in paths]
+    try:
+        return pq.read_table(names if many else names[0], filesystem=fs, columns=columns)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise StorageError(f"could not read {paths[0] if not many else f'{len(paths)} files'}: {exc}") from exc
+
+
+def parquet_rows(path) -> int:
+    """Rows of a Parquet file, read from its footer alone."""
+    import pyarrow.parquet as pq
+
+    with location(path).open("rb") as handle:
+        return pq.ParquetFile(handle).metadata.num_rows
+
+
+def duckdb_connection():
+    """A DuckDB connection that reads and writes object-store URLs through fsspec (no DuckDB
+    extension download: only package registries may be reachable)."""
+    import duckdb
+
+    con = duckdb.connect()
+    for protocol in {"s3", *_options}:
+        try:
+            con.register_filesystem(fsspec.filesystem(protocol, **storage_options(f"{protocol}://")))
+        except (ImportError, ValueError):  # s3fs not installed, or an unknown protocol
+            continue
+    return con
+
+
+def sql_path(path) -> str:
+    """A path as a DuckDB string literal's content."""
+    return str(path).replace("'", "''")
