@@ -61,14 +61,20 @@ class FaultyS3Proxy:
                 for key, value in upstream.headers.items():
                     if key.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding"):
                         self.send_header(key, value)
-                self.send_header("Content-Length", str(len(upstream.content)))
+                # A HEAD's length is the object's, not that of the (empty) body.
+                length = upstream.headers.get("content-length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(upstream.content)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(upstream.content)
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request, client_address) -> None:  # a dropped connection is the point
+                pass
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)

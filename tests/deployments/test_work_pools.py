@@ -3,7 +3,9 @@
 worker killed mid-run.
 
 Shards fan out to both GPU workers; the killed worker's group is re-dispatched to the other;
-the merged output holds every row exactly once; the run is driven only by block names.
+the merged output holds every row exactly once; the run is driven only by block names. The
+lost-worker run keeps its input and its run directory on an S3 server (moto's), reached through
+an ObjectStorage block: the bucket and the Prefect API are all its processes share.
 """
 
 from __future__ import annotations
@@ -162,7 +164,7 @@ def gpu_workers(deployed):
     }
 
 
-def nightly_parameters(requests: Path, run_dir: Path, **fan_out) -> dict:
+def nightly_parameters(requests, run_dir, **fan_out) -> dict:
     return {
         "input_path": str(requests),
         "run_dir": str(run_dir),
@@ -205,7 +207,7 @@ def requests_file(path: Path, rows: int) -> Path:
     return write_jsonl(path, [chat_request(f"req-{i:02d}", f"Tell me about topic {i}.") for i in range(rows)])
 
 
-def assert_every_row_once(run_dir: Path, rows: int) -> None:
+def assert_every_row_once(run_dir, rows: int) -> None:
     lines = read_jsonl(run_dir / "output.jsonl")
     assert sorted(line["custom_id"] for line in lines) == [f"req-{i:02d}" for i in range(rows)]
     assert (run_dir / "errors.jsonl").read_text() == ""
@@ -237,11 +239,34 @@ def test_a_straggling_group_is_reissued_and_the_first_finisher_wins(deployed, gp
 
 
 @pytest.fixture(scope="module")
-def lost_worker_run(deployed, gpu_workers, tmp_path_factory):
-    """A nightly run during which one GPU worker — and the flow run and engine it ran — is SIGKILLed."""
+def bucket(deployed, s3_endpoint):
+    """A bucket on the S3 server and an ObjectStorage block, `lake-test`, holding its credentials."""
+    import uuid
+
+    from upath import UPath
+
+    secret = f"s3cr3t-{uuid.uuid4().hex}"
+    options = {"key": "nightshift-test", "secret": secret, "client_kwargs": {"endpoint_url": s3_endpoint}}
+    deployed.python(
+        "from nightshift.blocks import ObjectStorage\n"
+        f"ObjectStorage(endpoint_url={s3_endpoint!r}, access_key_id='nightshift-test',\n"
+        f"              secret_access_key={secret!r}).save('lake-test')\n"
+    )
+    root = UPath("s3://nightly-fleet", use_listings_cache=False, **options)
+    root.fs.mkdir("nightly-fleet")
+    return root, secret
+
+
+@pytest.fixture(scope="module")
+def lost_worker_run(deployed, gpu_workers, bucket, tmp_path_factory):
+    """A nightly run, input and run directory on the bucket, during which one GPU worker — and the
+    flow run and engine it ran — is SIGKILLed."""
+    root, _ = bucket
     tmp = tmp_path_factory.mktemp("lost-worker")
-    run_dir = tmp / "nightly"
-    run = start_nightly(deployed, nightly_parameters(requests_file(tmp / "in.jsonl", ROWS), run_dir))  # 8 shards
+    (root / "in.jsonl").write_bytes(requests_file(tmp / "in.jsonl", ROWS).read_bytes())
+    run_dir = root / "runs" / "nightly"
+    parameters = {**nightly_parameters(root / "in.jsonl", run_dir), "storage": "lake-test"}
+    run = start_nightly(deployed, parameters)  # 8 shards
 
     # Let a GPU worker finish a group and start its next, then pull the plug on it.
     groups = run_dir / "groups"
@@ -258,6 +283,14 @@ def lost_worker_run(deployed, gpu_workers, tmp_path_factory):
     output, _ = run.communicate(timeout=900)
     assert run.returncode == 0, output[-4000:]
     return run_dir
+
+
+def test_the_bucket_is_all_the_lost_worker_run_shared(bucket, lost_worker_run):
+    root, secret = bucket
+    names = {p.name for p in lost_worker_run.iterdir()}
+    assert {"plan", "shards", "checkpoints", "groups", "output.jsonl", "report.json", "validation.json"} <= names
+    for path in root.rglob("*"):
+        assert not path.is_file() or secret.encode() not in path.read_bytes(), path
 
 
 def test_shards_run_on_both_gpu_workers_and_the_merged_output_is_complete(lost_worker_run):
