@@ -31,8 +31,10 @@ def chat_request(custom_id: str, content: str, **body) -> dict:
     return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+def read_jsonl(path) -> list[dict]:
+    """Lines of a local path, or of a universal-pathlib path on a bucket."""
+    path = path if hasattr(path, "read_text") else Path(path)
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.fixture(scope="session")
