@@ -1,6 +1,7 @@
-"""Peak memory of planning and merging a 100,000-row Parquet corpus.
+"""Peak memory of planning and merging a 100,000-row Parquet corpus, on local disk or a bucket.
 
     .venv/bin/python bench/bench_plan_merge_memory.py [--rows 100000]
+    .venv/bin/python bench/bench_plan_merge_memory.py --bucket    # corpus and run directory on moto's S3
 
 Plan and merge each run in a fresh process and report that process's peak RSS; between
 them the real generate stage runs the tiny model with max_tokens=1 (its own process, the
@@ -42,7 +43,7 @@ if __name__ == "__main__":
     job = make_job("tiny", max_num_seqs=128)
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda s: generate(s, job, run_dir), Plan.load(run_dir.plan_manifest).shards))
-    import pickle; pickle.dump(results, open(run_dir.root / "results.pkl", "wb"))
+    import pickle; pickle.dump(results, open(sys.argv[2], "wb"))
     shutdown_engine()
 """
 
@@ -52,7 +53,7 @@ from nightshift.records import Plan
 from nightshift.rundir import RunDir
 from nightshift.tasks.merge import merge
 run_dir = RunDir(sys.argv[1])
-report = merge(Plan.load(run_dir.plan_manifest), pickle.load(open(run_dir.root / "results.pkl", "rb")), run_dir)
+report = merge(Plan.load(run_dir.plan_manifest), pickle.load(open(sys.argv[2], "rb")), run_dir)
 print(report.succeeded + report.failed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
@@ -67,7 +68,9 @@ def python(code: str, *args: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--bucket", action="store_true", help="corpus and run directory on an S3 server (moto)")
     args = parser.parse_args()
+    server = _start_s3() if args.bucket else None
 
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -84,22 +87,61 @@ def main() -> None:
         del ids, texts
         corpus_mib = corpus.stat().st_size / 2**20
         run_dir = Path(tmp) / "run"
+        if server:
+            import s3fs
+
+            fs = s3fs.S3FileSystem()
+            fs.mkdir("bench")
+            fs.put_file(str(corpus), "bench/corpus.parquet")
+            corpus, run_dir = "s3://bench/corpus.parquet", "s3://bench/run"
+        results = str(Path(tmp) / "results.pkl")
 
         start = time.perf_counter()
         rows, plan_kib = python(PLAN, str(corpus), str(run_dir)).split()
         plan_s = time.perf_counter() - start
         start = time.perf_counter()
-        python(GENERATE, str(run_dir))
+        python(GENERATE, str(run_dir), results)
         generate_s = time.perf_counter() - start
         start = time.perf_counter()
-        merged, merge_kib = python(MERGE, str(run_dir)).split()
+        merged, merge_kib = python(MERGE, str(run_dir), results).split()
         merge_s = time.perf_counter() - start
+    if server:
+        server.kill()
 
-    print(f"corpus: {args.rows} rows, {corpus_mib:.1f} MiB of Parquet")
+    print(f"corpus: {args.rows} rows, {corpus_mib:.1f} MiB of Parquet, {'on S3 (moto)' if server else 'local'}")
     print(f"plan:     {rows} rows in {plan_s:.1f} s, peak RSS {int(plan_kib) / 1024:.0f} MiB")
     print(f"generate: {generate_s:.1f} s (tiny model, max_tokens=1, engine start included)")
     print(f"merge:    {merged} rows in {merge_s:.1f} s, peak RSS {int(merge_kib) / 1024:.0f} MiB")
     print(f"plan and merge under 1 GiB: {max(int(plan_kib), int(merge_kib)) < 1024 * 1024}")
+
+
+def _start_s3() -> subprocess.Popen:
+    import socket
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [str(REPO / ".venv-s3" / "bin" / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            httpx.get(endpoint, timeout=1)
+            break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    return server
 
 
 if __name__ == "__main__":

@@ -264,7 +264,10 @@ def choose_enforce_eager(config: EngineConfig, rows: int | None) -> EngineConfig
 def engine_arguments(config: EngineConfig) -> dict:
     """`LLM(...)` keyword arguments: the config's settings, vLLM's defaults for what it leaves
     open, and on CPU an explicit KV-cache size."""
+    from nightshift.models import local_model
+
     arguments = config.model_dump(exclude_none=True)
+    arguments["model"] = local_model(config.model)  # an s3:// model: this machine's fetched copy
     arguments.setdefault("enforce_eager", True)  # a config that nobody sized for its job: start fast
     arguments.setdefault("max_model_len", -1)  # the model's own context, lowered only if memory requires
     from vllm.platforms import current_platform
@@ -334,8 +337,10 @@ def _model_json(config: EngineConfig) -> dict | None:
     import json
     from pathlib import Path
 
+    from nightshift.models import local_model
+
     try:
-        model = json.loads((Path(config.model) / "config.json").read_text())
+        model = json.loads((Path(local_model(config.model)) / "config.json").read_text())
     except (OSError, ValueError):
         return None
     return model.get("text_config", model)

@@ -9,19 +9,21 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from nightshift.config import ConfigurationError, EngineConfig, EngineSettings, JobOptions, JobSpec
-from nightshift.models import DEFAULT_MODEL, KNOWN_MODELS, resolve_model
-
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+from nightshift.models import DEFAULT_MODEL, KNOWN_MODELS, WEIGHT_SUFFIXES, remote_model_identity, resolve_model
+from nightshift.storage import is_url
 
 
 def model_identity(model_path: str) -> str:
-    """Path, size and mtime of every weight file: cheap, and changes when the weights do."""
+    """Path, size and mtime of every weight file: cheap, and changes when the weights do. For an
+    object-store URL: key, size and ETag of each (the same on every worker)."""
+    if is_url(model_path):
+        return remote_model_identity(model_path)
     path = Path(model_path)
     if not path.is_dir():
         return f"name:{model_path}"  # a hub-style name: the engine resolves it
     parts = []
     for weight in sorted(path.rglob("*")):
-        if weight.suffix in _WEIGHT_SUFFIXES or weight.name == "config.json":
+        if weight.suffix in WEIGHT_SUFFIXES or weight.name == "config.json":
             stat = weight.stat()
             parts.append(f"{weight.relative_to(path)}:{stat.st_size}:{int(stat.st_mtime)}")
     return hashlib.sha256(f"{path.resolve()}|{'|'.join(parts)}".encode()).hexdigest()
@@ -70,8 +72,10 @@ def check_job(job: JobSpec) -> JobSpec:
     row is planned or any weight loaded (about a second); raise ConfigurationError in one line."""
     from vllm.engine.arg_utils import EngineArgs
 
+    from nightshift.models import local_model
+
     engine = job.engine
-    model = engine.model
+    model = local_model(engine.model, job.model_identity)
     if (model.startswith((".", "/", "~")) or os.sep in model) and not Path(model).expanduser().is_dir():
         raise ConfigurationError(f"model directory {model!r} does not exist")
     try:

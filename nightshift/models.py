@@ -48,6 +48,86 @@ def resolve_model(name_or_path: str) -> str:
     return name_or_path
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+_IDENTITY_FILE = ".nightshift-identity"
+
+
+def remote_model_identity(url: str) -> str:
+    """The identity of a model directory on an object store: its URL and every weight file's
+    key, size and ETag. The same on every worker: no local path or mtime enters it."""
+    import hashlib
+
+    from nightshift.storage import filesystem
+
+    fs, root = filesystem(url)
+    parts = []
+    for key, info in sorted(fs.find(root, detail=True).items()):
+        relative = key[len(root) :].lstrip("/")
+        if relative.endswith(WEIGHT_SUFFIXES) or relative.rsplit("/", 1)[-1] == "config.json":
+            parts.append(f"{relative}:{info.get('size')}:{str(info.get('ETag', '')).strip(chr(34))}")
+    if not parts:
+        from nightshift.config import ConfigurationError
+
+        raise ConfigurationError(f"model {url}: no config.json or weight files there")
+    return hashlib.sha256(f"{url.rstrip('/')}|{'|'.join(parts)}".encode()).hexdigest()
+
+
+def local_model(model: str, identity: str | None = None) -> str:
+    """A directory the engine can load `model` from. An object-store URL (`s3://…/model-dir`) is
+    fetched once per machine into the cache (`<cache>/models/remote/<hash of the URL>`) and
+    reused by later runs; with `identity` (the job's), the local copy must be of those weights:
+    a stale copy is fetched again, and weights changed on the bucket since the job was made are
+    refused rather than silently used. Anything else is returned as it is."""
+    from nightshift.storage import is_url
+
+    if not is_url(model):
+        return model
+    import hashlib
+
+    target = cache_dir() / "models" / "remote" / hashlib.sha256(model.rstrip("/").encode()).hexdigest()[:16]
+    marker = target / _IDENTITY_FILE
+    if marker.exists() and (identity is None or marker.read_text() == identity):
+        return str(target)
+    current = remote_model_identity(model)
+    if identity is not None and current != identity:
+        from nightshift.config import ConfigurationError
+
+        raise ConfigurationError(
+            f"model {model} changed on the object store since this job was made; "
+            "run the job again to use the new weights"
+        )
+    _fetch(model, target, current)
+    return str(target)
+
+
+def _fetch(url: str, target: Path, identity: str) -> None:
+    from nightshift.storage import filesystem
+
+    fs, root = filesystem(url)
+    staging = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    expected = {}
+    for key, info in fs.find(root, detail=True).items():
+        relative = key[len(root) :].lstrip("/")
+        destination = staging / relative
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(key, str(destination))
+        expected[relative] = info.get("size")
+    for relative, size in expected.items():  # a truncated download never looks provisioned
+        if size is not None and (staging / relative).stat().st_size != size:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise OSError(
+                f"fetching {url}: {relative} arrived with {(staging / relative).stat().st_size} of {size} bytes"
+            )
+    (staging / _IDENTITY_FILE).write_text(identity)
+    shutil.rmtree(target, ignore_errors=True)
+    try:
+        staging.rename(target)
+    except OSError:  # another process on this machine fetched it first
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def provision(names: tuple[str, ...] = KNOWN_MODELS) -> dict[str, Path]:
     builders = {TINY: _build_tiny_llama, SMOLLM2: _convert_smollm2, MINILM: _copy_minilm}
     done = {}

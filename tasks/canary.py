@@ -25,6 +25,7 @@ from prefect import task
 
 from nightshift.canaries import CANARY_PREFIX, CanaryFailure, check_expectations, load_canaries
 from nightshift.config import CanaryConfig, JobSpec
+from nightshift.models import local_model
 from nightshift.rundir import RunDir, write_json_atomic
 from nightshift.storage import duckdb_connection, sql_path
 
@@ -64,7 +65,9 @@ def validate(run_dir: RunDir, job: JobSpec, config: CanaryConfig) -> dict:
     samples = _greedy_chat_rows(run_dir, max(config.oracle_samples, config.determinism_samples))
     if config.oracle_samples and samples:
         oracle = _oracle_check(
-            samples[: config.oracle_samples], config.oracle_model or job.engine.model, config.oracle_tokens
+            samples[: config.oracle_samples],
+            local_model(config.oracle_model or job.engine.model),
+            config.oracle_tokens,
         )
         agreement = sum(o["agrees"] for o in oracle) / len(oracle)
         verdict["checks"]["oracle"] = {

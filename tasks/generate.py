@@ -38,6 +38,7 @@ from nightshift.chunks import (
 )
 from nightshift.config import ConfigurationError, JobSpec
 from nightshift.engine import EngineFailure, get_engine
+from nightshift.models import local_model
 from nightshift.openai_format import PreparedRequest, RequestRejected, duplicate_key, prepare_request
 from nightshift.preemption import Preempted, generation_in_progress, grace_seconds, stop_requested
 from nightshift.records import Shard, ShardResult
@@ -133,7 +134,9 @@ def _generate(shard: Shard, job: JobSpec, run_dir: RunDir, only_rows: set[int] |
                 },
             )
         else:
-            engine = engine or get_engine(job.engine)  # only when some row needs it
+            if engine is None:  # only when some row needs it; an s3:// model must still be the job's
+                local_model(job.engine.model, job.model_identity)
+                engine = get_engine(job.engine)
             request = json.loads(row["request"])
             try:
                 ready = prepare_request(
