@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from nightshift import progress
 from nightshift.config import JobSpec
-from nightshift.openai_format import error_line, output_line
+from nightshift.openai_format import embedding_output_line, embedding_vectors, error_line, output_line
 from nightshift.records import Shard, ShardResult
 from nightshift.rundir import RunDir, write_json_atomic
 from nightshift.storage import duckdb_connection, location, read_table, written_whole
@@ -32,7 +32,7 @@ CHUNK_SCHEMA = pa.schema(
         ("shard", pa.int32()),
         ("custom_id", pa.string()),
         ("ok", pa.bool_()),
-        ("line", pa.string()),  # the output.jsonl or errors.jsonl line
+        ("line", pa.string()),  # the output.jsonl or errors.jsonl line (null: a corpus row's vector only)
         ("text", pa.string()),
         ("finish_reason", pa.string()),
         ("prompt_tokens", pa.int64()),
@@ -40,6 +40,7 @@ CHUNK_SCHEMA = pa.schema(
         ("error_code", pa.string()),
         # "engine"; "duplicate": an identical deterministic row's output; "cache": the result cache's
         ("source", pa.string()),
+        ("embedding", pa.list_(pa.float32())),  # an embedding row's (first) vector
     ]
 )
 
@@ -170,6 +171,32 @@ class ChunkWriter:
             source=source,
         )
 
+    def add_embedding(self, row: dict, request, outputs: list, model_name: str, source: str = "engine") -> dict:
+        """An embedding row: its vectors, in an OpenAI output line or (a corpus row) alone."""
+        vectors = embedding_vectors(outputs)
+        prompt_tokens = sum(len(o.prompt_token_ids or []) for o in outputs)
+        limit = (request.tokenization_kwargs or {}).get("max_length")
+        truncated = limit is not None and any(len(o.prompt_token_ids or []) >= limit for o in outputs)
+        line = (
+            None
+            if request.vector_only
+            else embedding_output_line(
+                row["custom_id"], vectors, prompt_tokens, request.encoding_format, model_name, self.cache_key
+            )
+        )
+        return self._add(
+            row,
+            line,
+            ok=True,
+            text=None,
+            finish_reason="length" if truncated else "stop",  # "length": cut to the model's limit
+            prompt_tokens=prompt_tokens,
+            completion_tokens=0,
+            error_code=None,
+            source=source,
+            embedding=vectors[0],
+        )
+
     def add_stored(self, row: dict, line: dict, stored: dict) -> None:
         """A row answered from the result cache."""
         self._add(
@@ -203,7 +230,8 @@ class ChunkWriter:
             "row_index": row["row_index"],
             "shard": self.shard_index,
             "custom_id": row["custom_id"],
-            "line": json.dumps(line, ensure_ascii=False),
+            "line": None if line is None else json.dumps(line, ensure_ascii=False),
+            "embedding": None,
             **fields,
         }
         self.buffer.append(record)

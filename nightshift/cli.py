@@ -92,7 +92,12 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     from nightshift.config import DEFAULT_SHARD_SIZE, CanaryConfig, CorpusOptions, EngineSettings, JobOptions
     from nightshift.models import DEFAULT_MODEL
 
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="tiny, smollm2, or a model directory")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help=f"tiny, smollm2, minilm, a model directory or an s3:// URL "
+        f"[default: {DEFAULT_MODEL}; minilm with --task embed]",
+    )
     parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="rows per shard (checkpoint unit)")
     _add_fields(parser.add_argument_group("job"), JobOptions)
     _add_fields(parser.add_argument_group("engine (vLLM)"), EngineSettings)
@@ -132,7 +137,7 @@ def _corpus_options(args):
     from nightshift.inputs import detect_kind
 
     given = _given(args, CorpusOptions)
-    explicit = "text_column" in given or "id_column" in given
+    explicit = bool({"text_column", "id_column", "task"} & set(given))
     if not explicit and detect_kind(args.input, None) != "corpus":
         return None
     return CorpusOptions(**given)
@@ -155,10 +160,12 @@ def _run(args) -> int:
     from nightshift.config import ConfigurationError, EngineSettings, JobOptions
     from nightshift.inputs import InputError
     from nightshift.jobs import make_job, validation_message
+    from nightshift.models import DEFAULT_MODEL
 
     try:
         corpus, validation = _corpus_options(args), _validation(args)
-        job = make_job(args.model, **_given(args, EngineSettings), **_given(args, JobOptions))
+        model = args.model or ("minilm" if corpus is not None and corpus.task == "embed" else DEFAULT_MODEL)
+        job = make_job(model, **_given(args, EngineSettings), **_given(args, JobOptions))
         report = _run_preemptible(
             args.output, lambda: run_job(args.input, args.output, job, args.shard_size, corpus, validation)
         )
@@ -233,6 +240,8 @@ def _print_report(report) -> None:
     if report.errors_by_code:
         print("errors by code: " + ", ".join(f"{c}={n}" for c, n in report.errors_by_code.items()))
     print(f"outputs: {report.output_path}\nerrors:  {report.errors_path}\nresults: {report.results_path}")
+    if report.embeddings_path:
+        print(f"vectors: {report.embeddings_path}")
 
 
 def _report(args) -> int:

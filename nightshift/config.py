@@ -22,7 +22,7 @@ from nightshift.rundir import write_json_atomic
 
 # Bump when the bytes a shard's generation writes change shape: old checkpoints
 # then stop matching instead of being read with the wrong layout.
-OUTPUT_FORMAT_VERSION = 2
+OUTPUT_FORMAT_VERSION = 3
 
 DEFAULT_SHARD_SIZE = 10_000  # rows per shard: the unit of checkpoints, retries and fan-out
 
@@ -61,7 +61,10 @@ class EngineSettings(_Config):
         None,
         description="no compilation / CUDA graphs: fastest start, slower decode (default: decided from the job's size)",
     )
-    enable_prefix_caching: bool = Field(True, description="reuse KV cache across rows sharing a prompt prefix")
+    enable_prefix_caching: bool | None = Field(
+        None,
+        description="reuse KV cache across rows sharing a prompt prefix (default: vLLM's: on for generative models)",
+    )
     tensor_parallel_size: int = Field(1, gt=0, description="accelerators one engine spans")
     quantization: str | None = Field(None, description="vLLM quantization method (awq, gptq, fp8, ...)")
     kv_cache_dtype: str = Field("auto", description="KV-cache dtype (auto, fp8, ...)")
@@ -136,8 +139,12 @@ class JobSpec(JobOptions):
 
 
 class CorpusOptions(_Config):
-    """How corpus records (Parquet, CSV, JSONL) become chat requests."""
+    """How corpus records (Parquet, CSV, JSONL) become chat or embedding requests."""
 
+    task: Literal["chat", "embed"] = Field(
+        "chat", description="chat: one completion per record; embed: one vector per record (embeddings.parquet)"
+    )
+    normalize: bool | None = Field(None, description="embed: L2-normalise the vectors (default: the model's own)")
     id_column: str | None = Field(None, description="column holding each record's id (default: row-<n>)")
     text_column: str = Field("text", description="column holding the text")
     template: str = Field("{text}", description="user prompt; {text} is replaced by the record's text")

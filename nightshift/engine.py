@@ -53,7 +53,9 @@ class BatchEngine:
 
     `generate(rows)` yields `(row, RequestOutput)` as rows finish, or `(row, error)` for a
     row the engine refused (prompt longer than the context, say). Several callers may
-    generate at once; their rows share the engine's batch.
+    generate at once; their rows share the engine's batch. On an embedding model (vLLM's
+    pooling runner) an embedding row's inputs go in as one engine request each and the row
+    comes back as `(row, [PoolingRequestOutput, ...])` once all of them are done.
     """
 
     def __init__(self, config: EngineConfig) -> None:
@@ -69,14 +71,19 @@ class BatchEngine:
                 f"the engine could not start: {str(exc).splitlines()[0]} ({memory_picture(arguments)})"
             ) from exc
         self.tokenizer = self.llm.get_tokenizer()
-        self.default_sampling_params = self.llm.model_config.get_diff_sampling_param()
+        self.runner_type = self.llm.model_config.runner_type  # "generate" or "pooling": the endpoint served
+        self.model_config = self.llm.model_config
+        self.default_sampling_params = (
+            self.llm.model_config.get_diff_sampling_param() if self.runner_type == "generate" else {}
+        )
         self.max_model_len = self.llm.model_config.max_model_len  # what vLLM settled on
         # vLLM fills the sizes left open with its defaults for the hardware: read them back
         self.max_num_seqs = self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
         self.max_in_flight = 2 * self.max_num_seqs
         self._jobs: deque[_Job] = deque()
         self._wake = threading.Condition()
-        self._owners: dict[str, tuple[_Job, PreparedRequest]] = {}
+        self._owners: dict[str, tuple[_Job, PreparedRequest, int]] = {}  # engine request → row, input
+        self._parts: dict[int, list] = {}  # id(row) → its inputs' outputs so far (embedding rows)
         self._dead: BaseException | None = None
         # Fault injection for tests and drills: admitting this row kills the engine process.
         self._chaos_custom_id = os.environ.get("NIGHTSHIFT_CHAOS_KILL_ENGINE_ON")
@@ -185,8 +192,10 @@ class BatchEngine:
             self._dead = exc
             in_flight: dict[int, tuple[_Job, list[int]]] = {}
             with self._wake:
-                for job, request in self._owners.values():
-                    in_flight.setdefault(id(job), (job, []))[1].append(request.key)
+                for job, request, _ in self._owners.values():
+                    keys = in_flight.setdefault(id(job), (job, []))[1]
+                    if request.key not in keys:
+                        keys.append(request.key)
                 for job in self._jobs:
                     in_flight.setdefault(id(job), (job, []))
                 self._jobs.clear()
@@ -211,14 +220,27 @@ class BatchEngine:
             if self._chaos_custom_id is not None and request.custom_id == self._chaos_custom_id:
                 _kill_engine_processes()
             try:
-                request_id = self._enqueue(request)
+                request_ids = self._enqueue(request)
             except (VLLMClientError, ValueError, TypeError) as exc:  # this row only: too long, bad schema...
                 job.results.put((request, exc))
                 continue
             job.in_flight += 1
-            self._owners[request_id] = (job, request)
+            if request.kind == "embedding":
+                self._parts[id(request)] = [None] * len(request_ids)
+            for part, request_id in enumerate(request_ids):
+                self._owners[request_id] = (job, request, part)
 
-    def _enqueue(self, request: PreparedRequest) -> str:
+    def _enqueue(self, request: PreparedRequest) -> list[str]:
+        if request.kind == "embedding":
+            # LLM.embed() would wait for its whole list; its own enqueue step takes PoolingParams
+            # just as LLM.enqueue() takes SamplingParams, and the driver collects the outputs.
+            ids = self.llm._add_completion_requests(
+                request.prompt,
+                params=[request.sampling_params.clone() for _ in request.prompt],
+                use_tqdm=False,
+                tokenization_kwargs=request.tokenization_kwargs,
+            )
+            return [i.split("-", 1)[0] for i in ids]
         if request.kind == "chat":
             ids = self.llm.enqueue_chat(
                 [request.prompt],
@@ -233,10 +255,17 @@ class BatchEngine:
             ids = self.llm.enqueue([prompt], [request.sampling_params], use_tqdm=False)
         # LLM numbers requests with a counter (the external id that outputs carry) and the
         # engine returns it with an internal suffix: "<counter>-<random>".
-        return ids[0].split("-", 1)[0]
+        return [ids[0].split("-", 1)[0]]
 
     def _finish(self, output) -> None:
-        job, request = self._owners.pop(output.request_id)
+        job, request, part = self._owners.pop(output.request_id)
+        if request.kind == "embedding":
+            parts = self._parts[id(request)]
+            parts[part] = output
+            if any(p is None for p in parts):
+                return
+            del self._parts[id(request)]
+            output = parts
         job.in_flight -= 1
         if not job.cancelled:
             job.results.put((request, output))

@@ -3,9 +3,11 @@
 Two input kinds:
 
 * ``openai-batch``: JSONL in the OpenAI Batch format, one ``{custom_id, method, url, body}``
-  object a line, for ``/v1/chat/completions`` and ``/v1/completions``.
+  object a line, for ``/v1/chat/completions``, ``/v1/completions`` and ``/v1/embeddings``.
 * ``corpus``: Parquet, CSV or JSONL with an id column and a text column; each text becomes a
-  chat request through a user prompt template and an optional system prompt.
+  chat request through a user prompt template and an optional system prompt — or, with
+  `task="embed"`, an embedding request (truncated to the model's limit, as sentence-transformers
+  users expect) whose vector is written to `embeddings.parquet`.
 
 Readers stream (the input is never held whole in memory) and open paths through fsspec, so
 ``s3://`` and other object-store URLs read the same way as local files. A row that cannot be
@@ -28,7 +30,8 @@ from nightshift.config import CorpusOptions
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
-SUPPORTED_URLS = (CHAT_URL, COMPLETIONS_URL)
+EMBEDDINGS_URL = "/v1/embeddings"
+SUPPORTED_URLS = (CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL)
 CORPUS_SUFFIXES = (".parquet", ".csv")
 
 
@@ -213,6 +216,8 @@ def parse_batch_line(raw: bytes, line_no: int) -> InputRow:
         return bad("missing_messages", "a chat completion body needs a non-empty messages list", custom_id)
     if url == COMPLETIONS_URL and body.get("prompt") in (None, "", []):
         return bad("missing_prompt", "a completion body needs a non-empty prompt", custom_id)
+    if url == EMBEDDINGS_URL and body.get("input") in (None, "", []):
+        return bad("missing_input", "an embeddings body needs a non-empty input", custom_id)
     return InputRow(line_no, custom_id, text, None)
 
 
@@ -242,6 +247,12 @@ def corpus_row(line_no: int, record_id, text, options: CorpusOptions) -> InputRo
         return InputRow(
             line_no, custom_id, None, row_error("empty_prompt", f"column {options.text_column!r} is empty", line_no)
         )
+    if options.task == "embed":
+        body = {"input": options.template.replace("{text}", str(text)), "truncate_prompt_tokens": -1}
+        if options.normalize is not None:
+            body["use_activation"] = options.normalize
+        request = {"url": EMBEDDINGS_URL, "body": body, "vector_only": True}  # no JSON floats for corpora
+        return InputRow(line_no, custom_id, orjson.dumps(request).decode(), None)
     messages = []
     if options.system:
         messages.append({"role": "system", "content": options.system})

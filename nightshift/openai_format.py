@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from nightshift.inputs import CHAT_URL
+from nightshift.inputs import CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL
 
 # Accepted by vLLM's server but meaningless or unsupported in an offline batch.
 UNSUPPORTED_FIELDS = {
@@ -39,10 +39,13 @@ class PreparedRequest:
 
     key: int  # row_index
     custom_id: str
-    kind: str  # "chat" or "completion"
-    prompt: Any  # messages (chat) or prompt text / token ids (completion)
-    sampling_params: Any  # vllm.SamplingParams
+    kind: str  # "chat", "completion" or "embedding"
+    prompt: Any  # messages (chat), prompt text / token ids (completion), a list of inputs (embedding)
+    sampling_params: Any  # vllm.SamplingParams, or vllm.PoolingParams for an embedding
     chat_template_kwargs: dict | None = None
+    tokenization_kwargs: dict | None = None  # an embedding's truncation
+    encoding_format: str = "float"  # an embedding's: "float" or "base64"
+    vector_only: bool = False  # a corpus row: the vector goes to embeddings.parquet, not into a JSON line
 
 
 class RequestRejected(ValueError):
@@ -52,6 +55,10 @@ class RequestRejected(ValueError):
 
 
 def _protocol(url: str):
+    if url == EMBEDDINGS_URL:
+        from vllm.entrypoints.pooling.embed.protocol import EmbeddingCompletionRequest
+
+        return EmbeddingCompletionRequest
     if url == CHAT_URL:
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
@@ -76,11 +83,21 @@ def prepare_request(
     model_mismatch: str,
     default_sampling_params: dict,
     max_model_len: int | None = None,
+    serves: str = "generate",
+    model_config=None,
 ) -> PreparedRequest:
-    """Turn one request into engine arguments, or raise RequestRejected with an OpenAI code."""
+    """Turn one request into engine arguments, or raise RequestRejected with an OpenAI code.
+    `serves` is the engine's runner: "generate" answers chat and completions, "pooling"
+    embeddings; a job serves one endpoint, as an OpenAI batch does."""
     from pydantic import ValidationError
 
     url, body = request["url"], dict(request["body"])
+    wanted = "pooling" if url == EMBEDDINGS_URL else "generate"
+    if wanted != serves:
+        endpoints = EMBEDDINGS_URL if serves == "pooling" else f"{CHAT_URL} and {COMPLETIONS_URL}"
+        raise RequestRejected(
+            "unsupported_url", f"this job's model serves {endpoints}; a {url} line needs a job with another model"
+        )
     protocol = _protocol(url)
     for name, why in UNSUPPORTED_FIELDS.items():
         if body.get(name) not in (None, False, [], {}):
@@ -103,6 +120,8 @@ def prepare_request(
         raise RequestRejected("invalid_request", f"{where}: {first.get('msg')}") from None
     except ValueError as exc:
         raise RequestRejected("invalid_request", str(exc)) from None
+    if url == EMBEDDINGS_URL:
+        return _prepare_embedding(key, custom_id, parsed, request, max_model_len, model_config)
     # vars(): reading the deprecated `max_tokens` attribute warns once per row
     max_tokens = getattr(parsed, "max_completion_tokens", None) or vars(parsed).get("max_tokens")
     if max_tokens is not None and max_tokens < 1:
@@ -126,11 +145,50 @@ def prepare_request(
     return PreparedRequest(key, custom_id, "completion", prompt, params)
 
 
+def _prepare_embedding(key, custom_id, parsed, request: dict, max_model_len, model_config) -> PreparedRequest:
+    inputs = parsed.input
+    if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
+        inputs = [inputs]  # one text, or one list of token ids
+    if any(isinstance(i, str) and not i.strip() for i in inputs) or any(i == [] for i in inputs):
+        raise RequestRejected("empty_input", "an input of the embeddings body is empty")
+    truncate = parsed.truncate_prompt_tokens
+    limit = None if truncate is None else max_model_len if truncate == -1 else min(truncate, max_model_len or truncate)
+    prompts = []
+    for item in inputs:
+        if isinstance(item, str):
+            prompts.append(item)
+        else:
+            ids = list(item)
+            if limit is None and max_model_len is not None and len(ids) > max_model_len:
+                raise RequestRejected(
+                    "context_length_exceeded",
+                    f"input of {len(ids)} tokens is longer than the model's context of {max_model_len} tokens",
+                )
+            prompts.append({"prompt_token_ids": ids[:limit] if limit else ids})
+    try:
+        params = parsed.to_pooling_params()
+        if model_config is not None:
+            params.verify(model_config)
+    except (ValueError, TypeError) as exc:
+        raise RequestRejected("invalid_request", str(exc)) from None
+    return PreparedRequest(
+        key,
+        custom_id,
+        "embedding",
+        prompts,
+        params,
+        tokenization_kwargs={"truncation": True, "max_length": limit} if limit else None,
+        encoding_format=parsed.encoding_format or "float",
+        vector_only=bool(request.get("vector_only")),
+    )
+
+
 def duplicate_key(request: dict, prepared: PreparedRequest) -> str | None:
     """Rows with the same key get the same output: the same url and body, and an output that
-    does not depend on chance (greedy, or sampled with a fixed seed). None for any other row."""
+    does not depend on chance (greedy, or sampled with a fixed seed; every embedding). None for
+    any other row."""
     params = prepared.sampling_params
-    if params.temperature != 0 and params.seed is None:
+    if prepared.kind != "embedding" and params.temperature != 0 and params.seed is None:
         return None
     canonical = json.dumps([request["url"], request["body"]], sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
@@ -230,4 +288,47 @@ def _logprobs(choice, tokenizer, kind: str) -> dict | None:
         "tokens": [e["token"] for e in entries],
         "token_logprobs": [e["logprob"] for e in entries],
         "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+    }
+
+
+def embedding_vectors(outputs) -> list[list[float]]:
+    """The vectors of an embedding row's engine outputs (one per input), as Python floats."""
+    return [output.outputs.data.float().tolist() for output in outputs]
+
+
+def embedding_output_line(
+    custom_id: str,
+    vectors: list[list[float]],
+    prompt_tokens: int,
+    encoding_format: str,
+    model_name: str,
+    cache_key: str,
+) -> dict:
+    """An OpenAI Batch output line for an embeddings request: OpenAI's `list` of `embedding`s."""
+    import base64
+
+    import numpy as np
+
+    rid = batch_request_id(custom_id, cache_key)
+    data = []
+    for index, vector in enumerate(vectors):
+        encoded = (
+            base64.b64encode(np.asarray(vector, dtype=np.float32).tobytes()).decode()
+            if encoding_format == "base64"
+            else vector
+        )
+        data.append({"object": "embedding", "index": index, "embedding": encoded})
+    body = {
+        "id": f"embd-{rid}",
+        "object": "list",
+        "created": int(time.time()),
+        "model": model_name,
+        "data": data,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }
+    return {
+        "id": f"batch_req_{rid}",
+        "custom_id": custom_id,
+        "response": {"status_code": 200, "request_id": rid, "body": body},
+        "error": None,
     }

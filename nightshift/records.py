@@ -76,6 +76,7 @@ class RunReport(_Record):
     output_path: str
     errors_path: str
     results_path: str
+    embeddings_path: str | None = Field(None, description="a corpus embedded: id, vector, tokens in input order")
     errors_by_code: dict[str, int] = Field(default_factory=dict)
     shards: int = 0
     shards_cached: int = Field(0, description="came back from the task cache: nothing regenerated")

@@ -10,6 +10,7 @@ RUN_DIR/
   groups/<group>/<flow_run_id>.json   a shard group's child flow run on a work pool: what it made
   groups/<group>/<flow_run_id>.alive  its heartbeat, touched while it runs
   output.jsonl  errors.jsonl  results.parquet  run.json   merged outputs
+  embeddings.parquet                  a corpus embedded: id, vector (fixed-size float32), tokens
   canary_results.parquet  validation.json               the canary stage's evidence and verdict
 
 RUN_DIR is a local directory or an object-store prefix (`s3://bucket/runs/tonight`): the same
@@ -65,6 +66,10 @@ class RunDir:
     @property
     def results(self) -> Path:
         return self.root / "results.parquet"
+
+    @property
+    def embeddings(self) -> Path:
+        return self.root / "embeddings.parquet"
 
     @property
     def canary_results(self) -> Path:

@@ -148,6 +148,8 @@ def _generate(shard: Shard, job: JobSpec, run_dir: RunDir, only_rows: set[int] |
                     job.model_mismatch,
                     engine.default_sampling_params,
                     engine.max_model_len,
+                    engine.runner_type,
+                    engine.model_config,
                 )
             except RequestRejected as exc:
                 writer.add_error(row, {"code": exc.code, "message": str(exc), "line": row["line_no"]})
@@ -192,6 +194,9 @@ def _generate(shard: Shard, job: JobSpec, run_dir: RunDir, only_rows: set[int] |
                         writer.add_error(row, _engine_refusal(outcome, row["line_no"]))
                         continue
                     source = "engine" if answered is request else "duplicate"
+                    if answered.kind == "embedding":
+                        writer.add_embedding(row, answered, outcome, job.served_model_name, source)
+                        continue
                     record = writer.add_output(
                         row, answered.kind, outcome, job.served_model_name, engine.tokenizer, source
                     )

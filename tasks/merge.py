@@ -5,6 +5,8 @@ Plain SQL over the chunk Parquet files (DuckDB streams them; nothing is held who
 * ``output.jsonl``  — OpenAI Batch output lines of the rows that succeeded
 * ``errors.jsonl``  — OpenAI-style error lines of the rows that failed
 * ``results.parquet`` — custom_id, text, finish_reason, prompt_tokens, completion_tokens, shard
+* ``embeddings.parquet`` — an embedded corpus: id, embedding (fixed-size list of float32),
+  tokens, in input order; read as-is by DuckDB, pyarrow and pandas
 
 Each row's best outcome is taken (see nightshift/chunks.py); before writing, merge proves
 that every planned row has one. Each output is written whole (a local temporary, then one
@@ -56,7 +58,8 @@ def _merge(con: duckdb.DuckDBPyConnection, plan: Plan, files: list[str], run_dir
         FROM chunk_rows
         """
     ).fetchall()[0]
-    _write_lines(con, "SELECT line FROM chunk_rows WHERE ok ORDER BY row_index", run_dir.output)
+    _write_lines(con, "SELECT line FROM chunk_rows WHERE ok AND line IS NOT NULL ORDER BY row_index", run_dir.output)
+    embedded = _write_embeddings(con, run_dir.embeddings)
     _write_lines(con, "SELECT line FROM chunk_rows WHERE NOT ok ORDER BY row_index", run_dir.errors)
     _copy_parquet(
         con,
@@ -77,6 +80,7 @@ def _merge(con: duckdb.DuckDBPyConnection, plan: Plan, files: list[str], run_dir
         output_path=str(run_dir.output),
         errors_path=str(run_dir.errors),
         results_path=str(run_dir.results),
+        embeddings_path=str(run_dir.embeddings) if embedded else None,
         errors_by_code=errors_by_code,
     )
     report.save(run_dir.summary)
@@ -95,6 +99,31 @@ def _write_lines(con: duckdb.DuckDBPyConnection, query: str, path: Path) -> None
             for line in batch.column(0).to_pylist():
                 out.write(line)
                 out.write("\n")
+
+
+def _write_embeddings(con: duckdb.DuckDBPyConnection, path: Path) -> int:
+    """embeddings.parquet from the corpus rows' vectors, streamed batch by batch; the vector
+    column is a fixed-size list (its width read from the first row), so every reader gets the
+    dimension from the schema. Returns the rows written (0: not an embedding corpus)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    query = (
+        "SELECT custom_id AS id, embedding, prompt_tokens AS tokens FROM chunk_rows "
+        "WHERE ok AND line IS NULL AND embedding IS NOT NULL ORDER BY row_index"
+    )
+    first = con.sql(f"SELECT len(embedding) FROM ({query}) LIMIT 1").fetchall()
+    if not first:
+        return 0
+    schema = pa.schema(
+        [("id", pa.string()), ("embedding", pa.list_(pa.float32(), first[0][0])), ("tokens", pa.int64())]
+    )
+    written = 0
+    with written_whole(path) as tmp, pq.ParquetWriter(tmp, schema) as out:
+        for batch in con.sql(query).to_arrow_reader(8192):
+            out.write_table(pa.Table.from_batches([batch]).cast(schema))
+            written += batch.num_rows
+    return written
 
 
 def _copy_parquet(con: duckdb.DuckDBPyConnection, query: str, path: Path) -> None:

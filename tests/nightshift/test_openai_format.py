@@ -71,3 +71,39 @@ def test_only_rows_whose_output_is_not_left_to_chance_share_a_duplicate_key():
     assert duplicate_key(seeded_request, seeded) is not None
     assert duplicate_key(sampled_request, sampled) is None
     assert duplicate_key(longer_request, longer) != duplicate_key(greedy_request, greedy)
+
+
+EMBEDDINGS = "/v1/embeddings"
+
+
+def embed(body: dict, max_model_len: int = 512):
+    request = {"url": EMBEDDINGS, "body": body}
+    return prepare_request(0, "row-0", request, "minilm", {"minilm"}, "error", {}, max_model_len, "pooling")
+
+
+def test_an_embeddings_body_becomes_one_engine_input_per_text_or_token_list():
+    one = embed({"input": "a text"})
+    assert one.kind == "embedding" and one.prompt == ["a text"] and one.encoding_format == "float"
+    assert one.tokenization_kwargs is None  # no truncation asked: too long is an error, not a cut
+    several = embed({"input": ["one", "two"], "encoding_format": "base64"})
+    assert several.prompt == ["one", "two"] and several.encoding_format == "base64"
+    assert embed({"input": [1, 2, 3]}).prompt == [{"prompt_token_ids": [1, 2, 3]}]
+    assert embed({"input": [[1, 2], [3]]}).prompt == [{"prompt_token_ids": [1, 2]}, {"prompt_token_ids": [3]}]
+    cut = embed({"input": list(range(600)), "truncate_prompt_tokens": -1})
+    assert cut.prompt == [{"prompt_token_ids": list(range(512))}] and cut.tokenization_kwargs["max_length"] == 512
+    assert embed({"input": "x"}).sampling_params.task == "embed"
+    assert duplicate_key({"url": EMBEDDINGS, "body": {"input": "x"}}, embed({"input": "x"})) is not None
+
+
+def test_an_embedding_job_refuses_other_endpoints_and_bad_inputs_per_row():
+    def code(body: dict, url: str = EMBEDDINGS, serves: str = "pooling") -> str:
+        with pytest.raises(RequestRejected) as refusal:
+            prepare_request(0, "r", {"url": url, "body": body}, "minilm", {"minilm"}, "error", {}, 512, serves)
+        return refusal.value.code
+
+    assert code(chat(), url=CHAT) == "unsupported_url"
+    assert code({"input": "text"}, serves="generate") == "unsupported_url"
+    assert code({"input": list(range(513))}) == "context_length_exceeded"
+    assert code({"input": ["fine", " "]}) == "empty_input"
+    assert code({"input": "x", "stream": True}) == "unsupported_parameter"
+    assert code({"input": "x", "temperature": 0}) == "unsupported_parameter"
