@@ -35,3 +35,10 @@ class ManagedApiPrices(Block):
         },
         description="name → {input, output} in $ per 1M tokens",
     )
+    embedding_prices: dict[str, float] = Field(
+        default_factory=lambda: {
+            "openai-batch-text-embedding-3-small": 0.01,
+            "openai-batch-text-embedding-3-large": 0.065,
+        },
+        description="embedding APIs: name → $ per 1M input tokens (compared when a run embeds)",
+    )

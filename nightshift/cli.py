@@ -322,6 +322,38 @@ def _demo(args) -> int:
                 f"\n[{row['custom_id']}] {texts[row['custom_id']]}\n"
                 f"  → {row['response']['body']['choices'][0]['message']['content']}"
             )
+    if not report.complete:
+        return 1
+    return _demo_embeddings(corpus_path, run_dir / "embeddings", texts)
+
+
+def _demo_embeddings(corpus_path: Path, run_dir: Path, texts: dict[str, str]) -> int:
+    """The same documents embedded with MiniLM, and the nearest neighbours of one, by DuckDB
+    straight over embeddings.parquet: what vectors are for."""
+    import duckdb
+
+    from nightshift.config import CorpusOptions
+    from nightshift.jobs import make_job
+    from nightshift.models import provision
+    from nightshift.storage import sql_path
+
+    print("\nEmbedding the same documents with all-MiniLM-L6-v2 ...")
+    provision(("minilm",))
+    options = CorpusOptions(id_column="id", text_column="text", task="embed")
+    report = run_job(str(corpus_path), str(run_dir), make_job("minilm"), None, options)
+    _print_report(report)
+    first = next(iter(texts))
+    vectors = sql_path(report.embeddings_path)
+    with duckdb.connect() as con:
+        dimension = con.sql(f"SELECT len(embedding) FROM '{vectors}' LIMIT 1").fetchall()[0][0]
+        nearest = con.sql(
+            f"""SELECT b.id, array_cosine_similarity(a.embedding::FLOAT[{dimension}], b.embedding::FLOAT[{dimension}])
+                FROM '{vectors}' a, '{vectors}' b WHERE a.id = ? AND b.id <> a.id ORDER BY 2 DESC LIMIT 3""",
+            params=[first],
+        ).fetchall()
+    print(f"\nNearest neighbours of [{first}] {texts[first]}")
+    for neighbour, cosine in nearest:
+        print(f"  {cosine:.3f}  [{neighbour}] {texts[neighbour]}")
     return 0 if report.complete else 1
 
 

@@ -162,6 +162,9 @@ class CanaryConfig(_Config):
     oracle_samples: int = Field(3, ge=0, description="greedy rows re-computed with transformers (0: off)")
     oracle_tokens: int = Field(8, gt=0, description="first tokens compared with the reference")
     oracle_min_agreement: float = Field(1.0, ge=0, le=1, description="share of oracle samples that must agree")
+    embedding_min_cosine: float = Field(
+        0.999, ge=-1, le=1, description="embeddings: cosine each sampled vector must reach against the reference"
+    )
     determinism_samples: int = Field(2, ge=0, description="rows re-run through the engine with the same seed (0: off)")
 
 

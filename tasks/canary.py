@@ -10,6 +10,10 @@ Three checks, each reported, the first and last two gating:
    output must reach `oracle_min_agreement`.
 3. **Determinism** — `determinism_samples` rows re-run through the engine with the same
    parameters (seed included) must give the same text.
+4. **Embedding oracle** — in an embedding run, `oracle_samples` texts sampled from the run are
+   embedded again with transformers on the reference weights, pooled as their
+   sentence-transformers configuration says (mean, CLS or last token); each vector's cosine to
+   the run's must reach `embedding_min_cosine`.
 
 On failure the flow run fails with a message naming what failed, the outputs stay on disk,
 `validation.json` says `"validated": false`, and `nightshift run` exits 3.
@@ -84,6 +88,23 @@ def validate(run_dir: RunDir, job: JobSpec, config: CanaryConfig) -> dict:
                 f"(transformers on the reference weights disagrees on {', '.join(disagree)})"
             )
 
+    embedded = _embedded_rows(run_dir, job, config.oracle_samples)
+    if embedded:
+        reference = config.oracle_model or job.engine.model
+        checked = _embedding_oracle(embedded, local_model(reference))
+        verdict["checks"]["embedding_oracle"] = {
+            "min_cosine": min(c["cosine"] for c in checked),
+            "required": config.embedding_min_cosine,
+            "reference": reference,
+            "results": checked,
+        }
+        below = [c["custom_id"] for c in checked if c["cosine"] < config.embedding_min_cosine]
+        if below:
+            failures.append(
+                f"embedding cosine below {config.embedding_min_cosine} against transformers on the reference "
+                f"weights for {', '.join(below)}"
+            )
+
     if config.determinism_samples and samples:
         rerun = _determinism_check(samples[: config.determinism_samples], job)
         verdict["checks"]["determinism"] = {"results": rerun}
@@ -147,6 +168,71 @@ def _greedy_chat_rows(run_dir: RunDir, count: int) -> list[dict]:
             candidates.append({"custom_id": custom_id, "text": text, "body": body})
     random.Random(0).shuffle(candidates)
     return candidates[:count]
+
+
+def _embedded_rows(run_dir: RunDir, job: JobSpec, count: int) -> list[dict]:
+    """Up to `count` embedded text rows of the run (vector and the text embedded), sampled
+    reproducibly; none for a run that embedded nothing."""
+    if count <= 0:
+        return []
+    from nightshift.chunks import best_rows_sql, chunk_files, shard_cache_key
+    from nightshift.records import Plan
+
+    plan = Plan.load(run_dir.plan_manifest)
+    files = [f for s in plan.shards for f in chunk_files(run_dir.shard_output(shard_cache_key(s, job)))]
+    if not files:
+        return []
+    shards = ", ".join(f"'{sql_path(s.path)}'" for s in plan.shards)
+    with duckdb_connection() as con:
+        rows = con.sql(
+            f"""
+            SELECT c.custom_id, c.embedding, s.request, c.finish_reason
+            FROM ({best_rows_sql(files)}) c JOIN read_parquet([{shards}]) s USING (row_index)
+            WHERE c.ok AND c.embedding IS NOT NULL AND c.source = 'engine'
+            ORDER BY c.row_index
+            """
+        ).fetchall()
+    candidates = []
+    for custom_id, vector, request, finish_reason in rows:
+        text = json.loads(request)["body"].get("input")
+        text = text[0] if isinstance(text, list) and text and isinstance(text[0], str) else text
+        if isinstance(text, str):
+            candidates.append(
+                {"custom_id": custom_id, "vector": vector, "text": text, "cut": finish_reason == "length"}
+            )
+    random.Random(0).shuffle(candidates)
+    return candidates[:count]
+
+
+def _embedding_oracle(samples: list[dict], reference: str) -> list[dict]:
+    """Each sample's text embedded by transformers on `reference`, pooled as its
+    sentence-transformers configuration says, against the run's vector (cosine)."""
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    pooling_file = Path(reference) / "1_Pooling" / "config.json"
+    pooling = json.loads(pooling_file.read_text()) if pooling_file.exists() else {"pooling_mode_mean_tokens": True}
+    tokenizer = AutoTokenizer.from_pretrained(reference)
+    model = AutoModel.from_pretrained(reference, dtype=torch.float32).eval()
+    limit_file = Path(reference) / "sentence_bert_config.json"
+    limit = json.loads(limit_file.read_text()).get("max_seq_length") if limit_file.exists() else None
+    results = []
+    for sample in samples:
+        encoded = tokenizer(sample["text"], truncation=True, max_length=limit or tokenizer.model_max_length,
+                            return_tensors="pt")  # fmt: skip
+        with torch.no_grad():
+            hidden = model(**encoded).last_hidden_state[0]
+        if pooling.get("pooling_mode_cls_token"):
+            vector = hidden[0]
+        elif pooling.get("pooling_mode_lasttoken"):
+            vector = hidden[-1]
+        else:
+            vector = hidden.mean(0)
+        cosine = torch.nn.functional.cosine_similarity(vector, torch.tensor(sample["vector"]), dim=0).item()
+        results.append({"custom_id": sample["custom_id"], "cosine": round(cosine, 6), "truncated": sample["cut"]})
+    return results
 
 
 def _oracle_check(samples: list[dict], reference: str, k: int) -> list[dict]:

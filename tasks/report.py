@@ -160,7 +160,15 @@ def build_report(
             "gpu_memory_mib_mean": gpu_mem,
             "gpu_power_w_mean": gpu_power,
             "stragglers": [{"shard": s, "engine_seconds": sec, "times_median": r} for s, sec, r in stragglers],
+            "rows_per_second": round(rows_per_second, 2) if rows_per_second else None,
+            "cost_per_million_rows": round(cost_on_demand / (rows / 1e6), 6) if rows and span else None,
+            "cost_per_million_rows_spot": round(cost_spot / (rows / 1e6), 6) if rows and span else None,
+            # an embedding run has prompt tokens only: it is priced against embedding APIs
             "managed_api_cost": {
+                name: round(prompt_tokens / 1e6 * price, 6) for name, price in managed.embedding_prices.items()
+            }
+            if prompt_tokens and not completion_tokens
+            else {
                 name: round(prompt_tokens / 1e6 * p["input"] + completion_tokens / 1e6 * p["output"], 6)
                 for name, p in managed.prices.items()
             },
@@ -223,12 +231,15 @@ def render_markdown(report: dict, chart: str | None) -> str:
         f"| generate time | {fmt(report['generate_seconds'], ' s', 1)} |",
         f"| tokens/s (output tokens/s) | {fmt(report['tokens_per_second'], '', 1)} "
         f"({fmt(report['output_tokens_per_second'], '', 1)}) |",
+        f"| rows/s (documents/s) | {fmt(report.get('rows_per_second'), '', 1)} |",
         f"| accelerator-hours | {fmt(report['accelerator_hours'], '', 4)} |",
         f"| cost on demand / spot | ${fmt(report['cost_on_demand'], '', 4)} / ${fmt(report['cost_spot'], '', 4)} |",
         f"| $ per 1M tokens, on demand / spot | {fmt(report['cost_per_million_tokens'], '', 4)} / "
         f"{fmt(report['cost_per_million_tokens_spot'], '', 4)} |",
         f"| $ per 1M output tokens, on demand / spot | {fmt(report['cost_per_million_output_tokens'], '', 4)} / "
         f"{fmt(report['cost_per_million_output_tokens_spot'], '', 4)} |",
+        f"| $ per 1M rows, on demand / spot | {fmt(report.get('cost_per_million_rows'), '', 4)} / "
+        f"{fmt(report.get('cost_per_million_rows_spot'), '', 4)} |",
         f"| truncated (finish_reason = length) | {100 * report['truncation_share']:.1f} % |",
         f"| answered from an identical row or the result cache, not generated | {saved['rows']:,} rows, "
         f"{saved['tokens']:,} tokens, ${fmt(saved['cost_saved_on_demand'], '', 4)} saved |",

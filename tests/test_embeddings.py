@@ -125,6 +125,11 @@ def test_a_corpus_embeds_into_a_parquet_file_duckdb_reads_with_bad_rows_as_error
     tokens = dict(zip(table["id"].to_pylist(), table["tokens"].to_pylist()))
     assert tokens[docs[7]["id"]] == report["max_model_len"]  # cut to the model's limit (MiniLM: 256)
     assert report["truncation_share"] > 0  # and counted
+    assert report["rows_per_second"] > 0 and report["cost_per_million_rows"] > 0
+    embedding_apis = {"openai-batch-text-embedding-3-small", "openai-batch-text-embedding-3-large"}
+    assert set(report["managed_api_cost"]) == embedding_apis  # priced against embedding APIs, not chat ones
+    oracle = json.loads((run / "validation.json").read_text())["checks"]["embedding_oracle"]
+    assert len(oracle["results"]) == 3 and oracle["min_cosine"] >= 0.999  # transformers on the same weights agrees
 
     with duckdb.connect() as con:
         nearest = con.sql(

@@ -47,7 +47,7 @@ def mixed_batch() -> list:
         "[1, 2, 3]",
         {"method": "POST", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "x"}]}},
         {**chat_request("get", "x"), "method": "GET"},
-        {**chat_request("embed", "x"), "url": "/v1/embeddings"},
+        {"custom_id": "embed", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}},  # a chat job
         {"custom_id": "no-body", "method": "POST", "url": "/v1/chat/completions"},
         {"custom_id": "no-messages", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": []}},
         {"custom_id": "no-prompt", "method": "POST", "url": "/v1/completions", "body": {"max_tokens": 3}},
