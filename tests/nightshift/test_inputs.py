@@ -29,10 +29,11 @@ def test_openai_batch_rows_carry_a_request_or_an_error_code(tmp_path):
             {"method": "POST", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "x"}]}},
             chat_request("a", "same id again"),
             {**chat_request("m", "x"), "method": "GET"},
-            {**chat_request("u", "x"), "url": "/v1/embeddings"},
+            {**chat_request("u", "x"), "url": "/v1/audio/speech"},
             {"custom_id": "nobody", "method": "POST", "url": "/v1/chat/completions"},
             {"custom_id": "nomsg", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": []}},
             {"custom_id": "noprompt", "method": "POST", "url": "/v1/completions", "body": {"prompt": ""}},
+            {"custom_id": "noinput", "method": "POST", "url": "/v1/embeddings", "body": {"input": []}},
             "",
             {"custom_id": 7, "method": "POST", "url": "/v1/chat/completions", "body": {}},
         ],
@@ -50,9 +51,10 @@ def test_openai_batch_rows_carry_a_request_or_an_error_code(tmp_path):
         "invalid_request",
         "missing_messages",
         "missing_prompt",
+        "missing_input",
         "invalid_custom_id",
     ]
-    assert [row.line_no for row in rows] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13]  # blank line 12 is no record
+    assert [row.line_no for row in rows] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14]  # blank line 13: no record
     assert all(row.error["line"] == row.line_no for row in rows if row.error)
 
 
