@@ -1,6 +1,6 @@
 """The embed stage against sentence-transformers `encode`, same documents, same machine, same run.
 
-    .venv/bin/pip install sentence-transformers        # the baseline (not a runtime dependency)
+    .venv/bin/pip install -e ".[bench]"                # sentence-transformers: the baseline
     .venv/bin/python bench/bench_embed.py              # MiniLM, 2,000 documents, 2 rounds
     .venv/bin/python bench/bench_embed.py --docs 500 --rounds 1
 
