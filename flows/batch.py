@@ -78,7 +78,7 @@ def batch_inference(
             start_engine_in_background(job.engine)
         validation = validation or CanaryConfig()
         job.save(RunDir(run_dir).job)
-        plan = plan_shards(input_path, run_dir, shard_size, corpus, validation.canaries, storage)
+        plan = plan_shards(input_path, run_dir, shard_size, corpus, validation.canaries)
         progress.start(RunDir(run_dir), plan.total_rows, run_status(run_dir).rows_done)
         checkpoints = checkpoint_storage or saved_run_checkpoints(str(RunDir(run_dir).checkpoints))
         if fan_out:

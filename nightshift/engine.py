@@ -200,6 +200,7 @@ class BatchEngine:
                     in_flight.setdefault(id(job), (job, []))
                 self._jobs.clear()
             self._owners.clear()
+            self._parts.clear()
             for job, keys in in_flight.values():
                 job.results.put(EngineFailure(f"engine died: {exc!r}", in_flight=keys))
 

@@ -27,6 +27,7 @@ import fsspec
 import orjson
 
 from nightshift.config import CorpusOptions
+from nightshift.storage import filesystem
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
@@ -105,10 +106,14 @@ def check_input(path: str, kind: str, corpus: CorpusOptions | None = None, stora
 def read_rows(
     path: str, kind: str, corpus: CorpusOptions | None = None, storage_options: dict | None = None
 ) -> Iterator[InputRow]:
-    """Stream the rows of `path` (`storage_options` go to fsspec: s3fs credentials, endpoint).
-    Raises InputError for an unreadable or empty input."""
+    """Stream the rows of `path` (`storage_options` go to fsspec: s3fs credentials, endpoint;
+    by default the process's, see nightshift.storage). Raises InputError for an unreadable or
+    empty input."""
     try:
-        fs, fs_path = fsspec.core.url_to_fs(path, **(storage_options or {}))
+        if storage_options is None:
+            fs, fs_path = filesystem(path)
+        else:
+            fs, fs_path = fsspec.core.url_to_fs(path, **storage_options)
         if not fs.isfile(fs_path):
             raise InputError(f"input {path!r} does not exist or is not a file")
     except InputError:

@@ -11,7 +11,6 @@ import hashlib
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from nightshift.blocks.storage import ObjectStorage
 from prefect import task
 
 from nightshift.canaries import load_canaries
@@ -79,13 +78,11 @@ def plan_shards(
     shard_size: int = DEFAULT_SHARD_SIZE,
     corpus: CorpusOptions | None = None,
     canary_file: str | None = None,
-    storage: str | None = None,
 ) -> Plan:
-    """`storage` names an ObjectStorage block; it is loaded here so that its credentials
-    never travel as task parameters."""
+    """An `s3://` input is read with this process's credentials (nightshift.storage): the
+    environment's, or the ObjectStorage block the flow loaded. None travels as a parameter."""
     canaries = [row for row, _ in load_canaries(canary_file)] if canary_file else None
-    storage_options = ObjectStorage.load(storage).storage_options() if storage else None
-    return plan(input_path, RunDir(run_dir), shard_size, corpus, canaries, storage_options)
+    return plan(input_path, RunDir(run_dir), shard_size, corpus, canaries)
 
 
 def _write_shard(run_dir: RunDir, index: int, first_row: int, rows: list[InputRow]) -> Shard:
