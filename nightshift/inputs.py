@@ -27,7 +27,7 @@ import fsspec
 import orjson
 
 from nightshift.config import CorpusOptions
-from nightshift.storage import filesystem
+from nightshift.storage import filesystem, is_url
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
@@ -76,7 +76,7 @@ def estimate_rows(path: str, kind: str, storage_options: dict | None = None) -> 
     """About how many rows `path` holds, read in milliseconds: Parquet's footer, else the file's
     size over the mean length of its first lines. None when it cannot be told — also for a
     remote input without credentials at hand (probing a bucket could hang on retries)."""
-    if storage_options is None and "://" in path and not path.startswith("file://"):
+    if storage_options is None and is_url(path):
         return None
     try:
         fs, fs_path = fsspec.core.url_to_fs(path, **(storage_options or {}))

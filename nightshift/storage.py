@@ -31,7 +31,7 @@ import fsspec
 
 # botocore's retry loop, for throttling, 5xx and connection errors on every request.
 # A dead endpoint fails in about a minute, not after ten full connect timeouts.
-_S3_RETRIES = {"config_kwargs": {"retries": {"max_attempts": 10, "mode": "adaptive"}, "connect_timeout": 5}}
+_S3_CLIENT_CONFIG = {"retries": {"max_attempts": 10, "mode": "adaptive"}, "connect_timeout": 5}
 _options: dict[str, dict] = {}  # protocol → storage options of this process (credentials)
 
 
@@ -57,7 +57,7 @@ def storage_options(path) -> dict:
     protocol = protocol_of(path)
     options = dict(_options.get(protocol, {}))
     if protocol in ("s3", "s3a"):
-        options.setdefault("config_kwargs", _S3_RETRIES["config_kwargs"])
+        options.setdefault("config_kwargs", _S3_CLIENT_CONFIG)
         # Other machines write the same prefixes: a cached listing would hide their objects.
         options.setdefault("use_listings_cache", False)
     return options
