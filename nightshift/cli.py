@@ -1,6 +1,7 @@
 """`nightshift` — run an LLM over a corpus or an OpenAI batch file, offline, with Prefect.
 
     nightshift run INPUT --output RUN_DIR [--model tiny|smollm2|PATH] [--shard-size N] ...
+    nightshift serve             OpenAI's Batch API (/v1/files, /v1/batches), each batch a run
     nightshift models            provision the bundled models into the local cache
     nightshift demo              summarize a sample corpus with SmolLM2 on this machine
 
@@ -49,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     retry = commands.add_parser("retry", help="re-run the rows that failed for the engine's sake (engine_error)")
     retry.add_argument("run_dir")
 
+    serve = commands.add_parser("serve", help="serve OpenAI's Batch API (/v1/files, /v1/batches) here")
+    from nightshift.config import BatchApiConfig
+
+    _add_fields(serve, BatchApiConfig)
+
     demo = commands.add_parser("demo", help="summarize a sample corpus with SmolLM2")
     demo.add_argument("--output", default="runs/demo")
     demo.add_argument("--documents", type=int, default=200)
@@ -67,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _command(args) -> int:
+    if args.command == "serve":
+        return _serve(args)
     if args.command == "models":
         return _models(args.names)
     if args.command == "demo":
@@ -199,9 +207,29 @@ def run_job(input_path: str, run_dir: str, job, shard_size: int | None = None, c
         from nightshift.flows.batch import batch_inference  # Prefect's import and start-up overlap the engine's load
 
         sizes = {"shard_size": shard_size} if shard_size else {}
+        if os.environ.get("NIGHTSHIFT_RUN_NAME"):  # `nightshift serve` names each batch's flow run after it
+            batch_inference = batch_inference.with_options(flow_run_name=os.environ["NIGHTSHIFT_RUN_NAME"])
         return batch_inference(
             input_path=input_path, run_dir=run_dir, job=job, corpus=corpus, validation=validation, **sizes
         )
+
+
+def _serve(args) -> int:
+    from pydantic import ValidationError
+
+    from nightshift.config import BatchApiConfig, ConfigurationError
+    from nightshift.jobs import validation_message
+    from nightshift.serve import serve
+
+    try:
+        config = BatchApiConfig(**_given(args, BatchApiConfig))
+        return serve(config)
+    except ConfigurationError as exc:
+        print(f"nightshift: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:
+        print(f"nightshift: {validation_message(exc)}", file=sys.stderr)
+        return 2
 
 
 def _run_preemptible(run_dir: str, start):

@@ -7,6 +7,7 @@ embeds them (`blocks/model.py`), and flows take them as parameters; nothing else
     CorpusOptions   how corpus records become requests
     CanaryConfig    what the canary stage checks
     FanOut          where shard groups go on a work pool
+    BatchApiConfig  `nightshift serve`: the self-hosted OpenAI Batch API
 """
 
 from __future__ import annotations
@@ -179,6 +180,25 @@ class FanOut(_Config):
     heartbeat_timeout_s: float = Field(120.0, gt=0, description="a run silent for this long has lost its worker")
     max_attempts: int = Field(3, gt=0, description="child runs per group that may fail before the stage fails")
     poll_s: float = Field(2.0, gt=0, description="seconds between looks at the child runs")
+
+
+class BatchApiConfig(_Config):
+    """`nightshift serve`: OpenAI's /v1/files and /v1/batches, each batch a Nightshift run."""
+
+    host: str = Field("127.0.0.1", description="address to listen on (another address exposes the API)")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free port)")
+    storage: str = Field(
+        "nightshift-api", description="files, batches and their run directories: a directory or an s3:// prefix"
+    )
+    chat_model: str = Field("smollm2", description="model of /v1/chat/completions and /v1/completions batches")
+    embedding_model: str = Field("minilm", description="model of /v1/embeddings batches")
+    api_key_secret: str | None = Field(
+        None, description="a Prefect Secret block holding the API keys, comma-separated (default: $NIGHTSHIFT_API_KEYS)"
+    )
+    max_file_bytes: int = Field(200 * 1024**2, gt=0, description="largest upload, as OpenAI's 200 MB")
+    max_requests: int = Field(50_000, gt=0, description="most requests in one batch, as OpenAI's 50,000")
+    max_attempts: int = Field(3, gt=0, description="runs of one batch that may crash (then resume) before it fails")
+    poll_s: float = Field(1.0, gt=0, description="seconds between the runner's looks at the batches")
 
 
 def _digest(value) -> str:

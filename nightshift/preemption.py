@@ -28,12 +28,29 @@ def grace_seconds() -> float:
 
 
 def install_sigterm_handler() -> None:
-    """Call from the main thread before the flow starts."""
+    """Call from the main thread before the flow starts.
+
+    A Python signal handler runs only when the main thread next executes Python code, and a
+    flow run's main thread can sit in a C-level wait until its shard ends (Prefect installs its
+    own SIGTERM handler over ours, too). The wakeup fd is written by the C-level handler at
+    the moment the signal arrives, whoever's Python handler is installed: a thread reading it
+    stops admission at once.
+    """
 
     def on_sigterm(signum, frame) -> None:
         stop_requested.set()
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+
+    def watch() -> None:
+        while received := os.read(read_end, 64):
+            if signal.SIGTERM in received:
+                stop_requested.set()
+
+    threading.Thread(target=watch, name="nightshift-sigterm", daemon=True).start()
 
 
 class generation_in_progress:

@@ -15,16 +15,18 @@ rename or one upload to the bucket), so a reader never sees a half-merged run.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import duckdb
 from prefect import task
 
 from nightshift.canaries import CANARY_PREFIX
-from nightshift.chunks import best_rows_sql, chunk_files
+from nightshift.chunks import ChunkWriter, best_rows_sql, chunk_files, rows_on_disk, shard_cache_key
+from nightshift.config import JobSpec
 from nightshift.records import Plan, RunReport, ShardResult
 from nightshift.rundir import RunDir
-from nightshift.storage import duckdb_connection, sql_path, written_whole
+from nightshift.storage import duckdb_connection, read_table, sql_path, written_whole
 
 
 class IncompleteRun(RuntimeError):
@@ -32,8 +34,38 @@ class IncompleteRun(RuntimeError):
 
 
 def merge(plan: Plan, results: list[ShardResult], run_dir: RunDir) -> RunReport:
+    return _merge_directories(plan, [result.output_dir for result in results], run_dir)
+
+
+def merge_unfinished(run_dir: RunDir, code: str, message: str) -> RunReport:
+    """Close a run stopped before its end (a batch cancelled, or out of its completion window).
+
+    Every planned row without an outcome gets an error line with `code` (OpenAI's
+    `batch_expired`, say), written as a chunk of its own shard; then the run merges as usual:
+    each row ends in the outputs or the errors, exactly once. The run's process must be gone.
+    """
+    plan, job = Plan.load(run_dir.plan_manifest), JobSpec.load(run_dir.job)
+    directories = []
+    for shard in plan.shards:
+        key = shard_cache_key(shard, job)
+        directory = run_dir.shard_output(key)
+        finished = rows_on_disk(directory)
+        rows = read_table(shard.path, columns=["row_index", "line_no", "custom_id", "error"]).to_pylist()
+        writer = ChunkWriter(directory, shard.index, chunk_size=len(rows) + 1, cache_key=key, run_dir=run_dir)
+        for row in rows:
+            if row["row_index"] in finished:
+                continue
+            # A row the plan already rejected keeps its own error: it would never have run.
+            error = json.loads(row["error"]) if row["error"] else {"code": code, "message": message}
+            writer.add_error(row, {**error, "line": row["line_no"]})
+        writer.flush()
+        directories.append(directory)
+    return _merge_directories(plan, directories, run_dir)
+
+
+def _merge_directories(plan: Plan, directories: list, run_dir: RunDir) -> RunReport:
     # Every chunk in the shards' directories: `nightshift retry` may have added some since.
-    files = [f for result in results for f in chunk_files(result.output_dir)]
+    files = [f for directory in directories for f in chunk_files(directory)]
     with duckdb_connection() as con:
         return _merge(con, plan, files, run_dir)
 

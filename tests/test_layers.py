@@ -17,7 +17,7 @@ pytestmark = pytest.mark.fast
 
 REPO = Path(__file__).resolve().parent.parent
 RANK = {"library": 0, "blocks": 1, "tasks": 2, "flows": 3, "entry": 4}
-ENTRY_POINTS = {"nightshift.cli"}
+ENTRY_POINTS = {"nightshift.cli", "nightshift.serve"}
 
 
 def layer_of(module: str) -> str | None:

@@ -1,0 +1,561 @@
+"""`nightshift serve`: OpenAI's Batch API (/v1/files, /v1/batches) on your own machines.
+
+Code written for OpenAI's batch flow runs unchanged with `base_url` pointed here: upload a JSONL,
+create a batch, poll it, download its output and error files. Each batch is a Nightshift run
+(`nightshift run` in a child process: plan → generate → merge → validate → report, a Prefect
+flow run on the server's Prefect API when PREFECT_API_URL is set), one at a time, oldest first.
+
+The runner owns the lifecycle: validating → in_progress → finalizing → completed; failed (the
+file is not a valid batch, or its run cannot start); cancelling → cancelled and expired (the
+rows already finished in the output file, every other row an error line). Everything is on the
+storage (nightshift.batch_api): a server killed mid-batch resumes the batch when started again.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hmac
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, File, Form, Header, Request, UploadFile
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from nightshift.batch_api import (
+    ENDPOINTS,
+    TERMINAL,
+    BatchError,
+    BatchErrors,
+    BatchObject,
+    BatchUsage,
+    RequestCounts,
+    Store,
+    StoredBatch,
+    StoredFile,
+    check_batch_input,
+    new_id,
+    owner_of,
+    page,
+    window_seconds,
+)
+from nightshift.config import BatchApiConfig, ConfigurationError
+from nightshift.records import Plan, RunReport
+from nightshift.rundir import RunDir
+from nightshift.storage import is_url, location, written_whole
+
+log = logging.getLogger("nightshift.serve")
+
+CANCELLED_MESSAGE = "The batch was cancelled before this request ran."
+EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
+STOP_GRACE_S = 90.0  # a run told to stop flushes its finished rows first
+
+
+def api_keys(config: BatchApiConfig) -> set[str]:
+    """Owners (digests) of the accepted keys, from a Prefect Secret block or NIGHTSHIFT_API_KEYS."""
+    if config.api_key_secret:
+        from prefect.blocks.system import Secret
+
+        value = Secret.load(config.api_key_secret).get()
+        keys = value if isinstance(value, list) else str(value).split(",")
+    else:
+        keys = os.environ.get("NIGHTSHIFT_API_KEYS", "").split(",")
+    keys = [k.strip() for k in keys if k.strip()]
+    if not keys:
+        raise ConfigurationError(
+            "no API keys: set NIGHTSHIFT_API_KEYS (comma-separated) or name a Prefect Secret block "
+            "with --api-key-secret"
+        )
+    return {owner_of(k) for k in keys}
+
+
+class BatchRunner:
+    """Turns stored batches into Nightshift runs and follows them; the only writer of a batch's
+    status besides the API's create and cancel (all under one lock)."""
+
+    def __init__(self, config: BatchApiConfig, store: Store) -> None:
+        self.config, self.store = config, store
+        self.lock = threading.RLock()
+        self.children: dict[str, subprocess.Popen] = {}
+        self.logs = Path(tempfile.gettempdir()) / "nightshift-serve" if is_url(config.storage) else None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="nightshift-batch-runner", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        """Stop following; running batches are told to save their finished rows and stay
+        in_progress, so the next server resumes them."""
+        self._stop.set()
+        self._thread.join(timeout=30)
+        for child in self.children.values():
+            _stop_child(child)
+
+    def update(self, batch_id: str, change) -> StoredBatch:
+        with self.lock:
+            stored = self.store.batch(batch_id)
+            change(stored)
+            self.store.save_batch(stored)
+            return stored
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.config.poll_s):
+            try:
+                self.step()
+            except Exception:  # one bad look must not end the runner; the next one tries again
+                log.exception("batch runner step failed")
+
+    def step(self) -> None:
+        for stored in self.store.batches():
+            if stored.batch.status not in TERMINAL and not self._stop.is_set():
+                self._advance(stored)
+
+    def _advance(self, stored: StoredBatch) -> None:
+        batch = stored.batch
+        if batch.status == "cancelling":
+            self._close(batch.id, "cancelled", "batch_cancelled", CANCELLED_MESSAGE)
+        elif time.time() >= batch.expires_at:
+            self._close(batch.id, "expired", "batch_expired", EXPIRED_MESSAGE)
+        elif batch.status == "validating":
+            self._validate_or_start(stored)
+        else:
+            self._follow(stored)
+
+    def _validate_or_start(self, stored: StoredBatch) -> None:
+        batch = stored.batch
+        if not batch.request_counts.total:
+            requests, errors = check_batch_input(self._input(batch), batch.endpoint, self.config.max_requests)
+            if errors:
+                self._fail(batch.id, errors)
+                return
+            stored = self.update(batch.id, lambda s: setattr(s.batch.request_counts, "total", requests))
+        if not any(child.poll() is None for child in self.children.values()):  # one run at a time, oldest first
+            self._launch(stored)
+
+    def _launch(self, stored: StoredBatch) -> None:
+        batch = stored.batch
+        if stored.run_attempts >= self.config.max_attempts:
+            self._fail(batch.id, [BatchError(code="run_failed", message=self._last_words(batch.id))])
+            return
+        model = self.config.embedding_model if batch.endpoint == "/v1/embeddings" else self.config.chat_model
+        # Progress and checkpoints at least every twentieth of the batch: request_counts move.
+        chunk_size = max(8, min(512, batch.request_counts.total // 20))
+        command = [
+            sys.executable, "-m", "nightshift.cli", "run", str(self._input(batch)),
+            "--output", str(self.store.run_dir(batch.id)), "--model", model, "--chunk-size", str(chunk_size),
+        ]  # fmt: skip
+        with open(self._log_path(batch.id), "ab") as log_file:
+            self.children[batch.id] = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+                # A cancelled or expired batch stops now: rows in flight get 2 s, not a spot VM's 20.
+                env={"NIGHTSHIFT_SIGTERM_GRACE_S": "2", **os.environ, "NIGHTSHIFT_RUN_NAME": f"batch {batch.id}"},
+            )
+
+        def started(s: StoredBatch) -> None:
+            s.run_attempts += 1
+            s.run_group, s.run_host = self.children[batch.id].pid, socket.gethostname()
+            s.batch.status = "finalizing" if s.batch.status == "finalizing" else "in_progress"
+            s.batch.in_progress_at = s.batch.in_progress_at or int(time.time())
+
+        self.update(batch.id, started)
+        log.info("batch %s: run started (%s, attempt %d)", batch.id, model, stored.run_attempts + 1)
+
+    def _follow(self, stored: StoredBatch) -> None:
+        batch = stored.batch
+        child = self.children.get(batch.id)
+        if child is None:  # the server restarted, or the last run crashed: resume from checkpoints
+            _kill_leftovers(stored)
+            self._launch(stored)
+            return
+        code = child.poll()
+        if code is None:
+            self._count_progress(stored)
+            return
+        del self.children[batch.id]
+        if code in (0, 3):  # 3: the outputs are there, but the canary gate failed
+            self._finish(batch.id, "completed" if code == 0 else "failed", gate_failed=code == 3)
+        elif code == 2:  # the input or the configuration is refused: retrying cannot help
+            self._fail(batch.id, [BatchError(code="invalid_batch", message=self._last_words(batch.id))])
+        else:
+            log.warning("batch %s: run exited %s; resuming it", batch.id, code)
+
+    def _count_progress(self, stored: StoredBatch) -> None:
+        run_dir = RunDir(self.store.run_dir(stored.batch.id))
+        try:
+            progress = _read_json(run_dir.root / "progress.json")
+            canaries = Plan.load(run_dir.plan_manifest).canary_rows
+        except (FileNotFoundError, ValueError):
+            return
+        done = max(0, min(progress["completed"] - canaries, stored.batch.request_counts.total))
+
+        def counted(s: StoredBatch) -> None:
+            s.batch.request_counts.completed = done
+            if done >= s.batch.request_counts.total and s.batch.status == "in_progress":
+                s.batch.status, s.batch.finalizing_at = "finalizing", int(time.time())
+
+        if done != stored.batch.request_counts.completed:
+            self.update(stored.batch.id, counted)
+
+    def _close(self, batch_id: str, status: str, code: str, message: str) -> None:
+        """Stop the batch's run; its finished rows are its output, every other row an error line."""
+        child = self.children.pop(batch_id, None)
+        if child is not None:
+            _stop_child(child)
+        stored = self.store.batch(batch_id)
+        _kill_leftovers(stored)
+        batch = stored.batch
+        run_dir = RunDir(self.store.run_dir(batch_id))
+        if run_dir.plan_manifest.exists() and run_dir.job.exists():
+            from nightshift.tasks.merge import merge_unfinished
+
+            merge_unfinished(run_dir, code, message)
+        else:  # never planned: every request is unfinished
+            _write_unfinished(self._input(batch), run_dir, code, message)
+        self._finish(batch_id, status)
+
+    def _finish(self, batch_id: str, status: str, gate_failed: bool = False) -> None:
+        run_dir = RunDir(self.store.run_dir(batch_id))
+        report = RunReport.load(run_dir.summary)
+        batch = self.store.batch(batch_id)
+        owner, now = batch.owner, int(time.time())
+        output = self._output_file(owner, batch_id, run_dir.output, "output")
+        errors = self._output_file(owner, batch_id, run_dir.errors, "errors") if report.failed else None
+
+        def finished(s: StoredBatch) -> None:
+            b = s.batch
+            b.status, b.output_file_id = status, output.file.id
+            b.error_file_id = errors.file.id if errors else None
+            b.request_counts = RequestCounts(total=report.total_rows, completed=report.succeeded, failed=report.failed)
+            b.usage = BatchUsage(
+                input_tokens=report.prompt_tokens,
+                output_tokens=report.completion_tokens,
+                total_tokens=report.prompt_tokens + report.completion_tokens,
+            )
+            b.finalizing_at = b.finalizing_at or now
+            setattr(b, {"completed": "completed_at", "failed": "failed_at"}.get(status, f"{status}_at"), now)
+            if gate_failed:
+                b.errors = BatchErrors(
+                    data=[
+                        BatchError(
+                            code="validation_failed",
+                            message="The canary validation gate failed: the outputs were written, but do not trust "
+                            "them before reading validation.json in the batch's run directory.",
+                        )
+                    ]
+                )
+
+        self.update(batch_id, finished)
+        log.info("batch %s: %s (%d ok, %d failed)", batch_id, status, report.succeeded, report.failed)
+
+    def _fail(self, batch_id: str, errors: list[BatchError]) -> None:
+        def failed(s: StoredBatch) -> None:
+            s.batch.status, s.batch.failed_at = "failed", int(time.time())
+            s.batch.errors = BatchErrors(data=errors)
+
+        self.update(batch_id, failed)
+        log.info("batch %s: failed (%s)", batch_id, errors[0].code)
+
+    def _output_file(self, owner: str, batch_id: str, path, kind: str) -> StoredFile:
+        relative = str(location(path)).removeprefix(str(self.store.root)).lstrip("/")
+        return self.store.add_file(
+            new_id("file-"), owner, f"{batch_id}_{kind}.jsonl", "batch_output", location(path).stat().st_size, relative
+        )
+
+    def _input(self, batch: BatchObject) -> Path:
+        return self.store.path(self.store.upload_path(batch.input_file_id))
+
+    def _log_path(self, batch_id: str) -> Path:
+        folder = self.logs or Path(self.store.root) / "logs"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"{batch_id}.log"
+
+    def _last_words(self, batch_id: str) -> str:
+        """The run's own one-line reason (`nightshift: …`), else its log's last line."""
+        try:
+            lines = self._log_path(batch_id).read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return "the batch's run never started"
+        said = [line.removeprefix("nightshift: ") for line in lines if line.startswith("nightshift: ")]
+        return (said or lines or ["the batch's run failed without a word"])[-1][:2000]
+
+
+def _write_unfinished(input_path: Path, run_dir: RunDir, code: str, message: str) -> None:
+    """Outputs of a batch stopped before its run planned anything: every request an error line."""
+    import json
+
+    from nightshift.batch_api import _lines
+    from nightshift.openai_format import error_line
+
+    failed = 0
+    with written_whole(run_dir.errors) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        for line_no, raw in _lines(input_path):
+            if raw.strip():
+                custom_id = json.loads(raw).get("custom_id")  # validated: every line is an object
+                error = {"code": code, "message": message, "line": line_no}
+                out.write(json.dumps(error_line(custom_id, error, "unplanned"), ensure_ascii=False) + "\n")
+                failed += 1
+    with written_whole(run_dir.output) as tmp:
+        Path(tmp).write_text("")
+    RunReport(
+        run_dir=str(run_dir.root),
+        total_rows=failed,
+        succeeded=0,
+        failed=failed,
+        prompt_tokens=0,
+        completion_tokens=0,
+        output_path=str(run_dir.output),
+        errors_path=str(run_dir.errors),
+        results_path=str(run_dir.results),
+        errors_by_code={code: failed},
+    ).save(run_dir.summary)
+
+
+def _read_json(path) -> dict:
+    import json
+
+    return json.loads(location(path).read_text())
+
+
+def _stop_child(child: subprocess.Popen) -> None:
+    """SIGTERM: the run saves its finished rows and exits 143; then its whole group goes."""
+    if child.poll() is None:
+        child.send_signal(signal.SIGTERM)
+        try:
+            child.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(child.pid, signal.SIGKILL)  # the engine's processes, whatever the run left behind
+    except ProcessLookupError:
+        pass
+    child.wait()
+
+
+def _kill_leftovers(stored: StoredBatch) -> None:
+    """A server killed with -9 takes its run along (`_die_with_parent`), but not the engine
+    processes that run started: they would hold the machine's cores and memory forever."""
+    if stored.run_group is None or stored.run_host != socket.gethostname():
+        return
+    import psutil
+
+    members = []
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == stored.run_group:
+                members.append(process)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    for process in members:
+        log.warning("batch %s: killing %s left over from its last run", stored.batch.id, process.pid)
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+
+
+def _die_with_parent() -> None:
+    """A run must not outlive a killed server: the restarted server resumes it instead."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+# --- the HTTP API -------------------------------------------------------------------------
+
+
+def create_app(config: BatchApiConfig, store: Store, runner: BatchRunner, owners: set[str]):
+    app = FastAPI(title="Nightshift Batch API", docs_url=None, redoc_url=None)
+
+    class ApiError(Exception):
+        def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
+            self.status, self.message, self.code, self.param = status, message, code, param
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        kind = {401: "invalid_request_error", 404: "invalid_request_error"}.get(exc.status, "invalid_request_error")
+        body = {"error": {"message": exc.message, "type": kind, "param": exc.param, "code": exc.code}}
+        return JSONResponse(body, status_code=exc.status)
+
+    def owner(authorization: str | None = Header(None)) -> str:
+        key = (authorization or "").removeprefix("Bearer ").strip()
+        digest = owner_of(key) if key else ""
+        if not key or not any(hmac.compare_digest(digest, allowed) for allowed in owners):
+            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+        return digest
+
+    def found_file(file_id: str, who: str) -> StoredFile:
+        stored = store.file(file_id, who)
+        if stored is None:
+            raise ApiError(404, f"No such File object: {file_id}", param="id")
+        return stored
+
+    def found_batch(batch_id: str, who: str) -> StoredBatch:
+        stored = store.batch(batch_id, who)
+        if stored is None:
+            raise ApiError(404, f"No batch found with id '{batch_id}'.", param="id")
+        return stored
+
+    @app.post("/v1/files")
+    def create_file(request: Request, file: UploadFile = File(...), purpose: str = Form(...), who=Depends(owner)):
+        if purpose != "batch":
+            raise ApiError(400, f"Nightshift serves purpose 'batch' only, not {purpose!r}.", param="purpose")
+        if int(request.headers.get("content-length") or 0) > config.max_file_bytes + 65536:
+            raise ApiError(413, f"The file is larger than {config.max_file_bytes} bytes.", param="file")
+        file_id = new_id("file-")
+        size = 0
+        with written_whole(store.path(store.upload_path(file_id))) as tmp, open(tmp, "wb") as out:
+            while block := file.file.read(1 << 20):
+                size += len(block)
+                if size > config.max_file_bytes:
+                    raise ApiError(413, f"The file is larger than {config.max_file_bytes} bytes.", param="file")
+                out.write(block)
+        name = os.path.basename(file.filename or "upload.jsonl")[:255]  # a label only, never a path
+        return store.add_file(file_id, who, name, "batch", size, store.upload_path(file_id)).file.model_dump()
+
+    @app.get("/v1/files")
+    def list_files(
+        purpose: str | None = None,
+        limit: int = 10000,
+        after: str | None = None,
+        order: str = "desc",
+        who=Depends(owner),
+    ):
+        files = [f.file for f in store.files(who) if purpose in (None, f.file.purpose)]
+        chosen, more = page(files, max(1, min(limit, 10000)), after, newest_first=order != "asc")
+        return _listing([f.model_dump() for f in chosen], more)
+
+    @app.get("/v1/files/{file_id}")
+    def retrieve_file(file_id: str, who=Depends(owner)):
+        return found_file(file_id, who).file.model_dump()
+
+    @app.get("/v1/files/{file_id}/content")
+    def file_content(file_id: str, who=Depends(owner)):
+        stored = found_file(file_id, who)
+        handle = store.path(stored.content).open("rb")
+
+        def blocks():
+            with handle:
+                while block := handle.read(1 << 20):
+                    yield block
+
+        return StreamingResponse(blocks(), media_type="application/octet-stream")
+
+    @app.delete("/v1/files/{file_id}")
+    def delete_file(file_id: str, who=Depends(owner)):
+        store.delete_file(found_file(file_id, who))
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    @app.post("/v1/batches")
+    async def create_batch(request: Request, who=Depends(owner)):
+        try:
+            body = await request.json()
+        except ValueError:
+            raise ApiError(400, "The request body is not JSON.") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "The request body must be a JSON object.")
+        endpoint = body.get("endpoint")
+        if endpoint not in ENDPOINTS:
+            raise ApiError(
+                400, f"endpoint must be one of {', '.join(ENDPOINTS)}.", code="invalid_value", param="endpoint"
+            )
+        try:
+            window = window_seconds(str(body.get("completion_window", "")))
+        except ValueError as exc:
+            raise ApiError(400, str(exc), code="invalid_value", param="completion_window") from None
+        metadata = body.get("metadata")
+        if metadata is not None and not (
+            isinstance(metadata, dict)
+            and len(metadata) <= 16
+            and all(
+                isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512
+                for k, v in metadata.items()
+            )
+        ):
+            raise ApiError(400, "metadata holds at most 16 string pairs (keys ≤ 64, values ≤ 512).", param="metadata")
+        source = store.file(str(body.get("input_file_id")), who)
+        if source is None or source.file.purpose != "batch":
+            raise ApiError(400, f"Invalid input_file_id: {body.get('input_file_id')!r}.", param="input_file_id")
+        now = int(time.time())
+        model = config.embedding_model if endpoint == "/v1/embeddings" else config.chat_model
+        batch = BatchObject(
+            id=new_id("batch_"),
+            endpoint=endpoint,
+            input_file_id=source.file.id,
+            completion_window=body["completion_window"],
+            created_at=now,
+            expires_at=now + window,
+            metadata=metadata,
+            model=model,
+        )
+        with runner.lock:
+            store.save_batch(StoredBatch(batch=batch, owner=who))
+        return batch.model_dump()
+
+    @app.get("/v1/batches")
+    def list_batches(limit: int = 20, after: str | None = None, who=Depends(owner)):
+        batches = [b.batch for b in store.batches(who)]
+        chosen, more = page(batches, max(1, min(limit, 100)), after)
+        return _listing([b.model_dump() for b in chosen], more)
+
+    @app.get("/v1/batches/{batch_id}")
+    def retrieve_batch(batch_id: str, who=Depends(owner)):
+        return found_batch(batch_id, who).batch.model_dump()
+
+    @app.post("/v1/batches/{batch_id}/cancel")
+    def cancel_batch(batch_id: str, who=Depends(owner)):
+        with runner.lock:
+            stored = found_batch(batch_id, who)
+            if stored.batch.status in TERMINAL or stored.batch.status == "cancelling":
+                if stored.batch.status not in ("cancelling", "cancelled"):
+                    raise ApiError(409, f"Cannot cancel a batch with status '{stored.batch.status}'.")
+                return stored.batch.model_dump()
+
+            def cancelling(s: StoredBatch) -> None:
+                s.batch.status, s.batch.cancelling_at = "cancelling", int(time.time())
+
+            return runner.update(batch_id, cancelling).batch.model_dump()
+
+    return app
+
+
+def _listing(data: list[dict], has_more: bool) -> dict:
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": has_more,
+    }
+
+
+def serve(config: BatchApiConfig) -> int:
+    """Run the API until SIGINT/SIGTERM; batches in flight resume on the next start."""
+    import uvicorn
+
+    from nightshift.lease import run_lease
+
+    owners = api_keys(config)  # before anything listens: no keys, no server
+    store = Store(config.storage)
+    if not is_url(config.storage):
+        Path(config.storage).mkdir(parents=True, exist_ok=True)
+    with run_lease(str(store.root)):  # one server per storage: two would run each batch twice
+        runner = BatchRunner(config, store)
+        app = create_app(config, store, runner, owners)
+        runner.start()
+        try:
+            uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+        finally:
+            runner.shutdown()
+    return 0

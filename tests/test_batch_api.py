@@ -1,0 +1,229 @@
+"""`nightshift serve` is OpenAI's Batch API: the official `openai` client's batch flow runs
+against it unchanged but for `base_url` and `api_key` — on a real server process, with each batch
+a real Nightshift run on the tiny model."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openai
+import psutil
+import pytest
+from conftest import chat_request
+
+REPO = Path(__file__).resolve().parent.parent
+KEYS = ("key-owner", "key-stranger")
+TERMINAL = ("completed", "failed", "expired", "cancelled")
+
+
+class Server:
+    """A `nightshift serve` process on a free local port; killed or restarted on demand."""
+
+    def __init__(self, storage: Path, *extra: str) -> None:
+        self.storage, self.extra = storage, extra
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> Server:
+        command = [sys.executable, "-m", "nightshift.cli", "serve", "--storage", str(self.storage)]
+        command += ["--port", str(self.port), "--chat-model", "tiny", "--poll-s", "0.3", *self.extra]
+        env = {**os.environ, "NIGHTSHIFT_API_KEYS": ",".join(KEYS)}
+        log = open(self.storage.parent / f"server-{self.port}.log", "ab")
+        self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return self
+            except OSError:
+                assert self.process.poll() is None, "the server exited at start"
+                time.sleep(0.3)
+        raise TimeoutError("the server did not listen within 60 s")
+
+    def client(self, key: str = KEYS[0]) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key, max_retries=0)
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture
+def server(tmp_path):
+    running = Server(tmp_path / "storage").start()
+    yield running
+    running.stop()
+
+
+def upload(client: openai.OpenAI, rows) -> str:
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in rows]
+    return client.files.create(file=("requests.jsonl", io.BytesIO("\n".join(lines).encode())), purpose="batch").id
+
+
+def long_requests(count: int) -> list[dict]:
+    """Requests that keep the engine busy for a while: 256 tokens each, whatever the model says."""
+    return [chat_request(f"long-{i}", f"A story, number {i}.", max_tokens=256, ignore_eos=True) for i in range(count)]
+
+
+def wait_for(client: openai.OpenAI, batch_id: str, until, timeout: float = 400):
+    seen = []
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        batch = client.batches.retrieve(batch_id)
+        seen.append(batch)
+        if until(batch):
+            return batch, seen
+        time.sleep(0.5)
+    raise TimeoutError(f"batch {batch_id} still {seen[-1].status}: {seen[-1].request_counts}")
+
+
+def lines_of(client: openai.OpenAI, file_id: str | None) -> list[dict]:
+    if file_id is None:
+        return []
+    return [json.loads(line) for line in client.files.content(file_id).text.splitlines()]
+
+
+def test_the_sdk_batch_flow_answers_every_request_once(server):
+    client = server.client()
+    rows = [chat_request(f"req-{i}", f"Say hello to number {i}.") for i in range(30)]
+    rows.insert(7, {"custom_id": "no-messages", "method": "POST", "url": "/v1/chat/completions", "body": {}})
+    input_id = upload(client, rows)
+    batch = client.batches.create(
+        input_file_id=input_id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        metadata={"night": "2026-11-23"},
+    )
+    assert batch.status == "validating" and batch.metadata == {"night": "2026-11-23"}
+
+    batch, seen = wait_for(client, batch.id, lambda b: b.status in TERMINAL)
+
+    assert batch.status == "completed", batch.errors
+    statuses = [b.status for b in seen]
+    assert "in_progress" in statuses and statuses.index("in_progress") < statuses.index("completed")
+    assert batch.request_counts.model_dump() == {"total": 31, "completed": 30, "failed": 1}
+    assert batch.created_at <= batch.in_progress_at <= batch.finalizing_at <= batch.completed_at
+    assert batch.usage.input_tokens > 0 and batch.usage.output_tokens > 0
+    outputs, errors = lines_of(client, batch.output_file_id), lines_of(client, batch.error_file_id)
+    assert sorted(line["custom_id"] for line in outputs + errors) == sorted(row["custom_id"] for row in rows)
+    assert all(line["response"]["body"]["object"] == "chat.completion" for line in outputs)
+    assert [line["custom_id"] for line in errors] == ["no-messages"]
+    output_file = client.files.retrieve(batch.output_file_id)
+    assert output_file.purpose == "batch_output" and output_file.bytes > 0
+
+    # Another key sees none of it; no key, or a wrong one, is refused.
+    stranger = server.client(KEYS[1])
+    with pytest.raises(openai.NotFoundError):
+        stranger.batches.retrieve(batch.id)
+    with pytest.raises(openai.NotFoundError):
+        stranger.files.content(batch.output_file_id)
+    assert stranger.batches.list().data == [] and stranger.files.list().data == []
+    with pytest.raises(openai.AuthenticationError):
+        server.client("not-a-key").batches.list()
+
+    # A file deleted is gone; the batch's outputs stay downloadable.
+    assert client.files.delete(input_id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(input_id)
+    assert len(lines_of(client, batch.output_file_id)) == 30
+
+
+def test_a_file_that_is_not_a_valid_batch_fails_with_its_lines_named(server):
+    client = server.client()
+    not_json = upload(client, [chat_request("a", "hi"), "{not json", chat_request("b", "hi")])
+    mixed = dict(chat_request("c", "hi"), url="/v1/embeddings")
+    mixed_endpoints = upload(client, [chat_request("a", "hi"), mixed])
+    repeated = upload(client, [chat_request("a", "hi"), chat_request("a", "again")])
+    made = [
+        client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h").id
+        for file_id in (not_json, mixed_endpoints, repeated)
+    ]
+
+    failed = [wait_for(client, batch_id, lambda b: b.status in TERMINAL, timeout=60)[0] for batch_id in made]
+
+    assert [b.status for b in failed] == ["failed"] * 3
+    assert [(e.code, e.line) for e in failed[0].errors.data] == [("invalid_json_line", 2)]
+    assert [(e.code, e.line) for e in failed[1].errors.data] == [("url_mismatch", 2)]
+    assert [(e.code, e.line) for e in failed[2].errors.data] == [("duplicate_custom_id", 2)]
+    assert all(b.failed_at and b.output_file_id is None for b in failed)
+    # Listed newest first, a page at a time, as the client's auto-pagination expects.
+    assert [b.id for b in client.batches.list(limit=1)] == made[::-1]
+    with pytest.raises(openai.BadRequestError):
+        client.batches.create(input_file_id=not_json, endpoint="/v1/images", completion_window="24h")
+    with pytest.raises(openai.BadRequestError):
+        client.batches.create(input_file_id=not_json, endpoint="/v1/chat/completions", completion_window="soon")
+
+
+def test_cancel_mid_run_keeps_finished_rows_and_a_queued_batch_expires(server):
+    client = server.client()
+    rows = long_requests(3000)
+    running = client.batches.create(input_file_id=upload(client, rows), endpoint="/v1/chat/completions",
+                                    completion_window="24h")  # fmt: skip
+    small = [chat_request(f"queued-{i}", "hi") for i in range(5)]
+    queued = client.batches.create(input_file_id=upload(client, small), endpoint="/v1/chat/completions",
+                                   completion_window="3s")  # fmt: skip
+    wait_for(client, running.id, lambda b: b.request_counts.completed > 0)
+
+    cancelling = client.batches.cancel(running.id)
+    cancelled, _ = wait_for(client, running.id, lambda b: b.status in TERMINAL)
+    expired, _ = wait_for(client, queued.id, lambda b: b.status in TERMINAL)
+
+    assert cancelling.status == "cancelling" and cancelled.status == "cancelled" and cancelled.cancelled_at
+    outputs, errors = lines_of(client, cancelled.output_file_id), lines_of(client, cancelled.error_file_id)
+    assert sorted(line["custom_id"] for line in outputs + errors) == sorted(row["custom_id"] for row in rows)
+    assert 0 < len(outputs) < len(rows)
+    assert {line["error"]["code"] for line in errors} == {"batch_cancelled"}
+    assert cancelled.request_counts.model_dump() == {"total": 3000, "completed": len(outputs), "failed": len(errors)}
+    # Expired while waiting its turn: every request an error line, as OpenAI writes them.
+    assert expired.status == "expired" and expired.expired_at
+    expired_lines = lines_of(client, expired.error_file_id)
+    assert [(line["custom_id"], line["error"]["code"]) for line in expired_lines] == [
+        (row["custom_id"], "batch_expired") for row in small
+    ]
+
+
+def test_a_server_killed_mid_batch_resumes_it_when_started_again(tmp_path):
+    server = Server(tmp_path / "storage").start()
+    client = server.client()
+    rows = long_requests(2000)
+    batch = client.batches.create(input_file_id=upload(client, rows), endpoint="/v1/chat/completions",
+                                  completion_window="24h")  # fmt: skip
+    wait_for(client, batch.id, lambda b: b.request_counts.completed > 0)
+
+    server.kill()
+    first_run = json.loads((tmp_path / "storage" / "batches" / f"{batch.id}.json").read_text())["run_group"]
+    server.start()
+    try:
+        done, _ = wait_for(server.client(), batch.id, lambda b: b.status in TERMINAL)
+        outputs = lines_of(server.client(), done.output_file_id)
+    finally:
+        server.stop()
+
+    assert done.status == "completed" and done.request_counts.completed == len(rows)
+    assert sorted(line["custom_id"] for line in outputs) == sorted(row["custom_id"] for row in rows)
+    assert not [p.pid for p in psutil.process_iter() if _group(p.pid) == first_run], "the killed run's engine lives on"
+
+
+def _group(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
