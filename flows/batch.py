@@ -13,7 +13,7 @@ from nightshift.blocks.storage import ObjectStorage
 from nightshift.tasks.canary import canary_validation
 from nightshift.tasks.fanout import dispatch_shard_groups
 from nightshift.tasks.generate import generate_here
-from nightshift.tasks.merge import merge_outputs
+from nightshift.tasks.merge import expire_unfinished, merge_outputs
 from nightshift.tasks.plan import plan_shards
 from nightshift.tasks.report import cost_report
 from prefect import flow
@@ -21,6 +21,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from nightshift import progress
 from nightshift.config import DEFAULT_SHARD_SIZE, CanaryConfig, CorpusOptions, FanOut, JobSpec
+from nightshift.deadline import DeadlineReached, DeadlineTimer, parse_deadline
 from nightshift.engine import start_engine_in_background
 from nightshift.jobs import check_job, size_for_input
 from nightshift.lease import run_lease
@@ -46,6 +47,7 @@ def batch_inference(
     validation: CanaryConfig | None = None,
     fan_out: FanOut | None = None,
     result_cache: str | None = None,
+    deadline: str | None = None,
 ) -> RunReport:
     """Run a model over every row of `input_path`; outputs land in `run_dir`.
 
@@ -63,8 +65,14 @@ def batch_inference(
     generated in this process.
     `result_cache` names a directory of deterministic rows' outputs shared across runs: rows
     answered there are not generated again.
+    `deadline` ("6h", "08:00", "2026-11-27T08:00+01:00"; see nightshift/deadline.py) is kept:
+    at it, admission stops, finished rows are merged and every other row becomes a
+    `batch_expired` error line; the flow run ends Completed, named "Expired".
     """
     from prefect.runtime import flow_run
+    from prefect.states import Completed
+
+    deadline_at = parse_deadline(deadline) if deadline else None  # a bad one fails before any work
 
     if storage:  # in this process's memory only: never a parameter, a file or a log line
         use_storage_options(ObjectStorage.load(storage).storage_options())
@@ -72,7 +80,7 @@ def batch_inference(
     if result_cache:
         job = job.model_copy(update={"result_cache": result_cache})
     run_dir = scheduled_run_dir(run_dir)
-    with run_lease(run_dir, flow_run.id):  # one live run per run directory
+    with run_lease(run_dir, flow_run.id), DeadlineTimer(deadline_at):  # one live run per run directory
         if not fan_out:  # the engine loads here, while the input is planned
             check_job(job)
             start_engine_in_background(job.engine)
@@ -81,10 +89,24 @@ def batch_inference(
         plan = plan_shards(input_path, run_dir, shard_size, corpus, validation.canaries)
         progress.start(RunDir(run_dir), plan.total_rows, run_status(run_dir).rows_done)
         checkpoints = checkpoint_storage or saved_run_checkpoints(str(RunDir(run_dir).checkpoints))
-        if fan_out:
-            results, cached = dispatch_shard_groups(plan.shards, job, run_dir, checkpoints, fan_out, storage)
-        else:
-            results, cached = generate_here(plan.shards, job, run_dir, checkpoints)
+        try:
+            if fan_out:
+                results, cached = dispatch_shard_groups(
+                    plan.shards, job, run_dir, checkpoints, fan_out, storage, deadline_at
+                )
+            else:
+                results, cached = generate_here(plan.shards, job, run_dir, checkpoints)
+        except DeadlineReached:
+            report = expire_unfinished(run_dir, deadline_at.isoformat(timespec="seconds"))
+            cost_report(run_dir, GpuPricing.load(pricing) if pricing else None)  # how far it got
+            report = report.model_copy(update={"shards": len(plan.shards)})
+            return Completed(
+                name="Expired",
+                message=f"deadline {deadline_at.isoformat(timespec='seconds')} reached: "
+                f"{report.succeeded} of {report.total_rows} rows done, "
+                f"{report.errors_by_code.get('batch_expired', 0)} batch_expired",
+                data=report,
+            )
         report = merge_outputs(plan, results, run_dir)
         try:
             canary_validation(run_dir, job, validation)

@@ -14,6 +14,7 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from nightshift.config import JobSpec
+from nightshift.deadline import DeadlineTimer, parse_deadline
 from nightshift.records import Shard
 from nightshift.storage import use_storage_options
 
@@ -26,13 +27,15 @@ def generate_shards(
     checkpoint_storage: str,
     group: str,
     storage: str | None = None,
+    deadline: str | None = None,
 ) -> int:
     """Generate `shards` of the run in `run_dir`; returns how many came back Cached.
     `storage` names the ObjectStorage block whose credentials reach an `s3://` run directory
-    (default: this machine's environment or role)."""
+    (default: this machine's environment or role). At `deadline` (the parent run's, an ISO
+    date-time) generation stops admitting rows and flushes what finished."""
     if storage:
         use_storage_options(ObjectStorage.load(storage).storage_options())
-    with heartbeat(run_dir, group):
+    with heartbeat(run_dir, group), DeadlineTimer(parse_deadline(deadline) if deadline else None):
         stall_if_drilled()
         results, cached = generate_here(shards, job, run_dir, checkpoint_storage)
         write_group_manifest(run_dir, group, results, cached)

@@ -1,8 +1,9 @@
 """Retry flow: give the rows that failed for the engine's sake another attempt.
 
-Only retryable errors (`engine_error`: the engine died under the row twice) are retried;
-validation errors would fail the same way again. Their new outcomes are added as chunks
-beside the old ones and supersede them in the merged outputs.
+Only retryable errors are retried: `engine_error` (the engine died under the row twice)
+and `batch_expired` (the run's deadline came before the row was generated); validation
+errors would fail the same way again. Their new outcomes are added as chunks beside the old
+ones and supersede them in the merged outputs.
 """
 
 from __future__ import annotations

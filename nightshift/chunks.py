@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from nightshift import progress
 from nightshift.config import JobSpec
+from nightshift.deadline import EXPIRED_CODE
 from nightshift.openai_format import embedding_output_line, embedding_vectors, error_line, output_line
 from nightshift.records import Shard, ShardResult
 from nightshift.rundir import RunDir, write_json_atomic
@@ -44,8 +45,8 @@ CHUNK_SCHEMA = pa.schema(
     ]
 )
 
-# Errors worth another attempt: the engine failed, not the request.
-RETRYABLE_CODES = ("engine_error",)
+# Errors worth another attempt: the engine failed, or the run's deadline came first; not the request.
+RETRYABLE_CODES = ("engine_error", EXPIRED_CODE)
 
 
 def chunk_files(output_dir: Path) -> list[Path]:

@@ -33,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run", help="run a batch job")
     run.add_argument("input", help="OpenAI batch JSONL, or a corpus (.parquet, .csv, .jsonl with --text-column)")
     run.add_argument("--output", required=True, help="run directory (re-running it resumes)")
+    run.add_argument(
+        "--deadline",
+        help="finish by: a duration (6h, 90m), a time of day (08:00) or an ISO date-time; unfinished rows "
+        "then end as batch_expired errors (exit status 4)",
+    )
     _add_job_arguments(run)
 
     models = commands.add_parser("models", help="provision the bundled models (idempotent)")
@@ -166,6 +171,7 @@ def _run(args) -> int:
 
     from nightshift.canaries import CanaryFailure
     from nightshift.config import ConfigurationError, EngineSettings, JobOptions
+    from nightshift.deadline import EXIT_EXPIRED, parse_deadline
     from nightshift.inputs import InputError
     from nightshift.jobs import make_job, validation_message
     from nightshift.models import DEFAULT_MODEL
@@ -174,8 +180,11 @@ def _run(args) -> int:
         corpus, validation = _corpus_options(args), _validation(args)
         model = args.model or ("minilm" if corpus is not None and corpus.task == "embed" else DEFAULT_MODEL)
         job = make_job(model, **_given(args, EngineSettings), **_given(args, JobOptions))
+        # A duration counts from now, not from when Prefect gets to the flow.
+        deadline = parse_deadline(args.deadline).isoformat() if args.deadline else None
         report = _run_preemptible(
-            args.output, lambda: run_job(args.input, args.output, job, args.shard_size, corpus, validation)
+            args.output,
+            lambda: run_job(args.input, args.output, job, args.shard_size, corpus, validation, deadline),
         )
     except (InputError, FileNotFoundError, ConfigurationError) as exc:
         print(f"nightshift: {exc}", file=sys.stderr)
@@ -187,10 +196,14 @@ def _run(args) -> int:
         print(f"nightshift: {exc}\nnightshift: see {Path(args.output) / 'validation.json'}", file=sys.stderr)
         return 3
     _print_report(report)
+    if report.expired:
+        return EXIT_EXPIRED
     return 0 if report.complete else 1
 
 
-def run_job(input_path: str, run_dir: str, job, shard_size: int | None = None, corpus=None, validation=None):
+def run_job(
+    input_path: str, run_dir: str, job, shard_size: int | None = None, corpus=None, validation=None, deadline=None
+):
     """Run the flow: plan, generate, merge, report, validate. An input that cannot be used at
     all fails here in milliseconds, then a configuration the model refuses (about a second);
     otherwise the engine starts loading at once, alongside Prefect's start-up and planning."""
@@ -210,7 +223,13 @@ def run_job(input_path: str, run_dir: str, job, shard_size: int | None = None, c
         if os.environ.get("NIGHTSHIFT_RUN_NAME"):  # `nightshift serve` names each batch's flow run after it
             batch_inference = batch_inference.with_options(flow_run_name=os.environ["NIGHTSHIFT_RUN_NAME"])
         return batch_inference(
-            input_path=input_path, run_dir=run_dir, job=job, corpus=corpus, validation=validation, **sizes
+            input_path=input_path,
+            run_dir=run_dir,
+            job=job,
+            corpus=corpus,
+            validation=validation,
+            deadline=deadline,
+            **sizes,
         )
 
 
@@ -265,6 +284,11 @@ def _print_report(report) -> None:
         f" ({report.prompt_tokens} prompt + {report.completion_tokens} completion tokens)"
     )
     print(f"shards: {report.shards} ({report.shards_cached} from checkpoints)")
+    if report.expired:
+        print(
+            f"deadline reached: {report.errors_by_code.get('batch_expired', 0)} rows not generated (batch_expired); "
+            f"`nightshift retry {report.run_dir}` generates them"
+        )
     if report.errors_by_code:
         print("errors by code: " + ", ".join(f"{c}={n}" for c, n in report.errors_by_code.items()))
     print(f"outputs: {report.output_path}\nerrors:  {report.errors_path}\nresults: {report.results_path}")

@@ -80,6 +80,7 @@ class RunReport(_Record):
     errors_by_code: dict[str, int] = Field(default_factory=dict)
     shards: int = 0
     shards_cached: int = Field(0, description="came back from the task cache: nothing regenerated")
+    expired: bool = Field(False, description="stopped at its deadline: its unfinished rows are batch_expired errors")
 
     @property
     def complete(self) -> bool:

@@ -49,6 +49,8 @@ from prefect.states import Cancelled, Cancelling, Crashed
 
 from nightshift.chunks import shard_cache_key
 from nightshift.config import FanOut, JobSpec
+from nightshift.deadline import DeadlineReached, deadline_reached
+from nightshift.preemption import grace_seconds
 from nightshift.records import Shard, ShardResult
 from nightshift.rundir import RunDir, write_json_atomic
 
@@ -79,12 +81,16 @@ def dispatch_shard_groups(
     checkpoint_storage: str,
     fan_out: FanOut,
     storage: str | None = None,
+    deadline: datetime | None = None,
 ) -> tuple[list[ShardResult], int]:
     """Generate `shards` on the work pool behind `fan_out.deployment`; returns the shards'
     results in order and how many came back from the cache. `storage` (an ObjectStorage
-    block's name, never its secrets) is handed on for the workers to load."""
+    block's name, never its secrets) is handed on for the workers to load. At `deadline`
+    (the parent's timer sets `deadline_reached`) nothing more is dispatched, child runs not
+    yet started are cancelled, running ones stop themselves at the same moment, and
+    DeadlineReached is raised once none is left writing."""
     with get_client(sync_client=True) as client:
-        return _Dispatcher(shards, job, run_dir, checkpoint_storage, fan_out, client, storage).run()
+        return _Dispatcher(shards, job, run_dir, checkpoint_storage, fan_out, client, storage, deadline).run()
 
 
 class _Dispatcher:
@@ -97,10 +103,11 @@ class _Dispatcher:
         fan_out: FanOut,
         client,
         storage: str | None = None,
+        deadline: datetime | None = None,
     ) -> None:
         size = max(1, fan_out.shards_per_group)
         self.shards, self.job, self.run_dir, self.fan_out, self.client = shards, job, run_dir, fan_out, client
-        self.checkpoint_storage, self.storage = checkpoint_storage, storage
+        self.checkpoint_storage, self.storage, self.deadline = checkpoint_storage, storage, deadline
         self.groups = [
             _Group(group_key(shards[i : i + size], job), shards[i : i + size]) for i in range(0, len(shards), size)
         ]
@@ -112,6 +119,8 @@ class _Dispatcher:
     def run(self) -> tuple[list[ShardResult], int]:
         waiting = deque(self.groups)
         while waiting or self._unfinished():
+            if deadline_reached.is_set():
+                self._stop_at_deadline()
             while waiting and len(self._unfinished()) < self.fan_out.max_in_flight:
                 self._launch(waiting.popleft())
             time.sleep(self.fan_out.poll_s)
@@ -121,6 +130,28 @@ class _Dispatcher:
                     self._launch(group)
         by_index = {r.shard_index: r for m in self.manifests.values() for r in m["results"]}
         return [by_index[shard.index] for shard in self.shards], sum(m["cached"] for m in self.manifests.values())
+
+    def _stop_at_deadline(self) -> None:
+        for group in self._unfinished():
+            for run_id in list(group.live):
+                run = self.client.read_flow_run(uuid.UUID(run_id))
+                if run.state and run.state.type in (StateType.SCHEDULED, StateType.PENDING):
+                    self._cancel(run_id, group, "the run's deadline passed before it started")
+        # Running children hold the same deadline: they stop admitting, flush and end.
+        give_up = time.monotonic() + grace_seconds() + self.fan_out.heartbeat_timeout_s
+        while time.monotonic() < give_up and any(
+            not self._ended(run_id) for group in self._unfinished() for run_id in group.live
+        ):
+            time.sleep(self.fan_out.poll_s)
+        for group in self._unfinished():
+            for run_id in list(group.live):
+                if not self._ended(run_id):
+                    self._cancel(run_id, group, "the run's deadline passed")
+        raise DeadlineReached(f"deadline {self.deadline} reached with shard groups unfinished")
+
+    def _ended(self, run_id: str) -> bool:
+        run = self.client.read_flow_run(uuid.UUID(run_id))
+        return run.state is not None and run.state.is_final()
 
     def _unfinished(self) -> list[_Group]:
         return [g for g in self.groups if g.winner is None and g.live]
@@ -140,6 +171,7 @@ class _Dispatcher:
                     "checkpoint_storage": self.checkpoint_storage,
                     "group": group.key,
                     "storage": self.storage,
+                    **({"deadline": self.deadline.isoformat()} if self.deadline else {}),
                 },
                 timeout=0,
                 idempotency_key=f"{self.parent}:{group.key}:{group.attempts}",
@@ -186,7 +218,7 @@ class _Dispatcher:
             # A group served from the cache says nothing about how long work takes.
             self.durations.append((run.end_time - run.start_time).total_seconds())
         for run_id in list(group.live):  # its duplicates' work is no longer needed
-            self._cancel(run_id, group)
+            self._cancel(run_id, group, "its group finished elsewhere")
 
     def _watch(self, group: _Group, run, silent_for_at_least: float) -> None:
         timeout = self.fan_out.heartbeat_timeout_s
@@ -213,13 +245,13 @@ class _Dispatcher:
             )
             self._launch(group)
 
-    def _cancel(self, run_id: str, group: _Group) -> None:
+    def _cancel(self, run_id: str, group: _Group, why: str) -> None:
         run = self.client.read_flow_run(uuid.UUID(run_id))
         if run.state and run.state.type in (StateType.SCHEDULED, StateType.PENDING):
-            self.client.set_flow_run_state(run.id, Cancelled(message="its group finished elsewhere"), force=True)
+            self.client.set_flow_run_state(run.id, Cancelled(message=why), force=True)
         elif run.state and not run.state.is_final():
-            self.client.set_flow_run_state(run.id, Cancelling(message="its group finished elsewhere"), force=True)
-        self.logger.info("cancelled duplicate %s of group %s", run.name, group.key)
+            self.client.set_flow_run_state(run.id, Cancelling(message=why), force=True)
+        self.logger.info("cancelled %s of group %s: %s", run.name, group.key, why)
         del group.live[run_id]
 
 

@@ -37,6 +37,7 @@ from nightshift.chunks import (
     shard_cache_key,
 )
 from nightshift.config import ConfigurationError, JobSpec
+from nightshift.deadline import DeadlineReached, StopSignal, deadline_reached
 from nightshift.engine import EngineFailure, get_engine
 from nightshift.models import local_model
 from nightshift.openai_format import PreparedRequest, RequestRejected, duplicate_key, prepare_request
@@ -54,8 +55,9 @@ def _task_cache_key(context: TaskRunContext, parameters: dict) -> str:
 
 def _retry_unless_preempted(task, task_run, state) -> bool:
     # A preempted process is going away: retrying inside it would only be killed again. A
-    # configuration the engine refuses is refused again: it is said once, not retried.
-    return not isinstance(state.result(raise_on_failure=False), (Preempted, ConfigurationError))
+    # configuration the engine refuses is refused again: it is said once, not retried. Past
+    # the deadline, there is no time left to retry in.
+    return not isinstance(state.result(raise_on_failure=False), (Preempted, ConfigurationError, DeadlineReached))
 
 
 @task(
@@ -86,6 +88,8 @@ def generate_here(
     """
     task_ = generate_shard.with_options(result_storage=checkpoint_storage)
     futures = [task_.submit(shard, job, run_dir) for shard in shards]
+    for future in futures:  # all of them: a run closed at its deadline must have no writer left
+        future.wait()
     results = [future.result() for future in futures]
     cached = sum(future.state.name == "Cached" for future in futures)
     stale = [shard for shard, result in zip(shards, results) if not checkpoint_intact(result)]
@@ -105,6 +109,8 @@ def generate(shard: Shard, job: JobSpec, run_dir: RunDir, only_rows: set[int] | 
 
 
 def _generate(shard: Shard, job: JobSpec, run_dir: RunDir, only_rows: set[int] | None) -> ShardResult:
+    if deadline_reached.is_set():
+        raise DeadlineReached(f"shard {shard.index}: not started before the run's deadline")
     started = time.monotonic()
     key = shard_cache_key(shard, job)
     output_dir = run_dir.shard_output(key)  # written whole, file by file: no directory to make
@@ -183,11 +189,12 @@ def _generate(shard: Shard, job: JobSpec, run_dir: RunDir, only_rows: set[int] |
     engine_started = time.time()
     # Suspects first and alone: if one kills the engine again, it alone is blamed.
     batches = [[r] for r in prepared if suspects.deaths(r.key)] + [[r for r in prepared if not suspects.deaths(r.key)]]
+    stop = StopSignal(stop_requested, deadline_reached)
     try:
         for batch in batches:
             if not batch:
                 continue
-            for request, outcome in engine.generate(batch, stop_requested, grace_seconds()):
+            for request, outcome in engine.generate(batch, stop, grace_seconds()):
                 for answered in [request, *copies.get(request.key, ())]:
                     row = by_index[answered.key]
                     if isinstance(outcome, Exception):
@@ -205,6 +212,10 @@ def _generate(shard: Shard, job: JobSpec, run_dir: RunDir, only_rows: set[int] |
     except EngineFailure as exc:
         suspects.record(exc.in_flight)
         raise
+    except Preempted:
+        if stop_requested.is_set():
+            raise
+        raise DeadlineReached(f"shard {shard.index}: stopped at the run's deadline") from None
     finally:
         writer.flush()  # finished rows survive a preemption or an engine fault
         if cache is not None:

@@ -24,6 +24,7 @@ from prefect import task
 from nightshift.canaries import CANARY_PREFIX
 from nightshift.chunks import ChunkWriter, best_rows_sql, chunk_files, rows_on_disk, shard_cache_key
 from nightshift.config import JobSpec
+from nightshift.deadline import EXPIRED_CODE
 from nightshift.records import Plan, RunReport, ShardResult
 from nightshift.rundir import RunDir
 from nightshift.storage import duckdb_connection, read_table, sql_path, written_whole
@@ -122,6 +123,17 @@ def _merge(con: duckdb.DuckDBPyConnection, plan: Plan, files: list[str], run_dir
 @task(name="merge-outputs")
 def merge_outputs(plan: Plan, results: list[ShardResult], run_dir: str) -> RunReport:
     return merge(plan, results, RunDir(run_dir))
+
+
+@task(name="expire-unfinished")
+def expire_unfinished(run_dir: str, deadline: str) -> RunReport:
+    """Close a run whose deadline passed: finished rows merged, every other row a
+    `batch_expired` error line (retryable with `nightshift retry`)."""
+    rd = RunDir(run_dir)
+    report = merge_unfinished(rd, EXPIRED_CODE, f"the run's deadline ({deadline}) passed before this row was generated")
+    report = report.model_copy(update={"expired": True})
+    report.save(rd.summary)
+    return report
 
 
 def _write_lines(con: duckdb.DuckDBPyConnection, query: str, path: Path) -> None:
