@@ -40,6 +40,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     _add_job_arguments(run)
 
+    plan = commands.add_parser(
+        "plan", help="dry run: tokens, hours, GPUs to finish by a deadline, cost (no engine, no GPU)"
+    )
+    plan.add_argument("input", help="the input `run` would take")
+    plan.add_argument("--deadline", help="finish by: a duration (6h), a time of day (08:00) or an ISO date-time")
+    plan.add_argument("--pricing", help="a saved GpuPricing block's name (default: the block's defaults)")
+    plan.add_argument("--history", help="a directory of earlier run directories: their measured throughput")
+    plan.add_argument(
+        "--calibrate", type=int, metavar="N", help="without history: run N rows of the input to measure throughput"
+    )
+    plan.add_argument("--format", choices=["table", "json"], default="table")
+    _add_job_arguments(plan)
+
     models = commands.add_parser("models", help="provision the bundled models (idempotent)")
     models.add_argument("names", nargs="*", help="tiny, smollm2, minilm (default: all)")
 
@@ -82,6 +95,8 @@ def _command(args) -> int:
         return _serve(args)
     if args.command == "models":
         return _models(args.names)
+    if args.command == "plan":
+        return _answer_bad_input(lambda: _plan(args))
     if args.command == "demo":
         return _demo(args)
     if args.command == "report":
@@ -166,39 +181,131 @@ def _validation(args):
     return CanaryConfig(**given)
 
 
-def _run(args) -> int:
+def _answer_bad_input(command) -> int:
+    """Run `command()`; a bad input or configuration is one line on stderr and exit status 2."""
     from pydantic import ValidationError
 
-    from nightshift.canaries import CanaryFailure
-    from nightshift.config import ConfigurationError, EngineSettings, JobOptions
-    from nightshift.deadline import EXIT_EXPIRED, parse_deadline
+    from nightshift.config import ConfigurationError
     from nightshift.inputs import InputError
-    from nightshift.jobs import make_job, validation_message
-    from nightshift.models import DEFAULT_MODEL
+    from nightshift.jobs import validation_message
 
     try:
+        return command()
+    except (InputError, FileNotFoundError, ConfigurationError) as exc:
+        print(f"nightshift: {exc}", file=sys.stderr)
+    except ValidationError as exc:
+        print(f"nightshift: {validation_message(exc)}", file=sys.stderr)
+    return 2
+
+
+def _job(args, corpus):
+    from nightshift.config import EngineSettings, JobOptions
+    from nightshift.jobs import make_job
+    from nightshift.models import DEFAULT_MODEL
+
+    model = args.model or ("minilm" if corpus is not None and corpus.task == "embed" else DEFAULT_MODEL)
+    return make_job(model, **_given(args, EngineSettings), **_given(args, JobOptions))
+
+
+def _run(args) -> int:
+    from nightshift.canaries import CanaryFailure
+    from nightshift.deadline import EXIT_EXPIRED, parse_deadline
+
+    def start() -> int:
         corpus, validation = _corpus_options(args), _validation(args)
-        model = args.model or ("minilm" if corpus is not None and corpus.task == "embed" else DEFAULT_MODEL)
-        job = make_job(model, **_given(args, EngineSettings), **_given(args, JobOptions))
+        job = _job(args, corpus)
         # A duration counts from now, not from when Prefect gets to the flow.
         deadline = parse_deadline(args.deadline).isoformat() if args.deadline else None
         report = _run_preemptible(
             args.output,
             lambda: run_job(args.input, args.output, job, args.shard_size, corpus, validation, deadline),
         )
-    except (InputError, FileNotFoundError, ConfigurationError) as exc:
-        print(f"nightshift: {exc}", file=sys.stderr)
-        return 2
-    except ValidationError as exc:
-        print(f"nightshift: {validation_message(exc)}", file=sys.stderr)
-        return 2
+        _print_report(report)
+        if report.expired:
+            return EXIT_EXPIRED
+        return 0 if report.complete else 1
+
+    try:
+        return _answer_bad_input(start)
     except CanaryFailure as exc:
         print(f"nightshift: {exc}\nnightshift: see {Path(args.output) / 'validation.json'}", file=sys.stderr)
         return 3
-    _print_report(report)
-    if report.expired:
-        return EXIT_EXPIRED
-    return 0 if report.complete else 1
+
+
+def _plan(args) -> int:
+    """`nightshift plan`: the input planned as a run would, its tokens counted with the model's
+    tokenizer, the throughput from history (or a calibration run), the arithmetic of
+    nightshift/estimate.py. Loads no engine unless asked to calibrate."""
+    import json
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from nightshift.blocks.pricing import GpuPricing, ManagedApiPrices
+    from nightshift.deadline import parse_deadline
+    from nightshift.engine import model_context
+    from nightshift.estimate import count_tokens, estimate, render, throughput_from_history
+    from nightshift.inputs import check_input, detect_kind
+    from nightshift.models import local_model
+    from nightshift.rundir import RunDir
+    from nightshift.tasks.plan import plan
+
+    corpus = _corpus_options(args)
+    job = _job(args, corpus)
+    deadline = parse_deadline(args.deadline) if args.deadline else None
+    check_input(args.input, detect_kind(args.input, corpus), corpus)
+    pricing, managed = GpuPricing.load(args.pricing) if args.pricing else GpuPricing(), ManagedApiPrices()
+    with tempfile.TemporaryDirectory(prefix="nightshift-plan-") as scratch:
+        planned = plan(args.input, RunDir(scratch), args.shard_size, corpus)
+        tokenizer = AutoTokenizer.from_pretrained(local_model(job.engine.model, job.model_identity))
+        tokens = count_tokens(planned, tokenizer, job.engine.max_model_len or model_context(job.engine))
+        throughput = throughput_from_history(args.history, job, pricing.accelerator) if args.history else None
+        if throughput is None and args.calibrate:
+            throughput = _calibrate(planned, job, args.calibrate, Path(scratch), pricing)
+    result = estimate(
+        tokens,
+        job.served_model_name,
+        pricing.accelerator,
+        throughput,
+        pricing.on_demand_per_hour,
+        pricing.spot_per_hour,
+        pricing.accelerators,
+        managed.prices,
+        managed.embedding_prices,
+        deadline,
+    )
+    print(json.dumps(result.model_dump(), indent=2) if args.format == "json" else render(result))
+    return 0
+
+
+def _calibrate(planned, job, rows: int, scratch: Path, pricing):
+    """Throughput measured on the first `rows` valid rows of the plan: a real run, stated as such."""
+    import json
+
+    from nightshift.config import CanaryConfig
+    from nightshift.estimate import Throughput
+    from nightshift.storage import read_table
+
+    sample, taken = scratch / "calibration.jsonl", 0
+    with open(sample, "w", encoding="utf-8") as out:
+        for shard in planned.shards:
+            table = read_table(shard.path, columns=["custom_id", "request", "error"]).to_pylist()
+            for row in table:
+                if row["error"] is None and taken < rows:
+                    request = json.loads(row["request"])
+                    out.write(json.dumps({"custom_id": row["custom_id"], "method": "POST", **request}) + "\n")
+                    taken += 1
+    unchecked = CanaryConfig(oracle_samples=0, determinism_samples=0)
+    run_job(str(sample), str(scratch / "calibration"), job, validation=unchecked)
+    report = json.loads((scratch / "calibration" / "report.json").read_text())
+    if not report.get("tokens_per_second"):
+        return None
+    finished = report["rows"] - report["failed"]
+    return Throughput(
+        tokens_per_second=report["tokens_per_second"] / max(report.get("engine_slots") or 1, 1),
+        source=f"calibration: {taken} rows of this input, run just now on {pricing.accelerator}",
+        completion_per_row=report["completion_tokens"] / finished if finished else None,
+    )
 
 
 def run_job(
@@ -234,21 +341,10 @@ def run_job(
 
 
 def _serve(args) -> int:
-    from pydantic import ValidationError
-
-    from nightshift.config import BatchApiConfig, ConfigurationError
-    from nightshift.jobs import validation_message
+    from nightshift.config import BatchApiConfig
     from nightshift.serve import serve
 
-    try:
-        config = BatchApiConfig(**_given(args, BatchApiConfig))
-        return serve(config)
-    except ConfigurationError as exc:
-        print(f"nightshift: {exc}", file=sys.stderr)
-        return 2
-    except ValidationError as exc:
-        print(f"nightshift: {validation_message(exc)}", file=sys.stderr)
-        return 2
+    return _answer_bad_input(lambda: serve(BatchApiConfig(**_given(args, BatchApiConfig))))
 
 
 def _run_preemptible(run_dir: str, start):

@@ -9,6 +9,8 @@ import pytest
 from nightshift.config import ConfigurationError
 from nightshift.deadline import DeadlineTimer, StopSignal, deadline_reached, parse_deadline
 
+pytestmark = pytest.mark.fast
+
 NOW = datetime(2026, 11, 26, 22, 30, tzinfo=timezone.utc)
 
 

@@ -1,0 +1,308 @@
+"""Plan the night before spending it: tokens, hours, GPUs to finish by a deadline, and cost.
+
+`nightshift plan` plans the input exactly as a run does (the same shards) and then, without
+loading any weights into an engine:
+
+* counts the prompt tokens of every valid row with the model's own tokenizer and chat
+  template (the count a run reports as `prompt_tokens`), shard by shard, streaming;
+* bounds the completion tokens by each row's `max_tokens` (× `n`; the context left when a
+  row sets none), and estimates them from earlier runs of the same model where there are any
+  (their completion tokens per finished row × this input's valid rows, within the bound);
+* takes the throughput per GPU from earlier runs' reports with the same output fingerprint
+  (model, weights, dtype, context) on the same accelerator — or from a calibration run on a
+  sample when asked (`--calibrate N`) — and otherwise says "unknown", never a made-up figure;
+* sizes the fleet for a deadline:
+
+      W   = total tokens ÷ tokens/s per GPU            (seconds of work on one GPU)
+      s   = largest shard's tokens ÷ tokens/s per GPU × straggler factor
+      T   = seconds from now to the deadline
+      GPUs = ⌈ W ÷ (T − s) ⌉
+
+  A shard is the unit a GPU takes, so the last one to start can end up to `s` after the
+  others: the fleet must finish the rest of the work by T − s. The straggler factor is the
+  worst shard ÷ median shard measured in the history runs (1 without history). If T ≤ s
+  no fleet finishes in time: the plan says so and shows how long the largest shard takes.
+* prices it: GPU-hours of work (W × accelerators per engine) at the pricing block's on-demand
+  and spot rates, and the same tokens at the managed batch APIs' prices.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from nightshift.config import JobSpec
+from nightshift.openai_format import CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL
+from nightshift.records import Plan
+from nightshift.storage import location, read_table
+
+
+class TokenCount(BaseModel):
+    """What the input holds, counted with the model's tokenizer."""
+
+    rows: int
+    valid_rows: int
+    rejected_by_code: dict[str, int] = Field(default_factory=dict, description="rows the plan stage rejected")
+    shards: int
+    prompt_tokens: int
+    completion_tokens_max: int = Field(description="the most the rows may generate: max_tokens × n, summed")
+    embedding: bool = False
+    shard_tokens_max: int = Field(0, description="prompt + completion bound of the largest shard")
+
+
+class Throughput(BaseModel):
+    """Tokens (prompt + completion) per second of one GPU (one engine), and where it comes from."""
+
+    tokens_per_second: float
+    source: str = Field(description='"history: N runs" or "calibration: N rows"')
+    completion_per_row: float | None = Field(None, description="completion tokens per finished row, in the history")
+    straggler_factor: float = Field(1.0, description="worst shard ÷ median shard in the history runs")
+
+
+class Estimate(BaseModel):
+    model: str
+    accelerator: str
+    tokens: TokenCount
+    completion_tokens_estimate: int
+    completion_estimate_source: str
+    throughput: Throughput | None
+    hours_one_gpu: float | None = None
+    deadline: str | None = None
+    hours_to_deadline: float | None = None
+    gpus_needed: int | None = None
+    finishes_in_time: bool | None = None
+    why_not: str | None = None
+    cost_on_demand: float | None = None
+    cost_spot: float | None = None
+    managed_api_cost: dict[str, float] = Field(default_factory=dict)
+
+
+def count_tokens(plan: Plan, tokenizer, max_model_len: int | None) -> TokenCount:
+    """Prompt tokens of every valid row of the plan's shards, as the engine will count them."""
+    rows = valid = prompt = bound = largest = 0
+    rejected: Counter = Counter()
+    embedding = False
+    for shard in plan.shards:
+        table = read_table(shard.path, columns=["request", "error"])
+        shard_tokens = 0
+        for request, error in zip(table["request"].to_pylist(), table["error"].to_pylist()):
+            rows += 1
+            if error is not None:
+                rejected[json.loads(error)["code"]] += 1
+                continue
+            valid += 1
+            request = json.loads(request)
+            url, body = request["url"], request.get("body") or {}
+            tokens = prompt_tokens(url, body, tokenizer, max_model_len)
+            most = completion_bound(url, body, tokens, max_model_len)
+            embedding = embedding or url == EMBEDDINGS_URL
+            prompt += tokens
+            bound += most
+            shard_tokens += tokens + most
+        largest = max(largest, shard_tokens)
+    return TokenCount(
+        rows=rows,
+        valid_rows=valid,
+        rejected_by_code=dict(rejected.most_common()),
+        shards=len(plan.shards),
+        prompt_tokens=prompt,
+        completion_tokens_max=bound,
+        embedding=embedding,
+        shard_tokens_max=largest,
+    )
+
+
+def prompt_tokens(url: str, body: dict, tokenizer, max_model_len: int | None) -> int:
+    """What vLLM counts as the row's prompt: the chat template applied, then tokenized without
+    adding special tokens again (chat); the prompt with them (completions); each input,
+    truncated where the body asks (embeddings)."""
+    if url == CHAT_URL:
+        text = tokenizer.apply_chat_template(
+            [_flat(message) for message in body.get("messages") or []],
+            tokenize=False,
+            add_generation_prompt=True,
+            **(body.get("chat_template_kwargs") or {}),
+        )
+        return len(tokenizer.encode(text, add_special_tokens=False))
+    if url == COMPLETIONS_URL:
+        prompt = body.get("prompt")
+        return len(prompt) if isinstance(prompt, list) else len(tokenizer.encode(prompt or ""))
+    if url == EMBEDDINGS_URL:
+        inputs = body.get("input")
+        if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
+            inputs = [inputs]
+        truncate = body.get("truncate_prompt_tokens")
+        limit = None if truncate is None else max_model_len if truncate == -1 else truncate
+        total = 0
+        for item in inputs or []:
+            count = len(item) if isinstance(item, list) else len(tokenizer.encode(item))
+            total += min(count, limit) if limit else count
+        return total
+    return 0
+
+
+def _flat(message: dict) -> dict:
+    """OpenAI content parts as the template sees them in vLLM: text parts joined by newlines."""
+    content = message.get("content")
+    if isinstance(content, list):
+        texts = [part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text"]
+        return {**message, "content": "\n".join(texts)}
+    return message
+
+
+def completion_bound(url: str, body: dict, prompt: int, max_model_len: int | None) -> int:
+    if url == EMBEDDINGS_URL:
+        return 0
+    most = body.get("max_completion_tokens") or body.get("max_tokens")
+    if most is None:
+        most = max((max_model_len or prompt) - prompt, 0)
+    return int(most) * int(body.get("n") or 1)
+
+
+def throughput_from_history(root: str | Path, job: JobSpec, accelerator: str) -> Throughput | None:
+    """Tokens/s per GPU from earlier runs' reports under `root` (one run directory each) with
+    this job's output fingerprint on this accelerator; None if there is none."""
+    fingerprint = job.output_fingerprint()
+    rates, per_row, stragglers = [], [], [1.0]
+    for report_path in sorted(location(root).glob("*/report.json"), key=str):
+        run = report_path.parent
+        try:
+            report = json.loads(report_path.read_text())
+            earlier = JobSpec.load(run / "job.json")
+        except (OSError, ValueError):
+            continue
+        if earlier.output_fingerprint() != fingerprint or report.get("accelerator") != accelerator:
+            continue
+        if not report.get("tokens_per_second") or report.get("served_without_generating", {}).get("rows"):
+            continue  # a run answered partly from a cache says nothing about the engine's speed
+        rates.append(report["tokens_per_second"] / max(report.get("engine_slots") or 1, 1))
+        stragglers += [s["times_median"] for s in report.get("stragglers") or [] if s.get("times_median")]
+        finished = report.get("rows", 0) - report.get("failed", 0)
+        if finished > 0:
+            per_row.append(report["completion_tokens"] / finished)
+    if not rates:
+        return None
+    return Throughput(
+        tokens_per_second=round(sum(rates) / len(rates), 3),
+        source=f"history: {len(rates)} earlier run{'s' if len(rates) > 1 else ''} of this model on {accelerator}",
+        completion_per_row=round(sum(per_row) / len(per_row), 3) if per_row else None,
+        straggler_factor=max(stragglers),
+    )
+
+
+def estimate(
+    tokens: TokenCount,
+    model: str,
+    accelerator: str,
+    throughput: Throughput | None,
+    on_demand_per_hour: float,
+    spot_per_hour: float,
+    accelerators_per_engine: int = 1,
+    managed_prices: dict[str, dict[str, float]] | None = None,
+    embedding_prices: dict[str, float] | None = None,
+    deadline: datetime | None = None,
+    now: datetime | None = None,
+) -> Estimate:
+    """The arithmetic of the module docstring, on counted tokens and a measured throughput."""
+    if tokens.embedding:
+        completion, completion_source = 0, "embeddings: none"
+    elif throughput is not None and throughput.completion_per_row is not None:
+        completion = min(tokens.completion_tokens_max, round(tokens.valid_rows * throughput.completion_per_row))
+        completion_source = f"{throughput.completion_per_row:,.1f} per row, as in the earlier runs"
+    else:
+        completion, completion_source = tokens.completion_tokens_max, "the bound (max_tokens): no history"
+    total = tokens.prompt_tokens + completion
+    if tokens.embedding:
+        managed = {name: round(total / 1e6 * price, 6) for name, price in (embedding_prices or {}).items()}
+    else:
+        managed = {
+            name: round(tokens.prompt_tokens / 1e6 * p["input"] + completion / 1e6 * p["output"], 6)
+            for name, p in (managed_prices or {}).items()
+        }
+    result = Estimate(
+        model=model,
+        accelerator=accelerator,
+        tokens=tokens,
+        completion_tokens_estimate=completion,
+        completion_estimate_source=completion_source,
+        throughput=throughput,
+        managed_api_cost=managed,
+    )
+    if deadline is not None:
+        now = (now or datetime.now()).astimezone()
+        result.deadline = deadline.isoformat(timespec="minutes")
+        result.hours_to_deadline = round((deadline - now).total_seconds() / 3600, 4)
+    if throughput is None:
+        return result
+    work_s = total / throughput.tokens_per_second
+    gpu_hours = work_s / 3600 * accelerators_per_engine
+    result.hours_one_gpu = round(work_s / 3600, 4)
+    result.cost_on_demand = round(gpu_hours * on_demand_per_hour, 6)
+    result.cost_spot = round(gpu_hours * spot_per_hour, 6)
+    if deadline is None:
+        return result
+    # the shard's own share of the estimate: its bound scaled like the total's
+    scale = total / (tokens.prompt_tokens + tokens.completion_tokens_max or 1)
+    straggler_s = tokens.shard_tokens_max * scale / throughput.tokens_per_second * throughput.straggler_factor
+    time_left_s = (deadline - now).total_seconds()
+    if time_left_s <= straggler_s:
+        result.finishes_in_time = False
+        result.why_not = (
+            f"the largest shard alone takes {straggler_s / 3600:.2f} h on one GPU, "
+            f"and {max(time_left_s, 0) / 3600:.2f} h are left: use smaller shards or a later deadline"
+        )
+        return result
+    result.gpus_needed = max(1, math.ceil(work_s / (time_left_s - straggler_s)))
+    result.finishes_in_time = True
+    return result
+
+
+def render(result: Estimate) -> str:
+    """The plan as a Markdown table: the terminal's output and the Prefect artifact's."""
+    t = result.tokens
+
+    def money(value: float | None) -> str:
+        if value is None:
+            return "unknown"
+        return f"${value:,.2f}" if value >= 100 else f"${value:,.4f}" if value >= 0.01 else f"${value:.6f}"
+
+    rejected = ", ".join(f"{code}={n}" for code, n in t.rejected_by_code.items()) or "none"
+    rate = result.throughput
+    lines = [
+        f"# Plan: {result.model} on {result.accelerator}",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| rows | {t.rows:,} ({t.valid_rows:,} valid; rejected at planning: {rejected}) |",
+        f"| shards | {t.shards:,} (largest: {t.shard_tokens_max:,} tokens at most) |",
+        f"| prompt tokens (exact) | {t.prompt_tokens:,} |",
+    ]
+    if not t.embedding:
+        lines.append(
+            f"| completion tokens | ≤ {t.completion_tokens_max:,}; estimate {result.completion_tokens_estimate:,} "
+            f"({result.completion_estimate_source}) |"
+        )
+    lines.append(
+        f"| throughput per GPU | {f'{rate.tokens_per_second:,.1f} tokens/s ({rate.source})' if rate else 'unknown: no earlier run of this model on this accelerator; --calibrate N measures it'} |"  # noqa: E501
+    )
+    lines.append(
+        f"| hours on one GPU | {'unknown' if result.hours_one_gpu is None else f'{result.hours_one_gpu:,.2f}'} |"
+    )
+    if result.deadline:
+        if result.gpus_needed is not None:
+            fleet = f"**{result.gpus_needed}**"
+        elif result.why_not:
+            fleet = f"cannot finish in time: {result.why_not}"
+        else:
+            fleet = "unknown (throughput unknown)"
+        lines.append(f"| deadline | {result.deadline} ({result.hours_to_deadline:,.2f} h from now) |")
+        lines.append(f"| GPUs to finish by the deadline | {fleet} |")
+    lines.append(f"| cost on demand / spot | {money(result.cost_on_demand)} / {money(result.cost_spot)} |")
+    for name, cost in result.managed_api_cost.items():
+        lines.append(f"| the same tokens at {name} | {money(cost)} |")
+    return "\n".join(lines) + "\n"
