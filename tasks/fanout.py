@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import socket
 import statistics
@@ -113,6 +114,7 @@ class _Dispatcher:
         ]
         self.parent = _parent_flow_run_id()
         self.durations: list[float] = []  # seconds of the groups that generated something
+        self._width_said: int | None = None
         self.manifests: dict[str, dict] = {}
         self.logger = get_run_logger()
 
@@ -121,7 +123,7 @@ class _Dispatcher:
         while waiting or self._unfinished():
             if deadline_reached.is_set():
                 self._stop_at_deadline()
-            while waiting and len(self._unfinished()) < self.fan_out.max_in_flight:
+            while waiting and len(self._unfinished()) < self._width(len(waiting)):
                 self._launch(waiting.popleft())
             time.sleep(self.fan_out.poll_s)
             for group in self._unfinished():
@@ -130,6 +132,26 @@ class _Dispatcher:
                     self._launch(group)
         by_index = {r.shard_index: r for m in self.manifests.values() for r in m["results"]}
         return [by_index[shard.index] for shard in self.shards], sum(m["cached"] for m in self.manifests.values())
+
+    def _width(self, waiting: int) -> int:
+        """Groups live at once: the pool's width (`max_in_flight`); with a deadline, once groups
+        have finished, only as many as the measured pace needs to be done by it."""
+        if self.deadline is None or not self.durations:
+            return self.fan_out.max_in_flight
+        left_s = (self.deadline - datetime.now(timezone.utc)).total_seconds()
+        width = groups_needed(
+            waiting + len(self._unfinished()), statistics.median(self.durations), left_s, self.fan_out.max_in_flight
+        )
+        if width != self._width_said:
+            self._width_said = width
+            self.logger.info(
+                "deadline %s: %d groups left at ~%.0f s each → %d at once",
+                self.deadline.isoformat(timespec="minutes"),
+                waiting + len(self._unfinished()),
+                statistics.median(self.durations),
+                width,
+            )
+        return width
 
     def _stop_at_deadline(self) -> None:
         for group in self._unfinished():
@@ -253,6 +275,15 @@ class _Dispatcher:
             self.client.set_flow_run_state(run.id, Cancelling(message=why), force=True)
         self.logger.info("cancelled %s of group %s: %s", run.name, group.key, why)
         del group.live[run_id]
+
+
+def groups_needed(groups_left: int, group_s: float, seconds_left: float, most: int) -> int:
+    """Groups to run at once so that `groups_left` groups of `group_s` seconds each are done in
+    `seconds_left`: the last wave starts by `seconds_left − group_s`. Never more than `most`;
+    all of them when even that cannot make it."""
+    if seconds_left <= group_s:
+        return most
+    return max(1, min(most, math.ceil(groups_left * group_s / (seconds_left - group_s))))
 
 
 def _heartbeat_lost(run_dir: str, group: str, run_id: str, running_s: float, timeout_s: float) -> bool:

@@ -151,3 +151,52 @@ def test_a_group_that_keeps_failing_fails_the_stage_naming_the_group(tmp_path, m
     with pytest.raises(RuntimeError, match=r"shard group \w+ failed 2 times"):
         dispatch(tmp_path, pool, groups=1, max_attempts=2)
     assert len(pool.created) == 2
+
+
+@pytest.mark.parametrize(
+    ("left", "group_s", "seconds_left", "most", "expected"),
+    [
+        (10, 60, 360, 8, 2),  # 10 × 60 s of work in the 300 s before the last wave must start
+        (10, 60, 3600, 8, 1),  # plenty of time: one at a time
+        (40, 60, 360, 8, 8),  # more than the pool has: all of it
+        (3, 60, 50, 8, 8),  # not even one group fits: everything at once
+    ],
+)
+def test_with_a_deadline_the_fleet_is_as_wide_as_the_measured_pace_needs(left, group_s, seconds_left, most, expected):
+    assert fanout.groups_needed(left, group_s, seconds_left, most) == expected
+
+
+def test_at_the_deadline_nothing_more_is_dispatched_and_waiting_runs_are_cancelled(tmp_path, monkeypatch):
+    from nightshift.deadline import DeadlineReached, deadline_reached
+
+    monkeypatch.setenv("NIGHTSHIFT_SIGTERM_GRACE_S", "0")
+    first, running, waiting = (fanout.group_key([shard(i)], JOB) for i in range(3))
+    scripts = {
+        first: [StateType.RUNNING, StateType.COMPLETED],
+        running: [StateType.RUNNING] * 3 + [StateType.FAILED],  # stops itself at the same deadline
+        waiting: [StateType.SCHEDULED] * 1000,  # no worker free to take it
+    }
+    pool = use(monkeypatch, FakePool(tmp_path, lambda group, attempt: scripts.get(group, [StateType.COMPLETED])))
+    read = pool.read_flow_run
+
+    def read_and_pass_the_deadline(run_id):
+        run = read(run_id)
+        if run.group == first and run.state.type == StateType.COMPLETED:
+            deadline_reached.set()
+        return run
+
+    pool.read_flow_run = read_and_pass_the_deadline
+    fan_out = FanOut(deployment="gen/gpu", shards_per_group=1, poll_s=0.001, max_in_flight=3, heartbeat_timeout_s=1)
+    deadline = datetime.now(timezone.utc) + timedelta(hours=1)
+    dispatcher = fanout._Dispatcher(
+        [shard(i) for i in range(5)], JOB, str(tmp_path), "ckpt", fan_out, pool, None, deadline
+    )
+    try:
+        with pytest.raises(DeadlineReached):
+            dispatcher.run()
+    finally:
+        deadline_reached.clear()
+    assert len(pool.created) == 3  # groups 3 and 4 were never dispatched
+    by_group = {run.group: run for run in pool.runs.values()}
+    assert by_group[waiting].state.type == StateType.CANCELLED
+    assert by_group[running].state.type == StateType.FAILED  # waited for, not abandoned while writing
