@@ -233,20 +233,15 @@ def _run(args) -> int:
 
 
 def _plan(args) -> int:
-    """`nightshift plan`: the input planned as a run would, its tokens counted with the model's
-    tokenizer, the throughput from history (or a calibration run), the arithmetic of
-    nightshift/estimate.py. Loads no engine unless asked to calibrate."""
+    """`nightshift plan`: the input planned as a run would, then nightshift/estimate.py's dry
+    run over it. Loads no engine unless asked to calibrate; needs no Prefect server."""
     import json
     import tempfile
 
-    from transformers import AutoTokenizer
-
     from nightshift.blocks.pricing import GpuPricing, ManagedApiPrices
     from nightshift.deadline import parse_deadline
-    from nightshift.engine import model_context
-    from nightshift.estimate import count_tokens, estimate, render, throughput_from_history
+    from nightshift.estimate import estimate_input, render
     from nightshift.inputs import check_input, detect_kind
-    from nightshift.models import local_model
     from nightshift.rundir import RunDir
     from nightshift.tasks.plan import plan
 
@@ -254,26 +249,13 @@ def _plan(args) -> int:
     job = _job(args, corpus)
     deadline = parse_deadline(args.deadline) if args.deadline else None
     check_input(args.input, detect_kind(args.input, corpus), corpus)
-    pricing, managed = GpuPricing.load(args.pricing) if args.pricing else GpuPricing(), ManagedApiPrices()
+    pricing = GpuPricing.load(args.pricing) if args.pricing else GpuPricing()
     with tempfile.TemporaryDirectory(prefix="nightshift-plan-") as scratch:
         planned = plan(args.input, RunDir(scratch), args.shard_size, corpus)
-        tokenizer = AutoTokenizer.from_pretrained(local_model(job.engine.model, job.model_identity))
-        tokens = count_tokens(planned, tokenizer, job.engine.max_model_len or model_context(job.engine))
-        throughput = throughput_from_history(args.history, job, pricing.accelerator) if args.history else None
-        if throughput is None and args.calibrate:
-            throughput = _calibrate(planned, job, args.calibrate, Path(scratch), pricing)
-    result = estimate(
-        tokens,
-        job.served_model_name,
-        pricing.accelerator,
-        throughput,
-        pricing.on_demand_per_hour,
-        pricing.spot_per_hour,
-        pricing.accelerators,
-        managed.prices,
-        managed.embedding_prices,
-        deadline,
-    )
+        calibrate = (
+            (lambda: _calibrate(planned, job, args.calibrate, Path(scratch), pricing)) if args.calibrate else None
+        )
+        result = estimate_input(planned, job, pricing, ManagedApiPrices(), deadline, args.history, calibrate)
     print(json.dumps(result.model_dump(), indent=2) if args.format == "json" else render(result))
     return 0
 
@@ -296,7 +278,18 @@ def _calibrate(planned, job, rows: int, scratch: Path, pricing):
                     out.write(json.dumps({"custom_id": row["custom_id"], "method": "POST", **request}) + "\n")
                     taken += 1
     unchecked = CanaryConfig(oracle_samples=0, determinism_samples=0)
-    run_job(str(sample), str(scratch / "calibration"), job, validation=unchecked)
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)  # the run's chatter (and its engine processes') goes to stderr: stdout is the plan's
+    try:
+        run_job(str(sample), str(scratch / "calibration"), job, validation=unchecked)
+        from nightshift.engine import shutdown_engine
+
+        shutdown_engine()  # now, while its goodbyes still go to stderr
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
     report = json.loads((scratch / "calibration" / "report.json").read_text())
     if not report.get("tokens_per_second"):
         return None

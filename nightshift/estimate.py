@@ -262,6 +262,47 @@ def estimate(
     return result
 
 
+def load_tokenizer(job: JobSpec):
+    """The job's model's own tokenizer and chat template: what the engine will count with."""
+    from transformers import AutoTokenizer
+
+    from nightshift.models import local_model
+
+    return AutoTokenizer.from_pretrained(local_model(job.engine.model, job.model_identity))
+
+
+def estimate_input(
+    plan: Plan,
+    job: JobSpec,
+    pricing,
+    managed,
+    deadline: datetime | None = None,
+    history: str | None = None,
+    calibrate=None,
+) -> Estimate:
+    """The whole dry run over a planned input: tokens counted, throughput from `history` (or
+    from `calibrate()`, a callable measuring it, when there is none), the arithmetic.
+    `pricing` and `managed` are the GpuPricing and ManagedApiPrices blocks."""
+    from nightshift.engine import model_context
+
+    tokens = count_tokens(plan, load_tokenizer(job), job.engine.max_model_len or model_context(job.engine))
+    throughput = throughput_from_history(history, job, pricing.accelerator) if history else None
+    if throughput is None and calibrate is not None:
+        throughput = calibrate()
+    return estimate(
+        tokens,
+        job.served_model_name,
+        pricing.accelerator,
+        throughput,
+        pricing.on_demand_per_hour,
+        pricing.spot_per_hour,
+        pricing.accelerators,
+        managed.prices,
+        managed.embedding_prices,
+        deadline,
+    )
+
+
 def render(result: Estimate) -> str:
     """The plan as a Markdown table: the terminal's output and the Prefect artifact's."""
     t = result.tokens

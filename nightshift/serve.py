@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, File, Form, Header, Request, UploadFile
@@ -47,6 +48,7 @@ from nightshift.batch_api import (
     window_seconds,
 )
 from nightshift.config import BatchApiConfig, ConfigurationError
+from nightshift.deadline import EXIT_EXPIRED
 from nightshift.records import Plan, RunReport
 from nightshift.rundir import RunDir
 from nightshift.storage import is_url, location, written_whole
@@ -54,6 +56,9 @@ from nightshift.storage import is_url, location, written_whole
 log = logging.getLogger("nightshift.serve")
 
 CANCELLED_MESSAGE = "The batch was cancelled before this request ran."
+# A run past its window stops itself (its --deadline); the server closes it only if it has not
+# within this margin (rows in flight get 2 s, then the merge).
+RUN_EXPIRY_MARGIN_S = 120
 EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
 STOP_GRACE_S = 90.0  # a run told to stop flushes its finished rows first
 
@@ -122,12 +127,16 @@ class BatchRunner:
         batch = stored.batch
         if batch.status == "cancelling":
             self._close(batch.id, "cancelled", "batch_cancelled", CANCELLED_MESSAGE)
-        elif time.time() >= batch.expires_at:
+        elif time.time() >= batch.expires_at + (RUN_EXPIRY_MARGIN_S if self._running(batch.id) else 0):
             self._close(batch.id, "expired", "batch_expired", EXPIRED_MESSAGE)
         elif batch.status == "validating":
             self._validate_or_start(stored)
         else:
             self._follow(stored)
+
+    def _running(self, batch_id: str) -> bool:
+        child = self.children.get(batch_id)
+        return child is not None and child.poll() is None
 
     def _validate_or_start(self, stored: StoredBatch) -> None:
         batch = stored.batch
@@ -151,6 +160,8 @@ class BatchRunner:
         command = [
             sys.executable, "-m", "nightshift.cli", "run", str(self._input(batch)),
             "--output", str(self.store.run_dir(batch.id)), "--model", model, "--chunk-size", str(chunk_size),
+            # the run keeps the completion window itself: it ends at it with its rows merged (exit 4)
+            "--deadline", datetime.fromtimestamp(batch.expires_at, timezone.utc).isoformat(),
         ]  # fmt: skip
         with open(self._log_path(batch.id), "ab") as log_file:
             self.children[batch.id] = subprocess.Popen(
@@ -187,6 +198,8 @@ class BatchRunner:
         del self.children[batch.id]
         if code in (0, 3):  # 3: the outputs are there, but the canary gate failed
             self._finish(batch.id, "completed" if code == 0 else "failed", gate_failed=code == 3)
+        elif code == EXIT_EXPIRED:  # the window closed: finished rows merged, the rest batch_expired
+            self._finish(batch.id, "expired")
         elif code == 2:  # the input or the configuration is refused: retrying cannot help
             self._fail(batch.id, [BatchError(code="invalid_batch", message=self._last_words(batch.id))])
         else:

@@ -105,3 +105,24 @@ def test_the_plan_counts_the_tokens_the_run_reports_and_learns_its_speed(tmp_pat
 def test_a_plan_of_a_missing_input_is_one_line_and_exit_2(tmp_path):
     done = nightshift_plan(tmp_path / "nowhere.jsonl")
     assert done.returncode == 2 and done.stderr.startswith("nightshift: ") and len(done.stderr.splitlines()) == 1
+
+
+def test_as_a_flow_the_plan_is_a_markdown_artifact_in_the_dashboard(tmp_path, prefect_server, tiny_job):
+    from nightshift.flows.plan_night import plan_night
+    from prefect.artifacts import Artifact
+
+    path = write_jsonl(tmp_path / "in.jsonl", varied_rows())
+    result = plan_night(str(path), job=tiny_job, shard_size=16, deadline="1h")
+    assert result["tokens"]["valid_rows"] == 45 and result["throughput"] is None
+    artifact = Artifact.get("nightshift-plan-tiny")
+    assert f"| prompt tokens (exact) | {result['tokens']['prompt_tokens']:,} |" in artifact.data
+    assert "GPUs to finish by the deadline | unknown (throughput unknown)" in artifact.data
+
+
+def test_without_history_a_calibration_run_measures_the_throughput_and_says_so(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", varied_rows())
+    done = nightshift_plan(path, "--calibrate", "12", "--deadline", "1h", "--format", "json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    measured = json.loads(done.stdout)
+    assert measured["throughput"]["source"] == "calibration: 12 rows of this input, run just now on cpu-2vcpu"
+    assert measured["throughput"]["tokens_per_second"] > 0 and measured["gpus_needed"] >= 1
