@@ -236,6 +236,9 @@ class ChunkWriter:
             **fields,
         }
         self.buffer.append(record)
+        # Progress moves by the row, whatever the chunk size; the chunk file (below) is what a
+        # kill keeps, and what `nightshift status` counts as checkpointed.
+        progress.advance(self.run_dir, 1, (fields["prompt_tokens"] or 0) + (fields["completion_tokens"] or 0))
         if len(self.buffer) >= self.chunk_size:
             self.flush()
         return record
@@ -243,11 +246,9 @@ class ChunkWriter:
     def flush(self) -> None:
         if self.buffer:
             write_chunk(self.output_dir, self.buffer)
-            tokens = sum((r["prompt_tokens"] or 0) + (r["completion_tokens"] or 0) for r in self.buffer)
             self.tokens_written += sum(
                 (r["prompt_tokens"] or 0) + (r["completion_tokens"] or 0)
                 for r in self.buffer
                 if r["source"] == "engine"
             )
-            progress.advance(self.run_dir, len(self.buffer), tokens)
             self.buffer = []

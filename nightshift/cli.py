@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         "then end as batch_expired errors (exit status 4)",
     )
     _add_job_arguments(run)
+    run.add_argument("--verbose", action="store_true", help="the engine's own log lines too (vLLM's INFO)")
 
     plan = commands.add_parser(
         "plan", help="dry run: tokens, hours, GPUs to finish by a deadline, cost (no engine, no GPU)"
@@ -91,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _command(args) -> int:
+    # The run's story is in Prefect's log lines; the engine's own (every process's INFO, its
+    # shutdown warnings) only with --verbose. Set before vLLM is imported anywhere.
+    if getattr(args, "verbose", False):
+        os.environ["VLLM_LOGGING_LEVEL"] = "INFO"
+    else:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     if args.command == "serve":
         return _serve(args)
     if args.command == "models":
@@ -210,16 +217,18 @@ def _job(args, corpus):
 def _run(args) -> int:
     from nightshift.canaries import CanaryFailure
     from nightshift.deadline import EXIT_EXPIRED, parse_deadline
+    from nightshift.progress import ConsoleProgress
 
     def start() -> int:
         corpus, validation = _corpus_options(args), _validation(args)
         job = _job(args, corpus)
         # A duration counts from now, not from when Prefect gets to the flow.
         deadline = parse_deadline(args.deadline).isoformat() if args.deadline else None
-        report = _run_preemptible(
-            args.output,
-            lambda: run_job(args.input, args.output, job, args.shard_size, corpus, validation, deadline),
-        )
+        with ConsoleProgress():
+            report = _run_preemptible(
+                args.output,
+                lambda: run_job(args.input, args.output, job, args.shard_size, corpus, validation, deadline),
+            )
         _print_report(report)
         if report.expired:
             return EXIT_EXPIRED

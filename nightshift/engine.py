@@ -64,6 +64,7 @@ class BatchEngine:
 
         self.config = config
         arguments = engine_arguments(config)
+        loading = time.monotonic()
         try:
             self.llm = LLM(**arguments)
         except Exception as exc:  # not worth a retry here: another start on this machine fails the same way
@@ -80,6 +81,8 @@ class BatchEngine:
         # vLLM fills the sizes left open with its defaults for the hardware: read them back
         self.max_num_seqs = self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
         self.max_in_flight = 2 * self.max_num_seqs
+        self.load_seconds = time.monotonic() - loading
+        self.announced: set[str] = set()  # runs whose log has said "engine ready" (once each)
         self._jobs: deque[_Job] = deque()
         self._wake = threading.Condition()
         self._owners: dict[str, tuple[_Job, PreparedRequest, int]] = {}  # engine request → row, input
@@ -91,6 +94,13 @@ class BatchEngine:
         self._thread = threading.Thread(target=self._drive, name="nightshift-engine", daemon=True)
         self._thread.start()
         threading.Thread(target=self._watch, name="nightshift-engine-watch", daemon=True).start()
+
+    def describe(self) -> str:
+        return (
+            f"engine ready in {self.load_seconds:.0f} s ({os.path.basename(self.config.model.rstrip('/'))}, "
+            f"{self.model_config.dtype}, context {self.max_model_len}, max_num_seqs {self.max_num_seqs}, "
+            f"{'eager' if self.config.enforce_eager else 'compiled'})"
+        )
 
     @property
     def alive(self) -> bool:

@@ -53,25 +53,27 @@ class Progress:
         span = max(self.window[-1][0] - self.window[0][0], 1e-6)
         return sum(t for _, t in list(self.window)[1:]) / span
 
-    def write(self) -> None:
+    def snapshot(self) -> dict:
+        """What progress.json says: rows finished so far (checkpointed or about to be)."""
         now = time.time()
-        self._last_write = now
         elapsed = now - self.started
         done_here = self.completed - self.completed_at_start
         remaining = self.total - self.completed
         eta = remaining / (done_here / elapsed) if done_here and elapsed > 0 else (0.0 if not remaining else None)
-        write_json_atomic(
-            self.run_dir.root / "progress.json",
-            {
-                "completed": self.completed,
-                "total": self.total,
-                "elapsed_seconds": round(elapsed, 1),
-                "eta_seconds": round(eta, 1) if eta is not None else None,
-                "tokens": self.tokens,
-                "rolling_tokens_per_second": self.rolling_rate(),
-                "updated": now,
-            },
-        )
+        rate = self.rolling_rate()
+        return {
+            "completed": self.completed,
+            "total": self.total,
+            "elapsed_seconds": round(elapsed, 1),
+            "eta_seconds": round(eta, 1) if eta is not None else None,
+            "tokens": self.tokens,
+            "rolling_tokens_per_second": round(rate, 2) if rate is not None else None,
+            "updated": now,
+        }
+
+    def write(self) -> None:
+        self._last_write = time.time()
+        write_json_atomic(self.run_dir.root / "progress.json", self.snapshot())
         if self.artifact_id is not None:
             try:
                 from prefect.artifacts import update_progress_artifact
@@ -95,6 +97,51 @@ def start(run_dir: RunDir, total: int, completed: int) -> Progress:
         log.debug("no progress artifact: %r", exc)
     tracker = _trackers[str(run_dir.root)] = Progress(run_dir, total, completed, artifact_id)
     return tracker
+
+
+class ConsoleProgress:
+    """`nightshift run`'s view of its progress on stderr: on a terminal, a bar with rows,
+    tokens/s and ETA redrawn every second; otherwise (a log file, CI) one line every 60 s."""
+
+    def __init__(self, stream=None, width: int = 30) -> None:
+        import sys
+
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.interval = 1.0 if self.tty else LOG_EVERY_S
+        self.width = width
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="nightshift-console-progress", daemon=True)
+        self._drawn = False
+
+    def __enter__(self) -> ConsoleProgress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        if self._drawn and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            for tracker in list(_trackers.values()):
+                self.stream.write(self.line(tracker.snapshot()))
+                self.stream.flush()
+                self._drawn = True
+
+    def line(self, state: dict) -> str:
+        done, total = state["completed"], max(state["total"], 1)
+        filled = int(self.width * done / total)
+        rate = state["rolling_tokens_per_second"]
+        eta = state["eta_seconds"]
+        text = (
+            f"[{'#' * filled}{'.' * (self.width - filled)}] {done:,}/{state['total']:,} rows "
+            f"{rate or 0:,.0f} tokens/s ETA {time.strftime('%H:%M:%S', time.gmtime(eta)) if eta is not None else '--'}"
+        )
+        return f"\r{text}\033[K" if self.tty else f"progress {text}\n"
 
 
 def advance(run_dir: RunDir, rows: int, tokens: int) -> None:

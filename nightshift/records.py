@@ -45,6 +45,7 @@ class Plan(_Record):
     total_rows: int = Field(description="canary rows included")
     shards: list[Shard]
     canary_rows: int = 0
+    rejected_by_code: dict[str, int] = Field(default_factory=dict, description="rows the plan stage rejected")
 
 
 class ShardResult(_Record):

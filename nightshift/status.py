@@ -37,6 +37,10 @@ class RunStatus:
     eta_seconds: float | None
     merged: bool
     shards: list[ShardStatus]
+    # Rows finished so far by the live run (progress.json, updated as each row finishes), of
+    # which `rows_done` are already in chunk files: what a kill would keep.
+    rows_finished: int | None = None
+    tokens_per_second: float | None = None
 
 
 def run_status(run_dir: str | Path) -> RunStatus:
@@ -61,6 +65,8 @@ def run_status(run_dir: str | Path) -> RunStatus:
     rows_done = sum(s.rows_done for s in shard_states)
     rate = _recent_rate(written)
     remaining = plan.total_rows - rows_done
+    live = _live_progress(rd, plan.total_rows)  # by the row, where the chunks move by the chunk
+    remaining_live = live.get("eta_seconds") if live else None
     return RunStatus(
         total_rows=plan.total_rows,
         rows_done=rows_done,
@@ -68,10 +74,27 @@ def run_status(run_dir: str | Path) -> RunStatus:
         shards_partial=sum(s.state == "partial" for s in shard_states),
         shards_pending=sum(s.state == "pending" for s in shard_states),
         rows_per_second=rate,
-        eta_seconds=(remaining / rate) if rate and remaining else (0.0 if not remaining else None),
+        eta_seconds=remaining_live if remaining_live is not None else _eta(remaining, rate),
         merged=rd.summary.exists() and rd.summary.stat().st_mtime >= rd.plan_manifest.stat().st_mtime,
         shards=shard_states,
+        rows_finished=max(live["completed"], rows_done) if live else None,
+        tokens_per_second=live.get("rolling_tokens_per_second") if live else None,
     )
+
+
+def _eta(remaining: int, rate: float | None) -> float | None:
+    return (remaining / rate) if rate and remaining else (0.0 if not remaining else None)
+
+
+def _live_progress(rd: RunDir, total: int) -> dict | None:
+    """progress.json of a run still writing it (updated in the last two minutes), else None."""
+    try:
+        live = json.loads((rd.root / "progress.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if live.get("total") != total or time.time() - live.get("updated", 0) > 120:
+        return None
+    return live
 
 
 def _written_at(chunk: Path) -> float:
@@ -103,6 +126,9 @@ def print_status(run_dir: str, as_json: bool = False) -> int:
         return 0
     pct = 100 * status.rows_done / status.total_rows if status.total_rows else 100
     print(f"{run_dir}: {status.rows_done}/{status.total_rows} rows ({pct:.1f}%){' — merged' if status.merged else ''}")
+    if status.rows_finished is not None and not status.merged:
+        rate = f", {status.tokens_per_second:,.0f} tokens/s" if status.tokens_per_second else ""
+        print(f"live: {status.rows_finished}/{status.total_rows} rows finished{rate} ({status.rows_done} checkpointed)")
     print(f"shards: {status.shards_done} done, {status.shards_partial} partial, {status.shards_pending} pending")
     if status.rows_per_second:
         eta = status.eta_seconds or 0

@@ -25,7 +25,7 @@ import json
 import random
 import time
 
-from prefect import task
+from prefect import get_run_logger, task
 
 from nightshift.canaries import CANARY_PREFIX, CanaryFailure, check_expectations, load_canaries
 from nightshift.config import CanaryConfig, JobSpec
@@ -132,6 +132,16 @@ def canary_validation(run_dir: str, job: JobSpec, config: CanaryConfig) -> dict:
         summary = {k: v for k, v in check.items() if k != "results"}
         lines.append(f"- {name}: {json.dumps(summary)}")
     create_markdown_artifact(markdown="\n".join(lines), description="Nightshift canary validation")
+    checks = "; ".join(
+        f"{name} {json.dumps({k: v for k, v in check.items() if k not in ('results', 'reference')})}"
+        for name, check in verdict["checks"].items()
+    )
+    get_run_logger().info(
+        "validation %s (%s)%s",
+        "passed" if verdict["validated"] else "FAILED",
+        checks,
+        "".join(f"\n  - {failure}" for failure in verdict["failures"]),
+    )
     if not verdict["validated"]:
         raise CanaryFailure(
             "validation failed — outputs are on disk but NOT validated: " + " | ".join(verdict["failures"])

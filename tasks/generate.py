@@ -19,6 +19,7 @@ retried forever (`nightshift retry` gives such rows another chance later).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -69,12 +70,44 @@ def _retry_unless_preempted(task, task_run, state) -> bool:
     retry_condition_fn=_retry_unless_preempted,
 )
 def generate_shard(shard: Shard, job: JobSpec, run_dir: str) -> ShardResult:
-    return generate(shard, job, RunDir(run_dir))
+    return _told(generate(shard, job, RunDir(run_dir)))
 
 
 @task(name="retry-shard-rows", retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_unless_preempted)
 def retry_shard_rows(shard: Shard, job: JobSpec, run_dir: str, rows: set[int]) -> ShardResult:
-    return generate(shard, job, RunDir(run_dir), only_rows=rows)
+    return _told(generate(shard, job, RunDir(run_dir), only_rows=rows))
+
+
+def _told(result: ShardResult) -> ShardResult:
+    """The shard's line in the run's log: rows, outcomes by code, what this attempt generated."""
+    try:
+        metrics = json.loads((Path(result.output_dir) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        metrics = {}
+    errors = ", ".join(f"{code}={n}" for code, n in (metrics.get("errors_by_code") or {}).items())
+    rate = metrics.get("tokens_per_second")
+    _story().info(
+        "shard %d: %d rows, %d ok, %d failed%s; %d generated in this attempt%s",
+        result.shard_index,
+        result.rows,
+        result.succeeded,
+        result.failed,
+        f" ({errors})" if errors else "",
+        result.regenerated_rows,
+        f" at {rate:,.0f} tokens/s" if rate else " (the rest were on disk)",
+    )
+    return result
+
+
+def _story():
+    """The Prefect run's logger inside a run; the module's logger elsewhere (benchmarks)."""
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("nightshift.generate")
 
 
 def generate_here(
@@ -92,6 +125,7 @@ def generate_here(
         future.wait()
     results = [future.result() for future in futures]
     cached = sum(future.state.name == "Cached" for future in futures)
+    _story().info("%d shards: %d generated, %d from checkpoints (cached)", len(shards), len(shards) - cached, cached)
     stale = [shard for shard, result in zip(shards, results) if not checkpoint_intact(result)]
     if stale:
         regenerate = task_.with_options(refresh_cache=True)
@@ -143,6 +177,9 @@ def _generate(shard: Shard, job: JobSpec, run_dir: RunDir, only_rows: set[int] |
             if engine is None:  # only when some row needs it; an s3:// model must still be the job's
                 local_model(job.engine.model, job.model_identity)
                 engine = get_engine(job.engine)
+                if str(run_dir.root) not in engine.announced:
+                    engine.announced.add(str(run_dir.root))
+                    _story().info(engine.describe())
             request = json.loads(row["request"])
             try:
                 ready = prepare_request(

@@ -122,7 +122,23 @@ def _merge(con: duckdb.DuckDBPyConnection, plan: Plan, files: list[str], run_dir
 
 @task(name="merge-outputs")
 def merge_outputs(plan: Plan, results: list[ShardResult], run_dir: str) -> RunReport:
-    return merge(plan, results, RunDir(run_dir))
+    return _told(merge(plan, results, RunDir(run_dir)))
+
+
+def _told(report: RunReport) -> RunReport:
+    from prefect import get_run_logger
+
+    errors = ", ".join(f"{code}={n}" for code, n in report.errors_by_code.items())
+    get_run_logger().info(
+        "merged %d rows: %d in output.jsonl, %d in errors.jsonl%s; %d prompt + %d completion tokens",
+        report.total_rows,
+        report.succeeded,
+        report.failed,
+        f" ({errors})" if errors else "",
+        report.prompt_tokens,
+        report.completion_tokens,
+    )
+    return report
 
 
 @task(name="expire-unfinished")
@@ -133,7 +149,7 @@ def expire_unfinished(run_dir: str, deadline: str) -> RunReport:
     report = merge_unfinished(rd, EXPIRED_CODE, f"the run's deadline ({deadline}) passed before this row was generated")
     report = report.model_copy(update={"expired": True})
     report.save(rd.summary)
-    return report
+    return _told(report)
 
 
 def _write_lines(con: duckdb.DuckDBPyConnection, query: str, path: Path) -> None:

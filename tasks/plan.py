@@ -11,7 +11,7 @@ import hashlib
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import task
+from prefect import get_run_logger, task
 
 from nightshift.canaries import load_canaries
 from nightshift.config import DEFAULT_SHARD_SIZE, CorpusOptions
@@ -48,10 +48,13 @@ def plan(
     kind = detect_kind(input_path, corpus)
     waiting_canaries = list(canaries or [])
     shards: list[Shard] = []
+    rejected: dict[str, int] = {}
     pending: list[InputRow] = []
     pending_canaries = 0  # canaries ride along and do not count towards shard_size
     total = 0  # rows planned, canaries included: the row_index space
     for row in read_rows(input_path, kind, corpus, storage_options):
+        if row.error is not None:
+            rejected[row.error["code"]] = rejected.get(row.error["code"], 0) + 1
         if not pending and waiting_canaries:
             pending.append(waiting_canaries.pop(0))
             pending_canaries = 1
@@ -65,7 +68,12 @@ def plan(
         shards.append(_write_shard(run_dir, len(shards), total, pending))
         total += len(pending)
     result = Plan(
-        input_path=input_path, input_kind=kind, total_rows=total, shards=shards, canary_rows=len(canaries or [])
+        input_path=input_path,
+        input_kind=kind,
+        total_rows=total,
+        shards=shards,
+        canary_rows=len(canaries or []),
+        rejected_by_code=rejected,
     )
     result.save(run_dir.plan_manifest)
     return result
@@ -82,7 +90,16 @@ def plan_shards(
     """An `s3://` input is read with this process's credentials (nightshift.storage): the
     environment's, or the ObjectStorage block the flow loaded. None travels as a parameter."""
     canaries = [row for row, _ in load_canaries(canary_file)] if canary_file else None
-    return plan(input_path, RunDir(run_dir), shard_size, corpus, canaries)
+    planned = plan(input_path, RunDir(run_dir), shard_size, corpus, canaries)
+    rejected = ", ".join(f"{code}={n}" for code, n in planned.rejected_by_code.items()) or "none"
+    get_run_logger().info(
+        "planned %d shards of %d rows (%d canaries; rejected at planning: %s)",
+        len(planned.shards),
+        planned.total_rows - planned.canary_rows,
+        planned.canary_rows,
+        rejected,
+    )
+    return planned
 
 
 def _write_shard(run_dir: RunDir, index: int, first_row: int, rows: list[InputRow]) -> Shard:

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from nightshift.blocks.pricing import GpuPricing, ManagedApiPrices
-from prefect import task
+from prefect import get_run_logger, task
 
 from nightshift.chunks import shard_cache_key, sql_path_list
 from nightshift.config import JobSpec
@@ -359,4 +359,17 @@ def cost_report(run_dir: str, pricing: GpuPricing | None = None, managed: Manage
     )
     table = {k: v for k, v in report.items() if not isinstance(v, (dict, list))}
     create_table_artifact(key=f"nightshift-figures-{key}", table=[table], description="Nightshift run figures")
+    get_run_logger().info(cost_line(report))
     return report
+
+
+def cost_line(report: dict) -> str:
+    """The report in one log line: throughput and what the run cost."""
+    rate = report.get("tokens_per_second")
+    per_million = report.get("cost_per_million_tokens")
+    return (
+        f"cost: ${report['cost_on_demand']:.4f} on demand, ${report['cost_spot']:.4f} spot "
+        f"({report['accelerator_hours']:.4f} {report['accelerator']}-hours); "
+        f"{f'{rate:,.0f} tokens/s' if rate else 'nothing generated'}"
+        + (f", ${per_million:.4f} per 1M tokens" if per_million else "")
+    )

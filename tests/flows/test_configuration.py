@@ -100,6 +100,7 @@ def test_an_engine_that_cannot_start_is_said_once_with_its_memory_picture_and_no
             str(tmp_path / "run"),
             "--model",
             "tiny",
+            "--verbose",  # the engine's own log lines: how many times it started
         ],
         cwd=REPO,
         env=env,
