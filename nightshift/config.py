@@ -161,7 +161,13 @@ class CanaryConfig(_Config):
     min_pass_rate: float = Field(1.0, ge=0, le=1, description="share of canaries whose expectations must hold")
     oracle_model: str | None = Field(None, description="reference weights for the oracle (default: the job's model)")
     oracle_samples: int = Field(3, ge=0, description="greedy rows re-computed with transformers (0: off)")
-    oracle_tokens: int = Field(8, gt=0, description="first tokens compared with the reference")
+    oracle_tokens: int = Field(16, gt=0, description="first tokens of each sample scored under the reference")
+    oracle_top_k: int = Field(
+        5, gt=0, description="each run token must be among the reference's top k at its position (teacher-forced)"
+    )
+    oracle_logprob_tolerance: float = Field(
+        2.0, gt=0, description="…and within this many nats of the reference's most likely token"
+    )
     oracle_min_agreement: float = Field(1.0, ge=0, le=1, description="share of oracle samples that must agree")
     embedding_min_cosine: float = Field(
         0.999, ge=-1, le=1, description="embeddings: cosine each sampled vector must reach against the reference"

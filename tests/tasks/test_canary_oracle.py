@@ -1,21 +1,39 @@
-"""Specification of the oracle's text comparison (no engine, no model)."""
+"""Specification of the oracle's teacher-forced scoring (no engine, no model): a near-tie decided
+the other way passes, a token the reference would not produce fails."""
 
 import pytest
-from nightshift.tasks.canary import texts_agree
+import torch
+from nightshift.tasks.canary import score_tokens
 
 pytestmark = pytest.mark.fast
 
 
-def test_a_reference_cut_inside_a_multibyte_character_agrees_with_the_whole_character():
-    # byte-level tokens: the 8th token ends inside "ă"; decoding 8 tokens gives U+FFFD there
-    assert texts_agree("orthwinarchveryY3645oveă and more", "orthwinarchveryY3645ove\ufffd")
+def distribution(*logits: float):
+    return torch.log_softmax(torch.tensor([list(logits)]), dim=-1)
 
 
-def test_a_different_continuation_disagrees():
-    assert not texts_agree("orthwinarchveryY3646oveă", "orthwinarchveryY3645ove\ufffd")
-    assert not texts_agree("The total is $1,250.", "The total is $1,520")
+def test_the_references_best_token_is_accepted():
+    [verdict] = score_tokens(distribution(5.0, 1.0, 0.0, -1.0), [0], top_k=5, tolerance=2.0)
+    assert verdict == {"rank": 0, "gap": 0.0, "accepted": True}
 
 
-def test_a_run_text_shorter_than_the_reference_agrees_when_it_is_its_prefix():
-    assert texts_agree("The total", "The total is")
-    assert not texts_agree("The sum", "The total is")
+def test_a_near_tie_decided_the_other_way_by_numerical_noise_is_accepted():
+    [verdict] = score_tokens(distribution(3.01, 3.0, -4.0), [1], top_k=5, tolerance=2.0)
+    assert verdict["rank"] == 1 and verdict["gap"] == pytest.approx(0.01, abs=1e-4) and verdict["accepted"]
+
+
+def test_a_token_far_below_the_best_is_refused_even_inside_the_top_k():
+    [verdict] = score_tokens(distribution(6.0, 1.0, 0.0), [1], top_k=5, tolerance=2.0)
+    assert verdict["rank"] == 1 and verdict["gap"] == pytest.approx(5.0, abs=1e-4) and not verdict["accepted"]
+
+
+def test_a_token_outside_the_top_k_is_refused_even_when_the_distribution_is_flat():
+    flat = distribution(*[1.0 - 0.001 * i for i in range(100)])
+    [verdict] = score_tokens(flat, [50], top_k=5, tolerance=2.0)
+    assert verdict["rank"] == 50 and verdict["gap"] < 0.1 and not verdict["accepted"]
+
+
+def test_every_position_is_scored_on_its_own():
+    logprobs = torch.cat([distribution(2.0, 0.0), distribution(0.0, 2.0)])
+    assert [v["accepted"] for v in score_tokens(logprobs, [0, 1], top_k=1, tolerance=1.0)] == [True, True]
+    assert [v["accepted"] for v in score_tokens(logprobs, [0, 0], top_k=1, tolerance=1.0)] == [True, False]
