@@ -155,6 +155,7 @@ class ChunkWriter:
         self.cache_key = cache_key
         self.buffer: list[dict] = []
         self.tokens_written = 0
+        self.timeline: dict[int, int] = {}  # second → tokens of rows the engine finished in it
 
     def add_output(self, row: dict, kind: str, output, model_name: str, tokenizer, source: str = "engine") -> dict:
         line = output_line(row["custom_id"], kind, output, model_name, self.cache_key, tokenizer)
@@ -236,9 +237,13 @@ class ChunkWriter:
             **fields,
         }
         self.buffer.append(record)
+        tokens = (fields["prompt_tokens"] or 0) + (fields["completion_tokens"] or 0)
+        if fields["source"] == "engine":
+            second = int(time.time())
+            self.timeline[second] = self.timeline.get(second, 0) + tokens
         # Progress moves by the row, whatever the chunk size; the chunk file (below) is what a
         # kill keeps, and what `nightshift status` counts as checkpointed.
-        progress.advance(self.run_dir, 1, (fields["prompt_tokens"] or 0) + (fields["completion_tokens"] or 0))
+        progress.advance(self.run_dir, 1, tokens)
         if len(self.buffer) >= self.chunk_size:
             self.flush()
         return record

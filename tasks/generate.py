@@ -271,6 +271,7 @@ def _generate(shard: Shard, job: JobSpec, run_dir: RunDir, only_rows: set[int] |
         sampler,
         writer.tokens_written,
         engine.max_model_len if engine else None,
+        writer.timeline,
     )
     return result
 
@@ -317,6 +318,7 @@ def write_shard_metrics(
     sampler: GpuSampler,
     tokens_generated: int,
     max_model_len: int | None = None,
+    timeline: dict[int, int] | None = None,
 ) -> None:
     """metrics.json beside the shard's chunks: what this attempt did, what it cost, and the GPU."""
     with duckdb_connection() as con:
@@ -349,6 +351,8 @@ def write_shard_metrics(
         "finish_reasons": finish,
         "max_model_len": max_model_len,  # the context the engine ran with
         "errors_by_code": errors,
+        # tokens the engine finished per second of this attempt: the report's throughput chart
+        "token_timeline": sorted((timeline or {}).items()),
         **sampler.summary(),
     }
     if result.regenerated_rows:

@@ -273,49 +273,69 @@ def render_markdown(report: dict, chart: str | None) -> str:
 
 
 def render_chart(run_dir: RunDir, path: Path) -> Path | None:
-    """tokens/s (from when chunk files landed) and GPU utilization (sampled) over the run."""
+    """Tokens/s over the run as the engine finished rows (every shard attempt's per-second
+    timeline in its metrics.json, summed across shards and workers), with GPU utilization where
+    pynvml sampled it. Runs without timelines (a killed attempt, older runs) fall back to when
+    chunk files landed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    chunks = list(run_dir.root.glob("shards/*/chunk-*.parquet"))
-    if not chunks:
-        return None
-    with duckdb_connection() as con:
-        con.execute(
-            f"""CREATE VIEW landed AS
-                SELECT regexp_extract(filename, 'chunk-(\\d+)-', 1)::HUGEINT / 1e9 AS t,
-                       coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0) AS tokens
-                FROM read_parquet({sql_path_list(chunks)}, filename = true)"""
-        )
-        first, last = con.sql("SELECT min(t), max(t) FROM landed").fetchall()[0]
-        width = max(1.0, (last - first) / 40)  # about forty bins, whatever the run's length
-        series = con.sql(
-            f"SELECT floor((t - {first}) / {width}) * {width} AS bin, sum(tokens) / {width} "
-            "FROM landed GROUP BY 1 ORDER BY 1"
-        ).fetchall()
+    timeline: dict[int, int] = {}
     samples = []
-    for metrics in run_dir.root.glob("shards/*/metrics.json"):
-        samples += [(s["t"], s["util"]) for s in json.loads(metrics.read_text()).get("gpu_samples", [])]
-    start = first
+    for metrics_file in run_dir.root.glob("shards/*/metrics.json"):
+        metrics = json.loads(metrics_file.read_text())
+        for second, tokens in metrics.get("token_timeline") or []:
+            timeline[second] = timeline.get(second, 0) + tokens
+        samples += [(s["t"], s["util"]) for s in metrics.get("gpu_samples", [])]
+    source = "tokens the engine finished"
+    if not timeline:
+        timeline, source = _chunk_landings(run_dir), "tokens in chunk files as they landed"
+    if not timeline:
+        return None
+    first, last = min(timeline), max(timeline)
+    width = max(1, -(-(last - first + 1) // 200))  # whole seconds, at most about 200 bars
+    bins: dict[int, int] = {}
+    for second, tokens in timeline.items():
+        start = first + (second - first) // width * width
+        bins[start] = bins.get(start, 0) + tokens
+    xs = list(range(first, last + 1, width))
+    ys = [bins.get(x, 0) / width for x in xs]
     fig, ax = plt.subplots(figsize=(8, 3.2), dpi=100)
-    ax.step([t for t, _ in series], [v for _, v in series], where="post", color="tab:blue")
-    ax.set_xlabel("seconds since the first chunk landed")
-    ax.set_ylabel(f"tokens/s ({width:.0f} s bins)", color="tab:blue")
+    ax.fill_between([x - first for x in xs], ys, step="post", color="tab:blue", alpha=0.35, lw=0)
+    ax.step([x - first for x in xs], ys, where="post", color="tab:blue", lw=1)
+    ax.set_xlabel("seconds since generation started")
+    ax.set_ylabel(f"tokens/s ({width} s bins)", color="tab:blue")
+    ax.set_xlim(0, max(last - first + width, 1))
+    ax.set_ylim(bottom=0)
     if samples:
         gpu = ax.twinx()
         samples.sort()
-        gpu.plot([t - start for t, _ in samples], [u for _, u in samples], color="tab:green", lw=0.8)
+        gpu.plot([t - first for t, _ in samples], [u for _, u in samples], color="tab:green", lw=0.8)
         gpu.set_ylabel("GPU utilization %", color="tab:green")
         gpu.set_ylim(0, 100)
+        ax.set_title(source, fontsize=9)
     else:
-        ax.set_title("no GPU telemetry on this host", fontsize=9)
+        ax.set_title(f"{source}; no GPU telemetry on this host", fontsize=9)
     fig.tight_layout()
     with written_whole(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return path
+
+
+def _chunk_landings(run_dir: RunDir) -> dict[int, int]:
+    chunks = list(run_dir.root.glob("shards/*/chunk-*.parquet"))
+    if not chunks:
+        return {}
+    with duckdb_connection() as con:
+        rows = con.sql(
+            f"""SELECT (regexp_extract(filename, 'chunk-(\\d+)-', 1)::HUGEINT // 1000000000)::BIGINT AS second,
+                       sum(coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0))::BIGINT
+                FROM read_parquet({sql_path_list(chunks)}, filename = true) GROUP BY 1"""
+        ).fetchall()
+    return dict(rows)
 
 
 def write_report(run_dir: RunDir, pricing: GpuPricing | None = None, managed: ManagedApiPrices | None = None) -> dict:
@@ -354,13 +374,26 @@ def cost_report(run_dir: str, pricing: GpuPricing | None = None, managed: Manage
     key = re.sub(r"[^a-z0-9-]+", "-", rd.root.name.lower()).strip("-") or "run"
     create_markdown_artifact(
         key=f"nightshift-report-{key}",
-        markdown=(rd.root / "report.md").read_text(),
+        markdown=artifact_markdown(rd),
         description="Nightshift cost and throughput report",
     )
     table = {k: v for k, v in report.items() if not isinstance(v, (dict, list))}
     create_table_artifact(key=f"nightshift-figures-{key}", table=[table], description="Nightshift run figures")
     get_run_logger().info(cost_line(report))
     return report
+
+
+def artifact_markdown(run_dir: RunDir) -> str:
+    """report.md for the dashboard: the chart inlined as a data URI (the UI cannot reach a
+    file in the run directory, and renders a PNG data URI in a markdown image)."""
+    import base64
+
+    markdown = (run_dir.root / "report.md").read_text()
+    chart = run_dir.root / "report.png"
+    if chart.exists():
+        inline = "data:image/png;base64," + base64.b64encode(chart.read_bytes()).decode()
+        markdown = markdown.replace(f"]({chart.name})", f"]({inline})")
+    return markdown
 
 
 def cost_line(report: dict) -> str:
