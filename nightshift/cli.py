@@ -389,9 +389,11 @@ def _print_report(report) -> None:
         )
     if report.errors_by_code:
         print("errors by code: " + ", ".join(f"{c}={n}" for c, n in report.errors_by_code.items()))
-    print(f"outputs: {report.output_path}\nerrors:  {report.errors_path}\nresults: {report.results_path}")
-    if report.embeddings_path:
+    if report.embeddings_path:  # an embedded corpus: its outputs are the vectors, output.jsonl is empty
         print(f"vectors: {report.embeddings_path}")
+    else:
+        print(f"outputs: {report.output_path}")
+    print(f"errors:  {report.errors_path}\nresults: {report.results_path}")
 
 
 def _report(args) -> int:

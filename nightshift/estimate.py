@@ -195,6 +195,23 @@ def throughput_from_history(root: str | Path, job: JobSpec, accelerator: str) ->
     )
 
 
+def managed_api_cost(
+    prompt_tokens: int,
+    completion_tokens: int,
+    embedding: bool,
+    prices: dict[str, dict[str, float]] | None,
+    embedding_prices: dict[str, float] | None,
+) -> dict[str, float]:
+    """The same tokens at managed batch APIs' list prices ($ per 1M tokens): chat APIs' input and
+    output prices, or, for an embedding job, the embedding APIs' input price."""
+    if embedding:
+        return {name: round(prompt_tokens / 1e6 * price, 6) for name, price in (embedding_prices or {}).items()}
+    return {
+        name: round(prompt_tokens / 1e6 * p["input"] + completion_tokens / 1e6 * p["output"], 6)
+        for name, p in (prices or {}).items()
+    }
+
+
 def estimate(
     tokens: TokenCount,
     model: str,
@@ -217,13 +234,7 @@ def estimate(
     else:
         completion, completion_source = tokens.completion_tokens_max, "the bound (max_tokens): no history"
     total = tokens.prompt_tokens + completion
-    if tokens.embedding:
-        managed = {name: round(total / 1e6 * price, 6) for name, price in (embedding_prices or {}).items()}
-    else:
-        managed = {
-            name: round(tokens.prompt_tokens / 1e6 * p["input"] + completion / 1e6 * p["output"], 6)
-            for name, p in (managed_prices or {}).items()
-        }
+    managed = managed_api_cost(tokens.prompt_tokens, completion, tokens.embedding, managed_prices, embedding_prices)
     result = Estimate(
         model=model,
         accelerator=accelerator,

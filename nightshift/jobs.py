@@ -40,7 +40,7 @@ def make_job(model: str = DEFAULT_MODEL, **settings) -> JobSpec:
     options = {name: value for name, value in given.items() if name in JobOptions.model_fields}
     options.setdefault("served_model_name", model if model in KNOWN_MODELS else os.path.basename(path.rstrip("/")))
     cache = options.get("result_cache")
-    if cache and "://" not in cache:
+    if cache and not is_url(cache):
         options["result_cache"] = str(Path(cache).resolve())  # workers elsewhere read the same absolute path
     try:
         engine = EngineConfig(model=path, **{n: v for n, v in given.items() if n in EngineSettings.model_fields})

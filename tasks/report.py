@@ -17,6 +17,7 @@ from prefect import get_run_logger, task
 
 from nightshift.chunks import shard_cache_key, sql_path_list
 from nightshift.config import JobSpec
+from nightshift.estimate import managed_api_cost
 from nightshift.records import Plan
 from nightshift.rundir import RunDir, write_json_atomic
 from nightshift.storage import duckdb_connection, location, sql_path, written_whole
@@ -78,6 +79,11 @@ def build_report(
         verdict = json.loads(run_dir.validation.read_text())
         report["validated"] = verdict["validated"]
         report["validation_failures"] = verdict["failures"]
+        report["validation_seconds"] = verdict.get("seconds")
+        # what the checks cost, at the accelerator's price (the re-run holds the engine meanwhile)
+        report["validation_cost_on_demand"] = round(
+            (verdict.get("seconds") or 0) / 3600 * pricing.accelerators * pricing.on_demand_per_hour, 6
+        )
         report["validation_checks"] = {
             name: {k: v for k, v in check.items() if k != "results"} for name, check in verdict["checks"].items()
         }
@@ -164,14 +170,13 @@ def build_report(
             "cost_per_million_rows": round(cost_on_demand / (rows / 1e6), 6) if rows and span else None,
             "cost_per_million_rows_spot": round(cost_spot / (rows / 1e6), 6) if rows and span else None,
             # an embedding run has prompt tokens only: it is priced against embedding APIs
-            "managed_api_cost": {
-                name: round(prompt_tokens / 1e6 * price, 6) for name, price in managed.embedding_prices.items()
-            }
-            if prompt_tokens and not completion_tokens
-            else {
-                name: round(prompt_tokens / 1e6 * p["input"] + completion_tokens / 1e6 * p["output"], 6)
-                for name, p in managed.prices.items()
-            },
+            "managed_api_cost": managed_api_cost(
+                prompt_tokens,
+                completion_tokens,
+                bool(prompt_tokens and not completion_tokens),
+                managed.prices,
+                managed.embedding_prices,
+            ),
             "projection": {
                 "rows": project_rows,
                 "hours": round(project_rows / rows_per_second / 3600, 3) if rows_per_second else None,
@@ -263,7 +268,12 @@ def render_markdown(report: dict, chart: str | None) -> str:
     if chart:
         lines += [f"![tokens/s and GPU utilization over the run]({chart})", ""]
     if "validated" in report:
-        lines += ["## Validation", "", f"**{'Validated' if report['validated'] else 'NOT validated'}**", ""]
+        cost = (
+            f" in {report['validation_seconds']:.1f} s (${report['validation_cost_on_demand']:.4f} on demand)"
+            if report.get("validation_seconds") is not None
+            else ""
+        )
+        lines += ["## Validation", "", f"**{'Validated' if report['validated'] else 'NOT validated'}**{cost}", ""]
         lines += [f"- {failure}" for failure in report["validation_failures"]]
         lines += [
             f"- {name}: " + ", ".join(f"{k} {v}" for k, v in check.items())
