@@ -27,8 +27,9 @@ TERMINAL = ("completed", "failed", "expired", "cancelled")
 class Server:
     """A `nightshift serve` process on a free local port; killed or restarted on demand."""
 
-    def __init__(self, storage: Path, *extra: str) -> None:
+    def __init__(self, storage: Path | str, *extra: str, logs: Path | None = None, env: dict | None = None) -> None:
         self.storage, self.extra = storage, extra
+        self.logs, self.env = logs or Path(storage).parent, env or dict(os.environ)
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
@@ -37,8 +38,8 @@ class Server:
     def start(self) -> Server:
         command = [sys.executable, "-m", "nightshift.cli", "serve", "--storage", str(self.storage)]
         command += ["--port", str(self.port), "--chat-model", "tiny", "--poll-s", "0.3", *self.extra]
-        env = {**os.environ, "NIGHTSHIFT_API_KEYS": ",".join(KEYS)}
-        log = open(self.storage.parent / f"server-{self.port}.log", "ab")
+        env = {**self.env, "NIGHTSHIFT_API_KEYS": ",".join(KEYS)}
+        log = open(self.logs / f"server-{self.port}.log", "ab")
         self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -243,3 +244,32 @@ def test_a_running_batch_keeps_its_completion_window_and_its_finished_rows(serve
     assert sorted(line["custom_id"] for line in outputs + errors) == sorted(row["custom_id"] for row in rows)
     assert 0 < len(outputs) < len(rows) and {line["error"]["code"] for line in errors} == {"batch_expired"}
     assert expired.request_counts.model_dump() == {"total": 6000, "completed": len(outputs), "failed": len(errors)}
+
+
+def test_a_server_on_a_bucket_keeps_files_batches_and_runs_there(s3_endpoint, tmp_path):
+    import uuid
+
+    import s3fs
+
+    secret = f"s3cr3t-{uuid.uuid4().hex}"
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "nightshift-test", "AWS_SECRET_ACCESS_KEY": secret,
+           "AWS_ENDPOINT_URL": s3_endpoint, "AWS_DEFAULT_REGION": "us-east-1", "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    fs = s3fs.S3FileSystem(key="nightshift-test", secret=secret, client_kwargs={"endpoint_url": s3_endpoint})
+    name = f"api-{uuid.uuid4().hex[:8]}"
+    fs.mkdir(name)
+    server = Server(f"s3://{name}/api", logs=tmp_path, env=env).start()
+    try:
+        client = server.client()
+        rows = [chat_request(f"req-{i}", f"Say hello to number {i}.") for i in range(12)]
+        batch = client.batches.create(input_file_id=upload(client, rows), endpoint="/v1/chat/completions",
+                                      completion_window="24h")  # fmt: skip
+        done, _ = wait_for(client, batch.id, lambda b: b.status in TERMINAL)
+        outputs = lines_of(client, done.output_file_id)
+    finally:
+        server.stop()
+    assert done.status == "completed", done.errors
+    assert sorted(line["custom_id"] for line in outputs) == sorted(row["custom_id"] for row in rows)
+    stored = fs.ls(f"{name}/api/batches")
+    assert any(path.endswith(f"{batch.id}.json") for path in stored)
+    assert fs.exists(f"{name}/api/batches/{batch.id}/output.jsonl")  # the run directory is on the bucket
+    assert secret not in "".join(p.read_text(errors="replace") for p in tmp_path.glob("server-*.log"))
