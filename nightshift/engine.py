@@ -454,6 +454,11 @@ def get_engine(config: EngineConfig) -> BatchEngine:
         return _engine
 
 
+def current_engine() -> BatchEngine | None:
+    """The engine this process holds, if any (without starting one)."""
+    return _engine
+
+
 def start_engine_in_background(config: EngineConfig) -> threading.Thread:
     """Begin loading the engine for `config` now, so that it loads while Prefect starts and the
     input is planned; the first generate task waits for it (or, if it failed, starts it again

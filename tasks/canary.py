@@ -71,6 +71,12 @@ def validate(run_dir: RunDir, job: JobSpec, config: CanaryConfig) -> dict:
             failures.append(f"canaries passed {pass_rate:.0%} < {config.min_pass_rate:.0%}: " + ", ".join(failed))
 
     samples = _greedy_chat_rows(run_dir, max(config.oracle_samples, config.determinism_samples))
+    too_big = _too_big_here(local_model(config.oracle_model or job.engine.model)) if samples else None
+    if too_big:  # an 8B model's checks on a CPU orchestrator: said, not attempted (and not a failure)
+        for name, wanted in (("oracle", config.oracle_samples), ("determinism", config.determinism_samples)):
+            if wanted:
+                verdict["checks"][name] = {"skipped": too_big}
+        samples = []
     # One re-run on the engine serves both checks: the determinism check compares its text, the
     # oracle scores its token ids (the run's own tokens: re-tokenizing the text may split it
     # otherwise).
@@ -313,6 +319,29 @@ def score_tokens(logprobs, token_ids: list[int], top_k: int, tolerance: float) -
         gap = float(row.max() - mine)
         verdicts.append({"rank": rank, "gap": gap, "accepted": rank < top_k and gap <= tolerance})
     return verdicts
+
+
+def _too_big_here(model: str) -> str | None:
+    """Why the reference (and an engine for the re-run) cannot be loaded in this process: its
+    weights take more than half the memory free here, and this process holds no engine already.
+    None when they fit."""
+    from pathlib import Path
+
+    import psutil
+
+    from nightshift.engine import current_engine
+    from nightshift.models import WEIGHT_SUFFIXES
+
+    if current_engine() is not None:  # the run's own engine is here: the re-run costs nothing more
+        return None
+    weights = sum(p.stat().st_size for p in Path(model).rglob("*") if p.suffix in WEIGHT_SUFFIXES)
+    free = psutil.virtual_memory().available
+    if weights <= free / 2:
+        return None
+    return (
+        f"the reference weights ({weights / 2**30:.1f} GiB) do not fit this host's free memory "
+        f"({free / 2**30:.1f} GiB) beside an engine: give --oracle-model a smaller sibling, or validate on a GPU worker"
+    )
 
 
 def _rerun(samples: list[dict], job: JobSpec) -> dict:

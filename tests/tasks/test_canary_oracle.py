@@ -37,3 +37,16 @@ def test_every_position_is_scored_on_its_own():
     logprobs = torch.cat([distribution(2.0, 0.0), distribution(0.0, 2.0)])
     assert [v["accepted"] for v in score_tokens(logprobs, [0, 1], top_k=1, tolerance=1.0)] == [True, True]
     assert [v["accepted"] for v in score_tokens(logprobs, [0, 0], top_k=1, tolerance=1.0)] == [True, False]
+
+
+def test_a_reference_too_big_for_this_host_is_skipped_with_the_reason(tmp_path):
+    from nightshift.tasks.canary import _too_big_here
+
+    huge, small = tmp_path / "huge", tmp_path / "small"
+    huge.mkdir(), small.mkdir()
+    with open(huge / "model.safetensors", "wb") as f:
+        f.truncate(1 << 40)  # 1 TiB, sparse: more than any host here has free
+    (small / "model.safetensors").write_bytes(b"\0" * 1024)
+    reason = _too_big_here(str(huge))
+    assert reason.startswith("the reference weights (1024.0 GiB) do not fit this host's free memory")
+    assert _too_big_here(str(small)) is None
