@@ -454,11 +454,13 @@ def _demo(args) -> int:
         id_column="id", text_column="text", template=DEMO_TEMPLATE, system=DEMO_SYSTEM, max_tokens=64, temperature=0.0
     )
     from nightshift.config import CanaryConfig
+    from nightshift.progress import ConsoleProgress
 
     canaries = Path(__file__).resolve().parent.parent / "deployments" / "canaries" / "demo.jsonl"
-    report = run_job(
-        str(corpus_path), str(run_dir), make_job(args.model), None, options, CanaryConfig(canaries=str(canaries))
-    )
+    with ConsoleProgress():  # 200 summaries take minutes on a CPU: show them moving
+        report = run_job(
+            str(corpus_path), str(run_dir), make_job(args.model), None, options, CanaryConfig(canaries=str(canaries))
+        )
     _print_report(report)
     texts = {d["id"]: d["text"] for d in docs}
     validation = json.loads((run_dir / "validation.json").read_text())
