@@ -117,6 +117,7 @@ class StoredBatch(BaseModel):
     run_attempts: int = Field(0, description="runs started; a run that crashed is resumed until max_attempts")
     run_group: int | None = Field(None, description="process group of the latest run, on run_host")
     run_host: str | None = None
+    flow_run_id: str | None = Field(None, description="with a deployment: the latest run's flow run")
 
 
 def owner_of(api_key: str) -> str:

@@ -196,6 +196,11 @@ class BatchApiConfig(_Config):
     storage: str = Field(
         "nightshift-api", description="files, batches and their run directories: a directory or an s3:// prefix"
     )
+    deployment: str | None = Field(
+        None,
+        description="a batch deployment (nightshift-batch/nightly): each batch becomes a flow run there, taken by "
+        "its work pool, its run directory in the storage (shared with the workers); default: a run on this machine",
+    )
     chat_model: str = Field("smollm2", description="model of /v1/chat/completions and /v1/completions batches")
     embedding_model: str = Field("minilm", description="model of /v1/embeddings batches")
     api_key_secret: str | None = Field(

@@ -135,6 +135,12 @@ class BatchRunner:
             self._follow(stored)
 
     def _running(self, batch_id: str) -> bool:
+        if self.config.deployment:
+            stored = self.store.batch(batch_id)
+            if not stored.flow_run_id:
+                return False
+            state = self._flow_run(stored).state
+            return state is not None and not state.is_final()
         child = self.children.get(batch_id)
         return child is not None and child.poll() is None
 
@@ -146,17 +152,21 @@ class BatchRunner:
                 self._fail(batch.id, errors)
                 return
             stored = self.update(batch.id, lambda s: setattr(s.batch.request_counts, "total", requests))
-        if not any(child.poll() is None for child in self.children.values()):  # one run at a time, oldest first
+        # Here, one run at a time, oldest first; a work pool decides its own concurrency.
+        if self.config.deployment or not any(child.poll() is None for child in self.children.values()):
             self._launch(stored)
 
     def _launch(self, stored: StoredBatch) -> None:
         batch = stored.batch
         if stored.run_attempts >= self.config.max_attempts:
-            self._fail(batch.id, [BatchError(code="run_failed", message=self._last_words(batch.id))])
+            self._fail(batch.id, [BatchError(code="run_failed", message=self._last_words(stored))])
             return
         model = self.config.embedding_model if batch.endpoint == "/v1/embeddings" else self.config.chat_model
         # Progress and checkpoints at least every twentieth of the batch: request_counts move.
         chunk_size = max(8, min(512, batch.request_counts.total // 20))
+        if self.config.deployment:
+            self._dispatch(stored, model, chunk_size)
+            return
         command = [
             sys.executable, "-m", "nightshift.cli", "run", str(self._input(batch)),
             "--output", str(self.store.run_dir(batch.id)), "--model", model, "--chunk-size", str(chunk_size),
@@ -184,8 +194,70 @@ class BatchRunner:
         self.update(batch.id, started)
         log.info("batch %s: run started (%s, attempt %d)", batch.id, model, stored.run_attempts + 1)
 
+    def _dispatch(self, stored: StoredBatch, model: str, chunk_size: int) -> None:
+        """The batch as a flow run of the deployment: its work pool's workers run it, reading
+        the input from and writing the run directory to this server's storage."""
+        from prefect.deployments import run_deployment
+
+        from nightshift.jobs import make_job
+
+        batch = stored.batch
+        run_dir = self.store.run_dir(batch.id)
+        run = run_deployment(
+            self.config.deployment,
+            parameters={
+                "input_path": str(self._input(batch))
+                if is_url(str(run_dir))
+                else str(Path(self._input(batch)).resolve()),
+                "run_dir": str(run_dir) if is_url(str(run_dir)) else str(Path(run_dir).resolve()),
+                "job": make_job(model, chunk_size=chunk_size).model_dump(),
+                "deadline": datetime.fromtimestamp(batch.expires_at, timezone.utc).isoformat(),
+                "fan_out": None,
+            },
+            timeout=0,
+            idempotency_key=f"{batch.id}:{stored.run_attempts}",  # a restarted server gets the same run back
+            flow_run_name=f"batch {batch.id}",
+        )
+
+        def started(s: StoredBatch) -> None:
+            s.run_attempts += 1
+            s.flow_run_id = str(run.id)
+            s.batch.status = "finalizing" if s.batch.status == "finalizing" else "in_progress"
+            s.batch.in_progress_at = s.batch.in_progress_at or int(time.time())
+
+        self.update(batch.id, started)
+        log.info("batch %s: flow run %s of %s (attempt %d)", batch.id, run.name, self.config.deployment,
+                 stored.run_attempts + 1)  # fmt: skip
+
+    def _flow_run(self, stored: StoredBatch):
+        import uuid
+
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            return client.read_flow_run(uuid.UUID(stored.flow_run_id))
+
+    def _follow_flow_run(self, stored: StoredBatch) -> None:
+        batch = stored.batch
+        state = self._flow_run(stored).state
+        if state is None or not state.is_final():
+            self._count_progress(stored)
+            return
+        if state.is_completed():
+            self._finish(batch.id, "expired" if state.name == "Expired" else "completed")
+            return
+        validation = RunDir(self.store.run_dir(batch.id)).validation
+        if state.is_failed() and validation.exists() and not _read_json(validation)["validated"]:
+            self._finish(batch.id, "failed", gate_failed=True)
+            return
+        log.warning("batch %s: flow run ended %s (%s); resuming it", batch.id, state.name, state.message)
+        self._launch(stored)
+
     def _follow(self, stored: StoredBatch) -> None:
         batch = stored.batch
+        if self.config.deployment and stored.flow_run_id:
+            self._follow_flow_run(stored)
+            return
         child = self.children.get(batch.id)
         if child is None:  # the server restarted, or the last run crashed: resume from checkpoints
             _kill_leftovers(stored)
@@ -201,7 +273,7 @@ class BatchRunner:
         elif code == EXIT_EXPIRED:  # the window closed: finished rows merged, the rest batch_expired
             self._finish(batch.id, "expired")
         elif code == 2:  # the input or the configuration is refused: retrying cannot help
-            self._fail(batch.id, [BatchError(code="invalid_batch", message=self._last_words(batch.id))])
+            self._fail(batch.id, [BatchError(code="invalid_batch", message=self._last_words(stored))])
         else:
             log.warning("batch %s: run exited %s; resuming it", batch.id, code)
 
@@ -229,6 +301,8 @@ class BatchRunner:
             _stop_child(child)
         stored = self.store.batch(batch_id)
         _kill_leftovers(stored)
+        if stored.flow_run_id:
+            self._cancel_flow_run(stored)
         batch = stored.batch
         run_dir = RunDir(self.store.run_dir(batch_id))
         if run_dir.plan_manifest.exists() and run_dir.job.exists():
@@ -238,6 +312,26 @@ class BatchRunner:
         else:  # never planned: every request is unfinished
             _write_unfinished(self._input(batch), run_dir, code, message)
         self._finish(batch_id, status)
+
+    def _cancel_flow_run(self, stored: StoredBatch) -> None:
+        """Cancel the batch's flow run and wait (bounded) until its worker has stopped it, so
+        that nothing writes the run directory while its unfinished rows are closed."""
+        import uuid
+
+        from prefect.client.orchestration import get_client
+        from prefect.states import Cancelling
+
+        with get_client(sync_client=True) as client:
+            run_id = uuid.UUID(stored.flow_run_id)
+            state = client.read_flow_run(run_id).state
+            if state is not None and not state.is_final():
+                client.set_flow_run_state(run_id, Cancelling(message="the batch was cancelled or expired"), force=True)
+            give_up = time.monotonic() + STOP_GRACE_S
+            while time.monotonic() < give_up:
+                state = client.read_flow_run(run_id).state
+                if state is None or state.is_final():
+                    return
+                time.sleep(1)
 
     def _finish(self, batch_id: str, status: str, gate_failed: bool = False) -> None:
         run_dir = RunDir(self.store.run_dir(batch_id))
@@ -295,8 +389,13 @@ class BatchRunner:
         folder.mkdir(parents=True, exist_ok=True)
         return folder / f"{batch_id}.log"
 
-    def _last_words(self, batch_id: str) -> str:
-        """The run's own one-line reason (`nightshift: …`), else its log's last line."""
+    def _last_words(self, stored: StoredBatch) -> str:
+        """The run's own one-line reason (`nightshift: …`), else its log's last line; with a
+        deployment, its flow run's state message."""
+        batch_id = stored.batch.id
+        if stored.flow_run_id:
+            state = self._flow_run(stored).state
+            return (state.message if state and state.message else "the batch's flow run failed")[:2000]
         try:
             lines = self._log_path(batch_id).read_text(errors="replace").splitlines()
         except FileNotFoundError:
@@ -340,6 +439,11 @@ def _read_json(path) -> dict:
     import json
 
     return json.loads(location(path).read_text())
+
+
+def _absolute(path) -> str:
+    """A path as workers elsewhere must be given it: a bucket URL as it is, a local path absolute."""
+    return str(path) if is_url(str(path)) else str(Path(path).resolve())
 
 
 def _stop_child(child: subprocess.Popen) -> None:

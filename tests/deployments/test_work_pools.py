@@ -380,3 +380,47 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_the_batch_api_runs_each_batch_as_a_flow_run_of_the_deployment(deployed, tmp_path):
+    """`nightshift serve --deployment`: the official client's batch becomes a flow run of the
+    nightly deployment, taken by the CPU pool's worker; the batch completes from its outputs."""
+    import io
+
+    import openai
+
+    port = _free_port()
+    serve = deployed.spawn(
+        "serve",
+        [sys.executable, "-m", "nightshift.cli", "serve", "--storage", str(tmp_path / "api"), "--port", str(port),
+         "--chat-model", "tiny", "--deployment", "nightshift-batch/nightly", "--poll-s", "0.5"],
+        NIGHTSHIFT_API_KEYS="key-ci",
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/v1/batches", timeout=2)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="key-ci", max_retries=0)
+        rows = [chat_request(f"api-{i}", f"Hello number {i}") for i in range(10)]
+        content = "\n".join(json.dumps(r) for r in rows).encode()
+        upload = client.files.create(file=("requests.jsonl", io.BytesIO(content)), purpose="batch")
+        batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            batch = client.batches.retrieve(batch.id)
+            if batch.status in ("completed", "failed", "expired", "cancelled"):
+                break
+            time.sleep(1)
+        assert batch.status == "completed", (batch.status, batch.errors)
+        outputs = [json.loads(line) for line in client.files.content(batch.output_file_id).text.splitlines()]
+        assert sorted(o["custom_id"] for o in outputs) == sorted(r["custom_id"] for r in rows)
+        assert batch.request_counts.completed == len(rows)
+    finally:
+        os.killpg(serve.pid, signal.SIGKILL)
+        serve.wait()
+    runs = [r for r in deployed.flow_runs("nightshift-batch") if r["name"] == f"batch {batch.id}"]
+    assert len(runs) == 1 and runs[0]["deployment_id"] and runs[0]["state"]["type"] == "COMPLETED"
