@@ -273,3 +273,23 @@ def test_a_server_on_a_bucket_keeps_files_batches_and_runs_there(s3_endpoint, tm
     assert any(path.endswith(f"{batch.id}.json") for path in stored)
     assert fs.exists(f"{name}/api/batches/{batch.id}/output.jsonl")  # the run directory is on the bucket
     assert secret not in "".join(p.read_text(errors="replace") for p in tmp_path.glob("server-*.log"))
+
+
+def test_an_embeddings_batch_answers_in_openais_embedding_shape(server):
+    client = server.client()
+    rows = [
+        {"custom_id": f"doc-{i}", "method": "POST", "url": "/v1/embeddings",
+         "body": {"model": "minilm", "input": f"Invoice {i} is overdue by {i} days."}}
+        for i in range(8)
+    ]  # fmt: skip
+    rows.append({"custom_id": "empty", "method": "POST", "url": "/v1/embeddings", "body": {"input": ""}})
+    batch = client.batches.create(input_file_id=upload(client, rows), endpoint="/v1/embeddings",
+                                  completion_window="24h")  # fmt: skip
+    done, _ = wait_for(client, batch.id, lambda b: b.status in TERMINAL)
+    assert done.status == "completed", done.errors
+    outputs, errors = lines_of(client, done.output_file_id), lines_of(client, done.error_file_id)
+    assert sorted(o["custom_id"] for o in outputs) == [f"doc-{i}" for i in range(8)]
+    body = outputs[0]["response"]["body"]
+    assert body["object"] == "list" and len(body["data"][0]["embedding"]) == 384 and body["usage"]["prompt_tokens"] > 0
+    assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [("empty", "missing_input")]
+    assert done.request_counts.model_dump() == {"total": 9, "completed": 8, "failed": 1}
