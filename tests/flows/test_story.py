@@ -39,10 +39,16 @@ def test_progress_moves_by_the_row_and_the_logs_tell_the_story(tmp_path, prefect
     moving = {done for done, chunks in seen if chunks == 0 and 0 < done < 600}
     assert len(moving) >= 3, f"progress.json moved before any chunk file landed: {sorted(moving)[:10]}"
 
-    with get_client(sync_client=True) as client:
-        run = client.read_flow_runs(limit=1, sort="START_TIME_DESC")[0]
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
-    text = "\n".join(entry.message for entry in logs)
+    expected = ["planned 3 shards", "engine ready in", "merged 601 rows", "validation passed", "cost: $"]
+    deadline = time.monotonic() + 60  # run logs reach the API in batches: wait for the last ones
+    while True:
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_runs(limit=1, sort="START_TIME_DESC")[0]
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+        text = "\n".join(entry.message for entry in logs)
+        if all(line in text for line in expected) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     assert "planned 3 shards of 601 rows" in text and "invalid_json=1" in text
     assert "engine ready in" in text and "max_num_seqs" in text
     for shard in range(3):
