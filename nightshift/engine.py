@@ -326,16 +326,19 @@ GiB = 1 << 30
 
 
 def use_every_cpu_core() -> None:
-    """On CPU, give the engine's worker every core this process may run on.
+    """With NIGHTSHIFT_CPU_ALL_CORES=1, give a CPU engine's worker every core of this process.
 
     vLLM's CPU default binds its worker's OpenMP threads to all cores but one, which it keeps
-    for its scheduler: on a 2-core machine the model runs on one core. Nightshift's engine is a
-    batch engine whose scheduler mostly waits on the model, and the measured gain is large
-    (MiniLM embeddings 43 → 82 docs/s on 2 cores; docs/benchmarks.md). An operator's own
+    for its scheduler: on a 2-core machine the model runs on one core. On a machine that runs
+    one engine the gain is large (MiniLM embeddings 43 → 82 docs/s on 2 cores;
+    docs/embeddings.md), but engines that share a machine (several workers on one host) then
+    spin on the same cores and starve everything else, so it is opt-in. An operator's own
     VLLM_CPU_OMP_THREADS_BIND wins."""
     from vllm.platforms import current_platform
 
-    if not current_platform.is_cpu() or os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+    if os.environ.get("NIGHTSHIFT_CPU_ALL_CORES") != "1" or not current_platform.is_cpu():
+        return
+    if os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
         return
     cores = sorted(os.sched_getaffinity(0))
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(core) for core in cores)
