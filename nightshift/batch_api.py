@@ -190,10 +190,16 @@ class Store:
     def _load(self, model, folder: str, object_id: str):
         if not _ID_PATTERN.match(object_id):
             return None
-        try:
-            return model.model_validate_json((self.root / folder / f"{object_id}.json").read_text())
-        except FileNotFoundError:
-            return None
+        path = self.root / folder / f"{object_id}.json"
+        for attempt in range(5):
+            try:
+                return model.model_validate_json(path.read_text())
+            except FileNotFoundError:
+                return None
+            except OSError:  # on a bucket, the object was replaced while being read (s3fs FileExpired)
+                if attempt == 4:
+                    raise
+                time.sleep(0.1)
 
     def _all(self, model, folder: str) -> list:
         """Oldest first (ids are time-ordered)."""
