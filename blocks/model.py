@@ -32,3 +32,10 @@ class ModelConfig(Block):
         from nightshift.jobs import make_job
 
         return make_job(self.model, **self.engine.model_dump(), **self.options.model_dump())
+
+    @classmethod
+    def job_named(cls, name: str | None) -> JobSpec:
+        """The job of the block saved as `name` (with or without its `nightshift-model/` type prefix)."""
+        if not name:
+            raise ValueError("give the flow a `job` or the name of a ModelConfig block as `model`")
+        return cls.load(name.removeprefix("nightshift-model/")).job()

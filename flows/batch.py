@@ -11,7 +11,7 @@ from nightshift.blocks.model import ModelConfig
 from nightshift.blocks.pricing import GpuPricing
 from nightshift.blocks.storage import ObjectStorage
 from nightshift.tasks.canary import canary_validation
-from nightshift.tasks.fanout import dispatch_shard_groups
+from nightshift.tasks.fanout import check_deployments, dispatch_shard_groups, validate_on_pool
 from nightshift.tasks.generate import generate_here
 from nightshift.tasks.merge import expire_unfinished, merge_outputs
 from nightshift.tasks.plan import plan_shards
@@ -76,12 +76,14 @@ def batch_inference(
 
     if storage:  # in this process's memory only: never a parameter, a file or a log line
         use_storage_options(ObjectStorage.load(storage).storage_options())
-    job = size_for_input(job or _job_from_block(model), input_path, corpus)
+    job = size_for_input(job or ModelConfig.job_named(model), input_path, corpus)
     if result_cache:
         job = job.model_copy(update={"result_cache": result_cache})
     run_dir = scheduled_run_dir(run_dir)
     with run_lease(run_dir, flow_run.id), DeadlineTimer(deadline_at):  # one live run per run directory
-        if not fan_out:  # the engine loads here, while the input is planned
+        if fan_out:
+            check_deployments(fan_out)
+        else:  # the engine loads here, while the input is planned
             check_job(job)
             start_engine_in_background(job.engine)
         validation = validation or CanaryConfig()
@@ -109,7 +111,10 @@ def batch_inference(
             )
         report = merge_outputs(plan, results, run_dir)
         try:
-            canary_validation(run_dir, job, validation)
+            # fanned out, the checks run where the engines are: this process may hold neither
+            on_pool = fan_out and fan_out.validation_deployment
+            validated_by = validate_on_pool(run_dir, job, validation, fan_out, storage) if on_pool else None
+            canary_validation(run_dir, job, validation, validated_by)
         finally:  # a failed validation still gets its cost report, verdict included
             cost_report(run_dir, GpuPricing.load(pricing) if pricing else None)
     return report.model_copy(update={"shards": len(plan.shards), "shards_cached": cached})
@@ -122,9 +127,3 @@ def scheduled_run_dir(run_dir: str) -> str:
     when = flow_run.scheduled_start_time or datetime.now(timezone.utc)
     run_dir = run_dir.replace("{date}", when.strftime("%Y-%m-%d"))
     return run_dir.rstrip("/") if is_url(run_dir) else str(Path(run_dir).resolve())
-
-
-def _job_from_block(model: str | None) -> JobSpec:
-    if not model:
-        raise ValueError("give the flow a `job` or the name of a ModelConfig block as `model`")
-    return ModelConfig.load(model.removeprefix("nightshift-model/")).job()

@@ -8,7 +8,6 @@ finished anywhere is finished everywhere.
 from __future__ import annotations
 
 from nightshift.blocks.storage import ObjectStorage
-from nightshift.tasks.fanout import heartbeat, stall_if_drilled, write_group_manifest
 from nightshift.tasks.generate import generate_here
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -17,6 +16,7 @@ from nightshift.config import JobSpec
 from nightshift.deadline import DeadlineTimer, parse_deadline
 from nightshift.records import Shard
 from nightshift.storage import use_storage_options
+from nightshift.workers import heartbeat, stall_if_drilled, write_group_manifest
 
 
 @flow(name="nightshift-generate-shards", task_runner=ThreadPoolTaskRunner(max_workers=2))

@@ -31,10 +31,7 @@ def plan_night(
     `deadline`, priced by the GpuPricing block `pricing`, from the runs under `history`."""
     if deadline:
         parse_deadline(deadline)  # a bad one fails the flow run before anything is read
-    if job is None:
-        if not model:
-            raise ValueError("give the flow a `job` or the name of a ModelConfig block as `model`")
-        job = ModelConfig.load(model.removeprefix("nightshift-model/")).job()
+    job = job or ModelConfig.job_named(model)
     scratch = tempfile.mkdtemp(prefix="nightshift-plan-")
     try:
         planned = plan_shards(input_path, scratch, shard_size, corpus)

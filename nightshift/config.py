@@ -179,6 +179,11 @@ class FanOut(_Config):
     """Where and how shard groups are dispatched (the flow's `fan_out` parameter)."""
 
     deployment: str = Field(description='the shard-generation deployment, "nightshift-generate-shards/gpu"')
+    validation_deployment: str | None = Field(
+        "nightshift-validate/gpu",
+        description="the canary checks' deployment on the GPU pool, where an engine and the reference fit "
+        "(None: validate in the orchestrating flow)",
+    )
     shards_per_group: int = Field(4, gt=0, description="shards per child run: one engine load generates them all")
     max_in_flight: int = Field(8, gt=0, description="child runs live at once; match the pool's GPUs")
     straggler_factor: float = Field(3.0, ge=1, description="re-issue a group running longer than this × the median")

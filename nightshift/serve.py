@@ -127,21 +127,28 @@ class BatchRunner:
         batch = stored.batch
         if batch.status == "cancelling":
             self._close(batch.id, "cancelled", "batch_cancelled", CANCELLED_MESSAGE)
-        elif time.time() >= batch.expires_at + (RUN_EXPIRY_MARGIN_S if self._running(batch.id) else 0):
+        elif self._window_closed(stored):
             self._close(batch.id, "expired", "batch_expired", EXPIRED_MESSAGE)
         elif batch.status == "validating":
             self._validate_or_start(stored)
         else:
             self._follow(stored)
 
-    def _running(self, batch_id: str) -> bool:
+    def _window_closed(self, stored: StoredBatch) -> bool:
+        """Past the completion window. A running batch run stops itself at the window with its
+        rows merged (its --deadline), so it gets a margin to do so before the server closes it."""
+        now = time.time()
+        if now < stored.batch.expires_at:
+            return False
+        return now >= stored.batch.expires_at + RUN_EXPIRY_MARGIN_S or not self._running(stored)
+
+    def _running(self, stored: StoredBatch) -> bool:
         if self.config.deployment:
-            stored = self.store.batch(batch_id)
             if not stored.flow_run_id:
                 return False
             state = self._flow_run(stored).state
             return state is not None and not state.is_final()
-        child = self.children.get(batch_id)
+        child = self.children.get(stored.batch.id)
         return child is not None and child.poll() is None
 
     def _validate_or_start(self, stored: StoredBatch) -> None:

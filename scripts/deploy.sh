@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Work pools, block types and both deployments on the Prefect server at $PREFECT_API_URL.
+# Work pools, block types and the deployments on the Prefect server at $PREFECT_API_URL.
 # Run from anywhere; flow runs will start in this checkout (NIGHTSHIFT_HOME).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -33,9 +33,11 @@ from prefect import get_run_logger, task
 
 from nightshift.canaries import CANARY_PREFIX, CanaryFailure, check_expectations, load_canaries
 from nightshift.config import CanaryConfig, JobSpec
+from nightshift.engine import current_engine, shutdown_engine
 from nightshift.models import local_model
 from nightshift.rundir import RunDir, write_json_atomic
 from nightshift.storage import duckdb_connection, sql_path
+from nightshift.workers import worker_identity
 
 
 def validate(run_dir: RunDir, job: JobSpec, config: CanaryConfig) -> dict:
@@ -80,7 +82,10 @@ def validate(run_dir: RunDir, job: JobSpec, config: CanaryConfig) -> dict:
     # One re-run on the engine serves both checks: the determinism check compares its text, the
     # oracle scores its token ids (the run's own tokens: re-tokenizing the text may split it
     # otherwise).
+    loaded_for_checks = current_engine() is None
     again = _rerun(samples, job) if samples else {}
+    if samples and loaded_for_checks:  # on a GPU, the reference needs the memory the engine holds
+        shutdown_engine()
     if config.oracle_samples and samples:
         oracle = _oracle_check(
             [
@@ -142,15 +147,20 @@ def validate(run_dir: RunDir, job: JobSpec, config: CanaryConfig) -> dict:
     verdict["validated"] = not failures
     verdict["failures"] = failures
     verdict["seconds"] = round(time.monotonic() - started, 2)
+    verdict["where"] = {**worker_identity(), "flow_run_id": _flow_run_id()}
     write_json_atomic(run_dir.validation, verdict)
     return verdict
 
 
 @task(name="canary-validation")
-def canary_validation(run_dir: str, job: JobSpec, config: CanaryConfig) -> dict:
+def canary_validation(run_dir: str, job: JobSpec, config: CanaryConfig, validated_by: str | None = None) -> dict:
+    """Gate the flow run on the verdict: validate here, or read the verdict that the flow run
+    `validated_by` (the checks run on the GPU pool, where the engine is) left in the run directory."""
     from prefect.artifacts import create_markdown_artifact
 
-    verdict = validate(RunDir(run_dir), job, config)
+    verdict = (
+        validated_verdict(RunDir(run_dir), validated_by) if validated_by else validate(RunDir(run_dir), job, config)
+    )
     lines = [f"# Canary validation: {'passed' if verdict['validated'] else 'FAILED'}", ""]
     lines += [f"- {failure}" for failure in verdict["failures"]]
     for name, check in verdict["checks"].items():
@@ -172,6 +182,20 @@ def canary_validation(run_dir: str, job: JobSpec, config: CanaryConfig) -> dict:
             "validation failed — outputs are on disk but NOT validated: " + " | ".join(verdict["failures"])
         )
     return verdict
+
+
+def validated_verdict(run_dir: RunDir, flow_run_id: str) -> dict:
+    """The verdict the flow run `flow_run_id` wrote; an older run's verdict is not trusted."""
+    verdict = json.loads(run_dir.validation.read_text())
+    if verdict.get("where", {}).get("flow_run_id") != flow_run_id:
+        raise RuntimeError(f"{run_dir.validation} was not written by the validation run {flow_run_id}")
+    return verdict
+
+
+def _flow_run_id() -> str | None:
+    from prefect.runtime import flow_run
+
+    return flow_run.id
 
 
 def _greedy_chat_rows(run_dir: RunDir, count: int) -> list[dict]:
@@ -329,7 +353,6 @@ def _too_big_here(model: str) -> str | None:
 
     import psutil
 
-    from nightshift.engine import current_engine
     from nightshift.models import WEIGHT_SUFFIXES
 
     if current_engine() is not None:  # the run's own engine is here: the re-run costs nothing more
@@ -340,7 +363,8 @@ def _too_big_here(model: str) -> str | None:
         return None
     return (
         f"the reference weights ({weights / 2**30:.1f} GiB) do not fit this host's free memory "
-        f"({free / 2**30:.1f} GiB) beside an engine: give --oracle-model a smaller sibling, or validate on a GPU worker"
+        f"({free / 2**30:.1f} GiB) beside an engine: give --oracle-model a smaller sibling, or fan out "
+        "(the checks then run on the GPU pool)"
     )
 
 

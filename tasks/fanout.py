@@ -28,19 +28,13 @@ workers share; a local path works when every machine mounts it.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
-import socket
 import statistics
-import threading
 import time
 import uuid
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.client.orchestration import get_client
@@ -49,13 +43,12 @@ from prefect.deployments import run_deployment
 from prefect.states import Cancelled, Cancelling, Crashed
 
 from nightshift.chunks import shard_cache_key
-from nightshift.config import FanOut, JobSpec
+from nightshift.config import CanaryConfig, ConfigurationError, FanOut, JobSpec
 from nightshift.deadline import DeadlineReached, deadline_reached
 from nightshift.preemption import grace_seconds
 from nightshift.records import Shard, ShardResult
-from nightshift.rundir import RunDir, write_json_atomic
+from nightshift.workers import VALIDATION_GROUP, group_manifest, heartbeat_lost, read_group_manifest
 
-HEARTBEAT_INTERVAL_S = 5.0
 _FAILED = {StateType.FAILED, StateType.CRASHED, StateType.CANCELLED}
 
 
@@ -72,6 +65,22 @@ def group_key(shards: list[Shard], job: JobSpec) -> str:
     """Names a group by its shards' cache keys: the same work has the same name in every run."""
     keys = "|".join(shard_cache_key(shard, job) for shard in shards)
     return hashlib.sha256(keys.encode()).hexdigest()[:16]
+
+
+def check_deployments(fan_out: FanOut) -> None:
+    """The deployments `fan_out` names exist, before anything is planned or dispatched: a typo
+    or a deployment never made is a configuration error, said at once and not retried."""
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        for name in filter(None, (fan_out.deployment, fan_out.validation_deployment)):
+            try:
+                client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                raise ConfigurationError(
+                    f"fan_out names the deployment {name!r}, which the Prefect server does not have: deploy it "
+                    "(scripts/deploy.sh, deployments/prefect.yaml) or name another"
+                ) from None
 
 
 @task(name="dispatch-shard-groups")
@@ -244,7 +253,7 @@ class _Dispatcher:
 
     def _watch(self, group: _Group, run, silent_for_at_least: float) -> None:
         timeout = self.fan_out.heartbeat_timeout_s
-        if _heartbeat_lost(self.run_dir, group.key, str(run.id), silent_for_at_least, timeout):
+        if heartbeat_lost(self.run_dir, group.key, str(run.id), silent_for_at_least, timeout):
             self.client.set_flow_run_state(
                 run.id,
                 Crashed(
@@ -286,17 +295,6 @@ def groups_needed(groups_left: int, group_s: float, seconds_left: float, most: i
     return max(1, min(most, math.ceil(groups_left * group_s / (seconds_left - group_s))))
 
 
-def _heartbeat_lost(run_dir: str, group: str, run_id: str, running_s: float, timeout_s: float) -> bool:
-    beat = RunDir(run_dir).group(group) / f"{run_id}.alive"
-    try:
-        last = json.loads(beat.read_text())["heartbeat"]
-    except (OSError, ValueError, KeyError):
-        last = None
-    if last is None:
-        return running_s > timeout_s  # started (by the server's word) but never beat
-    return time.time() - last > timeout_s
-
-
 def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -307,78 +305,51 @@ def _parent_flow_run_id() -> str:
     return flow_run.id or uuid.uuid4().hex
 
 
-# --- the child side -----------------------------------------------------------------------
+@task(name="validate-on-pool")
+def validate_on_pool(
+    run_dir: str, job: JobSpec, validation: CanaryConfig, fan_out: FanOut, storage: str | None = None
+) -> str:
+    """Run the canary checks as a flow run of `fan_out.validation_deployment` on the GPU pool,
+    where an engine for the re-run and the reference model fit; returns that flow run's id once
+    it has written its verdict to the run directory. A run that fails or loses its worker is
+    dispatched again, up to `fan_out.max_attempts` runs."""
+    logger = get_run_logger()
+    parent = _parent_flow_run_id()
+    with get_client(sync_client=True) as client:
+        for attempt in range(fan_out.max_attempts):
+            run = run_deployment(
+                fan_out.validation_deployment,
+                parameters={
+                    "run_dir": run_dir,
+                    "job": job.model_dump(),
+                    "validation": validation.model_dump(),
+                    "storage": storage,
+                },
+                timeout=0,
+                idempotency_key=f"{parent}:{VALIDATION_GROUP}:{attempt}",  # a retried parent gets it back
+                flow_run_name=f"validation-try{attempt}",
+            )
+            logger.info("canary checks → child run %s on %s", run.name, fan_out.validation_deployment)
+            state = _followed_to_the_end(client, run.id, run_dir, fan_out)
+            if state == StateType.COMPLETED:
+                return str(run.id)
+            logger.warning("validation run %s ended %s", run.name, state.value)
+    raise RuntimeError(f"the canary checks failed to run {fan_out.max_attempts} times; see their child runs")
 
 
-@contextmanager
-def heartbeat(run_dir: str, group: str):
-    """Rewrite `groups/<group>/<flow run id>.alive` every few seconds while the body runs: its
-    content carries the time (an object store has no mtime to touch)."""
-    from prefect.runtime import flow_run
-
-    path = RunDir(run_dir).group(group) / f"{flow_run.id}.alive"
-    identity = worker_identity()
-    write_json_atomic(path, {**identity, "heartbeat": time.time()})
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(HEARTBEAT_INTERVAL_S):
-            try:
-                write_json_atomic(path, {**identity, "heartbeat": time.time()})
-            except OSError:  # a missed beat is not fatal; HEARTBEAT_TIMEOUT spans several
-                continue
-
-    thread = threading.Thread(target=beat, name="nightshift-heartbeat", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-
-
-def stall_if_drilled() -> None:
-    """Straggler drill: with NIGHTSHIFT_CHAOS_STALL_FILE=<path> set on the workers, the first
-    child run to find that file removes it and hangs (heartbeating) like a straggler would."""
-    path = os.environ.get("NIGHTSHIFT_CHAOS_STALL_FILE")
-    if path:
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            return
-        time.sleep(24 * 3600)
-
-
-def worker_identity() -> dict:
-    """Which machine and which worker slot (GPU) ran a child flow run."""
-    return {
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "worker_pid": os.getppid(),
-        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-    }
-
-
-def group_manifest(run_dir: str, group: str, flow_run_id: str) -> Path:
-    return RunDir(run_dir).group(group) / f"{flow_run_id}.json"
-
-
-def write_group_manifest(run_dir: str, group: str, results: list[ShardResult], cached: int) -> Path:
-    from prefect.runtime import flow_run
-
-    path = group_manifest(run_dir, group, flow_run.id)
-    write_json_atomic(
-        path,
-        {
-            "flow_run_id": flow_run.id,
-            "cached": cached,
-            **worker_identity(),
-            "results": [r.model_dump() for r in results],
-        },
-    )
-    return path
-
-
-def read_group_manifest(path: Path) -> dict:
-    data = json.loads(path.read_text())
-    data["results"] = [ShardResult.model_validate(r) for r in data["results"]]
-    return data
+def _followed_to_the_end(client, run_id: uuid.UUID, run_dir: str, fan_out: FanOut) -> StateType:
+    started = None
+    while True:
+        run = client.read_flow_run(run_id)
+        state = run.state.type if run.state else StateType.SCHEDULED
+        if state == StateType.COMPLETED or state in _FAILED:
+            return state
+        if state in (StateType.RUNNING, StateType.PENDING):
+            started = started or time.monotonic()
+            timeout = fan_out.heartbeat_timeout_s
+            if heartbeat_lost(run_dir, VALIDATION_GROUP, str(run_id), time.monotonic() - started, timeout):
+                client.set_flow_run_state(
+                    run_id, Crashed(message=f"no heartbeat for {timeout:.0f} s: its worker is gone"), force=True
+                )
+                return StateType.CRASHED
+        time.sleep(fan_out.poll_s)

@@ -178,7 +178,6 @@ def nightly_parameters(requests, run_dir, **fan_out) -> dict:
             "heartbeat_timeout_s": 30,
             **fan_out,
         },
-        "validation": {"determinism_samples": 0},  # the orchestrating worker has no engine to spare
     }
 
 
@@ -301,6 +300,18 @@ def test_shards_run_on_both_gpu_workers_and_the_merged_output_is_complete(lost_w
     report = json.loads((lost_worker_run / "report.json").read_text())
     assert report["accelerator"] == "test-gpu", "the pricing block named by the run was used"
     assert report["engine_slots"] == 2, "two GPUs ran side by side and both are billed"
+
+
+def test_the_canary_checks_ran_on_a_gpu_worker_not_in_the_orchestrating_flow(deployed, lost_worker_run):
+    verdict = json.loads((lost_worker_run / "validation.json").read_text())
+    assert verdict["validated"], verdict["failures"]
+    assert verdict["where"]["cuda_visible_devices"] in ("0", "1"), "validated on a GPU worker"
+    assert verdict["checks"]["determinism"]["of"] == 2, "the re-run had an engine there"
+    assert verdict["checks"]["oracle"]["agreement"] == 1.0
+    [validation_run] = [
+        r for r in deployed.flow_runs("nightshift-validate") if r["parameters"]["run_dir"] == str(lost_worker_run)
+    ]
+    assert validation_run["id"] == verdict["where"]["flow_run_id"]
 
 
 def test_the_lost_workers_run_is_shown_crashed_and_its_group_redone(deployed, lost_worker_run):

@@ -113,3 +113,16 @@ def test_an_engine_that_cannot_start_is_said_once_with_its_memory_picture_and_no
     last = [line for line in done.stderr.splitlines() if line.startswith("nightshift:")][-1]
     assert "the engine could not start" in last and "memory free" in last and "100000.0 GiB" in last
     assert output.count("Initializing a V1 LLM engine") == 1  # started once: no Prefect retries, no second try
+
+
+def test_fanning_out_to_a_deployment_the_server_lacks_fails_before_anything_is_planned(tmp_path, prefect_server):
+    from nightshift.flows.batch import batch_inference
+    from nightshift.jobs import make_job
+
+    from nightshift.config import ConfigurationError, FanOut
+
+    path = write_jsonl(tmp_path / "in.jsonl", [chat_request("r0", "Clause")])
+    fan_out = FanOut(deployment="nightshift-generate-shards/never-deployed")
+    with pytest.raises(ConfigurationError, match="never-deployed.*scripts/deploy.sh"):
+        batch_inference(str(path), str(tmp_path / "run"), job=make_job("tiny"), fan_out=fan_out)
+    assert not (tmp_path / "run" / "plan").exists()

@@ -1,0 +1,25 @@
+"""The canary checks as a flow run on the GPU pool: with fan-out, the orchestrating flow has no
+engine and may not hold the reference model, so the parent dispatches this flow through the
+`nightshift-validate/gpu` deployment (tasks/fanout.py: validate_on_pool) and gates on the
+verdict it writes to the run directory."""
+
+from __future__ import annotations
+
+from nightshift.blocks.storage import ObjectStorage
+from nightshift.tasks.canary import validate
+from prefect import flow
+
+from nightshift.config import CanaryConfig, JobSpec
+from nightshift.rundir import RunDir
+from nightshift.storage import use_storage_options
+from nightshift.workers import VALIDATION_GROUP, heartbeat
+
+
+@flow(name="nightshift-validate")
+def validate_run(run_dir: str, job: JobSpec, validation: CanaryConfig, storage: str | None = None) -> bool:
+    """Validate the merged run in `run_dir` (oracle, determinism, canaries) on this worker and
+    write `validation.json`; returns whether it passed. The parent flow fails on a failed verdict."""
+    if storage:
+        use_storage_options(ObjectStorage.load(storage).storage_options())
+    with heartbeat(run_dir, VALIDATION_GROUP):
+        return validate(RunDir(run_dir), job, validation)["validated"]

@@ -1,0 +1,107 @@
+"""The GPU-worker side of fan-out: what a child flow run leaves in the run directory so the
+parent can follow it through nothing but shared storage — heartbeats while it runs, a manifest
+of what it did, and which machine and GPU it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from nightshift.records import ShardResult
+from nightshift.rundir import RunDir, write_json_atomic
+
+HEARTBEAT_INTERVAL_S = 5.0
+VALIDATION_GROUP = "validation"  # the canary checks' child run heartbeats as this group
+
+
+@contextmanager
+def heartbeat(run_dir: str, group: str):
+    """Rewrite `groups/<group>/<flow run id>.alive` every few seconds while the body runs: its
+    content carries the time (an object store has no mtime to touch)."""
+    from prefect.runtime import flow_run
+
+    path = RunDir(run_dir).group(group) / f"{flow_run.id}.alive"
+    identity = worker_identity()
+    write_json_atomic(path, {**identity, "heartbeat": time.time()})
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_INTERVAL_S):
+            try:
+                write_json_atomic(path, {**identity, "heartbeat": time.time()})
+            except OSError:  # a missed beat is not fatal; HEARTBEAT_TIMEOUT spans several
+                continue
+
+    thread = threading.Thread(target=beat, name="nightshift-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+
+
+def stall_if_drilled() -> None:
+    """Straggler drill: with NIGHTSHIFT_CHAOS_STALL_FILE=<path> set on the workers, the first
+    child run to find that file removes it and hangs (heartbeating) like a straggler would."""
+    path = os.environ.get("NIGHTSHIFT_CHAOS_STALL_FILE")
+    if path:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            return
+        time.sleep(24 * 3600)
+
+
+def worker_identity() -> dict:
+    """Which machine and which worker slot (GPU) ran a child flow run."""
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "worker_pid": os.getppid(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    }
+
+
+def group_manifest(run_dir: str, group: str, flow_run_id: str) -> Path:
+    return RunDir(run_dir).group(group) / f"{flow_run_id}.json"
+
+
+def write_group_manifest(run_dir: str, group: str, results: list[ShardResult], cached: int) -> Path:
+    from prefect.runtime import flow_run
+
+    path = group_manifest(run_dir, group, flow_run.id)
+    write_json_atomic(
+        path,
+        {
+            "flow_run_id": flow_run.id,
+            "cached": cached,
+            **worker_identity(),
+            "results": [r.model_dump() for r in results],
+        },
+    )
+    return path
+
+
+def read_group_manifest(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    data["results"] = [ShardResult.model_validate(r) for r in data["results"]]
+    return data
+
+
+def heartbeat_lost(run_dir: str, group: str, run_id: str, running_s: float, timeout_s: float) -> bool:
+    """A child run whose heartbeat is older than `timeout_s` — or that never beat though
+    started `running_s` ago — has lost its worker (Prefect would show it Running forever)."""
+    beat = RunDir(run_dir).group(group) / f"{run_id}.alive"
+    try:
+        last = json.loads(beat.read_text())["heartbeat"]
+    except (OSError, ValueError, KeyError):
+        last = None
+    if last is None:
+        return running_s > timeout_s  # started (by the server's word) but never beat
+    return time.time() - last > timeout_s
