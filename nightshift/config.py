@@ -52,7 +52,8 @@ class EngineSettings(_Config):
     max_num_seqs: int | None = Field(
         None,
         gt=0,
-        description="rows decoded together (default: vLLM's for the hardware: 256 on CPU, up to 1,024 on GPUs)",
+        description="rows decoded together (default: on GPUs vLLM's for the card, up to 1,024; on CPU as many as "
+        "the KV cache holds at 512 tokens a row, 256 to 1,024)",
     )
     max_num_batched_tokens: int | None = Field(
         None, gt=0, description="tokens per engine step (default: vLLM's for the hardware)"

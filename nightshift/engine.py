@@ -313,13 +313,32 @@ def engine_arguments(config: EngineConfig) -> dict:
     arguments.setdefault("max_model_len", -1)  # the model's own context, lowered only if memory requires
     from vllm.platforms import current_platform
 
-    if (
-        current_platform.is_cpu()
-        and config.kv_cache_memory_bytes is None
-        and not os.environ.get("VLLM_CPU_KVCACHE_SPACE")
-    ):
-        arguments["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(config)
+    if current_platform.is_cpu():
+        kv_bytes = config.kv_cache_memory_bytes
+        if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            kv_bytes = kv_bytes or int(float(os.environ["VLLM_CPU_KVCACHE_SPACE"]) * GiB)
+        elif kv_bytes is None:
+            kv_bytes = arguments["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(config)
+        if config.max_num_seqs is None:
+            arguments["max_num_seqs"] = cpu_max_num_seqs(config, kv_bytes)
     return arguments
+
+
+# On CPU, rows decoded together: as many as the KV cache holds at CPU_ROW_TOKENS tokens each
+# (twice a typical batch row: a cache too full preempts rows, and recomputing them costs more),
+# between vLLM's CPU default and its largest GPU default. Each engine step costs a fixed
+# overhead on top of its matrix work, so wider steps are cheaper per token: the tiny model
+# made 17 % more tokens/s at 1,024 than at 256 (docs/benchmarks.md).
+CPU_MAX_NUM_SEQS = (256, 1024)
+CPU_ROW_TOKENS = 512
+
+
+def cpu_max_num_seqs(config: EngineConfig, kv_bytes: int) -> int:
+    per_token = kv_bytes_per_token(config)
+    if not per_token:
+        return CPU_MAX_NUM_SEQS[0]
+    fits = kv_bytes // (per_token * CPU_ROW_TOKENS)
+    return int(min(CPU_MAX_NUM_SEQS[1], max(CPU_MAX_NUM_SEQS[0], fits)))
 
 
 GiB = 1 << 30

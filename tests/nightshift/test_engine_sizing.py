@@ -1,0 +1,42 @@
+"""How a CPU engine is sized when the job leaves it open: a KV cache of its own (so that a second
+engine on the host can start), and as many rows decoded together as that cache holds."""
+
+import pytest
+
+from nightshift.engine import CPU_ROW_TOKENS, cpu_max_num_seqs, engine_arguments, kv_bytes_per_token
+from nightshift.jobs import make_job
+
+pytestmark = pytest.mark.fast
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_job("tiny").engine
+
+
+def rows_worth(config, rows: int) -> int:
+    return rows * CPU_ROW_TOKENS * kv_bytes_per_token(config)
+
+
+def test_rows_decoded_together_are_as_many_as_the_cache_holds(tiny):
+    assert cpu_max_num_seqs(tiny, rows_worth(tiny, 300)) == 300
+    assert cpu_max_num_seqs(tiny, rows_worth(tiny, 300) + 1) == 300
+
+
+def test_never_fewer_than_vllms_cpu_default_nor_more_than_its_largest(tiny):
+    assert cpu_max_num_seqs(tiny, rows_worth(tiny, 10)) == 256
+    assert cpu_max_num_seqs(tiny, rows_worth(tiny, 100_000)) == 1024
+
+
+def test_what_the_job_sets_is_kept(tiny, monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    arguments = engine_arguments(tiny.model_copy(update={"max_num_seqs": 16, "kv_cache_memory_bytes": 64 * MiB}))
+    assert arguments["max_num_seqs"] == 16 and arguments["kv_cache_memory_bytes"] == 64 * MiB
+
+
+def test_a_cache_sized_in_the_environment_sizes_the_rows_too(tiny, monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "0.25")  # GiB
+    arguments = engine_arguments(tiny)
+    assert "kv_cache_memory_bytes" not in arguments  # vLLM reads the environment itself
+    assert arguments["max_num_seqs"] == cpu_max_num_seqs(tiny, 256 * MiB)
