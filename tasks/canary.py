@@ -35,6 +35,7 @@ from nightshift.canaries import CANARY_PREFIX, CanaryFailure, check_expectations
 from nightshift.config import CanaryConfig, JobSpec
 from nightshift.engine import current_engine, shutdown_engine
 from nightshift.models import local_model
+from nightshift.oracle import oracle_check
 from nightshift.rundir import RunDir, write_json_atomic
 from nightshift.storage import duckdb_connection, sql_path
 from nightshift.workers import worker_identity
@@ -87,7 +88,7 @@ def validate(run_dir: RunDir, job: JobSpec, config: CanaryConfig) -> dict:
     if samples and loaded_for_checks:  # on a GPU, the reference needs the memory the engine holds
         shutdown_engine()
     if config.oracle_samples and samples:
-        oracle = _oracle_check(
+        oracle = oracle_check(
             [
                 {**s, "token_ids": _token_ids(again.get(s["custom_id"]), s["text"])}
                 for s in samples[: config.oracle_samples]
@@ -198,8 +199,16 @@ def _flow_run_id() -> str | None:
     return flow_run.id
 
 
+# Body fields under which the engine's tokens are not the model's own most likely ones (an
+# end-of-sequence suppressed, a bias, a grammar): the reference would rightly rank them lower.
+CONSTRAINED = (
+    "response_format", "ignore_eos", "min_tokens", "logit_bias", "allowed_token_ids", "bad_words",
+    "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+)  # fmt: skip
+
+
 def _greedy_chat_rows(run_dir: RunDir, count: int) -> list[dict]:
-    """Up to `count` succeeded greedy chat rows of the run, sampled reproducibly."""
+    """Up to `count` succeeded greedy, unconstrained chat rows of the run, sampled reproducibly."""
     if count <= 0:
         return []
     from nightshift.records import Plan
@@ -222,7 +231,7 @@ def _greedy_chat_rows(run_dir: RunDir, count: int) -> list[dict]:
             "messages" in body
             and body.get("temperature") == 0
             and body.get("n", 1) == 1
-            and "response_format" not in body
+            and not any(body.get(constraint) for constraint in CONSTRAINED)
         ):
             candidates.append({"custom_id": custom_id, "text": text, "body": body})
     random.Random(0).shuffle(candidates)
@@ -292,57 +301,6 @@ def _embedding_oracle(samples: list[dict], reference: str) -> list[dict]:
         cosine = torch.nn.functional.cosine_similarity(vector, torch.tensor(sample["vector"]), dim=0).item()
         results.append({"custom_id": sample["custom_id"], "cosine": round(cosine, 6), "truncated": sample["cut"]})
     return results
-
-
-def _oracle_check(samples: list[dict], reference: str, k: int, top_k: int, tolerance: float) -> list[dict]:
-    """Teacher-forced: the run's own first `k` tokens of each sample, scored in one forward pass
-    of transformers on the reference weights. Each token must be among the reference's `top_k`
-    at its position and within `tolerance` nats of its best. A near-tie decided the other way by
-    bf16 or batch-dependent kernels passes; a token the reference would not consider fails."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(reference)
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # where the engine is, on a GPU worker
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(reference, dtype=dtype).to(device).eval()
-    results = []
-    for sample in samples:
-        prompt = tokenizer.apply_chat_template(sample["body"]["messages"], add_generation_prompt=True, tokenize=False)
-        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)  # as vLLM counts a chat prompt
-        ours = sample["text"] or ""
-        # an empty answer is the end-of-sequence token, which the reference must also expect
-        run_ids = list(sample.get("token_ids") or tokenizer.encode(ours, add_special_tokens=False))[:k]
-        run_ids = run_ids or [tokenizer.eos_token_id]
-        ids = torch.tensor([prompt_ids + run_ids], device=device)
-        with torch.no_grad():
-            logits = model(ids).logits[0, len(prompt_ids) - 1 : len(prompt_ids) - 1 + len(run_ids)].float()
-        verdicts = score_tokens(torch.log_softmax(logits, dim=-1).cpu(), run_ids, top_k, tolerance)
-        worst = max(verdicts, key=lambda v: (v["rank"], v["gap"]))
-        results.append(
-            {
-                "custom_id": sample["custom_id"],
-                "agrees": all(v["accepted"] for v in verdicts),
-                "tokens": len(run_ids),
-                "worst_rank": worst["rank"],
-                "worst_gap": round(worst["gap"], 4),
-                "ours": ours[:80],
-            }
-        )
-    return results
-
-
-def score_tokens(logprobs, token_ids: list[int], top_k: int, tolerance: float) -> list[dict]:
-    """Per position: the run's token's rank in the reference's distribution (0: its best), its
-    distance in nats from the best, and whether it is accepted (rank < top_k, gap ≤ tolerance)."""
-    verdicts = []
-    for position, token in enumerate(token_ids):
-        row = logprobs[position]
-        mine = row[token]
-        rank = int((row > mine).sum())
-        gap = float(row.max() - mine)
-        verdicts.append({"rank": rank, "gap": gap, "accepted": rank < top_k and gap <= tolerance})
-    return verdicts
 
 
 def _too_big_here(model: str) -> str | None:

@@ -1,0 +1,77 @@
+"""The oracle of the canary stage: the run's own tokens scored teacher-forced by Hugging Face
+transformers on the reference weights. Torch and transformers only — no engine, no Prefect — so
+it runs wherever the reference fits: the run's process, a GPU worker, or a bare GPU host
+(`scripts/gpu_oracle_check.py`)."""
+
+from __future__ import annotations
+
+
+def oracle_check(samples: list[dict], reference: str, k: int, top_k: int, tolerance: float) -> list[dict]:
+    """Teacher-forced: the run's own first `k` tokens of each sample, scored in one forward pass
+    of transformers on the reference weights. Each token must be among the reference's `top_k`
+    at its position and within `tolerance` nats of its best. A near-tie decided the other way by
+    bf16 or batch-dependent kernels passes; a token the reference would not consider fails."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(reference)
+    device, dtype = reference_placement(reference)
+    model = AutoModelForCausalLM.from_pretrained(reference, dtype=dtype).to(device).eval()
+    results = []
+    for sample in samples:
+        prompt = tokenizer.apply_chat_template(sample["body"]["messages"], add_generation_prompt=True, tokenize=False)
+        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)  # as vLLM counts a chat prompt
+        ours = sample["text"] or ""
+        # an empty answer is the end-of-sequence token, which the reference must also expect
+        run_ids = list(sample.get("token_ids") or tokenizer.encode(ours, add_special_tokens=False))[:k]
+        run_ids = run_ids or [tokenizer.eos_token_id]
+        ids = torch.tensor([prompt_ids + run_ids], device=device)
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(prompt_ids) - 1 : len(prompt_ids) - 1 + len(run_ids)].float()
+        verdicts = score_tokens(torch.log_softmax(logits, dim=-1).cpu(), run_ids, top_k, tolerance)
+        worst = max(verdicts, key=lambda v: (v["rank"], v["gap"]))
+        results.append(
+            {
+                "custom_id": sample["custom_id"],
+                "agrees": all(v["accepted"] for v in verdicts),
+                "tokens": len(run_ids),
+                "worst_rank": worst["rank"],
+                "worst_gap": round(worst["gap"], 4),
+                "reference_on": f"{device} {str(dtype).removeprefix('torch.')}",
+                "ours": ours[:80],
+            }
+        )
+    return results
+
+
+def score_tokens(logprobs, token_ids: list[int], top_k: int, tolerance: float) -> list[dict]:
+    """Per position: the run's token's rank in the reference's distribution (0: its best), its
+    distance in nats from the best, and whether it is accepted (rank < top_k, gap ≤ tolerance)."""
+    verdicts = []
+    for position, token in enumerate(token_ids):
+        row = logprobs[position]
+        mine = row[token]
+        rank = int((row > mine).sum())
+        gap = float(row.max() - mine)
+        verdicts.append({"rank": rank, "gap": gap, "accepted": rank < top_k and gap <= tolerance})
+    return verdicts
+
+
+def reference_placement(reference: str):
+    """Where and in what precision the reference runs: on the GPU when there is one (the
+    validating process is on a GPU worker), in float32 wherever its weights fit in float32 —
+    a bf16 reference adds its own rounding to the run's, and on an H100 ranked a correct
+    float32 run's tokens as low as 5th, 2.5 nats from its best (scripts/gpu_oracle_check.py) —
+    else in bf16."""
+    from pathlib import Path
+
+    import torch
+
+    from nightshift.models import WEIGHT_SUFFIXES
+
+    if not torch.cuda.is_available():
+        return "cpu", torch.float32
+    stored = sum(p.stat().st_size for p in Path(reference).rglob("*") if p.suffix in WEIGHT_SUFFIXES)
+    free, _ = torch.cuda.mem_get_info()
+    # weights are stored in 16 bits at most times: float32 doubles them; keep a fifth for activations
+    return "cuda", torch.float32 if 2 * stored <= 0.8 * free else torch.bfloat16
