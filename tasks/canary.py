@@ -73,12 +73,14 @@ def validate(run_dir: RunDir, job: JobSpec, config: CanaryConfig) -> dict:
             failed = [f"{r['canary']} ({'; '.join(r['problems'])})" for r in results if not r["passed"]]
             failures.append(f"canaries passed {pass_rate:.0%} < {config.min_pass_rate:.0%}: " + ", ".join(failed))
 
-    samples = _greedy_chat_rows(run_dir, max(config.oracle_samples, config.determinism_samples))
-    too_big = _too_big_here(local_model(config.oracle_model or job.engine.model)) if samples else None
-    if too_big:  # an 8B model's checks on a CPU orchestrator: said, not attempted (and not a failure)
+    samples, chat_rows = _greedy_chat_rows(run_dir, max(config.oracle_samples, config.determinism_samples))
+    skipped = _too_big_here(local_model(config.oracle_model or job.engine.model)) if samples else None
+    if chat_rows and not samples:
+        skipped = f"none of the run's {chat_rows} chat rows is greedy (temperature 0) and unconstrained"
+    if skipped:  # said, not attempted, and not a failure: an 8B model on a CPU orchestrator, no row to check
         for name, wanted in (("oracle", config.oracle_samples), ("determinism", config.determinism_samples)):
             if wanted:
-                verdict["checks"][name] = {"skipped": too_big}
+                verdict["checks"][name] = {"skipped": skipped}
         samples = []
     # One re-run on the engine serves both checks: the determinism check compares its text, the
     # oracle scores its token ids (the run's own tokens: re-tokenizing the text may split it
@@ -207,10 +209,11 @@ CONSTRAINED = (
 )  # fmt: skip
 
 
-def _greedy_chat_rows(run_dir: RunDir, count: int) -> list[dict]:
-    """Up to `count` succeeded greedy, unconstrained chat rows of the run, sampled reproducibly."""
+def _greedy_chat_rows(run_dir: RunDir, count: int) -> tuple[list[dict], int]:
+    """Up to `count` succeeded greedy, unconstrained chat rows of the run, sampled reproducibly,
+    and how many succeeded chat rows there were to choose from."""
     if count <= 0:
-        return []
+        return [], 0
     from nightshift.records import Plan
 
     shards = ", ".join(f"'{sql_path(s.path)}'" for s in Plan.load(run_dir.plan_manifest).shards)
@@ -224,9 +227,10 @@ def _greedy_chat_rows(run_dir: RunDir, count: int) -> list[dict]:
             ORDER BY s.row_index
             """
         ).fetchall()
-    candidates = []
+    candidates, chat_rows = [], 0
     for custom_id, text, request in rows:
         body = json.loads(request)["body"] if request else {}
+        chat_rows += "messages" in body
         if (
             "messages" in body
             and body.get("temperature") == 0
@@ -235,7 +239,7 @@ def _greedy_chat_rows(run_dir: RunDir, count: int) -> list[dict]:
         ):
             candidates.append({"custom_id": custom_id, "text": text, "body": body})
     random.Random(0).shuffle(candidates)
-    return candidates[:count]
+    return candidates[:count], chat_rows
 
 
 def _embedded_rows(run_dir: RunDir, job: JobSpec, count: int) -> list[dict]:

@@ -42,6 +42,23 @@ def test_a_run_whose_canaries_hold_is_validated_and_canaries_stay_out_of_the_out
     assert all(r["same"] for r in verdict["checks"]["determinism"]["results"])
 
 
+def test_rows_whose_tokens_are_constrained_are_not_judged_by_the_oracle_and_the_verdict_says_so(
+    tmp_path, prefect_server, tiny_job
+):
+    from nightshift.cli import run_job
+
+    rows = [chat_request(f"r{i}", f"Row {i}", ignore_eos=True) for i in range(6)]  # end-of-sequence suppressed
+    run_dir = tmp_path / "run"
+    report = run_job(str(write_jsonl(tmp_path / "in.jsonl", rows)), str(run_dir), tiny_job, 10)
+    assert report.complete
+    verdict = json.loads((run_dir / "validation.json").read_text())
+    assert verdict["validated"] is True
+    for check in ("oracle", "determinism"):
+        assert "none of the run's 6 chat rows is greedy (temperature 0) and unconstrained" in (
+            verdict["checks"][check]["skipped"]
+        )
+
+
 def test_a_wrong_expectation_fails_the_run_with_exit_3_naming_the_canary(tmp_path, batch):
     canaries = write_jsonl(
         tmp_path / "canaries.jsonl",
