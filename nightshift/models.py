@@ -52,6 +52,11 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 _IDENTITY_FILE = ".nightshift-identity"
 
 
+def weight_bytes(model_dir: str) -> int:
+    """Bytes of a local model directory's weight files, as stored."""
+    return sum(p.stat().st_size for p in Path(model_dir).rglob("*") if p.suffix in WEIGHT_SUFFIXES)
+
+
 def remote_model_identity(url: str) -> str:
     """The identity of a model directory on an object store: its URL and every weight file's
     key, size and ETag. The same on every worker: no local path or mtime enters it."""

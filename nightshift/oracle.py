@@ -63,15 +63,13 @@ def reference_placement(reference: str):
     a bf16 reference adds its own rounding to the run's, and on an H100 ranked a correct
     float32 run's tokens as low as 5th, 2.5 nats from its best (scripts/gpu_oracle_check.py) —
     else in bf16."""
-    from pathlib import Path
-
     import torch
 
-    from nightshift.models import WEIGHT_SUFFIXES
+    from nightshift.models import weight_bytes
 
     if not torch.cuda.is_available():
         return "cpu", torch.float32
-    stored = sum(p.stat().st_size for p in Path(reference).rglob("*") if p.suffix in WEIGHT_SUFFIXES)
+    stored = weight_bytes(reference)
     free, _ = torch.cuda.mem_get_info()
     # weights are stored in 16 bits at most times: float32 doubles them; keep a fifth for activations
     return "cuda", torch.float32 if 2 * stored <= 0.8 * free else torch.bfloat16

@@ -34,7 +34,7 @@ from prefect import get_run_logger, task
 from nightshift.canaries import CANARY_PREFIX, CanaryFailure, check_expectations, load_canaries
 from nightshift.config import CanaryConfig, JobSpec
 from nightshift.engine import current_engine, shutdown_engine
-from nightshift.models import local_model
+from nightshift.models import local_model, weight_bytes
 from nightshift.oracle import oracle_check
 from nightshift.rundir import RunDir, write_json_atomic
 from nightshift.storage import duckdb_connection, sql_path
@@ -311,15 +311,11 @@ def _too_big_here(model: str) -> str | None:
     """Why the reference (and an engine for the re-run) cannot be loaded in this process: its
     weights take more than half the memory free here, and this process holds no engine already.
     None when they fit."""
-    from pathlib import Path
-
     import psutil
-
-    from nightshift.models import WEIGHT_SUFFIXES
 
     if current_engine() is not None:  # the run's own engine is here: the re-run costs nothing more
         return None
-    weights = sum(p.stat().st_size for p in Path(model).rglob("*") if p.suffix in WEIGHT_SUFFIXES)
+    weights = weight_bytes(model)
     free = psutil.virtual_memory().available
     if weights <= free / 2:
         return None
