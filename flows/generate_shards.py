@@ -16,7 +16,7 @@ from nightshift.config import JobSpec
 from nightshift.deadline import DeadlineTimer, parse_deadline
 from nightshift.records import Shard
 from nightshift.storage import use_storage_options
-from nightshift.workers import heartbeat, stall_if_drilled, write_group_manifest
+from nightshift.workers import handing_on_if_the_engine_cannot_start, heartbeat, stall_if_drilled, write_group_manifest
 
 
 @flow(name="nightshift-generate-shards", task_runner=ThreadPoolTaskRunner(max_workers=2))
@@ -35,7 +35,11 @@ def generate_shards(
     date-time) generation stops admitting rows and flushes what finished."""
     if storage:
         use_storage_options(ObjectStorage.load(storage).storage_options())
-    with heartbeat(run_dir, group), DeadlineTimer(parse_deadline(deadline) if deadline else None):
+    with (
+        heartbeat(run_dir, group),
+        DeadlineTimer(parse_deadline(deadline) if deadline else None),
+        handing_on_if_the_engine_cannot_start(run_dir, group),
+    ):
         stall_if_drilled()
         results, cached = generate_here(shards, job, run_dir, checkpoint_storage)
         write_group_manifest(run_dir, group, results, cached)

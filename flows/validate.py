@@ -12,7 +12,7 @@ from prefect import flow
 from nightshift.config import CanaryConfig, JobSpec
 from nightshift.rundir import RunDir
 from nightshift.storage import use_storage_options
-from nightshift.workers import VALIDATION_GROUP, heartbeat
+from nightshift.workers import VALIDATION_GROUP, handing_on_if_the_engine_cannot_start, heartbeat
 
 
 @flow(name="nightshift-validate")
@@ -21,5 +21,5 @@ def validate_run(run_dir: str, job: JobSpec, validation: CanaryConfig, storage: 
     write `validation.json`; returns whether it passed. The parent flow fails on a failed verdict."""
     if storage:
         use_storage_options(ObjectStorage.load(storage).storage_options())
-    with heartbeat(run_dir, VALIDATION_GROUP):
+    with heartbeat(run_dir, VALIDATION_GROUP), handing_on_if_the_engine_cannot_start(run_dir, VALIDATION_GROUP):
         return validate(RunDir(run_dir), job, validation)["validated"]

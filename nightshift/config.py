@@ -33,6 +33,11 @@ class ConfigurationError(ValueError):
     a missing model, an engine that cannot start here). Said once, exit status 2, never retried."""
 
 
+class EngineCannotStartHere(ConfigurationError):
+    """The engine refused to start on this machine (too little free memory, say). Another start
+    here fails the same way; on a work pool another worker may well hold it."""
+
+
 class _Config(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 
 from vllm.exceptions import VLLMClientError
 
-from nightshift.config import ConfigurationError, EngineConfig
+from nightshift.config import ConfigurationError, EngineCannotStartHere, EngineConfig
 from nightshift.openai_format import PreparedRequest
 from nightshift.preemption import Preempted
 
@@ -69,7 +69,7 @@ class BatchEngine:
         try:
             self.llm = LLM(**arguments)
         except Exception as exc:  # not worth a retry here: another start on this machine fails the same way
-            raise ConfigurationError(
+            raise EngineCannotStartHere(
                 f"the engine could not start: {str(exc).splitlines()[0]} ({memory_picture(arguments)})"
             ) from exc
         self.tokenizer = self.llm.get_tokenizer()

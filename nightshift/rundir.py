@@ -9,6 +9,8 @@ RUN_DIR/
   checkpoints/                        Prefect result storage (the task cache)
   groups/<group>/<flow_run_id>.json   a shard group's child flow run on a work pool: what it made
   groups/<group>/<flow_run_id>.alive  its heartbeat, touched while it runs
+  groups/<group>/<flow_run_id>.refused  it could not start the engine on its worker: handed back
+  groups/unfit-workers/<slot>.unfit   a worker slot that could not start this run's engine
   output.jsonl  errors.jsonl  results.parquet  run.json   merged outputs
   embeddings.parquet                  a corpus embedded: id, vector (fixed-size float32), tokens
   canary_results.parquet  validation.json               the canary stage's evidence and verdict
@@ -50,6 +52,9 @@ class RunDir:
 
     def group(self, group_key: str) -> Path:
         return self.root / "groups" / group_key
+
+    def unfit_worker(self, slot: str) -> Path:
+        return self.root / "groups" / "unfit-workers" / f"{slot.replace('/', '_')}.unfit"
 
     @property
     def checkpoints(self) -> Path:

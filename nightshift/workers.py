@@ -13,11 +13,15 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from nightshift.config import EngineCannotStartHere
 from nightshift.records import ShardResult
 from nightshift.rundir import RunDir, write_json_atomic
 
 HEARTBEAT_INTERVAL_S = 5.0
 VALIDATION_GROUP = "validation"  # the canary checks' child run heartbeats as this group
+# A refusing child keeps its worker's slot this long, so the pool hands the group it gave back
+# to a worker that can take it instead of straight back to this one.
+UNFIT_HOLD_S = 60.0
 
 
 @contextmanager
@@ -66,6 +70,69 @@ def worker_identity() -> dict:
         "worker_pid": os.getppid(),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
     }
+
+
+def worker_slot(identity: dict) -> str:
+    """One worker slot of the fleet: a machine and the GPUs it was given."""
+    devices = identity.get("cuda_visible_devices")
+    return f"{identity['host']}/gpu-{devices}" if devices is not None else f"{identity['host']}/all-gpus"
+
+
+def refusal_record(run_dir: str, group: str, flow_run_id: str) -> Path:
+    return RunDir(run_dir).group(group) / f"{flow_run_id}.refused"
+
+
+def read_refusal(run_dir: str, group: str, flow_run_id: str) -> dict | None:
+    """What a child run that could not start the engine on its worker left behind, if it did."""
+    try:
+        return json.loads(refusal_record(run_dir, group, flow_run_id).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def unfit_workers(run_dir: str) -> dict[str, str]:
+    """Every worker slot that could not start this run's engine, with what it said."""
+    found = {}
+    for marker in (RunDir(run_dir).root / "groups" / "unfit-workers").glob("*.unfit"):
+        try:
+            record = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            continue
+        found[record["slot"]] = record["reason"]
+    return found
+
+
+@contextmanager
+def handing_on_if_the_engine_cannot_start(run_dir: str, group: str, hold_s: float = UNFIT_HOLD_S):
+    """A child run whose worker cannot start the engine hands its group back to the pool.
+
+    The first refusal on a worker slot is remembered in the run directory, so the worker's later
+    child runs of this run refuse at once instead of starting the engine again; each refusal
+    leaves `<flow run id>.refused` beside the group's heartbeats, which the parent reads as
+    "dispatch this group again, not an attempt used up" (tasks/fanout.py). The run then holds
+    its worker for `hold_s` before failing, so that worker does not take the group straight back."""
+    from prefect.runtime import flow_run
+
+    identity = worker_identity()
+    marker = RunDir(run_dir).unfit_worker(worker_slot(identity))
+    try:
+        earlier = json.loads(marker.read_text())["reason"]
+    except (OSError, ValueError, KeyError):
+        earlier = None
+    try:
+        if earlier is not None:
+            raise EngineCannotStartHere(f"this worker could not start the engine earlier in this run: {earlier}")
+        yield
+    except EngineCannotStartHere as refusal:
+        reason = earlier or str(refusal)
+        if earlier is None:
+            write_json_atomic(marker, {**identity, "slot": worker_slot(identity), "reason": reason})
+        write_json_atomic(
+            refusal_record(run_dir, group, flow_run.id),
+            {**identity, "slot": worker_slot(identity), "reason": reason, "engine_started": earlier is None},
+        )
+        time.sleep(hold_s)
+        raise
 
 
 def group_manifest(run_dir: str, group: str, flow_run_id: str) -> Path:

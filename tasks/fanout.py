@@ -16,6 +16,15 @@ What the dispatcher guarantees:
   older than `heartbeat_timeout_s` (its worker or machine died: Prefect would show it Running
   forever) is marked Crashed and its group dispatched again; the new run resumes from the
   chunk files the lost one wrote.
+* **Work done is kept.** A child run that wrote its group's manifest and then failed or lost its
+  worker (killed between the last write and reporting Completed) has done the group: its
+  results are used, the group is not dispatched again.
+* **Workers that cannot start the engine hand their work on.** A child run whose worker
+  refuses to start the engine (too little free memory) leaves a `.refused` record and fails
+  at once; the group is dispatched again without using up an attempt, and that worker's later
+  child runs of this run refuse without starting an engine, so the group lands on a worker
+  that can hold it. When every online worker of the pool has refused, the run fails with the
+  workers' own words (a configuration error: nothing to retry).
 * **Stragglers.** A group running longer than `straggler_factor` × the median of finished
   groups is dispatched a second time. The first run to finish wins; the other is cancelled and
   whatever it wrote is superseded (merge keeps one outcome per row).
@@ -38,16 +47,23 @@ from datetime import datetime, timezone
 
 from prefect import get_run_logger, task
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.objects import StateType, WorkerStatus
 from prefect.deployments import run_deployment
 from prefect.states import Cancelled, Cancelling, Crashed
 
 from nightshift.chunks import shard_cache_key
-from nightshift.config import CanaryConfig, ConfigurationError, FanOut, JobSpec
+from nightshift.config import CanaryConfig, ConfigurationError, EngineCannotStartHere, FanOut, JobSpec
 from nightshift.deadline import DeadlineReached, deadline_reached
 from nightshift.preemption import grace_seconds
 from nightshift.records import Shard, ShardResult
-from nightshift.workers import VALIDATION_GROUP, group_manifest, heartbeat_lost, read_group_manifest
+from nightshift.workers import (
+    VALIDATION_GROUP,
+    group_manifest,
+    heartbeat_lost,
+    read_group_manifest,
+    read_refusal,
+    unfit_workers,
+)
 
 _FAILED = {StateType.FAILED, StateType.CRASHED, StateType.CANCELLED}
 
@@ -57,6 +73,7 @@ class _Group:
     key: str
     shards: list[Shard]
     attempts: int = 0
+    handed_on: int = 0  # runs that found no engine could start on their worker: not attempts used up
     live: dict[str, float] = field(default_factory=dict)  # flow run id → when first seen started (0: not yet)
     winner: str | None = None
 
@@ -126,6 +143,7 @@ class _Dispatcher:
         self._width_said: int | None = None
         self.manifests: dict[str, dict] = {}
         self.logger = get_run_logger()
+        self.unfit = UnfitWorkers(client, fan_out.deployment, run_dir, self.logger)
 
     def run(self) -> tuple[list[ShardResult], int]:
         waiting = deque(self.groups)
@@ -191,7 +209,7 @@ class _Dispatcher:
         # A retried parent asks for the same keys and gets back the runs it made before;
         # those that failed are skipped over to the next attempt.
         while True:
-            if group.attempts >= self.fan_out.max_attempts:
+            if group.attempts - group.handed_on >= self.fan_out.max_attempts:
                 raise RuntimeError(f"shard group {group.key} failed {group.attempts} times; see its child runs")
             run = run_deployment(
                 self.fan_out.deployment,
@@ -227,13 +245,33 @@ class _Dispatcher:
             if state == StateType.COMPLETED:
                 self._finish(group, run)
                 return
-            if state in _FAILED:
+            refusal = read_refusal(self.run_dir, group.key, run_id) if state != StateType.SCHEDULED else None
+            if refusal is not None:  # handed back, whether or not it still holds its worker
+                del group.live[run_id]
+                group.handed_on += 1
+                self.unfit.refused(refusal, group.handed_on)
+            elif state in _FAILED:
+                if self._done_before_it_ended(group, run, f"ended {run.state.name}"):
+                    return
                 del group.live[run_id]
                 self.logger.warning("child run %s of group %s ended %s", run.name, group.key, run.state.name)
             elif state in (StateType.RUNNING, StateType.PENDING):
                 if not seen:
                     group.live[run_id] = seen = time.monotonic()
                 self._watch(group, run, silent_for_at_least=time.monotonic() - seen)
+
+    def _done_before_it_ended(self, group: _Group, run, how: str) -> bool:
+        """A run that failed or lost its worker after writing its manifest did the group."""
+        if not group_manifest(self.run_dir, group.key, str(run.id)).exists():
+            return False
+        self.logger.warning(
+            "child run %s of group %s %s after writing its results: they are used, the group is not redone",
+            run.name,
+            group.key,
+            how,
+        )
+        self._finish(group, run)
+        return True
 
     def _finish(self, group: _Group, run) -> None:
         group.winner = str(run.id)
@@ -254,13 +292,13 @@ class _Dispatcher:
     def _watch(self, group: _Group, run, silent_for_at_least: float) -> None:
         timeout = self.fan_out.heartbeat_timeout_s
         if heartbeat_lost(self.run_dir, group.key, str(run.id), silent_for_at_least, timeout):
+            done = group_manifest(self.run_dir, group.key, str(run.id)).exists()
+            then = "the results it wrote are used" if done else "the group was dispatched again"
             self.client.set_flow_run_state(
-                run.id,
-                Crashed(
-                    message=f"no heartbeat for {timeout:.0f} s: its worker is gone; the group was dispatched again"
-                ),
-                force=True,
+                run.id, Crashed(message=f"no heartbeat for {timeout:.0f} s: its worker is gone; {then}"), force=True
             )
+            if self._done_before_it_ended(group, run, "lost its worker"):
+                return
             del group.live[str(run.id)]
             self.logger.warning("child run %s lost its worker; re-dispatching group %s", run.name, group.key)
             return
@@ -284,6 +322,43 @@ class _Dispatcher:
             self.client.set_flow_run_state(run.id, Cancelling(message=why), force=True)
         self.logger.info("cancelled %s of group %s: %s", run.name, group.key, why)
         del group.live[run_id]
+
+
+class UnfitWorkers:
+    """The worker slots that could not start this run's engine (as their child runs left them in
+    the run directory), against the pool's online workers: when every one has refused, no worker
+    will take the work and the run fails. Where the server cannot say how many workers are online,
+    one group handed on `HAND_ON_LIMIT` times is taken to mean the same."""
+
+    HAND_ON_LIMIT = 20
+
+    def __init__(self, client, deployment: str, run_dir: str, logger) -> None:
+        self.client, self.deployment, self.run_dir, self.logger = client, deployment, run_dir, logger
+        self.said: set[str] = set()
+
+    def refused(self, refusal: dict, handed_on: int) -> None:
+        slot = refusal["slot"]
+        if slot not in self.said:
+            self.said.add(slot)
+            self.logger.warning(
+                "worker %s cannot start the engine (%s): its work goes to other workers", slot, refusal["reason"]
+            )
+        unfit = unfit_workers(self.run_dir) | {slot: refusal["reason"]}
+        online = self._online_workers()
+        if len(unfit) >= online if online is not None else handed_on >= self.HAND_ON_LIMIT:
+            said = "; ".join(f"{name}: {reason}" for name, reason in sorted(unfit.items()))
+            raise EngineCannotStartHere(
+                f"no worker of the pool behind {self.deployment} could start the engine "
+                f"({len(unfit)} refused, {online if online is not None else 'unknown'} online): {said}"
+            )
+
+    def _online_workers(self) -> int | None:
+        try:
+            pool = self.client.read_deployment_by_name(self.deployment).work_pool_name
+            workers = self.client.read_workers_for_work_pool(work_pool_name=pool)
+        except Exception:  # the count only hastens the verdict; HAND_ON_LIMIT still bounds it
+            return None
+        return sum(worker.status == WorkerStatus.ONLINE for worker in workers)
 
 
 def groups_needed(groups_left: int, group_s: float, seconds_left: float, most: int) -> int:
@@ -312,11 +387,14 @@ def validate_on_pool(
     """Run the canary checks as a flow run of `fan_out.validation_deployment` on the GPU pool,
     where an engine for the re-run and the reference model fit; returns that flow run's id once
     it has written its verdict to the run directory. A run that fails or loses its worker is
-    dispatched again, up to `fan_out.max_attempts` runs."""
+    dispatched again, up to `fan_out.max_attempts` runs; one whose worker cannot start the engine
+    is handed on without using up an attempt, as shard groups are."""
     logger = get_run_logger()
     parent = _parent_flow_run_id()
     with get_client(sync_client=True) as client:
-        for attempt in range(fan_out.max_attempts):
+        unfit = UnfitWorkers(client, fan_out.validation_deployment, run_dir, logger)
+        attempt = handed_on = 0
+        while attempt - handed_on < fan_out.max_attempts:
             run = run_deployment(
                 fan_out.validation_deployment,
                 parameters={
@@ -329,10 +407,15 @@ def validate_on_pool(
                 idempotency_key=f"{parent}:{VALIDATION_GROUP}:{attempt}",  # a retried parent gets it back
                 flow_run_name=f"validation-try{attempt}",
             )
+            attempt += 1
             logger.info("canary checks → child run %s on %s", run.name, fan_out.validation_deployment)
             state = _followed_to_the_end(client, run.id, run_dir, fan_out)
             if state == StateType.COMPLETED:
                 return str(run.id)
+            if (refusal := read_refusal(run_dir, VALIDATION_GROUP, str(run.id))) is not None:
+                handed_on += 1
+                unfit.refused(refusal, handed_on)
+                continue
             logger.warning("validation run %s ended %s", run.name, state.value)
     raise RuntimeError(f"the canary checks failed to run {fan_out.max_attempts} times; see their child runs")
 
@@ -345,6 +428,8 @@ def _followed_to_the_end(client, run_id: uuid.UUID, run_dir: str, fan_out: FanOu
         if state == StateType.COMPLETED or state in _FAILED:
             return state
         if state in (StateType.RUNNING, StateType.PENDING):
+            if read_refusal(run_dir, VALIDATION_GROUP, str(run_id)) is not None:  # handed back
+                return state
             started = started or time.monotonic()
             timeout = fan_out.heartbeat_timeout_s
             if heartbeat_lost(run_dir, VALIDATION_GROUP, str(run_id), time.monotonic() - started, timeout):

@@ -237,6 +237,33 @@ def test_a_straggling_group_is_reissued_and_the_first_finisher_wins(deployed, gp
     assert len(list((run_dir / "groups").glob("*/*.json"))) == 2, "only the winners' results are used"
 
 
+def test_a_worker_that_cannot_start_the_engine_hands_its_groups_to_the_others(deployed, gpu_workers, tmp_path):
+    unfit = deployed.spawn(
+        "worker-gpu-2",
+        [PREFECT, "worker", "start", "--pool", "nightshift-gpu", "--limit", "1", "--name", "gpu-2"],
+        CUDA_VISIBLE_DEVICES="2",
+        VLLM_CPU_KVCACHE_SPACE="100000",  # more KV cache than this machine holds: vLLM refuses to start
+    )
+    run_dir = tmp_path / "nightly"
+    try:  # three groups at once for three free workers: the unfit one takes one
+        parameters = nightly_parameters(requests_file(tmp_path / "in.jsonl", 6), run_dir, shards_per_group=1)
+        run = start_nightly(deployed, {**parameters, "fan_out": {**parameters["fan_out"], "max_in_flight": 3}})
+        output, _ = run.communicate(timeout=900)
+    finally:
+        os.killpg(unfit.pid, signal.SIGKILL)
+        unfit.wait()
+    assert run.returncode == 0, output[-4000:]
+
+    assert_every_row_once(run_dir, 6)
+    winners = [json.loads(m.read_text()) for m in (run_dir / "groups").glob("*/*.json")]
+    assert len(winners) == 3 and {w["cuda_visible_devices"] for w in winners} <= {"0", "1"}
+    refusals = [json.loads(r.read_text()) for r in (run_dir / "groups").glob("*/*.refused")]
+    assert refusals, "the unfit worker took work and handed it back"
+    assert {r["cuda_visible_devices"] for r in refusals} == {"2"}
+    assert sum(r["engine_started"] for r in refusals) == 1, "it tried to start its engine once, then refused at once"
+    assert all("memory free" in r["reason"] and "100000.0 GiB" in r["reason"] for r in refusals)
+
+
 @pytest.fixture(scope="module")
 def bucket(deployed, s3_endpoint):
     """A bucket on the S3 server and an ObjectStorage block, `lake-test`, holding its credentials."""
@@ -322,7 +349,11 @@ def test_the_lost_workers_run_is_shown_crashed_and_its_group_redone(deployed, lo
     ]
     crashed = [c for c in children if c["state_type"] == "CRASHED"]
     assert len(crashed) == 1 and "no heartbeat" in crashed[0]["state"]["message"]
-    assert sum(c["state_type"] == "COMPLETED" for c in children) == 4, "every group finished once"
+    # a run killed just after writing its results has done its group: it is not redone
+    did_a_group = [
+        c for c in children if (lost_worker_run / "groups" / c["parameters"]["group"] / f"{c['id']}.json").exists()
+    ]
+    assert len(did_a_group) == 4, "every group finished once"
 
 
 def test_retrying_the_nightly_run_dispatches_no_group_twice(deployed, lost_worker_run):

@@ -54,8 +54,9 @@ def test_rows_whose_tokens_are_constrained_are_not_judged_by_the_oracle_and_the_
     verdict = json.loads((run_dir / "validation.json").read_text())
     assert verdict["validated"] is True
     for check in ("oracle", "determinism"):
-        assert "none of the run's 6 chat rows is greedy (temperature 0) and unconstrained" in (
-            verdict["checks"][check]["skipped"]
+        assert (
+            "none of the run's 6 chat rows is greedy (temperature 0) and unconstrained"
+            in (verdict["checks"][check]["skipped"])
         )
 
 

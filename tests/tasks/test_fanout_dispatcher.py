@@ -1,8 +1,10 @@
 """Specification of the fan-out dispatcher against a fake Prefect client and work pool (no server,
 no workers): bounded in flight, every shard's result back in order, failed child runs dispatched
 again under the next idempotency key, a retried parent getting its runs back, a bounded number of
-attempts."""
+attempts, work done before a crash kept, and groups handed on by workers that cannot start the
+engine."""
 
+import contextlib
 import hashlib
 import logging
 import uuid
@@ -13,7 +15,8 @@ import pytest
 from nightshift.tasks import fanout
 from prefect.client.schemas.objects import StateType
 
-from nightshift.config import EngineConfig, FanOut, JobSpec
+from nightshift import workers
+from nightshift.config import EngineCannotStartHere, EngineConfig, FanOut, JobSpec
 from nightshift.records import Shard, ShardResult
 from nightshift.rundir import write_json_atomic
 
@@ -25,10 +28,15 @@ PARENT = "parent-run"
 class FakePool:
     """Plays the Prefect server and the GPU workers. Each child run walks through a script of
     states, one step each time the dispatcher reads it; a run that completes writes its group
-    manifest as a real child run does."""
+    manifest as a real child run does. A step `("on", gpu)` is the run starting on worker slot
+    `gpu` through the child's real hand-on code: a slot in `cannot_start` refuses to start the
+    engine there and the run fails; another carries on. `WROTE_THEN_CRASHED` writes the manifest,
+    then the worker dies before reporting."""
 
-    def __init__(self, run_dir, scripts):
+    def __init__(self, run_dir, scripts, cannot_start=(), online_workers=2):
         self.run_dir, self.scripts = run_dir, scripts  # scripts(group key, attempt) → list of states
+        self.cannot_start, self.online_workers = set(cannot_start), online_workers
+        self.engine_starts: list[str] = []  # the slots where an engine start was tried
         self.runs: dict[str, SimpleNamespace] = {}
         self.by_key: dict[str, str] = {}
         self.created: list[str] = []  # idempotency keys of the runs this pool made
@@ -56,10 +64,14 @@ class FakePool:
     def read_flow_run(self, run_id):
         run = self.runs[str(run_id)]
         if run.script and not run.state.is_final():
-            run.state = self._state(run.script.pop(0))
+            step = run.script.pop(0)
+            if isinstance(step, tuple):
+                run.state = self._state(StateType.FAILED if self._refused_on(run, gpu=step[1]) else StateType.RUNNING)
+                return run
+            run.state = self._state(StateType.CRASHED if step == WROTE_THEN_CRASHED else step)
             now = datetime.now(timezone.utc)
             run.start_time = run.start_time or now - timedelta(seconds=1)
-            if run.state.type == StateType.COMPLETED:
+            if step in (StateType.COMPLETED, WROTE_THEN_CRASHED):
                 run.end_time = now
                 results = [
                     ShardResult(
@@ -86,12 +98,31 @@ class FakePool:
     def set_flow_run_state(self, run_id, state, force=False):
         self.runs[str(run_id)].state = state
 
+    def _refused_on(self, run, gpu: str) -> bool:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("PREFECT__FLOW_RUN_ID", str(run.id))
+            env.setenv("CUDA_VISIBLE_DEVICES", gpu)
+            with contextlib.suppress(EngineCannotStartHere):
+                with workers.handing_on_if_the_engine_cannot_start(str(self.run_dir), run.group, hold_s=0):
+                    self.engine_starts.append(gpu)
+                    if gpu in self.cannot_start:
+                        raise EngineCannotStartHere(f"the engine could not start: no memory on GPU {gpu}")
+                return False
+        return True
+
+    def read_deployment_by_name(self, name):
+        return SimpleNamespace(work_pool_name="gpu")
+
+    def read_workers_for_work_pool(self, work_pool_name):
+        return [SimpleNamespace(status=fanout.WorkerStatus.ONLINE)] * self.online_workers
+
     @staticmethod
     def _state(kind):
         final = kind in (StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED)
         return SimpleNamespace(type=kind, name=kind.value.title(), is_final=lambda: final)
 
 
+WROTE_THEN_CRASHED = "wrote-then-crashed"
 JOB = JobSpec(engine=EngineConfig(model="m"), served_model_name="m", model_identity="x")
 
 
@@ -151,6 +182,35 @@ def test_a_group_that_keeps_failing_fails_the_stage_naming_the_group(tmp_path, m
     with pytest.raises(RuntimeError, match=r"shard group \w+ failed 2 times"):
         dispatch(tmp_path, pool, groups=1, max_attempts=2)
     assert len(pool.created) == 2
+
+
+def test_a_run_that_wrote_its_results_then_lost_its_worker_is_not_redone(tmp_path, monkeypatch):
+    pool = use(monkeypatch, FakePool(tmp_path, lambda group, attempt: [StateType.RUNNING, WROTE_THEN_CRASHED]))
+    _, (results, _) = dispatch(tmp_path, pool, groups=3, max_attempts=1)
+    assert len(pool.created) == 3, "no group dispatched a second time"
+    assert [r.shard_index for r in results] == [0, 1, 2]
+
+
+def test_a_worker_that_cannot_start_the_engine_hands_its_groups_on_and_tries_once(tmp_path, monkeypatch):
+    # the first three runs land on GPU 0, which cannot hold the engine; the pool then gives them to GPU 1
+    def scripts(group, attempt):
+        return [("on", "0" if attempt < 3 else "1"), StateType.RUNNING, StateType.COMPLETED]
+
+    pool = use(monkeypatch, FakePool(tmp_path, scripts, cannot_start={"0"}))
+    _, (results, _) = dispatch(tmp_path, pool, groups=2, max_attempts=1)  # hand-ons are not attempts
+    assert [r.shard_index for r in results] == [0, 1]
+    assert pool.engine_starts.count("0") == 1, "the unfit worker tried its engine once, then refused at once"
+    assert list(workers.unfit_workers(str(tmp_path))) == [f"{workers.worker_identity()['host']}/gpu-0"]
+
+
+def test_when_every_online_worker_cannot_start_the_engine_the_run_fails_with_their_words(tmp_path, monkeypatch):
+    def scripts(group, attempt):
+        return [("on", str(attempt % 2)), StateType.RUNNING, StateType.COMPLETED]
+
+    pool = use(monkeypatch, FakePool(tmp_path, scripts, cannot_start={"0", "1"}, online_workers=2))
+    with pytest.raises(EngineCannotStartHere, match=r"2 refused, 2 online.*no memory on GPU 0.*no memory on GPU 1"):
+        dispatch(tmp_path, pool, groups=1)
+    assert pool.engine_starts == ["0", "1"] and len(pool.created) == 2, "given up once both had refused"
 
 
 @pytest.mark.parametrize(
