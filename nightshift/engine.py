@@ -345,22 +345,41 @@ GiB = 1 << 30
 
 
 def use_every_cpu_core() -> None:
-    """With NIGHTSHIFT_CPU_ALL_CORES=1, give a CPU engine's worker every core of this process.
+    """Give a CPU engine's worker every core of this process when it is the machine's only engine.
 
     vLLM's CPU default binds its worker's OpenMP threads to all cores but one, which it keeps
-    for its scheduler: on a 2-core machine the model runs on one core. On a machine that runs
-    one engine the gain is large (MiniLM embeddings 43 → 82 docs/s on 2 cores;
-    docs/embeddings.md), but engines that share a machine (several workers on one host) then
-    spin on the same cores and starve everything else, so it is opt-in. An operator's own
-    VLLM_CPU_OMP_THREADS_BIND wins."""
+    for its scheduler: on a 2-core machine the model runs on one core. For a machine's only
+    engine the gain is large (MiniLM embeddings 43 → 82 docs/s on 2 cores; docs/embeddings.md).
+    Engines that share a machine (several workers on one host) would spin on the same cores and
+    starve each other, so an engine that finds another vLLM engine already running here keeps
+    vLLM's default. NIGHTSHIFT_CPU_ALL_CORES=1 forces every core, =0 keeps vLLM's default (what
+    a host that starts several CPU engines at once should set); an operator's own
+    VLLM_CPU_OMP_THREADS_BIND wins over both."""
     from vllm.platforms import current_platform
 
-    if os.environ.get("NIGHTSHIFT_CPU_ALL_CORES") != "1" or not current_platform.is_cpu():
+    wanted = os.environ.get("NIGHTSHIFT_CPU_ALL_CORES", "auto")
+    if wanted == "0" or not current_platform.is_cpu() or os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
         return
-    if os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+    if wanted != "1" and other_engines_running():
+        log.info("another vLLM engine runs on this machine: keeping vLLM's default CPU binding")
         return
     cores = sorted(os.sched_getaffinity(0))
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(core) for core in cores)
+
+
+def other_engines_running() -> bool:
+    """Whether a vLLM engine process (they name themselves VLLM::…) runs on this machine."""
+    import psutil
+
+    for process in psutil.process_iter(["name", "cmdline"]):
+        try:
+            title = process.info["name"] or ""
+            command = " ".join(process.info["cmdline"] or [])
+        except (psutil.Error, TypeError):
+            continue
+        if title.startswith("VLLM::") or command.startswith("VLLM::"):
+            return True
+    return False
 
 
 def memory_picture(arguments: dict) -> str:

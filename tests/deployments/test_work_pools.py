@@ -44,6 +44,9 @@ class Stack:
             "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "1",
             "NIGHTSHIFT_HOME": str(REPO),
             "HF_HUB_OFFLINE": "1",
+            # two GPU workers on one 2-core host start CPU engines together: vLLM's default binding
+            # for each, as docs/embeddings.md tells an operator of such a host
+            "NIGHTSHIFT_CPU_ALL_CORES": "0",
         }
         self.env.pop("PREFECT_PROFILES_PATH", None)
         self.processes: list[subprocess.Popen] = []
