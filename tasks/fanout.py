@@ -206,37 +206,31 @@ class _Dispatcher:
         return [g for g in self.groups if g.winner is None and g.live]
 
     def _launch(self, group: _Group) -> None:
-        # A retried parent asks for the same keys and gets back the runs it made before;
-        # those that failed are skipped over to the next attempt.
-        while True:
-            if group.attempts - group.handed_on >= self.fan_out.max_attempts:
-                raise RuntimeError(f"shard group {group.key} failed {group.attempts} times; see its child runs")
-            run = run_deployment(
-                self.fan_out.deployment,
-                parameters={
-                    "shards": [s.model_dump() for s in group.shards],
-                    "job": self.job.model_dump(),
-                    "run_dir": self.run_dir,
-                    "checkpoint_storage": self.checkpoint_storage,
-                    "group": group.key,
-                    "storage": self.storage,
-                    **({"deadline": self.deadline.isoformat()} if self.deadline else {}),
-                },
-                timeout=0,
-                idempotency_key=f"{self.parent}:{group.key}:{group.attempts}",
-                flow_run_name=f"shards-{group.shards[0].index}-{group.shards[-1].index}-try{group.attempts}",
-            )
-            group.attempts += 1
-            if run.state is None or run.state.type not in _FAILED:
-                group.live[str(run.id)] = 0.0
-                self.logger.info(
-                    "group %s (shards %s–%s) → child run %s",
-                    group.key,
-                    group.shards[0].index,
-                    group.shards[-1].index,
-                    run.name,
-                )
-                return
+        # A retried parent asks for the same keys and gets back the runs it made before: one
+        # that ended is read like any other (`_check`: kept, handed on or failed) and the next
+        # attempt follows.
+        if group.attempts - group.handed_on >= self.fan_out.max_attempts:
+            raise RuntimeError(f"shard group {group.key} failed {group.attempts} times; see its child runs")
+        run = run_deployment(
+            self.fan_out.deployment,
+            parameters={
+                "shards": [s.model_dump() for s in group.shards],
+                "job": self.job.model_dump(),
+                "run_dir": self.run_dir,
+                "checkpoint_storage": self.checkpoint_storage,
+                "group": group.key,
+                "storage": self.storage,
+                **({"deadline": self.deadline.isoformat()} if self.deadline else {}),
+            },
+            timeout=0,
+            idempotency_key=f"{self.parent}:{group.key}:{group.attempts}",
+            flow_run_name=f"shards-{group.shards[0].index}-{group.shards[-1].index}-try{group.attempts}",
+        )
+        group.attempts += 1
+        group.live[str(run.id)] = 0.0
+        self.logger.info(
+            "group %s (shards %s–%s) → child run %s", group.key, group.shards[0].index, group.shards[-1].index, run.name
+        )
 
     def _check(self, group: _Group) -> None:
         for run_id, seen in list(group.live.items()):

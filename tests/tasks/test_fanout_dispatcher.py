@@ -202,6 +202,10 @@ def test_a_worker_that_cannot_start_the_engine_hands_its_groups_on_and_tries_onc
     assert pool.engine_starts.count("0") == 1, "the unfit worker tried its engine once, then refused at once"
     assert list(workers.unfit_workers(str(tmp_path))) == [f"{workers.worker_identity()['host']}/gpu-0"]
 
+    made = list(pool.created)
+    _, (again, _) = dispatch(tmp_path, pool, groups=2, max_attempts=1)  # the parent retried: same keys
+    assert pool.created == made and [r.shard_index for r in again] == [0, 1], "hand-ons are not attempts then either"
+
 
 def test_when_every_online_worker_cannot_start_the_engine_the_run_fails_with_their_words(tmp_path, monkeypatch):
     def scripts(group, attempt):
