@@ -53,8 +53,12 @@ class RunDir:
     def group(self, group_key: str) -> Path:
         return self.root / "groups" / group_key
 
+    @property
+    def unfit_workers(self) -> Path:
+        return self.root / "groups" / "unfit-workers"
+
     def unfit_worker(self, slot: str) -> Path:
-        return self.root / "groups" / "unfit-workers" / f"{slot.replace('/', '_')}.unfit"
+        return self.unfit_workers / f"{slot.replace('/', '_')}.unfit"
 
     @property
     def checkpoints(self) -> Path:

@@ -93,7 +93,7 @@ def read_refusal(run_dir: str, group: str, flow_run_id: str) -> dict | None:
 def unfit_workers(run_dir: str) -> dict[str, str]:
     """Every worker slot that could not start this run's engine, with what it said."""
     found = {}
-    for marker in (RunDir(run_dir).root / "groups" / "unfit-workers").glob("*.unfit"):
+    for marker in RunDir(run_dir).unfit_workers.glob("*.unfit"):
         try:
             record = json.loads(marker.read_text())
         except (OSError, ValueError):
@@ -114,7 +114,8 @@ def handing_on_if_the_engine_cannot_start(run_dir: str, group: str, hold_s: floa
     from prefect.runtime import flow_run
 
     identity = worker_identity()
-    marker = RunDir(run_dir).unfit_worker(worker_slot(identity))
+    slot = worker_slot(identity)
+    marker = RunDir(run_dir).unfit_worker(slot)
     try:
         earlier = json.loads(marker.read_text())["reason"]
     except (OSError, ValueError, KeyError):
@@ -126,10 +127,10 @@ def handing_on_if_the_engine_cannot_start(run_dir: str, group: str, hold_s: floa
     except EngineCannotStartHere as refusal:
         reason = earlier or str(refusal)
         if earlier is None:
-            write_json_atomic(marker, {**identity, "slot": worker_slot(identity), "reason": reason})
+            write_json_atomic(marker, {**identity, "slot": slot, "reason": reason})
         write_json_atomic(
             refusal_record(run_dir, group, flow_run.id),
-            {**identity, "slot": worker_slot(identity), "reason": reason, "engine_started": earlier is None},
+            {**identity, "slot": slot, "reason": reason, "engine_started": earlier is None},
         )
         time.sleep(hold_s)
         raise

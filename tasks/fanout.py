@@ -245,7 +245,8 @@ class _Dispatcher:
                 group.handed_on += 1
                 self.unfit.refused(refusal, group.handed_on)
             elif state in _FAILED:
-                if self._done_before_it_ended(group, run, f"ended {run.state.name}"):
+                if self._manifest_written(group, run):
+                    self._keep(group, run, f"ended {run.state.name}")
                     return
                 del group.live[run_id]
                 self.logger.warning("child run %s of group %s ended %s", run.name, group.key, run.state.name)
@@ -254,10 +255,11 @@ class _Dispatcher:
                     group.live[run_id] = seen = time.monotonic()
                 self._watch(group, run, silent_for_at_least=time.monotonic() - seen)
 
-    def _done_before_it_ended(self, group: _Group, run, how: str) -> bool:
+    def _manifest_written(self, group: _Group, run) -> bool:
+        return group_manifest(self.run_dir, group.key, str(run.id)).exists()
+
+    def _keep(self, group: _Group, run, how: str) -> None:
         """A run that failed or lost its worker after writing its manifest did the group."""
-        if not group_manifest(self.run_dir, group.key, str(run.id)).exists():
-            return False
         self.logger.warning(
             "child run %s of group %s %s after writing its results: they are used, the group is not redone",
             run.name,
@@ -265,7 +267,6 @@ class _Dispatcher:
             how,
         )
         self._finish(group, run)
-        return True
 
     def _finish(self, group: _Group, run) -> None:
         group.winner = str(run.id)
@@ -286,12 +287,13 @@ class _Dispatcher:
     def _watch(self, group: _Group, run, silent_for_at_least: float) -> None:
         timeout = self.fan_out.heartbeat_timeout_s
         if heartbeat_lost(self.run_dir, group.key, str(run.id), silent_for_at_least, timeout):
-            done = group_manifest(self.run_dir, group.key, str(run.id)).exists()
+            done = self._manifest_written(group, run)
             then = "the results it wrote are used" if done else "the group was dispatched again"
             self.client.set_flow_run_state(
                 run.id, Crashed(message=f"no heartbeat for {timeout:.0f} s: its worker is gone; {then}"), force=True
             )
-            if self._done_before_it_ended(group, run, "lost its worker"):
+            if done:
+                self._keep(group, run, "lost its worker")
                 return
             del group.live[str(run.id)]
             self.logger.warning("child run %s lost its worker; re-dispatching group %s", run.name, group.key)
