@@ -29,6 +29,7 @@ import json
 import random
 import time
 
+import orjson
 from prefect import get_run_logger, task
 
 from nightshift.canaries import CANARY_PREFIX, CanaryFailure, check_expectations, load_canaries
@@ -73,7 +74,7 @@ def validate(run_dir: RunDir, job: JobSpec, config: CanaryConfig) -> dict:
             failed = [f"{r['canary']} ({'; '.join(r['problems'])})" for r in results if not r["passed"]]
             failures.append(f"canaries passed {pass_rate:.0%} < {config.min_pass_rate:.0%}: " + ", ".join(failed))
 
-    samples, chat_rows = _greedy_chat_rows(run_dir, max(config.oracle_samples, config.determinism_samples))
+    samples, chat_rows = _greedy_chat_rows(run_dir, job, max(config.oracle_samples, config.determinism_samples))
     skipped = _too_big_here(local_model(config.oracle_model or job.engine.model)) if samples else None
     if chat_rows and not samples:
         skipped = f"none of the run's {chat_rows} chat rows is greedy (temperature 0) and unconstrained"
@@ -209,27 +210,17 @@ CONSTRAINED = (
 )  # fmt: skip
 
 
-def _greedy_chat_rows(run_dir: RunDir, count: int) -> tuple[list[dict], int]:
+def _greedy_chat_rows(run_dir: RunDir, job: JobSpec, count: int) -> tuple[list[dict], int]:
     """Up to `count` succeeded greedy, unconstrained chat rows of the run, sampled reproducibly,
     and how many succeeded chat rows there were to choose from."""
     if count <= 0:
         return [], 0
-    from nightshift.records import Plan
-
-    shards = ", ".join(f"'{sql_path(s.path)}'" for s in Plan.load(run_dir.plan_manifest).shards)
-    with duckdb_connection() as con:
-        rows = con.sql(
-            f"""
-            SELECT r.custom_id, r.text, s.request
-            FROM read_parquet('{sql_path(run_dir.results)}') r
-            JOIN read_parquet([{shards}]) s USING (custom_id)
-            WHERE r.finish_reason IS NOT NULL AND s.request IS NOT NULL
-            ORDER BY s.row_index
-            """
-        ).fetchall()
-    candidates, chat_rows = [], 0
+    sample, chat_rows = _Sample(count), 0
+    rows = _generated_rows(
+        run_dir, job, "c.custom_id, c.text, s.request", "c.finish_reason IS NOT NULL AND c.text IS NOT NULL"
+    )
     for custom_id, text, request in rows:
-        body = json.loads(request)["body"] if request else {}
+        body = orjson.loads(request)["body"]
         chat_rows += "messages" in body
         if (
             "messages" in body
@@ -237,9 +228,9 @@ def _greedy_chat_rows(run_dir: RunDir, count: int) -> tuple[list[dict], int]:
             and body.get("n", 1) == 1
             and not any(body.get(constraint) for constraint in CONSTRAINED)
         ):
-            candidates.append({"custom_id": custom_id, "text": text, "body": body})
-    random.Random(0).shuffle(candidates)
-    return candidates[:count], chat_rows
+            if (slot := sample.slot()) is not None:
+                sample.items[slot] = {"custom_id": custom_id, "text": text, "body": body}
+    return sample.chosen(), chat_rows
 
 
 def _embedded_rows(run_dir: RunDir, job: JobSpec, count: int) -> list[dict]:
@@ -247,33 +238,77 @@ def _embedded_rows(run_dir: RunDir, job: JobSpec, count: int) -> list[dict]:
     reproducibly; none for a run that embedded nothing."""
     if count <= 0:
         return []
+    sample = _Sample(count)
+    rows = _generated_rows(
+        run_dir,
+        job,
+        "c.custom_id, s.request, c.finish_reason, c.embedding",
+        "c.embedding IS NOT NULL AND c.source = 'engine'",
+        lazy="embedding",
+    )
+    for custom_id, request, finish_reason, vector in rows:
+        text = orjson.loads(request)["body"].get("input")
+        text = text[0] if isinstance(text, list) and text and isinstance(text[0], str) else text
+        if isinstance(text, str) and (slot := sample.slot()) is not None:
+            cut = finish_reason == "length"
+            sample.items[slot] = {"custom_id": custom_id, "vector": vector.as_py(), "text": text, "cut": cut}
+    return sample.chosen()
+
+
+def _generated_rows(run_dir: RunDir, job: JobSpec, columns: str, where: str, lazy: str | None = None):
+    """The run's succeeded rows (`c`, their best outcome) beside their planned requests (`s`),
+    shard by shard in input order, as tuples of `columns`: a run of millions of rows is read as
+    a stream, and costs validation no more memory than one of thousands. Canary rows are not
+    the run's own and are left out."""
     from nightshift.chunks import best_rows_sql, chunk_files, shard_cache_key
     from nightshift.records import Plan
 
-    plan = Plan.load(run_dir.plan_manifest)
-    files = [f for s in plan.shards for f in chunk_files(run_dir.shard_output(shard_cache_key(s, job)))]
-    if not files:
-        return []
-    shards = ", ".join(f"'{sql_path(s.path)}'" for s in plan.shards)
     with duckdb_connection() as con:
-        rows = con.sql(
-            f"""
-            SELECT c.custom_id, c.embedding, s.request, c.finish_reason
-            FROM ({best_rows_sql(files)}) c JOIN read_parquet([{shards}]) s USING (row_index)
-            WHERE c.ok AND c.embedding IS NOT NULL AND c.source = 'engine'
-            ORDER BY c.row_index
-            """
-        ).fetchall()
-    candidates = []
-    for custom_id, vector, request, finish_reason in rows:
-        text = json.loads(request)["body"].get("input")
-        text = text[0] if isinstance(text, list) and text and isinstance(text[0], str) else text
-        if isinstance(text, str):
-            candidates.append(
-                {"custom_id": custom_id, "vector": vector, "text": text, "cut": finish_reason == "length"}
+        for shard in Plan.load(run_dir.plan_manifest).shards:
+            files = chunk_files(run_dir.shard_output(shard_cache_key(shard, job)))
+            if not files:
+                continue
+            rows = con.sql(
+                f"""
+                SELECT {columns}
+                FROM ({best_rows_sql(files)}) c JOIN read_parquet('{sql_path(shard.path)}') s USING (row_index)
+                WHERE c.ok AND s.request IS NOT NULL AND NOT starts_with(c.custom_id, '{CANARY_PREFIX}') AND {where}
+                ORDER BY c.row_index
+                """
             )
-    random.Random(0).shuffle(candidates)
-    return candidates[:count]
+            yield from _tuples(rows, lazy)
+
+
+class _Sample:
+    """A reproducible uniform sample of `size` items from a stream of unknown length (reservoir
+    sampling): only the sample is held, and an item need only be built once it is chosen."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.seen, self.items = size, 0, []
+        self._random = random.Random(0)
+
+    def slot(self) -> int | None:
+        """Where the stream's next item goes in `items`, or None: it is not chosen."""
+        self.seen += 1
+        if len(self.items) < self.size:
+            self.items.append(None)
+            return len(self.items) - 1
+        slot = self._random.randrange(self.seen)
+        return slot if slot < self.size else None
+
+    def chosen(self) -> list:
+        """The sample in random order (a prefix of it is a sample too, not the run's first rows)."""
+        self._random.shuffle(self.items)
+        return self.items
+
+
+def _tuples(relation, lazy: str | None = None):
+    """A query's rows as tuples, 8,192 at a time; the column named `lazy` stays an Arrow scalar
+    (`.as_py()` it when needed: a vector per row would be millions of Python floats)."""
+    for batch in relation.to_arrow_reader(8192):
+        names = batch.schema.names
+        columns = [batch.column(name) if name == lazy else batch.column(name).to_pylist() for name in names]
+        yield from zip(*columns)
 
 
 def _embedding_oracle(samples: list[dict], reference: str) -> list[dict]:

@@ -1,6 +1,8 @@
 """Merge stage: the shards' chunk files become the run's outputs, in input order.
 
-Plain SQL over the chunk Parquet files (DuckDB streams them; nothing is held whole):
+Plain SQL over the chunk Parquet files, one shard at a time (memory holds one shard, whatever
+the run's size; shards are consecutive row ranges, so their rows appended in plan order are the
+input order):
 
 * ``output.jsonl``  — OpenAI Batch output lines of the rows that succeeded
 * ``errors.jsonl``  — OpenAI-style error lines of the rows that failed
@@ -8,26 +10,31 @@ Plain SQL over the chunk Parquet files (DuckDB streams them; nothing is held who
 * ``embeddings.parquet`` — an embedded corpus: id, embedding (fixed-size list of float32),
   tokens, in input order; read as-is by DuckDB, pyarrow and pandas
 
-Each row's best outcome is taken (see nightshift/chunks.py); before writing, merge proves
-that every planned row has one. Each output is written whole (a local temporary, then one
-rename or one upload to the bucket), so a reader never sees a half-merged run.
+Each row's best outcome is taken (see nightshift/chunks.py), and each shard is proved to hold
+exactly its planned rows. Each output is written whole (a local temporary, then one rename or
+one upload to the bucket) once every shard is in: a reader never sees a half-merged run, and a
+run that would lose or repeat a row changes no output at all.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from contextlib import ExitStack
 
 import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
 from prefect import task
 
 from nightshift.canaries import CANARY_PREFIX
-from nightshift.chunks import ChunkWriter, best_rows_sql, chunk_files, rows_on_disk, shard_cache_key
+from nightshift.chunks import CHUNK_SCHEMA, ChunkWriter, best_rows_sql, chunk_files, rows_on_disk, shard_cache_key
 from nightshift.config import JobSpec
 from nightshift.deadline import EXPIRED_CODE
-from nightshift.records import Plan, RunReport, ShardResult
+from nightshift.records import Plan, RunReport, Shard, ShardResult
 from nightshift.rundir import RunDir
-from nightshift.storage import duckdb_connection, read_table, sql_path, written_whole
+from nightshift.storage import duckdb_connection, read_table, written_whole
+
+RESULTS_COLUMNS = ["custom_id", "text", "finish_reason", "prompt_tokens", "completion_tokens", "shard", "source"]
 
 
 class IncompleteRun(RuntimeError):
@@ -35,7 +42,7 @@ class IncompleteRun(RuntimeError):
 
 
 def merge(plan: Plan, results: list[ShardResult], run_dir: RunDir) -> RunReport:
-    return _merge_directories(plan, [result.output_dir for result in results], run_dir)
+    return _merge_directories(plan, {result.shard_index: result.output_dir for result in results}, run_dir)
 
 
 def merge_unfinished(run_dir: RunDir, code: str, message: str) -> RunReport:
@@ -46,7 +53,7 @@ def merge_unfinished(run_dir: RunDir, code: str, message: str) -> RunReport:
     each row ends in the outputs or the errors, exactly once. The run's process must be gone.
     """
     plan, job = Plan.load(run_dir.plan_manifest), JobSpec.load(run_dir.job)
-    directories = []
+    directories = {}
     for shard in plan.shards:
         key = shard_cache_key(shard, job)
         directory = run_dir.shard_output(key)
@@ -60,64 +67,85 @@ def merge_unfinished(run_dir: RunDir, code: str, message: str) -> RunReport:
             error = json.loads(row["error"]) if row["error"] else {"code": code, "message": message}
             writer.add_error(row, {**error, "line": row["line_no"]})
         writer.flush()
-        directories.append(directory)
+        directories[shard.index] = directory
     return _merge_directories(plan, directories, run_dir)
 
 
-def _merge_directories(plan: Plan, directories: list, run_dir: RunDir) -> RunReport:
-    # Every chunk in the shards' directories: `nightshift retry` may have added some since.
-    files = [f for directory in directories for f in chunk_files(directory)]
-    with duckdb_connection() as con:
-        return _merge(con, plan, files, run_dir)
-
-
-def _merge(con: duckdb.DuckDBPyConnection, plan: Plan, files: list[str], run_dir: RunDir) -> RunReport:
-    con.execute(f"CREATE VIEW all_rows AS {best_rows_sql(files)}")
-    rows, distinct = con.sql("SELECT count(*), count(DISTINCT row_index) FROM all_rows").fetchall()[0]
-    if rows != plan.total_rows or distinct != plan.total_rows:
-        raise IncompleteRun(
-            f"{plan.total_rows} rows planned but the chunks hold {rows} rows "
-            f"({distinct} distinct): refusing to write outputs that lose or repeat rows"
-        )
-    # Canary rows rode along for validation; they are not the user's rows.
-    canary = f"starts_with(coalesce(custom_id, ''), '{CANARY_PREFIX}')"
-    con.execute(f"CREATE VIEW chunk_rows AS SELECT * FROM all_rows WHERE NOT {canary}")
-    if plan.canary_rows:
-        _copy_parquet(con, f"SELECT * FROM all_rows WHERE {canary} ORDER BY row_index", run_dir.canary_results)
-    rows, succeeded, prompt_tokens, completion_tokens = con.sql(
-        """
-        SELECT count(*), count(*) FILTER (WHERE ok),
-               coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0)
-        FROM chunk_rows
-        """
-    ).fetchall()[0]
-    _write_lines(con, "SELECT line FROM chunk_rows WHERE ok AND line IS NOT NULL ORDER BY row_index", run_dir.output)
-    embedded = _write_embeddings(con, run_dir.embeddings)
-    _write_lines(con, "SELECT line FROM chunk_rows WHERE NOT ok ORDER BY row_index", run_dir.errors)
-    _copy_parquet(
-        con,
-        "SELECT custom_id, text, finish_reason, prompt_tokens, completion_tokens, shard, source "
-        "FROM chunk_rows ORDER BY row_index",
-        run_dir.results,
-    )
-    errors_by_code = dict(
-        con.sql("SELECT error_code, count(*) FROM chunk_rows WHERE NOT ok GROUP BY 1 ORDER BY 2 DESC").fetchall()
-    )
+def _merge_directories(plan: Plan, directories: dict[int, str], run_dir: RunDir) -> RunReport:
+    """Shard after shard, in plan order: shards are consecutive row ranges, so appending each
+    shard's rows in row order writes the whole run in input order, and memory holds one shard."""
+    totals = _Totals()
+    with duckdb_connection() as con, _Outputs(run_dir) as outputs:
+        for shard in plan.shards:
+            # Every chunk in the shard's directory: `nightshift retry` may have added some since.
+            files = chunk_files(directories[shard.index]) if shard.index in directories else []
+            _load_shard(con, shard, files)
+            totals.add(con)
+            outputs.append(con)
     report = RunReport(
         run_dir=str(run_dir.root),
-        total_rows=rows,
-        succeeded=succeeded,
-        failed=rows - succeeded,
-        prompt_tokens=int(prompt_tokens),
-        completion_tokens=int(completion_tokens),
+        total_rows=totals.rows,
+        succeeded=totals.succeeded,
+        failed=totals.rows - totals.succeeded,
+        prompt_tokens=totals.prompt_tokens,
+        completion_tokens=totals.completion_tokens,
         output_path=str(run_dir.output),
         errors_path=str(run_dir.errors),
         results_path=str(run_dir.results),
-        embeddings_path=str(run_dir.embeddings) if embedded else None,
-        errors_by_code=errors_by_code,
+        embeddings_path=str(run_dir.embeddings) if outputs.embedded else None,
+        errors_by_code=dict(sorted(totals.errors_by_code.items(), key=lambda item: -item[1])),
     )
     report.save(run_dir.summary)
     return report
+
+
+def _load_shard(con: duckdb.DuckDBPyConnection, shard: Shard, files: list) -> None:
+    """`shard_rows`: the shard's best row for each row index, after proving that they are
+    exactly the shard's planned rows: none missing, none repeated, none from elsewhere."""
+    if not files:
+        raise IncompleteRun(
+            f"shard {shard.index} has no generated rows ({shard.num_rows} planned): "
+            "refusing to write outputs that lose rows"
+        )
+    con.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE shard_rows AS
+        SELECT *, starts_with(coalesce(custom_id, ''), '{CANARY_PREFIX}') AS canary
+        FROM ({best_rows_sql(files)}) ORDER BY row_index
+        """
+    )
+    rows, first, last = con.sql("SELECT count(*), min(row_index), max(row_index) FROM shard_rows").fetchall()[0]
+    if (rows, first, last) != (shard.num_rows, shard.first_row, shard.first_row + shard.num_rows - 1):
+        raise IncompleteRun(
+            f"shard {shard.index} planned rows {shard.first_row}..{shard.first_row + shard.num_rows - 1} "
+            f"({shard.num_rows}) but its chunks hold {rows} rows ({first}..{last}): "
+            "refusing to write outputs that lose or repeat rows"
+        )
+
+
+class _Totals:
+    """The user's rows counted shard by shard (canary rows rode along for validation only)."""
+
+    def __init__(self) -> None:
+        self.rows = self.succeeded = self.prompt_tokens = self.completion_tokens = 0
+        self.errors_by_code: dict[str, int] = {}
+
+    def add(self, con: duckdb.DuckDBPyConnection) -> None:
+        rows, succeeded, prompt_tokens, completion_tokens = con.sql(
+            """
+            SELECT count(*), count(*) FILTER (WHERE ok),
+                   coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0)
+            FROM shard_rows WHERE NOT canary
+            """
+        ).fetchall()[0]
+        self.rows += rows
+        self.succeeded += succeeded
+        self.prompt_tokens += int(prompt_tokens)
+        self.completion_tokens += int(completion_tokens)
+        for code, count in con.sql(
+            "SELECT error_code, count(*) FROM shard_rows WHERE NOT canary AND NOT ok GROUP BY 1"
+        ).fetchall():
+            self.errors_by_code[code] = self.errors_by_code.get(code, 0) + count
 
 
 @task(name="merge-outputs")
@@ -152,40 +180,84 @@ def expire_unfinished(run_dir: str, deadline: str) -> RunReport:
     return _told(report)
 
 
-def _write_lines(con: duckdb.DuckDBPyConnection, query: str, path: Path) -> None:
-    reader = con.sql(query).to_arrow_reader(8192)
-    with written_whole(path) as tmp, open(tmp, "w", encoding="utf-8") as out:
-        for batch in reader:
-            for line in batch.column(0).to_pylist():
-                out.write(line)
-                out.write("\n")
+class _Outputs:
+    """The run's output files, appended to shard by shard. Each is written to a local temporary
+    and becomes its file or object whole when every shard is in (nightshift.storage); if any
+    shard fails its check, none of them changes."""
+
+    RESULTS = pa.schema([CHUNK_SCHEMA.field(name) for name in RESULTS_COLUMNS])
+
+    def __init__(self, run_dir: RunDir) -> None:
+        self.run_dir = run_dir
+        self.files = ExitStack()
+        self.embedded = 0
+        self._embeddings: pq.ParquetWriter | None = None
+        self._canaries: pq.ParquetWriter | None = None
+
+    def __enter__(self) -> _Outputs:
+        try:
+            self._open()
+        except BaseException:
+            self.files.close()
+            raise
+        return self
+
+    def _open(self) -> None:
+        self.output = open(self.files.enter_context(written_whole(self.run_dir.output)), "w", encoding="utf-8")
+        self.files.enter_context(self.output)
+        self.errors = open(self.files.enter_context(written_whole(self.run_dir.errors)), "w", encoding="utf-8")
+        self.files.enter_context(self.errors)
+        self.results = self._parquet(self.run_dir.results, self.RESULTS)
+
+    def __exit__(self, *exc_info) -> bool:
+        return self.files.__exit__(*exc_info)
+
+    def append(self, con: duckdb.DuckDBPyConnection) -> None:
+        lines = "SELECT line FROM shard_rows WHERE NOT canary AND {} ORDER BY row_index"
+        _write_lines(con, lines.format("ok AND line IS NOT NULL"), self.output)
+        _write_lines(con, lines.format("NOT ok"), self.errors)
+        columns = ", ".join(RESULTS_COLUMNS)
+        _write_parquet(con, f"SELECT {columns} FROM shard_rows WHERE NOT canary ORDER BY row_index", self.results)
+        self._append_embeddings(con)
+        if con.sql("SELECT count(*) FROM shard_rows WHERE canary").fetchall()[0][0]:
+            if self._canaries is None:
+                self._canaries = self._parquet(self.run_dir.canary_results, CHUNK_SCHEMA)
+            _write_parquet(
+                con, "SELECT * EXCLUDE (canary) FROM shard_rows WHERE canary ORDER BY row_index", self._canaries
+            )
+
+    def _append_embeddings(self, con: duckdb.DuckDBPyConnection) -> None:
+        """embeddings.parquet from the corpus rows' vectors; the vector column is a fixed-size
+        list (its width read from the first row), so every reader gets the dimension from the
+        schema. Not written for a run that embedded no corpus."""
+        query = (
+            "SELECT custom_id AS id, embedding, prompt_tokens AS tokens FROM shard_rows "
+            "WHERE NOT canary AND ok AND line IS NULL AND embedding IS NOT NULL ORDER BY row_index"
+        )
+        if self._embeddings is None:
+            first = con.sql(f"SELECT len(embedding) FROM ({query}) LIMIT 1").fetchall()
+            if not first:
+                return
+            schema = pa.schema(
+                [("id", pa.string()), ("embedding", pa.list_(pa.float32(), first[0][0])), ("tokens", pa.int64())]
+            )
+            self._embeddings = self._parquet(self.run_dir.embeddings, schema)
+        self.embedded += _write_parquet(con, query, self._embeddings)
+
+    def _parquet(self, path, schema: pa.Schema) -> pq.ParquetWriter:
+        return self.files.enter_context(pq.ParquetWriter(self.files.enter_context(written_whole(path)), schema))
 
 
-def _write_embeddings(con: duckdb.DuckDBPyConnection, path: Path) -> int:
-    """embeddings.parquet from the corpus rows' vectors, streamed batch by batch; the vector
-    column is a fixed-size list (its width read from the first row), so every reader gets the
-    dimension from the schema. Returns the rows written (0: not an embedding corpus)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def _write_lines(con: duckdb.DuckDBPyConnection, query: str, out) -> None:
+    for batch in con.sql(query).to_arrow_reader(8192):
+        for line in batch.column(0).to_pylist():
+            out.write(line)
+            out.write("\n")
 
-    query = (
-        "SELECT custom_id AS id, embedding, prompt_tokens AS tokens FROM chunk_rows "
-        "WHERE ok AND line IS NULL AND embedding IS NOT NULL ORDER BY row_index"
-    )
-    first = con.sql(f"SELECT len(embedding) FROM ({query}) LIMIT 1").fetchall()
-    if not first:
-        return 0
-    schema = pa.schema(
-        [("id", pa.string()), ("embedding", pa.list_(pa.float32(), first[0][0])), ("tokens", pa.int64())]
-    )
+
+def _write_parquet(con: duckdb.DuckDBPyConnection, query: str, out: pq.ParquetWriter) -> int:
     written = 0
-    with written_whole(path) as tmp, pq.ParquetWriter(tmp, schema) as out:
-        for batch in con.sql(query).to_arrow_reader(8192):
-            out.write_table(pa.Table.from_batches([batch]).cast(schema))
-            written += batch.num_rows
+    for batch in con.sql(query).to_arrow_reader(8192):
+        out.write_table(pa.Table.from_batches([batch]).cast(out.schema))
+        written += batch.num_rows
     return written
-
-
-def _copy_parquet(con: duckdb.DuckDBPyConnection, query: str, path: Path) -> None:
-    with written_whole(path) as tmp:
-        con.execute(f"COPY ({query}) TO '{sql_path(tmp)}' (FORMAT parquet)")
