@@ -75,7 +75,7 @@ def _merge_directories(plan: Plan, directories: dict[int, str], run_dir: RunDir)
     """Shard after shard, in plan order: shards are consecutive row ranges, so appending each
     shard's rows in row order writes the whole run in input order, and memory holds one shard."""
     totals = _Totals()
-    with duckdb_connection() as con, _Outputs(run_dir) as outputs:
+    with duckdb_connection() as con, _Outputs(run_dir, canaries=plan.canary_rows > 0) as outputs:
         for shard in plan.shards:
             # Every chunk in the shard's directory: `nightshift retry` may have added some since.
             files = chunk_files(directories[shard.index]) if shard.index in directories else []
@@ -187,12 +187,12 @@ class _Outputs:
 
     RESULTS = pa.schema([CHUNK_SCHEMA.field(name) for name in RESULTS_COLUMNS])
 
-    def __init__(self, run_dir: RunDir) -> None:
+    def __init__(self, run_dir: RunDir, canaries: bool) -> None:
         self.run_dir = run_dir
+        self.with_canaries = canaries  # the canary rows' own file, for validation
         self.files = ExitStack()
         self.embedded = 0
         self._embeddings: pq.ParquetWriter | None = None
-        self._canaries: pq.ParquetWriter | None = None
 
     def __enter__(self) -> _Outputs:
         try:
@@ -203,11 +203,10 @@ class _Outputs:
         return self
 
     def _open(self) -> None:
-        self.output = open(self.files.enter_context(written_whole(self.run_dir.output)), "w", encoding="utf-8")
-        self.files.enter_context(self.output)
-        self.errors = open(self.files.enter_context(written_whole(self.run_dir.errors)), "w", encoding="utf-8")
-        self.files.enter_context(self.errors)
+        self.output = self._text(self.run_dir.output)
+        self.errors = self._text(self.run_dir.errors)
         self.results = self._parquet(self.run_dir.results, self.RESULTS)
+        self.canaries = self._parquet(self.run_dir.canary_results, CHUNK_SCHEMA) if self.with_canaries else None
 
     def __exit__(self, *exc_info) -> bool:
         return self.files.__exit__(*exc_info)
@@ -219,11 +218,9 @@ class _Outputs:
         columns = ", ".join(RESULTS_COLUMNS)
         _write_parquet(con, f"SELECT {columns} FROM shard_rows WHERE NOT canary ORDER BY row_index", self.results)
         self._append_embeddings(con)
-        if con.sql("SELECT count(*) FROM shard_rows WHERE canary").fetchall()[0][0]:
-            if self._canaries is None:
-                self._canaries = self._parquet(self.run_dir.canary_results, CHUNK_SCHEMA)
+        if self.canaries is not None:
             _write_parquet(
-                con, "SELECT * EXCLUDE (canary) FROM shard_rows WHERE canary ORDER BY row_index", self._canaries
+                con, "SELECT * EXCLUDE (canary) FROM shard_rows WHERE canary ORDER BY row_index", self.canaries
             )
 
     def _append_embeddings(self, con: duckdb.DuckDBPyConnection) -> None:
@@ -243,6 +240,9 @@ class _Outputs:
             )
             self._embeddings = self._parquet(self.run_dir.embeddings, schema)
         self.embedded += _write_parquet(con, query, self._embeddings)
+
+    def _text(self, path):
+        return self.files.enter_context(open(self.files.enter_context(written_whole(path)), "w", encoding="utf-8"))
 
     def _parquet(self, path, schema: pa.Schema) -> pq.ParquetWriter:
         return self.files.enter_context(pq.ParquetWriter(self.files.enter_context(written_whole(path)), schema))
