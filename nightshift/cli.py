@@ -518,7 +518,7 @@ def entry() -> None:
     killed and Prefect's exit handlers (its temporary server's stop, its log flush) have run;
     what is left is Python freeing vLLM's, torch's and Prefect's module graph, which took
     3.4 s of a 1,000-row job's 52 s here (docs/benchmarks.md). `main()` called in-process
-    (tests, `nightshift serve`'s callers) keeps the ordinary exit."""
+    (the tests) keeps the ordinary exit."""
     import atexit
 
     finished: dict[str, int] = {}
