@@ -10,16 +10,27 @@ from nightshift.tasks.canary import validate
 from prefect import flow
 
 from nightshift.config import CanaryConfig, JobSpec
-from nightshift.rundir import RunDir
+from nightshift.rundir import RunDir, write_json_atomic
 from nightshift.storage import use_storage_options
-from nightshift.workers import VALIDATION_GROUP, handing_on_if_the_engine_cannot_start, heartbeat
+from nightshift.workers import (
+    VALIDATION_GROUP,
+    handing_on_if_the_engine_cannot_start,
+    heartbeat,
+    validation_verdict,
+)
 
 
 @flow(name="nightshift-validate")
 def validate_run(run_dir: str, job: JobSpec, validation: CanaryConfig, storage: str | None = None) -> bool:
     """Validate the merged run in `run_dir` (oracle, determinism, canaries) on this worker and
-    write `validation.json`; returns whether it passed. The parent flow fails on a failed verdict."""
+    leave the verdict under this flow run's name, `groups/validation/<flow run id>.verdict`;
+    returns whether it passed. The parent reads that verdict — not one a duplicate of this run
+    wrote — into `validation.json` and fails on a failed one."""
+    from prefect.runtime import flow_run
+
     if storage:
         use_storage_options(ObjectStorage.load(storage).storage_options())
     with heartbeat(run_dir, VALIDATION_GROUP), handing_on_if_the_engine_cannot_start(run_dir, VALIDATION_GROUP):
-        return validate(RunDir(run_dir), job, validation)["validated"]
+        verdict = validate(RunDir(run_dir), job, validation)
+        write_json_atomic(validation_verdict(run_dir, flow_run.id), verdict)
+        return verdict["validated"]

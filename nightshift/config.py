@@ -194,7 +194,12 @@ class FanOut(_Config):
     max_in_flight: int = Field(8, gt=0, description="child runs live at once; match the pool's GPUs")
     straggler_factor: float = Field(3.0, ge=1, description="re-issue a group running longer than this × the median")
     straggler_min_s: float = Field(300.0, ge=0, description="…and longer than this: short groups are not worth it")
-    heartbeat_timeout_s: float = Field(120.0, gt=0, description="a run silent for this long has lost its worker")
+    heartbeat_timeout_s: float = Field(
+        120.0, gt=0, description="a running child whose heartbeat has not changed for this long has lost its worker"
+    )
+    start_timeout_s: float = Field(
+        900.0, gt=0, description="a child taken by a worker (Pending) but not started for this long has lost it"
+    )
     max_attempts: int = Field(3, gt=0, description="child runs per group that may fail before the stage fails")
     poll_s: float = Field(2.0, gt=0, description="seconds between looks at the child runs")
 

@@ -10,6 +10,7 @@ RUN_DIR/
   groups/<group>/<flow_run_id>.json   a shard group's child flow run on a work pool: what it made
   groups/<group>/<flow_run_id>.alive  its heartbeat, touched while it runs
   groups/<group>/<flow_run_id>.refused  it could not start the engine on its worker: handed back
+  groups/validation/<flow_run_id>.verdict  the canary checks' verdict, left by their run on the pool
   groups/unfit-workers/<slot>.unfit   a worker slot that could not start this run's engine
   output.jsonl  errors.jsonl  results.parquet  run.json   merged outputs
   embeddings.parquet                  a corpus embedded: id, vector (fixed-size float32), tokens

@@ -140,6 +140,11 @@ def group_manifest(run_dir: str, group: str, flow_run_id: str) -> Path:
     return RunDir(run_dir).group(group) / f"{flow_run_id}.json"
 
 
+def validation_verdict(run_dir: str, flow_run_id: str) -> Path:
+    """Where the validation run `flow_run_id` leaves its verdict, under its own name."""
+    return RunDir(run_dir).group(VALIDATION_GROUP) / f"{flow_run_id}.verdict"
+
+
 def write_group_manifest(run_dir: str, group: str, results: list[ShardResult], cached: int) -> Path:
     from prefect.runtime import flow_run
 
@@ -162,14 +167,44 @@ def read_group_manifest(path: Path) -> dict:
     return data
 
 
-def heartbeat_lost(run_dir: str, group: str, run_id: str, running_s: float, timeout_s: float) -> bool:
-    """A child run whose heartbeat is older than `timeout_s` — or that never beat though
-    started `running_s` ago — has lost its worker (Prefect would show it Running forever)."""
-    beat = RunDir(run_dir).group(group) / f"{run_id}.alive"
-    try:
-        last = json.loads(beat.read_text())["heartbeat"]
-    except (OSError, ValueError, KeyError):
-        last = None
-    if last is None:
-        return running_s > timeout_s  # started (by the server's word) but never beat
-    return time.time() - last > timeout_s
+class HeartbeatWatch:
+    """The parent's view of one child run's heartbeat, timed on the parent's own clock.
+
+    A run is lost when its heartbeat has not changed for `timeout_s` since the parent first saw
+    it running (or it never beat in that time), or when it has been pending — taken by a worker
+    that has not started it — for `start_timeout_s` (a pod pulling an image or waiting for a
+    node may take minutes). The worker's clock is never compared with the parent's, and a read
+    that fails (a storage hiccup) says nothing either way: one failed read must not crash a
+    run that is working."""
+
+    def __init__(self, run_dir: str, group: str, run_id: str, timeout_s: float, start_timeout_s: float, clock=None):
+        self.path = RunDir(run_dir).group(group) / f"{run_id}.alive"
+        self.timeout_s, self.start_timeout_s = timeout_s, start_timeout_s
+        self.clock = clock or time.monotonic
+        self.pending_since: float | None = None
+        self.changed_at: float | None = None  # when the beat was last seen to change (or running first seen)
+        self.last_beat: str | None = None
+
+    def lost(self, running: bool) -> str | None:
+        """Why the run has lost its worker, or None while it may still be working."""
+        now = self.clock()
+        if not running:
+            self.pending_since = self.pending_since if self.pending_since is not None else now
+            if now - self.pending_since > self.start_timeout_s:
+                return f"taken by a worker but not started in {self.start_timeout_s:.0f} s"
+            return None
+        try:
+            beat = self.path.read_text()
+        except FileNotFoundError:
+            beat = None
+        except OSError:  # the silence is timed afresh from the next read that works
+            self.changed_at = None
+            return None
+        if self.changed_at is None or beat != self.last_beat:
+            self.changed_at, self.last_beat = now, beat
+            return None
+        if now - self.changed_at <= self.timeout_s:
+            return None
+        if beat is None:
+            return f"no heartbeat in its first {self.timeout_s:.0f} s running"
+        return f"no heartbeat for {self.timeout_s:.0f} s"

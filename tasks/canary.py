@@ -39,10 +39,12 @@ from nightshift.models import local_model, weight_bytes
 from nightshift.oracle import oracle_check
 from nightshift.rundir import RunDir, write_json_atomic
 from nightshift.storage import duckdb_connection, sql_path
-from nightshift.workers import worker_identity
+from nightshift.workers import validation_verdict, worker_identity
 
 
 def validate(run_dir: RunDir, job: JobSpec, config: CanaryConfig) -> dict:
+    """The verdict on the merged run in `run_dir` (checks, failures, where they ran); the caller
+    decides where it is written."""
     started = time.monotonic()
     verdict: dict = {"validated": False, "checks": {}}
     failures: list[str] = []
@@ -152,7 +154,6 @@ def validate(run_dir: RunDir, job: JobSpec, config: CanaryConfig) -> dict:
     verdict["failures"] = failures
     verdict["seconds"] = round(time.monotonic() - started, 2)
     verdict["where"] = {**worker_identity(), "flow_run_id": _flow_run_id()}
-    write_json_atomic(run_dir.validation, verdict)
     return verdict
 
 
@@ -162,9 +163,8 @@ def canary_validation(run_dir: str, job: JobSpec, config: CanaryConfig, validate
     `validated_by` (the checks run on the GPU pool, where the engine is) left in the run directory."""
     from prefect.artifacts import create_markdown_artifact
 
-    verdict = (
-        validated_verdict(RunDir(run_dir), validated_by) if validated_by else validate(RunDir(run_dir), job, config)
-    )
+    verdict = validated_verdict(run_dir, validated_by) if validated_by else validate(RunDir(run_dir), job, config)
+    write_json_atomic(RunDir(run_dir).validation, verdict)
     lines = [f"# Canary validation: {'passed' if verdict['validated'] else 'FAILED'}", ""]
     lines += [f"- {failure}" for failure in verdict["failures"]]
     for name, check in verdict["checks"].items():
@@ -188,12 +188,14 @@ def canary_validation(run_dir: str, job: JobSpec, config: CanaryConfig, validate
     return verdict
 
 
-def validated_verdict(run_dir: RunDir, flow_run_id: str) -> dict:
-    """The verdict the flow run `flow_run_id` wrote; an older run's verdict is not trusted."""
-    verdict = json.loads(run_dir.validation.read_text())
-    if verdict.get("where", {}).get("flow_run_id") != flow_run_id:
-        raise RuntimeError(f"{run_dir.validation} was not written by the validation run {flow_run_id}")
-    return verdict
+def validated_verdict(run_dir: str, flow_run_id: str) -> dict:
+    """The verdict the validation run `flow_run_id` left under its own name: another run's — an
+    earlier night's, or a duplicate's that was taken for lost and finished after all — is not it."""
+    path = validation_verdict(run_dir, flow_run_id)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RuntimeError(f"the validation run {flow_run_id} left no verdict at {path}") from None
 
 
 def _flow_run_id() -> str | None:

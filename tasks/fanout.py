@@ -12,10 +12,12 @@ What the dispatcher guarantees:
   `<parent flow run>:<group>:<attempt>`. A retried parent re-asks for the same keys and gets
   the runs it already made — finished ones are not redone, live ones are waited for.
 * **Bounded in flight.** At most `max_in_flight` groups have a live child run.
-* **Lost workers.** A child writes a heartbeat file while it runs. A run whose heartbeat is
-  older than `heartbeat_timeout_s` (its worker or machine died: Prefect would show it Running
-  forever) is marked Crashed and its group dispatched again; the new run resumes from the
-  chunk files the lost one wrote.
+* **Lost workers.** A child writes a heartbeat file while it runs. A running child whose
+  heartbeat the parent has not seen change for `heartbeat_timeout_s` (its worker or machine
+  died: Prefect would show it Running forever), or one left Pending for `start_timeout_s`, is
+  marked Crashed and its group dispatched again; the new run resumes from the chunk files the
+  lost one wrote. Silence is timed on the parent's clock, and a failed read of a heartbeat
+  counts for nothing (nightshift/workers.py: HeartbeatWatch).
 * **Work done is kept.** A child run that wrote its group's manifest and then failed or lost its
   worker (killed between the last write and reporting Completed) has done the group: its
   results are used, the group is not dispatched again.
@@ -58,11 +60,12 @@ from nightshift.preemption import grace_seconds
 from nightshift.records import Shard, ShardResult
 from nightshift.workers import (
     VALIDATION_GROUP,
+    HeartbeatWatch,
     group_manifest,
-    heartbeat_lost,
     read_group_manifest,
     read_refusal,
     unfit_workers,
+    validation_verdict,
 )
 
 _FAILED = {StateType.FAILED, StateType.CRASHED, StateType.CANCELLED}
@@ -74,7 +77,7 @@ class _Group:
     shards: list[Shard]
     attempts: int = 0
     handed_on: int = 0  # runs that found no engine could start on their worker: not attempts used up
-    live: dict[str, float] = field(default_factory=dict)  # flow run id → when first seen started (0: not yet)
+    live: dict[str, HeartbeatWatch] = field(default_factory=dict)  # flow run id → its heartbeat, as seen here
     winner: str | None = None
 
 
@@ -227,13 +230,13 @@ class _Dispatcher:
             flow_run_name=f"shards-{group.shards[0].index}-{group.shards[-1].index}-try{group.attempts}",
         )
         group.attempts += 1
-        group.live[str(run.id)] = 0.0
+        group.live[str(run.id)] = _heartbeat_watch(self.run_dir, group.key, run.id, self.fan_out)
         self.logger.info(
             "group %s (shards %s–%s) → child run %s", group.key, group.shards[0].index, group.shards[-1].index, run.name
         )
 
     def _check(self, group: _Group) -> None:
-        for run_id, seen in list(group.live.items()):
+        for run_id, watch in list(group.live.items()):
             run = self.client.read_flow_run(uuid.UUID(run_id))
             state = run.state.type if run.state else StateType.SCHEDULED
             if state == StateType.COMPLETED:
@@ -251,9 +254,7 @@ class _Dispatcher:
                 del group.live[run_id]
                 self.logger.warning("child run %s of group %s ended %s", run.name, group.key, run.state.name)
             elif state in (StateType.RUNNING, StateType.PENDING):
-                if not seen:
-                    group.live[run_id] = seen = time.monotonic()
-                self._watch(group, run, silent_for_at_least=time.monotonic() - seen)
+                self._crash_if_lost(group, run, watch.lost(running=state == StateType.RUNNING))
 
     def _manifest_written(self, group: _Group, run) -> bool:
         return group_manifest(self.run_dir, group.key, str(run.id)).exists()
@@ -284,14 +285,11 @@ class _Dispatcher:
         for run_id in list(group.live):  # its duplicates' work is no longer needed
             self._cancel(run_id, group, "its group finished elsewhere")
 
-    def _watch(self, group: _Group, run, silent_for_at_least: float) -> None:
-        timeout = self.fan_out.heartbeat_timeout_s
-        if heartbeat_lost(self.run_dir, group.key, str(run.id), silent_for_at_least, timeout):
+    def _crash_if_lost(self, group: _Group, run, lost: str | None) -> None:
+        if lost:
             done = self._manifest_written(group, run)
             then = "the results it wrote are used" if done else "the group was dispatched again"
-            self.client.set_flow_run_state(
-                run.id, Crashed(message=f"no heartbeat for {timeout:.0f} s: its worker is gone; {then}"), force=True
-            )
+            self.client.set_flow_run_state(run.id, Crashed(message=f"{lost}: its worker is gone; {then}"), force=True)
             if done:
                 self._keep(group, run, "lost its worker")
                 return
@@ -408,6 +406,11 @@ def validate_on_pool(
             state = _followed_to_the_end(client, run.id, run_dir, fan_out)
             if state == StateType.COMPLETED:
                 return str(run.id)
+            if validation_verdict(run_dir, str(run.id)).exists():
+                logger.warning(
+                    "validation run %s ended %s after writing its verdict: it is used", run.name, state.value
+                )
+                return str(run.id)
             if (refusal := read_refusal(run_dir, VALIDATION_GROUP, str(run.id))) is not None:
                 handed_on += 1
                 unfit.refused(refusal, handed_on)
@@ -417,7 +420,7 @@ def validate_on_pool(
 
 
 def _followed_to_the_end(client, run_id: uuid.UUID, run_dir: str, fan_out: FanOut) -> StateType:
-    started = None
+    watch = _heartbeat_watch(run_dir, VALIDATION_GROUP, run_id, fan_out)
     while True:
         run = client.read_flow_run(run_id)
         state = run.state.type if run.state else StateType.SCHEDULED
@@ -426,11 +429,11 @@ def _followed_to_the_end(client, run_id: uuid.UUID, run_dir: str, fan_out: FanOu
         if state in (StateType.RUNNING, StateType.PENDING):
             if read_refusal(run_dir, VALIDATION_GROUP, str(run_id)) is not None:  # handed back
                 return state
-            started = started or time.monotonic()
-            timeout = fan_out.heartbeat_timeout_s
-            if heartbeat_lost(run_dir, VALIDATION_GROUP, str(run_id), time.monotonic() - started, timeout):
-                client.set_flow_run_state(
-                    run_id, Crashed(message=f"no heartbeat for {timeout:.0f} s: its worker is gone"), force=True
-                )
+            if lost := watch.lost(running=state == StateType.RUNNING):
+                client.set_flow_run_state(run_id, Crashed(message=f"{lost}: its worker is gone"), force=True)
                 return StateType.CRASHED
         time.sleep(fan_out.poll_s)
+
+
+def _heartbeat_watch(run_dir: str, group: str, run_id: uuid.UUID, fan_out: FanOut) -> HeartbeatWatch:
+    return HeartbeatWatch(run_dir, group, str(run_id), fan_out.heartbeat_timeout_s, fan_out.start_timeout_s)

@@ -178,7 +178,7 @@ def nightly_parameters(requests, run_dir, **fan_out) -> dict:
             "deployment": "nightshift-generate-shards/gpu",
             "shards_per_group": 2,
             "max_in_flight": 2,
-            "heartbeat_timeout_s": 30,
+            "heartbeat_timeout_s": 45,
             **fan_out,
         },
     }
@@ -338,10 +338,13 @@ def test_the_canary_checks_ran_on_a_gpu_worker_not_in_the_orchestrating_flow(dep
     assert verdict["where"]["cuda_visible_devices"] in ("0", "1"), "validated on a GPU worker"
     assert verdict["checks"]["determinism"]["of"] == 2, "the re-run had an engine there"
     assert verdict["checks"]["oracle"]["agreement"] == 1.0
-    [validation_run] = [
-        r for r in deployed.flow_runs("nightshift-validate") if r["parameters"]["run_dir"] == str(lost_worker_run)
-    ]
-    assert validation_run["id"] == verdict["where"]["flow_run_id"]
+    runs = {r["id"]: r for r in deployed.flow_runs("nightshift-validate")}
+    validation_run = runs[verdict["where"]["flow_run_id"]]
+    assert validation_run["parameters"]["run_dir"] == str(lost_worker_run)
+    assert validation_run["state_type"] == "COMPLETED"
+    assert verdict == json.loads(
+        (lost_worker_run / "groups" / "validation" / f"{validation_run['id']}.verdict").read_text()
+    ), "validation.json is the verdict of the run that gated the flow, as that run left it"
 
 
 def test_the_lost_workers_run_is_shown_crashed_and_its_group_redone(deployed, lost_worker_run):
