@@ -30,13 +30,13 @@ class GpuSampler:
 
             pynvml.nvmlInit()
             self._nvml = pynvml
-            self.gpu_count = pynvml.nvmlDeviceGetCount()
-            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(self.gpu_count)]
+            self._handles = visible_gpus(pynvml, os.environ.get("CUDA_VISIBLE_DEVICES"))
+            self.gpu_count = len(self._handles)
             if self._handles:
                 name = pynvml.nvmlDeviceGetName(self._handles[0])
                 self.gpu_name = name.decode() if isinstance(name, bytes) else name
             else:
-                self.unavailable_reason = "NVML found no GPU"
+                self.unavailable_reason = "NVML found no GPU visible to this process"
         except Exception as exc:  # no driver, no library, no permission
             self._nvml = None
             self.unavailable_reason = f"no NVML on this host ({type(exc).__name__})"
@@ -57,12 +57,9 @@ class GpuSampler:
         while not self._stop.is_set():
             util = mem = power = 0.0
             for handle in self._handles:
-                util += nvml.nvmlDeviceGetUtilizationRates(handle).gpu
-                mem += nvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20
-                try:
-                    power += nvml.nvmlDeviceGetPowerUsage(handle) / 1000
-                except Exception:
-                    power = float("nan")
+                util += _read(lambda handle=handle: nvml.nvmlDeviceGetUtilizationRates(handle).gpu)  # NaN on MIG
+                mem += _read(lambda handle=handle: nvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20)
+                power += _read(lambda handle=handle: nvml.nvmlDeviceGetPowerUsage(handle) / 1000)
             n = len(self._handles)
             self.samples.append({"t": time.time(), "util": util / n, "mem_mib": mem, "power_w": power})
             self._stop.wait(self.interval_s)
@@ -84,6 +81,54 @@ class GpuSampler:
             out[f"gpu_{field}_p50"] = _percentile(values, 50)
             out[f"gpu_{field}_p95"] = _percentile(values, 95)
         return out
+
+
+def visible_gpus(nvml, cuda_visible_devices: str | None) -> list:
+    """NVML handles of the GPUs this process's engine has, read from `CUDA_VISIBLE_DEVICES` as
+    CUDA reads it: indices or (prefixes of) GPU/MIG UUIDs, comma-separated, the list ending at
+    the first entry that names no device; unset means every GPU. Two workers on one 8-GPU host
+    each report their own GPU, not the host's average."""
+    count = nvml.nvmlDeviceGetCount()
+    if cuda_visible_devices is None:
+        return [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+    # NVML numbers GPUs in PCI bus order, as CUDA does on hosts of one GPU model (vLLM maps
+    # indices the same way).
+    handles = []
+    for entry in (e.strip() for e in cuda_visible_devices.split(",")):
+        if not entry:
+            break
+        if entry.isdigit():
+            if int(entry) >= count:
+                break
+            handles.append(nvml.nvmlDeviceGetHandleByIndex(int(entry)))
+            continue
+        try:
+            handles.append(nvml.nvmlDeviceGetHandleByUUID(_full_uuid(nvml, entry, count)))
+        except Exception:
+            break
+    return handles
+
+
+def _full_uuid(nvml, prefix: str, count: int) -> str:
+    """The UUID that `prefix` abbreviates (CUDA accepts any unique prefix; NVML wants it whole)."""
+    if prefix.startswith("MIG-"):
+        return prefix
+    matches = []
+    for i in range(count):
+        uuid = nvml.nvmlDeviceGetUUID(nvml.nvmlDeviceGetHandleByIndex(i))
+        uuid = uuid.decode() if isinstance(uuid, bytes) else uuid
+        if uuid.startswith(prefix if prefix.startswith("GPU-") else f"GPU-{prefix}"):
+            matches.append(uuid)
+    if len(matches) != 1:
+        raise LookupError(f"{prefix!r} names {len(matches)} GPUs")
+    return matches[0]
+
+
+def _read(measure) -> float:
+    try:
+        return float(measure())
+    except Exception:  # not supported on this device (power on some boards, utilization on MIG)
+        return float("nan")
 
 
 def _percentile(values: list[float], pct: float) -> float | None:
