@@ -85,9 +85,9 @@ class GpuSampler:
 
 def visible_gpus(nvml, cuda_visible_devices: str | None) -> list:
     """NVML handles of the GPUs this process's engine has, read from `CUDA_VISIBLE_DEVICES` as
-    CUDA reads it: indices or (prefixes of) GPU/MIG UUIDs, comma-separated, the list ending at
-    the first entry that names no device; unset means every GPU. Two workers on one 8-GPU host
-    each report their own GPU, not the host's average."""
+    CUDA reads it: indices, GPU UUIDs or their unique prefixes, or whole MIG UUIDs,
+    comma-separated, the list ending at the first entry that names no device; unset means every
+    GPU. Two workers on one 8-GPU host each report their own GPU, not the host's average."""
     count = nvml.nvmlDeviceGetCount()
     if cuda_visible_devices is None:
         return [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]

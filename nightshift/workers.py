@@ -189,7 +189,8 @@ class HeartbeatWatch:
         """Why the run has lost its worker, or None while it may still be working."""
         now = self.clock()
         if not running:
-            self.pending_since = self.pending_since if self.pending_since is not None else now
+            if self.pending_since is None:
+                self.pending_since = now
             if now - self.pending_since > self.start_timeout_s:
                 return f"taken by a worker but not started in {self.start_timeout_s:.0f} s"
             return None
