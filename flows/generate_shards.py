@@ -14,9 +14,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from nightshift.config import JobSpec
 from nightshift.deadline import DeadlineTimer, parse_deadline
+from nightshift.drills import stall_if_drilled
 from nightshift.records import Shard
 from nightshift.storage import use_storage_options
-from nightshift.workers import handing_on_if_the_engine_cannot_start, heartbeat, stall_if_drilled, write_group_manifest
+from nightshift.workers import handing_on_if_the_engine_cannot_start, heartbeat, write_group_manifest
 
 
 @flow(name="nightshift-generate-shards", task_runner=ThreadPoolTaskRunner(max_workers=2))

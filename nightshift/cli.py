@@ -93,11 +93,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _command(args) -> int:
     # The run's story is in Prefect's log lines; the engine's own (every process's INFO, its
-    # shutdown warnings) only with --verbose. Set before vLLM is imported anywhere.
-    if getattr(args, "verbose", False):
-        os.environ["VLLM_LOGGING_LEVEL"] = "INFO"
-    else:
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    # shutdown warnings) only with --verbose.
+    from nightshift.logs import set_vllm_log_level
+
+    set_vllm_log_level("INFO" if getattr(args, "verbose", False) else os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"))
     if args.command == "serve":
         return _serve(args)
     if args.command == "models":
@@ -216,6 +215,7 @@ def _job(args, corpus):
 
 def _run(args) -> int:
     from nightshift.canaries import CanaryFailure
+    from nightshift.config import EngineStartStalled
     from nightshift.deadline import EXIT_EXPIRED, parse_deadline
     from nightshift.progress import ConsoleProgress
 
@@ -239,6 +239,33 @@ def _run(args) -> int:
     except CanaryFailure as exc:
         print(f"nightshift: {exc}\nnightshift: see {Path(args.output) / 'validation.json'}", file=sys.stderr)
         return 3
+    except EngineStartStalled as exc:
+        _exit_leaving_the_stalled_start(str(exc))
+
+
+# The engine did not start in time: a temporary failure (sysexits' EX_TEMPFAIL), worth a retry.
+EXIT_ENGINE_STALLED = 75
+
+
+def _exit_leaving_the_stalled_start(message: str) -> None:
+    """Exit 75 now, without the interpreter's teardown: the stalled start's thread may hold a
+    lock that teardown needs. The run's failure is already on the Prefect server; its last log
+    lines (the stacks) are flushed first, for as long as that takes up to 10 s."""
+    import threading
+
+    import psutil
+
+    print(f"nightshift: {message}", file=sys.stderr)
+    flush = sys.modules.get("prefect.logging.handlers")
+    if flush is not None:
+        flusher = threading.Thread(target=flush.APILogHandler.flush, daemon=True)
+        flusher.start()
+        flusher.join(10)
+    for child in psutil.Process().children(recursive=True):  # the engine's processes, if any started
+        child.kill()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(EXIT_ENGINE_STALLED)
 
 
 def _plan(args) -> int:

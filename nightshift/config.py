@@ -38,6 +38,13 @@ class EngineCannotStartHere(ConfigurationError):
     here fails the same way; on a work pool another worker may well hold it."""
 
 
+class EngineStartStalled(RuntimeError):
+    """The engine was not ready within its `engine_start_timeout_s`. Nothing about the job is
+    wrong and a fresh process may well start it, so the run fails retryably (the CLI's exit
+    status 75), not as a configuration error; it is not retried inside the process, where the
+    stalled start still holds whatever it waits on."""
+
+
 class _Config(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -81,6 +88,13 @@ class EngineSettings(_Config):
         description="KV cache in bytes (default: gpu_memory_utilization on GPUs; sized from the model on CPU)",
     )
     seed: int = Field(0, description="engine seed: sampled rows are reproducible across runs")
+    # Nightshift's own, not vLLM's (engine_arguments leaves it out).
+    engine_start_timeout_s: float = Field(
+        1800.0,
+        gt=0,
+        description="an engine not ready after this many seconds fails the run, retryably, with its threads' "
+        "stacks in the log, instead of hanging (a normal start: 10 s to a few minutes)",
+    )
 
 
 class EngineConfig(EngineSettings):

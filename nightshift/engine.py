@@ -20,7 +20,8 @@ from collections.abc import Iterable, Iterator
 
 from vllm.exceptions import VLLMClientError
 
-from nightshift.config import ConfigurationError, EngineCannotStartHere, EngineConfig
+from nightshift import drills
+from nightshift.config import ConfigurationError, EngineCannotStartHere, EngineConfig, EngineStartStalled
 from nightshift.openai_format import PreparedRequest
 from nightshift.preemption import Preempted
 
@@ -89,8 +90,7 @@ class BatchEngine:
         self._owners: dict[str, tuple[_Job, PreparedRequest, int]] = {}  # engine request → row, input
         self._parts: dict[int, list] = {}  # id(row) → its inputs' outputs so far (embedding rows)
         self._dead: BaseException | None = None
-        # Fault injection for tests and drills: admitting this row kills the engine process.
-        self._chaos_custom_id = os.environ.get("NIGHTSHIFT_CHAOS_KILL_ENGINE_ON")
+        self._chaos_custom_id = drills.kill_engine_on()
         self._closed = False
         self._thread = threading.Thread(target=self._drive, name="nightshift-engine", daemon=True)
         self._thread.start()
@@ -307,7 +307,7 @@ def engine_arguments(config: EngineConfig) -> dict:
     open, and on CPU an explicit KV-cache size."""
     from nightshift.models import local_model
 
-    arguments = config.model_dump(exclude_none=True)
+    arguments = config.model_dump(exclude_none=True, exclude={"engine_start_timeout_s"})
     arguments["model"] = local_model(config.model)  # an s3:// model: this machine's fetched copy
     arguments.setdefault("enforce_eager", True)  # a config that nobody sized for its job: start fast
     arguments.setdefault("max_model_len", -1)  # the model's own context, lowered only if memory requires
@@ -470,29 +470,109 @@ def _kill_engine_processes() -> None:
             pass
 
 
+class _EngineStart:
+    """One engine start on its own thread, watched by whoever waits for it: a start that takes
+    longer than the config's `engine_start_timeout_s` is reported with every thread's stack
+    (what it waits on) and fails its waiters, instead of hanging them."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.began = time.monotonic()
+        self.done = threading.Event()
+        self.engine: BatchEngine | None = None
+        self.error: BaseException | None = None
+        self._reported = threading.Lock()
+        self._stalled = ""
+        threading.Thread(target=self._start, name="nightshift-engine-start", daemon=True).start()
+
+    def _start(self) -> None:
+        try:
+            drills.stall_engine_start()
+            self.engine = BatchEngine(self.config)
+        except BaseException as exc:  # its waiters raise it
+            self.error = exc
+        finally:
+            self.done.set()
+
+    def wait(self) -> None:
+        """Until the start has ended; raises EngineStartStalled once it is past its time."""
+        timeout = self.config.engine_start_timeout_s
+        if self.done.wait(max(0.0, self.began + timeout - time.monotonic())):
+            return
+        with self._reported:  # one report, however many tasks wait
+            if not self._stalled:
+                self._stalled = (
+                    f"the engine was not ready after {timeout:.0f} s (engine_start_timeout_s); "
+                    "this process's threads, where the start is stuck:\n" + thread_stacks()
+                )
+                report_without_blocking(self._stalled)
+        raise EngineStartStalled(
+            f"the engine was not ready after {timeout:.0f} s (engine_start_timeout_s); a fresh process may start "
+            "it: the run can be retried (its threads' stacks are in the log)"
+        )
+
+
+def thread_stacks() -> str:
+    """Every thread's name and current stack, innermost call last."""
+    import sys
+    import traceback
+
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    return "\n".join(
+        f"--- thread {names.get(ident, ident)}\n" + "".join(traceback.format_stack(frame))
+        for ident, frame in sys._current_frames().items()
+    )
+
+
+def report_without_blocking(message: str, wait_s: float = 5.0) -> None:
+    """`message` on stderr at once, then to the log (Prefect's handlers: the dashboard) from a
+    helper thread given `wait_s`: what a stall is stuck on may be a lock that logging needs."""
+    import sys
+
+    try:
+        sys.stderr.write(f"nightshift: {message}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    logger = threading.Thread(target=log.error, args=("%s", message), name="nightshift-stall-report", daemon=True)
+    logger.start()
+    logger.join(wait_s)
+
+
 _engine: BatchEngine | None = None
-_engine_lock = threading.Lock()
+_start: _EngineStart | None = None  # the start under way, if any
+_engine_lock = threading.Lock()  # held for moments only, never while an engine starts
 _refused: dict[EngineConfig, ConfigurationError] = {}  # configs the engine would not start with
 
 
 def get_engine(config: EngineConfig) -> BatchEngine:
     """The process's engine for `config`, started on first use and after a failure. A config
-    the engine refused to start with is refused again at once, not tried a second time."""
-    global _engine
-    with _engine_lock:
-        if config in _refused:
-            raise _refused[config]
-        if _engine is not None and (_engine.config != config or not _engine.alive):
-            log.info("replacing engine (config changed or engine died)")
-            _engine.close()
-            _engine = None
-        if _engine is None:
-            try:
-                _engine = BatchEngine(config)
-            except ConfigurationError as refusal:
-                _refused[config] = refusal
-                raise
-        return _engine
+    the engine refused to start with is refused again at once, not tried a second time. A start
+    past its `engine_start_timeout_s` raises EngineStartStalled."""
+    global _engine, _start
+    while True:
+        with _engine_lock:
+            if config in _refused:
+                raise _refused[config]
+            if _start is None:
+                if _engine is not None and _engine.config == config and _engine.alive:
+                    return _engine
+                if _engine is not None:
+                    log.info("replacing engine (config changed or engine died)")
+                    _engine.close()
+                    _engine = None
+                _start = _EngineStart(config)
+            start = _start
+        start.wait()  # a start for another config ends before this one begins: one engine at a time
+        with _engine_lock:
+            if _start is start:
+                _start = None
+                if start.engine is not None:
+                    _engine = start.engine
+                elif isinstance(start.error, ConfigurationError):
+                    _refused[start.config] = start.error
+        if start.config == config and start.error is not None:
+            raise start.error
 
 
 def current_engine() -> BatchEngine | None:
@@ -511,15 +591,22 @@ def start_engine_in_background(config: EngineConfig) -> threading.Thread:
         except BaseException as exc:  # the generate task that needs it raises it (not starting again)
             log.debug("engine start ahead of planning failed: %r", exc)
 
-    thread = threading.Thread(target=load, name="nightshift-engine-start", daemon=True)
+    thread = threading.Thread(target=load, name="nightshift-engine-start-ahead", daemon=True)
     thread.start()
     return thread
 
 
 def shutdown_engine(graceful: bool = True) -> None:
-    """Stop the process's engine, if one runs (its worker processes go with it)."""
-    global _engine
+    """Stop the process's engine, if one runs (its worker processes go with it). A start under
+    way is waited for first, up to its time, so that no engine is left loading behind this call."""
+    global _engine, _start
+    start = _start
+    if start is not None:
+        start.done.wait(max(0.0, start.began + start.config.engine_start_timeout_s - time.monotonic()))
     with _engine_lock:
+        if start is not None and _start is start and start.done.is_set():
+            _start = None
+            _engine = start.engine or _engine
         if _engine is not None:
             _engine.close(graceful)
             _engine = None

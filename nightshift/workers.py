@@ -50,18 +50,6 @@ def heartbeat(run_dir: str, group: str):
         stop.set()
 
 
-def stall_if_drilled() -> None:
-    """Straggler drill: with NIGHTSHIFT_CHAOS_STALL_FILE=<path> set on the workers, the first
-    child run to find that file removes it and hangs (heartbeating) like a straggler would."""
-    path = os.environ.get("NIGHTSHIFT_CHAOS_STALL_FILE")
-    if path:
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            return
-        time.sleep(24 * 3600)
-
-
 def worker_identity() -> dict:
     """Which machine and which worker slot (GPU) ran a child flow run."""
     return {

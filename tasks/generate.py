@@ -37,7 +37,7 @@ from nightshift.chunks import (
     rows_on_disk,
     shard_cache_key,
 )
-from nightshift.config import ConfigurationError, JobSpec
+from nightshift.config import ConfigurationError, EngineStartStalled, JobSpec
 from nightshift.deadline import DeadlineReached, StopSignal, deadline_reached
 from nightshift.engine import EngineFailure, get_engine
 from nightshift.models import local_model
@@ -57,8 +57,10 @@ def _task_cache_key(context: TaskRunContext, parameters: dict) -> str:
 def _retry_unless_preempted(task, task_run, state) -> bool:
     # A preempted process is going away: retrying inside it would only be killed again. A
     # configuration the engine refuses is refused again: it is said once, not retried. Past
-    # the deadline, there is no time left to retry in.
-    return not isinstance(state.result(raise_on_failure=False), (Preempted, ConfigurationError, DeadlineReached))
+    # the deadline, there is no time left to retry in. A stalled engine start still holds
+    # this process: the retry is a fresh process's (the run fails retryably).
+    failure = state.result(raise_on_failure=False)
+    return not isinstance(failure, (Preempted, ConfigurationError, DeadlineReached, EngineStartStalled))
 
 
 @task(

@@ -39,11 +39,31 @@ def read_jsonl(path) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def prefect_server():
+    """One real Prefect server for the session, in this process's settings and in the
+    environment that every child process inherits (tests/harness.py): no process of the suite
+    starts a temporary server of its own."""
+    from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
     # A 2-core machine needs far longer than the default to start the server.
     with prefect_test_harness(server_startup_timeout=300):
-        yield
+        api_url = PREFECT_API_URL.value()
+        before = os.environ.get("PREFECT_API_URL")
+        os.environ["PREFECT_API_URL"] = api_url
+        try:
+            yield api_url
+        finally:
+            if before is None:
+                os.environ.pop("PREFECT_API_URL", None)
+            else:
+                os.environ["PREFECT_API_URL"] = before
+
+
+@pytest.fixture(autouse=True)
+def _session_prefect_server(request):
+    """Every test but the fast layer's runs against the session's Prefect server."""
+    if request.node.get_closest_marker("fast") is None:
+        request.getfixturevalue("prefect_server")
 
 
 @pytest.fixture(scope="session")

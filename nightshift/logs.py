@@ -1,0 +1,67 @@
+"""Python's logging is configured once, from the importing thread, and never by vLLM.
+
+vLLM's `LLM(...)` applies its logging configuration with `logging.config.dictConfig`, which
+flushes and closes every existing handler while it holds the logging module's lock. Nightshift
+starts its engine on a background thread while Prefect's handlers are live: the flush waits
+for Prefect's log service, whose start (on a task's thread) waits for the logging lock — a
+deadlock that left runs hanging forever at engine start, without a log line (issue 27). So in
+every Nightshift process vLLM's own configuration is off (`VLLM_CONFIGURE_LOGGING=0`, which the
+engine's processes and every child inherit), and the `vllm` logger gets its level and handler
+here instead: a logger's level and handlers can be set without flushing anyone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.config
+import os
+import sys
+
+VLLM_LOGGER = "vllm"
+_HANDLER = "nightshift-vllm"
+_FORMAT = "%(levelname)s %(asctime)s [%(filename)s:%(lineno)d] %(message)s"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record comes (a test's capture, a redirect),
+    not to the stream that was current when the handler was made."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def keep_vllm_from_configuring_logging() -> None:
+    """Turn vLLM's logging configuration off for this process and its children, and give the
+    `vllm` logger what vLLM's default would have: its level ($VLLM_LOGGING_LEVEL) and a handler.
+
+    A logging file the operator gave vLLM ($VLLM_LOGGING_CONFIG_PATH) is applied here, once:
+    vLLM refuses such a file while its own configuration is off."""
+    os.environ["VLLM_CONFIGURE_LOGGING"] = "0"
+    config_file = os.environ.pop("VLLM_LOGGING_CONFIG_PATH", None)
+    if config_file:
+        with open(config_file, encoding="utf-8") as file:
+            logging.config.dictConfig(json.load(file))
+        return
+    set_vllm_log_level(os.environ.get("VLLM_LOGGING_LEVEL", "INFO"))
+
+
+def set_vllm_log_level(level: str) -> None:
+    """The `vllm` logger's level (INFO, WARNING, ERROR, ...), with Nightshift's handler (added once)."""
+    os.environ["VLLM_LOGGING_LEVEL"] = level  # what vLLM's own code reads, in this process and its children
+    logger = logging.getLogger(VLLM_LOGGER)
+    logger.setLevel(level.upper())
+    if not any(handler.get_name() == _HANDLER for handler in logger.handlers):
+        handler = _StderrHandler()
+        handler.set_name(_HANDLER)
+        handler.setFormatter(logging.Formatter(_FORMAT, "%m-%d %H:%M:%S"))
+        logger.addHandler(handler)
+        logger.propagate = False  # as vLLM's default: its lines are the engine's, not the run's story

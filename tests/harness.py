@@ -1,0 +1,61 @@
+"""How the tests start Nightshift as a user would: `nightshift …` in a child process.
+
+Every child gets the session's Prefect server (conftest's `prefect_server` puts its URL in the
+environment), so no child starts a temporary server of its own — and each child run is one
+more run against a real server with the engine starting in the background (issue 27).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def nightshift_command(*args) -> list[str]:
+    """`nightshift ARGS…` as this interpreter runs it."""
+    return [sys.executable, "-m", "nightshift.cli", *map(str, args)]
+
+
+def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The test process's environment (the session's Prefect server included) plus `env`."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+
+
+def run_cli(*args, env: dict[str, str] | None = None, cwd=REPO, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `nightshift ARGS…` to its end; stdout and stderr captured as text."""
+    return subprocess.run(
+        nightshift_command(*args), cwd=cwd, env=child_env(env), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def start_cli(*args, env: dict[str, str] | None = None, cwd=REPO, **popen) -> subprocess.Popen:
+    """Start `nightshift ARGS…` and return at once (for tests that signal or kill it)."""
+    return subprocess.Popen(nightshift_command(*args), cwd=cwd, env=child_env(env), **popen)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(url: str, timeout: float = 120, process: subprocess.Popen | None = None) -> None:
+    """Until `url` answers (any HTTP status); fails early if `process` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the process serving {url} exited with {process.returncode}")
+        try:
+            httpx.get(url, timeout=2)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer in {timeout:.0f} s")

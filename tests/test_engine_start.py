@@ -1,0 +1,85 @@
+"""Specification of the engine start against a real Prefect server: it never hangs.
+
+Runs against a real server, with the engine loading on a background thread while Prefect's
+log and event services start, used to deadlock at engine start (issue 27): vLLM's logging
+configuration flushed Prefect's live log handler while it held the logging lock. A start that
+is stuck for any other reason fails the run retryably, with the stacks of its threads."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+from conftest import chat_request, write_jsonl
+from harness import REPO, child_env, run_cli
+
+NO_CHECKS = ("--oracle-samples", "0", "--determinism-samples", "0")
+
+
+def test_consecutive_runs_against_a_real_prefect_server_all_reach_engine_ready_and_finish(tmp_path, prefect_server):
+    requests = write_jsonl(tmp_path / "in.jsonl", [chat_request(f"r{i}", f"Clause {i}") for i in range(200)])
+    for attempt in range(3):  # each a fresh process: Prefect's services start beside the engine's load
+        run_dir = tmp_path / f"run-{attempt}"
+        done = run_cli("run", requests, "--output", run_dir, "--model", "tiny", *NO_CHECKS, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert json.loads((run_dir / "run.json").read_text())["succeeded"] == 200
+        assert "engine ready" in done.stdout + done.stderr
+
+
+def test_an_engine_start_blocked_by_a_live_handlers_flush_still_gets_ready(tmp_path):
+    """The deadlock's shape, made certain: a live handler whose flush waits until the engine is
+    ready. Had vLLM's logging configuration flushed it from the start thread, the engine could
+    never be ready; the watchdog would fail the start after its timeout instead."""
+    script = textwrap.dedent(
+        """
+        import logging, threading
+        from nightshift.engine import get_engine, shutdown_engine
+        from nightshift.jobs import make_job
+
+        ready = threading.Event()
+
+        class PrefectLikeHandler(logging.Handler):
+            def emit(self, record):
+                pass
+            def flush(self):  # like Prefect's API handler: waits for a service that waits on us
+                ready.wait()
+
+        logging.getLogger().addHandler(PrefectLikeHandler())
+        engine = get_engine(make_job("tiny", engine_start_timeout_s=120).engine)
+        ready.set()
+        print("ENGINE READY", engine.max_model_len)
+        shutdown_engine(graceful=False)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and "ENGINE READY" in done.stdout, done.stderr[-3000:]
+
+
+def test_an_engine_that_is_not_ready_in_time_fails_the_run_retryably_with_its_threads_stacks(tmp_path):
+    requests = write_jsonl(tmp_path / "in.jsonl", [chat_request("r0", "Clause")])
+    started = time.monotonic()
+    done = run_cli(
+        "run",
+        requests,
+        "--output",
+        tmp_path / "run",
+        "--model",
+        "tiny",
+        "--engine-start-timeout-s",
+        "5",
+        *NO_CHECKS,
+        env={"NIGHTSHIFT_CHAOS_STALL_ENGINE_START": "600"},  # the engine start never gets to loading
+        timeout=240,
+    )
+    assert done.returncode == 75, done.stderr[-3000:]  # EX_TEMPFAIL: a retry may succeed
+    assert time.monotonic() - started < 180  # not the drill's 600 s
+    assert "the engine was not ready after 5 s" in done.stderr
+    # what it waits on: the start thread's stack, down to the stalled call
+    stacks = done.stderr[done.stderr.index("--- thread nightshift-engine-start") :]
+    assert "stall_engine_start" in stacks.split("--- thread")[1]
+    assert not (tmp_path / "run" / "output.jsonl").exists()
