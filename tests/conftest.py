@@ -69,15 +69,11 @@ def _session_prefect_server(request):
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3-compatible server (moto's), on a free port, for the whole session."""
-    import socket
     import subprocess
-    import time
 
-    import httpx
+    from harness import free_port, wait_until
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen(
         [str(REPO / ".venv-s3" / "bin" / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
@@ -85,12 +81,7 @@ def s3_endpoint():
     )
     endpoint = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):
-            try:
-                httpx.get(endpoint, timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+        wait_until(endpoint, timeout=60, process=server)
         yield endpoint
     finally:
         server.kill()

@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,9 +17,9 @@ import openai
 import psutil
 import pytest
 from conftest import chat_request
+from harness import free_port, start_cli
 
-REPO = Path(__file__).resolve().parent.parent
-KEYS = ("key-owner", "key-stranger")
+KEYS = ("key-owner", "key-stranger", "key-files", "key-cancel", "key-window", "key-embed")  # a tenant per test
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 
 
@@ -29,18 +28,16 @@ class Server:
 
     def __init__(self, storage: Path | str, *extra: str, logs: Path | None = None, env: dict | None = None) -> None:
         self.storage, self.extra = storage, extra
-        self.logs, self.env = logs or Path(storage).parent, env or dict(os.environ)
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.logs, self.env = logs or Path(storage).parent, env or {}
+        self.port = free_port()
         self.process: subprocess.Popen | None = None
 
     def start(self) -> Server:
-        command = [sys.executable, "-m", "nightshift.cli", "serve", "--storage", str(self.storage)]
-        command += ["--port", str(self.port), "--chat-model", "tiny", "--poll-s", "0.3", *self.extra]
-        env = {**self.env, "NIGHTSHIFT_API_KEYS": ",".join(KEYS)}
         log = open(self.logs / f"server-{self.port}.log", "ab")
-        self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.process = start_cli(
+            "serve", "--storage", self.storage, "--port", self.port, "--chat-model", "tiny", "--poll-s", "0.3",
+            *self.extra, env={**self.env, "NIGHTSHIFT_API_KEYS": ",".join(KEYS)}, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
         deadline = time.time() + 60
         while time.time() < deadline:
             try:
@@ -67,9 +64,11 @@ class Server:
                 self.kill()
 
 
-@pytest.fixture
-def server(tmp_path):
-    running = Server(tmp_path / "storage").start()
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server for the module's tests; each test is its own tenant (API key), so none sees
+    another's files or batches."""
+    running = Server(tmp_path_factory.mktemp("api") / "storage").start()
     yield running
     running.stop()
 
@@ -148,7 +147,7 @@ def test_the_sdk_batch_flow_answers_every_request_once(server):
 
 
 def test_a_file_that_is_not_a_valid_batch_fails_with_its_lines_named(server):
-    client = server.client()
+    client = server.client("key-files")
     not_json = upload(client, [chat_request("a", "hi"), "{not json", chat_request("b", "hi")])
     mixed = dict(chat_request("c", "hi"), url="/v1/embeddings")
     mixed_endpoints = upload(client, [chat_request("a", "hi"), mixed])
@@ -174,7 +173,7 @@ def test_a_file_that_is_not_a_valid_batch_fails_with_its_lines_named(server):
 
 
 def test_cancel_mid_run_keeps_finished_rows_and_a_queued_batch_expires(server):
-    client = server.client()
+    client = server.client("key-cancel")
     rows = long_requests(3000)
     running = client.batches.create(input_file_id=upload(client, rows), endpoint="/v1/chat/completions",
                                     completion_window="24h")  # fmt: skip
@@ -231,7 +230,7 @@ def _group(pid: int) -> int | None:
 
 
 def test_a_running_batch_keeps_its_completion_window_and_its_finished_rows(server):
-    client = server.client()
+    client = server.client("key-window")
     # every 20th row short: rows finish early however many the engine decodes together
     rows = [{**row, "body": {**row["body"], "max_tokens": 8}} if i % 20 == 0 else row
             for i, row in enumerate(long_requests(6000))]  # fmt: skip
@@ -254,8 +253,8 @@ def test_a_server_on_a_bucket_keeps_files_batches_and_runs_there(s3_endpoint, tm
     import s3fs
 
     secret = f"s3cr3t-{uuid.uuid4().hex}"
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "nightshift-test", "AWS_SECRET_ACCESS_KEY": secret,
-           "AWS_ENDPOINT_URL": s3_endpoint, "AWS_DEFAULT_REGION": "us-east-1", "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    env = {"AWS_ACCESS_KEY_ID": "nightshift-test", "AWS_SECRET_ACCESS_KEY": secret,
+           "AWS_ENDPOINT_URL": s3_endpoint, "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
     fs = s3fs.S3FileSystem(key="nightshift-test", secret=secret, client_kwargs={"endpoint_url": s3_endpoint})
     name = f"api-{uuid.uuid4().hex[:8]}"
     fs.mkdir(name)
@@ -278,7 +277,7 @@ def test_a_server_on_a_bucket_keeps_files_batches_and_runs_there(s3_endpoint, tm
 
 
 def test_an_embeddings_batch_answers_in_openais_embedding_shape(server):
-    client = server.client()
+    client = server.client("key-embed")
     rows = [
         {"custom_id": f"doc-{i}", "method": "POST", "url": "/v1/embeddings",
          "body": {"model": "minilm", "input": f"Invoice {i} is overdue by {i} days."}}

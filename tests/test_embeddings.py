@@ -12,19 +12,17 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, read_jsonl, write_jsonl
+from conftest import read_jsonl, write_jsonl
+from harness import REPO, child_env, run_cli
 
 from nightshift.models import resolve_model
 from nightshift.samples import sample_documents
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+KV_CACHE = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
 def nightshift(*args: str) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        [sys.executable, "-m", "nightshift.cli", "run", *args], env=ENV, cwd=REPO, capture_output=True, text=True
-    )
-    return done
+    return run_cli("run", *args, env=KV_CACHE)
 
 
 def embedding_line(custom_id: str, **body) -> dict:
@@ -70,7 +68,7 @@ def test_embedding_lines_give_the_vectors_vllm_run_batch_gives(tmp_path):
             "--gpu-memory-utilization",
             "0.1",
         ],
-        env=ENV,
+        env=child_env(KV_CACHE),
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

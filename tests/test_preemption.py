@@ -9,12 +9,12 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
-from conftest import REPO, read_jsonl, write_jsonl
+from conftest import read_jsonl, write_jsonl
+from harness import start_cli
 
 ROWS = 480
 SHARD = 160
@@ -28,17 +28,14 @@ def corpus(path: Path) -> Path:
     return write_jsonl(path, rows)
 
 
-def nightshift(args, **kwargs):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NIGHTSHIFT_SIGTERM_GRACE_S": "5"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "nightshift.cli", *args],
-        cwd=REPO,
-        env=env,
+def nightshift(args):
+    return start_cli(
+        *args,
+        env={"NIGHTSHIFT_SIGTERM_GRACE_S": "5"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        start_new_session=True,
-        **kwargs,
+        start_new_session=True,  # its own group: the kill takes the engine's processes too
     )
 
 

@@ -3,11 +3,11 @@
 Both run as a user would run them (separate processes), on SmolLM2 with greedy decoding.
 """
 
-import os
 import subprocess
 import sys
 
-from conftest import REPO, chat_request, read_jsonl, write_jsonl
+from conftest import chat_request, read_jsonl, write_jsonl
+from harness import REPO, child_env, run_cli
 
 from nightshift.models import resolve_model
 from nightshift.samples import sample_documents
@@ -38,7 +38,6 @@ def test_message_content_matches_vllm_run_batch_for_every_custom_id(tmp_path):
         for i, doc in enumerate(sample_documents(12, seed=3))
     ]
     batch = write_jsonl(tmp_path / "in.jsonl", requests)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     model = resolve_model("smollm2")
     subprocess.run(
         [
@@ -64,31 +63,12 @@ def test_message_content_matches_vllm_run_batch_for_every_custom_id(tmp_path):
             "0",
         ],
         check=True,
-        env=env,
+        env=child_env(),
         cwd=REPO,
         capture_output=True,
     )
-    ours = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "nightshift.cli",
-            "run",
-            str(batch),
-            "--output",
-            str(tmp_path / "run"),
-            "--model",
-            "smollm2",
-            "--shard-size",
-            "5",
-            "--chunk-size",
-            "2",
-        ],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
+    ours = run_cli("run", batch, "--output", tmp_path / "run", "--model", "smollm2", "--shard-size", "5",
+                   "--chunk-size", "2")  # fmt: skip
     assert ours.returncode == 0, ours.stderr[-3000:]
 
     reference = content_by_id(tmp_path / "ref.jsonl")

@@ -3,12 +3,11 @@ local cache, used by the engine, identified the same way on every worker, and re
 weights change on the bucket under a job made with the old ones."""
 
 import os
-import subprocess
-import sys
 import uuid
 
 import pytest
-from conftest import REPO, chat_request, read_jsonl, write_jsonl
+from conftest import chat_request, read_jsonl, write_jsonl
+from harness import REPO, run_cli
 
 
 @pytest.fixture
@@ -36,17 +35,17 @@ def test_a_model_on_the_bucket_is_fetched_once_and_runs(model_on_bucket, tmp_pat
     fs, url, env = model_on_bucket
     requests = write_jsonl(tmp_path / "in.jsonl", [chat_request(f"r{i}", f"Say {i}.") for i in range(6)])
     cache = tmp_path / "worker-cache"
-    command = [sys.executable, "-m", "nightshift.cli", "run", str(requests), "--model", url]
-    env = {**env, "NIGHTSHIFT_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    command = ["run", requests, "--model", url]
+    env = {**env, "NIGHTSHIFT_CACHE": str(cache), "PYTHONPATH": str(REPO)}
 
-    first = subprocess.run([*command, "--output", str(tmp_path / "one")], env=env, capture_output=True, text=True)
+    first = run_cli(*command, "--output", tmp_path / "one", env=env)
     assert first.returncode == 0, first.stderr[-3000:]
     assert [line["custom_id"] for line in read_jsonl(tmp_path / "one" / "output.jsonl")] == [f"r{i}" for i in range(6)]
     [fetched] = (cache / "models" / "remote").iterdir()
     assert (fetched / "config.json").exists() and (fetched / ".nightshift-identity").exists()
     mtime = (fetched / "config.json").stat().st_mtime_ns
 
-    second = subprocess.run([*command, "--output", str(tmp_path / "two")], env=env, capture_output=True, text=True)
+    second = run_cli(*command, "--output", tmp_path / "two", env=env)
     assert second.returncode == 0, second.stderr[-3000:]
     assert (fetched / "config.json").stat().st_mtime_ns == mtime, "the second run reused the fetched copy"
 

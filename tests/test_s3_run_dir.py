@@ -11,12 +11,12 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import uuid
 
 import pytest
-from conftest import REPO, chat_request
+from conftest import chat_request
+from harness import REPO, start_cli
 
 ROWS = 480
 SHARD = 60
@@ -43,16 +43,15 @@ def bucket(s3_endpoint):
     return fs, name, env, secret
 
 
-def nightshift(args, env, cwd, **kwargs):
-    return subprocess.Popen(
-        [sys.executable, "-m", "nightshift.cli", *args],
-        cwd=cwd,
+def nightshift(args, env, cwd):
+    return start_cli(
+        *args,
         env={**env, "PYTHONPATH": str(REPO)},
+        cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
-        **kwargs,
     )
 
 

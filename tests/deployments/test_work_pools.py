@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import REPO, chat_request, read_jsonl, write_jsonl
+from harness import free_port, nightshift_command, wait_until
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 ROWS = 16
@@ -31,7 +31,7 @@ class Stack:
     """A Prefect server on localhost (SQLite) and the processes that talk to it."""
 
     def __init__(self, home: Path) -> None:
-        port = _free_port()
+        port = free_port()
         self.api = f"http://127.0.0.1:{port}/api"
         self.env = {
             **os.environ,
@@ -168,6 +168,7 @@ def gpu_workers(deployed):
 
 
 def nightly_parameters(requests, run_dir, **fan_out) -> dict:
+    """The nightly run's parameters, its canary checks on the GPU pool (the lost-worker run checks them)."""
     return {
         "input_path": str(requests),
         "run_dir": str(run_dir),
@@ -182,6 +183,13 @@ def nightly_parameters(requests, run_dir, **fan_out) -> dict:
             **fan_out,
         },
     }
+
+
+def dispatch_only(parameters: dict) -> dict:
+    """The same run with no canary checks, for the drills whose subject is dispatch: no
+    validation run on the pool, no engine loaded for it."""
+    fan_out = {**parameters["fan_out"], "validation_deployment": None}
+    return {**parameters, "fan_out": fan_out, "validation": {"oracle_samples": 0, "determinism_samples": 0}}
 
 
 def start_nightly(stack: Stack, parameters: dict) -> subprocess.Popen:
@@ -218,10 +226,10 @@ def assert_every_row_once(run_dir, rows: int) -> None:
 def test_a_straggling_group_is_reissued_and_the_first_finisher_wins(deployed, gpu_workers, tmp_path):
     run_dir = tmp_path / "nightly"
     deployed.stall_flag.touch()  # the first child run to start hangs
-    run = start_nightly(
-        deployed,
-        nightly_parameters(requests_file(tmp_path / "in.jsonl", 8), run_dir, straggler_factor=1.0, straggler_min_s=0),
+    parameters = nightly_parameters(
+        requests_file(tmp_path / "in.jsonl", 8), run_dir, straggler_factor=1.0, straggler_min_s=0
     )
+    run = start_nightly(deployed, dispatch_only(parameters))
     output, _ = run.communicate(timeout=900)
     assert run.returncode == 0, output[-4000:]
 
@@ -250,7 +258,8 @@ def test_a_worker_that_cannot_start_the_engine_hands_its_groups_to_the_others(de
     run_dir = tmp_path / "nightly"
     try:  # three groups at once for three free workers: the unfit one takes one
         parameters = nightly_parameters(requests_file(tmp_path / "in.jsonl", 6), run_dir, shards_per_group=1)
-        run = start_nightly(deployed, {**parameters, "fan_out": {**parameters["fan_out"], "max_in_flight": 3}})
+        parameters = {**parameters, "fan_out": {**parameters["fan_out"], "max_in_flight": 3}}
+        run = start_nightly(deployed, dispatch_only(parameters))
         output, _ = run.communicate(timeout=900)
     finally:
         os.killpg(unfit.pid, signal.SIGKILL)
@@ -424,12 +433,6 @@ def _final_state(stack: Stack, flow_run_id: str) -> str | None:
     return state["type"] if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_the_batch_api_runs_each_batch_as_a_flow_run_of_the_deployment(deployed, tmp_path):
     """`nightshift serve --deployment`: the official client's batch becomes a flow run of the
     nightly deployment, taken by the CPU pool's worker; the batch completes from its outputs."""
@@ -437,21 +440,15 @@ def test_the_batch_api_runs_each_batch_as_a_flow_run_of_the_deployment(deployed,
 
     import openai
 
-    port = _free_port()
+    port = free_port()
     serve = deployed.spawn(
         "serve",
-        [sys.executable, "-m", "nightshift.cli", "serve", "--storage", str(tmp_path / "api"), "--port", str(port),
-         "--chat-model", "tiny", "--deployment", "nightshift-batch/nightly", "--poll-s", "0.5"],
+        nightshift_command("serve", "--storage", tmp_path / "api", "--port", port, "--chat-model", "tiny",
+                           "--deployment", "nightshift-batch/nightly", "--poll-s", "0.5"),
         NIGHTSHIFT_API_KEYS="key-ci",
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/v1/batches", timeout=2)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+        wait_until(f"http://127.0.0.1:{port}/v1/batches", process=serve)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="key-ci", max_retries=0)
         rows = [chat_request(f"api-{i}", f"Hello number {i}") for i in range(10)]
         content = "\n".join(json.dumps(r) for r in rows).encode()

@@ -1,12 +1,10 @@
 """Specification of the canary stage: a run is validated, or it fails loudly with its outputs kept."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO, chat_request, read_jsonl, write_jsonl
+from conftest import chat_request, read_jsonl, write_jsonl
+from harness import run_cli
 
 
 def canary(custom_id, content, **expect):
@@ -69,29 +67,8 @@ def test_a_wrong_expectation_fails_the_run_with_exit_3_naming_the_canary(tmp_pat
         ],
     )
     run_dir = tmp_path / "run"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "nightshift.cli",
-            "run",
-            str(batch),
-            "--output",
-            str(run_dir),
-            "--model",
-            "tiny",
-            "--max-num-seqs",
-            "16",
-            "--shard-size",
-            "10",
-            "--canaries",
-            str(canaries),
-        ],
-        cwd=REPO,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-    )
+    done = run_cli("run", batch, "--output", run_dir, "--model", "tiny", "--max-num-seqs", "16", "--shard-size", "10",
+                   "--canaries", canaries)  # fmt: skip
     assert done.returncode == 3, done.stderr[-2000:]
     assert "impossible" in done.stderr and "NOT validated" in done.stderr
     assert "fine (" not in done.stderr

@@ -4,13 +4,12 @@ A shard is regenerated exactly when its rows, the model, or a generation setting
 or when its checkpoint no longer matches the files on disk — never because code changed.
 """
 
-import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 from conftest import REPO, chat_request, read_jsonl, write_jsonl
+from harness import run_cli
 
 
 def batch(path, temperature=0.0):
@@ -76,27 +75,10 @@ def test_editing_the_task_source_reruns_no_shard(finished_run, tmp_path):
         source.write("\n# an edit that changes the task's source but not what it generates\n")
     from nightshift.models import cache_dir
 
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "nightshift.cli",
-            "run",
-            str(path),
-            "--output",
-            str(run_dir),
-            "--model",
-            "tiny",
-            "--shard-size",
-            "10",
-            "--chunk-size",
-            "4",
-        ],
-        cwd=copy,
-        env={**os.environ, "NIGHTSHIFT_CACHE": str(cache_dir()), "PYTHONPATH": str(copy)},
-        capture_output=True,
-        text=True,
-    )
+    done = run_cli(
+        "run", path, "--output", run_dir, "--model", "tiny", "--shard-size", "10", "--chunk-size", "4",
+        cwd=copy, env={"NIGHTSHIFT_CACHE": str(cache_dir()), "PYTHONPATH": str(copy)},
+    )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "shards: 3 (3 from checkpoints)" in done.stdout
 

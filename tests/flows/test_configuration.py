@@ -7,6 +7,7 @@ import time
 
 import pytest
 from conftest import chat_request, write_jsonl
+from harness import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -81,33 +82,12 @@ def test_other_configuration_errors_exit_2_with_a_clear_message(tmp_path, capsys
 
 
 def test_an_engine_that_cannot_start_is_said_once_with_its_memory_picture_and_not_retried(tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    from conftest import REPO
-
     path = write_jsonl(tmp_path / "in.jsonl", [chat_request(f"r{i}", f"Clause {i}") for i in range(3)])
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "100000"}  # more KV cache than any machine here holds
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "nightshift.cli",
-            "run",
-            str(path),
-            "--output",
-            str(tmp_path / "run"),
-            "--model",
-            "tiny",
-            "--verbose",  # the engine's own log lines: how many times it started
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = run_cli(
+        "run", path, "--output", tmp_path / "run", "--model", "tiny",
+        "--verbose",  # the engine's own log lines: how many times it started
+        env={"VLLM_CPU_KVCACHE_SPACE": "100000"},  # more KV cache than any machine here holds
+    )  # fmt: skip
     output = done.stdout + done.stderr
     assert done.returncode == 2, output[-3000:]
     last = [line for line in done.stderr.splitlines() if line.startswith("nightshift:")][-1]

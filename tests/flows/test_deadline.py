@@ -2,13 +2,11 @@
 server: every row exactly once, in the outputs or as a retryable `batch_expired` error."""
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 
-from conftest import REPO, chat_request, read_jsonl, write_jsonl
+from conftest import chat_request, read_jsonl, write_jsonl
+from harness import run_cli
 
 ROWS = 120
 
@@ -61,15 +59,8 @@ def test_a_deadline_mid_run_merges_the_finished_rows_and_expires_the_rest(tmp_pa
 def test_a_deadline_already_past_generates_nothing_and_exits_4(tmp_path):
     path = write_jsonl(tmp_path / "in.jsonl", long_rows(20) + ["{broken json"])
     run_dir = tmp_path / "run"
-    done = subprocess.run(
-        [sys.executable, "-m", "nightshift.cli", "run", str(path), "--output", str(run_dir), "--model", "tiny"]
-        + ["--deadline", "2020-01-01T00:00Z", "--shard-size", "8"],
-        cwd=REPO,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = run_cli("run", path, "--output", run_dir, "--model", "tiny", "--deadline", "2020-01-01T00:00Z",
+                   "--shard-size", "8")  # fmt: skip
     assert done.returncode == 4, done.stdout + done.stderr
     assert "deadline reached: 20 rows not generated" in done.stdout
     errors = read_jsonl(run_dir / "errors.jsonl")
@@ -81,13 +72,7 @@ def test_a_deadline_already_past_generates_nothing_and_exits_4(tmp_path):
 def test_a_deadline_nobody_can_read_is_refused_before_any_work(tmp_path):
     path = write_jsonl(tmp_path / "in.jsonl", long_rows(2))
     started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-m", "nightshift.cli", "run", str(path), "--output", str(tmp_path / "run")]
-        + ["--model", "tiny", "--deadline", "tomorrow morning"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_cli("run", path, "--output", tmp_path / "run", "--model", "tiny", "--deadline", "tomorrow morning",
+                   timeout=120)  # fmt: skip
     assert done.returncode == 2 and "deadline 'tomorrow morning'" in done.stderr
     assert time.monotonic() - started < 30 and not (tmp_path / "run").exists()

@@ -3,11 +3,10 @@ the prompt tokens it counts without an engine are the ones the run reports, and 
 report becomes the throughput history of the next plan."""
 
 import json
-import os
 import subprocess
-import sys
 
-from conftest import REPO, chat_request, write_jsonl
+from conftest import chat_request, write_jsonl
+from harness import run_cli
 
 
 def varied_rows() -> list:
@@ -63,14 +62,7 @@ def varied_rows() -> list:
 
 
 def nightshift_plan(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "nightshift.cli", "plan", *map(str, args), "--model", "tiny", "--shard-size", "16"],
-        cwd=REPO,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_cli("plan", *args, "--model", "tiny", "--shard-size", "16", timeout=300)
 
 
 def test_the_plan_counts_the_tokens_the_run_reports_and_learns_its_speed(tmp_path, prefect_server, tiny_job):
