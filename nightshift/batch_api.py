@@ -27,13 +27,13 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from nightshift.deadline import parse_duration
 from nightshift.rundir import write_json_atomic
 from nightshift.storage import location
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 TERMINAL = ("failed", "completed", "expired", "cancelled")
 _ID_PATTERN = re.compile(r"^(file-|batch_)[0-9a-f]{24}$")
-_WINDOW = re.compile(r"^(\d+)(h|m|s)$")
 MAX_LISTED_ERRORS = 100  # a file with a million bad lines fails with the first hundred named
 
 
@@ -126,10 +126,10 @@ def owner_of(api_key: str) -> str:
 
 def window_seconds(completion_window: str) -> int:
     """OpenAI accepts "24h" only; a self-hosted night may be shorter ("6h", "90m", "30s")."""
-    match = _WINDOW.match(completion_window)
-    if not match or int(match.group(1)) == 0:
+    window = parse_duration(completion_window)
+    if window is None or window.total_seconds() < 1:
         raise ValueError(f'completion_window {completion_window!r} is not a duration like "24h", "90m" or "30s"')
-    return int(match.group(1)) * {"h": 3600, "m": 60, "s": 1}[match.group(2)]
+    return int(window.total_seconds())
 
 
 def new_id(prefix: str) -> str:

@@ -31,14 +31,24 @@ class DeadlineReached(RuntimeError):
     """Generation stopped at the run's deadline; finished rows are on disk, the rest are not."""
 
 
+def parse_duration(text: str) -> timedelta | None:
+    """"6h", "90m", "1h30m", "45s", "1.5h" as a timedelta; None if `text` is not such a duration.
+    The one reading of durations: deadlines and the Batch API's completion windows."""
+    value = text.strip().lower()
+    duration = _DURATION.match(value)
+    if not value or not duration or not any(duration.groupdict().values()):
+        return None
+    parts = {k: float(v) for k, v in duration.groupdict().items() if v}
+    return timedelta(hours=parts.get("h", 0), minutes=parts.get("m", 0), seconds=parts.get("s", 0))
+
+
 def parse_deadline(text: str, now: datetime | None = None) -> datetime:
     """The moment `text` names, timezone-aware. Raises ConfigurationError for anything else."""
     now = (now or datetime.now()).astimezone()
     value = text.strip()
-    duration = _DURATION.match(value.lower())
-    if value and duration and any(duration.groupdict().values()):
-        parts = {k: float(v) for k, v in duration.groupdict().items() if v}
-        return now + timedelta(hours=parts.get("h", 0), minutes=parts.get("m", 0), seconds=parts.get("s", 0))
+    duration = parse_duration(value)
+    if duration is not None:
+        return now + duration
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:
