@@ -32,7 +32,7 @@ class DeadlineReached(RuntimeError):
 
 
 def parse_duration(text: str) -> timedelta | None:
-    """"6h", "90m", "1h30m", "45s", "1.5h" as a timedelta; None if `text` is not such a duration.
+    """ "6h", "90m", "1h30m", "45s", "1.5h" as a timedelta; None if `text` is not such a duration.
     The one reading of durations: deadlines and the Batch API's completion windows."""
     value = text.strip().lower()
     duration = _DURATION.match(value)

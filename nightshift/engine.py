@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 
 from vllm.exceptions import VLLMClientError
 
-from nightshift import drills
+from nightshift import drills, vllm_adapter
 from nightshift.config import ConfigurationError, EngineCannotStartHere, EngineConfig, EngineStartStalled
 from nightshift.openai_format import PreparedRequest
 from nightshift.preemption import Preempted
@@ -81,7 +81,7 @@ class BatchEngine:
         )
         self.max_model_len = self.llm.model_config.max_model_len  # what vLLM settled on
         # vLLM fills the sizes left open with its defaults for the hardware: read them back
-        self.max_num_seqs = self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
+        self.max_num_seqs = vllm_adapter.scheduler_max_num_seqs(self.llm)
         self.max_in_flight = 2 * self.max_num_seqs
         self.load_seconds = time.monotonic() - loading
         self.announced: set[str] = set()  # runs whose log has said "engine ready" (once each)
@@ -154,10 +154,10 @@ class BatchEngine:
         self._thread.join(timeout=30)
         if not graceful:
             _kill_engine_processes()
-        client = getattr(self.llm.llm_engine, "engine_core", None)
+        client = vllm_adapter.engine_core_client(self.llm)
         try:
             if client is not None:
-                client.shutdown(timeout=10 if graceful else 0)
+                vllm_adapter.shutdown_engine_core(client, timeout=10 if graceful else 0)
         except Exception as exc:  # a dead engine may fail to shut down cleanly; it is gone anyway
             log.warning("engine shutdown: %r", exc)
         _kill_engine_processes()
@@ -172,19 +172,16 @@ class BatchEngine:
         synchronous client's `step()` keeps waiting on its output queue; a death notice put on
         that queue makes it raise EngineDeadError instead of hanging forever.
         """
-        client = getattr(self.llm.llm_engine, "engine_core", None)
-        resources = getattr(client, "resources", None)
-        outputs = getattr(client, "outputs_queue", None)
-        if resources is None or outputs is None:
+        client = vllm_adapter.engine_core_client(self.llm)
+        if not vllm_adapter.can_watch_engine_core(client):
             return
         while self._dead is None and not self._closed:
-            if getattr(resources, "engine_dead", False):
-                outputs.put_nowait(RuntimeError("engine core process died"))
+            if vllm_adapter.engine_core_died(client):
+                vllm_adapter.wake_with_death_notice(client, "engine core process died")
                 return
             time.sleep(0.5)
 
     def _drive(self) -> None:
-        engine = self.llm.llm_engine
         try:
             while True:
                 with self._wake:
@@ -195,7 +192,7 @@ class BatchEngine:
                 self._admit()
                 if not self._owners:
                     continue
-                for output in engine.step():
+                for output in vllm_adapter.step(self.llm):
                     if output.finished:
                         self._finish(output)
         except BaseException as exc:  # the engine is gone: every waiting job must hear it
@@ -243,16 +240,14 @@ class BatchEngine:
                 self._owners[request_id] = (job, request, part)
 
     def _enqueue(self, request: PreparedRequest) -> list[str]:
-        if request.kind == "embedding":
-            # LLM.embed() would wait for its whole list; its own enqueue step takes PoolingParams
-            # just as LLM.enqueue() takes SamplingParams, and the driver collects the outputs.
-            ids = self.llm._add_completion_requests(
+        if request.kind == "embedding":  # the driver collects the outputs of every input
+            ids = vllm_adapter.enqueue_pooling(
+                self.llm,
                 request.prompt,
-                params=[request.sampling_params.clone() for _ in request.prompt],
-                use_tqdm=False,
-                tokenization_kwargs=request.tokenization_kwargs,
+                [request.sampling_params.clone() for _ in request.prompt],
+                request.tokenization_kwargs,
             )
-            return [i.split("-", 1)[0] for i in ids]
+            return [vllm_adapter.output_request_id(i) for i in ids]
         if request.kind == "chat":
             ids = self.llm.enqueue_chat(
                 [request.prompt],
@@ -265,9 +260,7 @@ class BatchEngine:
             if isinstance(prompt, list):
                 prompt = {"prompt_token_ids": prompt}
             ids = self.llm.enqueue([prompt], [request.sampling_params], use_tqdm=False)
-        # LLM numbers requests with a counter (the external id that outputs carry) and the
-        # engine returns it with an internal suffix: "<counter>-<random>".
-        return [ids[0].split("-", 1)[0]]
+        return [vllm_adapter.output_request_id(ids[0])]
 
     def _finish(self, output) -> None:
         job, request, part = self._owners.pop(output.request_id)

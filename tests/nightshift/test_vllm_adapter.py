@@ -1,0 +1,38 @@
+"""Specification: what Nightshift assumes of vLLM's internals holds for the installed vLLM.
+
+Every private vLLM access lives in nightshift/vllm_adapter.py; after a vLLM upgrade this test
+names the assumption that broke, before any engine runs."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.fast
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_every_assumption_about_vllms_internals_holds_for_the_installed_vllm():
+    from nightshift.vllm_adapter import broken_assumptions
+
+    assert broken_assumptions() == []
+
+
+def test_no_module_but_the_adapter_touches_a_private_vllm_attribute():
+    private = {"llm_engine", "engine_core", "outputs_queue", "engine_dead", "_add_completion_requests"}
+    found = []
+    for folder in ("nightshift", "flows", "tasks", "blocks"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            if path.name == "vllm_adapter.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Attribute) and node.attr in private:
+                    found.append(f"{path.relative_to(REPO)}:{node.lineno} .{node.attr}")
+    assert found == []
+
+
+def test_an_output_carries_the_counter_part_of_its_request_id():
+    from nightshift.vllm_adapter import output_request_id
+
+    assert output_request_id("17-8f3a2c") == "17" and output_request_id("17") == "17"
