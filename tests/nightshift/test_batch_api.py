@@ -87,3 +87,41 @@ def test_an_owner_sees_only_its_own_objects_and_ids_never_leave_the_store(tmp_pa
 def test_ids_are_unique_and_of_one_shape():
     ids = [new_id("batch_") for _ in range(3)]
     assert len(set(ids)) == 3 and all(len(i) == len("batch_") + 24 for i in ids)
+
+
+def test_every_batch_and_file_object_is_what_the_official_client_parses():
+    """Objects at each stage of the lifecycle, validated strictly by the `openai` package's own
+    models: a field OpenAI's client does not know, or a wrong type, fails here."""
+    from openai.types import Batch, FileObject
+
+    from nightshift.batch_api import BatchError as OurBatchError
+    from nightshift.batch_api import BatchErrors, BatchUsage, RequestCounts
+    from nightshift.batch_api import FileObject as OurFileObject
+
+    created = BatchObject(
+        id=new_id("batch_"), endpoint=CHAT, input_file_id=new_id("file-"), completion_window="24h",
+        created_at=1, expires_at=86401, metadata={"night": "2026-11-27"}, model="tiny",
+    )  # fmt: skip
+    finished = created.model_copy(
+        update={
+            "status": "completed", "in_progress_at": 2, "finalizing_at": 3, "completed_at": 4,
+            "output_file_id": new_id("file-"), "error_file_id": new_id("file-"),
+            "request_counts": RequestCounts(total=3, completed=2, failed=1),
+            "usage": BatchUsage(input_tokens=10, output_tokens=5, total_tokens=15),
+        }
+    )  # fmt: skip
+    failed = created.model_copy(
+        update={
+            "status": "failed", "failed_at": 2,
+            "errors": BatchErrors(data=[OurBatchError(code="invalid_json_line", message="line 2", line=2)]),
+        }
+    )  # fmt: skip
+    for ours in (created, finished, failed):
+        written = ours.model_dump()
+        assert set(written) <= set(Batch.model_fields), set(written) - set(Batch.model_fields)
+        parsed = Batch.model_validate(written, strict=True).model_dump()
+        assert {name: parsed[name] for name in written} == written
+    uploaded = OurFileObject(id=new_id("file-"), bytes=42, created_at=1, filename="in.jsonl", purpose="batch")
+    output = uploaded.model_copy(update={"purpose": "batch_output"})
+    for ours in (uploaded, output):
+        assert FileObject.model_validate(ours.model_dump(), strict=True).id == ours.id
