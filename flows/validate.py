@@ -10,10 +10,9 @@ from nightshift.tasks.canary import validate
 from prefect import flow
 
 from nightshift.config import CanaryConfig, JobSpec
-from nightshift.rundir import RunDir, write_json_atomic
+from nightshift.rundir import VALIDATION_GROUP, RunDir, write_json_atomic
 from nightshift.storage import use_storage_options
 from nightshift.workers import (
-    VALIDATION_GROUP,
     handing_on_if_the_engine_cannot_start,
     heartbeat,
     validation_verdict,

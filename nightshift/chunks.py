@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-import uuid
 from pathlib import Path
 
 import pyarrow as pa
@@ -50,12 +49,11 @@ RETRYABLE_CODES = ("engine_error", EXPIRED_CODE)
 
 
 def chunk_files(output_dir: Path) -> list[Path]:
-    return sorted(location(output_dir).glob("chunk-*.parquet"), key=str)
+    return RunDir.chunks(output_dir)
 
 
 def write_chunk(output_dir: Path, records: list[dict]) -> Path:
-    # Unique, time-ordered names: a chunk never overwrites another, whoever else writes here.
-    path = location(output_dir) / f"chunk-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
+    path = RunDir.new_chunk(output_dir)
     with written_whole(path) as tmp:  # a chunk file either is whole or does not exist
         pq.write_table(pa.Table.from_pylist(sorted(records, key=lambda r: r["row_index"]), schema=CHUNK_SCHEMA), tmp)
     return path
@@ -125,7 +123,7 @@ class Suspects:
     """Rows the engine died under, with how often; kept beside the shard's chunks."""
 
     def __init__(self, output_dir: Path) -> None:
-        self.path = output_dir / "suspects.json"
+        self.path = RunDir.shard_suspects(output_dir)
         self.counts: dict[int, int] = (
             {int(k): v for k, v in json.loads(self.path.read_text()).items()} if self.path.exists() else {}
         )

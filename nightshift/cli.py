@@ -218,6 +218,7 @@ def _run(args) -> int:
     from nightshift.config import EngineStartStalled
     from nightshift.deadline import EXIT_EXPIRED, parse_deadline
     from nightshift.progress import ConsoleProgress
+    from nightshift.rundir import RunDir
 
     def start() -> int:
         corpus, validation = _corpus_options(args), _validation(args)
@@ -237,7 +238,7 @@ def _run(args) -> int:
     try:
         return _answer_bad_input(start)
     except CanaryFailure as exc:
-        print(f"nightshift: {exc}\nnightshift: see {Path(args.output) / 'validation.json'}", file=sys.stderr)
+        print(f"nightshift: {exc}\nnightshift: see {RunDir(args.output).validation}", file=sys.stderr)
         return 3
     except EngineStartStalled as exc:
         _exit_leaving_the_stalled_start(str(exc))
@@ -302,6 +303,7 @@ def _calibrate(planned, job, rows: int, scratch: Path, pricing):
 
     from nightshift.config import CanaryConfig
     from nightshift.estimate import Throughput
+    from nightshift.rundir import RunDir
     from nightshift.storage import read_table
 
     sample, taken = scratch / "calibration.jsonl", 0
@@ -326,7 +328,7 @@ def _calibrate(planned, job, rows: int, scratch: Path, pricing):
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
-    report = json.loads((scratch / "calibration" / "report.json").read_text())
+    report = json.loads(RunDir(scratch / "calibration").report_json.read_text())
     if not report.get("tokens_per_second"):
         return None
     finished = report["rows"] - report["failed"]
@@ -445,7 +447,7 @@ def _report(args) -> int:
         print(f"nightshift: {args.run_dir} is not a run directory (no plan/manifest.json or job.json)", file=sys.stderr)
         return 2
     report = write_report(run_dir)
-    print(json.dumps(report, indent=2) if args.format == "json" else (run_dir.root / "report.md").read_text())
+    print(json.dumps(report, indent=2) if args.format == "json" else run_dir.report_markdown.read_text())
     return 0
 
 
@@ -468,6 +470,7 @@ def _demo(args) -> int:
     from nightshift.config import CorpusOptions
     from nightshift.jobs import make_job
     from nightshift.models import provision
+    from nightshift.rundir import RunDir
     from nightshift.samples import sample_documents
 
     if args.model in ("tiny", "smollm2"):
@@ -490,10 +493,10 @@ def _demo(args) -> int:
         )
     _print_report(report)
     texts = {d["id"]: d["text"] for d in docs}
-    validation = json.loads((run_dir / "validation.json").read_text())
+    validation = json.loads(RunDir(run_dir).validation.read_text())
     print(
         f"validation: {'passed' if validation['validated'] else 'FAILED'} "
-        f"({', '.join(validation['checks'])}; details in {run_dir / 'validation.json'})"
+        f"({', '.join(validation['checks'])}; details in {RunDir(run_dir).validation})"
     )
     print("\nSample summaries:")
     with open(report.output_path) as lines:

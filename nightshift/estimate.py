@@ -39,7 +39,8 @@ from pydantic import BaseModel, Field
 from nightshift.config import JobSpec
 from nightshift.openai_format import CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL
 from nightshift.records import Plan
-from nightshift.storage import location, read_table
+from nightshift.rundir import RunDir
+from nightshift.storage import read_table
 
 
 class TokenCount(BaseModel):
@@ -169,11 +170,11 @@ def throughput_from_history(root: str | Path, job: JobSpec, accelerator: str) ->
     this job's output fingerprint on this accelerator; None if there is none."""
     fingerprint = job.output_fingerprint()
     rates, per_row, stragglers = [], [], [1.0]
-    for report_path in sorted(location(root).glob("*/report.json"), key=str):
+    for report_path in sorted(RunDir.reports_under(root), key=str):
         run = report_path.parent
         try:
             report = json.loads(report_path.read_text())
-            earlier = JobSpec.load(run / "job.json")
+            earlier = JobSpec.load(RunDir(run).job)
         except (OSError, ValueError):
             continue
         if earlier.output_fingerprint() != fingerprint or report.get("accelerator") != accelerator:

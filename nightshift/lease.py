@@ -39,7 +39,7 @@ class RunDirectoryBusy(ConfigurationError):
 def run_lease(run_dir: str | Path, flow_run_id: str | None = None):
     """Hold the run directory's lease while the body runs (re-entrant within a process)."""
     root = RunDir(run_dir).root
-    path = root / "lease.json"
+    path = RunDir(run_dir).lease
     with _lock:
         if str(root) in _held:
             outer = True

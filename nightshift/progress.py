@@ -73,7 +73,7 @@ class Progress:
 
     def write(self) -> None:
         self._last_write = time.time()
-        write_json_atomic(self.run_dir.root / "progress.json", self.snapshot())
+        write_json_atomic(self.run_dir.progress, self.snapshot())
         if self.artifact_id is not None:
             try:
                 from prefect.artifacts import update_progress_artifact

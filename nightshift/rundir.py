@@ -2,9 +2,13 @@
 
 RUN_DIR/
   job.json                            the JobSpec of the latest run (for `nightshift retry`)
+  lease.json                          the live run holding the directory (nightshift/lease.py)
+  progress.json                       live progress: rows done, rate, ETA
   plan/manifest.json                  the Plan: shards in input order
   plan/shard-00000-<hash12>.parquet   a shard's input rows
   shards/<cache_key>/chunk-00000.parquet   generated rows, one file per chunk
+  shards/<cache_key>/suspects.json    rows in flight when the engine died under the shard
+  shards/<cache_key>/metrics.json     the shard's tokens, seconds and GPU samples
   shards/<cache_key>/result.json      the ShardResult once the shard is complete
   checkpoints/                        Prefect result storage (the task cache)
   groups/<group>/<flow_run_id>.json   a shard group's child flow run on a work pool: what it made
@@ -15,6 +19,7 @@ RUN_DIR/
   output.jsonl  errors.jsonl  results.parquet  run.json   merged outputs
   embeddings.parquet                  a corpus embedded: id, vector (fixed-size float32), tokens
   canary_results.parquet  validation.json               the canary stage's evidence and verdict
+  report.json  report.md  report.png  the cost and throughput report
 
 RUN_DIR is a local directory or an object-store prefix (`s3://bucket/runs/tonight`): the same
 layout either way, reached through `nightshift.storage`.
@@ -23,10 +28,14 @@ layout either way, reached through `nightshift.storage`.
 from __future__ import annotations
 
 import json
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from nightshift.storage import is_url, location, written_whole
+
+VALIDATION_GROUP = "validation"  # the canary checks' child run on the pool heartbeats as this group
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,14 @@ class RunDir:
         return self.root / "job.json"
 
     @property
+    def lease(self) -> Path:
+        return self.root / "lease.json"
+
+    @property
+    def progress(self) -> Path:
+        return self.root / "progress.json"
+
+    @property
     def plan_manifest(self) -> Path:
         return self.root / "plan" / "manifest.json"
 
@@ -51,8 +68,49 @@ class RunDir:
     def shard_output(self, cache_key: str) -> Path:
         return self.root / "shards" / cache_key
 
+    @staticmethod
+    def chunks(shard_output: Path) -> list[Path]:
+        """A shard's chunk files, oldest first (their names are time-ordered)."""
+        return sorted(location(shard_output).glob("chunk-*.parquet"), key=str)
+
+    @staticmethod
+    def new_chunk(shard_output: Path) -> Path:
+        """A unique, time-ordered name: a chunk never overwrites another, whoever else writes here."""
+        return location(shard_output) / f"chunk-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
+
+    def every_chunk(self) -> list[Path]:
+        return list(self.root.glob("shards/*/chunk-*.parquet"))
+
+    def every_shard_metrics(self) -> list[Path]:
+        return list(self.root.glob("shards/*/metrics.json"))
+
+    @staticmethod
+    def shard_result(shard_output: Path) -> Path:
+        return shard_output / "result.json"
+
+    @staticmethod
+    def shard_metrics(shard_output: Path) -> Path:
+        return shard_output / "metrics.json"
+
+    @staticmethod
+    def shard_suspects(shard_output: Path) -> Path:
+        return shard_output / "suspects.json"
+
     def group(self, group_key: str) -> Path:
         return self.root / "groups" / group_key
+
+    def group_manifest(self, group_key: str, flow_run_id: str) -> Path:
+        return self.group(group_key) / f"{flow_run_id}.json"
+
+    def group_heartbeat(self, group_key: str, flow_run_id: str) -> Path:
+        return self.group(group_key) / f"{flow_run_id}.alive"
+
+    def group_refusal(self, group_key: str, flow_run_id: str) -> Path:
+        return self.group(group_key) / f"{flow_run_id}.refused"
+
+    def validation_verdict(self, flow_run_id: str) -> Path:
+        """Where the validation run `flow_run_id` on the pool leaves its verdict, under its own name."""
+        return self.group(VALIDATION_GROUP) / f"{flow_run_id}.verdict"
 
     @property
     def unfit_workers(self) -> Path:
@@ -60,6 +118,9 @@ class RunDir:
 
     def unfit_worker(self, slot: str) -> Path:
         return self.unfit_workers / f"{slot.replace('/', '_')}.unfit"
+
+    def every_unfit_worker(self) -> list[Path]:
+        return list(self.unfit_workers.glob("*.unfit"))
 
     @property
     def checkpoints(self) -> Path:
@@ -92,6 +153,23 @@ class RunDir:
     @property
     def summary(self) -> Path:
         return self.root / "run.json"
+
+    @property
+    def report_json(self) -> Path:
+        return self.root / "report.json"
+
+    @property
+    def report_markdown(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def report_chart(self) -> Path:
+        return self.root / "report.png"
+
+    @staticmethod
+    def reports_under(root) -> list[Path]:
+        """The report.json of every run directory directly under `root` (a night's history)."""
+        return list(location(root).glob("*/report.json"))
 
 
 def write_json_atomic(path: Path, data) -> None:

@@ -287,7 +287,7 @@ class BatchRunner:
     def _count_progress(self, stored: StoredBatch) -> None:
         run_dir = RunDir(self.store.run_dir(stored.batch.id))
         try:
-            progress = _read_json(run_dir.root / "progress.json")
+            progress = _read_json(run_dir.progress)
             canaries = Plan.load(run_dir.plan_manifest).canary_rows
         except (FileNotFoundError, ValueError):
             return

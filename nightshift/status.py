@@ -59,7 +59,7 @@ def run_status(run_dir: str | Path) -> RunStatus:
                 continue
             done += rows
             written.append((_written_at(chunk), rows))
-        finished = (output / "result.json").exists()
+        finished = RunDir.shard_result(output).exists()
         state = "done" if finished else "partial" if done else "pending"
         shard_states.append(ShardStatus(shard.index, shard.num_rows, done, state))
     rows_done = sum(s.rows_done for s in shard_states)
@@ -89,7 +89,7 @@ def _eta(remaining: int, rate: float | None) -> float | None:
 def _live_progress(rd: RunDir, total: int) -> dict | None:
     """progress.json of a run still writing it (updated in the last two minutes), else None."""
     try:
-        live = json.loads((rd.root / "progress.json").read_text())
+        live = json.loads(rd.progress.read_text())
     except (OSError, ValueError):
         return None
     if live.get("total") != total or time.time() - live.get("updated", 0) > 120:

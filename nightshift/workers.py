@@ -18,7 +18,6 @@ from nightshift.records import ShardResult
 from nightshift.rundir import RunDir, write_json_atomic
 
 HEARTBEAT_INTERVAL_S = 5.0
-VALIDATION_GROUP = "validation"  # the canary checks' child run heartbeats as this group
 # A refusing child keeps its worker's slot this long, so the pool hands the group it gave back
 # to a worker that can take it instead of straight back to this one.
 UNFIT_HOLD_S = 60.0
@@ -30,7 +29,7 @@ def heartbeat(run_dir: str, group: str):
     content carries the time (an object store has no mtime to touch)."""
     from prefect.runtime import flow_run
 
-    path = RunDir(run_dir).group(group) / f"{flow_run.id}.alive"
+    path = RunDir(run_dir).group_heartbeat(group, flow_run.id)
     identity = worker_identity()
     write_json_atomic(path, {**identity, "heartbeat": time.time()})
     stop = threading.Event()
@@ -67,7 +66,7 @@ def worker_slot(identity: dict) -> str:
 
 
 def refusal_record(run_dir: str, group: str, flow_run_id: str) -> Path:
-    return RunDir(run_dir).group(group) / f"{flow_run_id}.refused"
+    return RunDir(run_dir).group_refusal(group, flow_run_id)
 
 
 def read_refusal(run_dir: str, group: str, flow_run_id: str) -> dict | None:
@@ -81,7 +80,7 @@ def read_refusal(run_dir: str, group: str, flow_run_id: str) -> dict | None:
 def unfit_workers(run_dir: str) -> dict[str, str]:
     """Every worker slot that could not start this run's engine, with what it said."""
     found = {}
-    for marker in RunDir(run_dir).unfit_workers.glob("*.unfit"):
+    for marker in RunDir(run_dir).every_unfit_worker():
         try:
             record = json.loads(marker.read_text())
         except (OSError, ValueError):
@@ -125,12 +124,12 @@ def handing_on_if_the_engine_cannot_start(run_dir: str, group: str, hold_s: floa
 
 
 def group_manifest(run_dir: str, group: str, flow_run_id: str) -> Path:
-    return RunDir(run_dir).group(group) / f"{flow_run_id}.json"
+    return RunDir(run_dir).group_manifest(group, flow_run_id)
 
 
 def validation_verdict(run_dir: str, flow_run_id: str) -> Path:
     """Where the validation run `flow_run_id` leaves its verdict, under its own name."""
-    return RunDir(run_dir).group(VALIDATION_GROUP) / f"{flow_run_id}.verdict"
+    return RunDir(run_dir).validation_verdict(flow_run_id)
 
 
 def write_group_manifest(run_dir: str, group: str, results: list[ShardResult], cached: int) -> Path:
@@ -166,7 +165,7 @@ class HeartbeatWatch:
     run that is working."""
 
     def __init__(self, run_dir: str, group: str, run_id: str, timeout_s: float, start_timeout_s: float, clock=None):
-        self.path = RunDir(run_dir).group(group) / f"{run_id}.alive"
+        self.path = RunDir(run_dir).group_heartbeat(group, run_id)
         self.timeout_s, self.start_timeout_s = timeout_s, start_timeout_s
         self.clock = clock or time.monotonic
         self.pending_since: float | None = None

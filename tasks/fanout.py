@@ -58,8 +58,8 @@ from nightshift.config import CanaryConfig, ConfigurationError, EngineCannotStar
 from nightshift.deadline import DeadlineReached, deadline_reached
 from nightshift.preemption import grace_seconds
 from nightshift.records import Shard, ShardResult
+from nightshift.rundir import VALIDATION_GROUP
 from nightshift.workers import (
-    VALIDATION_GROUP,
     HeartbeatWatch,
     group_manifest,
     read_group_manifest,

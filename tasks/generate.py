@@ -83,7 +83,7 @@ def retry_shard_rows(shard: Shard, job: JobSpec, run_dir: str, rows: set[int]) -
 def _told(result: ShardResult) -> ShardResult:
     """The shard's line in the run's log: rows, outcomes by code, what this attempt generated."""
     try:
-        metrics = json.loads((Path(result.output_dir) / "metrics.json").read_text())
+        metrics = json.loads(RunDir.shard_metrics(Path(result.output_dir)).read_text())
     except (OSError, ValueError):
         metrics = {}
     errors = ", ".join(f"{code}={n}" for code, n in (metrics.get("errors_by_code") or {}).items())
@@ -264,7 +264,7 @@ def _generate(shard: Shard, job: JobSpec, run_dir: RunDir, only_rows: set[int] |
     if stop_requested.is_set():
         raise Preempted(f"shard {shard.index}: stopped on SIGTERM")
     result = _shard_result(shard, key, output_dir, len(prepared), time.monotonic() - started)
-    result.save(output_dir / "result.json")
+    result.save(RunDir.shard_result(output_dir))
     write_shard_metrics(
         result,
         output_dir,
@@ -359,7 +359,7 @@ def write_shard_metrics(
     }
     if result.regenerated_rows:
         metrics["tokens_per_second"] = round(tokens_generated / engine_seconds, 2)
-    write_json_atomic(output_dir / "metrics.json", metrics)
+    write_json_atomic(RunDir.shard_metrics(output_dir), metrics)
 
 
 def _model_aliases(job: JobSpec) -> set[str]:

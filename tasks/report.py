@@ -20,7 +20,7 @@ from nightshift.config import JobSpec
 from nightshift.estimate import managed_api_cost
 from nightshift.records import Plan
 from nightshift.rundir import RunDir, write_json_atomic
-from nightshift.storage import duckdb_connection, location, sql_path, written_whole
+from nightshift.storage import duckdb_connection, sql_path, written_whole
 
 
 def build_report(
@@ -32,7 +32,7 @@ def build_report(
     pricing, managed = pricing or GpuPricing(), managed or ManagedApiPrices()
     plan, job = Plan.load(run_dir.plan_manifest), JobSpec.load(run_dir.job)
     metric_files = [
-        p for s in plan.shards if (p := run_dir.shard_output(shard_cache_key(s, job)) / "metrics.json").exists()
+        p for s in plan.shards if (p := RunDir.shard_metrics(run_dir.shard_output(shard_cache_key(s, job)))).exists()
     ]
     con = duckdb_connection()
     if run_dir.results.exists() and run_dir.results.stat().st_mtime >= run_dir.plan_manifest.stat().st_mtime:
@@ -294,7 +294,7 @@ def render_chart(run_dir: RunDir, path: Path) -> Path | None:
 
     timeline: dict[int, int] = {}
     samples = []
-    for metrics_file in run_dir.root.glob("shards/*/metrics.json"):
+    for metrics_file in run_dir.every_shard_metrics():
         metrics = json.loads(metrics_file.read_text())
         for second, tokens in metrics.get("token_timeline") or []:
             timeline[second] = timeline.get(second, 0) + tokens
@@ -336,7 +336,7 @@ def render_chart(run_dir: RunDir, path: Path) -> Path | None:
 
 
 def _chunk_landings(run_dir: RunDir) -> dict[int, int]:
-    chunks = list(run_dir.root.glob("shards/*/chunk-*.parquet"))
+    chunks = run_dir.every_chunk()
     if not chunks:
         return {}
     with duckdb_connection() as con:
@@ -350,16 +350,16 @@ def _chunk_landings(run_dir: RunDir) -> dict[int, int]:
 
 def write_report(run_dir: RunDir, pricing: GpuPricing | None = None, managed: ManagedApiPrices | None = None) -> dict:
     report = build_report(run_dir, pricing, managed)
-    chart = render_chart(run_dir, run_dir.root / "report.png")
-    write_json_atomic(run_dir.root / "report.json", report)
-    with written_whole(run_dir.root / "report.md") as tmp:
+    chart = render_chart(run_dir, run_dir.report_chart)
+    write_json_atomic(run_dir.report_json, report)
+    with written_whole(run_dir.report_markdown) as tmp:
         tmp.write_text(render_markdown(report, chart.name if chart else None))
     return report
 
 
 def trend(root: Path) -> list[dict]:
     """One row per run under `root` that has a report, oldest first: the nightly trend."""
-    reports = sorted(location(root).glob("*/report.json"), key=lambda p: p.stat().st_mtime)
+    reports = sorted(RunDir.reports_under(root), key=lambda p: p.stat().st_mtime)
     if not reports:
         return []
     with duckdb_connection() as con:
@@ -398,8 +398,8 @@ def artifact_markdown(run_dir: RunDir) -> str:
     file in the run directory, and renders a PNG data URI in a markdown image)."""
     import base64
 
-    markdown = (run_dir.root / "report.md").read_text()
-    chart = run_dir.root / "report.png"
+    markdown = run_dir.report_markdown.read_text()
+    chart = run_dir.report_chart
     if chart.exists():
         inline = "data:image/png;base64," + base64.b64encode(chart.read_bytes()).decode()
         markdown = markdown.replace(f"]({chart.name})", f"]({inline})")

@@ -73,3 +73,24 @@ def test_no_task_imports_another_task():
             if layer_of(imported) == "tasks" and stage(imported) not in (stage(name), "tasks"):
                 crossing.append(f"{name} imports {imported}")
     assert not crossing, "\n".join(crossing)
+
+
+RUN_DIRECTORY_NAMES = (
+    "job.json", "lease.json", "progress.json", "manifest.json", "result.json", "metrics.json", "suspects.json",
+    "output.jsonl", "errors.jsonl", "results.parquet", "run.json", "embeddings.parquet", "canary_results.parquet",
+    "validation.json", "report.json", "report.md", "report.png", ".alive", ".refused", ".verdict", ".unfit", "chunk-",
+)  # fmt: skip
+
+
+def test_no_run_directory_file_name_is_spelled_outside_rundir():
+    """The run directory's layout lives in nightshift/rundir.py; everyone else asks RunDir."""
+    spelled = []
+    for name, path in own_modules():
+        if name == "nightshift.rundir":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            value = node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else ""
+            if value and " " not in value.strip() and not value.startswith("--"):  # not prose, not an option
+                if any(part in value for part in RUN_DIRECTORY_NAMES):
+                    spelled.append(f"{path.relative_to(REPO)}:{node.lineno} {value!r}")
+    assert spelled == []
