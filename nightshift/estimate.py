@@ -295,7 +295,7 @@ def estimate_input(
     """The whole dry run over a planned input: tokens counted, throughput from `history` (or
     from `calibrate()`, a callable measuring it, when there is none), the arithmetic.
     `pricing` and `managed` are the GpuPricing and ManagedApiPrices blocks."""
-    from nightshift.engine import model_context
+    from nightshift.engine_sizing import model_context
 
     tokens = count_tokens(plan, load_tokenizer(job), job.engine.max_model_len or model_context(job.engine))
     throughput = throughput_from_history(history, job, pricing.accelerator) if history else None

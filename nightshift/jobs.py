@@ -60,7 +60,7 @@ def validation_message(exc: ValidationError) -> str:
 def size_for_input(job: JobSpec, input_path: str, corpus=None, storage_options: dict | None = None) -> JobSpec:
     """The job with what depends on the input's size decided (compile or not), from an
     estimate read in milliseconds, so that the engine can start loading before planning."""
-    from nightshift.engine import choose_enforce_eager
+    from nightshift.engine_sizing import choose_enforce_eager
     from nightshift.inputs import detect_kind, estimate_rows
 
     rows = estimate_rows(input_path, detect_kind(input_path, corpus), storage_options)

@@ -3,7 +3,7 @@ engine on the host can start), and as many rows decoded together as that cache h
 
 import pytest
 
-from nightshift.engine import CPU_ROW_TOKENS, cpu_max_num_seqs, engine_arguments, kv_bytes_per_token
+from nightshift.engine_sizing import CPU_ROW_TOKENS, cpu_max_num_seqs, engine_arguments, kv_bytes_per_token
 from nightshift.jobs import make_job
 
 pytestmark = pytest.mark.fast

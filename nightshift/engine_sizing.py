@@ -1,0 +1,191 @@
+"""How big a vLLM engine is made, from the model, the job and the host it starts on.
+
+vLLM fills the sizes a config leaves open with its defaults for the hardware; on CPU those
+defaults misjudge (a KV budget from the node's memory minus what it sees in use, one core for
+the model on a 2-core machine), so Nightshift sizes CPU engines itself: the KV cache from the
+model's config.json and the memory free now, the rows decoded together from what that cache
+holds, every core for a machine's only engine. Nothing here imports vLLM's engine: the job's
+planning and `nightshift plan` read it without loading one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from nightshift.config import EngineConfig
+
+log = logging.getLogger("nightshift.engine")
+
+
+# Below this many rows a job is done before compilation would pay for itself (see
+# docs/benchmarks.md: on a GPU, CUDA-graph capture and torch.compile take tens of seconds and
+# speed decoding up; on CPU, compilation made decoding no faster here, so CPU engines stay eager).
+COMPILE_MIN_ROWS = 5_000
+
+
+def choose_enforce_eager(config: EngineConfig, rows: int | None) -> EngineConfig:
+    """The config with `enforce_eager` decided, if the user left it open: compile on a GPU for
+    a job of at least COMPILE_MIN_ROWS rows (or of unknown size); eager otherwise."""
+    if config.enforce_eager is not None:
+        return config
+    from vllm.platforms import current_platform
+
+    eager = current_platform.is_cpu() or (rows is not None and rows < COMPILE_MIN_ROWS)
+    return config.model_copy(update={"enforce_eager": eager})
+
+
+def engine_arguments(config: EngineConfig) -> dict:
+    """`LLM(...)` keyword arguments: the config's settings, vLLM's defaults for what it leaves
+    open, and on CPU an explicit KV-cache size."""
+    from nightshift.models import local_model
+
+    arguments = config.model_dump(exclude_none=True, exclude={"engine_start_timeout_s"})
+    arguments["model"] = local_model(config.model)  # an s3:// model: this machine's fetched copy
+    arguments.setdefault("enforce_eager", True)  # a config that nobody sized for its job: start fast
+    arguments.setdefault("max_model_len", -1)  # the model's own context, lowered only if memory requires
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        kv_bytes = config.kv_cache_memory_bytes
+        if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            kv_bytes = kv_bytes or int(float(os.environ["VLLM_CPU_KVCACHE_SPACE"]) * GiB)
+        elif kv_bytes is None:
+            kv_bytes = arguments["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(config)
+        if config.max_num_seqs is None:
+            arguments["max_num_seqs"] = cpu_max_num_seqs(config, kv_bytes)
+    return arguments
+
+
+# On CPU, rows decoded together: as many as the KV cache holds at CPU_ROW_TOKENS tokens each
+# (twice a typical batch row: a cache too full preempts rows, and recomputing them costs more),
+# between vLLM's CPU default and its largest GPU default. Each engine step costs a fixed
+# overhead on top of its matrix work, so wider steps are cheaper per token: the tiny model
+# made 17 % more tokens/s at 1,024 than at 256 (docs/benchmarks.md).
+CPU_MAX_NUM_SEQS = (256, 1024)
+CPU_ROW_TOKENS = 512
+
+
+def cpu_max_num_seqs(config: EngineConfig, kv_bytes: int) -> int:
+    per_token = kv_bytes_per_token(config)
+    if not per_token:
+        return CPU_MAX_NUM_SEQS[0]
+    fits = kv_bytes // (per_token * CPU_ROW_TOKENS)
+    return int(min(CPU_MAX_NUM_SEQS[1], max(CPU_MAX_NUM_SEQS[0], fits)))
+
+
+GiB = 1 << 30
+
+
+def use_every_cpu_core() -> None:
+    """Give a CPU engine's worker every core of this process when it is the machine's only engine.
+
+    vLLM's CPU default binds its worker's OpenMP threads to all cores but one, which it keeps
+    for its scheduler: on a 2-core machine the model runs on one core. For a machine's only
+    engine the gain is large (MiniLM embeddings 43 → 82 docs/s on 2 cores; docs/embeddings.md).
+    Engines that share a machine (several workers on one host) would spin on the same cores and
+    starve each other, so an engine that finds another vLLM engine already running here keeps
+    vLLM's default. NIGHTSHIFT_CPU_ALL_CORES=1 forces every core, =0 keeps vLLM's default (what
+    a host that starts several CPU engines at once should set); an operator's own
+    VLLM_CPU_OMP_THREADS_BIND wins over both."""
+    from vllm.platforms import current_platform
+
+    wanted = os.environ.get("NIGHTSHIFT_CPU_ALL_CORES", "auto")
+    if wanted == "0" or not current_platform.is_cpu() or os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+        return
+    if wanted != "1" and other_engines_running():
+        log.info("another vLLM engine runs on this machine: keeping vLLM's default CPU binding")
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(core) for core in cores)
+
+
+def other_engines_running() -> bool:
+    """Whether a vLLM engine process (they name themselves VLLM::…) runs on this machine."""
+    import psutil
+
+    for process in psutil.process_iter(["name", "cmdline"]):
+        try:
+            title = process.info["name"] or ""
+            command = " ".join(process.info["cmdline"] or [])
+        except (psutil.Error, TypeError):
+            continue
+        if title.startswith("VLLM::") or command.startswith("VLLM::"):
+            return True
+    return False
+
+
+def memory_picture(arguments: dict) -> str:
+    """Free memory against what the engine was asked to take, and who holds the rest: what an
+    operator needs when an engine refuses to start."""
+    import psutil
+
+    asked = arguments.get("kv_cache_memory_bytes")
+    if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        asked = int(os.environ["VLLM_CPU_KVCACHE_SPACE"]) * GiB
+    holders = []
+    for process in psutil.process_iter(["pid", "name", "memory_info"]):
+        info = process.info
+        if info.get("memory_info"):
+            holders.append((info["memory_info"].rss, info["name"], info["pid"]))
+    top = ", ".join(f"{name} (pid {pid}) {rss / GiB:.1f} GiB" for rss, name, pid in sorted(holders, reverse=True)[:3])
+    kv = (
+        f"KV cache asked {asked / GiB:.1f} GiB"
+        if asked
+        else f"gpu_memory_utilization {arguments.get('gpu_memory_utilization')}"
+    )
+    return f"memory free {psutil.virtual_memory().available / GiB:.1f} GiB, {kv}; largest processes: {top}"
+
+
+def cpu_kv_cache_bytes(config: EngineConfig, available: int | None = None) -> int:
+    """The KV cache a CPU engine gets: enough for every sequence at full context, at most
+    `gpu_memory_utilization` × the memory free right now, and at least one full-length sequence.
+
+    vLLM on CPU otherwise budgets `gpu_memory_utilization` × the node's memory *minus what it
+    sees in use*, so an engine starting beside another gets a negative budget and refuses to start.
+    """
+    import psutil
+
+    available = psutil.virtual_memory().available if available is None else available
+    per_token = kv_bytes_per_token(config)
+    if per_token is None:
+        return max(GiB, int(min(4 * GiB, config.gpu_memory_utilization * available)))
+    context = config.max_model_len or model_context(config) or 2048
+    wanted = per_token * context * (config.max_num_seqs or 256)
+    # an explicit context must fit one whole sequence; the model's own is fitted to the cache by vLLM
+    floor = (per_token * context if config.max_model_len else 0) + 64 * (1 << 20)
+    return int(max(floor, min(wanted, config.gpu_memory_utilization * available)))
+
+
+def model_context(config: EngineConfig) -> int | None:
+    """The model's context length from its config.json, as vLLM reads it first."""
+    model = _model_json(config)
+    value = model.get("max_position_embeddings") if model else None
+    return int(value) if value else None
+
+
+def _model_json(config: EngineConfig) -> dict | None:
+    import json
+    from pathlib import Path
+
+    from nightshift.models import local_model
+
+    try:
+        model = json.loads((Path(local_model(config.model)) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return model.get("text_config", model)
+
+
+def kv_bytes_per_token(config: EngineConfig) -> int | None:
+    """K and V of every layer for one token, from the model's config.json (None if unknown)."""
+    model = _model_json(config)
+    try:
+        layers = model["num_hidden_layers"]
+        heads = model.get("num_key_value_heads") or model["num_attention_heads"]
+        head_dim = model.get("head_dim") or model["hidden_size"] // model["num_attention_heads"]
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    dtype = config.kv_cache_dtype if config.kv_cache_dtype != "auto" else config.dtype
+    width = 1 if "fp8" in dtype or "int8" in dtype else 4 if dtype in ("float32", "float") else 2
+    return 2 * layers * heads * head_dim * width
