@@ -51,12 +51,18 @@ def keep_vllm_from_configuring_logging() -> None:
         with open(config_file, encoding="utf-8") as file:
             logging.config.dictConfig(json.load(file))
         return
-    set_vllm_log_level(os.environ.get("VLLM_LOGGING_LEVEL", "INFO"))
+    _configure_vllm_logger(os.environ.get("VLLM_LOGGING_LEVEL", "INFO"))  # vLLM's default level
 
 
 def set_vllm_log_level(level: str) -> None:
-    """The `vllm` logger's level (INFO, WARNING, ERROR, ...), with Nightshift's handler (added once)."""
-    os.environ["VLLM_LOGGING_LEVEL"] = level  # what vLLM's own code reads, in this process and its children
+    """The `vllm` logger's level (INFO, WARNING, ERROR, ...) here and in the processes started
+    from now on (the engine's among them: they import Nightshift, which reads it)."""
+    os.environ["VLLM_LOGGING_LEVEL"] = level
+    _configure_vllm_logger(level)
+
+
+def _configure_vllm_logger(level: str) -> None:
+    """The `vllm` logger's level, with Nightshift's handler (added once)."""
     logger = logging.getLogger(VLLM_LOGGER)
     logger.setLevel(level.upper())
     if not any(handler.get_name() == _HANDLER for handler in logger.handlers):

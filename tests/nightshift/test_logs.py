@@ -92,3 +92,14 @@ def test_the_vllm_logger_has_the_asked_level_and_one_handler(monkeypatch):
     ours = [handler for handler in logger.handlers if handler.get_name() == "nightshift-vllm"]
     assert logger.level == logging.WARNING and len(ours) == 1 and not logger.propagate
     assert os.environ["VLLM_LOGGING_LEVEL"] == "WARNING"
+
+
+def test_importing_nightshift_leaves_the_level_a_command_chooses_to_the_command(monkeypatch):
+    """The import gives the logger vLLM's default level but does not write it down as if asked:
+    `nightshift run` (ERROR unless --verbose) must still see the level as unset."""
+    from nightshift.logs import keep_vllm_from_configuring_logging
+
+    monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
+    keep_vllm_from_configuring_logging()
+    assert "VLLM_LOGGING_LEVEL" not in os.environ
+    assert logging.getLogger("vllm").level == logging.INFO
