@@ -16,6 +16,8 @@ import os
 import sys
 from pathlib import Path
 
+from nightshift.flows.run import run_job
+
 # Models come from the local cache only; set before anything imports huggingface_hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -337,38 +339,6 @@ def _calibrate(planned, job, rows: int, scratch: Path, pricing):
         source=f"calibration: {taken} rows of this input, run just now on {pricing.accelerator}",
         completion_per_row=report["completion_tokens"] / finished if finished else None,
     )
-
-
-def run_job(
-    input_path: str, run_dir: str, job, shard_size: int | None = None, corpus=None, validation=None, deadline=None
-):
-    """Run the flow: plan, generate, merge, report, validate. An input that cannot be used at
-    all fails here in milliseconds, then a configuration the model refuses (about a second);
-    otherwise the engine starts loading at once, alongside Prefect's start-up and planning."""
-    from nightshift.inputs import check_input, detect_kind
-
-    check_input(input_path, detect_kind(input_path, corpus), corpus)  # before vLLM is even imported
-    from nightshift.engine import start_engine_in_background
-    from nightshift.jobs import check_job, size_for_input
-    from nightshift.lease import run_lease
-
-    job = size_for_input(check_job(job), input_path, corpus)
-    with run_lease(run_dir):  # before the engine loads: a second run on a live directory costs nothing
-        start_engine_in_background(job.engine)
-        from nightshift.flows.batch import batch_inference  # Prefect's import and start-up overlap the engine's load
-
-        sizes = {"shard_size": shard_size} if shard_size else {}
-        if os.environ.get("NIGHTSHIFT_RUN_NAME"):  # `nightshift serve` names each batch's flow run after it
-            batch_inference = batch_inference.with_options(flow_run_name=os.environ["NIGHTSHIFT_RUN_NAME"])
-        return batch_inference(
-            input_path=input_path,
-            run_dir=run_dir,
-            job=job,
-            corpus=corpus,
-            validation=validation,
-            deadline=deadline,
-            **sizes,
-        )
 
 
 def _serve(args) -> int:

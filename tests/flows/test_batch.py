@@ -69,7 +69,7 @@ def mixed_batch() -> list:
 
 @pytest.fixture(scope="module")
 def mixed_run(tmp_path_factory, prefect_server, tiny_job):
-    from nightshift.cli import run_job
+    from nightshift.flows.run import run_job
 
     root = tmp_path_factory.mktemp("mixed")
     path = write_jsonl(root / "in.jsonl", mixed_batch())

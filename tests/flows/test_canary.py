@@ -19,7 +19,8 @@ def batch(tmp_path):
 def test_a_run_whose_canaries_hold_is_validated_and_canaries_stay_out_of_the_outputs(
     tmp_path, batch, prefect_server, tiny_job
 ):
-    from nightshift.cli import run_job
+    from nightshift.flows.run import run_job
+
     from nightshift.config import CanaryConfig
 
     canaries = write_jsonl(
@@ -43,7 +44,7 @@ def test_a_run_whose_canaries_hold_is_validated_and_canaries_stay_out_of_the_out
 def test_rows_whose_tokens_are_constrained_are_not_judged_by_the_oracle_and_the_verdict_says_so(
     tmp_path, prefect_server, tiny_job
 ):
-    from nightshift.cli import run_job
+    from nightshift.flows.run import run_job
 
     rows = [chat_request(f"r{i}", f"Row {i}", ignore_eos=True) for i in range(6)]  # end-of-sequence suppressed
     run_dir = tmp_path / "run"
@@ -80,10 +81,10 @@ def test_the_oracle_fails_a_run_whose_weights_differ_from_the_reference(tmp_path
     import shutil
 
     import torch
+    from nightshift.flows.run import run_job
     from nightshift.tasks.canary import CanaryFailure
     from safetensors.torch import load_file, save_file
 
-    from nightshift.cli import run_job
     from nightshift.config import CanaryConfig
     from nightshift.engine import shutdown_engine
     from nightshift.jobs import make_job

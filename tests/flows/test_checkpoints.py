@@ -17,7 +17,7 @@ def batch(path, temperature=0.0):
 
 
 def run(path, run_dir, job):
-    from nightshift.cli import run_job
+    from nightshift.flows.run import run_job
 
     return run_job(str(path), str(run_dir), job, shard_size=10)
 

@@ -24,7 +24,8 @@ def fresh_engine():
 def test_killing_the_engine_mid_shard_retries_the_shard_and_loses_nothing(
     tmp_path, prefect_server, tiny_job, fresh_engine
 ):
-    from nightshift.cli import run_job
+    from nightshift.flows.run import run_job
+
     from nightshift.engine import _kill_engine_processes
 
     path = write_jsonl(tmp_path / "in.jsonl", [chat_request(f"r{i}", f"Row {i}", max_tokens=40) for i in range(120)])
@@ -49,8 +50,8 @@ def test_a_row_that_kills_the_engine_twice_is_set_aside_then_retried(
     tmp_path, prefect_server, tiny_job, fresh_engine, monkeypatch
 ):
     from nightshift.flows.retry import retry_errors
+    from nightshift.flows.run import run_job
 
-    from nightshift.cli import run_job
     from nightshift.engine import shutdown_engine
 
     monkeypatch.setenv("NIGHTSHIFT_CHAOS_KILL_ENGINE_ON", "poison")

@@ -66,7 +66,7 @@ def nightshift_plan(*args) -> subprocess.CompletedProcess:
 
 
 def test_the_plan_counts_the_tokens_the_run_reports_and_learns_its_speed(tmp_path, prefect_server, tiny_job):
-    from nightshift.cli import run_job
+    from nightshift.flows.run import run_job
 
     path = write_jsonl(tmp_path / "in.jsonl", varied_rows())
     before = nightshift_plan(path, "--format", "json", "--deadline", "1h")

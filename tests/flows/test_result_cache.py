@@ -17,7 +17,7 @@ def no_checks():
 
 
 def run(tmp_path, name, rows, job, validation):
-    from nightshift.cli import run_job
+    from nightshift.flows.run import run_job
 
     path = write_jsonl(tmp_path / f"{name}.jsonl", rows)
     report = run_job(str(path), str(tmp_path / name), job, shard_size=4, validation=validation)

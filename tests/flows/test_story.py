@@ -9,10 +9,9 @@ from conftest import chat_request, write_jsonl
 
 
 def test_progress_moves_by_the_row_and_the_logs_tell_the_story(tmp_path, prefect_server, tiny_job):
+    from nightshift.flows.run import run_job
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-
-    from nightshift.cli import run_job
 
     rows = [chat_request(f"r{i}", f"Story {i}", max_tokens=128, ignore_eos=True) for i in range(600)]
     path = write_jsonl(tmp_path / "in.jsonl", rows + ["{broken"])
