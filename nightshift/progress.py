@@ -13,7 +13,8 @@ import threading
 import time
 from collections import deque
 
-from nightshift.rundir import RunDir, write_json_atomic
+from nightshift.records import ProgressSnapshot
+from nightshift.rundir import RunDir
 
 log = logging.getLogger("nightshift.progress")
 LOG_EVERY_S = 60.0
@@ -53,7 +54,7 @@ class Progress:
         span = max(self.window[-1][0] - self.window[0][0], 1e-6)
         return sum(t for _, t in list(self.window)[1:]) / span
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> ProgressSnapshot:
         """What progress.json says: rows finished so far (checkpointed or about to be)."""
         now = time.time()
         elapsed = now - self.started
@@ -61,19 +62,19 @@ class Progress:
         remaining = self.total - self.completed
         eta = remaining / (done_here / elapsed) if done_here and elapsed > 0 else (0.0 if not remaining else None)
         rate = self.rolling_rate()
-        return {
-            "completed": self.completed,
-            "total": self.total,
-            "elapsed_seconds": round(elapsed, 1),
-            "eta_seconds": round(eta, 1) if eta is not None else None,
-            "tokens": self.tokens,
-            "rolling_tokens_per_second": round(rate, 2) if rate is not None else None,
-            "updated": now,
-        }
+        return ProgressSnapshot(
+            completed=self.completed,
+            total=self.total,
+            elapsed_seconds=round(elapsed, 1),
+            eta_seconds=round(eta, 1) if eta is not None else None,
+            tokens=self.tokens,
+            rolling_tokens_per_second=round(rate, 2) if rate is not None else None,
+            updated=now,
+        )
 
     def write(self) -> None:
         self._last_write = time.time()
-        write_json_atomic(self.run_dir.progress, self.snapshot())
+        self.snapshot().save(self.run_dir.progress)
         if self.artifact_id is not None:
             try:
                 from prefect.artifacts import update_progress_artifact
@@ -132,13 +133,13 @@ class ConsoleProgress:
                 self.stream.flush()
                 self._drawn = True
 
-    def line(self, state: dict) -> str:
-        done, total = state["completed"], max(state["total"], 1)
+    def line(self, state: ProgressSnapshot) -> str:
+        done, total = state.completed, max(state.total, 1)
         filled = int(self.width * done / total)
-        rate = state["rolling_tokens_per_second"]
-        eta = state["eta_seconds"]
+        rate = state.rolling_tokens_per_second
+        eta = state.eta_seconds
         text = (
-            f"[{'#' * filled}{'.' * (self.width - filled)}] {done:,}/{state['total']:,} rows "
+            f"[{'#' * filled}{'.' * (self.width - filled)}] {done:,}/{state.total:,} rows "
             f"{rate or 0:,.0f} tokens/s ETA {time.strftime('%H:%M:%S', time.gmtime(eta)) if eta is not None else '--'}"
         )
         return f"\r{text}\033[K" if self.tty else f"progress {text}\n"

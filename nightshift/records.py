@@ -86,3 +86,16 @@ class RunReport(_Record):
     @property
     def complete(self) -> bool:
         return self.succeeded + self.failed == self.total_rows
+
+
+class ProgressSnapshot(_Record):
+    """progress.json (`RunDir.progress`): a live run's rows finished so far, its speed and ETA,
+    rewritten as chunks land; `nightshift status`, the Batch API and the console read it."""
+
+    completed: int = Field(description="rows with an outcome, checkpointed or about to be")
+    total: int
+    elapsed_seconds: float
+    eta_seconds: float | None = None
+    tokens: int = 0
+    rolling_tokens_per_second: float | None = Field(None, description="over the last minute")
+    updated: float = Field(description="Unix time of this snapshot: a stale one is a run no longer writing")

@@ -49,7 +49,7 @@ from nightshift.batch_api import (
 )
 from nightshift.config import BatchApiConfig, ConfigurationError
 from nightshift.deadline import EXIT_EXPIRED
-from nightshift.records import Plan, RunReport
+from nightshift.records import Plan, ProgressSnapshot, RunReport
 from nightshift.rundir import RunDir
 from nightshift.storage import is_url, location, written_whole
 
@@ -287,11 +287,11 @@ class BatchRunner:
     def _count_progress(self, stored: StoredBatch) -> None:
         run_dir = RunDir(self.store.run_dir(stored.batch.id))
         try:
-            progress = _read_json(run_dir.progress)
+            progress = ProgressSnapshot.load(run_dir.progress)
             canaries = Plan.load(run_dir.plan_manifest).canary_rows
         except (FileNotFoundError, ValueError):
             return
-        done = max(0, min(progress["completed"] - canaries, stored.batch.request_counts.total))
+        done = max(0, min(progress.completed - canaries, stored.batch.request_counts.total))
 
         def counted(s: StoredBatch) -> None:
             s.batch.request_counts.completed = done

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from nightshift.chunks import chunk_files, shard_cache_key
 from nightshift.config import JobSpec
-from nightshift.records import Plan
+from nightshift.records import Plan, ProgressSnapshot
 from nightshift.rundir import RunDir
 from nightshift.storage import parquet_rows
 
@@ -66,7 +66,7 @@ def run_status(run_dir: str | Path) -> RunStatus:
     rate = _recent_rate(written)
     remaining = plan.total_rows - rows_done
     live = _live_progress(rd, plan.total_rows)  # by the row, where the chunks move by the chunk
-    remaining_live = live.get("eta_seconds") if live else None
+    remaining_live = live.eta_seconds if live else None
     return RunStatus(
         total_rows=plan.total_rows,
         rows_done=rows_done,
@@ -77,8 +77,8 @@ def run_status(run_dir: str | Path) -> RunStatus:
         eta_seconds=remaining_live if remaining_live is not None else _eta(remaining, rate),
         merged=rd.summary.exists() and rd.summary.stat().st_mtime >= rd.plan_manifest.stat().st_mtime,
         shards=shard_states,
-        rows_finished=max(live["completed"], rows_done) if live else None,
-        tokens_per_second=live.get("rolling_tokens_per_second") if live else None,
+        rows_finished=max(live.completed, rows_done) if live else None,
+        tokens_per_second=live.rolling_tokens_per_second if live else None,
     )
 
 
@@ -86,13 +86,13 @@ def _eta(remaining: int, rate: float | None) -> float | None:
     return (remaining / rate) if rate and remaining else (0.0 if not remaining else None)
 
 
-def _live_progress(rd: RunDir, total: int) -> dict | None:
+def _live_progress(rd: RunDir, total: int) -> ProgressSnapshot | None:
     """progress.json of a run still writing it (updated in the last two minutes), else None."""
     try:
-        live = json.loads(rd.progress.read_text())
+        live = ProgressSnapshot.load(rd.progress)
     except (OSError, ValueError):
         return None
-    if live.get("total") != total or time.time() - live.get("updated", 0) > 120:
+    if live.total != total or time.time() - live.updated > 120:
         return None
     return live
 

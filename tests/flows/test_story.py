@@ -1,11 +1,13 @@
 """What a user watching a run sees (tiny model, real Prefect server): progress that moves by
 the row whatever the chunk size, and run logs that tell what happened to every shard."""
 
-import json
 import threading
 import time
 
 from conftest import chat_request, write_jsonl
+
+from nightshift.records import ProgressSnapshot
+from nightshift.rundir import RunDir
 
 
 def test_progress_moves_by_the_row_and_the_logs_tell_the_story(tmp_path, prefect_server, tiny_job):
@@ -22,7 +24,7 @@ def test_progress_moves_by_the_row_and_the_logs_tell_the_story(tmp_path, prefect
     def watch() -> None:
         while not stop.is_set():
             try:
-                done = json.loads((run_dir / "progress.json").read_text())["completed"]
+                done = ProgressSnapshot.load(RunDir(run_dir).progress).completed
                 seen.append((done, len(list(run_dir.glob("shards/*/chunk-*.parquet")))))
             except (OSError, ValueError, KeyError):
                 pass
@@ -60,8 +62,10 @@ def test_the_console_line_says_rows_rate_and_eta():
     import io
 
     from nightshift.progress import ConsoleProgress
+    from nightshift.records import ProgressSnapshot
 
-    line = ConsoleProgress(io.StringIO(), width=10).line(
-        {"completed": 250, "total": 1000, "rolling_tokens_per_second": 1234.5, "eta_seconds": 125.0}
+    state = ProgressSnapshot(
+        completed=250, total=1000, elapsed_seconds=10, rolling_tokens_per_second=1234.5, eta_seconds=125.0, updated=0
     )
+    line = ConsoleProgress(io.StringIO(), width=10).line(state)
     assert line == "progress [##........] 250/1,000 rows 1,234 tokens/s ETA 00:02:05\n"
