@@ -81,16 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--documents", type=int, default=200)
     demo.add_argument("--model", default="smollm2")
 
-    args = parser.parse_args(argv)
-    if args.command in ("run", "demo", "retry"):
-        try:
-            return _command(args)
-        finally:  # outputs are on disk (or the run failed): no graceful engine teardown to wait for
-            if "nightshift.engine" in sys.modules:
-                from nightshift.engine import shutdown_engine
-
-                shutdown_engine(graceful=False)
-    return _command(args)
+    return _command(parser.parse_args(argv))
 
 
 def _command(args) -> int:
@@ -518,12 +509,18 @@ def entry() -> None:
     killed and Prefect's exit handlers (its temporary server's stop, its log flush) have run;
     what is left is Python freeing vLLM's, torch's and Prefect's module graph, which took
     3.4 s of a 1,000-row job's 52 s here (docs/benchmarks.md). `main()` called in-process
-    (the tests) keeps the ordinary exit."""
+    (the tests) keeps the ordinary exit, and the process's engine for the next run."""
     import atexit
 
     finished: dict[str, int] = {}
     atexit.register(_exit_now, finished)  # registered first, so it runs after every other handler
-    finished["code"] = main()
+    try:
+        finished["code"] = main()
+    finally:  # outputs are on disk (or the run failed): no graceful engine teardown to wait for
+        if "nightshift.engine" in sys.modules:
+            from nightshift.engine import shutdown_engine
+
+            shutdown_engine(graceful=False)
     sys.exit(finished["code"])
 
 
