@@ -40,8 +40,12 @@ def test_every_position_is_scored_on_its_own():
     assert [v["accepted"] for v in score_tokens(logprobs, [0, 0], top_k=1, tolerance=1.0)] == [True, False]
 
 
-def test_a_reference_too_big_for_this_host_is_skipped_with_the_reason(tmp_path):
+def test_a_reference_too_big_for_this_host_is_skipped_with_the_reason(tmp_path, monkeypatch):
+    from nightshift.tasks import canary
     from nightshift.tasks.canary import _too_big_here
+
+    # a process that holds no engine (the suite's session engine may be loaded by earlier tests)
+    monkeypatch.setattr(canary, "current_engine", lambda: None)
 
     huge, small = tmp_path / "huge", tmp_path / "small"
     huge.mkdir(), small.mkdir()
