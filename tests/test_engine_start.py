@@ -80,6 +80,6 @@ def test_an_engine_that_is_not_ready_in_time_fails_the_run_retryably_with_its_th
     assert time.monotonic() - started < 180  # not the drill's 600 s
     assert "the engine was not ready after 5 s" in done.stderr
     # what it waits on: the start thread's stack, down to the stalled call
-    stacks = done.stderr[done.stderr.index("--- thread nightshift-engine-start") :]
-    assert "stall_engine_start" in stacks.split("--- thread")[1]
+    threads = {block.split("\n", 1)[0]: block for block in done.stderr.split("--- thread ")[1:]}
+    assert "stall_engine_start" in threads["nightshift-engine-start"], list(threads)
     assert not (tmp_path / "run" / "output.jsonl").exists()
