@@ -250,9 +250,9 @@ def _exit_leaving_the_stalled_start(message: str) -> None:
     import psutil
 
     print(f"nightshift: {message}", file=sys.stderr)
-    flush = sys.modules.get("prefect.logging.handlers")
-    if flush is not None:
-        flusher = threading.Thread(target=flush.APILogHandler.flush, daemon=True)
+    prefect_handlers = sys.modules.get("prefect.logging.handlers")
+    if prefect_handlers is not None:
+        flusher = threading.Thread(target=prefect_handlers.APILogHandler.flush, daemon=True)
         flusher.start()
         flusher.join(10)
     for child in psutil.Process().children(recursive=True):  # the engine's processes, if any started
