@@ -24,7 +24,7 @@ from nightshift.deadline import EXPIRED_CODE
 from nightshift.openai_format import embedding_output_line, embedding_vectors, error_line, output_line
 from nightshift.records import Shard, ShardResult
 from nightshift.rundir import RunDir, write_json_atomic
-from nightshift.storage import duckdb_connection, location, read_table, written_whole
+from nightshift.storage import duckdb_connection, local_copies, location, read_table, written_whole
 
 CHUNK_SCHEMA = pa.schema(
     [
@@ -86,7 +86,7 @@ def retryable_rows(output_dir: Path) -> set[int]:
     if not files:
         return set()
     codes = ", ".join(f"'{c}'" for c in RETRYABLE_CODES)
-    with duckdb_connection() as con:
+    with local_copies(files) as files, duckdb_connection() as con:
         found = con.sql(f"SELECT row_index FROM ({best_rows_sql(files)}) WHERE NOT ok AND error_code IN ({codes})")
         return {row[0] for row in found.fetchall()}
 

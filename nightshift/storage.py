@@ -106,6 +106,39 @@ def written_whole(path) -> Iterator[Path]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+@contextmanager
+def local_copies(paths) -> Iterator[list[str]]:
+    """`paths` as local files, for DuckDB to read: local paths as they are, object-store ones
+    fetched together (one GET each, concurrently) into a temporary directory removed on exit.
+
+    DuckDB reading through fsspec costs about ten requests per remote file and query (HEADs
+    before every open): a 120-row run on a bucket made 2,800 requests, 90 % of them from DuckDB
+    reading chunk, metrics and plan files again and again. Fetched first, the same query costs
+    one GET per file and is an order of magnitude faster. A copy keeps its object's path under
+    the directory, so names sort as the objects' do (best_rows_sql breaks ties by file name)."""
+    paths = [str(p) for p in paths]
+    remote = [p for p in paths if is_url(p)]
+    if not remote:
+        yield paths
+        return
+    scratch = tempfile.mkdtemp(prefix="nightshift-fetch-")
+    try:
+        fs, _ = filesystem(remote[0])
+        names = [filesystem(p)[1] for p in remote]
+        copies = {p: os.path.join(scratch, name.lstrip("/")) for p, name in zip(remote, names)}
+        try:
+            fs.get(names, [copies[p] for p in remote])
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            raise StorageError(
+                f"could not read {len(remote)} files under {remote[0].rsplit('/', 1)[0]}: {exc}"
+            ) from exc
+        yield [copies.get(p, p) for p in paths]
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 # s3fs reads a file under 100 MiB whole into memory to upload it, and a larger one 10 parts of
 # 50 MiB at a time: a 1M-row run's output.jsonl took ~1 GiB to upload. Parts of 8 MiB, two at
 # a time, keep an upload's memory near 16 MiB whatever the file's size.

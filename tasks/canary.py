@@ -38,7 +38,7 @@ from nightshift.engine import current_engine, shutdown_engine
 from nightshift.models import local_model, weight_bytes
 from nightshift.oracle import oracle_check
 from nightshift.rundir import RunDir, write_json_atomic
-from nightshift.storage import duckdb_connection, sql_path
+from nightshift.storage import duckdb_connection, local_copies, sql_path
 from nightshift.workers import validation_verdict, worker_identity
 
 
@@ -270,15 +270,16 @@ def _generated_rows(run_dir: RunDir, job: JobSpec, columns: str, where: str, laz
             files = chunk_files(run_dir.shard_output(shard_cache_key(shard, job)))
             if not files:
                 continue
-            rows = con.sql(
-                f"""
-                SELECT {columns}
-                FROM ({best_rows_sql(files)}) c JOIN read_parquet('{sql_path(shard.path)}') s USING (row_index)
-                WHERE c.ok AND s.request IS NOT NULL AND NOT starts_with(c.custom_id, '{CANARY_PREFIX}') AND {where}
-                ORDER BY c.row_index
-                """
-            )
-            yield from _tuples(rows, lazy)
+            with local_copies([*files, shard.path]) as (*files, requests):
+                rows = con.sql(
+                    f"""
+                    SELECT {columns}
+                    FROM ({best_rows_sql(files)}) c JOIN read_parquet('{sql_path(requests)}') s USING (row_index)
+                    WHERE c.ok AND s.request IS NOT NULL AND NOT starts_with(c.custom_id, '{CANARY_PREFIX}') AND {where}
+                    ORDER BY c.row_index
+                    """
+                )
+                yield from _tuples(rows, lazy)
 
 
 class _Sample:

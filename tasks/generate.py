@@ -46,7 +46,7 @@ from nightshift.preemption import Preempted, generation_in_progress, grace_secon
 from nightshift.records import Shard, ShardResult
 from nightshift.result_cache import ResultCache, cached_output_line
 from nightshift.rundir import RunDir, write_json_atomic
-from nightshift.storage import duckdb_connection, read_table
+from nightshift.storage import duckdb_connection, local_copies, read_table
 from nightshift.telemetry import GpuSampler
 
 
@@ -286,14 +286,15 @@ def finished_result(shard: Shard, job: JobSpec, run_dir: RunDir) -> ShardResult:
 
 def _shard_result(shard: Shard, key: str, output_dir: Path, generated: int, seconds: float) -> ShardResult:
     files = chunk_files(output_dir)
-    with duckdb_connection() as con:
+    with local_copies(files) as local, duckdb_connection() as con:
         rows, distinct, succeeded, prompt_tokens, completion_tokens = con.sql(
             f"""
             SELECT count(*), count(DISTINCT row_index), count(*) FILTER (WHERE ok),
                    coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0)
-            FROM ({best_rows_sql(files)})
+            FROM ({best_rows_sql(local)})
             """
         ).fetchall()[0]
+        digests = [file_sha256(f) for f in local]
     if distinct != shard.num_rows:
         raise RuntimeError(f"shard {shard.index}: {distinct} rows on disk, {shard.num_rows} planned")
     return ShardResult(
@@ -301,7 +302,7 @@ def _shard_result(shard: Shard, key: str, output_dir: Path, generated: int, seco
         cache_key=key,
         output_dir=str(output_dir),
         chunk_files=[str(f) for f in files],
-        chunk_sha256=[file_sha256(f) for f in files],
+        chunk_sha256=digests,
         rows=shard.num_rows,
         succeeded=succeeded,
         failed=rows - succeeded,
@@ -323,17 +324,14 @@ def write_shard_metrics(
     timeline: dict[int, int] | None = None,
 ) -> None:
     """metrics.json beside the shard's chunks: what this attempt did, what it cost, and the GPU."""
-    with duckdb_connection() as con:
+    with local_copies(result.chunk_files) as files, duckdb_connection() as con:
         finish = dict(
             con.sql(
-                f"SELECT coalesce(finish_reason, 'error'), count(*) FROM "
-                f"({best_rows_sql(result.chunk_files)}) GROUP BY 1"
+                f"SELECT coalesce(finish_reason, 'error'), count(*) FROM ({best_rows_sql(files)}) GROUP BY 1"
             ).fetchall()
         )
         errors = dict(
-            con.sql(
-                f"SELECT error_code, count(*) FROM ({best_rows_sql(result.chunk_files)}) WHERE NOT ok GROUP BY 1"
-            ).fetchall()
+            con.sql(f"SELECT error_code, count(*) FROM ({best_rows_sql(files)}) WHERE NOT ok GROUP BY 1").fetchall()
         )
     engine_seconds = max(engine_finished - engine_started, 1e-9)
     metrics = {

@@ -32,7 +32,7 @@ from nightshift.config import JobSpec
 from nightshift.deadline import EXPIRED_CODE
 from nightshift.records import Plan, RunReport, Shard, ShardResult
 from nightshift.rundir import RunDir
-from nightshift.storage import duckdb_connection, read_table, written_whole
+from nightshift.storage import duckdb_connection, local_copies, read_table, written_whole
 
 RESULTS_COLUMNS = ["custom_id", "text", "finish_reason", "prompt_tokens", "completion_tokens", "shard", "source"]
 
@@ -79,9 +79,10 @@ def _merge_directories(plan: Plan, directories: dict[int, str], run_dir: RunDir)
         for shard in plan.shards:
             # Every chunk in the shard's directory: `nightshift retry` may have added some since.
             files = chunk_files(directories[shard.index]) if shard.index in directories else []
-            _load_shard(con, shard, files)
-            totals.add(con)
-            outputs.append(con)
+            with local_copies(files) as files:
+                _load_shard(con, shard, files)
+                totals.add(con)
+                outputs.append(con)
     report = RunReport(
         run_dir=str(run_dir.root),
         total_rows=totals.rows,

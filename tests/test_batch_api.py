@@ -78,9 +78,14 @@ def upload(client: openai.OpenAI, rows) -> str:
     return client.files.create(file=("requests.jsonl", io.BytesIO("\n".join(lines).encode())), purpose="batch").id
 
 
-def long_requests(count: int) -> list[dict]:
-    """Requests that keep the engine busy for a while: 256 tokens each, whatever the model says."""
-    return [chat_request(f"long-{i}", f"A story, number {i}.", max_tokens=256, ignore_eos=True) for i in range(count)]
+def long_requests(count: int, tokens: int = 256) -> list[dict]:
+    """Requests that keep the engine busy for a while: `tokens` each, whatever the model says.
+
+    The engine decodes up to 1,024 of them together, so they finish in waves, a wave lasting
+    `tokens` steps: the first wave's rows are committed while the others still run."""
+    return [
+        chat_request(f"long-{i}", f"A story, number {i}.", max_tokens=tokens, ignore_eos=True) for i in range(count)
+    ]
 
 
 def wait_for(client: openai.OpenAI, batch_id: str, until, timeout: float = 400):
@@ -174,7 +179,7 @@ def test_a_file_that_is_not_a_valid_batch_fails_with_its_lines_named(server):
 
 def test_cancel_mid_run_keeps_finished_rows_and_a_queued_batch_expires(server):
     client = server.client("key-cancel")
-    rows = long_requests(3000)
+    rows = long_requests(3000, tokens=64)
     running = client.batches.create(input_file_id=upload(client, rows), endpoint="/v1/chat/completions",
                                     completion_window="24h")  # fmt: skip
     small = [chat_request(f"queued-{i}", "hi") for i in range(5)]
@@ -203,7 +208,7 @@ def test_cancel_mid_run_keeps_finished_rows_and_a_queued_batch_expires(server):
 def test_a_server_killed_mid_batch_resumes_it_when_started_again(tmp_path):
     server = Server(tmp_path / "storage").start()
     client = server.client()
-    rows = long_requests(2000)
+    rows = long_requests(2000, tokens=64)
     batch = client.batches.create(input_file_id=upload(client, rows), endpoint="/v1/chat/completions",
                                   completion_window="24h")  # fmt: skip
     wait_for(client, batch.id, lambda b: b.request_counts.completed > 0)

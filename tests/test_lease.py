@@ -7,7 +7,7 @@ import os
 import signal
 import time
 
-from test_preemption import corpus, nightshift, run_args
+from test_preemption import ROWS, corpus, nightshift, run_args
 
 
 def wait_for(path, timeout=120):
@@ -41,7 +41,7 @@ def test_a_second_run_on_a_live_directory_is_refused_and_a_killed_run_resumes(tm
     output, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, output[-3000:]
     ids = [json.loads(line)["custom_id"] for line in (run_dir / "output.jsonl").read_text().splitlines()]
-    assert len(ids) == len(set(ids)) == 480
+    assert len(ids) == len(set(ids)) == ROWS
     assert not (run_dir / "lease.json").exists()  # released at the end
 
 

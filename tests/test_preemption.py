@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 from conftest import read_jsonl, write_jsonl
 from harness import start_cli
 
-ROWS = 480
-SHARD = 160
+ROWS = 240
+SHARD = 80
 
 
 def corpus(path: Path) -> Path:

@@ -18,8 +18,8 @@ import pytest
 from conftest import chat_request
 from harness import REPO, start_cli
 
-ROWS = 480
-SHARD = 60
+ROWS = 240
+SHARD = 30
 
 
 @pytest.fixture
@@ -96,21 +96,27 @@ def test_a_bucket_run_killed_mid_way_resumes_from_the_bucket_with_every_row_once
     assert secret not in first_output + second_output
 
 
-def test_a_bucket_run_survives_throttling_server_errors_stalls_and_dropped_connections(bucket, s3_endpoint, tmp_path):
+def test_a_bucket_run_survives_throttling_server_errors_stalls_and_dropped_connections(bucket, tiny_job, monkeypatch):
+    """In this process, on the session's engine: the faults are the storage layer's subject, and
+    every read and write of the run (lease, plan, chunks, manifests, merge, canaries) meets them."""
     import orjson
+    from nightshift.flows.run import run_job
     from s3_faults import FaultyS3Proxy
 
-    fs, name, env, _ = bucket
+    from nightshift import storage
+
+    fs, name, env, secret = bucket
     ids = [f"req-{i:04d}" for i in range(120)]
     fs.pipe(f"{name}/in.jsonl", b"\n".join(orjson.dumps(chat_request(i, f"Say {i}.")) for i in ids) + b"\n")
-    args = ["run", f"s3://{name}/in.jsonl", "--output", f"s3://{name}/runs/faulty", "--model", "tiny"]
-    args += ["--shard-size", "30", "--chunk-size", "8"]
+    monkeypatch.setattr(storage, "_options", {})  # the proxy's endpoint is this test's alone
 
-    with FaultyS3Proxy(s3_endpoint, fault_rate=0.1, stall_s=1.0) as proxy:
-        run = nightshift(args, {**env, "AWS_ENDPOINT_URL": proxy.endpoint}, tmp_path)
-        output = run.communicate(timeout=600)[0]
+    with FaultyS3Proxy(env["AWS_ENDPOINT_URL"], fault_rate=0.1, stall_s=1.0) as proxy:
+        storage.use_storage_options(
+            {"key": "nightshift-test", "secret": secret, "client_kwargs": {"endpoint_url": proxy.endpoint}}
+        )
+        report = run_job(f"s3://{name}/in.jsonl", f"s3://{name}/runs/faulty", tiny_job, shard_size=30)
 
-    assert run.returncode == 0, output[-3000:]
+    assert report.succeeded == len(ids) and report.failed == 0
     faults = {kind: n for kind, n in proxy.counts.items() if kind != "ok"}
     assert sum(faults.values()) >= 10, proxy.counts  # the faults happened, and were survived
     merged = [orjson.loads(line) for line in fs.cat(f"{name}/runs/faulty/output.jsonl").splitlines()]
