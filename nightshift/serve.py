@@ -26,9 +26,12 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
-from fastapi import Depends, FastAPI, File, Form, Header, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from nightshift.batch_api import (
     ENDPOINTS,
@@ -506,11 +509,29 @@ def create_app(config: BatchApiConfig, store: Store, runner: BatchRunner, owners
         def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
             self.status, self.message, self.code, self.param = status, message, code, param
 
+    def openai_error(status: int, message: str, code: str | None = None, param: str | None = None):
+        body = {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
+        return JSONResponse(body, status_code=status)
+
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
-        kind = {401: "invalid_request_error", 404: "invalid_request_error"}.get(exc.status, "invalid_request_error")
-        body = {"error": {"message": exc.message, "type": kind, "param": exc.param, "code": exc.code}}
-        return JSONResponse(body, status_code=exc.status)
+        return openai_error(exc.status, exc.message, exc.code, exc.param)
+
+    # Every 4xx in OpenAI's shape, which its clients parse into the error's message: never
+    # FastAPI's own `{"detail": …}` (a 422 for a malformed upload, a 404 for an unknown path).
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        param = str(first["loc"][-1]) if first.get("loc") else None
+        missing = first.get("type") == "missing"
+        message = f"Missing required parameter: '{param}'." if missing else f"Invalid '{param}': {first['msg']}."
+        return openai_error(400, message, "missing_required_parameter" if missing else "invalid_value", param)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        if exc.status_code == 404:
+            return openai_error(404, f"Unknown request URL: {request.method} {request.url.path}.", "unknown_url")
+        return openai_error(exc.status_code, str(exc.detail))
 
     def owner(authorization: str | None = Header(None)) -> str:
         key = (authorization or "").removeprefix("Bearer ").strip()
@@ -551,13 +572,13 @@ def create_app(config: BatchApiConfig, store: Store, runner: BatchRunner, owners
     @app.get("/v1/files")
     def list_files(
         purpose: str | None = None,
-        limit: int = 10000,
+        limit: int = Query(10000, ge=1, le=10000),
         after: str | None = None,
-        order: str = "desc",
+        order: Literal["asc", "desc"] = "desc",
         who=Depends(owner),
     ):
         files = [f.file for f in store.files(who) if purpose in (None, f.file.purpose)]
-        chosen, more = page(files, max(1, min(limit, 10000)), after, newest_first=order != "asc")
+        chosen, more = page(files, limit, after, newest_first=order == "desc")
         return _listing([f.model_dump() for f in chosen], more)
 
     @app.get("/v1/files/{file_id}")
@@ -628,9 +649,9 @@ def create_app(config: BatchApiConfig, store: Store, runner: BatchRunner, owners
         return batch.model_dump()
 
     @app.get("/v1/batches")
-    def list_batches(limit: int = 20, after: str | None = None, who=Depends(owner)):
+    def list_batches(limit: int = Query(20, ge=1, le=100), after: str | None = None, who=Depends(owner)):
         batches = [b.batch for b in store.batches(who)]
-        chosen, more = page(batches, max(1, min(limit, 100)), after)
+        chosen, more = page(batches, limit, after)
         return _listing([b.model_dump() for b in chosen], more)
 
     @app.get("/v1/batches/{batch_id}")

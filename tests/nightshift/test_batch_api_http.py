@@ -1,0 +1,114 @@
+"""Specification of the Batch API's HTTP surface, driven by the official `openai` client through
+FastAPI's TestClient (no socket, no runner thread, no engine): every 4xx in OpenAI's error shape,
+list limits checked, keys that never see each other's objects, cursor pages the client follows."""
+
+import io
+import json
+
+import openai
+import pytest
+from conftest import chat_request
+from fastapi.testclient import TestClient
+
+from nightshift.batch_api import Store, owner_of
+from nightshift.config import BatchApiConfig
+from nightshift.serve import BatchRunner, create_app
+
+pytestmark = pytest.mark.fast
+KEYS = ("key-alice", "key-bob")
+
+
+@pytest.fixture
+def http(tmp_path):
+    """The API over a fresh store; its runner never starts, so batches stay as created."""
+    config = BatchApiConfig(storage=str(tmp_path / "api"), chat_model="tiny")
+    store = Store(config.storage)
+    app = create_app(config, store, BatchRunner(config, store), {owner_of(key) for key in KEYS})
+    with TestClient(app, base_url="http://nightshift.test") as client:
+        yield client
+
+
+def sdk(http: TestClient, key: str = KEYS[0]) -> openai.OpenAI:
+    return openai.OpenAI(base_url="http://nightshift.test/v1", api_key=key, http_client=http, max_retries=0)
+
+
+def upload(client: openai.OpenAI, rows) -> str:
+    content = "\n".join(json.dumps(row) for row in rows).encode()
+    return client.files.create(file=("requests.jsonl", io.BytesIO(content)), purpose="batch").id
+
+
+def assert_openai_error(response, status: int, param: str | None, code: str | None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", param, code)
+    return error
+
+
+def test_an_upload_that_is_not_multipart_is_a_400_in_openais_shape_not_fastapis_422(http):
+    auth = {"Authorization": f"Bearer {KEYS[0]}"}
+    response = http.post("/v1/files", json={"purpose": "batch"}, headers=auth)
+    error = assert_openai_error(response, 400, "file", "missing_required_parameter")
+    assert "file" in error["message"]
+    missing_purpose = http.post("/v1/files", files={"file": ("a.jsonl", b"{}")}, headers=auth)
+    assert_openai_error(missing_purpose, 400, "purpose", "missing_required_parameter")
+
+
+def test_list_limits_outside_openais_range_are_refused_naming_the_parameter(http):
+    client = sdk(http)
+    for limit in (-5, 0, 101):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.batches.list(limit=limit)
+        assert refused.value.body["param"] == "limit" and refused.value.body["code"] == "invalid_value"
+    with pytest.raises(openai.BadRequestError):
+        client.files.list(limit=10_001)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.files.list(order="sideways")
+    assert refused.value.body["param"] == "order"
+    assert client.batches.list(limit=100).data == []
+
+
+def test_an_unknown_url_is_a_404_in_openais_shape(http):
+    response = http.get("/v1/nothing-here", headers={"Authorization": f"Bearer {KEYS[0]}"})
+    error = assert_openai_error(response, 404, None, "unknown_url")
+    assert "/v1/nothing-here" in error["message"]
+
+
+def test_keys_see_only_their_own_objects_and_the_client_pages_through_them_all(http):
+    alice, bob = sdk(http, KEYS[0]), sdk(http, KEYS[1])
+    file_id = upload(alice, [chat_request("a", "hi"), chat_request("b", "hi")])
+    made = [
+        alice.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h").id
+        for _ in range(5)
+    ]
+
+    assert [b.id for b in alice.batches.list(limit=2)] == made[::-1]  # auto-pagination, newest first
+    first_page = alice.batches.list(limit=2)
+    assert first_page.has_more and len(first_page.data) == 2
+    assert [f.id for f in alice.files.list(limit=1)] == [file_id]
+    assert bob.batches.list().data == [] and bob.files.list().data == []
+    with pytest.raises(openai.NotFoundError):
+        bob.batches.retrieve(made[0])
+    with pytest.raises(openai.NotFoundError):
+        bob.files.content(file_id)
+    with pytest.raises(openai.BadRequestError):  # another owner's file is no input either
+        bob.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+    with pytest.raises(openai.AuthenticationError):
+        sdk(http, "key-mallory").batches.list()
+    assert http.get("/v1/batches").status_code == 401  # no key at all
+
+
+def test_a_created_batch_waits_validating_and_can_be_cancelled_by_its_owner_only(http):
+    alice, bob = sdk(http, KEYS[0]), sdk(http, KEYS[1])
+    batch = alice.batches.create(
+        input_file_id=upload(alice, [chat_request("a", "hi")]),
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        metadata={"night": "2026-11-27"},
+    )
+    assert batch.status == "validating" and batch.metadata == {"night": "2026-11-27"}
+    assert batch.expires_at - batch.created_at == 24 * 3600
+    with pytest.raises(openai.NotFoundError):
+        bob.batches.cancel(batch.id)
+    assert alice.batches.cancel(batch.id).status == "cancelling"
+    assert alice.batches.cancel(batch.id).status == "cancelling"  # cancelling twice is no error
