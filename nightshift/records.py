@@ -99,3 +99,36 @@ class ProgressSnapshot(_Record):
     tokens: int = 0
     rolling_tokens_per_second: float | None = Field(None, description="over the last minute")
     updated: float = Field(description="Unix time of this snapshot: a stale one is a run no longer writing")
+
+
+class RowTotals(_Record):
+    """What a run's rows add up to (its results, or the chunks so far): the report's measure of
+    the work, before pricing."""
+
+    rows: int
+    succeeded: int
+    prompt_tokens: int
+    completion_tokens: int
+    truncation_share: float = Field(description="of the rows that succeeded, the share cut at max_tokens")
+    rows_not_generated: int = Field(description="answered by an identical row or the result cache")
+    tokens_not_generated: int
+
+
+class EngineTime(_Record):
+    """When a run's engines ran and what their GPUs did, from the shards' metrics.json: the
+    report's measure of the time it is billed for, before pricing."""
+
+    span_seconds: float | None = Field(None, description="first engine start to last finish")
+    slot_seconds: float | None = Field(None, description="each engine slot's own span, summed: what is billed")
+    slots: int = 0
+    engine_seconds: float | None = None
+    max_model_len: int | None = None
+    gpu_name: str | None = None
+    gpu_count: int = 0
+    gpu_utilization_mean: float | None = None
+    gpu_memory_mib_mean: float | None = None
+    gpu_power_w_mean: float | None = None
+    gpu_telemetry: str | None = "no shard metrics"
+    stragglers: list[tuple[int, float | None, float | None]] = Field(
+        default_factory=list, description="(shard, engine seconds, × the median), slowest first"
+    )

@@ -1,25 +1,26 @@
-"""Report stage: cost and throughput of a run, as plain SQL over its files.
+"""Report stage: cost and throughput of a run, as plain SQL over its files, then priced.
 
 Sources: `results.parquet` (one row per input row: tokens, finish reason), the shards'
 `metrics.json` (timings, GPU telemetry) and chunk files (when rows finished, for the
-throughput-over-time chart). Writes `report.json`, `report.md` and `report.png` beside the
-outputs and, inside a flow, Prefect artifacts with stable keys (one version per run).
+throughput-over-time chart). `build_report` measures (`row_totals`, `engine_time`: the SQL) and
+prices (`priced`: pure arithmetic on those records and the pricing block, which the fast tests
+call directly). Writes `report.json`, `report.md` and `report.png` beside the outputs and,
+inside a flow, Prefect artifacts with stable keys (one version per run).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from contextlib import ExitStack
 from pathlib import Path
 
 from nightshift.blocks.pricing import GpuPricing, ManagedApiPrices
 from prefect import get_run_logger, task
 
-from nightshift.chunks import shard_cache_key, sql_path_list
+from nightshift.chunks import best_rows_sql, chunk_files, shard_cache_key, sql_path_list
 from nightshift.config import JobSpec
 from nightshift.estimate import managed_api_cost
-from nightshift.records import Plan
+from nightshift.records import EngineTime, Plan, RowTotals
 from nightshift.rundir import RunDir, write_json_atomic
 from nightshift.storage import duckdb_connection, local_copies, sql_path, written_whole
 
@@ -30,34 +31,43 @@ def build_report(
     managed: ManagedApiPrices | None = None,
     project_rows: int = 1_000_000,
 ) -> dict:
+    """report.json's content: the run's rows and engine time, measured from its files, priced."""
     pricing, managed = pricing or GpuPricing(), managed or ManagedApiPrices()
-    with ExitStack() as fetched:  # the object-store files its queries read, fetched once (local_copies)
-        plan, job = Plan.load(run_dir.plan_manifest), JobSpec.load(run_dir.job)
-        metric_files = [
-            p
-            for s in plan.shards
-            if (p := RunDir.shard_metrics(run_dir.shard_output(shard_cache_key(s, job)))).exists()
-        ]
-        metric_files = fetched.enter_context(local_copies(metric_files))
-        con = duckdb_connection()
-        if run_dir.results.exists() and run_dir.results.stat().st_mtime >= run_dir.plan_manifest.stat().st_mtime:
-            con.execute(f"CREATE VIEW results AS SELECT * FROM read_parquet('{sql_path(run_dir.results)}')")
-        else:  # still running (or killed): what the chunk files hold so far
-            from nightshift.chunks import best_rows_sql, chunk_files
+    plan, job = Plan.load(run_dir.plan_manifest), JobSpec.load(run_dir.job)
+    outputs = [run_dir.shard_output(shard_cache_key(s, job)) for s in plan.shards]
+    totals = row_totals(run_dir, outputs)
+    report: dict = {
+        "run_dir": str(run_dir.root),
+        "model": job.served_model_name,
+        "rows": totals.rows,
+        "failed": totals.rows - totals.succeeded,
+        "prompt_tokens": totals.prompt_tokens,
+        "completion_tokens": totals.completion_tokens,
+        "total_tokens": totals.prompt_tokens + totals.completion_tokens,
+        "truncation_share": round(totals.truncation_share, 4),
+        "errors_by_code": _errors_by_code(run_dir),
+        **_validation_figures(run_dir, pricing),
+    }
+    return {**report, **priced(totals, engine_time(outputs), pricing, managed, project_rows)}
 
-            chunks = [f for s in plan.shards for f in chunk_files(run_dir.shard_output(shard_cache_key(s, job)))]
-            chunks = fetched.enter_context(local_copies(chunks))
+
+def row_totals(run_dir: RunDir, shard_outputs: list[Path]) -> RowTotals:
+    """What the run's rows add up to: `results.parquet` once merged, else what the shards' chunk
+    files hold so far (a run still running, or killed)."""
+    merged = run_dir.results.exists() and run_dir.results.stat().st_mtime >= run_dir.plan_manifest.stat().st_mtime
+    chunks = [] if merged else [f for output in shard_outputs for f in chunk_files(output)]
+    with local_copies(chunks) as chunks, duckdb_connection() as con:
+        if merged:
+            source = f"SELECT * FROM read_parquet('{sql_path(run_dir.results)}')"
+        elif chunks:
+            source = best_rows_sql(chunks)
+        else:
             source = (
-                best_rows_sql(chunks)
-                if chunks
-                else (
-                    "SELECT NULL::VARCHAR AS finish_reason, 0 AS prompt_tokens, "
-                    "0 AS completion_tokens, NULL::VARCHAR AS source WHERE false"
-                )
+                "SELECT NULL::VARCHAR AS finish_reason, 0 AS prompt_tokens, "
+                "0 AS completion_tokens, NULL::VARCHAR AS source WHERE false"
             )
-            con.execute(f"CREATE VIEW results AS {source}")
-        totals = con.sql(
-            """
+        rows, succeeded, prompt_tokens, completion_tokens, truncation, not_generated, tokens_not_generated = con.sql(
+            f"""
             SELECT count(*) AS rows,
                    count(*) FILTER (WHERE finish_reason IS NOT NULL) AS succeeded,
                    coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
@@ -66,43 +76,35 @@ def build_report(
                      / greatest(count(*) FILTER (WHERE finish_reason IS NOT NULL), 1) AS truncation_share,
                    count(*) FILTER (WHERE source IN ('duplicate', 'cache')) AS rows_not_generated,
                    coalesce(sum(prompt_tokens + completion_tokens) FILTER (WHERE source IN ('duplicate', 'cache')), 0)
-            FROM results
+            FROM ({source})
             """
         ).fetchall()[0]
-        rows, succeeded, prompt_tokens, completion_tokens, truncation, rows_not_generated, tokens_not_generated = totals
-        report: dict = {
-            "run_dir": str(run_dir.root),
-            "model": job.served_model_name,
-            "rows": rows,
-            "failed": rows - succeeded,
-            "prompt_tokens": int(prompt_tokens),
-            "completion_tokens": int(completion_tokens),
-            "total_tokens": int(prompt_tokens + completion_tokens),
-            "truncation_share": round(truncation, 4),
-            "errors_by_code": _errors_by_code(run_dir),
-        }
-        if run_dir.validation.exists() and run_dir.validation.stat().st_mtime >= run_dir.plan_manifest.stat().st_mtime:
-            verdict = json.loads(run_dir.validation.read_text())
-            report["validated"] = verdict["validated"]
-            report["validation_failures"] = verdict["failures"]
-            report["validation_seconds"] = verdict.get("seconds")
-            # what the checks cost, at the accelerator's price (the re-run holds the engine meanwhile)
-            report["validation_cost_on_demand"] = round(
-                (verdict.get("seconds") or 0) / 3600 * pricing.accelerators * pricing.on_demand_per_hour, 6
-            )
-            report["validation_checks"] = {
-                name: {k: v for k, v in check.items() if k != "results"} for name, check in verdict["checks"].items()
-            }
-        if metric_files:
-            metrics = sql_path_list(metric_files)
-            con.execute(f"CREATE VIEW metrics AS SELECT * FROM read_json_auto({metrics}, union_by_name = true)")
-            columns = {row[0] for row in con.sql("DESCRIBE metrics").fetchall()}
-            slot = "coalesce(cuda_visible_devices::VARCHAR, '')" if "cuda_visible_devices" in columns else "''"
-            # Wall time is first start → last finish; billed time adds up each engine slot's own
-            # span, since shards fanned out to several GPUs run (and bill) side by side.
-            span, slot_seconds, slots, engine_seconds, gpu_name, gpu_count, gpu_util, gpu_mem, gpu_power, telemetry = (
-                con.sql(
-                    f"""
+    return RowTotals(
+        rows=rows,
+        succeeded=succeeded,
+        prompt_tokens=int(prompt_tokens),
+        completion_tokens=int(completion_tokens),
+        truncation_share=truncation,
+        rows_not_generated=int(not_generated),
+        tokens_not_generated=int(tokens_not_generated),
+    )
+
+
+def engine_time(shard_outputs: list[Path]) -> EngineTime:
+    """When the engines ran and what the GPUs did, from the shards' metrics.json files."""
+    metric_files = [p for p in map(RunDir.shard_metrics, shard_outputs) if p.exists()]
+    if not metric_files:
+        return EngineTime()
+    with local_copies(metric_files) as metric_files, duckdb_connection() as con:
+        metrics = sql_path_list(metric_files)
+        con.execute(f"CREATE VIEW metrics AS SELECT * FROM read_json_auto({metrics}, union_by_name = true)")
+        columns = {row[0] for row in con.sql("DESCRIBE metrics").fetchall()}
+        slot = "coalesce(cuda_visible_devices::VARCHAR, '')" if "cuda_visible_devices" in columns else "''"
+        # Wall time is first start → last finish; billed time adds up each engine slot's own
+        # span, since shards fanned out to several GPUs run (and bill) side by side.
+        span, slot_seconds, slots, engine_seconds, gpu_name, gpu_count, gpu_util, gpu_mem, gpu_power, telemetry = (
+            con.sql(
+                f"""
                 WITH slots AS (
                     SELECT max(engine_finished) - min(engine_started) AS seconds
                     FROM metrics GROUP BY host, {slot}
@@ -113,106 +115,127 @@ def build_report(
                        any_value(gpu_telemetry)
                 FROM metrics
                 """
-                ).fetchall()[0]
-            )
-            context = (
-                con.sql("SELECT max(max_model_len) FROM metrics").fetchall()[0][0]
-                if "max_model_len" in columns
-                else None
-            )
-            stragglers = con.sql(
-                """
-                SELECT shard_index, round(engine_seconds, 2) AS seconds,
-                       round(engine_seconds / median(engine_seconds) OVER (), 2) AS times_median
-                FROM metrics ORDER BY times_median DESC, shard_index LIMIT 3
-                """
-            ).fetchall()
-        else:
-            span = slot_seconds = engine_seconds = gpu_util = gpu_mem = gpu_power = None
-            gpu_name, gpu_count, telemetry, stragglers, slots, context = None, 0, "no shard metrics", [], 0, None
-        con.close()
-
-        accelerator_hours = (slot_seconds or 0) / 3600 * pricing.accelerators
-        cost_on_demand = accelerator_hours * pricing.on_demand_per_hour
-        cost_spot = accelerator_hours * pricing.spot_per_hour
-        total = report["total_tokens"]
-        generated = total - int(tokens_not_generated)  # what the engine did: the rate and the $ per token
-
-        def per_million(cost: float, tokens: int) -> float | None:
-            return round(cost / (tokens / 1e6), 6) if tokens and span else None
-
-        rows_per_second = rows / span if span else None
-        report.update(
-            {
-                "max_model_len": context,  # the context the engine ran with (the model's own unless set)
-                "generate_seconds": round(span, 3) if span else None,
-                "engine_seconds_summed": round(engine_seconds, 3) if engine_seconds else None,
-                "engine_slots": slots,
-                "tokens_per_second": round(generated / span, 2) if span else None,
-                # deterministic rows answered by an identical row or the result cache: tokens and $ not spent
-                "served_without_generating": {
-                    "rows": int(rows_not_generated),
-                    "tokens": int(tokens_not_generated),
-                    "cost_saved_on_demand": round(cost_on_demand * tokens_not_generated / generated, 6)
-                    if generated
-                    else 0.0,
-                },
-                "output_tokens_per_second": round(report["completion_tokens"] / span, 2) if span else None,
-                "accelerator": pricing.accelerator,
-                "accelerator_hours": round(accelerator_hours, 6),
-                "cost_on_demand": round(cost_on_demand, 6),
-                "cost_spot": round(cost_spot, 6),
-                "cost_per_million_tokens": per_million(cost_on_demand, total),
-                "cost_per_million_tokens_spot": per_million(cost_spot, total),
-                "cost_per_million_output_tokens": per_million(cost_on_demand, report["completion_tokens"]),
-                "cost_per_million_output_tokens_spot": per_million(cost_spot, report["completion_tokens"]),
-                "gpu_name": gpu_name,
-                "gpu_count": gpu_count or 0,
-                "gpu_telemetry": telemetry,
-                "gpu_utilization_mean": gpu_util,
-                "gpu_memory_mib_mean": gpu_mem,
-                "gpu_power_w_mean": gpu_power,
-                "stragglers": [{"shard": s, "engine_seconds": sec, "times_median": r} for s, sec, r in stragglers],
-                "rows_per_second": round(rows_per_second, 2) if rows_per_second else None,
-                "cost_per_million_rows": round(cost_on_demand / (rows / 1e6), 6) if rows and span else None,
-                "cost_per_million_rows_spot": round(cost_spot / (rows / 1e6), 6) if rows and span else None,
-                # an embedding run has prompt tokens only: it is priced against embedding APIs
-                "managed_api_cost": managed_api_cost(
-                    prompt_tokens,
-                    completion_tokens,
-                    bool(prompt_tokens and not completion_tokens),
-                    managed.prices,
-                    managed.embedding_prices,
-                ),
-                "projection": {
-                    "rows": project_rows,
-                    "hours": round(project_rows / rows_per_second / 3600, 3) if rows_per_second else None,
-                    "cost_on_demand": round(
-                        project_rows
-                        / rows_per_second
-                        / 3600
-                        * max(slots, 1)
-                        * pricing.accelerators
-                        * pricing.on_demand_per_hour,
-                        4,
-                    )
-                    if rows_per_second
-                    else None,
-                    "cost_spot": round(
-                        project_rows
-                        / rows_per_second
-                        / 3600
-                        * max(slots, 1)
-                        * pricing.accelerators
-                        * pricing.spot_per_hour,
-                        4,
-                    )
-                    if rows_per_second
-                    else None,
-                },
-            }
+            ).fetchall()[0]
         )
-        return report
+        context = None
+        if "max_model_len" in columns:
+            context = con.sql("SELECT max(max_model_len) FROM metrics").fetchall()[0][0]
+        stragglers = con.sql(
+            """
+            SELECT shard_index, round(engine_seconds, 2) AS seconds,
+                   round(engine_seconds / median(engine_seconds) OVER (), 2) AS times_median
+            FROM metrics ORDER BY times_median DESC, shard_index LIMIT 3
+            """
+        ).fetchall()
+    return EngineTime(
+        span_seconds=span,
+        slot_seconds=slot_seconds,
+        slots=slots,
+        engine_seconds=engine_seconds,
+        max_model_len=context,
+        gpu_name=gpu_name,
+        gpu_count=gpu_count or 0,
+        gpu_utilization_mean=gpu_util,
+        gpu_memory_mib_mean=gpu_mem,
+        gpu_power_w_mean=gpu_power,
+        gpu_telemetry=telemetry,
+        stragglers=[(s, sec, r) for s, sec, r in stragglers],
+    )
+
+
+def priced(
+    totals: RowTotals,
+    time: EngineTime,
+    pricing: GpuPricing,
+    managed: ManagedApiPrices,
+    project_rows: int = 1_000_000,
+) -> dict:
+    """The report's throughput and money figures: arithmetic on what was measured, no I/O."""
+    span, rows, slots = time.span_seconds, totals.rows, time.slots
+    accelerator_hours = (time.slot_seconds or 0) / 3600 * pricing.accelerators
+    cost_on_demand = accelerator_hours * pricing.on_demand_per_hour
+    cost_spot = accelerator_hours * pricing.spot_per_hour
+    total = totals.prompt_tokens + totals.completion_tokens
+    generated = total - totals.tokens_not_generated  # what the engine did: the rate and the $ per token
+
+    def per_million(cost: float, tokens: int) -> float | None:
+        return round(cost / (tokens / 1e6), 6) if tokens and span else None
+
+    def projected(per_hour: float) -> float | None:
+        if not rows_per_second:
+            return None
+        return round(project_rows / rows_per_second / 3600 * max(slots, 1) * pricing.accelerators * per_hour, 4)
+
+    rows_per_second = rows / span if span else None
+    return {
+        "max_model_len": time.max_model_len,  # the context the engine ran with (the model's own unless set)
+        "generate_seconds": round(span, 3) if span else None,
+        "engine_seconds_summed": round(time.engine_seconds, 3) if time.engine_seconds else None,
+        "engine_slots": slots,
+        "tokens_per_second": round(generated / span, 2) if span else None,
+        # deterministic rows answered by an identical row or the result cache: tokens and $ not spent
+        "served_without_generating": {
+            "rows": totals.rows_not_generated,
+            "tokens": totals.tokens_not_generated,
+            "cost_saved_on_demand": round(cost_on_demand * totals.tokens_not_generated / generated, 6)
+            if generated
+            else 0.0,
+        },
+        "output_tokens_per_second": round(totals.completion_tokens / span, 2) if span else None,
+        "accelerator": pricing.accelerator,
+        "accelerator_hours": round(accelerator_hours, 6),
+        "cost_on_demand": round(cost_on_demand, 6),
+        "cost_spot": round(cost_spot, 6),
+        "cost_per_million_tokens": per_million(cost_on_demand, total),
+        "cost_per_million_tokens_spot": per_million(cost_spot, total),
+        "cost_per_million_output_tokens": per_million(cost_on_demand, totals.completion_tokens),
+        "cost_per_million_output_tokens_spot": per_million(cost_spot, totals.completion_tokens),
+        "gpu_name": time.gpu_name,
+        "gpu_count": time.gpu_count,
+        "gpu_telemetry": time.gpu_telemetry,
+        "gpu_utilization_mean": time.gpu_utilization_mean,
+        "gpu_memory_mib_mean": time.gpu_memory_mib_mean,
+        "gpu_power_w_mean": time.gpu_power_w_mean,
+        "stragglers": [{"shard": s, "engine_seconds": sec, "times_median": r} for s, sec, r in time.stragglers],
+        "rows_per_second": round(rows_per_second, 2) if rows_per_second else None,
+        "cost_per_million_rows": round(cost_on_demand / (rows / 1e6), 6) if rows and span else None,
+        "cost_per_million_rows_spot": round(cost_spot / (rows / 1e6), 6) if rows and span else None,
+        # an embedding run has prompt tokens only: it is priced against embedding APIs
+        "managed_api_cost": managed_api_cost(
+            totals.prompt_tokens,
+            totals.completion_tokens,
+            bool(totals.prompt_tokens and not totals.completion_tokens),
+            managed.prices,
+            managed.embedding_prices,
+        ),
+        "projection": {
+            "rows": project_rows,
+            "hours": round(project_rows / rows_per_second / 3600, 3) if rows_per_second else None,
+            "cost_on_demand": projected(pricing.on_demand_per_hour),
+            "cost_spot": projected(pricing.spot_per_hour),
+        },
+    }
+
+
+def _validation_figures(run_dir: RunDir, pricing: GpuPricing) -> dict:
+    """The canary checks' verdict of this run, if one was written after its plan."""
+    if not (
+        run_dir.validation.exists() and run_dir.validation.stat().st_mtime >= run_dir.plan_manifest.stat().st_mtime
+    ):
+        return {}
+    verdict = json.loads(run_dir.validation.read_text())
+    return {
+        "validated": verdict["validated"],
+        "validation_failures": verdict["failures"],
+        "validation_seconds": verdict.get("seconds"),
+        # what the checks cost, at the accelerator's price (the re-run holds the engine meanwhile)
+        "validation_cost_on_demand": round(
+            (verdict.get("seconds") or 0) / 3600 * pricing.accelerators * pricing.on_demand_per_hour, 6
+        ),
+        "validation_checks": {
+            name: {k: v for k, v in check.items() if k != "results"} for name, check in verdict["checks"].items()
+        },
+    }
 
 
 def _errors_by_code(run_dir: RunDir) -> dict:

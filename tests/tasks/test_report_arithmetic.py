@@ -83,3 +83,33 @@ def test_rows_answered_without_generating_are_counted_apart_with_the_money_they_
     assert saved["rows"] == 1 and saved["tokens"] == 150
     assert report["tokens_per_second"] == pytest.approx(generated / 5400, abs=0.005)  # rounded to 2 places
     assert saved["cost_saved_on_demand"] == pytest.approx(report["cost_on_demand"] * 150 / generated, rel=1e-3)
+
+
+def test_pricing_is_arithmetic_on_the_measured_records_alone():
+    from nightshift.blocks.pricing import ManagedApiPrices
+    from nightshift.tasks.report import priced
+
+    from nightshift.records import EngineTime, RowTotals
+
+    totals = RowTotals(
+        rows=1000, succeeded=990, prompt_tokens=200_000, completion_tokens=50_000, truncation_share=0.0,
+        rows_not_generated=0, tokens_not_generated=0,
+    )  # fmt: skip
+    # two slots of 30 minutes each, side by side over 40 minutes of wall time
+    time = EngineTime(span_seconds=2400.0, slot_seconds=3600.0, slots=2)
+    figures = priced(totals, time, GpuPricing(accelerators=1, on_demand_per_hour=3.0, spot_per_hour=1.0),
+                     ManagedApiPrices(), project_rows=1_000_000)  # fmt: skip
+    assert figures["accelerator_hours"] == 1.0 and figures["cost_on_demand"] == 3.0 and figures["cost_spot"] == 1.0
+    assert figures["cost_per_million_tokens"] == pytest.approx(3.0 / 0.25)
+    assert figures["rows_per_second"] == pytest.approx(1000 / 2400, abs=0.005)
+    # a million rows at this speed: 1e6 / (1000 / 2400) s on each of the two slots
+    assert figures["projection"]["hours"] == pytest.approx(1e6 * 2400 / 1000 / 3600, rel=1e-3)
+    assert figures["projection"]["cost_on_demand"] == pytest.approx(1e6 * 2400 / 1000 / 3600 * 2 * 3.0, rel=1e-3)
+    embedding = RowTotals(
+        rows=10, succeeded=10, prompt_tokens=5000, completion_tokens=0, truncation_share=0.0,
+        rows_not_generated=0, tokens_not_generated=0,
+    )  # fmt: skip
+    apis = priced(embedding, time, GpuPricing(), ManagedApiPrices())["managed_api_cost"]
+    assert all("embedding" in name for name in apis), "prompt tokens only: priced against embedding APIs"
+    nothing_ran = priced(totals, EngineTime(), GpuPricing(), ManagedApiPrices())
+    assert nothing_ran["cost_per_million_tokens"] is None and nothing_ran["projection"]["hours"] is None
