@@ -509,9 +509,9 @@ def create_app(config: BatchApiConfig, store: Store, runner: BatchRunner, owners
         def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
             self.status, self.message, self.code, self.param = status, message, code, param
 
-    def openai_error(status: int, message: str, code: str | None = None, param: str | None = None):
+    def openai_error(status: int, message: str, code: str | None = None, param: str | None = None, headers=None):
         body = {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
-        return JSONResponse(body, status_code=status)
+        return JSONResponse(body, status_code=status, headers=headers)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
@@ -531,7 +531,7 @@ def create_app(config: BatchApiConfig, store: Store, runner: BatchRunner, owners
     async def http_error(request: Request, exc: HTTPException):
         if exc.status_code == 404:
             return openai_error(404, f"Unknown request URL: {request.method} {request.url.path}.", "unknown_url")
-        return openai_error(exc.status_code, str(exc.detail))
+        return openai_error(exc.status_code, str(exc.detail), headers=exc.headers)  # a 405 keeps its Allow
 
     def owner(authorization: str | None = Header(None)) -> str:
         key = (authorization or "").removeprefix("Bearer ").strip()

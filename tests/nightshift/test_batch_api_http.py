@@ -68,10 +68,13 @@ def test_list_limits_outside_openais_range_are_refused_naming_the_parameter(http
     assert client.batches.list(limit=100).data == []
 
 
-def test_an_unknown_url_is_a_404_in_openais_shape(http):
+def test_an_unknown_url_or_method_is_answered_in_openais_shape(http):
     response = http.get("/v1/nothing-here", headers={"Authorization": f"Bearer {KEYS[0]}"})
     error = assert_openai_error(response, 404, None, "unknown_url")
     assert "/v1/nothing-here" in error["message"]
+    wrong_method = http.put("/v1/batches", headers={"Authorization": f"Bearer {KEYS[0]}"})
+    assert_openai_error(wrong_method, 405, None, None)
+    assert wrong_method.headers["allow"] == "POST", "the method the path takes is still named (Allow)"
 
 
 def test_keys_see_only_their_own_objects_and_the_client_pages_through_them_all(http):
