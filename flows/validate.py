@@ -10,7 +10,7 @@ from nightshift.tasks.canary import validate
 from prefect import flow
 
 from nightshift.config import CanaryConfig, JobSpec
-from nightshift.rundir import VALIDATION_GROUP, RunDir, write_json_atomic
+from nightshift.rundir import VALIDATION_GROUP, RunDir
 from nightshift.storage import use_storage_options
 from nightshift.workers import (
     handing_on_if_the_engine_cannot_start,
@@ -31,5 +31,5 @@ def validate_run(run_dir: str, job: JobSpec, validation: CanaryConfig, storage: 
         use_storage_options(ObjectStorage.load(storage).storage_options())
     with heartbeat(run_dir, VALIDATION_GROUP), handing_on_if_the_engine_cannot_start(run_dir, VALIDATION_GROUP):
         verdict = validate(RunDir(run_dir), job, validation)
-        write_json_atomic(validation_verdict(run_dir, flow_run.id), verdict)
-        return verdict["validated"]
+        verdict.save(validation_verdict(run_dir, flow_run.id))
+        return verdict.validated

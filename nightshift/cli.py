@@ -431,6 +431,7 @@ def _demo(args) -> int:
     from nightshift.config import CorpusOptions
     from nightshift.jobs import make_job
     from nightshift.models import provision
+    from nightshift.records import Verdict
     from nightshift.rundir import RunDir
     from nightshift.samples import sample_documents
 
@@ -454,10 +455,10 @@ def _demo(args) -> int:
         )
     _print_report(report)
     texts = {d["id"]: d["text"] for d in docs}
-    validation = json.loads(RunDir(run_dir).validation.read_text())
+    validation = Verdict.load(RunDir(run_dir).validation)
     print(
-        f"validation: {'passed' if validation['validated'] else 'FAILED'} "
-        f"({', '.join(validation['checks'])}; details in {RunDir(run_dir).validation})"
+        f"validation: {'passed' if validation.validated else 'FAILED'} "
+        f"({', '.join(validation.checks)}; details in {RunDir(run_dir).validation})"
     )
     print("\nSample summaries:")
     with open(report.output_path) as lines:

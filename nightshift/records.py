@@ -132,3 +132,97 @@ class EngineTime(_Record):
     stragglers: list[tuple[int, float | None, float | None]] = Field(
         default_factory=list, description="(shard, engine seconds, × the median), slowest first"
     )
+
+
+# ── the canary stage's verdict (validation.json) ──────────────────────────────────────────────
+
+
+class CanaryOutcome(_Record):
+    canary: str = Field(description="the canary's id, without the canary prefix")
+    passed: bool
+    problems: list[str]
+    text: str | None = Field(description="what the run answered (None: the row failed)")
+
+
+class CanariesCheck(_Record):
+    """The canary rows that rode inside the shards against their expectations."""
+
+    pass_rate: float
+    min_pass_rate: float
+    results: list[CanaryOutcome]
+
+
+class OracleOutcome(_Record):
+    custom_id: str
+    agrees: bool = Field(description="every scored token within the reference's top-k and tolerance")
+    tokens: int
+    worst_rank: int
+    worst_gap: float
+    reference_on: str = Field(description="where the reference ran: device and dtype")
+    ours: str = Field(description="the run's answer, its first 80 characters")
+
+
+class OracleCheck(_Record):
+    """The run's tokens scored teacher-forced by transformers on the reference weights."""
+
+    agreement: float
+    min_agreement: float
+    reference: str
+    tokens: int
+    top_k: int
+    logprob_tolerance: float
+    results: list[OracleOutcome]
+
+
+class EmbeddingOutcome(_Record):
+    custom_id: str
+    cosine: float
+    truncated: bool
+
+
+class EmbeddingOracleCheck(_Record):
+    """The run's vectors against transformers' on the reference weights."""
+
+    min_cosine: float
+    required: float
+    reference: str
+    results: list[EmbeddingOutcome]
+
+
+class DeterminismOutcome(_Record):
+    custom_id: str
+    same: bool
+
+
+class DeterminismCheck(_Record):
+    """Sampled rows re-run with the same parameters, seed included."""
+
+    same: int
+    of: int
+    results: list[DeterminismOutcome]
+
+
+class SkippedCheck(_Record):
+    """A check said and not attempted (no greedy row to sample, a reference too big here)."""
+
+    skipped: str
+
+
+Check = CanariesCheck | OracleCheck | EmbeddingOracleCheck | DeterminismCheck | SkippedCheck
+
+
+class Verdict(_Record):
+    """The canary stage's verdict on a merged run: `validation.json`, and the `.verdict` a
+    validation run on the pool leaves under its flow run's name."""
+
+    validated: bool
+    checks: dict[str, Check] = Field(description="by name: canaries, oracle, embedding_oracle, determinism")
+    failures: list[str] = Field(description="one line per gating check that failed")
+    seconds: float | None = Field(None, description="what the checks took (the engine is held meanwhile)")
+    where: dict[str, str | int | None] = Field(
+        default_factory=dict, description="host, pid, worker_pid, cuda_visible_devices, flow_run_id"
+    )
+
+    def summaries(self, leave_out: tuple[str, ...] = ("results",)) -> dict[str, dict]:
+        """Each check's figures, its per-row results (and other `leave_out` fields) left out."""
+        return {name: check.model_dump(exclude=set(leave_out)) for name, check in self.checks.items()}

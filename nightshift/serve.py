@@ -52,7 +52,7 @@ from nightshift.batch_api import (
 )
 from nightshift.config import BatchApiConfig, ConfigurationError
 from nightshift.deadline import EXIT_EXPIRED
-from nightshift.records import Plan, ProgressSnapshot, RunReport
+from nightshift.records import Plan, ProgressSnapshot, RunReport, Verdict
 from nightshift.rundir import RunDir
 from nightshift.storage import is_url, location, written_whole
 
@@ -257,7 +257,7 @@ class BatchRunner:
             self._finish(batch.id, "expired" if state.name == "Expired" else "completed")
             return
         validation = RunDir(self.store.run_dir(batch.id)).validation
-        if state.is_failed() and validation.exists() and not _read_json(validation)["validated"]:
+        if state.is_failed() and validation.exists() and not Verdict.load(validation).validated:
             self._finish(batch.id, "failed", gate_failed=True)
             return
         log.warning("batch %s: flow run ended %s (%s); resuming it", batch.id, state.name, state.message)

@@ -37,16 +37,29 @@ from nightshift.config import CanaryConfig, JobSpec
 from nightshift.engine import current_engine, shutdown_engine
 from nightshift.models import local_model, weight_bytes
 from nightshift.oracle import oracle_check
-from nightshift.rundir import RunDir, write_json_atomic
+from nightshift.records import (
+    CanariesCheck,
+    CanaryOutcome,
+    Check,
+    DeterminismCheck,
+    DeterminismOutcome,
+    EmbeddingOracleCheck,
+    EmbeddingOutcome,
+    OracleCheck,
+    OracleOutcome,
+    SkippedCheck,
+    Verdict,
+)
+from nightshift.rundir import RunDir
 from nightshift.storage import duckdb_connection, local_copies, sql_path
 from nightshift.workers import validation_verdict, worker_identity
 
 
-def validate(run_dir: RunDir, job: JobSpec, config: CanaryConfig) -> dict:
+def validate(run_dir: RunDir, job: JobSpec, config: CanaryConfig) -> Verdict:
     """The verdict on the merged run in `run_dir` (checks, failures, where they ran); the caller
     decides where it is written."""
     started = time.monotonic()
-    verdict: dict = {"validated": False, "checks": {}}
+    checks: dict[str, Check] = {}
     failures: list[str] = []
 
     if config.canaries:
@@ -58,22 +71,14 @@ def validate(run_dir: RunDir, job: JobSpec, config: CanaryConfig) -> dict:
         results = []
         for custom_id, expect in expected.items():
             problems = check_expectations(got.get(custom_id), expect)
+            canary = custom_id.removeprefix(CANARY_PREFIX)
             results.append(
-                {
-                    "canary": custom_id.removeprefix(CANARY_PREFIX),
-                    "passed": not problems,
-                    "problems": problems,
-                    "text": got.get(custom_id),
-                }
+                CanaryOutcome(canary=canary, passed=not problems, problems=problems, text=got.get(custom_id))
             )
-        pass_rate = sum(r["passed"] for r in results) / len(results)
-        verdict["checks"]["canaries"] = {
-            "pass_rate": pass_rate,
-            "min_pass_rate": config.min_pass_rate,
-            "results": results,
-        }
+        pass_rate = sum(r.passed for r in results) / len(results)
+        checks["canaries"] = CanariesCheck(pass_rate=pass_rate, min_pass_rate=config.min_pass_rate, results=results)
         if pass_rate < config.min_pass_rate:
-            failed = [f"{r['canary']} ({'; '.join(r['problems'])})" for r in results if not r["passed"]]
+            failed = [f"{r.canary} ({'; '.join(r.problems)})" for r in results if not r.passed]
             failures.append(f"canaries passed {pass_rate:.0%} < {config.min_pass_rate:.0%}: " + ", ".join(failed))
 
     samples, chat_rows = _greedy_chat_rows(run_dir, job, max(config.oracle_samples, config.determinism_samples))
@@ -83,7 +88,7 @@ def validate(run_dir: RunDir, job: JobSpec, config: CanaryConfig) -> dict:
     if skipped:  # said, not attempted, and not a failure: an 8B model on a CPU orchestrator, no row to check
         for name, wanted in (("oracle", config.oracle_samples), ("determinism", config.determinism_samples)):
             if wanted:
-                verdict["checks"][name] = {"skipped": skipped}
+                checks[name] = SkippedCheck(skipped=skipped)
         samples = []
     # One re-run on the engine serves both checks: the determinism check compares its text, the
     # oracle scores its token ids (the run's own tokens: re-tokenizing the text may split it
@@ -93,28 +98,31 @@ def validate(run_dir: RunDir, job: JobSpec, config: CanaryConfig) -> dict:
     if samples and loaded_for_checks:  # on a GPU, the reference needs the memory the engine holds
         shutdown_engine()
     if config.oracle_samples and samples:
-        oracle = oracle_check(
-            [
-                {**s, "token_ids": _token_ids(again.get(s["custom_id"]), s["text"])}
-                for s in samples[: config.oracle_samples]
-            ],
-            local_model(config.oracle_model or job.engine.model),
-            config.oracle_tokens,
-            config.oracle_top_k,
-            config.oracle_logprob_tolerance,
+        oracle = [
+            OracleOutcome(**outcome)
+            for outcome in oracle_check(
+                [
+                    {**s, "token_ids": _token_ids(again.get(s["custom_id"]), s["text"])}
+                    for s in samples[: config.oracle_samples]
+                ],
+                local_model(config.oracle_model or job.engine.model),
+                config.oracle_tokens,
+                config.oracle_top_k,
+                config.oracle_logprob_tolerance,
+            )
+        ]
+        agreement = sum(o.agrees for o in oracle) / len(oracle)
+        checks["oracle"] = OracleCheck(
+            agreement=agreement,
+            min_agreement=config.oracle_min_agreement,
+            reference=config.oracle_model or job.engine.model,
+            tokens=config.oracle_tokens,
+            top_k=config.oracle_top_k,
+            logprob_tolerance=config.oracle_logprob_tolerance,
+            results=oracle,
         )
-        agreement = sum(o["agrees"] for o in oracle) / len(oracle)
-        verdict["checks"]["oracle"] = {
-            "agreement": agreement,
-            "min_agreement": config.oracle_min_agreement,
-            "reference": config.oracle_model or job.engine.model,
-            "tokens": config.oracle_tokens,
-            "top_k": config.oracle_top_k,
-            "logprob_tolerance": config.oracle_logprob_tolerance,
-            "results": oracle,
-        }
         if agreement < config.oracle_min_agreement:
-            disagree = [o["custom_id"] for o in oracle if not o["agrees"]]
+            disagree = [o.custom_id for o in oracle if not o.agrees]
             failures.append(
                 f"oracle agreement {agreement:.0%} < {config.oracle_min_agreement:.0%} "
                 f"(the run's tokens are not what transformers on the reference weights expects for "
@@ -125,13 +133,13 @@ def validate(run_dir: RunDir, job: JobSpec, config: CanaryConfig) -> dict:
     if embedded:
         reference = config.oracle_model or job.engine.model
         checked = _embedding_oracle(embedded, local_model(reference))
-        verdict["checks"]["embedding_oracle"] = {
-            "min_cosine": min(c["cosine"] for c in checked),
-            "required": config.embedding_min_cosine,
-            "reference": reference,
-            "results": checked,
-        }
-        below = [c["custom_id"] for c in checked if c["cosine"] < config.embedding_min_cosine]
+        checks["embedding_oracle"] = EmbeddingOracleCheck(
+            min_cosine=min(c.cosine for c in checked),
+            required=config.embedding_min_cosine,
+            reference=reference,
+            results=checked,
+        )
+        below = [c.custom_id for c in checked if c.cosine < config.embedding_min_cosine]
         if below:
             failures.append(
                 f"embedding cosine below {config.embedding_min_cosine} against transformers on the reference "
@@ -140,60 +148,59 @@ def validate(run_dir: RunDir, job: JobSpec, config: CanaryConfig) -> dict:
 
     if config.determinism_samples and samples:
         rerun = [
-            {"custom_id": s["custom_id"], "same": _text(again.get(s["custom_id"])) == s["text"]}
+            DeterminismOutcome(custom_id=s["custom_id"], same=_text(again.get(s["custom_id"])) == s["text"])
             for s in samples[: config.determinism_samples]
         ]
-        verdict["checks"]["determinism"] = {"same": sum(r["same"] for r in rerun), "of": len(rerun), "results": rerun}
-        if not all(r["same"] for r in rerun):
+        checks["determinism"] = DeterminismCheck(same=sum(r.same for r in rerun), of=len(rerun), results=rerun)
+        if not all(r.same for r in rerun):
             failures.append(
                 "re-running with the same seed changed the output of "
-                + ", ".join(r["custom_id"] for r in rerun if not r["same"])
+                + ", ".join(r.custom_id for r in rerun if not r.same)
             )
 
-    verdict["validated"] = not failures
-    verdict["failures"] = failures
-    verdict["seconds"] = round(time.monotonic() - started, 2)
-    verdict["where"] = {**worker_identity(), "flow_run_id": _flow_run_id()}
-    return verdict
+    return Verdict(
+        validated=not failures,
+        checks=checks,
+        failures=failures,
+        seconds=round(time.monotonic() - started, 2),
+        where={**worker_identity(), "flow_run_id": _flow_run_id()},
+    )
 
 
 @task(name="canary-validation")
-def canary_validation(run_dir: str, job: JobSpec, config: CanaryConfig, validated_by: str | None = None) -> dict:
+def canary_validation(run_dir: str, job: JobSpec, config: CanaryConfig, validated_by: str | None = None) -> Verdict:
     """Gate the flow run on the verdict: validate here, or read the verdict that the flow run
     `validated_by` (the checks run on the GPU pool, where the engine is) left in the run directory."""
     from prefect.artifacts import create_markdown_artifact
 
     verdict = validated_verdict(run_dir, validated_by) if validated_by else validate(RunDir(run_dir), job, config)
-    write_json_atomic(RunDir(run_dir).validation, verdict)
-    lines = [f"# Canary validation: {'passed' if verdict['validated'] else 'FAILED'}", ""]
-    lines += [f"- {failure}" for failure in verdict["failures"]]
-    for name, check in verdict["checks"].items():
-        summary = {k: v for k, v in check.items() if k != "results"}
-        lines.append(f"- {name}: {json.dumps(summary)}")
+    verdict.save(RunDir(run_dir).validation)
+    lines = [f"# Canary validation: {'passed' if verdict.validated else 'FAILED'}", ""]
+    lines += [f"- {failure}" for failure in verdict.failures]
+    lines += [f"- {name}: {json.dumps(summary)}" for name, summary in verdict.summaries().items()]
     create_markdown_artifact(markdown="\n".join(lines), description="Nightshift canary validation")
     checks = "; ".join(
-        f"{name} {json.dumps({k: v for k, v in check.items() if k not in ('results', 'reference')})}"
-        for name, check in verdict["checks"].items()
+        f"{name} {json.dumps(summary)}" for name, summary in verdict.summaries(("results", "reference")).items()
     )
     get_run_logger().info(
         "validation %s (%s)%s",
-        "passed" if verdict["validated"] else "FAILED",
+        "passed" if verdict.validated else "FAILED",
         checks,
-        "".join(f"\n  - {failure}" for failure in verdict["failures"]),
+        "".join(f"\n  - {failure}" for failure in verdict.failures),
     )
-    if not verdict["validated"]:
+    if not verdict.validated:
         raise CanaryFailure(
-            "validation failed — outputs are on disk but NOT validated: " + " | ".join(verdict["failures"])
+            "validation failed — outputs are on disk but NOT validated: " + " | ".join(verdict.failures)
         )
     return verdict
 
 
-def validated_verdict(run_dir: str, flow_run_id: str) -> dict:
+def validated_verdict(run_dir: str, flow_run_id: str) -> Verdict:
     """The verdict the validation run `flow_run_id` left under its own name: another run's — an
     earlier night's, or a duplicate's that was taken for lost and finished after all — is not it."""
     path = validation_verdict(run_dir, flow_run_id)
     try:
-        return json.loads(path.read_text())
+        return Verdict.load(path)
     except FileNotFoundError:
         raise RuntimeError(f"the validation run {flow_run_id} left no verdict at {path}") from None
 
@@ -314,7 +321,7 @@ def _tuples(relation, lazy: str | None = None):
         yield from zip(*columns)
 
 
-def _embedding_oracle(samples: list[dict], reference: str) -> list[dict]:
+def _embedding_oracle(samples: list[dict], reference: str) -> list[EmbeddingOutcome]:
     """Each sample's text embedded by transformers on `reference`, pooled as its
     sentence-transformers configuration says, against the run's vector (cosine)."""
     from pathlib import Path
@@ -341,7 +348,9 @@ def _embedding_oracle(samples: list[dict], reference: str) -> list[dict]:
         else:
             vector = hidden.mean(0)
         cosine = torch.nn.functional.cosine_similarity(vector, torch.tensor(sample["vector"]), dim=0).item()
-        results.append({"custom_id": sample["custom_id"], "cosine": round(cosine, 6), "truncated": sample["cut"]})
+        results.append(
+            EmbeddingOutcome(custom_id=sample["custom_id"], cosine=round(cosine, 6), truncated=sample["cut"])
+        )
     return results
 
 

@@ -20,7 +20,7 @@ from prefect import get_run_logger, task
 from nightshift.chunks import best_rows_sql, chunk_files, shard_cache_key, sql_path_list
 from nightshift.config import JobSpec
 from nightshift.estimate import managed_api_cost
-from nightshift.records import EngineTime, Plan, RowTotals
+from nightshift.records import EngineTime, Plan, RowTotals, Verdict
 from nightshift.rundir import RunDir, write_json_atomic
 from nightshift.storage import duckdb_connection, local_copies, sql_path, written_whole
 
@@ -223,18 +223,16 @@ def _validation_figures(run_dir: RunDir, pricing: GpuPricing) -> dict:
         run_dir.validation.exists() and run_dir.validation.stat().st_mtime >= run_dir.plan_manifest.stat().st_mtime
     ):
         return {}
-    verdict = json.loads(run_dir.validation.read_text())
+    verdict = Verdict.load(run_dir.validation)
     return {
-        "validated": verdict["validated"],
-        "validation_failures": verdict["failures"],
-        "validation_seconds": verdict.get("seconds"),
+        "validated": verdict.validated,
+        "validation_failures": verdict.failures,
+        "validation_seconds": verdict.seconds,
         # what the checks cost, at the accelerator's price (the re-run holds the engine meanwhile)
         "validation_cost_on_demand": round(
-            (verdict.get("seconds") or 0) / 3600 * pricing.accelerators * pricing.on_demand_per_hour, 6
+            (verdict.seconds or 0) / 3600 * pricing.accelerators * pricing.on_demand_per_hour, 6
         ),
-        "validation_checks": {
-            name: {k: v for k, v in check.items() if k != "results"} for name, check in verdict["checks"].items()
-        },
+        "validation_checks": verdict.summaries(),
     }
 
 

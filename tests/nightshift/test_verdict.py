@@ -1,0 +1,74 @@
+"""Specification of `validation.json` as a record: what the canary stage writes, its readers
+(the report, the Batch API, the CLI) load typed, in the shape the docs describe."""
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from nightshift.records import DeterminismCheck, OracleCheck, SkippedCheck, Verdict
+
+pytestmark = pytest.mark.fast
+
+WRITTEN = {  # as a run that checked everything wrote it
+    "validated": False,
+    "checks": {
+        "canaries": {
+            "pass_rate": 0.5,
+            "min_pass_rate": 1.0,
+            "results": [
+                {"canary": "capital", "passed": True, "problems": [], "text": "Paris"},
+                {"canary": "json", "passed": False, "problems": ["not JSON"], "text": None},
+            ],
+        },
+        "oracle": {
+            "agreement": 1.0,
+            "min_agreement": 0.9,
+            "reference": "tiny",
+            "tokens": 16,
+            "top_k": 5,
+            "logprob_tolerance": 2.0,
+            "results": [
+                {"custom_id": "r-1", "agrees": True, "tokens": 8, "worst_rank": 0, "worst_gap": 0.0,
+                 "reference_on": "cpu float32", "ours": "hello"},
+            ],
+        },
+        "embedding_oracle": {
+            "min_cosine": 0.9999,
+            "required": 0.999,
+            "reference": "minilm",
+            "results": [{"custom_id": "d-1", "cosine": 0.9999, "truncated": False}],
+        },
+        "determinism": {"same": 1, "of": 1, "results": [{"custom_id": "r-1", "same": True}]},
+    },
+    "failures": ["canaries passed 50% < 100%: json (not JSON)"],
+    "seconds": 3.2,
+    "where": {"host": "gpu-7", "pid": 41, "worker_pid": 40, "cuda_visible_devices": "1", "flow_run_id": None},
+}  # fmt: skip
+
+
+def test_a_verdict_loads_typed_and_writes_back_the_same_json(tmp_path):
+    (tmp_path / "validation.json").write_text(json.dumps(WRITTEN))
+    verdict = Verdict.load(tmp_path / "validation.json")
+
+    assert isinstance(verdict.checks["oracle"], OracleCheck) and verdict.checks["oracle"].results[0].agrees
+    assert isinstance(verdict.checks["determinism"], DeterminismCheck) and verdict.checks["determinism"].of == 1
+    verdict.save(tmp_path / "again.json")
+    assert json.loads((tmp_path / "again.json").read_text()) == WRITTEN
+
+
+def test_a_skipped_check_says_why_and_has_no_figures():
+    verdict = Verdict(validated=True, checks={"oracle": SkippedCheck(skipped="no greedy row")}, failures=[])
+    assert verdict.summaries() == {"oracle": {"skipped": "no greedy row"}}
+
+
+def test_summaries_leave_the_per_row_results_out():
+    summaries = Verdict.model_validate(WRITTEN).summaries()
+    assert summaries["determinism"] == {"same": 1, "of": 1}
+    assert "results" not in summaries["canaries"] and summaries["canaries"]["pass_rate"] == 0.5
+
+
+def test_a_check_with_a_misspelt_figure_is_refused():
+    broken = {**WRITTEN, "checks": {"determinism": {"same": 1, "off": 1, "results": []}}}
+    with pytest.raises(ValidationError):
+        Verdict.model_validate(broken)
