@@ -65,6 +65,43 @@ class ShardResult(_Record):
     wall_seconds: float
 
 
+class ShardMetrics(_Record):
+    """`metrics.json` beside a shard's chunks: what its last attempt did, what it cost, and what
+    the GPU did meanwhile. The report aggregates these files in DuckDB."""
+
+    shard_index: int
+    cache_key: str
+    rows: int
+    generated_rows: int = Field(description="rows that went through the engine in this attempt")
+    prompt_tokens: int
+    completion_tokens: int
+    wall_seconds: float
+    engine_seconds: float
+    engine_started: float = Field(description="Unix time")
+    engine_finished: float = Field(description="Unix time")
+    tokens_generated: int = Field(description="by this attempt: rows resumed from disk were made by an earlier one")
+    tokens_per_second: float | None = Field(description="of this attempt; None when it generated nothing")
+    finish_reasons: dict[str, int]
+    max_model_len: int | None = Field(description="the context the engine ran with")
+    errors_by_code: dict[str, int]
+    token_timeline: list[tuple[int, int]] = Field(description="(Unix second, tokens finished in it)")
+    host: str
+    cuda_visible_devices: str | None = Field(description="which of the host's GPUs the engine had")
+    gpu_name: str | None
+    gpu_count: int
+    gpu_telemetry: str = Field(description='"pynvml", or why there are no samples')
+    gpu_samples: list[dict[str, float]] = Field(description="t (Unix time), util (%), mem_mib, power_w")
+    gpu_util_mean: float | None
+    gpu_util_p50: float | None
+    gpu_util_p95: float | None
+    gpu_mem_mib_mean: float | None
+    gpu_mem_mib_p50: float | None
+    gpu_mem_mib_p95: float | None
+    gpu_power_w_mean: float | None
+    gpu_power_w_p50: float | None
+    gpu_power_w_p95: float | None
+
+
 class RunReport(_Record):
     """The merged run: where the outputs are and whether every row is accounted for."""
 
@@ -226,3 +263,42 @@ class Verdict(_Record):
     def summaries(self, leave_out: tuple[str, ...] = ("results",)) -> dict[str, dict]:
         """Each check's figures, its per-row results (and other `leave_out` fields) left out."""
         return {name: check.model_dump(exclude=set(leave_out)) for name, check in self.checks.items()}
+
+
+# ── fan-out: what a child run on a GPU worker leaves in the run directory ──────────────────────
+
+
+class WorkerIdentity(_Record):
+    """Which machine and which worker slot (GPU) ran a child flow run."""
+
+    host: str
+    pid: int
+    worker_pid: int = Field(description="the worker that started the flow run's process")
+    cuda_visible_devices: str | None
+
+
+class Heartbeat(WorkerIdentity):
+    """`groups/<group>/<flow run id>.alive`, rewritten every few seconds while the run works."""
+
+    heartbeat: float = Field(description="Unix time of the beat (an object store has no mtime to touch)")
+
+
+class GroupManifest(WorkerIdentity):
+    """`groups/<group>/<flow run id>.json`: a child run's group done, its shards' results."""
+
+    flow_run_id: str
+    cached: int = Field(description="shards that came back from the task cache")
+    results: list[ShardResult]
+
+
+class UnfitWorker(WorkerIdentity):
+    """`groups/unfit-workers/<slot>.unfit`: a worker slot that could not start this run's engine."""
+
+    slot: str = Field(description="the machine and the GPUs its worker was given (nightshift.workers.worker_slot)")
+    reason: str
+
+
+class Refusal(UnfitWorker):
+    """`groups/<group>/<flow run id>.refused`: a child run handed its group back to the pool."""
+
+    engine_started: bool = Field(description="it tried the engine (the slot's first refusal), or refused at once")

@@ -5,7 +5,6 @@ of what it did, and which machine and GPU it was.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import threading
@@ -14,8 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from nightshift.config import EngineCannotStartHere
-from nightshift.records import ShardResult
-from nightshift.rundir import RunDir, write_json_atomic
+from nightshift.records import GroupManifest, Heartbeat, Refusal, ShardResult, UnfitWorker, WorkerIdentity
+from nightshift.rundir import RunDir
 
 HEARTBEAT_INTERVAL_S = 5.0
 # A refusing child keeps its worker's slot this long, so the pool hands the group it gave back
@@ -31,13 +30,13 @@ def heartbeat(run_dir: str, group: str):
 
     path = RunDir(run_dir).group_heartbeat(group, flow_run.id)
     identity = worker_identity()
-    write_json_atomic(path, {**identity, "heartbeat": time.time()})
+    Heartbeat(**identity.model_dump(), heartbeat=time.time()).save(path)
     stop = threading.Event()
 
     def beat() -> None:
         while not stop.wait(HEARTBEAT_INTERVAL_S):
             try:
-                write_json_atomic(path, {**identity, "heartbeat": time.time()})
+                Heartbeat(**identity.model_dump(), heartbeat=time.time()).save(path)
             except OSError:  # a missed beat is not fatal; HEARTBEAT_TIMEOUT spans several
                 continue
 
@@ -49,30 +48,30 @@ def heartbeat(run_dir: str, group: str):
         stop.set()
 
 
-def worker_identity() -> dict:
-    """Which machine and which worker slot (GPU) ran a child flow run."""
-    return {
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "worker_pid": os.getppid(),
-        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-    }
+def worker_identity() -> WorkerIdentity:
+    """Which machine and which worker slot (GPU) runs this process."""
+    return WorkerIdentity(
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        worker_pid=os.getppid(),
+        cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+    )
 
 
-def worker_slot(identity: dict) -> str:
+def worker_slot(identity: WorkerIdentity) -> str:
     """One worker slot of the fleet: a machine and the GPUs it was given."""
-    devices = identity.get("cuda_visible_devices")
-    return f"{identity['host']}/gpu-{devices}" if devices is not None else f"{identity['host']}/all-gpus"
+    devices = identity.cuda_visible_devices
+    return f"{identity.host}/gpu-{devices}" if devices is not None else f"{identity.host}/all-gpus"
 
 
 def refusal_record(run_dir: str, group: str, flow_run_id: str) -> Path:
     return RunDir(run_dir).group_refusal(group, flow_run_id)
 
 
-def read_refusal(run_dir: str, group: str, flow_run_id: str) -> dict | None:
+def read_refusal(run_dir: str, group: str, flow_run_id: str) -> Refusal | None:
     """What a child run that could not start the engine on its worker left behind, if it did."""
     try:
-        return json.loads(refusal_record(run_dir, group, flow_run_id).read_text())
+        return Refusal.load(refusal_record(run_dir, group, flow_run_id))
     except (OSError, ValueError):
         return None
 
@@ -82,10 +81,10 @@ def unfit_workers(run_dir: str) -> dict[str, str]:
     found = {}
     for marker in RunDir(run_dir).every_unfit_worker():
         try:
-            record = json.loads(marker.read_text())
+            record = UnfitWorker.load(marker)
         except (OSError, ValueError):
             continue
-        found[record["slot"]] = record["reason"]
+        found[record.slot] = record.reason
     return found
 
 
@@ -104,8 +103,8 @@ def handing_on_if_the_engine_cannot_start(run_dir: str, group: str, hold_s: floa
     slot = worker_slot(identity)
     marker = RunDir(run_dir).unfit_worker(slot)
     try:
-        earlier = json.loads(marker.read_text())["reason"]
-    except (OSError, ValueError, KeyError):
+        earlier = UnfitWorker.load(marker).reason
+    except (OSError, ValueError):
         earlier = None
     try:
         if earlier is not None:
@@ -114,10 +113,9 @@ def handing_on_if_the_engine_cannot_start(run_dir: str, group: str, hold_s: floa
     except EngineCannotStartHere as refusal:
         reason = earlier or str(refusal)
         if earlier is None:
-            write_json_atomic(marker, {**identity, "slot": slot, "reason": reason})
-        write_json_atomic(
-            refusal_record(run_dir, group, flow_run.id),
-            {**identity, "slot": slot, "reason": reason, "engine_started": earlier is None},
+            UnfitWorker(**identity.model_dump(), slot=slot, reason=reason).save(marker)
+        Refusal(**identity.model_dump(), slot=slot, reason=reason, engine_started=earlier is None).save(
+            refusal_record(run_dir, group, flow_run.id)
         )
         time.sleep(hold_s)
         raise
@@ -136,22 +134,8 @@ def write_group_manifest(run_dir: str, group: str, results: list[ShardResult], c
     from prefect.runtime import flow_run
 
     path = group_manifest(run_dir, group, flow_run.id)
-    write_json_atomic(
-        path,
-        {
-            "flow_run_id": flow_run.id,
-            "cached": cached,
-            **worker_identity(),
-            "results": [r.model_dump() for r in results],
-        },
-    )
+    GroupManifest(**worker_identity().model_dump(), flow_run_id=flow_run.id, cached=cached, results=results).save(path)
     return path
-
-
-def read_group_manifest(path: Path) -> dict:
-    data = json.loads(path.read_text())
-    data["results"] = [ShardResult.model_validate(r) for r in data["results"]]
-    return data
 
 
 class HeartbeatWatch:

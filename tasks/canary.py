@@ -163,7 +163,7 @@ def validate(run_dir: RunDir, job: JobSpec, config: CanaryConfig) -> Verdict:
         checks=checks,
         failures=failures,
         seconds=round(time.monotonic() - started, 2),
-        where={**worker_identity(), "flow_run_id": _flow_run_id()},
+        where={**worker_identity().model_dump(), "flow_run_id": _flow_run_id()},
     )
 
 

@@ -57,12 +57,11 @@ from nightshift.chunks import shard_cache_key
 from nightshift.config import CanaryConfig, ConfigurationError, EngineCannotStartHere, FanOut, JobSpec
 from nightshift.deadline import DeadlineReached, deadline_reached
 from nightshift.preemption import grace_seconds
-from nightshift.records import Shard, ShardResult
+from nightshift.records import GroupManifest, Refusal, Shard, ShardResult
 from nightshift.rundir import VALIDATION_GROUP
 from nightshift.workers import (
     HeartbeatWatch,
     group_manifest,
-    read_group_manifest,
     read_refusal,
     unfit_workers,
     validation_verdict,
@@ -144,7 +143,7 @@ class _Dispatcher:
         self.parent = _parent_flow_run_id()
         self.durations: list[float] = []  # seconds of the groups that generated something
         self._width_said: int | None = None
-        self.manifests: dict[str, dict] = {}
+        self.manifests: dict[str, GroupManifest] = {}
         self.logger = get_run_logger()
         self.unfit = UnfitWorkers(client, fan_out.deployment, run_dir, self.logger)
 
@@ -160,8 +159,8 @@ class _Dispatcher:
                 self._check(group)
                 if group.winner is None and not group.live:  # every run of it failed or was lost
                     self._launch(group)
-        by_index = {r.shard_index: r for m in self.manifests.values() for r in m["results"]}
-        return [by_index[shard.index] for shard in self.shards], sum(m["cached"] for m in self.manifests.values())
+        by_index = {r.shard_index: r for m in self.manifests.values() for r in m.results}
+        return [by_index[shard.index] for shard in self.shards], sum(m.cached for m in self.manifests.values())
 
     def _width(self, waiting: int) -> int:
         """Groups live at once: the pool's width (`max_in_flight`); with a deadline, once groups
@@ -278,8 +277,8 @@ class _Dispatcher:
                 f"child run {run.name} completed but {manifest} is missing: "
                 "is the run directory shared with the GPU workers?"
             )
-        self.manifests[group.key] = read_group_manifest(manifest)
-        if self.manifests[group.key]["cached"] < len(group.shards) and run.start_time and run.end_time:
+        self.manifests[group.key] = GroupManifest.load(manifest)
+        if self.manifests[group.key].cached < len(group.shards) and run.start_time and run.end_time:
             # A group served from the cache says nothing about how long work takes.
             self.durations.append((run.end_time - run.start_time).total_seconds())
         for run_id in list(group.live):  # its duplicates' work is no longer needed
@@ -330,14 +329,14 @@ class UnfitWorkers:
         self.client, self.deployment, self.run_dir, self.logger = client, deployment, run_dir, logger
         self.said: set[str] = set()
 
-    def refused(self, refusal: dict, handed_on: int) -> None:
-        slot = refusal["slot"]
+    def refused(self, refusal: Refusal, handed_on: int) -> None:
+        slot = refusal.slot
         if slot not in self.said:
             self.said.add(slot)
             self.logger.warning(
-                "worker %s cannot start the engine (%s): its work goes to other workers", slot, refusal["reason"]
+                "worker %s cannot start the engine (%s): its work goes to other workers", slot, refusal.reason
             )
-        unfit = unfit_workers(self.run_dir) | {slot: refusal["reason"]}
+        unfit = unfit_workers(self.run_dir) | {slot: refusal.reason}
         online = self._online_workers()
         if len(unfit) >= online if online is not None else handed_on >= self.HAND_ON_LIMIT:
             said = "; ".join(f"{name}: {reason}" for name, reason in sorted(unfit.items()))

@@ -43,9 +43,9 @@ from nightshift.engine import EngineFailure, get_engine
 from nightshift.models import local_model
 from nightshift.openai_format import PreparedRequest, RequestRejected, duplicate_key, prepare_request
 from nightshift.preemption import Preempted, generation_in_progress, grace_seconds, stop_requested
-from nightshift.records import Shard, ShardResult
+from nightshift.records import Shard, ShardMetrics, ShardResult
 from nightshift.result_cache import ResultCache, cached_output_line
-from nightshift.rundir import RunDir, write_json_atomic
+from nightshift.rundir import RunDir
 from nightshift.storage import duckdb_connection, local_copies, read_table
 from nightshift.telemetry import GpuSampler
 
@@ -83,11 +83,10 @@ def retry_shard_rows(shard: Shard, job: JobSpec, run_dir: str, rows: set[int]) -
 def _told(result: ShardResult) -> ShardResult:
     """The shard's line in the run's log: rows, outcomes by code, what this attempt generated."""
     try:
-        metrics = json.loads(RunDir.shard_metrics(Path(result.output_dir)).read_text())
+        metrics = ShardMetrics.load(RunDir.shard_metrics(Path(result.output_dir)))
+        errors, rate = ", ".join(f"{code}={n}" for code, n in metrics.errors_by_code.items()), metrics.tokens_per_second
     except (OSError, ValueError):
-        metrics = {}
-    errors = ", ".join(f"{code}={n}" for code, n in (metrics.get("errors_by_code") or {}).items())
-    rate = metrics.get("tokens_per_second")
+        errors, rate = "", None
     _story().info(
         "shard %d: %d rows, %d ok, %d failed%s; %d generated in this attempt%s",
         result.shard_index,
@@ -334,30 +333,25 @@ def write_shard_metrics(
             con.sql(f"SELECT error_code, count(*) FROM ({best_rows_sql(files)}) WHERE NOT ok GROUP BY 1").fetchall()
         )
     engine_seconds = max(engine_finished - engine_started, 1e-9)
-    metrics = {
-        "shard_index": result.shard_index,
-        "cache_key": result.cache_key,
-        "rows": result.rows,
-        "generated_rows": result.regenerated_rows,
-        "prompt_tokens": result.prompt_tokens,
-        "completion_tokens": result.completion_tokens,
-        "wall_seconds": result.wall_seconds,
-        "engine_seconds": round(engine_seconds, 3),
-        "engine_started": engine_started,
-        "engine_finished": engine_finished,
-        # throughput of this attempt: the tokens of rows resumed from disk were made by an earlier one
-        "tokens_generated": tokens_generated,
-        "tokens_per_second": None,
-        "finish_reasons": finish,
-        "max_model_len": max_model_len,  # the context the engine ran with
-        "errors_by_code": errors,
-        # tokens the engine finished per second of this attempt: the report's throughput chart
-        "token_timeline": sorted((timeline or {}).items()),
+    ShardMetrics(
+        shard_index=result.shard_index,
+        cache_key=result.cache_key,
+        rows=result.rows,
+        generated_rows=result.regenerated_rows,
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        wall_seconds=result.wall_seconds,
+        engine_seconds=round(engine_seconds, 3),
+        engine_started=engine_started,
+        engine_finished=engine_finished,
+        tokens_generated=tokens_generated,
+        tokens_per_second=round(tokens_generated / engine_seconds, 2) if result.regenerated_rows else None,
+        finish_reasons=finish,
+        max_model_len=max_model_len,
+        errors_by_code=errors,
+        token_timeline=sorted((timeline or {}).items()),  # the report's throughput chart
         **sampler.summary(),
-    }
-    if result.regenerated_rows:
-        metrics["tokens_per_second"] = round(tokens_generated / engine_seconds, 2)
-    write_json_atomic(RunDir.shard_metrics(output_dir), metrics)
+    ).save(RunDir.shard_metrics(output_dir))
 
 
 def _model_aliases(job: JobSpec) -> set[str]:

@@ -20,7 +20,7 @@ from prefect import get_run_logger, task
 from nightshift.chunks import best_rows_sql, chunk_files, shard_cache_key, sql_path_list
 from nightshift.config import JobSpec
 from nightshift.estimate import managed_api_cost
-from nightshift.records import EngineTime, Plan, RowTotals, Verdict
+from nightshift.records import EngineTime, Plan, RowTotals, ShardMetrics, Verdict
 from nightshift.rundir import RunDir, write_json_atomic
 from nightshift.storage import duckdb_connection, local_copies, sql_path, written_whole
 
@@ -323,10 +323,10 @@ def render_chart(run_dir: RunDir, path: Path) -> Path | None:
     timeline: dict[int, int] = {}
     samples = []
     for metrics_file in run_dir.every_shard_metrics():
-        metrics = json.loads(metrics_file.read_text())
-        for second, tokens in metrics.get("token_timeline") or []:
+        metrics = ShardMetrics.load(metrics_file)
+        for second, tokens in metrics.token_timeline:
             timeline[second] = timeline.get(second, 0) + tokens
-        samples += [(s["t"], s["util"]) for s in metrics.get("gpu_samples", [])]
+        samples += [(s["t"], s["util"]) for s in metrics.gpu_samples]
     source = "tokens the engine finished"
     if not timeline:
         timeline, source = _chunk_landings(run_dir), "tokens in chunk files as they landed"

@@ -17,8 +17,7 @@ from prefect.client.schemas.objects import StateType
 
 from nightshift import workers
 from nightshift.config import EngineCannotStartHere, EngineConfig, FanOut, JobSpec
-from nightshift.records import Shard, ShardResult
-from nightshift.rundir import write_json_atomic
+from nightshift.records import GroupManifest, Shard, ShardResult
 
 pytestmark = pytest.mark.fast
 
@@ -87,11 +86,12 @@ class FakePool:
                         completion_tokens=0,
                         regenerated_rows=s["num_rows"],
                         wall_seconds=1.0,
-                    ).model_dump()
+                    )
                     for s in run.shards
                 ]
-                write_json_atomic(
-                    fanout.group_manifest(self.run_dir, run.group, str(run.id)), {"cached": 0, "results": results}
+                identity = workers.worker_identity().model_dump()
+                GroupManifest(**identity, flow_run_id=str(run.id), cached=0, results=results).save(
+                    fanout.group_manifest(self.run_dir, run.group, str(run.id))
                 )
         return run
 
@@ -200,7 +200,7 @@ def test_a_worker_that_cannot_start_the_engine_hands_its_groups_on_and_tries_onc
     _, (results, _) = dispatch(tmp_path, pool, groups=2, max_attempts=1)  # hand-ons are not attempts
     assert [r.shard_index for r in results] == [0, 1]
     assert pool.engine_starts.count("0") == 1, "the unfit worker tried its engine once, then refused at once"
-    assert list(workers.unfit_workers(str(tmp_path))) == [f"{workers.worker_identity()['host']}/gpu-0"]
+    assert list(workers.unfit_workers(str(tmp_path))) == [f"{workers.worker_identity().host}/gpu-0"]
 
     made = list(pool.created)
     _, (again, _) = dispatch(tmp_path, pool, groups=2, max_attempts=1)  # the parent retried: same keys
