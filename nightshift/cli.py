@@ -296,6 +296,7 @@ def _calibrate(planned, job, rows: int, scratch: Path, pricing):
 
     from nightshift.config import CanaryConfig
     from nightshift.estimate import Throughput
+    from nightshift.records import CostReport
     from nightshift.rundir import RunDir
     from nightshift.storage import read_table
 
@@ -321,14 +322,13 @@ def _calibrate(planned, job, rows: int, scratch: Path, pricing):
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
-    report = json.loads(RunDir(scratch / "calibration").report_json.read_text())
-    if not report.get("tokens_per_second"):
+    report = CostReport.load(RunDir(scratch / "calibration").report_json)
+    if not report.tokens_per_second_per_engine:
         return None
-    finished = report["rows"] - report["failed"]
     return Throughput(
-        tokens_per_second=report["tokens_per_second"] / max(report.get("engine_slots") or 1, 1),
+        tokens_per_second=report.tokens_per_second_per_engine,
         source=f"calibration: {taken} rows of this input, run just now on {pricing.accelerator}",
-        completion_per_row=report["completion_tokens"] / finished if finished else None,
+        completion_per_row=report.completion_per_row,
     )
 
 
@@ -408,7 +408,7 @@ def _report(args) -> int:
         print(f"nightshift: {args.run_dir} is not a run directory (no plan/manifest.json or job.json)", file=sys.stderr)
         return 2
     report = write_report(run_dir)
-    print(json.dumps(report, indent=2) if args.format == "json" else run_dir.report_markdown.read_text())
+    print(json.dumps(report.figures(), indent=2) if args.format == "json" else run_dir.report_markdown.read_text())
     return 0
 
 

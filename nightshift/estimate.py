@@ -38,7 +38,7 @@ from pydantic import BaseModel, Field
 
 from nightshift.config import JobSpec
 from nightshift.openai_format import CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL
-from nightshift.records import Plan
+from nightshift.records import CostReport, Plan
 from nightshift.rundir import RunDir
 from nightshift.storage import read_table
 
@@ -173,19 +173,18 @@ def throughput_from_history(root: str | Path, job: JobSpec, accelerator: str) ->
     for report_path in sorted(RunDir.reports_under(root), key=str):
         run = report_path.parent
         try:
-            report = json.loads(report_path.read_text())
+            report = CostReport.load(report_path)
             earlier = JobSpec.load(RunDir(run).job)
         except (OSError, ValueError):
             continue
-        if earlier.output_fingerprint() != fingerprint or report.get("accelerator") != accelerator:
+        if earlier.output_fingerprint() != fingerprint or report.accelerator != accelerator:
             continue
-        if not report.get("tokens_per_second") or report.get("served_without_generating", {}).get("rows"):
+        if not report.tokens_per_second_per_engine or report.served_without_generating.rows:
             continue  # a run answered partly from a cache says nothing about the engine's speed
-        rates.append(report["tokens_per_second"] / max(report.get("engine_slots") or 1, 1))
-        stragglers += [s["times_median"] for s in report.get("stragglers") or [] if s.get("times_median")]
-        finished = report.get("rows", 0) - report.get("failed", 0)
-        if finished > 0:
-            per_row.append(report["completion_tokens"] / finished)
+        rates.append(report.tokens_per_second_per_engine)
+        stragglers += [s.times_median for s in report.stragglers if s.times_median]
+        if report.completion_per_row is not None:
+            per_row.append(report.completion_per_row)
     if not rates:
         return None
     return Throughput(

@@ -125,6 +125,97 @@ class RunReport(_Record):
         return self.succeeded + self.failed == self.total_rows
 
 
+class Straggler(_Record):
+    shard: int | None = None
+    engine_seconds: float | None = None
+    times_median: float | None = None
+
+
+class NotGenerated(_Record):
+    """Deterministic rows answered by an identical row or the result cache: tokens and $ not spent."""
+
+    rows: int = 0
+    tokens: int = 0
+    cost_saved_on_demand: float = 0.0
+
+
+class Projection(_Record):
+    rows: int
+    hours: float | None
+    cost_on_demand: float | None
+    cost_spot: float | None
+
+
+_VALIDATION_FIGURES = {"validated", "validation_failures", "validation_seconds", "validation_cost_on_demand",
+                       "validation_checks"}  # fmt: skip
+
+
+class CostReport(_Record):
+    """`report.json`: a run's rows, throughput and money, measured from its files and priced
+    (tasks/report.py). `nightshift plan` reads earlier nights' reports as its history; the
+    figures it needs are required, the rest may be missing from a report of an older version."""
+
+    rows: int
+    failed: int
+    completion_tokens: int
+    tokens_per_second: float | None = Field(description="tokens the engines generated per second of the run")
+    engine_slots: int = Field(description="engines that ran side by side (GPUs billed)")
+    accelerator: str
+    run_dir: str = ""
+    model: str = ""
+    prompt_tokens: int = 0
+    total_tokens: int = 0
+    truncation_share: float = 0.0
+    errors_by_code: dict[str, int] = Field(default_factory=dict)
+    max_model_len: int | None = Field(None, description="the context the engine ran with")
+    generate_seconds: float | None = None
+    engine_seconds_summed: float | None = None
+    served_without_generating: NotGenerated = Field(default_factory=NotGenerated)
+    output_tokens_per_second: float | None = None
+    accelerator_hours: float = 0.0
+    cost_on_demand: float = 0.0
+    cost_spot: float = 0.0
+    cost_per_million_tokens: float | None = None
+    cost_per_million_tokens_spot: float | None = None
+    cost_per_million_output_tokens: float | None = None
+    cost_per_million_output_tokens_spot: float | None = None
+    gpu_name: str | None = None
+    gpu_count: int = 0
+    gpu_telemetry: str | None = None
+    gpu_utilization_mean: float | None = None
+    gpu_memory_mib_mean: float | None = None
+    gpu_power_w_mean: float | None = None
+    stragglers: list[Straggler] = Field(default_factory=list, description="slowest shards against the median")
+    rows_per_second: float | None = None
+    cost_per_million_rows: float | None = None
+    cost_per_million_rows_spot: float | None = None
+    managed_api_cost: dict[str, float] = Field(default_factory=dict, description="the same tokens at list prices")
+    projection: Projection | None = None
+    # present once the canary stage has written its verdict
+    validated: bool | None = None
+    validation_failures: list[str] | None = None
+    validation_seconds: float | None = None
+    validation_cost_on_demand: float | None = None
+    validation_checks: dict[str, dict] | None = None
+
+    def figures(self) -> dict:
+        """report.json's content: a run not validated (yet) has no validation figures, rather than nulls."""
+        return self.model_dump(exclude=_VALIDATION_FIGURES if self.validated is None else set())
+
+    def save(self, path: Path) -> None:
+        write_json_atomic(path, self.figures())
+
+    @property
+    def tokens_per_second_per_engine(self) -> float | None:
+        """What one engine (one GPU slot) generated per second: the throughput a plan scales."""
+        return self.tokens_per_second / max(self.engine_slots, 1) if self.tokens_per_second else None
+
+    @property
+    def completion_per_row(self) -> float | None:
+        finished = self.rows - self.failed
+        return self.completion_tokens / finished if finished > 0 else None
+
+
 class ProgressSnapshot(_Record):
     """progress.json (`RunDir.progress`): a live run's rows finished so far, its speed and ETA,
     rewritten as chunks land; `nightshift status`, the Batch API and the console read it."""

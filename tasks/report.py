@@ -20,8 +20,8 @@ from prefect import get_run_logger, task
 from nightshift.chunks import best_rows_sql, chunk_files, shard_cache_key, sql_path_list
 from nightshift.config import JobSpec
 from nightshift.estimate import managed_api_cost
-from nightshift.records import EngineTime, Plan, RowTotals, ShardMetrics, Verdict
-from nightshift.rundir import RunDir, write_json_atomic
+from nightshift.records import CostReport, EngineTime, Plan, RowTotals, ShardMetrics, Verdict
+from nightshift.rundir import RunDir
 from nightshift.storage import duckdb_connection, local_copies, sql_path, written_whole
 
 
@@ -30,25 +30,25 @@ def build_report(
     pricing: GpuPricing | None = None,
     managed: ManagedApiPrices | None = None,
     project_rows: int = 1_000_000,
-) -> dict:
+) -> CostReport:
     """report.json's content: the run's rows and engine time, measured from its files, priced."""
     pricing, managed = pricing or GpuPricing(), managed or ManagedApiPrices()
     plan, job = Plan.load(run_dir.plan_manifest), JobSpec.load(run_dir.job)
     outputs = [run_dir.shard_output(shard_cache_key(s, job)) for s in plan.shards]
     totals = row_totals(run_dir, outputs)
-    report: dict = {
-        "run_dir": str(run_dir.root),
-        "model": job.served_model_name,
-        "rows": totals.rows,
-        "failed": totals.rows - totals.succeeded,
-        "prompt_tokens": totals.prompt_tokens,
-        "completion_tokens": totals.completion_tokens,
-        "total_tokens": totals.prompt_tokens + totals.completion_tokens,
-        "truncation_share": round(totals.truncation_share, 4),
-        "errors_by_code": _errors_by_code(run_dir),
+    return CostReport(
+        run_dir=str(run_dir.root),
+        model=job.served_model_name,
+        rows=totals.rows,
+        failed=totals.rows - totals.succeeded,
+        prompt_tokens=totals.prompt_tokens,
+        completion_tokens=totals.completion_tokens,
+        total_tokens=totals.prompt_tokens + totals.completion_tokens,
+        truncation_share=round(totals.truncation_share, 4),
+        errors_by_code=_errors_by_code(run_dir),
         **_validation_figures(run_dir, pricing),
-    }
-    return {**report, **priced(totals, engine_time(outputs), pricing, managed, project_rows)}
+        **priced(totals, engine_time(outputs), pricing, managed, project_rows),
+    )
 
 
 def row_totals(run_dir: RunDir, shard_outputs: list[Path]) -> RowTotals:
@@ -241,71 +241,69 @@ def _errors_by_code(run_dir: RunDir) -> dict:
     return summary.get("errors_by_code", {})
 
 
-def render_markdown(report: dict, chart: str | None) -> str:
+def render_markdown(report: CostReport, chart: str | None) -> str:
     def fmt(value, unit="", digits=2):
         return "n/a" if value is None else f"{value:,.{digits}f}{unit}"
 
     gpu = (
-        f"{report['gpu_count']} × {report['gpu_name']}, utilization {fmt(report['gpu_utilization_mean'], ' %', 1)}"
-        if report["gpu_name"]
-        else f"no GPU telemetry: {report['gpu_telemetry']} (GPU fields are null)"
+        f"{report.gpu_count} × {report.gpu_name}, utilization {fmt(report.gpu_utilization_mean, ' %', 1)}"
+        if report.gpu_name
+        else f"no GPU telemetry: {report.gpu_telemetry} (GPU fields are null)"
     )
-    saved = report["served_without_generating"]
+    saved = report.served_without_generating
     lines = [
-        f"# Nightshift run report — {Path(report['run_dir']).name}",
+        f"# Nightshift run report — {Path(report.run_dir).name}",
         "",
-        f"Model **{report['model']}** (context {fmt(report.get('max_model_len'), ' tokens', 0)}) on "
-        f"**{report['accelerator']}**. {gpu}.",
+        f"Model **{report.model}** (context {fmt(report.max_model_len, ' tokens', 0)}) on "
+        f"**{report.accelerator}**. {gpu}.",
         "",
         "| figure | value |",
         "|---|---|",
-        f"| rows (failed) | {report['rows']:,} ({report['failed']:,}) |",
-        f"| prompt / completion tokens | {report['prompt_tokens']:,} / {report['completion_tokens']:,} |",
-        f"| generate time | {fmt(report['generate_seconds'], ' s', 1)} |",
-        f"| tokens/s (output tokens/s) | {fmt(report['tokens_per_second'], '', 1)} "
-        f"({fmt(report['output_tokens_per_second'], '', 1)}) |",
-        f"| rows/s (documents/s) | {fmt(report.get('rows_per_second'), '', 1)} |",
-        f"| accelerator-hours | {fmt(report['accelerator_hours'], '', 4)} |",
-        f"| cost on demand / spot | ${fmt(report['cost_on_demand'], '', 4)} / ${fmt(report['cost_spot'], '', 4)} |",
-        f"| $ per 1M tokens, on demand / spot | {fmt(report['cost_per_million_tokens'], '', 4)} / "
-        f"{fmt(report['cost_per_million_tokens_spot'], '', 4)} |",
-        f"| $ per 1M output tokens, on demand / spot | {fmt(report['cost_per_million_output_tokens'], '', 4)} / "
-        f"{fmt(report['cost_per_million_output_tokens_spot'], '', 4)} |",
-        f"| $ per 1M rows, on demand / spot | {fmt(report.get('cost_per_million_rows'), '', 4)} / "
-        f"{fmt(report.get('cost_per_million_rows_spot'), '', 4)} |",
-        f"| truncated (finish_reason = length) | {100 * report['truncation_share']:.1f} % |",
-        f"| answered from an identical row or the result cache, not generated | {saved['rows']:,} rows, "
-        f"{saved['tokens']:,} tokens, ${fmt(saved['cost_saved_on_demand'], '', 4)} saved |",
-        f"| projected for {report['projection']['rows']:,} rows | {fmt(report['projection']['hours'], ' h', 2)}, "
-        f"${fmt(report['projection']['cost_on_demand'], '', 2)} on demand, "
-        f"${fmt(report['projection']['cost_spot'], '', 2)} spot |",
+        f"| rows (failed) | {report.rows:,} ({report.failed:,}) |",
+        f"| prompt / completion tokens | {report.prompt_tokens:,} / {report.completion_tokens:,} |",
+        f"| generate time | {fmt(report.generate_seconds, ' s', 1)} |",
+        f"| tokens/s (output tokens/s) | {fmt(report.tokens_per_second, '', 1)} "
+        f"({fmt(report.output_tokens_per_second, '', 1)}) |",
+        f"| rows/s (documents/s) | {fmt(report.rows_per_second, '', 1)} |",
+        f"| accelerator-hours | {fmt(report.accelerator_hours, '', 4)} |",
+        f"| cost on demand / spot | ${fmt(report.cost_on_demand, '', 4)} / ${fmt(report.cost_spot, '', 4)} |",
+        f"| $ per 1M tokens, on demand / spot | {fmt(report.cost_per_million_tokens, '', 4)} / "
+        f"{fmt(report.cost_per_million_tokens_spot, '', 4)} |",
+        f"| $ per 1M output tokens, on demand / spot | {fmt(report.cost_per_million_output_tokens, '', 4)} / "
+        f"{fmt(report.cost_per_million_output_tokens_spot, '', 4)} |",
+        f"| $ per 1M rows, on demand / spot | {fmt(report.cost_per_million_rows, '', 4)} / "
+        f"{fmt(report.cost_per_million_rows_spot, '', 4)} |",
+        f"| truncated (finish_reason = length) | {100 * report.truncation_share:.1f} % |",
+        f"| answered from an identical row or the result cache, not generated | {saved.rows:,} rows, "
+        f"{saved.tokens:,} tokens, ${fmt(saved.cost_saved_on_demand, '', 4)} saved |",
+        f"| projected for {report.projection.rows:,} rows | {fmt(report.projection.hours, ' h', 2)}, "
+        f"${fmt(report.projection.cost_on_demand, '', 2)} on demand, "
+        f"${fmt(report.projection.cost_spot, '', 2)} spot |",
         "",
         "The same tokens on managed batch APIs (list prices as configured): "
-        + ", ".join(f"{name} ${cost:,.4f}" for name, cost in report["managed_api_cost"].items()),
+        + ", ".join(f"{name} ${cost:,.4f}" for name, cost in report.managed_api_cost.items()),
         "",
     ]
-    if report["stragglers"]:
+    if report.stragglers:
         lines += ["Slowest shards against the median:", ""]
-        lines += [
-            f"- shard {s['shard']}: {s['engine_seconds']} s ({s['times_median']}× median)" for s in report["stragglers"]
-        ]
+        lines += [f"- shard {s.shard}: {s.engine_seconds} s ({s.times_median}× median)" for s in report.stragglers]
         lines.append("")
-    if report["errors_by_code"]:
-        lines.append("Errors by code: " + ", ".join(f"`{c}` {n}" for c, n in report["errors_by_code"].items()))
+    if report.errors_by_code:
+        lines.append("Errors by code: " + ", ".join(f"`{c}` {n}" for c, n in report.errors_by_code.items()))
         lines.append("")
     if chart:
         lines += [f"![tokens/s and GPU utilization over the run]({chart})", ""]
-    if "validated" in report:
+    if report.validated is not None:
         cost = (
-            f" in {report['validation_seconds']:.1f} s (${report['validation_cost_on_demand']:.4f} on demand)"
-            if report.get("validation_seconds") is not None
+            f" in {report.validation_seconds:.1f} s (${report.validation_cost_on_demand:.4f} on demand)"
+            if report.validation_seconds is not None
             else ""
         )
-        lines += ["## Validation", "", f"**{'Validated' if report['validated'] else 'NOT validated'}**{cost}", ""]
-        lines += [f"- {failure}" for failure in report["validation_failures"]]
+        lines += ["## Validation", "", f"**{'Validated' if report.validated else 'NOT validated'}**{cost}", ""]
+        lines += [f"- {failure}" for failure in report.validation_failures]
         lines += [
             f"- {name}: " + ", ".join(f"{k} {v}" for k, v in check.items())
-            for name, check in report["validation_checks"].items()
+            for name, check in report.validation_checks.items()
         ]
     return "\n".join(lines) + "\n"
 
@@ -376,10 +374,12 @@ def _chunk_landings(run_dir: RunDir) -> dict[int, int]:
     return dict(rows)
 
 
-def write_report(run_dir: RunDir, pricing: GpuPricing | None = None, managed: ManagedApiPrices | None = None) -> dict:
+def write_report(
+    run_dir: RunDir, pricing: GpuPricing | None = None, managed: ManagedApiPrices | None = None
+) -> CostReport:
     report = build_report(run_dir, pricing, managed)
     chart = render_chart(run_dir, run_dir.report_chart)
-    write_json_atomic(run_dir.report_json, report)
+    report.save(run_dir.report_json)
     with written_whole(run_dir.report_markdown) as tmp:
         tmp.write_text(render_markdown(report, chart.name if chart else None))
     return report
@@ -404,7 +404,7 @@ def trend(root: Path) -> list[dict]:
 
 
 @task(name="cost-report")
-def cost_report(run_dir: str, pricing: GpuPricing | None = None, managed: ManagedApiPrices | None = None) -> dict:
+def cost_report(run_dir: str, pricing: GpuPricing | None = None, managed: ManagedApiPrices | None = None) -> CostReport:
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     rd = RunDir(run_dir)
@@ -415,7 +415,7 @@ def cost_report(run_dir: str, pricing: GpuPricing | None = None, managed: Manage
         markdown=artifact_markdown(rd),
         description="Nightshift cost and throughput report",
     )
-    table = {k: v for k, v in report.items() if not isinstance(v, (dict, list))}
+    table = {k: v for k, v in report.figures().items() if not isinstance(v, (dict, list))}
     create_table_artifact(key=f"nightshift-figures-{key}", table=[table], description="Nightshift run figures")
     get_run_logger().info(cost_line(report))
     return report
@@ -434,13 +434,13 @@ def artifact_markdown(run_dir: RunDir) -> str:
     return markdown
 
 
-def cost_line(report: dict) -> str:
+def cost_line(report: CostReport) -> str:
     """The report in one log line: throughput and what the run cost."""
-    rate = report.get("tokens_per_second")
-    per_million = report.get("cost_per_million_tokens")
+    rate = report.tokens_per_second
+    per_million = report.cost_per_million_tokens
     return (
-        f"cost: ${report['cost_on_demand']:.4f} on demand, ${report['cost_spot']:.4f} spot "
-        f"({report['accelerator_hours']:.4f} {report['accelerator']}-hours); "
+        f"cost: ${report.cost_on_demand:.4f} on demand, ${report.cost_spot:.4f} spot "
+        f"({report.accelerator_hours:.4f} {report.accelerator}-hours); "
         f"{f'{rate:,.0f} tokens/s' if rate else 'nothing generated'}"
         + (f", ${per_million:.4f} per 1M tokens" if per_million else "")
     )

@@ -241,12 +241,12 @@ def test_cost_per_million_tokens_is_the_pricing_blocks_arithmetic(mixed_run):
     _, run_dir, _ = mixed_run
     pricing = GpuPricing(accelerator="H100", accelerators=8, on_demand_per_hour=4.0, spot_per_hour=1.5)
     report = build_report(RunDir(run_dir), pricing)
-    hours = report["generate_seconds"] / 3600
-    tokens = report["prompt_tokens"] + report["completion_tokens"]
-    assert report["cost_per_million_tokens"] == pytest.approx(hours * 8 * 4.0 / (tokens / 1e6), rel=1e-3)
-    assert report["cost_per_million_tokens_spot"] == pytest.approx(hours * 8 * 1.5 / (tokens / 1e6), rel=1e-3)
-    assert report["cost_per_million_output_tokens"] == pytest.approx(
-        hours * 8 * 4.0 / (report["completion_tokens"] / 1e6), rel=1e-3
+    hours = report.generate_seconds / 3600
+    tokens = report.prompt_tokens + report.completion_tokens
+    assert report.cost_per_million_tokens == pytest.approx(hours * 8 * 4.0 / (tokens / 1e6), rel=1e-3)
+    assert report.cost_per_million_tokens_spot == pytest.approx(hours * 8 * 1.5 / (tokens / 1e6), rel=1e-3)
+    assert report.cost_per_million_output_tokens == pytest.approx(
+        hours * 8 * 4.0 / (report.completion_tokens / 1e6), rel=1e-3
     )
 
 

@@ -67,22 +67,22 @@ def run_dir(tmp_path):
 def test_billed_hours_add_up_each_engine_slot_and_cost_follows_the_pricing_block(run_dir):
     pricing = GpuPricing(accelerator="H100", accelerators=2, on_demand_per_hour=4.0, spot_per_hour=1.5)
     report = build_report(run_dir, pricing)
-    assert report["engine_slots"] == 2 and report["generate_seconds"] == 5400.0
-    assert report["accelerator_hours"] == pytest.approx(2 * 1.0 * 2)  # two slots of one hour, two GPUs each
-    assert report["cost_on_demand"] == pytest.approx(16.0) and report["cost_spot"] == pytest.approx(6.0)
-    assert report["total_tokens"] == 750 and report["rows"] == 4 and report["failed"] == 1
-    assert report["cost_per_million_tokens"] == pytest.approx(16.0 / 750 * 1e6)
-    assert report["truncation_share"] == pytest.approx(1 / 3, abs=1e-4)
-    assert report["max_model_len"] == 2048
+    assert report.engine_slots == 2 and report.generate_seconds == 5400.0
+    assert report.accelerator_hours == pytest.approx(2 * 1.0 * 2)  # two slots of one hour, two GPUs each
+    assert report.cost_on_demand == pytest.approx(16.0) and report.cost_spot == pytest.approx(6.0)
+    assert report.total_tokens == 750 and report.rows == 4 and report.failed == 1
+    assert report.cost_per_million_tokens == pytest.approx(16.0 / 750 * 1e6)
+    assert report.truncation_share == pytest.approx(1 / 3, abs=1e-4)
+    assert report.max_model_len == 2048
 
 
 def test_rows_answered_without_generating_are_counted_apart_with_the_money_they_saved(run_dir):
     report = build_report(run_dir, GpuPricing(on_demand_per_hour=4.0, accelerators=1))
-    saved = report["served_without_generating"]
+    saved = report.served_without_generating
     generated = 750 - 150  # the duplicate's 150 tokens were never generated
-    assert saved["rows"] == 1 and saved["tokens"] == 150
-    assert report["tokens_per_second"] == pytest.approx(generated / 5400, abs=0.005)  # rounded to 2 places
-    assert saved["cost_saved_on_demand"] == pytest.approx(report["cost_on_demand"] * 150 / generated, rel=1e-3)
+    assert saved.rows == 1 and saved.tokens == 150
+    assert report.tokens_per_second == pytest.approx(generated / 5400, abs=0.005)  # rounded to 2 places
+    assert saved.cost_saved_on_demand == pytest.approx(report.cost_on_demand * 150 / generated, rel=1e-3)
 
 
 def test_pricing_is_arithmetic_on_the_measured_records_alone():
