@@ -34,7 +34,6 @@ from prefect import get_run_logger, task
 
 from nightshift.canaries import CANARY_PREFIX, CanaryFailure, check_expectations, load_canaries
 from nightshift.config import CanaryConfig, JobSpec
-from nightshift.engine import current_engine, shutdown_engine
 from nightshift.models import local_model, weight_bytes
 from nightshift.oracle import oracle_check
 from nightshift.records import (
@@ -59,111 +58,143 @@ def validate(run_dir: RunDir, job: JobSpec, config: CanaryConfig) -> Verdict:
     """The verdict on the merged run in `run_dir` (checks, failures, where they ran); the caller
     decides where it is written."""
     started = time.monotonic()
-    checks: dict[str, Check] = {}
-    failures: list[str] = []
-
+    checks: dict[str, tuple[Check, str | None]] = {}  # name → (the check, why it failed or None)
     if config.canaries:
-        expected = {row.custom_id: expect for row, expect in load_canaries(config.canaries)}
-        with duckdb_connection() as con:
-            got = dict(
-                con.sql(f"SELECT custom_id, text FROM read_parquet('{sql_path(run_dir.canary_results)}')").fetchall()
-            )
-        results = []
-        for custom_id, expect in expected.items():
-            problems = check_expectations(got.get(custom_id), expect)
-            canary = custom_id.removeprefix(CANARY_PREFIX)
-            results.append(
-                CanaryOutcome(canary=canary, passed=not problems, problems=problems, text=got.get(custom_id))
-            )
-        pass_rate = sum(r.passed for r in results) / len(results)
-        checks["canaries"] = CanariesCheck(pass_rate=pass_rate, min_pass_rate=config.min_pass_rate, results=results)
-        if pass_rate < config.min_pass_rate:
-            failed = [f"{r.canary} ({'; '.join(r.problems)})" for r in results if not r.passed]
-            failures.append(f"canaries passed {pass_rate:.0%} < {config.min_pass_rate:.0%}: " + ", ".join(failed))
-
-    samples, chat_rows = _greedy_chat_rows(run_dir, job, max(config.oracle_samples, config.determinism_samples))
-    skipped = _too_big_here(local_model(config.oracle_model or job.engine.model)) if samples else None
-    if chat_rows and not samples:
-        skipped = f"none of the run's {chat_rows} chat rows is greedy (temperature 0) and unconstrained"
+        checks["canaries"] = _canaries_check(run_dir, config)
+    samples, skipped = _greedy_samples(run_dir, job, config)
     if skipped:  # said, not attempted, and not a failure: an 8B model on a CPU orchestrator, no row to check
         for name, wanted in (("oracle", config.oracle_samples), ("determinism", config.determinism_samples)):
             if wanted:
-                checks[name] = SkippedCheck(skipped=skipped)
-        samples = []
-    # One re-run on the engine serves both checks: the determinism check compares its text, the
-    # oracle scores its token ids (the run's own tokens: re-tokenizing the text may split it
-    # otherwise).
-    loaded_for_checks = current_engine() is None
-    again = _rerun(samples, job) if samples else {}
-    if samples and loaded_for_checks:  # on a GPU, the reference needs the memory the engine holds
-        shutdown_engine()
+                checks[name] = (SkippedCheck(skipped=skipped), None)
+    again = _rerun_once(samples, job)
     if config.oracle_samples and samples:
-        oracle = [
-            OracleOutcome(**outcome)
-            for outcome in oracle_check(
-                [
-                    {**s, "token_ids": _token_ids(again.get(s["custom_id"]), s["text"])}
-                    for s in samples[: config.oracle_samples]
-                ],
-                local_model(config.oracle_model or job.engine.model),
-                config.oracle_tokens,
-                config.oracle_top_k,
-                config.oracle_logprob_tolerance,
-            )
-        ]
-        agreement = sum(o.agrees for o in oracle) / len(oracle)
-        checks["oracle"] = OracleCheck(
-            agreement=agreement,
-            min_agreement=config.oracle_min_agreement,
-            reference=config.oracle_model or job.engine.model,
-            tokens=config.oracle_tokens,
-            top_k=config.oracle_top_k,
-            logprob_tolerance=config.oracle_logprob_tolerance,
-            results=oracle,
-        )
-        if agreement < config.oracle_min_agreement:
-            disagree = [o.custom_id for o in oracle if not o.agrees]
-            failures.append(
-                f"oracle agreement {agreement:.0%} < {config.oracle_min_agreement:.0%} "
-                f"(the run's tokens are not what transformers on the reference weights expects for "
-                f"{', '.join(disagree)})"
-            )
-
-    embedded = _embedded_rows(run_dir, job, config.oracle_samples)
-    if embedded:
-        reference = config.oracle_model or job.engine.model
-        checked = _embedding_oracle(embedded, local_model(reference))
-        checks["embedding_oracle"] = EmbeddingOracleCheck(
-            min_cosine=min(c.cosine for c in checked),
-            required=config.embedding_min_cosine,
-            reference=reference,
-            results=checked,
-        )
-        below = [c.custom_id for c in checked if c.cosine < config.embedding_min_cosine]
-        if below:
-            failures.append(
-                f"embedding cosine below {config.embedding_min_cosine} against transformers on the reference "
-                f"weights for {', '.join(below)}"
-            )
-
+        checks["oracle"] = _oracle_check(samples[: config.oracle_samples], again, job, config)
+    if embedded := _embedded_rows(run_dir, job, config.oracle_samples):
+        checks["embedding_oracle"] = _embedding_check(embedded, job, config)
     if config.determinism_samples and samples:
-        rerun = [
-            DeterminismOutcome(custom_id=s["custom_id"], same=_text(again.get(s["custom_id"])) == s["text"])
-            for s in samples[: config.determinism_samples]
-        ]
-        checks["determinism"] = DeterminismCheck(same=sum(r.same for r in rerun), of=len(rerun), results=rerun)
-        if not all(r.same for r in rerun):
-            failures.append(
-                "re-running with the same seed changed the output of "
-                + ", ".join(r.custom_id for r in rerun if not r.same)
-            )
-
+        checks["determinism"] = _determinism_check(samples[: config.determinism_samples], again)
+    failures = [failure for _, failure in checks.values() if failure]
     return Verdict(
         validated=not failures,
-        checks=checks,
+        checks={name: check for name, (check, _) in checks.items()},
         failures=failures,
         seconds=round(time.monotonic() - started, 2),
         where={**worker_identity().model_dump(), "flow_run_id": _flow_run_id()},
+    )
+
+
+def _canaries_check(run_dir: RunDir, config: CanaryConfig) -> tuple[CanariesCheck, str | None]:
+    """The canary rows that rode inside the shards against their expectations."""
+    expected = {row.custom_id: expect for row, expect in load_canaries(config.canaries)}
+    with duckdb_connection() as con:
+        got = dict(
+            con.sql(f"SELECT custom_id, text FROM read_parquet('{sql_path(run_dir.canary_results)}')").fetchall()
+        )
+    results = []
+    for custom_id, expect in expected.items():
+        problems = check_expectations(got.get(custom_id), expect)
+        canary = custom_id.removeprefix(CANARY_PREFIX)
+        results.append(CanaryOutcome(canary=canary, passed=not problems, problems=problems, text=got.get(custom_id)))
+    pass_rate = sum(r.passed for r in results) / len(results)
+    check = CanariesCheck(pass_rate=pass_rate, min_pass_rate=config.min_pass_rate, results=results)
+    if pass_rate >= config.min_pass_rate:
+        return check, None
+    failed = [f"{r.canary} ({'; '.join(r.problems)})" for r in results if not r.passed]
+    return check, f"canaries passed {pass_rate:.0%} < {config.min_pass_rate:.0%}: " + ", ".join(failed)
+
+
+def _greedy_samples(run_dir: RunDir, job: JobSpec, config: CanaryConfig) -> tuple[list[dict], str | None]:
+    """The rows the oracle and determinism checks sample, or why they are skipped."""
+    samples, chat_rows = _greedy_chat_rows(run_dir, job, max(config.oracle_samples, config.determinism_samples))
+    skipped = None
+    if samples:
+        from nightshift.engine import current_engine  # vLLM: only where there are rows to re-run
+
+        skipped = _too_big_here(local_model(config.oracle_model or job.engine.model), current_engine() is not None)
+    if chat_rows and not samples:
+        skipped = f"none of the run's {chat_rows} chat rows is greedy (temperature 0) and unconstrained"
+    return ([], skipped) if skipped else (samples, None)
+
+
+def _rerun_once(samples: list[dict], job: JobSpec) -> dict:
+    """One re-run on the engine serves both checks: the determinism check compares its text, the
+    oracle scores its token ids (the run's own tokens: re-tokenizing the text may split it
+    otherwise). An engine loaded for it is shut down after: on a GPU, the reference needs its
+    memory."""
+    from nightshift.engine import current_engine, shutdown_engine  # vLLM: only where rows are re-run
+
+    if not samples:
+        return {}
+    loaded_for_checks = current_engine() is None
+    again = _rerun(samples, job)
+    if loaded_for_checks:
+        shutdown_engine()
+    return again
+
+
+def _oracle_check(
+    samples: list[dict], again: dict, job: JobSpec, config: CanaryConfig
+) -> tuple[OracleCheck, str | None]:
+    """The run's tokens scored teacher-forced by transformers on the reference weights."""
+    scored = oracle_check(
+        [{**s, "token_ids": _token_ids(again.get(s["custom_id"]), s["text"])} for s in samples],
+        local_model(config.oracle_model or job.engine.model),
+        config.oracle_tokens,
+        config.oracle_top_k,
+        config.oracle_logprob_tolerance,
+    )
+    oracle = [OracleOutcome(**outcome) for outcome in scored]
+    agreement = sum(o.agrees for o in oracle) / len(oracle)
+    check = OracleCheck(
+        agreement=agreement,
+        min_agreement=config.oracle_min_agreement,
+        reference=config.oracle_model or job.engine.model,
+        tokens=config.oracle_tokens,
+        top_k=config.oracle_top_k,
+        logprob_tolerance=config.oracle_logprob_tolerance,
+        results=oracle,
+    )
+    if agreement >= config.oracle_min_agreement:
+        return check, None
+    disagree = [o.custom_id for o in oracle if not o.agrees]
+    return check, (
+        f"oracle agreement {agreement:.0%} < {config.oracle_min_agreement:.0%} "
+        f"(the run's tokens are not what transformers on the reference weights expects for {', '.join(disagree)})"
+    )
+
+
+def _embedding_check(
+    embedded: list[dict], job: JobSpec, config: CanaryConfig
+) -> tuple[EmbeddingOracleCheck, str | None]:
+    """The run's vectors against transformers' on the reference weights."""
+    reference = config.oracle_model or job.engine.model
+    checked = _embedding_oracle(embedded, local_model(reference))
+    check = EmbeddingOracleCheck(
+        min_cosine=min(c.cosine for c in checked),
+        required=config.embedding_min_cosine,
+        reference=reference,
+        results=checked,
+    )
+    below = [c.custom_id for c in checked if c.cosine < config.embedding_min_cosine]
+    if not below:
+        return check, None
+    return check, (
+        f"embedding cosine below {config.embedding_min_cosine} against transformers on the reference "
+        f"weights for {', '.join(below)}"
+    )
+
+
+def _determinism_check(samples: list[dict], again: dict) -> tuple[DeterminismCheck, str | None]:
+    """Sampled rows re-run with the same parameters, seed included, must say the same."""
+    rerun = [
+        DeterminismOutcome(custom_id=s["custom_id"], same=_text(again.get(s["custom_id"])) == s["text"])
+        for s in samples
+    ]
+    check = DeterminismCheck(same=sum(r.same for r in rerun), of=len(rerun), results=rerun)
+    if all(r.same for r in rerun):
+        return check, None
+    return check, "re-running with the same seed changed the output of " + ", ".join(
+        r.custom_id for r in rerun if not r.same
     )
 
 
@@ -354,13 +385,13 @@ def _embedding_oracle(samples: list[dict], reference: str) -> list[EmbeddingOutc
     return results
 
 
-def _too_big_here(model: str) -> str | None:
+def _too_big_here(model: str, engine_here: bool) -> str | None:
     """Why the reference (and an engine for the re-run) cannot be loaded in this process: its
     weights take more than half the memory free here, and this process holds no engine already.
     None when they fit."""
     import psutil
 
-    if current_engine() is not None:  # the run's own engine is here: the re-run costs nothing more
+    if engine_here:  # the run's own engine is here: the re-run costs nothing more
         return None
     weights = weight_bytes(model)
     free = psutil.virtual_memory().available

@@ -40,18 +40,15 @@ def test_every_position_is_scored_on_its_own():
     assert [v["accepted"] for v in score_tokens(logprobs, [0, 0], top_k=1, tolerance=1.0)] == [True, False]
 
 
-def test_a_reference_too_big_for_this_host_is_skipped_with_the_reason(tmp_path, monkeypatch):
-    from nightshift.tasks import canary
+def test_a_reference_too_big_for_this_host_is_skipped_with_the_reason(tmp_path):
     from nightshift.tasks.canary import _too_big_here
-
-    # a process that holds no engine (the suite's session engine may be loaded by earlier tests)
-    monkeypatch.setattr(canary, "current_engine", lambda: None)
 
     huge, small = tmp_path / "huge", tmp_path / "small"
     huge.mkdir(), small.mkdir()
     with open(huge / "model.safetensors", "wb") as f:
         f.truncate(1 << 40)  # 1 TiB, sparse: more than any host here has free
     (small / "model.safetensors").write_bytes(b"\0" * 1024)
-    reason = _too_big_here(str(huge))
+    reason = _too_big_here(str(huge), engine_here=False)
     assert reason.startswith("the reference weights (1024.0 GiB) do not fit this host's free memory")
-    assert _too_big_here(str(small)) is None
+    assert _too_big_here(str(small), engine_here=False) is None
+    assert _too_big_here(str(huge), engine_here=True) is None, "the run's own engine re-runs the rows"
