@@ -445,12 +445,6 @@ def _write_unfinished(input_path: Path, run_dir: RunDir, code: str, message: str
     ).save(run_dir.summary)
 
 
-def _read_json(path) -> dict:
-    import json
-
-    return json.loads(location(path).read_text())
-
-
 def _absolute(path) -> str:
     """A path as workers elsewhere must be given it: a bucket URL as it is, a local path absolute."""
     return str(path) if is_url(str(path)) else str(Path(path).resolve())

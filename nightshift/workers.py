@@ -29,14 +29,18 @@ def heartbeat(run_dir: str, group: str):
     from prefect.runtime import flow_run
 
     path = RunDir(run_dir).group_heartbeat(group, flow_run.id)
-    identity = worker_identity()
-    Heartbeat(**identity.model_dump(), heartbeat=time.time()).save(path)
+    identity = worker_identity().model_dump()
+
+    def beat_now() -> None:
+        Heartbeat(**identity, heartbeat=time.time()).save(path)
+
+    beat_now()
     stop = threading.Event()
 
     def beat() -> None:
         while not stop.wait(HEARTBEAT_INTERVAL_S):
             try:
-                Heartbeat(**identity.model_dump(), heartbeat=time.time()).save(path)
+                beat_now()
             except OSError:  # a missed beat is not fatal; HEARTBEAT_TIMEOUT spans several
                 continue
 

@@ -121,10 +121,10 @@ def _rerun_once(samples: list[dict], job: JobSpec) -> dict:
     oracle scores its token ids (the run's own tokens: re-tokenizing the text may split it
     otherwise). An engine loaded for it is shut down after: on a GPU, the reference needs its
     memory."""
-    from nightshift.engine import current_engine, shutdown_engine  # vLLM: only where rows are re-run
-
     if not samples:
         return {}
+    from nightshift.engine import current_engine, shutdown_engine  # vLLM: only where rows are re-run
+
     loaded_for_checks = current_engine() is None
     again = _rerun(samples, job)
     if loaded_for_checks:
