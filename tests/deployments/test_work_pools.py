@@ -24,7 +24,8 @@ from conftest import REPO, chat_request, read_jsonl, write_jsonl
 from harness import free_port, nightshift_command, wait_until
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
-ROWS = 16
+ROWS = 12  # six shards of two rows, three groups of two shards: one more group than GPU workers
+GROUPS = 3
 
 
 class Stack:
@@ -304,17 +305,17 @@ def lost_worker_run(deployed, gpu_workers, bucket, tmp_path_factory):
     (root / "in.jsonl").write_bytes(requests_file(tmp / "in.jsonl", ROWS).read_bytes())
     run_dir = root / "runs" / "nightly"
     parameters = {**nightly_parameters(root / "in.jsonl", run_dir), "storage": "lake-test"}
-    run = start_nightly(deployed, parameters)  # 8 shards
+    run = start_nightly(deployed, parameters)
 
-    # Let a GPU worker finish a group and start its next, then pull the plug on it.
+    # The worker that finishes a group first takes the third; pull the plug on it mid-group.
     groups = run_dir / "groups"
-    victim = _wait(lambda: next((_slot(m) for m in groups.glob("*/*.json")), None), run, "no group finished")
-    finished = {m.parent.name for m in groups.glob("*/*.json")}
-    _wait(
-        lambda: any(_slot(beat) == victim for beat in groups.glob("*/*.alive") if beat.parent.name not in finished),
-        run,
-        "the worker took no second group",
-    )
+
+    def worker_on_its_second_group():
+        finished = {m.parent.name: _slot(m) for m in groups.glob("*/*.json")}
+        busy = {_slot(beat) for beat in groups.glob("*/*.alive") if beat.parent.name not in finished}
+        return next(iter(busy & set(finished.values()) - {None}), None)
+
+    victim = _wait(worker_on_its_second_group, run, "no worker took a second group")
     time.sleep(3)
     os.killpg(gpu_workers[victim].pid, signal.SIGKILL)
 
@@ -335,7 +336,7 @@ def test_shards_run_on_both_gpu_workers_and_the_merged_output_is_complete(lost_w
     assert_every_row_once(lost_worker_run, ROWS)
     winners = [json.loads(m.read_text()) for m in (lost_worker_run / "groups").glob("*/*.json")]
     assert {w["cuda_visible_devices"] for w in winners} == {"0", "1"}, "shards ran on both GPU workers"
-    assert sorted(r["shard_index"] for w in winners for r in w["results"]) == list(range(8))
+    assert sorted(r["shard_index"] for w in winners for r in w["results"]) == list(range(ROWS // 2))
     report = json.loads((lost_worker_run / "report.json").read_text())
     assert report["accelerator"] == "test-gpu", "the pricing block named by the run was used"
     assert report["engine_slots"] == 2, "two GPUs ran side by side and both are billed"
@@ -368,7 +369,7 @@ def test_the_lost_workers_run_is_shown_crashed_and_its_group_redone(deployed, lo
     did_a_group = [
         c for c in children if (lost_worker_run / "groups" / c["parameters"]["group"] / f"{c['id']}.json").exists()
     ]
-    assert len(did_a_group) == 4, "every group finished once"
+    assert len(did_a_group) == GROUPS, "every group finished once"
 
 
 def test_retrying_the_nightly_run_dispatches_no_group_twice(deployed, lost_worker_run):
