@@ -70,7 +70,6 @@ def batch_inference(
     `batch_expired` error line; the flow run ends Completed, named "Expired".
     """
     from prefect.runtime import flow_run
-    from prefect.states import Completed
 
     deadline_at = parse_deadline(deadline) if deadline else None  # a bad one fails before any work
 
@@ -99,16 +98,7 @@ def batch_inference(
             else:
                 results, cached = generate_here(plan.shards, job, run_dir, checkpoints)
         except DeadlineReached:
-            report = expire_unfinished(run_dir, deadline_at.isoformat(timespec="seconds"))
-            cost_report(run_dir, GpuPricing.load(pricing) if pricing else None)  # how far it got
-            report = report.model_copy(update={"shards": len(plan.shards)})
-            return Completed(
-                name="Expired",
-                message=f"deadline {deadline_at.isoformat(timespec='seconds')} reached: "
-                f"{report.succeeded} of {report.total_rows} rows done, "
-                f"{report.errors_by_code.get('batch_expired', 0)} batch_expired",
-                data=report,
-            )
+            return _expired(run_dir, plan, deadline_at, pricing)
         report = merge_outputs(plan, results, run_dir)
         try:
             # fanned out, the checks run where the engines are: this process may hold neither
@@ -118,6 +108,23 @@ def batch_inference(
         finally:  # a failed validation still gets its cost report, verdict included
             cost_report(run_dir, GpuPricing.load(pricing) if pricing else None)
     return report.model_copy(update={"shards": len(plan.shards), "shards_cached": cached})
+
+
+def _expired(run_dir: str, plan, deadline_at: datetime, pricing: str | None):
+    """The run closed at its deadline: finished rows merged, the others `batch_expired`, the
+    cost report says how far it got; the flow run ends Completed, named "Expired"."""
+    from prefect.states import Completed
+
+    at = deadline_at.isoformat(timespec="seconds")
+    report = expire_unfinished(run_dir, at)
+    cost_report(run_dir, GpuPricing.load(pricing) if pricing else None)
+    report = report.model_copy(update={"shards": len(plan.shards)})
+    expired = report.errors_by_code.get("batch_expired", 0)
+    return Completed(
+        name="Expired",
+        message=f"deadline {at} reached: {report.succeeded} of {report.total_rows} rows done, {expired} batch_expired",
+        data=report,
+    )
 
 
 def scheduled_run_dir(run_dir: str) -> str:

@@ -194,6 +194,10 @@ class CanaryConfig(_Config):
     )
     determinism_samples: int = Field(2, ge=0, description="rows re-run through the engine with the same seed (0: off)")
 
+    def reference(self, job: JobSpec) -> str:
+        """The weights the oracle scores the run against: `oracle_model`, else the job's own."""
+        return self.oracle_model or job.engine.model
+
 
 class FanOut(_Config):
     """Where and how shard groups are dispatched (the flow's `fan_out` parameter)."""

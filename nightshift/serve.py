@@ -14,7 +14,6 @@ storage (nightshift.batch_api): a server killed mid-batch resumes the batch when
 from __future__ import annotations
 
 import ctypes
-import hmac
 import logging
 import os
 import signal
@@ -26,15 +25,8 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
-
-from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.exceptions import HTTPException
 
 from nightshift.batch_api import (
-    ENDPOINTS,
     TERMINAL,
     BatchError,
     BatchErrors,
@@ -47,9 +39,8 @@ from nightshift.batch_api import (
     check_batch_input,
     new_id,
     owner_of,
-    page,
-    window_seconds,
 )
+from nightshift.batch_routes import create_app
 from nightshift.config import BatchApiConfig, ConfigurationError
 from nightshift.deadline import EXIT_EXPIRED
 from nightshift.records import Plan, ProgressSnapshot, RunReport, Verdict
@@ -491,192 +482,6 @@ def _die_with_parent() -> None:
     """A run must not outlive a killed server: the restarted server resumes it instead."""
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-# --- the HTTP API -------------------------------------------------------------------------
-
-
-def create_app(config: BatchApiConfig, store: Store, runner: BatchRunner, owners: set[str]):
-    app = FastAPI(title="Nightshift Batch API", docs_url=None, redoc_url=None)
-
-    class ApiError(Exception):
-        def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
-            self.status, self.message, self.code, self.param = status, message, code, param
-
-    def openai_error(status: int, message: str, code: str | None = None, param: str | None = None, headers=None):
-        body = {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
-        return JSONResponse(body, status_code=status, headers=headers)
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError):
-        return openai_error(exc.status, exc.message, exc.code, exc.param)
-
-    # Every 4xx in OpenAI's shape, which its clients parse into the error's message: never
-    # FastAPI's own `{"detail": …}` (a 422 for a malformed upload, a 404 for an unknown path).
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0]
-        param = str(first["loc"][-1]) if first.get("loc") else None
-        missing = first.get("type") == "missing"
-        message = f"Missing required parameter: '{param}'." if missing else f"Invalid '{param}': {first['msg']}."
-        return openai_error(400, message, "missing_required_parameter" if missing else "invalid_value", param)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException):
-        if exc.status_code == 404:
-            return openai_error(404, f"Unknown request URL: {request.method} {request.url.path}.", "unknown_url")
-        return openai_error(exc.status_code, str(exc.detail), headers=exc.headers)  # a 405 keeps its Allow
-
-    def owner(authorization: str | None = Header(None)) -> str:
-        key = (authorization or "").removeprefix("Bearer ").strip()
-        digest = owner_of(key) if key else ""
-        if not key or not any(hmac.compare_digest(digest, allowed) for allowed in owners):
-            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
-        return digest
-
-    def found_file(file_id: str, who: str) -> StoredFile:
-        stored = store.file(file_id, who)
-        if stored is None:
-            raise ApiError(404, f"No such File object: {file_id}", param="id")
-        return stored
-
-    def found_batch(batch_id: str, who: str) -> StoredBatch:
-        stored = store.batch(batch_id, who)
-        if stored is None:
-            raise ApiError(404, f"No batch found with id '{batch_id}'.", param="id")
-        return stored
-
-    @app.post("/v1/files")
-    def create_file(request: Request, file: UploadFile = File(...), purpose: str = Form(...), who=Depends(owner)):
-        if purpose != "batch":
-            raise ApiError(400, f"Nightshift serves purpose 'batch' only, not {purpose!r}.", param="purpose")
-        if int(request.headers.get("content-length") or 0) > config.max_file_bytes + 65536:
-            raise ApiError(413, f"The file is larger than {config.max_file_bytes} bytes.", param="file")
-        file_id = new_id("file-")
-        size = 0
-        with written_whole(store.path(store.upload_path(file_id))) as tmp, open(tmp, "wb") as out:
-            while block := file.file.read(1 << 20):
-                size += len(block)
-                if size > config.max_file_bytes:
-                    raise ApiError(413, f"The file is larger than {config.max_file_bytes} bytes.", param="file")
-                out.write(block)
-        name = os.path.basename(file.filename or "upload.jsonl")[:255]  # a label only, never a path
-        return store.add_file(file_id, who, name, "batch", size, store.upload_path(file_id)).file.model_dump()
-
-    @app.get("/v1/files")
-    def list_files(
-        purpose: str | None = None,
-        limit: int = Query(10000, ge=1, le=10000),
-        after: str | None = None,
-        order: Literal["asc", "desc"] = "desc",
-        who=Depends(owner),
-    ):
-        files = [f.file for f in store.files(who) if purpose in (None, f.file.purpose)]
-        chosen, more = page(files, limit, after, newest_first=order == "desc")
-        return _listing([f.model_dump() for f in chosen], more)
-
-    @app.get("/v1/files/{file_id}")
-    def retrieve_file(file_id: str, who=Depends(owner)):
-        return found_file(file_id, who).file.model_dump()
-
-    @app.get("/v1/files/{file_id}/content")
-    def file_content(file_id: str, who=Depends(owner)):
-        stored = found_file(file_id, who)
-        handle = store.path(stored.content).open("rb")
-
-        def blocks():
-            with handle:
-                while block := handle.read(1 << 20):
-                    yield block
-
-        return StreamingResponse(blocks(), media_type="application/octet-stream")
-
-    @app.delete("/v1/files/{file_id}")
-    def delete_file(file_id: str, who=Depends(owner)):
-        store.delete_file(found_file(file_id, who))
-        return {"id": file_id, "object": "file", "deleted": True}
-
-    @app.post("/v1/batches")
-    async def create_batch(request: Request, who=Depends(owner)):
-        try:
-            body = await request.json()
-        except ValueError:
-            raise ApiError(400, "The request body is not JSON.") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "The request body must be a JSON object.")
-        endpoint = body.get("endpoint")
-        if endpoint not in ENDPOINTS:
-            raise ApiError(
-                400, f"endpoint must be one of {', '.join(ENDPOINTS)}.", code="invalid_value", param="endpoint"
-            )
-        try:
-            window = window_seconds(str(body.get("completion_window", "")))
-        except ValueError as exc:
-            raise ApiError(400, str(exc), code="invalid_value", param="completion_window") from None
-        metadata = body.get("metadata")
-        if metadata is not None and not (
-            isinstance(metadata, dict)
-            and len(metadata) <= 16
-            and all(
-                isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512
-                for k, v in metadata.items()
-            )
-        ):
-            raise ApiError(400, "metadata holds at most 16 string pairs (keys ≤ 64, values ≤ 512).", param="metadata")
-        source = store.file(str(body.get("input_file_id")), who)
-        if source is None or source.file.purpose != "batch":
-            raise ApiError(400, f"Invalid input_file_id: {body.get('input_file_id')!r}.", param="input_file_id")
-        now = int(time.time())
-        model = config.embedding_model if endpoint == "/v1/embeddings" else config.chat_model
-        batch = BatchObject(
-            id=new_id("batch_"),
-            endpoint=endpoint,
-            input_file_id=source.file.id,
-            completion_window=body["completion_window"],
-            created_at=now,
-            expires_at=now + window,
-            metadata=metadata,
-            model=model,
-        )
-        with runner.lock:
-            store.save_batch(StoredBatch(batch=batch, owner=who))
-        return batch.model_dump()
-
-    @app.get("/v1/batches")
-    def list_batches(limit: int = Query(20, ge=1, le=100), after: str | None = None, who=Depends(owner)):
-        batches = [b.batch for b in store.batches(who)]
-        chosen, more = page(batches, limit, after)
-        return _listing([b.model_dump() for b in chosen], more)
-
-    @app.get("/v1/batches/{batch_id}")
-    def retrieve_batch(batch_id: str, who=Depends(owner)):
-        return found_batch(batch_id, who).batch.model_dump()
-
-    @app.post("/v1/batches/{batch_id}/cancel")
-    def cancel_batch(batch_id: str, who=Depends(owner)):
-        with runner.lock:
-            stored = found_batch(batch_id, who)
-            if stored.batch.status in TERMINAL or stored.batch.status == "cancelling":
-                if stored.batch.status not in ("cancelling", "cancelled"):
-                    raise ApiError(409, f"Cannot cancel a batch with status '{stored.batch.status}'.")
-                return stored.batch.model_dump()
-
-            def cancelling(s: StoredBatch) -> None:
-                s.batch.status, s.batch.cancelling_at = "cancelling", int(time.time())
-
-            return runner.update(batch_id, cancelling).batch.model_dump()
-
-    return app
-
-
-def _listing(data: list[dict], has_more: bool) -> dict:
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-        "has_more": has_more,
-    }
 
 
 def serve(config: BatchApiConfig) -> int:

@@ -110,7 +110,7 @@ def _greedy_samples(run_dir: RunDir, job: JobSpec, config: CanaryConfig) -> tupl
     if samples:
         from nightshift.engine import current_engine  # vLLM: only where there are rows to re-run
 
-        skipped = _too_big_here(local_model(config.oracle_model or job.engine.model), current_engine() is not None)
+        skipped = _too_big_here(local_model(config.reference(job)), current_engine() is not None)
     if chat_rows and not samples:
         skipped = f"none of the run's {chat_rows} chat rows is greedy (temperature 0) and unconstrained"
     return ([], skipped) if skipped else (samples, None)
@@ -138,7 +138,7 @@ def _oracle_check(
     """The run's tokens scored teacher-forced by transformers on the reference weights."""
     scored = oracle_check(
         [{**s, "token_ids": _token_ids(again.get(s["custom_id"]), s["text"])} for s in samples],
-        local_model(config.oracle_model or job.engine.model),
+        local_model(config.reference(job)),
         config.oracle_tokens,
         config.oracle_top_k,
         config.oracle_logprob_tolerance,
@@ -148,7 +148,7 @@ def _oracle_check(
     check = OracleCheck(
         agreement=agreement,
         min_agreement=config.oracle_min_agreement,
-        reference=config.oracle_model or job.engine.model,
+        reference=config.reference(job),
         tokens=config.oracle_tokens,
         top_k=config.oracle_top_k,
         logprob_tolerance=config.oracle_logprob_tolerance,
@@ -167,7 +167,7 @@ def _embedding_check(
     embedded: list[dict], job: JobSpec, config: CanaryConfig
 ) -> tuple[EmbeddingOracleCheck, str | None]:
     """The run's vectors against transformers' on the reference weights."""
-    reference = config.oracle_model or job.engine.model
+    reference = config.reference(job)
     checked = _embedding_oracle(embedded, local_model(reference))
     check = EmbeddingOracleCheck(
         min_cosine=min(c.cosine for c in checked),

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import task
@@ -149,120 +150,27 @@ def _generate(shard: Shard, job: JobSpec, run_dir: RunDir, only_rows: set[int] |
     started = time.monotonic()
     key = shard_cache_key(shard, job)
     output_dir = run_dir.shard_output(key)  # written whole, file by file: no directory to make
-    rows = read_table(shard.path).to_pylist()
-    if only_rows is None:
-        done = rows_on_disk(output_dir)
-        todo = [row for row in rows if row["row_index"] not in done]
-    else:
-        todo = [row for row in rows if row["row_index"] in only_rows]
+    todo = _rows_to_do(read_table(shard.path).to_pylist(), output_dir, only_rows)
     suspects = Suspects(output_dir)
     if only_rows is not None:
         suspects.forgive(only_rows)
     writer = ChunkWriter(output_dir, shard.index, job.chunk_size, key, run_dir)
-
-    ready_rows: list[tuple[PreparedRequest, str | None]] = []  # with the key identical rows share
-    engine = None
-    for row in todo:
-        if row["error"] is not None:
-            writer.add_error(row, json.loads(row["error"]))
-        elif suspects.deaths(row["row_index"]) >= 2:
-            writer.add_error(
-                row,
-                {
-                    "code": "engine_error",
-                    "line": row["line_no"],
-                    "message": "the engine died twice while generating this row; it was set aside",
-                },
-            )
-        else:
-            if engine is None:  # only when some row needs it; an s3:// model must still be the job's
-                local_model(job.engine.model, job.model_identity)
-                engine = get_engine(job.engine)
-                if str(run_dir.root) not in engine.announced:
-                    engine.announced.add(str(run_dir.root))
-                    _story().info(engine.describe())
-            request = json.loads(row["request"])
-            try:
-                ready = prepare_request(
-                    row["row_index"],
-                    row["custom_id"],
-                    request,
-                    job.served_model_name,
-                    _model_aliases(job),
-                    job.model_mismatch,
-                    engine.default_sampling_params,
-                    engine.max_model_len,
-                    engine.runner_type,
-                    engine.model_config,
-                )
-            except RequestRejected as exc:
-                writer.add_error(row, {"code": exc.code, "message": str(exc), "line": row["line_no"]})
-                continue
-            ready_rows.append((ready, duplicate_key(request, ready)))
-
-    # The cheapest token is the one not generated: a deterministic row is answered from the
-    # result cache, or by an identical row already on its way to the engine.
-    by_index = {row["row_index"]: row for row in todo}
-    cache = ResultCache(job.result_cache, job.output_fingerprint()) if job.result_cache else None
-    stored = cache.lookup([cache.key(same) for _, same in ready_rows if same]) if cache else {}
-    prepared: list[PreparedRequest] = []
-    copies: dict[int, list[PreparedRequest]] = {}  # a generated row's key → identical rows that take its output
-    first_of: dict[str, PreparedRequest] = {}
-    shared_key: dict[int, str] = {}
-    for ready, same in ready_rows:
-        if same is not None and cache is not None and cache.key(same) in stored:
-            row = by_index[ready.key]
-            writer.add_stored(
-                row, cached_output_line(row["custom_id"], key, stored[cache.key(same)]), stored[cache.key(same)]
-            )
-        elif same is not None and same in first_of:
-            copies.setdefault(first_of[same].key, []).append(ready)
-        else:
-            if same is not None:
-                first_of[same] = ready
-                shared_key[ready.key] = same
-            prepared.append(ready)
+    engine, ready_rows = _prepare(todo, job, run_dir, writer, suspects)
+    work = _Work.of(ready_rows, todo, job, key, writer)
 
     sampler = GpuSampler().__enter__()
     engine_started = time.time()
-    # Suspects first and alone: if one kills the engine again, it alone is blamed.
-    batches = [[r] for r in prepared if suspects.deaths(r.key)] + [[r for r in prepared if not suspects.deaths(r.key)]]
-    stop = StopSignal(stop_requested, deadline_reached)
     try:
-        for batch in batches:
-            if not batch:
-                continue
-            for request, outcome in engine.generate(batch, stop, grace_seconds()):
-                for answered in [request, *copies.get(request.key, ())]:
-                    row = by_index[answered.key]
-                    if isinstance(outcome, Exception):
-                        writer.add_error(row, _engine_refusal(outcome, row["line_no"]))
-                        continue
-                    source = "engine" if answered is request else "duplicate"
-                    if answered.kind == "embedding":
-                        writer.add_embedding(row, answered, outcome, job.served_model_name, source)
-                        continue
-                    record = writer.add_output(
-                        row, answered.kind, outcome, job.served_model_name, engine.tokenizer, source
-                    )
-                    if cache is not None and source == "engine" and request.key in shared_key:
-                        cache.add(cache.key(shared_key[request.key]), request.kind, record)
-    except EngineFailure as exc:
-        suspects.record(exc.in_flight)
-        raise
-    except Preempted:
-        if stop_requested.is_set():
-            raise
-        raise DeadlineReached(f"shard {shard.index}: stopped at the run's deadline") from None
+        _answer(work, engine, job, writer, suspects, shard)
     finally:
         writer.flush()  # finished rows survive a preemption or an engine fault
-        if cache is not None:
-            cache.flush(key)
+        if work.cache is not None:
+            work.cache.flush(key)
         sampler.__exit__()
     engine_finished = time.time()
     if stop_requested.is_set():
         raise Preempted(f"shard {shard.index}: stopped on SIGTERM")
-    result = _shard_result(shard, key, output_dir, len(prepared), time.monotonic() - started)
+    result = _shard_result(shard, key, output_dir, len(work.to_generate), time.monotonic() - started)
     result.save(RunDir.shard_result(output_dir))
     write_shard_metrics(
         result,
@@ -275,6 +183,124 @@ def _generate(shard: Shard, job: JobSpec, run_dir: RunDir, only_rows: set[int] |
         writer.timeline,
     )
     return result
+
+
+def _rows_to_do(rows: list[dict], output_dir: Path, only_rows: set[int] | None) -> list[dict]:
+    """The shard's rows with no outcome on disk yet — or exactly `only_rows`, to be redone."""
+    if only_rows is None:
+        done = rows_on_disk(output_dir)
+        return [row for row in rows if row["row_index"] not in done]
+    return [row for row in rows if row["row_index"] in only_rows]
+
+
+def _prepare(todo: list[dict], job: JobSpec, run_dir: RunDir, writer: ChunkWriter, suspects: Suspects):
+    """Each row either settled now — a planning error, a row set aside after killing the engine
+    twice, a request the engine's limits reject — or prepared for the engine, with the key that
+    identical rows share. The engine is started only when some row needs it."""
+    ready_rows: list[tuple[PreparedRequest, str | None]] = []
+    engine = None
+    for row in todo:
+        if row["error"] is not None:
+            writer.add_error(row, json.loads(row["error"]))
+            continue
+        if suspects.deaths(row["row_index"]) >= 2:
+            message = "the engine died twice while generating this row; it was set aside"
+            writer.add_error(row, {"code": "engine_error", "line": row["line_no"], "message": message})
+            continue
+        if engine is None:  # an s3:// model must still be the job's
+            local_model(job.engine.model, job.model_identity)
+            engine = get_engine(job.engine)
+            if str(run_dir.root) not in engine.announced:
+                engine.announced.add(str(run_dir.root))
+                _story().info(engine.describe())
+        request = json.loads(row["request"])
+        try:
+            ready = prepare_request(
+                row["row_index"],
+                row["custom_id"],
+                request,
+                job.served_model_name,
+                _model_aliases(job),
+                job.model_mismatch,
+                engine.default_sampling_params,
+                engine.max_model_len,
+                engine.runner_type,
+                engine.model_config,
+            )
+        except RequestRejected as exc:
+            writer.add_error(row, {"code": exc.code, "message": str(exc), "line": row["line_no"]})
+            continue
+        ready_rows.append((ready, duplicate_key(request, ready)))
+    return engine, ready_rows
+
+
+@dataclass
+class _Work:
+    """What the engine must generate, once the cheapest tokens — those not generated — are had:
+    a deterministic row answered from the result cache, or by an identical row already on its
+    way to the engine."""
+
+    by_index: dict[int, dict]
+    to_generate: list[PreparedRequest]
+    copies: dict[int, list[PreparedRequest]]  # a generated row's key → identical rows that take its output
+    shared_key: dict[int, str]  # a generated row's key → the key its identical rows and the cache know it by
+    cache: ResultCache | None
+
+    @classmethod
+    def of(cls, ready_rows, todo: list[dict], job: JobSpec, key: str, writer: ChunkWriter) -> _Work:
+        by_index = {row["row_index"]: row for row in todo}
+        cache = ResultCache(job.result_cache, job.output_fingerprint()) if job.result_cache else None
+        stored = cache.lookup([cache.key(same) for _, same in ready_rows if same]) if cache else {}
+        work = cls(by_index, [], {}, {}, cache)
+        first_of: dict[str, PreparedRequest] = {}
+        for ready, same in ready_rows:
+            if same is not None and cache is not None and cache.key(same) in stored:
+                row, line = by_index[ready.key], stored[cache.key(same)]
+                writer.add_stored(row, cached_output_line(row["custom_id"], key, line), line)
+            elif same is not None and same in first_of:
+                work.copies.setdefault(first_of[same].key, []).append(ready)
+            else:
+                if same is not None:
+                    first_of[same] = ready
+                    work.shared_key[ready.key] = same
+                work.to_generate.append(ready)
+        return work
+
+
+def _answer(work: _Work, engine, job: JobSpec, writer: ChunkWriter, suspects: Suspects, shard: Shard) -> None:
+    """Generate `work` on the engine, each outcome written for its row and the rows identical to it."""
+    # Suspects first and alone: if one kills the engine again, it alone is blamed.
+    batches = [[r] for r in work.to_generate if suspects.deaths(r.key)]
+    batches.append([r for r in work.to_generate if not suspects.deaths(r.key)])
+    stop = StopSignal(stop_requested, deadline_reached)
+    try:
+        for batch in batches:
+            if not batch:
+                continue
+            for request, outcome in engine.generate(batch, stop, grace_seconds()):
+                for answered in [request, *work.copies.get(request.key, ())]:
+                    _write_outcome(work, answered, request, outcome, engine, job, writer)
+    except EngineFailure as exc:
+        suspects.record(exc.in_flight)
+        raise
+    except Preempted:
+        if stop_requested.is_set():
+            raise
+        raise DeadlineReached(f"shard {shard.index}: stopped at the run's deadline") from None
+
+
+def _write_outcome(work: _Work, answered, request, outcome, engine, job: JobSpec, writer: ChunkWriter) -> None:
+    row = work.by_index[answered.key]
+    if isinstance(outcome, Exception):
+        writer.add_error(row, _engine_refusal(outcome, row["line_no"]))
+        return
+    source = "engine" if answered is request else "duplicate"
+    if answered.kind == "embedding":
+        writer.add_embedding(row, answered, outcome, job.served_model_name, source)
+        return
+    record = writer.add_output(row, answered.kind, outcome, job.served_model_name, engine.tokenizer, source)
+    if work.cache is not None and source == "engine" and request.key in work.shared_key:
+        work.cache.add(work.cache.key(work.shared_key[request.key]), request.kind, record)
 
 
 def finished_result(shard: Shard, job: JobSpec, run_dir: RunDir) -> ShardResult:

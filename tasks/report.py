@@ -10,7 +10,6 @@ inside a flow, Prefect artifacts with stable keys (one version per run).
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from prefect import get_run_logger, task
 from nightshift.chunks import best_rows_sql, chunk_files, shard_cache_key, sql_path_list
 from nightshift.config import JobSpec
 from nightshift.estimate import managed_api_cost
-from nightshift.records import CostReport, EngineTime, Plan, RowTotals, ShardMetrics, Verdict
+from nightshift.records import CostReport, EngineTime, Plan, RowTotals, RunReport, ShardMetrics, Verdict
 from nightshift.rundir import RunDir
 from nightshift.storage import duckdb_connection, local_copies, sql_path, written_whole
 
@@ -236,9 +235,8 @@ def _validation_figures(run_dir: RunDir, pricing: GpuPricing) -> dict:
     }
 
 
-def _errors_by_code(run_dir: RunDir) -> dict:
-    summary = json.loads(run_dir.summary.read_text()) if run_dir.summary.exists() else {}
-    return summary.get("errors_by_code", {})
+def _errors_by_code(run_dir: RunDir) -> dict[str, int]:
+    return RunReport.load(run_dir.summary).errors_by_code if run_dir.summary.exists() else {}
 
 
 def render_markdown(report: CostReport, chart: str | None) -> str:

@@ -11,8 +11,9 @@ from conftest import chat_request
 from fastapi.testclient import TestClient
 
 from nightshift.batch_api import Store, owner_of
+from nightshift.batch_routes import create_app
 from nightshift.config import BatchApiConfig
-from nightshift.serve import BatchRunner, create_app
+from nightshift.serve import BatchRunner
 
 pytestmark = pytest.mark.fast
 KEYS = ("key-alice", "key-bob")
@@ -115,3 +116,24 @@ def test_a_created_batch_waits_validating_and_can_be_cancelled_by_its_owner_only
         bob.batches.cancel(batch.id)
     assert alice.batches.cancel(batch.id).status == "cancelling"
     assert alice.batches.cancel(batch.id).status == "cancelling"  # cancelling twice is no error
+
+
+def test_a_batch_request_that_is_not_valid_is_a_400_naming_its_parameter(http):
+    file_id = upload(sdk(http), [chat_request("a", "hi")])
+    auth = {"Authorization": f"Bearer {KEYS[0]}"}
+    valid = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+    refused = {
+        "endpoint": ({**valid, "endpoint": "/v1/images"}, "invalid_value"),
+        "completion_window": ({**valid, "completion_window": "soon"}, "invalid_value"),
+        "metadata": ({**valid, "metadata": {"k": "v" * 513}}, "invalid_value"),
+        "input_file_id": ({k: v for k, v in valid.items() if k != "input_file_id"}, "missing_required_parameter"),
+    }
+    for param, (body, code) in refused.items():
+        assert_openai_error(http.post("/v1/batches", json=body, headers=auth), 400, param, code)
+    assert_openai_error(http.post("/v1/batches", json={**valid, "metadata": {"k": 1}}, headers=auth), 400,
+                        "metadata", "invalid_value")  # fmt: skip
+    assert_openai_error(http.post("/v1/batches", json={**valid, "input_file_id": "file-nope"}, headers=auth), 400,
+                        "input_file_id", None)  # fmt: skip
+    not_json = http.post("/v1/batches", content=b"{not json", headers={**auth, "Content-Type": "application/json"})
+    assert_openai_error(not_json, 400, None, None)
+    assert http.post("/v1/batches", json=valid, headers=auth).status_code == 200
