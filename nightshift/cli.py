@@ -517,11 +517,11 @@ def entry() -> None:
     atexit.register(_exit_now, finished)  # registered first, so it runs after every other handler
     try:
         finished["code"] = main()
-    finally:  # outputs are on disk (or the run failed): no graceful engine teardown to wait for
+    finally:  # outputs are on disk (or the run failed): the engine's processes are killed at once
         if "nightshift.engine" in sys.modules:
             from nightshift.engine import shutdown_engine
 
-            shutdown_engine(graceful=False)
+            shutdown_engine()
     sys.exit(finished["code"])
 
 

@@ -53,7 +53,7 @@ def test_an_engine_start_blocked_by_a_live_handlers_flush_still_gets_ready(tmp_p
         engine = get_engine(make_job("tiny", engine_start_timeout_s=120).engine)
         ready.set()
         print("ENGINE READY", engine.max_model_len)
-        shutdown_engine(graceful=False)
+        shutdown_engine()
         """
     )
     done = subprocess.run(
