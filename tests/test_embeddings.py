@@ -42,7 +42,7 @@ def vectors_by_id(path) -> dict[str, list[list[float]]]:
     return found
 
 
-def test_embedding_lines_give_the_vectors_vllm_run_batch_gives(tmp_path):
+def test_embedding_lines_give_the_vectors_vllm_run_batch_gives_and_bad_lines_are_per_row_errors(tmp_path):
     docs = sample_documents(10, seed=5)
     lines = [embedding_line(d["id"], input=d["text"]) for d in docs[:6]]
     lines.append(embedding_line("several", input=[docs[6]["text"], docs[7]["text"]]))
@@ -79,8 +79,22 @@ def test_embedding_lines_give_the_vectors_vllm_run_batch_gives(tmp_path):
         os.killpg(reference_run.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    ours = nightshift(str(batch), "--output", str(tmp_path / "run"), "--model", "minilm", "--shard-size", "4")
+    # Ours gets three lines more, which it answers with per-row errors: a line for another
+    # endpoint (named in the message), an empty input, an input past the model's context.
+    bad_lines = [
+        {"custom_id": "chat", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"messages": [{"role": "user", "content": "Hi"}]}},
+        embedding_line("empty", input=""),
+        embedding_line("too-long", input=list(range(1000, 1700))),
+    ]  # fmt: skip
+    ours_batch = write_jsonl(tmp_path / "ours.jsonl", lines + bad_lines)
+    ours = nightshift(str(ours_batch), "--output", str(tmp_path / "run"), "--model", "minilm", "--shard-size", "4")
     assert ours.returncode == 0, ours.stderr[-3000:]
+    errors = {line["custom_id"]: line["error"] for line in read_jsonl(tmp_path / "run" / "errors.jsonl")}
+    assert errors.keys() == {"chat", "empty", "too-long"}
+    assert errors["chat"]["code"] == "unsupported_url" and "/v1/embeddings" in errors["chat"]["message"]
+    assert errors["empty"]["code"] == "missing_input"
+    assert errors["too-long"]["code"] == "context_length_exceeded"
 
     reference, produced = vectors_by_id(tmp_path / "ref.jsonl"), vectors_by_id(tmp_path / "run" / "output.jsonl")
     assert produced.keys() == reference.keys() == {line["custom_id"] for line in lines}
@@ -139,21 +153,3 @@ def test_a_corpus_embeds_into_a_parquet_file_duckdb_reads_with_bad_rows_as_error
         ).fetchall()
     assert nearest[0][0] == docs[0]["id"] and nearest[0][1] == pytest.approx(1.0, abs=1e-5)
     assert nearest[1][1] < 0.9999
-
-
-def test_a_line_for_another_endpoint_is_a_per_row_error_naming_the_jobs_endpoint(tmp_path):
-    lines = [
-        embedding_line("vector", input="A sentence to embed."),
-        {"custom_id": "chat", "method": "POST", "url": "/v1/chat/completions",
-         "body": {"messages": [{"role": "user", "content": "Hi"}]}},
-        embedding_line("empty", input=""),
-        embedding_line("too-long", input=list(range(1000, 1700))),
-    ]  # fmt: skip
-    batch = write_jsonl(tmp_path / "in.jsonl", lines)
-    done = nightshift(str(batch), "--output", str(tmp_path / "run"), "--model", "minilm")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert [line["custom_id"] for line in read_jsonl(tmp_path / "run" / "output.jsonl")] == ["vector"]
-    errors = {line["custom_id"]: line["error"] for line in read_jsonl(tmp_path / "run" / "errors.jsonl")}
-    assert errors["chat"]["code"] == "unsupported_url" and "/v1/embeddings" in errors["chat"]["message"]
-    assert errors["empty"]["code"] == "missing_input"
-    assert errors["too-long"]["code"] == "context_length_exceeded"

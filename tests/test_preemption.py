@@ -94,7 +94,9 @@ def finish(process, timeout=600):
     return process.returncode, out
 
 
-def test_sigkill_at_a_random_moment_then_rerun_loses_and_repeats_nothing(tmp_path):
+def test_sigkill_at_a_random_moment_then_rerun_loses_and_repeats_nothing_and_the_rerun_alone_holds_the_directory(
+    tmp_path,
+):
     source, run_dir = corpus(tmp_path / "in.jsonl"), tmp_path / "run"
     first = nightshift(run_args(source, run_dir))
     wait_for_chunks(run_dir, at_least=3, process=first)
@@ -108,9 +110,13 @@ def test_sigkill_at_a_random_moment_then_rerun_loses_and_repeats_nothing(tmp_pat
         assert len(rows) == len(set(rows))  # no row twice, even inside a killed shard
     mtimes = {f: f.stat().st_mtime_ns for f in run_dir.glob("shards/*/chunk-*.parquet")}
 
-    code, out = finish(nightshift(run_args(source, run_dir)))
+    assert (run_dir / "lease.json").exists()  # left behind: a lost machine releases nothing
+    rerun = nightshift(run_args(source, run_dir))
+    assert_a_second_run_is_refused_while(rerun, run_dir, source)
+    code, out = finish(rerun)
     assert code == 0, out[-3000:]
     assert_complete_exactly_once(run_dir)
+    assert not (run_dir / "lease.json").exists(), "released at the end"
     assert f"({len(finished)} from checkpoints)" in out
     for directory in (run_dir / "shards").glob("*"):
         result = json.loads((directory / "result.json").read_text())
@@ -120,6 +126,29 @@ def test_sigkill_at_a_random_moment_then_rerun_loses_and_repeats_nothing(tmp_pat
         assert result["regenerated_rows"] == SHARD - len(on_disk.get(directory.name, []))
     for path, mtime in mtimes.items():  # finished chunks are kept, never rewritten
         assert path.stat().st_mtime_ns == mtime
+
+
+def assert_a_second_run_is_refused_while(live, run_dir: Path, source: Path) -> None:
+    """One live run per run directory: once `live` holds the lease (the killed run's lease does
+    not stop it), a second run is refused, naming it, before any engine or Prefect starts."""
+    deadline = time.monotonic() + 120
+    while _lease_holder(run_dir) != live.pid:
+        assert time.monotonic() < deadline and live.poll() is None, "the resumed run never took the lease"
+        time.sleep(0.2)
+    since = json.loads((run_dir / "lease.json").read_text())["since"]
+    started = time.monotonic()
+    second = nightshift(run_args(source, run_dir))
+    output, _ = second.communicate(timeout=120)
+    assert second.returncode == 2, output[-2000:]
+    assert f"is being run by pid {live.pid}" in output and since in output
+    assert time.monotonic() - started < 60
+
+
+def _lease_holder(run_dir: Path) -> int | None:
+    try:
+        return json.loads((run_dir / "lease.json").read_text())["pid"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def test_sigterm_stops_within_the_grace_period_consistent_and_resumable(tmp_path):

@@ -15,7 +15,7 @@ def test_progress_moves_by_the_row_and_the_logs_tell_the_story(tmp_path, prefect
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-    rows = [chat_request(f"r{i}", f"Story {i}", max_tokens=128, ignore_eos=True) for i in range(600)]
+    rows = [chat_request(f"r{i}", f"Story {i}", max_tokens=128, ignore_eos=True) for i in range(300)]
     path = write_jsonl(tmp_path / "in.jsonl", rows + ["{broken"])
     run_dir = tmp_path / "run"
     seen: list[tuple[int, int]] = []  # (rows finished in progress.json, chunk files on disk)
@@ -33,14 +33,14 @@ def test_progress_moves_by_the_row_and_the_logs_tell_the_story(tmp_path, prefect
     threading.Thread(target=watch, daemon=True).start()
     job = tiny_job.model_copy(update={"chunk_size": 1000})  # one chunk file per shard, at its end
     try:
-        report = run_job(str(path), str(run_dir), job, shard_size=300)
+        report = run_job(str(path), str(run_dir), job, shard_size=100)
     finally:
         stop.set()
-    assert report.complete and report.succeeded == 600
-    moving = {done for done, chunks in seen if chunks == 0 and 0 < done < 600}
+    assert report.complete and report.succeeded == 300
+    moving = {done for done, chunks in seen if chunks == 0 and 0 < done < 300}
     assert len(moving) >= 3, f"progress.json moved before any chunk file landed: {sorted(moving)[:10]}"
 
-    expected = ["planned 3 shards", "engine ready in", "merged 601 rows", "validation passed", "cost: $"]
+    expected = ["planned 3 shards", "engine ready in", "merged 301 rows", "validation passed", "cost: $"]
     deadline = time.monotonic() + 60  # run logs reach the API in batches: wait for the last ones
     while True:
         with get_client(sync_client=True) as client:
@@ -50,11 +50,11 @@ def test_progress_moves_by_the_row_and_the_logs_tell_the_story(tmp_path, prefect
         if all(line in text for line in expected) or time.monotonic() > deadline:
             break
         time.sleep(1)
-    assert "planned 3 shards of 601 rows" in text and "invalid_json=1" in text
+    assert "planned 3 shards of 301 rows" in text and "invalid_json=1" in text
     assert "engine ready in" in text and "max_num_seqs" in text
     for shard in range(3):
         assert f"shard {shard}: " in text
-    assert "merged 601 rows: 600 in output.jsonl, 1 in errors.jsonl (invalid_json=1)" in text
+    assert "merged 301 rows: 300 in output.jsonl, 1 in errors.jsonl (invalid_json=1)" in text
     assert "validation passed" in text and "cost: $" in text
 
 
