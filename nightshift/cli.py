@@ -519,9 +519,9 @@ def entry() -> None:
         finished["code"] = main()
     finally:  # outputs are on disk (or the run failed): the engine's processes are killed at once
         if "nightshift.engine" in sys.modules:
-            from nightshift.engine import shutdown_engine
+            from nightshift.engine import abandon_engine
 
-            shutdown_engine()
+            abandon_engine()
     sys.exit(finished["code"])
 
 

@@ -412,6 +412,21 @@ def get_engine(config: EngineConfig) -> BatchEngine:
             raise start.error
 
 
+def abandon_engine() -> None:
+    """At the end of a process: its engine's processes killed at once — a start still under way
+    too, as soon as it has any, instead of waiting for an engine nothing will use (a run whose
+    shards all came from checkpoints, or whose deadline had passed, started one in the
+    background). Killing until the start gives up leaves no engine process loading behind."""
+    logging.getLogger("vllm").setLevel(logging.CRITICAL + 1)  # a start cut short complains: not news
+    start = _start
+    if start is not None:
+        deadline = start.began + start.config.engine_start_timeout_s
+        while not start.done.is_set() and time.monotonic() < deadline:
+            _kill_engine_processes()
+            start.done.wait(0.2)
+    shutdown_engine()
+
+
 def current_engine() -> BatchEngine | None:
     """The engine this process holds, if any (without starting one)."""
     return _engine
