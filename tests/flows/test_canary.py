@@ -4,7 +4,6 @@ import json
 
 import pytest
 from conftest import chat_request, read_jsonl, write_jsonl
-from harness import run_cli
 
 
 def canary(custom_id, content, **expect):
@@ -59,7 +58,9 @@ def test_rows_whose_tokens_are_constrained_are_not_judged_by_the_oracle_and_the_
         )
 
 
-def test_a_wrong_expectation_fails_the_run_with_exit_3_naming_the_canary(tmp_path, batch):
+def test_a_wrong_expectation_fails_the_run_with_exit_3_naming_the_canary(tmp_path, batch, capsys):
+    from nightshift.cli import main  # in this process: the session's engine serves it
+
     canaries = write_jsonl(
         tmp_path / "canaries.jsonl",
         [
@@ -68,11 +69,12 @@ def test_a_wrong_expectation_fails_the_run_with_exit_3_naming_the_canary(tmp_pat
         ],
     )
     run_dir = tmp_path / "run"
-    done = run_cli("run", batch, "--output", run_dir, "--model", "tiny", "--max-num-seqs", "16", "--shard-size", "10",
-                   "--canaries", canaries)  # fmt: skip
-    assert done.returncode == 3, done.stderr[-2000:]
-    assert "impossible" in done.stderr and "NOT validated" in done.stderr
-    assert "fine (" not in done.stderr
+    code = main(["run", str(batch), "--output", str(run_dir), "--model", "tiny", "--max-num-seqs", "16",
+                 "--shard-size", "10", "--canaries", str(canaries)])  # fmt: skip
+    stderr = capsys.readouterr().err
+    assert code == 3, stderr[-2000:]
+    assert "impossible" in stderr and "NOT validated" in stderr
+    assert "fine (" not in stderr
     assert json.loads((run_dir / "validation.json").read_text())["validated"] is False
     assert len(read_jsonl(run_dir / "output.jsonl")) == 25  # outputs kept, marked not validated
 

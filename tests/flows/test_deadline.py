@@ -56,13 +56,16 @@ def test_a_deadline_mid_run_merges_the_finished_rows_and_expires_the_rest(tmp_pa
     assert json.loads((run_dir / "run.json").read_text())["succeeded"] == ROWS
 
 
-def test_a_deadline_already_past_generates_nothing_and_exits_4(tmp_path):
+def test_a_deadline_already_past_generates_nothing_and_exits_4(tmp_path, capsys):
+    from nightshift.cli import main  # in this process: the session's engine configuration, nothing reloaded
+
     path = write_jsonl(tmp_path / "in.jsonl", long_rows(20) + ["{broken json"])
     run_dir = tmp_path / "run"
-    done = run_cli("run", path, "--output", run_dir, "--model", "tiny", "--deadline", "2020-01-01T00:00Z",
-                   "--shard-size", "8")  # fmt: skip
-    assert done.returncode == 4, done.stdout + done.stderr
-    assert "deadline reached: 20 rows not generated" in done.stdout
+    code = main(["run", str(path), "--output", str(run_dir), "--model", "tiny", "--max-num-seqs", "16",
+                 "--deadline", "2020-01-01T00:00Z", "--shard-size", "8"])  # fmt: skip
+    out = capsys.readouterr()
+    assert code == 4, out.out + out.err
+    assert "deadline reached: 20 rows not generated" in out.out
     errors = read_jsonl(run_dir / "errors.jsonl")
     codes = sorted(line["error"]["code"] for line in errors)
     assert codes == ["batch_expired"] * 20 + ["invalid_json"]  # a row the plan rejected keeps its own error
