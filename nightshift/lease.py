@@ -12,7 +12,6 @@ loading, and the flow it runs takes the same one (a deployment's flow run takes 
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import threading
@@ -23,7 +22,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from nightshift.config import ConfigurationError
-from nightshift.rundir import RunDir, write_json_atomic
+from nightshift.records import Lease
+from nightshift.rundir import RunDir
 
 LEASE_TTL_S = 60.0
 HEARTBEAT_S = 5.0
@@ -66,64 +66,59 @@ def run_lease(run_dir: str | Path, flow_run_id: str | None = None):
 def _acquire(path: Path, flow_run_id: str | None) -> str:
     current = _read(path)
     if current is not None and _alive(current):
-        raise RunDirectoryBusy(f"{path.parent} is being run by {describe(current)}; wait for it to end or stop it")
+        raise RunDirectoryBusy(f"{path.parent} is being run by {current.describe()}; wait for it to end or stop it")
     token = uuid.uuid4().hex
-    write_json_atomic(path, _lease(token, flow_run_id))
+    _lease(token, flow_run_id).save(path)
     time.sleep(0.2)  # two runs that wrote at once: the later rename wins, the other sees it and yields
     winner = _read(path)
-    if winner is None or winner["token"] != token:
-        raise RunDirectoryBusy(f"{path.parent} was just taken by {describe(winner or {})}")
+    if winner is None or winner.token != token:
+        taken_by = winner.describe() if winner else "another run"
+        raise RunDirectoryBusy(f"{path.parent} was just taken by {taken_by}")
     return token
 
 
-def _lease(token: str, flow_run_id: str | None, since: str | None = None) -> dict:
+def _lease(token: str, flow_run_id: str | None) -> Lease:
     import psutil
 
-    now = time.time()
-    return {
-        "token": token,
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "pid_started": psutil.Process().create_time(),
-        "flow_run_id": flow_run_id,
-        "since": since or datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "heartbeat": now,
-    }
+    return Lease(
+        token=token,
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        pid_started=psutil.Process().create_time(),
+        flow_run_id=flow_run_id,
+        since=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        heartbeat=time.time(),
+    )
 
 
 def _beat(path: Path, token: str, stop: threading.Event) -> None:
     while not stop.wait(HEARTBEAT_S):
         current = _read(path)
-        if current is None or current["token"] != token:
+        if current is None or current.token != token:
             return  # taken over (this run was presumed dead): nothing of ours to keep alive
-        write_json_atomic(path, {**current, "heartbeat": time.time()})
+        current.model_copy(update={"heartbeat": time.time()}).save(path)
 
 
-def _alive(lease: dict) -> bool:
-    if time.time() - lease.get("heartbeat", 0) > LEASE_TTL_S:
+def _alive(lease: Lease) -> bool:
+    if time.time() - lease.heartbeat > LEASE_TTL_S:
         return False
-    if lease.get("host") == socket.gethostname():
+    if lease.host == socket.gethostname():
         import psutil
 
         try:
-            return abs(psutil.Process(lease["pid"]).create_time() - lease["pid_started"]) < 1
-        except (psutil.Error, KeyError, TypeError):
+            return abs(psutil.Process(lease.pid).create_time() - lease.pid_started) < 1
+        except psutil.Error:
             return False
     return True
 
 
-def describe(lease: dict) -> str:
-    run = f", flow run {lease['flow_run_id']}" if lease.get("flow_run_id") else ""
-    return f"pid {lease.get('pid')} on {lease.get('host')}{run}, since {lease.get('since')}"
-
-
-def _read(path: Path) -> dict | None:
+def _read(path: Path) -> Lease | None:
     try:
-        return json.loads(path.read_text())
+        return Lease.load(path)
     except (OSError, ValueError):
         return None
 
 
 def _owner(path: Path) -> str | None:
     current = _read(path)
-    return current.get("token") if current else None
+    return current.token if current else None

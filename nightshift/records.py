@@ -359,6 +359,22 @@ class Verdict(_Record):
 # ── fan-out: what a child run on a GPU worker leaves in the run directory ──────────────────────
 
 
+class Lease(_Record):
+    """`lease.json`: the one live run of a run directory (nightshift/lease.py)."""
+
+    token: str = Field(description="the holder's secret-free claim: a later writer with another token took it over")
+    host: str
+    pid: int
+    pid_started: float = Field(description="the process's start time: a reused pid is not the holder")
+    flow_run_id: str | None = None
+    since: str = Field(description="when the run took the directory, ISO 8601")
+    heartbeat: float = Field(description="Unix time of the last beat; older than LEASE_TTL_S elsewhere: expired")
+
+    def describe(self) -> str:
+        run = f", flow run {self.flow_run_id}" if self.flow_run_id else ""
+        return f"pid {self.pid} on {self.host}{run}, since {self.since}"
+
+
 class WorkerIdentity(_Record):
     """Which machine and which worker slot (GPU) ran a child flow run."""
 
