@@ -38,9 +38,9 @@ def documents(count: int) -> list[dict]:
 
 def run_stage(job, corpus: str, shard_size: int) -> tuple[float, dict]:
     import pyarrow.parquet as pq
-    from nightshift.tasks.generate import generate
-    from nightshift.tasks.merge import merge
-    from nightshift.tasks.plan import plan
+    from nightshift.tasks.s1_plan_shards import plan
+    from nightshift.tasks.s3_generate import generate
+    from nightshift.tasks.s4_merge import merge
 
     from nightshift.config import CorpusOptions
     from nightshift.rundir import RunDir

@@ -52,8 +52,8 @@ def run_raw(engine, requests) -> tuple[float, int]:
 
 
 def run_pipeline(job, batch_path: str, shard_size: int) -> tuple[float, int]:
-    from nightshift.tasks.generate import generate
-    from nightshift.tasks.plan import plan
+    from nightshift.tasks.s1_plan_shards import plan
+    from nightshift.tasks.s3_generate import generate
 
     from nightshift.rundir import RunDir
 

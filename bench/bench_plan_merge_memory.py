@@ -40,7 +40,7 @@ PLAN = (
 import sys
 from nightshift.config import CorpusOptions
 from nightshift.rundir import RunDir
-from nightshift.tasks.plan import plan
+from nightshift.tasks.s1_plan_shards import plan
 p = plan(sys.argv[1], RunDir(sys.argv[2]), 10_000, CorpusOptions(id_column="id", text_column="text", max_tokens=1))
 print(p.total_rows, peak_rss_kib())
 """
@@ -53,7 +53,7 @@ from nightshift.engine import shutdown_engine
 from nightshift.jobs import make_job
 from nightshift.records import Plan
 from nightshift.rundir import RunDir
-from nightshift.tasks.generate import generate
+from nightshift.tasks.s3_generate import generate
 if __name__ == "__main__":
     run_dir = RunDir(sys.argv[1])
     job = make_job("tiny", max_num_seqs=128)
@@ -100,7 +100,7 @@ MERGE = (
 import pickle, sys
 from nightshift.records import Plan
 from nightshift.rundir import RunDir
-from nightshift.tasks.merge import _merge_directories
+from nightshift.tasks.s4_merge import _merge_directories
 run_dir = RunDir(sys.argv[1])
 directories = pickle.load(open(sys.argv[2], "rb"))  # shard index → its output directory
 report = _merge_directories(Plan.load(run_dir.plan_manifest), directories, run_dir)
@@ -115,7 +115,7 @@ SAMPLE = (
 import sys
 from nightshift.jobs import make_job
 from nightshift.rundir import RunDir
-from nightshift.tasks.canary import _greedy_chat_rows
+from nightshift.tasks.s5_canary import _greedy_chat_rows
 samples, chat_rows = _greedy_chat_rows(RunDir(sys.argv[1]), make_job("tiny", max_num_seqs=128), 16)
 print(chat_rows, peak_rss_kib())
 """

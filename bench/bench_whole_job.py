@@ -154,7 +154,7 @@ def nightshift(model: str, served_name: str, input_path: Path, work: Path) -> di
 
 
 def planning_rows_per_second(input_path: Path, rows: int) -> float:
-    from nightshift.tasks.plan import plan
+    from nightshift.tasks.s1_plan_shards import plan
 
     from nightshift.rundir import RunDir
 

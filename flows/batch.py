@@ -10,12 +10,12 @@ from nightshift.blocks.checkpoints import saved_run_checkpoints
 from nightshift.blocks.model import ModelConfig
 from nightshift.blocks.pricing import GpuPricing
 from nightshift.blocks.storage import ObjectStorage
-from nightshift.tasks.canary import canary_validation
-from nightshift.tasks.fanout import check_deployments, dispatch_shard_groups, validate_on_pool
-from nightshift.tasks.generate import generate_here
-from nightshift.tasks.merge import expire_unfinished, merge_outputs
-from nightshift.tasks.plan import plan_shards
-from nightshift.tasks.report import cost_report
+from nightshift.tasks.s1_plan_shards import plan_shards
+from nightshift.tasks.s2_fan_out import check_deployments, dispatch_shard_groups, validate_on_pool
+from nightshift.tasks.s3_generate import generate_here
+from nightshift.tasks.s4_merge import expire_unfinished, merge_outputs
+from nightshift.tasks.s5_canary import canary_validation
+from nightshift.tasks.s6_report import cost_report
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 

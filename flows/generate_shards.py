@@ -1,14 +1,14 @@
 """The shard-generation flow a GPU work pool runs: one engine load, a group of shards.
 
 The main flow dispatches it through the `nightshift-generate-shards/gpu` deployment (see
-tasks/fanout.py); it generates through the same cached tasks as a local run, so a shard
+tasks/s2_fan_out.py); it generates through the same cached tasks as a local run, so a shard
 finished anywhere is finished everywhere.
 """
 
 from __future__ import annotations
 
 from nightshift.blocks.storage import ObjectStorage
-from nightshift.tasks.generate import generate_here
+from nightshift.tasks.s3_generate import generate_here
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 

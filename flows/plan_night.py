@@ -9,7 +9,7 @@ import tempfile
 from nightshift.blocks.model import ModelConfig
 from nightshift.blocks.pricing import GpuPricing
 from nightshift.tasks.estimate import estimate_night
-from nightshift.tasks.plan import plan_shards
+from nightshift.tasks.s1_plan_shards import plan_shards
 from prefect import flow
 
 from nightshift.config import DEFAULT_SHARD_SIZE, CorpusOptions, JobSpec

@@ -9,8 +9,8 @@ ones and supersede them in the merged outputs.
 from __future__ import annotations
 
 from nightshift.blocks.storage import ObjectStorage
-from nightshift.tasks.generate import finished_result, retry_shard_rows
-from nightshift.tasks.merge import merge_outputs
+from nightshift.tasks.s3_generate import finished_result, retry_shard_rows
+from nightshift.tasks.s4_merge import merge_outputs
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 

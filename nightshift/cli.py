@@ -273,7 +273,7 @@ def _plan(args) -> int:
     from nightshift.estimate import estimate_input, render
     from nightshift.inputs import check_input, detect_kind
     from nightshift.rundir import RunDir
-    from nightshift.tasks.plan import plan
+    from nightshift.tasks.s1_plan_shards import plan
 
     corpus = _corpus_options(args)
     job = _job(args, corpus)
@@ -388,7 +388,7 @@ def _print_report(report) -> None:
 
 def _report(args) -> int:
     from nightshift.rundir import RunDir
-    from nightshift.tasks.report import trend, write_report
+    from nightshift.tasks.s6_report import trend, write_report
 
     if args.all:
         rows = trend(args.run_dir)

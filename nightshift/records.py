@@ -152,7 +152,7 @@ _VALIDATION_FIGURES = {"validated", "validation_failures", "validation_seconds",
 
 class CostReport(_Record):
     """`report.json`: a run's rows, throughput and money, measured from its files and priced
-    (tasks/report.py). `nightshift plan` reads earlier nights' reports as its history; the
+    (tasks/s6_report.py). `nightshift plan` reads earlier nights' reports as its history; the
     figures it needs are required, the rest may be missing from a report of an older version."""
 
     rows: int

@@ -307,7 +307,7 @@ class BatchRunner:
         batch = stored.batch
         run_dir = RunDir(self.store.run_dir(batch_id))
         if run_dir.plan_manifest.exists() and run_dir.job.exists():
-            from nightshift.tasks.merge import merge_unfinished
+            from nightshift.tasks.s4_merge import merge_unfinished
 
             merge_unfinished(run_dir, code, message)
         else:  # never planned: every request is unfinished

@@ -234,7 +234,7 @@ def test_the_cost_report_totals_equal_the_usage_in_output_jsonl(mixed_run):
 
 def test_cost_per_million_tokens_is_the_pricing_blocks_arithmetic(mixed_run):
     from nightshift.blocks.pricing import GpuPricing
-    from nightshift.tasks.report import build_report
+    from nightshift.tasks.s6_report import build_report
 
     from nightshift.rundir import RunDir
 

@@ -84,7 +84,7 @@ def test_the_oracle_fails_a_run_whose_weights_differ_from_the_reference(tmp_path
 
     import torch
     from nightshift.flows.run import run_job
-    from nightshift.tasks.canary import CanaryFailure
+    from nightshift.tasks.s5_canary import CanaryFailure
     from safetensors.torch import load_file, save_file
 
     from nightshift.config import CanaryConfig

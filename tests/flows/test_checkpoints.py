@@ -71,7 +71,7 @@ def test_editing_the_task_source_reruns_no_shard(finished_run, tmp_path):
     for name in files:
         (copy / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, copy / name)
-    with open(copy / "tasks" / "generate.py", "a") as source:
+    with open(copy / "tasks" / "s3_generate.py", "a") as source:
         source.write("\n# an edit that changes the task's source but not what it generates\n")
     from nightshift.models import cache_dir
 

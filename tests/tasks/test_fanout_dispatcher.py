@@ -12,7 +12,7 @@ from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 
 import pytest
-from nightshift.tasks import fanout
+from nightshift.tasks import s2_fan_out as fanout
 from prefect.client.schemas.objects import StateType
 
 from nightshift import workers

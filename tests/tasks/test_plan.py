@@ -3,7 +3,7 @@
 import pyarrow.parquet as pq
 import pytest
 from conftest import chat_request, write_jsonl
-from nightshift.tasks.plan import plan
+from nightshift.tasks.s1_plan_shards import plan
 
 from nightshift.rundir import RunDir
 

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from nightshift.blocks.pricing import GpuPricing
-from nightshift.tasks.report import build_report
+from nightshift.tasks.s6_report import build_report
 
 from nightshift.chunks import shard_cache_key
 from nightshift.config import EngineConfig, JobSpec
@@ -87,7 +87,7 @@ def test_rows_answered_without_generating_are_counted_apart_with_the_money_they_
 
 def test_pricing_is_arithmetic_on_the_measured_records_alone():
     from nightshift.blocks.pricing import ManagedApiPrices
-    from nightshift.tasks.report import priced
+    from nightshift.tasks.s6_report import priced
 
     from nightshift.records import EngineTime, RowTotals
 
