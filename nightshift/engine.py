@@ -228,7 +228,7 @@ class BatchEngine:
                     job.results.put(_DONE)
                 continue
             if self._chaos_custom_id is not None and request.custom_id == self._chaos_custom_id:
-                _kill_engine_processes()
+                _kill_engine_processes(wait=False)  # the row still goes in: the engine dies under it
             try:
                 request_ids = self._enqueue(request)
             except (VLLMClientError, ValueError, TypeError) as exc:  # this row only: too long, bad schema...
@@ -279,9 +279,9 @@ class BatchEngine:
             job.results.put(_DONE)
 
 
-def _kill_engine_processes() -> None:
-    """SIGKILL this process's vLLM engine processes and wait until they are gone (a GPU's memory
-    is free only then)."""
+def _kill_engine_processes(wait: bool = True) -> None:
+    """SIGKILL this process's vLLM engine processes and, with `wait`, until they are gone (a
+    GPU's memory is free only then)."""
     import psutil
 
     killed = []
@@ -292,7 +292,7 @@ def _kill_engine_processes() -> None:
                 killed.append(child)
         except psutil.Error:
             pass
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + (10 if wait else 0)
     while killed and time.monotonic() < deadline:  # dead once a zombie: reaping is their parent's (vLLM's)
         killed = [process for process in killed if _still_running(process)]
         time.sleep(0.02)

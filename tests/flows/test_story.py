@@ -33,7 +33,7 @@ def test_progress_moves_by_the_row_and_the_logs_tell_the_story(tmp_path, prefect
     threading.Thread(target=watch, daemon=True).start()
     job = tiny_job.model_copy(update={"chunk_size": 1000})  # one chunk file per shard, at its end
     try:
-        report = run_job(str(path), str(run_dir), job, shard_size=100)
+        report = run_job(str(path), str(run_dir), job, shard_size=101)  # 301 rows: 3 shards
     finally:
         stop.set()
     assert report.complete and report.succeeded == 300
