@@ -203,9 +203,9 @@ def batches_router(config: BatchApiConfig, store: Store, runner: Runner, owner) 
     async def create_batch(request: Request, who=Depends(owner)):
         try:
             body = CreateBatch.model_validate(await request.json())
-        except ValueError as exc:  # not JSON, or not a valid request
-            if isinstance(exc, ValidationError):  # named by its top-level field, as OpenAI names them
-                return _invalid([{**error, "loc": error["loc"][:1]} for error in exc.errors()])
+        except ValidationError as exc:  # named by its top-level field, as OpenAI names them
+            return _invalid([{**error, "loc": error["loc"][:1]} for error in exc.errors()])
+        except ValueError:
             raise ApiError(400, "The request body is not JSON.") from None
         source = store.file(body.input_file_id, who)
         if source is None or source.file.purpose != "batch":
