@@ -50,6 +50,9 @@ SLOWEST_FILES_FIRST = (
     "test_embeddings.py",
     "test_run_batch_parity.py",
     "flows/test_checkpoints.py",
+    "flows/test_configuration.py",
+    "flows/test_plan_estimate.py",
+    "test_s3_model.py",
 )
 
 
