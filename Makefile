@@ -8,7 +8,7 @@ demo: setup
 
 test: setup
 	.venv/bin/ruff check .
-	.venv/bin/python -m pytest -n 2 --dist loadfile tests
+	.venv/bin/python -m pytest tests
 
 # The fast layer alone: no engine, no Prefect server (well under a minute).
 test-fast: setup

@@ -38,32 +38,6 @@ def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-# `make test` runs two xdist workers, each taking whole files in collection order: the slowest
-# files go first (longest first), so the run does not end with one long file running alone.
-SLOWEST_FILES_FIRST = (
-    "deployments/test_work_pools.py",
-    "test_batch_api.py",
-    "test_preemption.py",
-    "flows/test_engine_faults.py",
-    "test_s3_run_dir.py",
-    "test_engine_start.py",
-    "test_embeddings.py",
-    "test_run_batch_parity.py",
-    "flows/test_checkpoints.py",
-    "flows/test_configuration.py",
-    "flows/test_plan_estimate.py",
-    "test_s3_model.py",
-)
-
-
-def pytest_collection_modifyitems(items):
-    def rank(item) -> int:
-        name = item.path.relative_to(REPO / "tests").as_posix()
-        return SLOWEST_FILES_FIRST.index(name) if name in SLOWEST_FILES_FIRST else len(SLOWEST_FILES_FIRST)
-
-    items.sort(key=rank)  # stable: the other files, and the tests within each file, keep their order
-
-
 @pytest.fixture(scope="session")
 def prefect_server():
     """One real Prefect server for the session, in this process's settings and in the

@@ -277,9 +277,7 @@ def test_a_running_batch_keeps_its_completion_window_and_its_finished_rows(serve
     expired, _ = wait_for(client, batch.id, lambda b: b.status in TERMINAL)
 
     assert expired.status == "expired" and expired.expired_at
-    # The run stopped itself at the window: the whole batch would take over 15 minutes; stopping,
-    # flushing and merging took up to 77 s with the suite's other worker busy beside it.
-    assert expired.expired_at - expired.created_at < WINDOW_S + 150
+    assert expired.expired_at - expired.created_at < WINDOW_S + 60  # the run stopped itself at the window
     outputs, errors = lines_of(client, expired.output_file_id), lines_of(client, expired.error_file_id)
     assert sorted(line["custom_id"] for line in outputs + errors) == sorted(row["custom_id"] for row in rows)
     assert 0 < len(outputs) < len(rows) and {line["error"]["code"] for line in errors} == {"batch_expired"}
