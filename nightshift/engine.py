@@ -10,6 +10,7 @@ the previous shard's last rows are still decoding.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import queue
@@ -163,6 +164,9 @@ class BatchEngine:
             log.warning("engine shutdown: %r", exc)
         _kill_engine_processes()
         del self.llm
+        # An engine core inside this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) holds its KV
+        # cache until its objects are collected.
+        gc.collect()
 
     # --- the driver thread ----------------------------------------------------------------
 

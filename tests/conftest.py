@@ -9,6 +9,13 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The engine core runs inside the process that drives it (vLLM's own switch). A vLLM engine on
+# the CPU platform otherwise spawns two more processes, each importing vLLM again (~20 s of CPU
+# apiece here): 38 s to start the tiny model against 12 s in-process, on every one of the
+# suite's engine starts. Where a process's death or the engine's own processes are the subject
+# (tests/flows/test_engine_faults.py, test_engine_start.py, test_preemption.py), the
+# `engine_in_its_own_processes` fixture puts vLLM's default back.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 import pytest
 
@@ -65,6 +72,18 @@ def _session_prefect_server(request):
     """Every test but the fast layer's runs against the session's Prefect server."""
     if request.node.get_closest_marker("fast") is None:
         request.getfixturevalue("prefect_server")
+
+
+@pytest.fixture
+def engine_in_its_own_processes(monkeypatch):
+    """vLLM's default layout, as every user runs it: the engine core and its worker in processes
+    of their own, which a drill can kill and a stop must take down."""
+    from nightshift.engine import shutdown_engine
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    shutdown_engine()  # the next job starts an engine that sees this test's environment
+    yield
+    shutdown_engine()
 
 
 @pytest.fixture(scope="session")

@@ -13,8 +13,12 @@ import sys
 import textwrap
 import time
 
+import pytest
 from conftest import chat_request, write_jsonl
 from harness import REPO, child_env, run_cli
+
+# Stops and engine starts as users have them: vLLM's engine core in a process of its own.
+pytestmark = pytest.mark.usefixtures("engine_in_its_own_processes")
 
 NO_CHECKS = ("--oracle-samples", "0", "--determinism-samples", "0")
 

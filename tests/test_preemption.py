@@ -13,8 +13,12 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 from conftest import read_jsonl, write_jsonl
 from harness import start_cli
+
+# Stops and engine starts as users have them: vLLM's engine core in a process of its own.
+pytestmark = pytest.mark.usefixtures("engine_in_its_own_processes")
 
 ROWS = 240
 SHARD = 80

@@ -8,21 +8,11 @@ gives it another chance.
 import threading
 import time
 
-import pytest
 from conftest import chat_request, read_jsonl, write_jsonl
 
 
-@pytest.fixture
-def fresh_engine():
-    from nightshift.engine import shutdown_engine
-
-    shutdown_engine()  # the next job starts an engine that sees this test's environment
-    yield
-    shutdown_engine()
-
-
 def test_killing_the_engine_mid_shard_retries_the_shard_and_loses_nothing(
-    tmp_path, prefect_server, tiny_job, fresh_engine
+    tmp_path, prefect_server, tiny_job, engine_in_its_own_processes
 ):
     from nightshift.flows.run import run_job
 
@@ -47,7 +37,7 @@ def test_killing_the_engine_mid_shard_retries_the_shard_and_loses_nothing(
 
 
 def test_a_row_that_kills_the_engine_twice_is_set_aside_then_retried(
-    tmp_path, prefect_server, tiny_job, fresh_engine, monkeypatch
+    tmp_path, prefect_server, tiny_job, engine_in_its_own_processes, monkeypatch
 ):
     from nightshift.flows.retry import retry_errors
     from nightshift.flows.run import run_job
