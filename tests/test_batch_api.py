@@ -23,7 +23,9 @@ from harness import free_port, start_cli
 
 KEYS = ("key-owner", "key-stranger", "key-files", "key-cancel", "key-window", "key-embed")  # a tenant per test
 TERMINAL = ("completed", "failed", "expired", "cancelled")
-WINDOW_S = 120  # a cold engine start and a first wave of rows fit, on a loaded 2-core machine too; 6,000 rows do not
+# a cold engine start (12 s in-process) and a first wave of rows fit, on a loaded 2-core machine
+# too; 6,000 rows do not
+WINDOW_S = 90
 
 
 class Server:

@@ -17,12 +17,10 @@ import pytest
 from conftest import chat_request, write_jsonl
 from harness import REPO, child_env, run_cli
 
-# Stops and engine starts as users have them: vLLM's engine core in a process of its own.
-pytestmark = pytest.mark.usefixtures("engine_in_its_own_processes")
-
 NO_CHECKS = ("--oracle-samples", "0", "--determinism-samples", "0")
 
 
+@pytest.mark.usefixtures("engine_in_its_own_processes")  # engine starts as users have them: vLLM's processes
 def test_consecutive_runs_against_a_real_prefect_server_all_reach_engine_ready_and_finish(tmp_path, prefect_server):
     requests = write_jsonl(tmp_path / "in.jsonl", [chat_request(f"r{i}", f"Clause {i}") for i in range(200)])
     # Each a fresh process: Prefect's services start beside the engine's load. Every other CLI
