@@ -66,13 +66,19 @@ def test_changing_the_sampling_temperature_reruns_every_shard(finished_run, tiny
 
 def test_editing_the_task_source_reruns_no_shard(finished_run, tmp_path):
     path, run_dir = finished_run
-    copy = tmp_path / "edited-checkout"
+    # The checkout, edited, laid out as pyproject installs it (tasks/ is nightshift/tasks/) and
+    # first on the child's path, ahead of the editable install's mapping to this checkout.
+    copy = tmp_path / "edited-install"
     files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     for name in files:
-        (copy / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, copy / name)
-    with open(copy / "tasks" / "s3_generate.py", "a") as source:
-        source.write("\n# an edit that changes the task's source but not what it generates\n")
+        top = name.split("/")[0]
+        if top in ("nightshift", "flows", "tasks", "blocks") and name.endswith(".py"):
+            installed = copy / name if top == "nightshift" else copy / "nightshift" / name
+            installed.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, installed)
+    with open(copy / "nightshift" / "tasks" / "s3_generate.py", "a") as source:
+        source.write("\nimport sys  # an edit that changes the task's source but not what it generates\n")
+        source.write("sys.stderr.write('the edited s3_generate.py\\n')\n")
     from nightshift.models import cache_dir
 
     done = run_cli(
@@ -80,6 +86,7 @@ def test_editing_the_task_source_reruns_no_shard(finished_run, tmp_path):
         cwd=copy, env={"NIGHTSHIFT_CACHE": str(cache_dir()), "PYTHONPATH": str(copy)},
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "the edited s3_generate.py" in done.stderr, "the child ran the edited copy"
     assert "shards: 3 (3 from checkpoints)" in done.stdout
 
 
