@@ -12,9 +12,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The engine core runs inside the process that drives it (vLLM's own switch). A vLLM engine on
 # the CPU platform otherwise spawns two more processes, each importing vLLM again (~20 s of CPU
 # apiece here): 38 s to start the tiny model against 12 s in-process, on every one of the
-# suite's engine starts. Where the engine's own processes are the subject (the engine-fault
-# drills, the SIGTERM stop, engine starts against a real Prefect server), the
-# `engine_in_its_own_processes` fixture puts vLLM's default back.
+# suite's engine starts. Where the engine's own processes are the subject, vLLM's default comes
+# back: for the session's engine in the engine-fault drills (`engine_in_its_own_processes`), for
+# a child in the SIGTERM stop and the engine starts against a real Prefect server
+# (harness.VLLM_OWN_PROCESSES).
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 import pytest

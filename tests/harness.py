@@ -18,6 +18,10 @@ import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 
+# vLLM's default layout for a child (the engine core and its worker in processes of their own),
+# where the suite's in-process engine core (conftest) would not be what the test is about.
+VLLM_OWN_PROCESSES = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+
 
 def nightshift_command(*args) -> list[str]:
     """`nightshift ARGS…` as this interpreter runs it."""

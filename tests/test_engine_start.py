@@ -13,21 +13,21 @@ import sys
 import textwrap
 import time
 
-import pytest
 from conftest import chat_request, write_jsonl
-from harness import REPO, child_env, run_cli
+from harness import REPO, VLLM_OWN_PROCESSES, child_env, run_cli
 
 NO_CHECKS = ("--oracle-samples", "0", "--determinism-samples", "0")
 
 
-@pytest.mark.usefixtures("engine_in_its_own_processes")  # engine starts as users have them: vLLM's processes
 def test_consecutive_runs_against_a_real_prefect_server_all_reach_engine_ready_and_finish(tmp_path, prefect_server):
     requests = write_jsonl(tmp_path / "in.jsonl", [chat_request(f"r{i}", f"Clause {i}") for i in range(200)])
     # Each a fresh process: Prefect's services start beside the engine's load. Every other CLI
     # run of the suite is one more such start (tests/harness.py); two in a row here name it.
     for attempt in range(2):
         run_dir = tmp_path / f"run-{attempt}"
-        done = run_cli("run", requests, "--output", run_dir, "--model", "tiny", *NO_CHECKS, timeout=300)
+        # engine starts as users have them: vLLM's own processes
+        done = run_cli("run", requests, "--output", run_dir, "--model", "tiny", *NO_CHECKS, env=VLLM_OWN_PROCESSES,
+                       timeout=300)  # fmt: skip
         assert done.returncode == 0, done.stderr[-3000:]
         assert json.loads((run_dir / "run.json").read_text())["succeeded"] == 200
         assert "engine ready" in done.stdout + done.stderr

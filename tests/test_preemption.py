@@ -13,9 +13,8 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 from conftest import read_jsonl, write_jsonl
-from harness import start_cli
+from harness import VLLM_OWN_PROCESSES, start_cli
 
 ROWS = 240
 SHARD = 80
@@ -29,10 +28,10 @@ def corpus(path: Path) -> Path:
     return write_jsonl(path, rows)
 
 
-def nightshift(args):
+def nightshift(args, env: dict[str, str] | None = None):
     return start_cli(
         *args,
-        env={"NIGHTSHIFT_SIGTERM_GRACE_S": "5"},
+        env={"NIGHTSHIFT_SIGTERM_GRACE_S": "5", **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -152,10 +151,9 @@ def _lease_holder(run_dir: Path) -> int | None:
         return None
 
 
-@pytest.mark.usefixtures("engine_in_its_own_processes")  # the stop takes vLLM's own processes down too
 def test_sigterm_stops_within_the_grace_period_consistent_and_resumable(tmp_path):
     source, run_dir = corpus(tmp_path / "in.jsonl"), tmp_path / "run"
-    first = nightshift(run_args(source, run_dir))
+    first = nightshift(run_args(source, run_dir), env=VLLM_OWN_PROCESSES)  # the stop takes vLLM's processes down too
     wait_for_chunks(run_dir, at_least=2, process=first)
     sent = time.monotonic()
     first.send_signal(signal.SIGTERM)
@@ -170,6 +168,6 @@ def test_sigterm_stops_within_the_grace_period_consistent_and_resumable(tmp_path
         assert len(rows) == len(set(rows))
     assert not (run_dir / "output.jsonl").exists()  # no merged output from a partial run
 
-    code, out = finish(nightshift(run_args(source, run_dir)))
+    code, out = finish(nightshift(run_args(source, run_dir)))  # the resume's subject is the directory
     assert code == 0, out[-3000:]
     assert_complete_exactly_once(run_dir)
