@@ -38,12 +38,12 @@ def documents(count: int) -> list[dict]:
 
 def run_stage(job, corpus: str, shard_size: int) -> tuple[float, dict]:
     import pyarrow.parquet as pq
-    from nightshift.tasks.s1_plan_shards import plan
-    from nightshift.tasks.s3_generate import generate
-    from nightshift.tasks.s4_merge import merge
 
     from nightshift.config import CorpusOptions
     from nightshift.rundir import RunDir
+    from nightshift.tasks.s1_plan_shards import plan
+    from nightshift.tasks.s3_generate import generate
+    from nightshift.tasks.s4_merge import merge
 
     run_dir = RunDir(tempfile.mkdtemp(prefix="nightshift-bench-embed-"))
     planned = plan(corpus, run_dir, shard_size, CorpusOptions(id_column="id", text_column="text", task="embed"))

@@ -6,20 +6,14 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from pathlib import Path
 
-from nightshift.blocks.checkpoints import saved_run_checkpoints
-from nightshift.blocks.model import ModelConfig
-from nightshift.blocks.pricing import GpuPricing
-from nightshift.blocks.storage import ObjectStorage
-from nightshift.tasks.s1_plan_shards import plan_shards
-from nightshift.tasks.s2_fan_out import check_deployments, dispatch_shard_groups, validate_on_pool
-from nightshift.tasks.s3_generate import generate_here
-from nightshift.tasks.s4_merge import expire_unfinished, merge_outputs
-from nightshift.tasks.s5_canary import canary_validation
-from nightshift.tasks.s6_report import cost_report
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from nightshift import progress
+from nightshift.blocks.checkpoints import saved_run_checkpoints
+from nightshift.blocks.model import ModelConfig
+from nightshift.blocks.pricing import GpuPricing
+from nightshift.blocks.storage import ObjectStorage
 from nightshift.config import DEFAULT_SHARD_SIZE, CanaryConfig, CorpusOptions, FanOut, JobSpec
 from nightshift.deadline import DeadlineReached, DeadlineTimer, parse_deadline
 from nightshift.engine import start_engine_in_background
@@ -29,6 +23,12 @@ from nightshift.records import RunReport
 from nightshift.rundir import RunDir
 from nightshift.status import run_status
 from nightshift.storage import is_url, use_storage_options
+from nightshift.tasks.s1_plan_shards import plan_shards
+from nightshift.tasks.s2_fan_out import check_deployments, dispatch_shard_groups, validate_on_pool
+from nightshift.tasks.s3_generate import generate_here
+from nightshift.tasks.s4_merge import expire_unfinished, merge_outputs
+from nightshift.tasks.s5_canary import canary_validation
+from nightshift.tasks.s6_report import cost_report
 
 
 # Two shards in flight: while one shard's last rows decode, the next one's rows already

@@ -7,16 +7,16 @@ finished anywhere is finished everywhere.
 
 from __future__ import annotations
 
-from nightshift.blocks.storage import ObjectStorage
-from nightshift.tasks.s3_generate import generate_here
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from nightshift.blocks.storage import ObjectStorage
 from nightshift.config import JobSpec
 from nightshift.deadline import DeadlineTimer, parse_deadline
 from nightshift.drills import stall_if_drilled
 from nightshift.records import Shard
 from nightshift.storage import use_storage_options
+from nightshift.tasks.s3_generate import generate_here
 from nightshift.workers import handing_on_if_the_engine_cannot_start, heartbeat, write_group_manifest
 
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 import shutil
 import tempfile
 
-from nightshift.blocks.model import ModelConfig
-from nightshift.blocks.pricing import GpuPricing
-from nightshift.tasks.estimate import estimate_night
-from nightshift.tasks.s1_plan_shards import plan_shards
 from prefect import flow
 
+from nightshift.blocks.model import ModelConfig
+from nightshift.blocks.pricing import GpuPricing
 from nightshift.config import DEFAULT_SHARD_SIZE, CorpusOptions, JobSpec
 from nightshift.deadline import parse_deadline
+from nightshift.tasks.estimate import estimate_night
+from nightshift.tasks.s1_plan_shards import plan_shards
 
 
 @flow(name="nightshift-plan")

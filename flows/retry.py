@@ -8,18 +8,18 @@ ones and supersede them in the merged outputs.
 
 from __future__ import annotations
 
-from nightshift.blocks.storage import ObjectStorage
-from nightshift.tasks.s3_generate import finished_result, retry_shard_rows
-from nightshift.tasks.s4_merge import merge_outputs
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from nightshift.blocks.storage import ObjectStorage
 from nightshift.chunks import retryable_rows, shard_cache_key
 from nightshift.config import JobSpec
 from nightshift.lease import run_lease
 from nightshift.records import Plan, RunReport
 from nightshift.rundir import RunDir
 from nightshift.storage import use_storage_options
+from nightshift.tasks.s3_generate import finished_result, retry_shard_rows
+from nightshift.tasks.s4_merge import merge_outputs
 
 
 @flow(name="nightshift-retry", task_runner=ThreadPoolTaskRunner(max_workers=2))

@@ -5,13 +5,13 @@ verdict it writes to the run directory."""
 
 from __future__ import annotations
 
-from nightshift.blocks.storage import ObjectStorage
-from nightshift.tasks.s5_canary import validate
 from prefect import flow
 
+from nightshift.blocks.storage import ObjectStorage
 from nightshift.config import CanaryConfig, JobSpec
 from nightshift.rundir import VALIDATION_GROUP, RunDir
 from nightshift.storage import use_storage_options
+from nightshift.tasks.s5_canary import validate
 from nightshift.workers import (
     handing_on_if_the_engine_cannot_start,
     heartbeat,

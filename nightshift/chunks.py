@@ -154,11 +154,16 @@ class ChunkWriter:
         self.buffer: list[dict] = []
         self.tokens_written = 0
         self.timeline: dict[int, int] = {}  # second → tokens of rows the engine finished in it
+        self.engine_prompt_tokens = 0  # prompt tokens of the rows the engine ran, and those
+        self.cached_prompt_tokens = 0  # its prefix cache served: the measured hit rate
 
     def add_output(self, row: dict, kind: str, output, model_name: str, tokenizer, source: str = "engine") -> dict:
         line = output_line(row["custom_id"], kind, output, model_name, self.cache_key, tokenizer)
         first = output.outputs[0]
         usage = line["response"]["body"]["usage"]
+        if source == "engine":
+            self.engine_prompt_tokens += usage["prompt_tokens"]
+            self.cached_prompt_tokens += getattr(output, "num_cached_tokens", None) or 0
         return self._add(
             row,
             line,

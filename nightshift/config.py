@@ -119,6 +119,11 @@ class JobOptions(_Config):
         description="directory of deterministic rows' outputs reused across runs (not part of the fingerprint: "
         "using it changes no output)",
     )
+    keep_order: bool = Field(
+        False,
+        description="send a shard's rows to the engine in input order, not grouped by shared prompt prefix "
+        "(outputs are in input order either way)",
+    )
 
 
 class JobSpec(JobOptions):

@@ -84,6 +84,7 @@ class BatchEngine:
         self.max_model_len = self.llm.model_config.max_model_len  # what vLLM settled on
         # vLLM fills the sizes left open with its defaults for the hardware: read them back
         self.max_num_seqs = vllm_adapter.scheduler_max_num_seqs(self.llm)
+        self.settings = vllm_adapter.resolved_settings(self.llm)
         self.max_in_flight = 2 * self.max_num_seqs
         self.load_seconds = time.monotonic() - loading
         self.announced: set[str] = set()  # runs whose log has said "engine ready" (once each)
@@ -99,10 +100,15 @@ class BatchEngine:
         threading.Thread(target=self._watch, name="nightshift-engine-watch", daemon=True).start()
 
     def describe(self) -> str:
+        s = self.settings
+        kv = f"{s['kv_cache_tokens']:,} tokens" if s["kv_cache_tokens"] else "size unknown"
         return (
             f"engine ready in {self.load_seconds:.0f} s ({os.path.basename(self.config.model.rstrip('/'))}, "
-            f"{self.model_config.dtype}, context {self.max_model_len}, max_num_seqs {self.max_num_seqs}, "
-            f"{'eager' if self.config.enforce_eager else 'compiled'})"
+            f"{s['dtype']}, context {self.max_model_len}, max_num_seqs {s['max_num_seqs']}, "
+            f"max_num_batched_tokens {s['max_num_batched_tokens']}, "
+            f"prefix caching {'on' if s['enable_prefix_caching'] else 'off'}, "
+            f"chunked prefill {'on' if s['enable_chunked_prefill'] else 'off'}, KV cache {s['kv_cache_dtype']} {kv}, "
+            f"{'eager' if s['enforce_eager'] else 'compiled'}, tensor parallel {s['tensor_parallel_size']})"
         )
 
     @property

@@ -189,3 +189,25 @@ def kv_bytes_per_token(config: EngineConfig) -> int | None:
     dtype = config.kv_cache_dtype if config.kv_cache_dtype != "auto" else config.dtype
     width = 1 if "fp8" in dtype or "int8" in dtype else 4 if dtype in ("float32", "float") else 2
     return 2 * layers * heads * head_dim * width
+
+
+# Below this many rows decoded together a GPU waits on the scheduler more than it computes.
+GPU_MAX_NUM_SEQS_FLOOR = 64
+
+
+def throughput_traps(settings: dict, on_gpu: bool) -> list[str]:
+    """Known ways an engine's resolved settings (vllm_adapter.resolved_settings) throw
+    throughput away, each said in a line an operator can act on."""
+    traps = []
+    if on_gpu and settings.get("max_num_seqs", GPU_MAX_NUM_SEQS_FLOOR) < GPU_MAX_NUM_SEQS_FLOOR:
+        traps.append(
+            f"max_num_seqs {settings['max_num_seqs']} on a GPU: the GPU waits between small batches "
+            "(vLLM's offline default is 256 or more; leave max_num_seqs unset)"
+        )
+    if on_gpu and settings.get("enforce_eager"):
+        traps.append("eager mode on a GPU: CUDA graphs speed decoding up (leave enforce_eager unset for a big job)")
+    if settings.get("enable_prefix_caching") is False:
+        traps.append(
+            "prefix caching is off: rows sharing a prompt prefix recompute it (`nightshift plan` predicts the share)"
+        )
+    return traps

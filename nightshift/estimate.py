@@ -37,10 +37,15 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from nightshift.config import JobSpec
+from nightshift.layout import PrefixCacheModel, prompt_key
 from nightshift.openai_format import CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL
 from nightshift.records import CostReport, Plan
 from nightshift.rundir import RunDir
 from nightshift.storage import read_table
+
+# What a row with no max_tokens is assumed to write, for the prefix-cache prediction: its
+# blocks crowd the cache while it runs (the bound, the rest of the context, would overstate it).
+UNBOUNDED_ROW_GUESS = 256
 
 
 class TokenCount(BaseModel):
@@ -54,6 +59,12 @@ class TokenCount(BaseModel):
     completion_tokens_max: int = Field(description="the most the rows may generate: max_tokens × n, summed")
     embedding: bool = False
     shard_tokens_max: int = Field(0, description="prompt + completion bound of the largest shard")
+    prefix_cache_hit_rate_predicted: float | None = Field(
+        None, description="prompt tokens the prefix cache would serve, rows in the order generation sends them"
+    )
+    prefix_cache_hit_rate_input_order: float | None = Field(
+        None, description="the same, rows in the input's order (what --keep-order would get)"
+    )
 
 
 class Throughput(BaseModel):
@@ -83,14 +94,26 @@ class Estimate(BaseModel):
     managed_api_cost: dict[str, float] = Field(default_factory=dict)
 
 
-def count_tokens(plan: Plan, tokenizer, max_model_len: int | None) -> TokenCount:
-    """Prompt tokens of every valid row of the plan's shards, as the engine will count them."""
+def count_tokens(
+    plan: Plan,
+    tokenizer,
+    max_model_len: int | None,
+    prefix_cache: tuple[int | None, int] | None = None,
+    keep_order: bool = False,
+) -> TokenCount:
+    """Prompt tokens of every valid row of the plan's shards, as the engine will count them; with
+    `prefix_cache` (capacity in tokens, block size), the prefix-cache hit rate predicted for the
+    rows in input order and in the order generation sends them (nightshift/layout.py)."""
     rows = valid = prompt = bound = largest = 0
     rejected: Counter = Counter()
     embedding = False
+    input_order, laid_out = (
+        (PrefixCacheModel(*prefix_cache), PrefixCacheModel(*prefix_cache)) if prefix_cache else (None, None)
+    )
     for shard in plan.shards:
         table = read_table(shard.path, columns=["request", "error"])
         shard_tokens = 0
+        generative: list[tuple[str, list[int], int]] = []  # (layout key, prompt ids, tokens it may write)
         for request, error in zip(table["request"].to_pylist(), table["error"].to_pylist()):
             rows += 1
             if error is not None:
@@ -99,13 +122,22 @@ def count_tokens(plan: Plan, tokenizer, max_model_len: int | None) -> TokenCount
             valid += 1
             request = json.loads(request)
             url, body = request["url"], request.get("body") or {}
-            tokens = prompt_tokens(url, body, tokenizer, max_model_len)
+            ids = prompt_ids(url, body, tokenizer)
+            tokens = len(ids) if ids is not None else prompt_tokens(url, body, tokenizer, max_model_len)
             most = completion_bound(url, body, tokens, max_model_len)
             embedding = embedding or url == EMBEDDINGS_URL
             prompt += tokens
             bound += most
             shard_tokens += tokens + most
+            if ids is not None:
+                written = min(most, body.get("max_completion_tokens") or body.get("max_tokens") or UNBOUNDED_ROW_GUESS)
+                generative.append((prompt_key(body.get("messages", body.get("prompt"))), ids, written))
         largest = max(largest, shard_tokens)
+        if input_order is not None:
+            for _, ids, written in generative:
+                input_order.run(ids, written)
+            for _, ids, written in generative if keep_order else sorted(generative, key=lambda g: g[0]):
+                laid_out.run(ids, written)
     return TokenCount(
         rows=rows,
         valid_rows=valid,
@@ -115,13 +147,15 @@ def count_tokens(plan: Plan, tokenizer, max_model_len: int | None) -> TokenCount
         completion_tokens_max=bound,
         embedding=embedding,
         shard_tokens_max=largest,
+        prefix_cache_hit_rate_predicted=laid_out.hit_rate if laid_out else None,
+        prefix_cache_hit_rate_input_order=input_order.hit_rate if input_order else None,
     )
 
 
-def prompt_tokens(url: str, body: dict, tokenizer, max_model_len: int | None) -> int:
-    """What vLLM counts as the row's prompt: the chat template applied, then tokenized without
-    adding special tokens again (chat); the prompt with them (completions); each input,
-    truncated where the body asks (embeddings)."""
+def prompt_ids(url: str, body: dict, tokenizer) -> list[int] | None:
+    """The prompt's token ids as vLLM builds them: the chat template applied, then tokenized
+    without adding special tokens again (chat); the prompt with them (completions). None for
+    an embedding row."""
     if url == CHAT_URL:
         text = tokenizer.apply_chat_template(
             [_flat(message) for message in body.get("messages") or []],
@@ -129,10 +163,19 @@ def prompt_tokens(url: str, body: dict, tokenizer, max_model_len: int | None) ->
             add_generation_prompt=True,
             **(body.get("chat_template_kwargs") or {}),
         )
-        return len(tokenizer.encode(text, add_special_tokens=False))
+        return tokenizer.encode(text, add_special_tokens=False)
     if url == COMPLETIONS_URL:
         prompt = body.get("prompt")
-        return len(prompt) if isinstance(prompt, list) else len(tokenizer.encode(prompt or ""))
+        return list(prompt) if isinstance(prompt, list) else tokenizer.encode(prompt or "")
+    return None
+
+
+def prompt_tokens(url: str, body: dict, tokenizer, max_model_len: int | None) -> int:
+    """What vLLM counts as the row's prompt: chat and completion rows as `prompt_ids` builds
+    them; each input of an embedding row, truncated where the body asks."""
+    ids = prompt_ids(url, body, tokenizer)
+    if ids is not None:
+        return len(ids)
     if url == EMBEDDINGS_URL:
         inputs = body.get("input")
         if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
@@ -282,6 +325,22 @@ def load_tokenizer(job: JobSpec):
     return AutoTokenizer.from_pretrained(local_model(job.engine.model, job.model_identity))
 
 
+def prefix_cache_shape(job: JobSpec) -> tuple[int | None, int] | None:
+    """(KV cache in tokens, block size) for the prefix-cache prediction: the cache this host's
+    engine would get — set, or sized as a CPU engine sizes it; on a GPU unless set, unbounded —
+    in vLLM's default blocks (16 tokens on GPUs, 128 on CPUs). None without prefix caching."""
+    from nightshift.engine_sizing import cpu_kv_cache_bytes, kv_bytes_per_token
+    from nightshift.telemetry import GpuSampler
+
+    if job.engine.enable_prefix_caching is False:
+        return None
+    on_gpu = GpuSampler().gpu_count > 0
+    per_token = kv_bytes_per_token(job.engine)
+    budget = job.engine.kv_cache_memory_bytes or (None if on_gpu else cpu_kv_cache_bytes(job.engine))
+    capacity = budget // per_token if budget and per_token else None
+    return capacity, 16 if on_gpu else 128
+
+
 def estimate_input(
     plan: Plan,
     job: JobSpec,
@@ -296,7 +355,13 @@ def estimate_input(
     `pricing` and `managed` are the GpuPricing and ManagedApiPrices blocks."""
     from nightshift.engine_sizing import model_context
 
-    tokens = count_tokens(plan, load_tokenizer(job), job.engine.max_model_len or model_context(job.engine))
+    tokens = count_tokens(
+        plan,
+        load_tokenizer(job),
+        job.engine.max_model_len or model_context(job.engine),
+        prefix_cache_shape(job),
+        job.keep_order,
+    )
     throughput = throughput_from_history(history, job, pricing.accelerator) if history else None
     if throughput is None and calibrate is not None:
         throughput = calibrate()
@@ -338,6 +403,11 @@ def render(result: Estimate) -> str:
         lines.append(
             f"| completion tokens | ≤ {t.completion_tokens_max:,}; estimate {result.completion_tokens_estimate:,} "
             f"({result.completion_estimate_source}) |"
+        )
+    if t.prefix_cache_hit_rate_predicted is not None:
+        lines.append(
+            f"| prefix cache, predicted | {100 * t.prefix_cache_hit_rate_predicted:.1f} % of prompt tokens served "
+            f"(in input order: {100 * (t.prefix_cache_hit_rate_input_order or 0):.1f} %) |"
         )
     lines.append(
         f"| throughput per GPU | {f'{rate.tokens_per_second:,.1f} tokens/s ({rate.source})' if rate else 'unknown: no earlier run of this model on this accelerator; --calibrate N measures it'} |"  # noqa: E501

@@ -9,6 +9,7 @@ configuration (EngineConfig, JobSpec, ...) lives in `nightshift.config`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -85,6 +86,9 @@ class ShardMetrics(_Record):
     max_model_len: int | None = Field(description="the context the engine ran with")
     errors_by_code: dict[str, int]
     token_timeline: list[tuple[int, int]] = Field(description="(Unix second, tokens finished in it)")
+    engine_settings: dict[str, Any] | None = Field(None, description="as vLLM resolved them (vllm_adapter)")
+    engine_prompt_tokens: int = Field(0, description="prompt tokens of the rows this attempt ran on the engine")
+    cached_prompt_tokens: int = Field(0, description="of those, the ones vLLM's prefix cache served")
     host: str
     cuda_visible_devices: str | None = Field(description="which of the host's GPUs the engine had")
     gpu_name: str | None
@@ -186,6 +190,11 @@ class CostReport(_Record):
     gpu_memory_mib_mean: float | None = None
     gpu_power_w_mean: float | None = None
     stragglers: list[Straggler] = Field(default_factory=list, description="slowest shards against the median")
+    prefix_cache_hit_rate: float | None = Field(
+        None, description="prompt tokens vLLM's prefix cache served / prompt tokens of the rows the engine ran"
+    )
+    engine_settings: dict[str, Any] | None = Field(None, description="the engine's settings as vLLM resolved them")
+    engine_warnings: list[str] = Field(default_factory=list, description="known throughput traps those settings show")
     rows_per_second: float | None = None
     cost_per_million_rows: float | None = None
     cost_per_million_rows_spot: float | None = None
@@ -260,6 +269,7 @@ class EngineTime(_Record):
     stragglers: list[tuple[int, float | None, float | None]] = Field(
         default_factory=list, description="(shard, engine seconds, × the median), slowest first"
     )
+    prefix_cache_hit_rate: float | None = Field(None, description="cached prompt tokens / prompt tokens, engine rows")
 
 
 # ── the canary stage's verdict (validation.json) ──────────────────────────────────────────────

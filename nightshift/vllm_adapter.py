@@ -21,6 +21,27 @@ def scheduler_max_num_seqs(llm) -> int:
     return llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
 
 
+def resolved_settings(llm) -> dict[str, Any]:
+    """The engine's settings as vLLM resolved them — its defaults for the hardware filled in —
+    for the first log line and the report: what really ran, not what was asked."""
+    config = llm.llm_engine.vllm_config
+    cache, scheduler = config.cache_config, config.scheduler_config
+    blocks = cache.num_gpu_blocks
+    return {
+        "max_num_seqs": scheduler.max_num_seqs,
+        "max_num_batched_tokens": scheduler.max_num_batched_tokens,
+        "enable_prefix_caching": bool(cache.enable_prefix_caching),
+        "enable_chunked_prefill": bool(scheduler.enable_chunked_prefill),
+        "dtype": str(config.model_config.dtype).removeprefix("torch."),
+        "kv_cache_dtype": str(cache.cache_dtype),
+        "kv_cache_tokens": blocks * cache.block_size if blocks else None,
+        "block_size": cache.block_size,
+        "enforce_eager": bool(config.model_config.enforce_eager),
+        "cudagraph_mode": getattr(config.compilation_config.cudagraph_mode, "name", None),
+        "tensor_parallel_size": config.parallel_config.tensor_parallel_size,
+    }
+
+
 def engine_core_client(llm):
     """The client of the engine core process (`SyncMPClient`), or None for an in-process core."""
     return getattr(llm.llm_engine, "engine_core", None)
@@ -69,7 +90,7 @@ def broken_assumptions() -> list[str]:
     import dataclasses
 
     from vllm import LLM
-    from vllm.config import SchedulerConfig
+    from vllm.config import CacheConfig, SchedulerConfig
     from vllm.v1.engine.core_client import BackgroundResources, SyncMPClient
     from vllm.v1.engine.llm_engine import LLMEngine
 
@@ -97,7 +118,12 @@ def broken_assumptions() -> list[str]:
         "LLM.enqueue_chat(..., chat_template_kwargs=)",
     )
     needs(callable(getattr(LLMEngine, "step", None)), "LLMEngine.step()")
-    needs("max_num_seqs" in getattr(SchedulerConfig, "__dataclass_fields__", {}), "SchedulerConfig.max_num_seqs")
+    scheduler_fields = getattr(SchedulerConfig, "__dataclass_fields__", {})
+    for name in ("max_num_seqs", "max_num_batched_tokens", "enable_chunked_prefill"):
+        needs(name in scheduler_fields, f"SchedulerConfig.{name}")
+    cache_fields = getattr(CacheConfig, "__dataclass_fields__", {})
+    for name in ("enable_prefix_caching", "cache_dtype", "num_gpu_blocks", "block_size"):
+        needs(name in cache_fields, f"CacheConfig.{name}")
     needs("timeout" in parameters(getattr(SyncMPClient, "shutdown", None)), "SyncMPClient.shutdown(timeout=)")
     resources = dataclasses.fields(BackgroundResources) if dataclasses.is_dataclass(BackgroundResources) else ()
     fields = {field.name for field in resources}

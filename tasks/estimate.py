@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import re
 
-from nightshift.blocks.pricing import GpuPricing, ManagedApiPrices
 from prefect import task
 
+from nightshift.blocks.pricing import GpuPricing, ManagedApiPrices
 from nightshift.config import JobSpec
 from nightshift.deadline import parse_deadline
 from nightshift.estimate import estimate_input, render

@@ -41,6 +41,8 @@ from nightshift.chunks import (
 from nightshift.config import ConfigurationError, EngineStartStalled, JobSpec
 from nightshift.deadline import DeadlineReached, StopSignal, deadline_reached
 from nightshift.engine import EngineFailure, get_engine
+from nightshift.engine_sizing import throughput_traps
+from nightshift.layout import prefix_order
 from nightshift.models import local_model
 from nightshift.openai_format import PreparedRequest, RequestRejected, duplicate_key, prepare_request
 from nightshift.preemption import Preempted, generation_in_progress, grace_seconds, stop_requested
@@ -158,15 +160,14 @@ def _generate(shard: Shard, job: JobSpec, run_dir: RunDir, only_rows: set[int] |
     engine, ready_rows = _prepare(todo, job, run_dir, writer, suspects)
     work = _Work.of(ready_rows, todo, job, key, writer)
 
-    sampler = GpuSampler().__enter__()
     engine_started = time.time()
-    try:
-        _answer(work, engine, job, writer, suspects, shard)
-    finally:
-        writer.flush()  # finished rows survive a preemption or an engine fault
-        if work.cache is not None:
-            work.cache.flush(key)
-        sampler.__exit__()
+    with GpuSampler() as sampler:
+        try:
+            _answer(work, engine, job, writer, suspects, shard)
+        finally:
+            writer.flush()  # finished rows survive a preemption or an engine fault
+            if work.cache is not None:
+                work.cache.flush(key)
     engine_finished = time.time()
     if stop_requested.is_set():
         raise Preempted(f"shard {shard.index}: stopped on SIGTERM")
@@ -178,9 +179,8 @@ def _generate(shard: Shard, job: JobSpec, run_dir: RunDir, only_rows: set[int] |
         engine_started,
         engine_finished,
         sampler,
-        writer.tokens_written,
-        engine.max_model_len if engine else None,
-        writer.timeline,
+        writer,
+        engine,
     )
     return result
 
@@ -213,6 +213,8 @@ def _prepare(todo: list[dict], job: JobSpec, run_dir: RunDir, writer: ChunkWrite
             if str(run_dir.root) not in engine.announced:
                 engine.announced.add(str(run_dir.root))
                 _story().info(engine.describe())
+                for trap in throughput_traps(engine.settings, GpuSampler().gpu_count > 0):
+                    _story().warning(trap)
         request = json.loads(row["request"])
         try:
             ready = prepare_request(
@@ -271,7 +273,10 @@ def _answer(work: _Work, engine, job: JobSpec, writer: ChunkWriter, suspects: Su
     """Generate `work` on the engine, each outcome written for its row and the rows identical to it."""
     # Suspects first and alone: if one kills the engine again, it alone is blamed.
     batches = [[r] for r in work.to_generate if suspects.deaths(r.key)]
-    batches.append([r for r in work.to_generate if not suspects.deaths(r.key)])
+    rest = [r for r in work.to_generate if not suspects.deaths(r.key)]
+    if rest and not job.keep_order and engine.runner_type == "generate":  # pooling reuses no KV cache
+        rest = prefix_order(rest)  # rows sharing a prompt prefix run while it is cached
+    batches.append(rest)
     stop = StopSignal(stop_requested, deadline_reached)
     try:
         for batch in batches:
@@ -344,9 +349,8 @@ def write_shard_metrics(
     engine_started: float,
     engine_finished: float,
     sampler: GpuSampler,
-    tokens_generated: int,
-    max_model_len: int | None = None,
-    timeline: dict[int, int] | None = None,
+    writer: ChunkWriter,
+    engine=None,
 ) -> None:
     """metrics.json beside the shard's chunks: what this attempt did, what it cost, and the GPU."""
     with local_copies(result.chunk_files) as files, duckdb_connection() as con:
@@ -370,12 +374,15 @@ def write_shard_metrics(
         engine_seconds=round(engine_seconds, 3),
         engine_started=engine_started,
         engine_finished=engine_finished,
-        tokens_generated=tokens_generated,
-        tokens_per_second=round(tokens_generated / engine_seconds, 2) if result.regenerated_rows else None,
+        tokens_generated=writer.tokens_written,
+        tokens_per_second=round(writer.tokens_written / engine_seconds, 2) if result.regenerated_rows else None,
         finish_reasons=finish,
-        max_model_len=max_model_len,
+        max_model_len=engine.max_model_len if engine else None,
+        engine_settings=engine.settings if engine else None,
         errors_by_code=errors,
-        token_timeline=sorted((timeline or {}).items()),  # the report's throughput chart
+        token_timeline=sorted(writer.timeline.items()),  # the report's throughput chart
+        engine_prompt_tokens=writer.engine_prompt_tokens,
+        cached_prompt_tokens=writer.cached_prompt_tokens,
         **sampler.summary(),
     ).save(RunDir.shard_metrics(output_dir))
 

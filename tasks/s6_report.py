@@ -13,11 +13,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from nightshift.blocks.pricing import GpuPricing, ManagedApiPrices
 from prefect import get_run_logger, task
 
+from nightshift.blocks.pricing import GpuPricing, ManagedApiPrices
 from nightshift.chunks import best_rows_sql, chunk_files, shard_cache_key, sql_path_list
 from nightshift.config import JobSpec
+from nightshift.engine_sizing import throughput_traps
 from nightshift.estimate import managed_api_cost
 from nightshift.records import CostReport, EngineTime, Plan, RowTotals, RunReport, ShardMetrics, Verdict
 from nightshift.rundir import RunDir
@@ -46,8 +47,27 @@ def build_report(
         truncation_share=round(totals.truncation_share, 4),
         errors_by_code=_errors_by_code(run_dir),
         **_validation_figures(run_dir, pricing),
+        **_engine_figures(outputs),
         **priced(totals, engine_time(outputs), pricing, managed, project_rows),
     )
+
+
+def _engine_figures(shard_outputs: list[Path]) -> dict:
+    """The engine settings that really ran (the latest shard's engine), and the traps they show."""
+    for metrics_file in sorted(map(RunDir.shard_metrics, shard_outputs), key=_mtime, reverse=True):
+        if metrics_file.exists():
+            metrics = ShardMetrics.load(metrics_file)
+            if metrics.engine_settings:
+                on_gpu = metrics.gpu_count > 0
+                return {
+                    "engine_settings": metrics.engine_settings,
+                    "engine_warnings": throughput_traps(metrics.engine_settings, on_gpu),
+                }
+    return {}
+
+
+def _mtime(path: Path) -> float:
+    return path.stat().st_mtime if path.exists() else 0.0
 
 
 def row_totals(run_dir: RunDir, shard_outputs: list[Path]) -> RowTotals:
@@ -119,6 +139,12 @@ def engine_time(shard_outputs: list[Path]) -> EngineTime:
         context = None
         if "max_model_len" in columns:
             context = con.sql("SELECT max(max_model_len) FROM metrics").fetchall()[0][0]
+        hit_rate = None
+        if "cached_prompt_tokens" in columns:  # metrics of earlier versions have no prefix-cache counts
+            cached, prompt = con.sql(
+                "SELECT sum(cached_prompt_tokens), sum(engine_prompt_tokens) FROM metrics"
+            ).fetchall()[0]
+            hit_rate = round(cached / prompt, 4) if prompt else None
         stragglers = con.sql(
             """
             SELECT shard_index, round(engine_seconds, 2) AS seconds,
@@ -138,8 +164,13 @@ def engine_time(shard_outputs: list[Path]) -> EngineTime:
         gpu_memory_mib_mean=gpu_mem,
         gpu_power_w_mean=gpu_power,
         gpu_telemetry=telemetry,
+        prefix_cache_hit_rate=hit_rate,
         stragglers=[(s, sec, r) for s, sec, r in stragglers],
     )
+
+
+def _percent(share: float | None) -> float | None:
+    return None if share is None else 100 * share
 
 
 def priced(
@@ -196,6 +227,7 @@ def priced(
         "gpu_memory_mib_mean": time.gpu_memory_mib_mean,
         "gpu_power_w_mean": time.gpu_power_w_mean,
         "stragglers": [{"shard": s, "engine_seconds": sec, "times_median": r} for s, sec, r in time.stragglers],
+        "prefix_cache_hit_rate": time.prefix_cache_hit_rate,
         "rows_per_second": round(rows_per_second, 2) if rows_per_second else None,
         "cost_per_million_rows": round(cost_on_demand / (rows / 1e6), 6) if rows and span else None,
         "cost_per_million_rows_spot": round(cost_spot / (rows / 1e6), 6) if rows and span else None,
@@ -272,6 +304,7 @@ def render_markdown(report: CostReport, chart: str | None) -> str:
         f"| $ per 1M rows, on demand / spot | {fmt(report.cost_per_million_rows, '', 4)} / "
         f"{fmt(report.cost_per_million_rows_spot, '', 4)} |",
         f"| truncated (finish_reason = length) | {100 * report.truncation_share:.1f} % |",
+        f"| prompt tokens served by the prefix cache | {fmt(_percent(report.prefix_cache_hit_rate), ' %', 1)} |",
         f"| answered from an identical row or the result cache, not generated | {saved.rows:,} rows, "
         f"{saved.tokens:,} tokens, ${fmt(saved.cost_saved_on_demand, '', 4)} saved |",
         f"| projected for {report.projection.rows:,} rows | {fmt(report.projection.hours, ' h', 2)}, "
@@ -282,6 +315,10 @@ def render_markdown(report: CostReport, chart: str | None) -> str:
         + ", ".join(f"{name} ${cost:,.4f}" for name, cost in report.managed_api_cost.items()),
         "",
     ]
+    if report.engine_settings:
+        settings = ", ".join(f"{name} {value}" for name, value in report.engine_settings.items())
+        lines += [f"Engine settings as vLLM resolved them: {settings}.", ""]
+        lines += [f"- ⚠ {warning}" for warning in report.engine_warnings] + ([""] if report.engine_warnings else [])
     if report.stragglers:
         lines += ["Slowest shards against the median:", ""]
         lines += [f"- shard {s.shard}: {s.engine_seconds} s ({s.times_median}× median)" for s in report.stragglers]

@@ -201,9 +201,10 @@ def test_identical_greedy_rows_are_generated_once_and_each_keeps_its_own_line(mi
 
 
 def test_a_second_run_on_the_same_directory_is_cached_and_duplicates_nothing(mixed_run, tiny_job):
-    from nightshift.flows.batch import batch_inference
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from nightshift.flows.batch import batch_inference
 
     path, run_dir, report = mixed_run
     before = (run_dir / "output.jsonl").read_text()
@@ -234,9 +235,8 @@ def test_the_cost_report_totals_equal_the_usage_in_output_jsonl(mixed_run):
 
 def test_cost_per_million_tokens_is_the_pricing_blocks_arithmetic(mixed_run):
     from nightshift.blocks.pricing import GpuPricing
-    from nightshift.tasks.s6_report import build_report
-
     from nightshift.rundir import RunDir
+    from nightshift.tasks.s6_report import build_report
 
     _, run_dir, _ = mixed_run
     pricing = GpuPricing(accelerator="H100", accelerators=8, on_demand_per_hour=4.0, spot_per_hour=1.5)

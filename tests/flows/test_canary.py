@@ -18,9 +18,8 @@ def batch(tmp_path):
 def test_a_run_whose_canaries_hold_is_validated_and_canaries_stay_out_of_the_outputs(
     tmp_path, batch, prefect_server, tiny_job
 ):
-    from nightshift.flows.run import run_job
-
     from nightshift.config import CanaryConfig
+    from nightshift.flows.run import run_job
 
     canaries = write_jsonl(
         tmp_path / "canaries.jsonl",
@@ -83,14 +82,14 @@ def test_the_oracle_fails_a_run_whose_weights_differ_from_the_reference(tmp_path
     import shutil
 
     import torch
-    from nightshift.flows.run import run_job
-    from nightshift.tasks.s5_canary import CanaryFailure
     from safetensors.torch import load_file, save_file
 
     from nightshift.config import CanaryConfig
     from nightshift.engine import shutdown_engine
+    from nightshift.flows.run import run_job
     from nightshift.jobs import make_job
     from nightshift.models import model_dir
+    from nightshift.tasks.s5_canary import CanaryFailure
 
     tampered = tmp_path / "tampered-tiny"
     shutil.copytree(model_dir("tiny"), tampered)

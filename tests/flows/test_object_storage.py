@@ -12,12 +12,12 @@ def test_an_s3_input_runs_with_the_blocks_credentials_which_leak_nowhere(
     prefect_server, s3_endpoint, tiny_job, tmp_path
 ):
     import s3fs
-    from nightshift.blocks import ObjectStorage
-    from nightshift.flows.batch import batch_inference
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 
+    from nightshift.blocks import ObjectStorage
     from nightshift.config import CanaryConfig
+    from nightshift.flows.batch import batch_inference
 
     key, secret = "nightshift-test", f"s3cr3t-{uuid.uuid4().hex}"
     lake = ObjectStorage(endpoint_url=s3_endpoint, access_key_id=key, secret_access_key=secret)

@@ -100,8 +100,9 @@ def test_a_plan_of_a_missing_input_is_one_line_and_exit_2(tmp_path):
 
 
 def test_as_a_flow_the_plan_is_a_markdown_artifact_in_the_dashboard(tmp_path, prefect_server, tiny_job):
-    from nightshift.flows.plan_night import plan_night
     from prefect.artifacts import Artifact
+
+    from nightshift.flows.plan_night import plan_night
 
     path = write_jsonl(tmp_path / "in.jsonl", varied_rows())
     result = plan_night(str(path), job=tiny_job, shard_size=16, deadline="1h")

@@ -11,9 +11,10 @@ from nightshift.rundir import RunDir
 
 
 def test_progress_moves_by_the_row_and_the_logs_tell_the_story(tmp_path, prefect_server, tiny_job):
-    from nightshift.flows.run import run_job
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    from nightshift.flows.run import run_job
 
     rows = [chat_request(f"r{i}", f"Story {i}", max_tokens=128, ignore_eos=True) for i in range(300)]
     path = write_jsonl(tmp_path / "in.jsonl", rows + ["{broken"])

@@ -40,3 +40,15 @@ def test_a_cache_sized_in_the_environment_sizes_the_rows_too(tiny, monkeypatch):
     arguments = engine_arguments(tiny)
     assert "kv_cache_memory_bytes" not in arguments  # vLLM reads the environment itself
     assert arguments["max_num_seqs"] == cpu_max_num_seqs(tiny, 256 * MiB)
+
+
+def test_settings_that_throw_throughput_away_are_named_and_sound_ones_are_not():
+    from nightshift.engine_sizing import throughput_traps
+
+    sound = {"max_num_seqs": 256, "enforce_eager": False, "enable_prefix_caching": True}
+    assert throughput_traps(sound, on_gpu=True) == []
+    small_eager = {**sound, "max_num_seqs": 8, "enforce_eager": True, "enable_prefix_caching": False}
+    traps = throughput_traps(small_eager, on_gpu=True)
+    assert len(traps) == 3 and "max_num_seqs 8" in traps[0] and "eager" in traps[1] and "prefix" in traps[2]
+    # on a CPU a small batch and eager mode are what the engine should run
+    assert throughput_traps({**small_eager, "enable_prefix_caching": True}, on_gpu=False) == []

@@ -12,12 +12,12 @@ from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 
 import pytest
-from nightshift.tasks import s2_fan_out as fanout
 from prefect.client.schemas.objects import StateType
 
 from nightshift import workers
 from nightshift.config import EngineCannotStartHere, EngineConfig, FanOut, JobSpec
 from nightshift.records import GroupManifest, Shard, ShardResult
+from nightshift.tasks import s2_fan_out as fanout
 
 pytestmark = pytest.mark.fast
 

@@ -7,13 +7,13 @@ import json
 import pyarrow.parquet as pq
 import pytest
 from conftest import chat_request, read_jsonl, write_jsonl
-from nightshift.tasks.s1_plan_shards import plan
-from nightshift.tasks.s4_merge import IncompleteRun, merge
 
 from nightshift.chunks import ChunkWriter, shard_cache_key
 from nightshift.jobs import make_job
 from nightshift.records import ShardResult
 from nightshift.rundir import RunDir
+from nightshift.tasks.s1_plan_shards import plan
+from nightshift.tasks.s4_merge import IncompleteRun, merge
 
 pytestmark = pytest.mark.fast
 

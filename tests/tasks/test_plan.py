@@ -3,9 +3,9 @@
 import pyarrow.parquet as pq
 import pytest
 from conftest import chat_request, write_jsonl
-from nightshift.tasks.s1_plan_shards import plan
 
 from nightshift.rundir import RunDir
+from nightshift.tasks.s1_plan_shards import plan
 
 pytestmark = pytest.mark.fast
 

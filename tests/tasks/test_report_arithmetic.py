@@ -7,13 +7,13 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from nightshift.blocks.pricing import GpuPricing
-from nightshift.tasks.s6_report import build_report
 
+from nightshift.blocks.pricing import GpuPricing
 from nightshift.chunks import shard_cache_key
 from nightshift.config import EngineConfig, JobSpec
 from nightshift.records import Plan, Shard
 from nightshift.rundir import RunDir
+from nightshift.tasks.s6_report import build_report
 
 pytestmark = pytest.mark.fast
 
@@ -87,9 +87,8 @@ def test_rows_answered_without_generating_are_counted_apart_with_the_money_they_
 
 def test_pricing_is_arithmetic_on_the_measured_records_alone():
     from nightshift.blocks.pricing import ManagedApiPrices
-    from nightshift.tasks.s6_report import priced
-
     from nightshift.records import EngineTime, RowTotals
+    from nightshift.tasks.s6_report import priced
 
     totals = RowTotals(
         rows=1000, succeeded=990, prompt_tokens=200_000, completion_tokens=50_000, truncation_share=0.0,

@@ -2,6 +2,7 @@
 read as a stream, holding only the sample however many rows the run has."""
 
 import pytest
+
 from nightshift.tasks.s5_canary import _Sample
 
 pytestmark = pytest.mark.fast

@@ -1,0 +1,94 @@
+"""The order a shard's rows go to the engine, and the prefix-cache hit rate an order predicts."""
+
+import random
+from types import SimpleNamespace
+
+import pytest
+
+from nightshift.layout import PrefixCacheModel, prefix_order, prompt_key
+
+pytestmark = pytest.mark.fast
+
+
+def question(doc: int, q: int, key: int) -> SimpleNamespace:
+    messages = [
+        {"role": "system", "content": "Answer from the document."},
+        {"role": "user", "content": f"Document {doc}: " + "lorem ipsum " * 50 + f"\n\nQuestion {q}?"},
+    ]
+    return SimpleNamespace(key=key, prompt=messages)
+
+
+def shuffled_documents(docs=6, questions=5, seed=7):
+    rows = [question(d, q, 0) for d in range(docs) for q in range(questions)]
+    random.Random(seed).shuffle(rows)
+    for key, row in enumerate(rows):
+        row.key = key
+    return rows
+
+
+def document_of(row) -> str:
+    return row.prompt[1]["content"].split(":")[0]
+
+
+def test_rows_sharing_a_document_go_to_the_engine_together():
+    ordered = prefix_order(shuffled_documents())
+    runs = [document_of(row) for row in ordered]
+    groups = [doc for i, doc in enumerate(runs) if i == 0 or runs[i - 1] != doc]
+    assert len(groups) == 6, "each document's questions contiguous"
+
+
+def test_the_same_rows_always_give_the_same_order_and_ties_keep_input_order():
+    rows = shuffled_documents()
+    twins = [question(9, 0, 100), question(9, 0, 101)]
+    first = prefix_order(rows + twins)
+    assert [r.key for r in first] == [r.key for r in prefix_order(rows + twins)]
+    assert [r.key for r in first if r.key >= 100] == [100, 101]
+
+
+def test_keys_follow_the_prompt_as_rendered_message_by_message():
+    short = [{"role": "user", "content": "ab"}]
+    longer = [{"role": "user", "content": "ab"}, {"role": "assistant", "content": "c"}]
+    parts = [{"role": "user", "content": [{"type": "text", "text": "ab"}]}]
+    assert prompt_key(short) < prompt_key(longer)
+    assert prompt_key(parts) == prompt_key(short), "content parts key as the template joins their text"
+    assert prompt_key([5, 6, 7]) < prompt_key([5, 7]), "token-id prompts sort by their ids"
+
+
+def blocks_of(doc: int, q: int) -> list[int]:
+    return [doc] * 300 + [1000 + q] * 10  # a 300-token document, then a 10-token question
+
+
+def test_a_small_cache_serves_the_grouped_order_far_better_than_a_shuffled_one():
+    rows = [(d, q) for d in range(20) for q in range(5)]
+    random.Random(3).shuffle(rows)
+    shuffled, grouped = PrefixCacheModel(640, 16), PrefixCacheModel(640, 16)
+    for d, q in rows:
+        shuffled.run(blocks_of(d, q), 8)
+    for d, q in sorted(rows):
+        grouped.run(blocks_of(d, q), 8)
+    # four of a document's five rows hit its 18 full blocks (288 of 310 tokens)
+    assert grouped.hit_rate == pytest.approx(4 / 5 * 288 / 310, abs=0.01)
+    assert shuffled.hit_rate < grouped.hit_rate / 2
+
+
+def test_an_unbounded_cache_predicts_the_same_for_any_order_and_unique_prompts_never_hit():
+    rows = [(d, q) for d in range(10) for q in range(3)]
+    orders = [rows, sorted(rows, key=lambda r: (r[1], r[0]))]
+    rates = []
+    for order in orders:
+        model = PrefixCacheModel(None, 16)
+        for d, q in order:
+            model.run(blocks_of(d, q), 8)
+        rates.append(model.hit_rate)
+    assert rates[0] == rates[1]
+    unique = PrefixCacheModel(None, 16)
+    for i in range(50):
+        unique.run([i] * 64, 8)
+    assert unique.hit_rate == 0.0
+
+
+def test_a_prompt_cached_whole_still_computes_its_last_token():
+    model = PrefixCacheModel(None, 16)
+    model.run(list(range(32)), 1)
+    model.run(list(range(32)), 1)
+    assert model.hit_tokens == 31
