@@ -270,6 +270,7 @@ class EngineTime(_Record):
         default_factory=list, description="(shard, engine seconds, × the median), slowest first"
     )
     prefix_cache_hit_rate: float | None = Field(None, description="cached prompt tokens / prompt tokens, engine rows")
+    engine_settings: dict[str, Any] | None = Field(None, description="as vLLM resolved them, the latest shard's engine")
 
 
 # ── the canary stage's verdict (validation.json) ──────────────────────────────────────────────

@@ -35,7 +35,7 @@ def build_report(
     pricing, managed = pricing or GpuPricing(), managed or ManagedApiPrices()
     plan, job = Plan.load(run_dir.plan_manifest), JobSpec.load(run_dir.job)
     outputs = [run_dir.shard_output(shard_cache_key(s, job)) for s in plan.shards]
-    totals = row_totals(run_dir, outputs)
+    totals, time = row_totals(run_dir, outputs), engine_time(outputs)
     return CostReport(
         run_dir=str(run_dir.root),
         model=job.served_model_name,
@@ -47,27 +47,19 @@ def build_report(
         truncation_share=round(totals.truncation_share, 4),
         errors_by_code=_errors_by_code(run_dir),
         **_validation_figures(run_dir, pricing),
-        **_engine_figures(outputs),
-        **priced(totals, engine_time(outputs), pricing, managed, project_rows),
+        **_engine_figures(time),
+        **priced(totals, time, pricing, managed, project_rows),
     )
 
 
-def _engine_figures(shard_outputs: list[Path]) -> dict:
+def _engine_figures(time: EngineTime) -> dict:
     """The engine settings that really ran (the latest shard's engine), and the traps they show."""
-    for metrics_file in sorted(map(RunDir.shard_metrics, shard_outputs), key=_mtime, reverse=True):
-        if metrics_file.exists():
-            metrics = ShardMetrics.load(metrics_file)
-            if metrics.engine_settings:
-                on_gpu = metrics.gpu_count > 0
-                return {
-                    "engine_settings": metrics.engine_settings,
-                    "engine_warnings": throughput_traps(metrics.engine_settings, on_gpu),
-                }
-    return {}
-
-
-def _mtime(path: Path) -> float:
-    return path.stat().st_mtime if path.exists() else 0.0
+    if not time.engine_settings:
+        return {}
+    return {
+        "engine_settings": time.engine_settings,
+        "engine_warnings": throughput_traps(time.engine_settings, on_gpu=time.gpu_count > 0),
+    }
 
 
 def row_totals(run_dir: RunDir, shard_outputs: list[Path]) -> RowTotals:
@@ -139,7 +131,13 @@ def engine_time(shard_outputs: list[Path]) -> EngineTime:
         context = None
         if "max_model_len" in columns:
             context = con.sql("SELECT max(max_model_len) FROM metrics").fetchall()[0][0]
-        hit_rate = None
+        hit_rate, settings = None, None
+        if "engine_settings" in columns:  # as vLLM resolved them, the latest shard's engine
+            latest = con.sql(
+                "SELECT engine_settings FROM metrics WHERE engine_settings IS NOT NULL "
+                "ORDER BY engine_finished DESC LIMIT 1"
+            ).fetchall()
+            settings = latest[0][0] if latest else None
         if "cached_prompt_tokens" in columns:  # metrics of earlier versions have no prefix-cache counts
             cached, prompt = con.sql(
                 "SELECT sum(cached_prompt_tokens), sum(engine_prompt_tokens) FROM metrics"
@@ -165,6 +163,7 @@ def engine_time(shard_outputs: list[Path]) -> EngineTime:
         gpu_power_w_mean=gpu_power,
         gpu_telemetry=telemetry,
         prefix_cache_hit_rate=hit_rate,
+        engine_settings=settings,
         stragglers=[(s, sec, r) for s, sec, r in stragglers],
     )
 
