@@ -231,7 +231,7 @@ def check_batch_input(path: Path, endpoint: str, max_requests: int) -> tuple[int
     errors: list[BatchError] = []
     custom_ids: set[str] = set()
     requests = 0
-    for line_no, raw in _lines(path):
+    for line_no, raw in input_lines(path):
         if not raw.strip():
             continue
         requests += 1
@@ -277,7 +277,7 @@ def check_batch_input(path: Path, endpoint: str, max_requests: int) -> tuple[int
     return requests, errors
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
+def input_lines(path: Path) -> Iterator[tuple[int, str]]:
     with location(path).open("rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
             yield line_no, raw.decode("utf-8-sig" if line_no == 1 else "utf-8", errors="replace")

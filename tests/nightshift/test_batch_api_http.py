@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from nightshift.batch_api import Store, owner_of
 from nightshift.batch_routes import create_app
 from nightshift.config import BatchApiConfig
-from nightshift.serve import BatchRunner
+from nightshift.serve import BatchLifecycle, batch_runs
 
 pytestmark = pytest.mark.fast
 KEYS = ("key-alice", "key-bob")
@@ -24,7 +24,9 @@ def http(tmp_path):
     """The API over a fresh store; its runner never starts, so batches stay as created."""
     config = BatchApiConfig(storage=str(tmp_path / "api"), chat_model="tiny")
     store = Store(config.storage)
-    app = create_app(config, store, BatchRunner(config, store), {owner_of(key) for key in KEYS})
+    app = create_app(
+        config, store, BatchLifecycle(config, store, batch_runs(config, store)), {owner_of(key) for key in KEYS}
+    )
     with TestClient(app, base_url="http://nightshift.test") as client:
         yield client
 

@@ -1,0 +1,71 @@
+"""`nightshift serve`: OpenAI's Batch API (/v1/files, /v1/batches) on your own machines.
+
+Code written for OpenAI's batch flow runs unchanged with `base_url` pointed here: upload a JSONL,
+create a batch, poll it, download its output and error files. Each batch is a Nightshift run
+(plan → generate → merge → validate → report, a Prefect flow run on the server's Prefect API when
+PREFECT_API_URL is set).
+
+    nightshift.batch_routes        the HTTP surface (routes, request models, OpenAI's error shape)
+    nightshift.serve.lifecycle     a batch's status from validating to a terminal one
+    nightshift.serve.runs          where a batch runs, behind one interface:
+    nightshift.serve.local_process   a `nightshift run` process on this machine, one at a time
+    nightshift.serve.deployment      a flow run of a Prefect deployment, on its work pool
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from nightshift.batch_api import Store, owner_of
+from nightshift.batch_routes import create_app
+from nightshift.config import BatchApiConfig, ConfigurationError
+from nightshift.serve.deployment import DeploymentRuns
+from nightshift.serve.lifecycle import BatchLifecycle
+from nightshift.serve.local_process import LocalProcessRuns
+from nightshift.serve.runs import BatchRuns
+from nightshift.storage import is_url
+
+
+def api_keys(config: BatchApiConfig) -> set[str]:
+    """Owners (digests) of the accepted keys, from a Prefect Secret block or NIGHTSHIFT_API_KEYS."""
+    if config.api_key_secret:
+        from prefect.blocks.system import Secret
+
+        value = Secret.load(config.api_key_secret).get()
+        keys = value if isinstance(value, list) else str(value).split(",")
+    else:
+        keys = os.environ.get("NIGHTSHIFT_API_KEYS", "").split(",")
+    keys = [k.strip() for k in keys if k.strip()]
+    if not keys:
+        raise ConfigurationError(
+            "no API keys: set NIGHTSHIFT_API_KEYS (comma-separated) or name a Prefect Secret block "
+            "with --api-key-secret"
+        )
+    return {owner_of(k) for k in keys}
+
+
+def batch_runs(config: BatchApiConfig, store: Store) -> BatchRuns:
+    """Where this server's batches run: its deployment's work pool, or this machine."""
+    return DeploymentRuns(config, store) if config.deployment else LocalProcessRuns(config, store)
+
+
+def serve(config: BatchApiConfig) -> int:
+    """Run the API until SIGINT/SIGTERM; batches in flight resume on the next start."""
+    import uvicorn
+
+    from nightshift.lease import run_lease
+
+    owners = api_keys(config)  # before anything listens: no keys, no server
+    store = Store(config.storage)
+    if not is_url(config.storage):
+        Path(config.storage).mkdir(parents=True, exist_ok=True)
+    with run_lease(str(store.root)):  # one server per storage: two would run each batch twice
+        lifecycle = BatchLifecycle(config, store, batch_runs(config, store))
+        app = create_app(config, store, lifecycle, owners)
+        lifecycle.start()
+        try:
+            uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+        finally:
+            lifecycle.shutdown()
+    return 0

@@ -1,0 +1,265 @@
+"""A batch's lifecycle: validating → in_progress → finalizing → completed; failed (the file is
+not a valid batch, or its run cannot start); cancelling → cancelled and expired (the rows already
+finished in the output file, every other row an error line).
+
+`BatchLifecycle` is the only writer of a batch's status besides the API's create and cancel (all
+under one lock). Where a batch's run happens is its `BatchRuns` (nightshift.serve.runs); everything
+else is on the storage (nightshift.batch_api), so a server killed mid-batch resumes the batch when
+started again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from nightshift.batch_api import (
+    TERMINAL,
+    BatchError,
+    BatchErrors,
+    BatchObject,
+    BatchUsage,
+    RequestCounts,
+    Store,
+    StoredBatch,
+    StoredFile,
+    check_batch_input,
+    input_lines,
+    new_id,
+)
+from nightshift.config import BatchApiConfig
+from nightshift.openai_format import error_line
+from nightshift.records import Plan, ProgressSnapshot, RunReport
+from nightshift.rundir import RunDir
+from nightshift.serve.runs import BatchRuns, RunEnd, RunOrder
+from nightshift.storage import location, written_whole
+
+log = logging.getLogger("nightshift.serve")
+
+CANCELLED_MESSAGE = "The batch was cancelled before this request ran."
+# A run past its window stops itself (its --deadline); the server closes it only if it has not
+# within this margin (rows in flight get 2 s, then the merge).
+RUN_EXPIRY_MARGIN_S = 120
+EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
+GATE_FAILED_MESSAGE = (
+    "The canary validation gate failed: the outputs were written, but do not trust them before reading "
+    "validation.json in the batch's run directory."
+)
+
+
+class BatchLifecycle:
+    """Turns stored batches into runs and follows them to a terminal status."""
+
+    def __init__(self, config: BatchApiConfig, store: Store, runs: BatchRuns) -> None:
+        self.config, self.store, self.runs = config, store, runs
+        self.lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="nightshift-batch-runner", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        """Stop following; running batches are told to save their finished rows and stay
+        in_progress, so the next server resumes them."""
+        self._stop.set()
+        self._thread.join(timeout=30)
+        self.runs.shutdown()
+
+    def update(self, batch_id: str, change) -> StoredBatch:
+        with self.lock:
+            stored = self.store.batch(batch_id)
+            change(stored)
+            self.store.save_batch(stored)
+            return stored
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.config.poll_s):
+            try:
+                self.step()
+            except Exception:  # one bad look must not end the runner; the next one tries again
+                log.exception("batch runner step failed")
+
+    def step(self) -> None:
+        for stored in self.store.batches():
+            if stored.batch.status not in TERMINAL and not self._stop.is_set():
+                self._advance(stored)
+
+    def _advance(self, stored: StoredBatch) -> None:
+        batch = stored.batch
+        if batch.status == "cancelling":
+            self._close(batch.id, "cancelled", "batch_cancelled", CANCELLED_MESSAGE)
+        elif self._window_closed(stored):
+            self._close(batch.id, "expired", "batch_expired", EXPIRED_MESSAGE)
+        elif batch.status == "validating":
+            self._validate_or_start(stored)
+        else:
+            self._follow(stored)
+
+    def _window_closed(self, stored: StoredBatch) -> bool:
+        """Past the completion window. A running batch run stops itself at the window with its
+        rows merged (its --deadline), so it gets a margin to do so before the server closes it."""
+        now = time.time()
+        if now < stored.batch.expires_at:
+            return False
+        return now >= stored.batch.expires_at + RUN_EXPIRY_MARGIN_S or not self.runs.running(stored)
+
+    def _validate_or_start(self, stored: StoredBatch) -> None:
+        batch = stored.batch
+        if not batch.request_counts.total:
+            requests, errors = check_batch_input(self._input(batch), batch.endpoint, self.config.max_requests)
+            if errors:
+                self._fail(batch.id, errors)
+                return
+            stored = self.update(batch.id, lambda s: setattr(s.batch.request_counts, "total", requests))
+        if self.runs.has_room():
+            self._launch(stored)
+
+    def _launch(self, stored: StoredBatch) -> None:
+        batch = stored.batch
+        if stored.run_attempts >= self.config.max_attempts:
+            self._fail(batch.id, [BatchError(code="run_failed", message=self.runs.last_words(stored))])
+            return
+        started = self.runs.start(
+            stored,
+            RunOrder(
+                batch_id=batch.id,
+                input_path=self._input(batch),
+                run_dir=str(self.store.run_dir(batch.id)),
+                model=self.config.embedding_model if batch.endpoint == "/v1/embeddings" else self.config.chat_model,
+                # Progress and checkpoints at least every twentieth of the batch: request_counts move.
+                chunk_size=max(8, min(512, batch.request_counts.total // 20)),
+                # the run keeps the completion window itself: it ends at it with its rows merged
+                deadline=datetime.fromtimestamp(batch.expires_at, timezone.utc),
+                attempt=stored.run_attempts,
+            ),
+        )
+
+        def recorded(s: StoredBatch) -> None:
+            s.run_attempts += 1
+            for name, value in started.record.items():
+                setattr(s, name, value)
+            s.batch.status = "finalizing" if s.batch.status == "finalizing" else "in_progress"
+            s.batch.in_progress_at = s.batch.in_progress_at or int(time.time())
+
+        self.update(batch.id, recorded)
+        log.info("batch %s: %s (attempt %d)", batch.id, started.description, stored.run_attempts + 1)
+
+    def _follow(self, stored: StoredBatch) -> None:
+        batch = stored.batch
+        end = self.runs.ended(stored)
+        if end is None:
+            self._count_progress(stored)
+        elif end is RunEnd.COMPLETED:
+            self._finish(batch.id, "completed")
+        elif end is RunEnd.GATE_FAILED:
+            self._finish(batch.id, "failed", gate_failed=True)
+        elif end is RunEnd.EXPIRED:  # the window closed: finished rows merged, the rest batch_expired
+            self._finish(batch.id, "expired")
+        elif end is RunEnd.REFUSED:
+            self._fail(batch.id, [BatchError(code="invalid_batch", message=self.runs.last_words(stored))])
+        else:  # the server restarted, or the last run crashed: resume from its checkpoints
+            self._launch(stored)
+
+    def _count_progress(self, stored: StoredBatch) -> None:
+        run_dir = RunDir(self.store.run_dir(stored.batch.id))
+        try:
+            progress = ProgressSnapshot.load(run_dir.progress)
+            canaries = Plan.load(run_dir.plan_manifest).canary_rows
+        except (FileNotFoundError, ValueError):
+            return
+        done = max(0, min(progress.completed - canaries, stored.batch.request_counts.total))
+
+        def counted(s: StoredBatch) -> None:
+            s.batch.request_counts.completed = done
+            if done >= s.batch.request_counts.total and s.batch.status == "in_progress":
+                s.batch.status, s.batch.finalizing_at = "finalizing", int(time.time())
+
+        if done != stored.batch.request_counts.completed:
+            self.update(stored.batch.id, counted)
+
+    def _close(self, batch_id: str, status: str, code: str, message: str) -> None:
+        """Stop the batch's run; its finished rows are its output, every other row an error line."""
+        stored = self.store.batch(batch_id)
+        self.runs.stop(stored)
+        run_dir = RunDir(self.store.run_dir(batch_id))
+        if run_dir.plan_manifest.exists() and run_dir.job.exists():
+            from nightshift.tasks.s4_merge import merge_unfinished
+
+            merge_unfinished(run_dir, code, message)
+        else:  # never planned: every request is unfinished
+            _write_unfinished(self._input(stored.batch), run_dir, code, message)
+        self._finish(batch_id, status)
+
+    def _finish(self, batch_id: str, status: str, gate_failed: bool = False) -> None:
+        run_dir = RunDir(self.store.run_dir(batch_id))
+        report = RunReport.load(run_dir.summary)
+        batch = self.store.batch(batch_id)
+        owner, now = batch.owner, int(time.time())
+        output = self._output_file(owner, batch_id, run_dir.output, "output")
+        errors = self._output_file(owner, batch_id, run_dir.errors, "errors") if report.failed else None
+
+        def finished(s: StoredBatch) -> None:
+            b = s.batch
+            b.status, b.output_file_id = status, output.file.id
+            b.error_file_id = errors.file.id if errors else None
+            b.request_counts = RequestCounts(total=report.total_rows, completed=report.succeeded, failed=report.failed)
+            b.usage = BatchUsage(
+                input_tokens=report.prompt_tokens,
+                output_tokens=report.completion_tokens,
+                total_tokens=report.prompt_tokens + report.completion_tokens,
+            )
+            b.finalizing_at = b.finalizing_at or now
+            setattr(b, {"completed": "completed_at", "failed": "failed_at"}.get(status, f"{status}_at"), now)
+            if gate_failed:
+                b.errors = BatchErrors(data=[BatchError(code="validation_failed", message=GATE_FAILED_MESSAGE)])
+
+        self.update(batch_id, finished)
+        log.info("batch %s: %s (%d ok, %d failed)", batch_id, status, report.succeeded, report.failed)
+
+    def _fail(self, batch_id: str, errors: list[BatchError]) -> None:
+        def failed(s: StoredBatch) -> None:
+            s.batch.status, s.batch.failed_at = "failed", int(time.time())
+            s.batch.errors = BatchErrors(data=errors)
+
+        self.update(batch_id, failed)
+        log.info("batch %s: failed (%s)", batch_id, errors[0].code)
+
+    def _output_file(self, owner: str, batch_id: str, path, kind: str) -> StoredFile:
+        relative = str(location(path)).removeprefix(str(self.store.root)).lstrip("/")
+        return self.store.add_file(
+            new_id("file-"), owner, f"{batch_id}_{kind}.jsonl", "batch_output", location(path).stat().st_size, relative
+        )
+
+    def _input(self, batch: BatchObject) -> Path:
+        return self.store.path(self.store.upload_path(batch.input_file_id))
+
+
+def _write_unfinished(input_path: Path, run_dir: RunDir, code: str, message: str) -> None:
+    """Outputs of a batch stopped before its run planned anything: every request an error line."""
+    failed = 0
+    with written_whole(run_dir.errors) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        for line_no, raw in input_lines(input_path):
+            if raw.strip():
+                custom_id = json.loads(raw).get("custom_id")  # validated: every line is an object
+                error = {"code": code, "message": message, "line": line_no}
+                out.write(json.dumps(error_line(custom_id, error, "unplanned"), ensure_ascii=False) + "\n")
+                failed += 1
+    with written_whole(run_dir.output) as tmp:
+        Path(tmp).write_text("")
+    RunReport(
+        run_dir=str(run_dir.root),
+        total_rows=failed,
+        succeeded=0,
+        failed=failed,
+        prompt_tokens=0,
+        completion_tokens=0,
+        output_path=str(run_dir.output),
+        errors_path=str(run_dir.errors),
+        results_path=str(run_dir.results),
+        errors_by_code={code: failed},
+    ).save(run_dir.summary)

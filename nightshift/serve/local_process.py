@@ -1,0 +1,148 @@
+"""A batch as a `nightshift run` process on this machine, one at a time, oldest first.
+
+The run keeps the completion window itself (its `--deadline`: it ends at the window with its
+finished rows merged, exit status 4). It dies with the server (a killed server's restart resumes
+it instead) and runs in a process group of its own, so that stopping it takes the engine's
+processes too — and a restarted server can kill what a killed one's run left behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from nightshift.batch_api import Store, StoredBatch
+from nightshift.config import BatchApiConfig
+from nightshift.deadline import EXIT_EXPIRED
+from nightshift.serve.runs import STOP_GRACE_S, BatchRuns, RunEnd, RunOrder, StartedRun
+from nightshift.storage import is_url
+
+log = logging.getLogger("nightshift.serve")
+
+# `nightshift run`'s exit statuses (nightshift.cli), as a batch's lifecycle reads them
+ENDS_BY_EXIT_STATUS = {0: RunEnd.COMPLETED, 3: RunEnd.GATE_FAILED, EXIT_EXPIRED: RunEnd.EXPIRED, 2: RunEnd.REFUSED}
+
+
+class LocalProcessRuns(BatchRuns):
+    def __init__(self, config: BatchApiConfig, store: Store) -> None:
+        self.store = store
+        self.children: dict[str, subprocess.Popen] = {}
+        # a bucket holds no log files: they stay on this machine
+        self.logs = Path(tempfile.gettempdir()) / "nightshift-serve" if is_url(config.storage) else None
+
+    def has_room(self) -> bool:
+        return not any(child.poll() is None for child in self.children.values())
+
+    def start(self, stored: StoredBatch, order: RunOrder) -> StartedRun:
+        _kill_leftovers(stored)
+        command = [
+            sys.executable, "-m", "nightshift.cli", "run", str(order.input_path), "--output", order.run_dir,
+            "--model", order.model, "--chunk-size", str(order.chunk_size), "--deadline", order.deadline.isoformat(),
+        ]  # fmt: skip
+        with open(self._log_path(order.batch_id), "ab") as log_file:
+            child = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+                # A cancelled or expired batch stops now: rows in flight get 2 s, not a spot VM's 20.
+                env={"NIGHTSHIFT_SIGTERM_GRACE_S": "2", **os.environ, "NIGHTSHIFT_RUN_NAME": f"batch {order.batch_id}"},
+            )
+        self.children[order.batch_id] = child
+        return StartedRun(
+            f"run started ({order.model})", record={"run_group": child.pid, "run_host": socket.gethostname()}
+        )
+
+    def running(self, stored: StoredBatch) -> bool:
+        child = self.children.get(stored.batch.id)
+        return child is not None and child.poll() is None
+
+    def ended(self, stored: StoredBatch) -> RunEnd | None:
+        child = self.children.get(stored.batch.id)
+        if child is None:  # the server restarted: its run died with the last one
+            return RunEnd.LOST
+        code = child.poll()
+        if code is None:
+            return None
+        del self.children[stored.batch.id]
+        end = ENDS_BY_EXIT_STATUS.get(code, RunEnd.LOST)
+        if end is RunEnd.LOST:
+            log.warning("batch %s: run exited %s", stored.batch.id, code)
+        return end
+
+    def stop(self, stored: StoredBatch) -> None:
+        child = self.children.pop(stored.batch.id, None)
+        if child is not None:
+            _stop_child(child)
+        _kill_leftovers(stored)
+
+    def last_words(self, stored: StoredBatch) -> str:
+        """The run's own one-line reason (`nightshift: …`), else its log's last line."""
+        try:
+            lines = self._log_path(stored.batch.id).read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return "the batch's run never started"
+        said = [line.removeprefix("nightshift: ") for line in lines if line.startswith("nightshift: ")]
+        return (said or lines or ["the batch's run failed without a word"])[-1][:2000]
+
+    def shutdown(self) -> None:
+        """Each run saves its finished rows (SIGTERM) and ends; the next server resumes it."""
+        for child in self.children.values():
+            _stop_child(child)
+
+    def _log_path(self, batch_id: str) -> Path:
+        folder = self.logs or Path(self.store.root) / "logs"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"{batch_id}.log"
+
+
+def _stop_child(child: subprocess.Popen) -> None:
+    """SIGTERM: the run saves its finished rows and exits 143; then its whole group goes."""
+    if child.poll() is None:
+        child.send_signal(signal.SIGTERM)
+        try:
+            child.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(child.pid, signal.SIGKILL)  # the engine's processes, whatever the run left behind
+    except ProcessLookupError:
+        pass
+    child.wait()
+
+
+def _kill_leftovers(stored: StoredBatch) -> None:
+    """A server killed with -9 takes its run along (`_die_with_parent`), but not the engine
+    processes that run started: they would hold the machine's cores and memory forever."""
+    if stored.run_group is None or stored.run_host != socket.gethostname():
+        return
+    import psutil
+
+    members = []
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == stored.run_group:
+                members.append(process)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    for process in members:
+        log.warning("batch %s: killing %s left over from its last run", stored.batch.id, process.pid)
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+
+
+def _die_with_parent() -> None:
+    """A run must not outlive a killed server: the restarted server resumes it instead."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
