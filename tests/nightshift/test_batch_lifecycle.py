@@ -1,0 +1,127 @@
+"""Specification of a batch's lifecycle over the `BatchRuns` interface: what the server does
+with each way a run can end. The runs here end as each test scripts them (the real ones — a
+`nightshift run` process, a deployment's flow run — are in tests/test_batch_api.py and
+tests/deployments/test_work_pools.py)."""
+
+import io
+import json
+
+import openai
+import pytest
+from conftest import chat_request
+from fastapi.testclient import TestClient
+
+from nightshift.batch_api import Store, owner_of
+from nightshift.batch_routes import create_app
+from nightshift.config import BatchApiConfig
+from nightshift.serve.lifecycle import BatchLifecycle
+from nightshift.serve.runs import BatchRuns, RunEnd, StartedRun
+
+pytestmark = pytest.mark.fast
+KEY = "key-alice"
+LAST_WORDS = "the model directory /models/x does not exist"
+
+
+class ScriptedRuns(BatchRuns):
+    """Runs that end as the test says, one scripted end per look once started."""
+
+    def __init__(self, *ends: RunEnd | None) -> None:
+        self.ends, self.orders, self.stopped = list(ends), [], []
+
+    def has_room(self) -> bool:
+        return True
+
+    def start(self, stored, order) -> StartedRun:
+        self.orders.append(order)
+        return StartedRun("scripted run", record={"run_group": 1000 + len(self.orders), "run_host": "here"})
+
+    def running(self, stored) -> bool:
+        return False
+
+    def ended(self, stored) -> RunEnd | None:
+        return self.ends.pop(0) if self.ends else None
+
+    def stop(self, stored) -> None:
+        self.stopped.append(stored.batch.id)
+
+    def last_words(self, stored) -> str:
+        return LAST_WORDS
+
+    def shutdown(self) -> None:
+        pass
+
+
+def a_batch(tmp_path, runs: BatchRuns, rows: int = 100):
+    """A batch created through the API (the official client), and its lifecycle, whose thread never
+    starts: the test takes each of its steps."""
+    config = BatchApiConfig(storage=str(tmp_path / "api"), chat_model="tiny", max_attempts=3)
+    store = Store(config.storage)
+    lifecycle = BatchLifecycle(config, store, runs)
+    app = create_app(config, store, lifecycle, {owner_of(KEY)})
+    with TestClient(app, base_url="http://nightshift.test") as http:
+        client = openai.OpenAI(base_url="http://nightshift.test/v1", api_key=KEY, http_client=http, max_retries=0)
+        content = "\n".join(json.dumps(chat_request(f"r{i}", "hi")) for i in range(rows)).encode()
+        upload = client.files.create(file=("in.jsonl", io.BytesIO(content)), purpose="batch")
+        batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="2h")
+    return lifecycle, store, batch
+
+
+def test_a_run_that_keeps_getting_lost_is_resumed_until_its_attempts_are_used_then_fails_with_its_last_words(
+    tmp_path,
+):
+    runs = ScriptedRuns(RunEnd.LOST, RunEnd.LOST, RunEnd.LOST)
+    lifecycle, store, batch = a_batch(tmp_path, runs)
+
+    for _ in range(4):
+        lifecycle.step()
+
+    stored = store.batch(batch.id)
+    assert [order.attempt for order in runs.orders] == [0, 1, 2], "each lost run resumed, up to max_attempts"
+    assert stored.run_attempts == 3 and stored.run_group == 1003, "the latest run is the one recorded"
+    assert stored.batch.status == "failed"
+    assert [(e.code, e.message) for e in stored.batch.errors.data] == [("run_failed", LAST_WORDS)]
+
+
+def test_a_refused_run_fails_the_batch_at_once_with_the_runs_own_reason(tmp_path):
+    runs = ScriptedRuns(RunEnd.REFUSED)
+    lifecycle, store, batch = a_batch(tmp_path, runs)
+
+    lifecycle.step()
+    assert store.batch(batch.id).batch.status == "in_progress"
+    lifecycle.step()
+
+    stored = store.batch(batch.id)
+    assert len(runs.orders) == 1, "a configuration error is never retried"
+    assert stored.batch.status == "failed" and stored.batch.failed_at
+    assert [(e.code, e.message) for e in stored.batch.errors.data] == [("invalid_batch", LAST_WORDS)]
+
+
+def test_a_run_is_ordered_with_the_endpoints_model_a_twentieth_of_the_batch_per_chunk_and_the_window(tmp_path):
+    runs = ScriptedRuns(None)
+    lifecycle, store, batch = a_batch(tmp_path, runs, rows=400)
+
+    lifecycle.step()
+    lifecycle.step()  # still running: nothing changes
+
+    [order] = runs.orders
+    assert order.model == "tiny" and order.chunk_size == 20
+    assert order.deadline.timestamp() == batch.expires_at
+    assert order.run_dir == str(store.run_dir(batch.id))
+    stored = store.batch(batch.id)
+    assert stored.batch.status == "in_progress" and stored.batch.request_counts.total == 400
+
+
+def test_a_cancelled_batch_stops_its_run_and_every_row_becomes_a_cancelled_error_line(tmp_path):
+    runs = ScriptedRuns(None)
+    lifecycle, store, batch = a_batch(tmp_path, runs, rows=5)
+    lifecycle.step()
+    lifecycle.update(batch.id, lambda s: setattr(s.batch, "status", "cancelling"))
+
+    lifecycle.step()
+
+    stored = store.batch(batch.id)
+    assert runs.stopped == [batch.id]
+    assert stored.batch.status == "cancelled" and stored.batch.cancelled_at
+    error_file = store.file(stored.batch.error_file_id, owner_of(KEY))
+    errors = [json.loads(line) for line in store.path(error_file.content).read_text().splitlines()]
+    assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [(f"r{i}", "batch_cancelled") for i in range(5)]
