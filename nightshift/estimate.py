@@ -39,7 +39,7 @@ from pydantic import BaseModel, Field
 from nightshift.config import JobSpec
 from nightshift.layout import PrefixCacheModel, prompt_key
 from nightshift.openai_format import CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL
-from nightshift.records import CostReport, Plan
+from nightshift.records import CostReport, MisplacedSharedText, Plan
 from nightshift.rundir import RunDir
 from nightshift.storage import read_table
 
@@ -64,6 +64,9 @@ class TokenCount(BaseModel):
     )
     prefix_cache_hit_rate_input_order: float | None = Field(
         None, description="the same, rows in the input's order (what --keep-order would get)"
+    )
+    misplaced_shared_text: MisplacedSharedText | None = Field(
+        None, description="the template lint: text many rows share, placed after each row's own (no cache serves it)"
     )
 
 
@@ -149,6 +152,7 @@ def count_tokens(
         shard_tokens_max=largest,
         prefix_cache_hit_rate_predicted=laid_out.hit_rate if laid_out else None,
         prefix_cache_hit_rate_input_order=input_order.hit_rate if input_order else None,
+        misplaced_shared_text=plan.misplaced_shared_text,
     )
 
 
@@ -409,6 +413,8 @@ def render(result: Estimate) -> str:
             f"| prefix cache, predicted | {100 * t.prefix_cache_hit_rate_predicted:.1f} % of prompt tokens served "
             f"(in input order: {100 * (t.prefix_cache_hit_rate_input_order or 0):.1f} %) |"
         )
+    if t.misplaced_shared_text is not None:
+        lines.append(f"| prompt layout | ⚠ {t.misplaced_shared_text.message()} |")
     lines.append(
         f"| throughput per GPU | {f'{rate.tokens_per_second:,.1f} tokens/s ({rate.source})' if rate else 'unknown: no earlier run of this model on this accelerator; --calibrate N measures it'} |"  # noqa: E501
     )

@@ -9,7 +9,8 @@ shared prefixes innermost. Outputs keep the input order (chunks are sorted by ro
 out); only the engine's admission order changes, so resume and checkpoints are untouched.
 
 `PrefixCacheModel` replays an order against a least-recently-used cache of full KV blocks —
-what `nightshift plan` reports for the layout and for the input order.
+what `nightshift plan` reports for the layout and for the input order. No order helps rows
+whose shared text comes after their own content: `misplaced_shared_text` says so (the lint).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import json
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
+
+from nightshift.records import MisplacedSharedText
 
 # Between the fields of a key: below every printable character, so "ab" + more sorts after "ab".
 _FIELD = "\x00"
@@ -90,3 +93,86 @@ class PrefixCacheModel:
     @property
     def hit_rate(self) -> float | None:
         return round(self.hit_tokens / self.prompt_tokens, 4) if self.prompt_tokens else None
+
+
+# The template lint. A shared ending this long (some 50 tokens and more) is worth saying; rows are
+# sampled from the head of the input, which is enough to see how a file's prompts are laid out.
+MIN_SHARED_END_CHARS = 200
+LINT_SAMPLE_ROWS = 2000
+LINT_MIN_SHARE = 0.2  # of the sampled rows
+LINT_MIN_ROWS = 8
+_SNIPPET_CHARS = 60
+
+
+def misplaced_shared_text(prompts: Sequence, template: str | None = None) -> MisplacedSharedText | None:
+    """Whether many rows share a long ending but not their beginning — the instruction every row
+    shares placed after each row's own content, the commonest way to leave vLLM's prefix cache
+    nothing to serve. `prompts` are chat messages or completion texts (token ids are skipped);
+    `template` is a corpus's `--template`, named in the advice when given."""
+    prompts = [p for p in prompts if isinstance(p, str) or (isinstance(p, list) and p and isinstance(p[0], dict))]
+    keys = [prompt_key(p) for p in prompts]
+    if len(keys) < LINT_MIN_ROWS:
+        return None
+    starts = _shared_with_a_neighbour(keys)
+    ends = _shared_with_a_neighbour([key[::-1] for key in keys])
+    affected = sorted(
+        (i for i, key in enumerate(keys) if MIN_SHARED_END_CHARS <= ends[i] and starts[i] < ends[i]
+         and starts[i] + ends[i] <= len(key)),
+        key=ends.__getitem__,
+    )  # fmt: skip
+    if len(affected) < max(LINT_MIN_ROWS, LINT_MIN_SHARE * len(keys)):
+        return None
+    typical = affected[len(affected) // 2]
+    key = keys[typical]
+    # What every affected row ends with (one template's instruction), else what a typical one shares.
+    reversed_ends = sorted(keys[i][::-1] for i in affected)
+    common = _common_prefix_length(reversed_ends[0], reversed_ends[-1])
+    shared_end = common if common >= MIN_SHARED_END_CHARS else ends[typical]
+    begins = len(key) - shared_end
+    if template is not None and "{text}" in template:
+        advice = "in --template, put the shared instruction before {text}, each record's text last"
+    else:
+        advice = (
+            "put the text every row shares first (in the system message, or at the start of the user message) "
+            "and each row's own content last"
+        )
+    return MisplacedSharedText(
+        rows_sampled=len(keys),
+        rows_affected=len(affected),
+        shared_end_chars=shared_end,
+        shared_start_chars=sorted(starts[i] for i in affected)[len(affected) // 2],
+        where=_where(prompts[typical], key, begins),
+        snippet=" ".join(key[begins : begins + _SNIPPET_CHARS].replace(_FIELD, ": ").replace(_MESSAGE, " / ").split()),
+        advice=advice,
+    )
+
+
+def _where(prompt, key: str, begins: int) -> str:
+    if isinstance(prompt, str):
+        return "in the prompt"
+    index = key[:begins].count(_MESSAGE)
+    role = prompt[index].get("role", "?") if isinstance(prompt[index], dict) else "?"
+    return f"from message {index + 1} of {len(prompt)} ({role})"
+
+
+def _shared_with_a_neighbour(keys: list[str]) -> list[int]:
+    """For each key, the longest prefix it shares with any other: one of its neighbours in
+    sorted order has it."""
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    shared = [0] * len(keys)
+    for left, right in zip(order, order[1:]):
+        length = _common_prefix_length(keys[left], keys[right])
+        shared[left], shared[right] = max(shared[left], length), max(shared[right], length)
+    return shared
+
+
+def _common_prefix_length(a: str, b: str) -> int:
+    """A binary search over slice comparisons: each comparison runs at C speed on long prompts."""
+    low, high = 0, min(len(a), len(b))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low

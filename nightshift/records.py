@@ -38,6 +38,29 @@ class Shard(_Record):
     content_hash: str = Field(description="sha256 over the raw input of its rows, in order")
 
 
+class MisplacedSharedText(_Record):
+    """Rows whose prompts share a long ending but not their beginning: text common to many rows
+    placed after each row's own content, which vLLM's prefix cache can never serve
+    (nightshift/layout.py: `misplaced_shared_text`)."""
+
+    rows_sampled: int
+    rows_affected: int = Field(description="sampled rows sharing more text at their end than at their start")
+    shared_end_chars: int = Field(description="median characters those rows share at their end")
+    shared_start_chars: int = Field(description="median characters they share at their start")
+    where: str = Field(description="where the shared ending begins: a message (its role) or the prompt")
+    snippet: str = Field(description="the shared ending's first characters")
+    advice: str
+
+    def message(self) -> str:
+        share = self.rows_affected / self.rows_sampled
+        return (
+            f"{share:.0%} of rows (of {self.rows_sampled:,} sampled) end with the same "
+            f"~{self.shared_end_chars:,} characters ({self.where}: {self.snippet!r}…) but share only "
+            f"~{self.shared_start_chars:,} at their start, and the prefix cache serves only what rows share at "
+            f"their start: {self.advice}"
+        )
+
+
 class Plan(_Record):
     """The plan stage's manifest: the shards of one input, in input order."""
 
@@ -47,6 +70,9 @@ class Plan(_Record):
     shards: list[Shard]
     canary_rows: int = 0
     rejected_by_code: dict[str, int] = Field(default_factory=dict, description="rows the plan stage rejected")
+    misplaced_shared_text: MisplacedSharedText | None = Field(
+        None, description="the template lint: shared text after the per-row content, in a sample of the rows"
+    )
 
 
 class ShardResult(_Record):

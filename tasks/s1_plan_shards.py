@@ -16,6 +16,7 @@ from prefect import get_run_logger, task
 from nightshift.canaries import load_canaries
 from nightshift.config import DEFAULT_SHARD_SIZE, CorpusOptions
 from nightshift.inputs import InputRow, detect_kind, read_rows
+from nightshift.layout import LINT_SAMPLE_ROWS, misplaced_shared_text
 from nightshift.records import Plan, Shard
 from nightshift.rundir import RunDir, written_whole
 
@@ -52,9 +53,13 @@ def plan(
     pending: list[InputRow] = []
     pending_canaries = 0  # canaries ride along and do not count towards shard_size
     total = 0  # rows planned, canaries included: the row_index space
+    prompts: list = []  # the head of the input's prompts, for the template lint
     for row in read_rows(input_path, kind, corpus, storage_options):
         if row.error is not None:
             rejected[row.error["code"]] = rejected.get(row.error["code"], 0) + 1
+        elif len(prompts) < LINT_SAMPLE_ROWS:
+            body = row.request.get("body") or {}
+            prompts.append(body.get("messages", body.get("prompt")))
         if not pending and waiting_canaries:
             pending.append(waiting_canaries.pop(0))
             pending_canaries = 1
@@ -74,6 +79,7 @@ def plan(
         shards=shards,
         canary_rows=len(canaries or []),
         rejected_by_code=rejected,
+        misplaced_shared_text=misplaced_shared_text(prompts, corpus.template if corpus and kind == "corpus" else None),
     )
     result.save(run_dir.plan_manifest)
     return result
@@ -99,6 +105,8 @@ def plan_shards(
         planned.canary_rows,
         rejected,
     )
+    if planned.misplaced_shared_text is not None:
+        get_run_logger().warning("prompt layout: %s", planned.misplaced_shared_text.message())
     return planned
 
 
