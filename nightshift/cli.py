@@ -272,11 +272,13 @@ def _plan(args) -> int:
     from nightshift.deadline import parse_deadline
     from nightshift.estimate import estimate_input, render
     from nightshift.inputs import check_input, detect_kind
+    from nightshift.jobs import check_model_files
     from nightshift.rundir import RunDir
     from nightshift.tasks.s1_plan_shards import plan
 
     corpus = _corpus_options(args)
     job = _job(args, corpus)
+    check_model_files(job.engine.model)  # its tokenizer counts the tokens: a model that cannot load is said now
     deadline = parse_deadline(args.deadline) if args.deadline else None
     check_input(args.input, detect_kind(args.input, corpus), corpus)
     pricing = GpuPricing.load(args.pricing) if args.pricing else GpuPricing()

@@ -67,9 +67,20 @@ def size_for_input(job: JobSpec, input_path: str, corpus=None, storage_options: 
     return job.model_copy(update={"engine": choose_enforce_eager(job.engine, rows)})
 
 
+def check_model_files(model: str) -> None:
+    """A local model directory that cannot load (nightshift.models.model_files_problem), said in
+    one line as a ConfigurationError; an object-store URL or a hub-style name passes as it is."""
+    from nightshift.models import model_files_problem
+
+    path = Path(model).expanduser()
+    if path.is_dir() and (problem := model_files_problem(path)):
+        raise ConfigurationError(f"model {model!r} cannot load: {problem}")
+
+
 def check_job(job: JobSpec) -> JobSpec:
-    """Check the engine settings against the model with vLLM's own model config, before any
-    row is planned or any weight loaded (about a second); raise ConfigurationError in one line."""
+    """Check the model's files (whole, parseable, a tokenizer beside the weights) and the engine
+    settings against the model with vLLM's own model config, before any row is planned or any
+    weight loaded (about a second); raise ConfigurationError in one line."""
     from vllm.engine.arg_utils import EngineArgs
 
     from nightshift.models import local_model
@@ -78,6 +89,7 @@ def check_job(job: JobSpec) -> JobSpec:
     model = local_model(engine.model, job.model_identity)
     if (model.startswith((".", "/", "~")) or os.sep in model) and not Path(model).expanduser().is_dir():
         raise ConfigurationError(f"model directory {model!r} does not exist")
+    check_model_files(model)
     try:
         EngineArgs(
             model=model,

@@ -8,6 +8,7 @@ provisioned is left alone.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
@@ -50,6 +51,69 @@ def resolve_model(name_or_path: str) -> str:
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 _IDENTITY_FILE = ".nightshift-identity"
+
+
+# The JSON files that loaders read from a model directory: one that does not parse fails a load.
+_MODEL_JSON = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "added_tokens.json", "preprocessor_config.json")  # fmt: skip
+# Any one of these is a tokenizer (Hugging Face fast, SentencePiece, BPE or WordPiece vocabularies, Mistral's).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                    "sentencepiece.bpe.model", "tekken.json", "tiktoken.model")  # fmt: skip
+
+
+def model_files_problem(model_dir: str | Path) -> str | None:
+    """What keeps a local model directory from loading — no or unparsable config.json, weights cut
+    short or missing (safetensors headers against file sizes, an index's shards), no tokenizer —
+    said in a line naming the file; None when it looks whole. Reads headers, not weights."""
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        return f"no config.json in {path}"
+    for name in (*_MODEL_JSON, *(p.name for p in path.glob("*.index.json"))):
+        if (path / name).is_file():
+            try:
+                json.loads((path / name).read_bytes())
+            except ValueError as exc:
+                return f"{path / name} does not parse as JSON ({exc}): the file is cut short or damaged"
+    for index in path.glob("*.safetensors.index.json"):
+        missing = sorted(set(json.loads(index.read_bytes()).get("weight_map", {}).values()) - _names(path))
+        if missing:
+            return f"{index} names weight files that are not there: {', '.join(missing[:5])}"
+    weights = [p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file()]
+    if not weights:
+        return f"no weight files ({', '.join('*' + s for s in WEIGHT_SUFFIXES)}) in {path}"
+    for weight in weights:
+        problem = _safetensors_problem(weight) if weight.suffix == ".safetensors" else None
+        if problem is None and weight.stat().st_size == 0:
+            problem = "is empty"
+        if problem:
+            return f"{weight} {problem}"
+    if not any(p.suffix == ".gguf" for p in weights) and not _names(path) & set(_TOKENIZER_FILES):
+        files = ", ".join(_TOKENIZER_FILES)
+        return f"no tokenizer in {path} (none of {files}): copy the model's tokenizer files beside it"
+    return None
+
+
+def _names(path: Path) -> set[str]:
+    return {p.name for p in path.iterdir()}
+
+
+def _safetensors_problem(weight: Path) -> str | None:
+    """A safetensors file is an 8-byte header length, a JSON header naming every tensor's byte
+    range, then the tensors: a file shorter than its header says was cut short."""
+    size = weight.stat().st_size
+    with open(weight, "rb") as handle:
+        head = handle.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if length < 2 or 8 + length > size:
+            return f"is cut short or not a safetensors file: {size:,} bytes, no whole header"
+        try:
+            header = json.loads(handle.read(length))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            return f"has a damaged header ({exc})"
+    if 8 + length + end > size:
+        return f"is cut short: {size:,} bytes of the {8 + length + end:,} its header describes (an interrupted copy?)"
+    return None
 
 
 def weight_bytes(model_dir: str) -> int:

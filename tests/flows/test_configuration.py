@@ -82,6 +82,30 @@ def test_other_configuration_errors_exit_2_with_a_clear_message(tmp_path, capsys
     assert words in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("damage", ["weights cut short", "no tokenizer", "config.json that does not parse"])
+def test_a_model_that_cannot_load_exits_2_in_one_line_naming_the_file_before_anything_runs(tmp_path, capsys, damage):
+    from nightshift.models import model_dir
+
+    model = shutil.copytree(model_dir("tiny"), tmp_path / "damaged")
+    if damage == "weights cut short":
+        damaged = model / "model.safetensors"
+        damaged.write_bytes(damaged.read_bytes()[:100_000])
+    elif damage == "no tokenizer":
+        damaged = model
+        (model / "tokenizer.json").unlink()
+    else:
+        damaged = model / "config.json"
+        damaged.write_text(damaged.read_text()[:40])
+    path = write_jsonl(tmp_path / "in.jsonl", [chat_request("r0", "Clause")])
+
+    code = cli(path, "--output", tmp_path / "run", "--model", model)
+
+    message = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(message.splitlines()) == 1 and str(damaged) in message, message
+    assert not (tmp_path / "run" / "plan").exists()  # stopped before planning
+
+
 def test_an_engine_that_cannot_start_is_said_once_with_its_memory_picture_and_not_retried(tmp_path):
     path = write_jsonl(tmp_path / "in.jsonl", [chat_request(f"r{i}", f"Clause {i}") for i in range(3)])
     done = run_cli(
