@@ -21,7 +21,14 @@ import pyarrow.parquet as pq
 from nightshift import progress
 from nightshift.config import JobSpec
 from nightshift.deadline import EXPIRED_CODE
-from nightshift.openai_format import embedding_output_line, embedding_vectors, error_line, output_line
+from nightshift.openai_format import (
+    RemoteCompletion,
+    embedding_output_line,
+    embedding_vectors,
+    error_line,
+    output_line,
+    remote_output_line,
+)
 from nightshift.records import Shard, ShardResult
 from nightshift.rundir import RunDir, write_json_atomic
 from nightshift.storage import duckdb_connection, local_copies, location, read_table, written_whole
@@ -158,7 +165,10 @@ class ChunkWriter:
         self.cached_prompt_tokens = 0  # its prefix cache served: the measured hit rate
 
     def add_output(self, row: dict, kind: str, output, model_name: str, tokenizer, source: str = "engine") -> dict:
-        line = output_line(row["custom_id"], kind, output, model_name, self.cache_key, tokenizer)
+        if isinstance(output, RemoteCompletion):  # an engine server's answer: its own body
+            line = remote_output_line(row["custom_id"], kind, output, model_name, self.cache_key)
+        else:
+            line = output_line(row["custom_id"], kind, output, model_name, self.cache_key, tokenizer)
         first = output.outputs[0]
         usage = line["response"]["body"]["usage"]
         if source == "engine":

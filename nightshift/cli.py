@@ -208,7 +208,7 @@ def _job(args, corpus):
 
 def _run(args) -> int:
     from nightshift.canaries import CanaryFailure
-    from nightshift.config import EngineStartStalled
+    from nightshift.config import EngineStartStalled, EngineUnreachable
     from nightshift.deadline import EXIT_EXPIRED, parse_deadline
     from nightshift.progress import ConsoleProgress
     from nightshift.rundir import RunDir
@@ -235,9 +235,13 @@ def _run(args) -> int:
         return 3
     except EngineStartStalled as exc:
         _exit_leaving_the_stalled_start(str(exc))
+    except EngineUnreachable as exc:  # every finished row is on disk: running again resumes
+        print(f"nightshift: {exc}", file=sys.stderr)
+        return EXIT_ENGINE_STALLED
 
 
-# The engine did not start in time: a temporary failure (sysexits' EX_TEMPFAIL), worth a retry.
+# The engine did not start in time, or its server stayed silent: a temporary failure (sysexits'
+# EX_TEMPFAIL), worth a retry.
 EXIT_ENGINE_STALLED = 75
 
 

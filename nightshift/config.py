@@ -38,6 +38,12 @@ class EngineCannotStartHere(ConfigurationError):
     here fails the same way; on a work pool another worker may well hold it."""
 
 
+class EngineUnreachable(RuntimeError):
+    """The engine server (`engine_url`) has not answered for `engine_unreachable_s`, retried with
+    backoff all along. Finished rows are on disk; the run fails retryably (exit status 75) and
+    resumes when run again, not retried inside the process (the wait was the retry)."""
+
+
 class EngineStartStalled(RuntimeError):
     """The engine was not ready within its `engine_start_timeout_s`. Nothing about the job is
     wrong and a fresh process may well start it, so the run fails retryably (the CLI's exit
@@ -88,13 +94,38 @@ class EngineSettings(_Config):
         description="KV cache in bytes (default: gpu_memory_utilization on GPUs; sized from the model on CPU)",
     )
     seed: int = Field(0, description="engine seed: sampled rows are reproducible across runs")
-    # Nightshift's own, not vLLM's (engine_arguments leaves it out).
+    # Nightshift's own, not vLLM's (engine_arguments leaves them out: NIGHTSHIFT_ENGINE_FIELDS).
     engine_start_timeout_s: float = Field(
         1800.0,
         gt=0,
         description="an engine not ready after this many seconds fails the run, retryably, with its threads' "
         "stacks in the log, instead of hanging (a normal start: 10 s to a few minutes)",
     )
+    engine_url: str | None = Field(
+        None,
+        description="an OpenAI-compatible server (http://host:8000/v1, e.g. `vllm serve` of the same model) that "
+        "answers the rows instead of an engine in this process; its key from $NIGHTSHIFT_ENGINE_API_KEY, never here",
+    )
+    engine_max_concurrency: int = Field(
+        64, gt=0, description="with engine_url: requests in flight to the server at once"
+    )
+    engine_priority: int | None = Field(
+        None,
+        description="with engine_url: vLLM's per-request priority for every row (its --scheduling-policy priority "
+        "runs lower values first: give batch rows a higher one than online traffic)",
+    )
+    engine_unreachable_s: float = Field(
+        120.0,
+        gt=0,
+        description="with engine_url: a server that has not answered for this long (refused, 429, 5xx, timeouts, "
+        "retried with backoff meanwhile) ends the run retryably, every finished row kept (exit status 75)",
+    )
+
+
+# The fields above that are Nightshift's, not arguments of vLLM's LLM(...).
+NIGHTSHIFT_ENGINE_FIELDS = frozenset(
+    {"engine_start_timeout_s", "engine_url", "engine_max_concurrency", "engine_priority", "engine_unreachable_s"}
+)
 
 
 class EngineConfig(EngineSettings):
@@ -154,6 +185,8 @@ class JobSpec(JobOptions):
                 "kv_cache_dtype": self.engine.kv_cache_dtype,
                 "seed": self.engine.seed,
                 "format": OUTPUT_FORMAT_VERSION,
+                # a server's answers are not mixed with this machine's engine's: its weights are its own
+                **({"engine": "remote"} if self.engine.engine_url else {}),
             }
         )
 

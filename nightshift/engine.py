@@ -335,7 +335,12 @@ class _EngineStart:
     def _start(self) -> None:
         try:
             drills.stall_engine_start()
-            self.engine = BatchEngine(self.config)
+            if self.config.engine_url:  # an OpenAI-compatible server answers the rows
+                from nightshift.remote_engine import RemoteEngine
+
+                self.engine = RemoteEngine(self.config)
+            else:
+                self.engine = BatchEngine(self.config)
         except BaseException as exc:  # its waiters raise it
             self.error = exc
         finally:

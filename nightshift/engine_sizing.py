@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 
-from nightshift.config import EngineConfig
+from nightshift.config import NIGHTSHIFT_ENGINE_FIELDS, EngineConfig
 
 log = logging.getLogger("nightshift.engine")
 
@@ -40,7 +40,7 @@ def engine_arguments(config: EngineConfig) -> dict:
     open, and on CPU an explicit KV-cache size."""
     from nightshift.models import local_model
 
-    arguments = config.model_dump(exclude_none=True, exclude={"engine_start_timeout_s"})
+    arguments = config.model_dump(exclude_none=True, exclude=NIGHTSHIFT_ENGINE_FIELDS)
     arguments["model"] = local_model(config.model)  # an s3:// model: this machine's fetched copy
     arguments.setdefault("enforce_eager", True)  # a config that nobody sized for its job: start fast
     arguments.setdefault("max_model_len", -1)  # the model's own context, lowered only if memory requires

@@ -46,6 +46,7 @@ class PreparedRequest:
     tokenization_kwargs: dict | None = None  # an embedding's truncation
     encoding_format: str = "float"  # an embedding's: "float" or "base64"
     vector_only: bool = False  # a corpus row: the vector goes to embeddings.parquet, not into a JSON line
+    body: dict | None = None  # the validated body, its model the served one: what an engine server is sent
 
 
 class RequestRejected(ValueError):
@@ -138,11 +139,11 @@ def prepare_request(
     except (ValueError, TypeError) as exc:
         raise RequestRejected("invalid_request", str(exc)) from None
     if url == CHAT_URL:
-        return PreparedRequest(key, custom_id, "chat", body["messages"], params, parsed.chat_template_kwargs)
+        return PreparedRequest(key, custom_id, "chat", body["messages"], params, parsed.chat_template_kwargs, body=body)
     prompt = body["prompt"]
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         raise RequestRejected("invalid_request", "one prompt per batch line: a list of prompts is not supported")
-    return PreparedRequest(key, custom_id, "completion", prompt, params)
+    return PreparedRequest(key, custom_id, "completion", prompt, params, body=body)
 
 
 def _prepare_embedding(key, custom_id, parsed, request: dict, max_model_len, model_config) -> PreparedRequest:
@@ -245,6 +246,48 @@ def output_line(custom_id: str, kind: str, output, model_name: str, cache_key: s
             "total_tokens": prompt_tokens + completion_tokens,
         },
     }
+    return {
+        "id": f"batch_req_{rid}",
+        "custom_id": custom_id,
+        "response": {"status_code": 200, "request_id": rid, "body": body},
+        "error": None,
+    }
+
+
+class RemoteChoice:
+    """One choice of an engine server's response, read as the chunk writer and the canary stage
+    read a vLLM CompletionOutput: its text and why it ended (no token ids: a server does not say)."""
+
+    def __init__(self, choice: dict, kind: str) -> None:
+        message = choice.get("message") or {}
+        self.index = choice.get("index", 0)
+        self.text = (message.get("content") if kind == "chat" else choice.get("text")) or ""
+        self.finish_reason = choice.get("finish_reason")
+        self.token_ids = choice.get("token_ids")  # vLLM's server, asked for them; None elsewhere
+
+
+class RemoteCompletion:
+    """An engine server's answer to one row: its OpenAI response body, as the server wrote it."""
+
+    def __init__(self, body: dict, kind: str) -> None:
+        usage = body.get("usage") or {}
+        choices = sorted(body.get("choices") or [], key=lambda c: c.get("index", 0))
+        self.outputs = [RemoteChoice(c, kind) for c in choices]
+        self.prompt_token_ids = body.get("prompt_token_ids")
+        # OpenAI's shape: the token ids a vLLM server was asked for stay out of the output line
+        self.body = {
+            **{k: v for k, v in body.items() if k != "prompt_token_ids"},
+            "choices": [{k: v for k, v in c.items() if k != "token_ids"} for c in choices],
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, **usage},
+        }
+        self.num_cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+
+
+def remote_output_line(custom_id: str, kind: str, output: RemoteCompletion, model_name: str, cache_key: str) -> dict:
+    """An OpenAI Batch output line for a row an engine server answered: its body as the server
+    wrote it (choices, usage, logprobs), under this run's stable ids and served model name."""
+    rid = batch_request_id(custom_id, cache_key)
+    body = {**output.body, "id": ("chatcmpl-" if kind == "chat" else "cmpl-") + rid, "model": model_name}
     return {
         "id": f"batch_req_{rid}",
         "custom_id": custom_id,

@@ -38,7 +38,7 @@ from nightshift.chunks import (
     rows_on_disk,
     shard_cache_key,
 )
-from nightshift.config import ConfigurationError, EngineStartStalled, JobSpec
+from nightshift.config import ConfigurationError, EngineStartStalled, EngineUnreachable, JobSpec
 from nightshift.deadline import DeadlineReached, StopSignal, deadline_reached
 from nightshift.engine import EngineFailure, get_engine
 from nightshift.engine_sizing import throughput_traps
@@ -63,7 +63,10 @@ def _retry_unless_preempted(task, task_run, state) -> bool:
     # the deadline, there is no time left to retry in. A stalled engine start still holds
     # this process: the retry is a fresh process's (the run fails retryably).
     failure = state.result(raise_on_failure=False)
-    return not isinstance(failure, (Preempted, ConfigurationError, DeadlineReached, EngineStartStalled))
+    # An engine server that stayed silent was retried all along: the run ends, resumable.
+    return not isinstance(
+        failure, (Preempted, ConfigurationError, DeadlineReached, EngineStartStalled, EngineUnreachable)
+    )
 
 
 @task(

@@ -431,4 +431,5 @@ def _text(outcome) -> str | None:
 
 def _token_ids(outcome, text: str) -> list[int] | None:
     """The re-run's token ids, if it said what the run said; else None (the text is re-tokenized)."""
-    return list(outcome.outputs[0].token_ids) if _text(outcome) == text else None
+    token_ids = outcome.outputs[0].token_ids  # None from an engine server
+    return list(token_ids) if token_ids is not None and _text(outcome) == text else None

@@ -100,7 +100,7 @@ def test_a_bucket_run_survives_throttling_server_errors_stalls_and_dropped_conne
     """In this process, on the session's engine: the faults are the storage layer's subject, and
     every read and write of the run (lease, plan, chunks, manifests, merge, canaries) meets them."""
     import orjson
-    from s3_faults import FaultyS3Proxy
+    from fault_proxy import FaultyS3Proxy
 
     from nightshift import storage
     from nightshift.flows.run import run_job

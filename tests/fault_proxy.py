@@ -1,9 +1,10 @@
-"""A fault-injecting HTTP proxy to put between S3 clients and an S3-compatible server.
+"""A fault-injecting HTTP proxy to put between clients and a server: an S3-compatible server
+(`FaultyS3Proxy`) or an OpenAI-compatible engine server (`FaultyEngineProxy`).
 
-Each request is, at random: forwarded as it is; answered `503 SlowDown` (throttling) or
-`500 InternalError` without reaching the server; forwarded after a stall; or forwarded and
-then cut off (the connection dropped before any response byte). The counts of each are kept,
-so a test can prove the faults happened.
+Each request is, at random: forwarded as it is; answered with the server's own throttling or
+internal-error reply without reaching it; forwarded after a stall; or forwarded and then cut off
+(the connection dropped before any response byte). The counts of each are kept, so a test can
+prove the faults happened.
 """
 
 from __future__ import annotations
@@ -22,8 +23,17 @@ _INTERNAL = b"""<?xml version="1.0" encoding="UTF-8"?>
 <Error><Code>InternalError</Code><Message>We encountered an internal error.</Message></Error>"""
 
 
-class FaultyS3Proxy:
-    def __init__(self, upstream: str, fault_rate: float = 0.1, stall_s: float = 1.0, seed: int = 0) -> None:
+_S3_REPLIES = {"throttle": (503, "application/xml", _THROTTLED), "internal": (500, "application/xml", _INTERNAL)}
+_ENGINE_REPLIES = {
+    "throttle": (429, "application/json", b'{"error": {"message": "Too many requests", "type": "rate_limit"}}'),
+    "internal": (503, "application/json", b'{"error": {"message": "The server is overloaded", "type": "server"}}'),
+}
+
+
+class FaultyProxy:
+    def __init__(
+        self, upstream: str, replies: dict, fault_rate: float = 0.1, stall_s: float = 1.0, seed: int = 0
+    ) -> None:
         self.upstream, self.fault_rate, self.stall_s = upstream.rstrip("/"), fault_rate, stall_s
         self.random = random.Random(seed)
         self.counts: Counter[str] = Counter()
@@ -42,9 +52,9 @@ class FaultyS3Proxy:
                 body = self.rfile.read(length) if length else b""
                 fault = proxy._draw()
                 if fault in ("throttle", "internal"):
-                    status, payload = (503, _THROTTLED) if fault == "throttle" else (500, _INTERNAL)
+                    status, content_type, payload = replies[fault]
                     self.send_response(status)
-                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Type", content_type)
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
                     self.wfile.write(payload)
@@ -88,10 +98,20 @@ class FaultyS3Proxy:
             self.counts[kind] += 1
             return kind
 
-    def __enter__(self) -> FaultyS3Proxy:
+    def __enter__(self) -> FaultyProxy:
         self.thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.client.close()
+
+
+class FaultyS3Proxy(FaultyProxy):
+    def __init__(self, upstream: str, **options) -> None:
+        super().__init__(upstream, _S3_REPLIES, **options)
+
+
+class FaultyEngineProxy(FaultyProxy):
+    def __init__(self, upstream: str, **options) -> None:
+        super().__init__(upstream, _ENGINE_REPLIES, **options)

@@ -1,0 +1,172 @@
+"""Specification of `--engine-url`: the rows answered by a real OpenAI-compatible server — vLLM's
+own (`python -m vllm.entrypoints.openai.api_server`, the tiny model, priority scheduling) — with
+every guarantee of an in-process run: every row once, per-row errors in the server's words, usage
+tokens in the report, validation through the server; a server that is busy (429, 503, dropped
+connections), killed and restarted, or gone for good loses no row."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import chat_request, read_jsonl, write_jsonl
+from fault_proxy import FaultyEngineProxy
+from harness import REPO, child_env, free_port, run_cli, start_cli, wait_until
+
+from nightshift.models import resolve_model
+
+
+class EngineServer:
+    """vLLM's OpenAI server for the tiny model on a fixed port, in a process group of its own:
+    killed and started again on the same address, as an online fleet's server restarts."""
+
+    def __init__(self, logs) -> None:
+        self.port, self.logs, self.process = free_port(), logs, None
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> EngineServer:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", resolve_model("tiny"),
+             "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32",
+             "--max-model-len", "2048", "--kv-cache-memory-bytes", "200000000", "--enforce-eager",
+             "--scheduling-policy", "priority"],
+            cwd=REPO, env=child_env(), stdout=open(self.logs / f"vllm-{time.time():.0f}.log", "w"),
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        wait_until(f"{self.url}/models", timeout=240, process=self.process)
+        return self
+
+    def kill(self) -> None:
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def engine_server(tmp_path_factory):
+    server = EngineServer(tmp_path_factory.mktemp("engine-server")).start()
+    yield server
+    if server.process.poll() is None:
+        server.kill()
+
+
+def questions(count: int, tokens: int = 12) -> list[dict]:
+    return [chat_request(f"q-{i:03d}", f"Tell me about topic {i}.", max_tokens=tokens) for i in range(count)]
+
+
+def texts(run_dir) -> dict[str, str]:
+    choices = {
+        line["custom_id"]: line["response"]["body"]["choices"][0] for line in read_jsonl(run_dir / "output.jsonl")
+    }
+    return {custom_id: (c.get("message") or {}).get("content", c.get("text")) for custom_id, c in choices.items()}
+
+
+def assert_every_row_once(run_dir, rows: list[dict]) -> None:
+    answered = [
+        line["custom_id"] for line in read_jsonl(run_dir / "output.jsonl") + read_jsonl(run_dir / "errors.jsonl")
+    ]
+    assert sorted(answered) == sorted(row["custom_id"] for row in rows)
+
+
+def test_a_batch_through_an_engine_server_is_answered_as_the_in_process_engine_answers_it(engine_server, tmp_path):
+    rows = questions(30)
+    rows += [
+        chat_request("too-long", "word " * 3000),
+        chat_request("bad-type", "Hello", temperature="hot"),
+        chat_request("logprobs", "Hello", max_tokens=3, logprobs=True, top_logprobs=2),
+        {"custom_id": "completion", "method": "POST", "url": "/v1/completions",
+         "body": {"prompt": "Once upon a time", "max_tokens": 6, "temperature": 0}},
+    ]  # fmt: skip
+    batch = write_jsonl(tmp_path / "in.jsonl", rows)
+
+    remote = run_cli("run", batch, "--output", tmp_path / "remote", "--model", "tiny",
+                     "--engine-url", engine_server.url, "--engine-priority", "5")  # fmt: skip
+    local = run_cli("run", batch, "--output", tmp_path / "local", "--model", "tiny")
+
+    assert remote.returncode == 0, remote.stderr[-3000:]
+    assert local.returncode == 0, local.stderr[-3000:]
+    assert_every_row_once(tmp_path / "remote", rows)
+    remote_texts, local_texts = texts(tmp_path / "remote"), texts(tmp_path / "local")
+    assert sorted(remote_texts) == sorted(local_texts)
+    # Greedy rows: the same model answers the same. vLLM is not batch-invariant (a server batches
+    # rows otherwise than an offline engine), so a near-tie token may flip in one row, not more.
+    assert sum(remote_texts[k] != local_texts[k] for k in remote_texts) <= 1, (remote_texts, local_texts)
+    errors = {e["custom_id"]: e["error"] for e in read_jsonl(tmp_path / "remote" / "errors.jsonl")}
+    assert errors["too-long"]["code"] == "context_length_exceeded" and "2048" in errors["too-long"]["message"]
+    assert errors["bad-type"]["code"] == "invalid_request"
+    outputs = {line["custom_id"]: line["response"]["body"] for line in read_jsonl(tmp_path / "remote" / "output.jsonl")}
+    assert outputs["logprobs"]["choices"][0]["logprobs"]["content"][0]["top_logprobs"], "the server's logprobs"
+    assert outputs["completion"]["object"] == "text_completion" and outputs["completion"]["model"] == "tiny"
+    assert "token_ids" not in outputs["q-000"]["choices"][0], "OpenAI's shape: no vLLM extras asked for"
+
+    report = json.loads((tmp_path / "remote" / "report.json").read_text())
+    local_report = json.loads((tmp_path / "local" / "report.json").read_text())
+    assert (report["prompt_tokens"], report["completion_tokens"]) == (
+        local_report["prompt_tokens"],
+        local_report["completion_tokens"],
+    ), "usage tokens as the server counted them"
+    assert report["engine_settings"]["engine"] == "remote" and report["engine_settings"]["priority"] == 5
+    verdict = json.loads((tmp_path / "remote" / "validation.json").read_text())
+    assert verdict["validated"] and verdict["checks"]["oracle"]["agreement"] == 1.0, verdict
+    assert verdict["checks"]["determinism"]["same"] == verdict["checks"]["determinism"]["of"] > 0
+    assert "engine ready" in remote.stdout + remote.stderr
+
+
+def test_a_busy_server_429_503_and_dropped_connections_costs_no_row(engine_server, tmp_path):
+    rows = questions(120)
+    with FaultyEngineProxy(engine_server.url.removesuffix("/v1"), fault_rate=0.25, stall_s=0.5) as proxy:
+        done = run_cli("run", write_jsonl(tmp_path / "in.jsonl", rows), "--output", tmp_path / "run", "--model",
+                       "tiny", "--engine-url", f"{proxy.endpoint}/v1", "--oracle-samples", "0")  # fmt: skip
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_every_row_once(tmp_path / "run", rows)
+    assert read_jsonl(tmp_path / "run" / "errors.jsonl") == [], "a busy server is no row's fault"
+    assert proxy.counts["throttle"] and proxy.counts["internal"] and proxy.counts["drop"], proxy.counts
+
+
+def test_a_server_killed_mid_run_and_restarted_or_gone_for_good_loses_no_row(engine_server, tmp_path):
+    rows = questions(600, tokens=32)
+    batch = write_jsonl(tmp_path / "in.jsonl", rows)
+
+    def run(run_dir, *extra):
+        return start_cli("run", batch, "--output", run_dir, "--model", "tiny", "--engine-url", engine_server.url,
+                         "--chunk-size", "16", "--oracle-samples", "0", "--determinism-samples", "0", *extra,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+    def killed_once_chunks_are_written(run_dir, process):
+        deadline = time.monotonic() + 300
+        while not list(run_dir.glob("shards/*/chunk-*.parquet")):
+            assert time.monotonic() < deadline and process.poll() is None, "no chunk was written"
+            time.sleep(0.2)
+        engine_server.kill()
+
+    # Restarted within the window: the run waits, retrying, and finishes.
+    first = run(tmp_path / "restarted")
+    killed_once_chunks_are_written(tmp_path / "restarted", first)
+    time.sleep(3)
+    engine_server.start()
+    output, _ = first.communicate(timeout=600)
+    assert first.returncode == 0, output[-3000:]
+    assert_every_row_once(tmp_path / "restarted", rows)
+    assert read_jsonl(tmp_path / "restarted" / "errors.jsonl") == []
+
+    # Gone for longer than the window: exit 75, the finished rows kept, and a rerun resumes.
+    gone = tmp_path / "gone"
+    second = run(gone, "--engine-unreachable-s", "5")
+    killed_once_chunks_are_written(gone, second)
+    output, _ = second.communicate(timeout=600)
+    assert second.returncode == 75, output[-3000:]
+    assert "has not answered for" in output and "run again to resume" in output
+    assert not (gone / "output.jsonl").exists()
+    kept = {path: path.stat().st_mtime_ns for path in gone.glob("shards/*/chunk-*.parquet")}
+    assert kept
+    engine_server.start()
+    third = run(gone)
+    output, _ = third.communicate(timeout=600)
+    assert third.returncode == 0, output[-3000:]
+    assert_every_row_once(gone, rows)
+    assert all(path.stat().st_mtime_ns == mtime for path, mtime in kept.items()), "finished chunks are not redone"
