@@ -16,7 +16,9 @@ def test_progress_moves_by_the_row_and_the_logs_tell_the_story(tmp_path, prefect
 
     from nightshift.flows.run import run_job
 
-    rows = [chat_request(f"r{i}", f"Story {i}", max_tokens=128, ignore_eos=True) for i in range(300)]
+    # Long enough rows that a shard takes several of progress.json's one-second writes before its
+    # one chunk lands, on a fast machine too (128 tokens a row was not, at 9 s for the whole run).
+    rows = [chat_request(f"r{i}", f"Story {i}", max_tokens=320, ignore_eos=True) for i in range(300)]
     path = write_jsonl(tmp_path / "in.jsonl", rows + ["{broken"])
     run_dir = tmp_path / "run"
     seen: list[tuple[int, int]] = []  # (rows finished in progress.json, chunk files on disk)
