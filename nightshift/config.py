@@ -114,6 +114,13 @@ class EngineSettings(_Config):
         description="with engine_url: vLLM's per-request priority for every row (its --scheduling-policy priority "
         "runs lower values first: give batch rows a higher one than online traffic)",
     )
+    online_ttft_slo_ms: float | None = Field(
+        None,
+        gt=0,
+        description="with engine_url: keep the server's online traffic's time to first token within this many ms — "
+        "the rows in flight adapt (additive increase, multiplicative decrease, at most engine_max_concurrency) "
+        "to a probe at online priority; default: flat out at engine_max_concurrency",
+    )
     engine_unreachable_s: float = Field(
         120.0,
         gt=0,
@@ -124,7 +131,14 @@ class EngineSettings(_Config):
 
 # The fields above that are Nightshift's, not arguments of vLLM's LLM(...).
 NIGHTSHIFT_ENGINE_FIELDS = frozenset(
-    {"engine_start_timeout_s", "engine_url", "engine_max_concurrency", "engine_priority", "engine_unreachable_s"}
+    {
+        "engine_start_timeout_s",
+        "engine_url",
+        "engine_max_concurrency",
+        "engine_priority",
+        "online_ttft_slo_ms",
+        "engine_unreachable_s",
+    }
 )
 
 

@@ -115,6 +115,10 @@ class BatchEngine:
     def alive(self) -> bool:
         return self._dead is None and not self._closed
 
+    def politeness_timeline(self, since: float) -> None:
+        """An engine of this process's own shares it with nobody (nightshift.remote_engine does)."""
+        return None
+
     def generate(
         self,
         requests: Iterable[PreparedRequest],

@@ -115,6 +115,9 @@ class ShardMetrics(_Record):
     engine_settings: dict[str, Any] | None = Field(None, description="as vLLM resolved them (vllm_adapter)")
     engine_prompt_tokens: int = Field(0, description="prompt tokens of the rows this attempt ran on the engine")
     cached_prompt_tokens: int = Field(0, description="of those, the ones vLLM's prefix cache served")
+    politeness: list[tuple[float, float | None, int]] | None = Field(
+        None, description="with an online TTFT objective: (Unix time, online TTFT ms by the probe, rows in flight)"
+    )
     host: str
     cuda_visible_devices: str | None = Field(description="which of the host's GPUs the engine had")
     gpu_name: str | None
@@ -180,6 +183,19 @@ _VALIDATION_FIGURES = {"validated", "validation_failures", "validation_seconds",
                        "validation_checks"}  # fmt: skip
 
 
+class Politeness(_Record):
+    """How the batch shared its engine server with online traffic (nightshift/politeness.py)."""
+
+    objective_ms: float = Field(description="the online time to first token the batch kept to")
+    looks: int = Field(description="probes of the online TTFT")
+    online_ttft_ms_p50: float | None
+    online_ttft_ms_p95: float | None
+    over_objective: float = Field(description="share of probes over the objective")
+    in_flight_min: int
+    in_flight_median: float
+    in_flight_max: int
+
+
 class CostReport(_Record):
     """`report.json`: a run's rows, throughput and money, measured from its files and priced
     (tasks/s6_report.py). `nightshift plan` reads earlier nights' reports as its history; the
@@ -221,6 +237,7 @@ class CostReport(_Record):
     )
     engine_settings: dict[str, Any] | None = Field(None, description="the engine's settings as vLLM resolved them")
     engine_warnings: list[str] = Field(default_factory=list, description="known throughput traps those settings show")
+    politeness: Politeness | None = Field(None, description="with an online TTFT objective on an engine server")
     rows_per_second: float | None = None
     cost_per_million_rows: float | None = None
     cost_per_million_rows_spot: float | None = None

@@ -37,6 +37,7 @@ import httpx
 
 from nightshift.config import ConfigurationError, EngineConfig, EngineUnreachable
 from nightshift.openai_format import PreparedRequest, RemoteCompletion
+from nightshift.politeness import ConcurrencyController
 from nightshift.preemption import Preempted
 
 log = logging.getLogger("nightshift.engine")
@@ -44,6 +45,7 @@ log = logging.getLogger("nightshift.engine")
 API_KEY_VARIABLE = "NIGHTSHIFT_ENGINE_API_KEY"
 _BACKOFF_FIRST_S, _BACKOFF_MOST_S = 0.5, 15.0
 READ_TIMEOUT_S = 600.0
+PROBE_TIMEOUT_S = 30.0
 _PATHS = {"chat": "/chat/completions", "completion": "/completions"}
 
 
@@ -103,13 +105,46 @@ class RemoteEngine:
             "priority": config.engine_priority,
         }
         self.announced: set[str] = set()
+        objective = config.online_ttft_slo_ms
+        self.politeness = (
+            ConcurrencyController(self._probe, objective, self.concurrency).start() if objective is not None else None
+        )
+        self.settings["online_ttft_slo_ms"] = objective
 
     def describe(self) -> str:
         priority = f", priority {self.config.engine_priority}" if self.config.engine_priority is not None else ""
+        if self.politeness is not None:
+            width = (
+                f"rows in flight adapting (from {self.politeness.limit}, at most {self.concurrency}) to keep online "
+                f"time to first token within {self.config.online_ttft_slo_ms:.0f} ms"
+            )
+        else:
+            width = f"up to {self.concurrency} rows in flight"
         return (
             f"engine ready in {self.load_seconds:.0f} s: the server at {displayed(self.url)} "
-            f"({self.served_model}, context {self.max_model_len}, up to {self.concurrency} rows in flight{priority})"
+            f"({self.served_model}, context {self.max_model_len}, {width}{priority})"
         )
+
+    def in_flight_limit(self) -> int:
+        return self.politeness.limit if self.politeness is not None else self.concurrency
+
+    def politeness_timeline(self, since: float) -> list[tuple[float, float | None, int]] | None:
+        """The controller's looks from `since` (time.time()): (seconds, online TTFT ms, in-flight limit)."""
+        if self.politeness is None:
+            return None
+        return [
+            (look.at, look.online_ttft_ms, look.in_flight_limit) for look in self.politeness.looks if look.at >= since
+        ]
+
+    def _probe(self) -> float | None:
+        """The time to first token an online request meets now: one token, at the default priority."""
+        body = {"model": self.served_model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
+        sent = time.monotonic()
+        try:
+            response = self.client.post(_PATHS["chat"], json=body, timeout=PROBE_TIMEOUT_S)
+        except httpx.HTTPError:
+            return None
+        return (time.monotonic() - sent) * 1000 if response.status_code == 200 else None
 
     @property
     def alive(self) -> bool:
@@ -133,7 +168,7 @@ class RemoteEngine:
             while True:
                 if stop is not None and stop.is_set() and deadline is None:
                     deadline = time.monotonic() + grace_s
-                while deadline is None and not exhausted and len(in_flight) < self.concurrency:
+                while deadline is None and not exhausted and len(in_flight) < self.in_flight_limit():
                     request = next(waiting, None)
                     if request is None:
                         exhausted = True
@@ -153,6 +188,8 @@ class RemoteEngine:
 
     def close(self) -> None:
         self._closing.set()
+        if self.politeness is not None:
+            self.politeness.stop()
         self._executor.shutdown(wait=False, cancel_futures=True)
         self.client.close()
 

@@ -386,6 +386,7 @@ def write_shard_metrics(
         token_timeline=sorted(writer.timeline.items()),  # the report's throughput chart
         engine_prompt_tokens=writer.engine_prompt_tokens,
         cached_prompt_tokens=writer.cached_prompt_tokens,
+        politeness=engine.politeness_timeline(engine_started) if engine else None,
         **sampler.summary(),
     ).save(RunDir.shard_metrics(output_dir))
 

@@ -11,6 +11,7 @@ inside a flow, Prefect artifacts with stable keys (one version per run).
 from __future__ import annotations
 
 import re
+import statistics
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -20,7 +21,16 @@ from nightshift.chunks import best_rows_sql, chunk_files, shard_cache_key, sql_p
 from nightshift.config import JobSpec
 from nightshift.engine_sizing import throughput_traps
 from nightshift.estimate import managed_api_cost
-from nightshift.records import CostReport, EngineTime, Plan, RowTotals, RunReport, ShardMetrics, Verdict
+from nightshift.records import (
+    CostReport,
+    EngineTime,
+    Plan,
+    Politeness,
+    RowTotals,
+    RunReport,
+    ShardMetrics,
+    Verdict,
+)
 from nightshift.rundir import RunDir
 from nightshift.storage import duckdb_connection, local_copies, sql_path, written_whole
 
@@ -48,6 +58,7 @@ def build_report(
         errors_by_code=_errors_by_code(run_dir),
         **_validation_figures(run_dir, pricing),
         **_engine_figures(time),
+        politeness=_politeness(run_dir, job),
         **priced(totals, time, pricing, managed, project_rows),
     )
 
@@ -60,6 +71,32 @@ def _engine_figures(time: EngineTime) -> dict:
         "engine_settings": time.engine_settings,
         "engine_warnings": throughput_traps(time.engine_settings, on_gpu=time.gpu_count > 0),
     }
+
+
+def _politeness(run_dir: RunDir, job: JobSpec) -> Politeness | None:
+    """The online TTFT the politeness controller's probes saw, and the rows in flight it allowed."""
+    objective = job.engine.online_ttft_slo_ms
+    if objective is None:
+        return None
+    looks = sorted(look for f in run_dir.every_shard_metrics() for look in ShardMetrics.load(f).politeness or [])
+    if not looks:
+        return None
+    ttfts = sorted(ttft for _, ttft, _ in looks if ttft is not None)
+    limits = sorted(limit for _, _, limit in looks)
+    return Politeness(
+        objective_ms=objective,
+        looks=len(looks),
+        online_ttft_ms_p50=_quantile(ttfts, 0.5),
+        online_ttft_ms_p95=_quantile(ttfts, 0.95),
+        over_objective=round(sum(t > objective for t in ttfts) / len(ttfts), 4) if ttfts else 0.0,
+        in_flight_min=limits[0],
+        in_flight_median=statistics.median(limits),
+        in_flight_max=limits[-1],
+    )
+
+
+def _quantile(ordered: list[float], q: float) -> float | None:
+    return round(ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))], 1) if ordered else None
 
 
 def row_totals(run_dir: RunDir, shard_outputs: list[Path]) -> RowTotals:
@@ -318,6 +355,15 @@ def render_markdown(report: CostReport, chart: str | None) -> str:
         settings = ", ".join(f"{name} {value}" for name, value in report.engine_settings.items())
         lines += [f"Engine settings as vLLM resolved them: {settings}.", ""]
         lines += [f"- ⚠ {warning}" for warning in report.engine_warnings] + ([""] if report.engine_warnings else [])
+    if report.politeness:
+        p = report.politeness
+        lines += [
+            f"Shared with online traffic: its time to first token p50 {fmt(p.online_ttft_ms_p50, ' ms', 0)}, "
+            f"p95 {fmt(p.online_ttft_ms_p95, ' ms', 0)} against an objective of {p.objective_ms:,.0f} ms "
+            f"({100 * p.over_objective:.0f} % of {p.looks} probes over it); rows in flight {p.in_flight_min}–"
+            f"{p.in_flight_max}, median {p.in_flight_median:g}.",
+            "",
+        ]
     if report.stragglers:
         lines += ["Slowest shards against the median:", ""]
         lines += [f"- shard {s.shard}: {s.engine_seconds} s ({s.times_median}× median)" for s in report.stragglers]
@@ -353,12 +399,13 @@ def render_chart(run_dir: RunDir, path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     timeline: dict[int, int] = {}
-    samples = []
+    samples, looks = [], []
     for metrics_file in run_dir.every_shard_metrics():
         metrics = ShardMetrics.load(metrics_file)
         for second, tokens in metrics.token_timeline:
             timeline[second] = timeline.get(second, 0) + tokens
         samples += [(s["t"], s["util"]) for s in metrics.gpu_samples]
+        looks += metrics.politeness or []
     source = "tokens the engine finished"
     if not timeline:
         timeline, source = _chunk_landings(run_dir), "tokens in chunk files as they landed"
@@ -372,7 +419,11 @@ def render_chart(run_dir: RunDir, path: Path) -> Path | None:
         bins[start] = bins.get(start, 0) + tokens
     xs = list(range(first, last + 1, width))
     ys = [bins.get(x, 0) / width for x in xs]
-    fig, ax = plt.subplots(figsize=(8, 3.2), dpi=100)
+    if looks:  # a second panel: the rows in flight the controller allowed, and the online TTFT it saw
+        fig, (ax, shared) = plt.subplots(2, 1, figsize=(8, 5.4), dpi=100, sharex=True)
+        _plot_politeness(shared, sorted(looks), first, JobSpec.load(run_dir.job).engine.online_ttft_slo_ms)
+    else:
+        fig, ax = plt.subplots(figsize=(8, 3.2), dpi=100)
     ax.fill_between([x - first for x in xs], ys, step="post", color="tab:blue", alpha=0.35, lw=0)
     ax.step([x - first for x in xs], ys, where="post", color="tab:blue", lw=1)
     ax.set_xlabel("seconds since generation started")
@@ -393,6 +444,21 @@ def render_chart(run_dir: RunDir, path: Path) -> Path | None:
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return path
+
+
+def _plot_politeness(ax, looks: list[tuple[float, float | None, int]], first: int, objective: float | None) -> None:
+    at = [t - first for t, _, _ in looks]
+    ax.step(at, [limit for _, _, limit in looks], where="post", color="tab:orange", lw=1.2)
+    ax.set_ylabel("rows in flight", color="tab:orange")
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("seconds since generation started")
+    online = ax.twinx()
+    measured = [(t - first, ttft) for t, ttft, _ in looks if ttft is not None]
+    online.plot([t for t, _ in measured], [ttft for _, ttft in measured], ".", color="tab:red", ms=3)
+    if objective is not None:
+        online.axhline(objective, color="tab:red", lw=0.8, ls="--")
+    online.set_ylabel("online TTFT ms (probe)", color="tab:red")
+    online.set_ylim(bottom=0)
 
 
 def _chunk_landings(run_dir: RunDir) -> dict[int, int]:

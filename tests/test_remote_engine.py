@@ -117,15 +117,21 @@ def test_a_batch_through_an_engine_server_is_answered_as_the_in_process_engine_a
 
 
 def test_a_busy_server_429_503_and_dropped_connections_costs_no_row(engine_server, tmp_path):
-    rows = questions(120)
+    rows = questions(240, tokens=24)
     with FaultyEngineProxy(engine_server.url.removesuffix("/v1"), fault_rate=0.25, stall_s=0.5) as proxy:
         done = run_cli("run", write_jsonl(tmp_path / "in.jsonl", rows), "--output", tmp_path / "run", "--model",
-                       "tiny", "--engine-url", f"{proxy.endpoint}/v1", "--oracle-samples", "0")  # fmt: skip
+                       "tiny", "--engine-url", f"{proxy.endpoint}/v1", "--oracle-samples", "0",
+                       "--online-ttft-slo-ms", "500", "--engine-max-concurrency", "32")  # fmt: skip
 
     assert done.returncode == 0, done.stderr[-3000:]
     assert_every_row_once(tmp_path / "run", rows)
     assert read_jsonl(tmp_path / "run" / "errors.jsonl") == [], "a busy server is no row's fault"
     assert proxy.counts["throttle"] and proxy.counts["internal"] and proxy.counts["drop"], proxy.counts
+    # The politeness controller probed the online TTFT all along and kept its limit within the cap.
+    politeness = json.loads((tmp_path / "run" / "report.json").read_text())["politeness"]
+    assert politeness["objective_ms"] == 500 and politeness["looks"] >= 1
+    assert 1 <= politeness["in_flight_min"] <= politeness["in_flight_max"] <= 32
+    assert "Shared with online traffic" in (tmp_path / "run" / "report.md").read_text()
 
 
 def test_a_server_killed_mid_run_and_restarted_or_gone_for_good_loses_no_row(engine_server, tmp_path):
