@@ -36,6 +36,12 @@ sys.path.insert(0, str(REPO))
 
 from nightshift.models import resolve_model  # noqa: E402
 
+# The server on its own core, the online clients and the batch's process on the other: on one
+# small machine, as near as it gets to a GPU server with its clients elsewhere (a CPU vLLM worker
+# spins on its cores; a client sharing them starves).
+SERVER_CORES = "0"
+CLIENT_CORES = {1}
+
 
 def free_port() -> int:
     import socket
@@ -51,8 +57,9 @@ def start_server(model: str, port: int, log: Path) -> subprocess.Popen:
          "--served-model-name", model, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
          "--max-model-len", "2048", "--kv-cache-memory-bytes", "400000000", "--enforce-eager",
          "--scheduling-policy", "priority"],
-        env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-        start_new_session=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_OMP_THREADS_BIND": SERVER_CORES},
+        stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+        preexec_fn=lambda: os.sched_setaffinity(0, {int(c) for c in SERVER_CORES.split(",")}),
     )  # fmt: skip
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -81,13 +88,13 @@ class OnlineLoad:
         sent = time.time()
         try:
             with httpx.stream("POST", f"{self.url}/chat/completions", json=body, timeout=120) as response:
-                for line in response.iter_lines():
-                    if line.startswith("data: ") and '"content"' in line:
-                        with self._lock:
-                            self.samples.append((sent, (time.time() - sent) * 1000))
-                        break
-                for _ in response.iter_lines():
-                    pass
+                first = None
+                for line in response.iter_lines():  # read to the end: the request runs its whole course
+                    if first is None and line.startswith("data: ") and '"content"' in line:
+                        first = (time.time() - sent) * 1000
+            if first is not None:
+                with self._lock:
+                    self.samples.append((sent, first))
         except httpx.HTTPError:
             with self._lock:
                 self.errors += 1
@@ -126,7 +133,7 @@ def run_batch(batch: Path, run_dir: Path, url: str, model: str, extra: list[str]
         [sys.executable, "-m", "nightshift.cli", "run", str(batch), "--output", str(run_dir), "--model", model,
          "--engine-url", url, "--engine-priority", "10", "--oracle-samples", "0", "--determinism-samples", "0",
          *extra],
-        env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "NIGHTSHIFT_CPU_ALL_CORES": "0"}, capture_output=True, text=True,
     )  # fmt: skip
     if done.returncode != 0:
         raise SystemExit(f"the batch failed ({done.returncode}): {done.stderr[-3000:]}")
@@ -148,6 +155,8 @@ def main() -> None:
     parser.add_argument("--slo-ms", type=float, default=None, help="the objective (default: 2 × idle p95)")
     args = parser.parse_args()
 
+    if len(os.sched_getaffinity(0)) >= 2:
+        os.sched_setaffinity(0, CLIENT_CORES)  # this process and the batch runs it starts
     scratch = Path(tempfile.mkdtemp(prefix="nightshift-fleet-"))
     batch = scratch / "batch.jsonl"
     with open(batch, "w") as out:

@@ -78,7 +78,10 @@ def _politeness(run_dir: RunDir, job: JobSpec) -> Politeness | None:
     objective = job.engine.online_ttft_slo_ms
     if objective is None:
         return None
-    looks = sorted(look for f in run_dir.every_shard_metrics() for look in ShardMetrics.load(f).politeness or [])
+    # shards that ran side by side on one engine each kept its looks: count every probe once
+    looks = sorted(
+        {tuple(look) for f in run_dir.every_shard_metrics() for look in ShardMetrics.load(f).politeness or []}
+    )
     if not looks:
         return None
     ttfts = sorted(ttft for _, ttft, _ in looks if ttft is not None)
@@ -405,7 +408,7 @@ def render_chart(run_dir: RunDir, path: Path) -> Path | None:
         for second, tokens in metrics.token_timeline:
             timeline[second] = timeline.get(second, 0) + tokens
         samples += [(s["t"], s["util"]) for s in metrics.gpu_samples]
-        looks += metrics.politeness or []
+        looks += map(tuple, metrics.politeness or [])
     source = "tokens the engine finished"
     if not timeline:
         timeline, source = _chunk_landings(run_dir), "tokens in chunk files as they landed"
@@ -421,7 +424,7 @@ def render_chart(run_dir: RunDir, path: Path) -> Path | None:
     ys = [bins.get(x, 0) / width for x in xs]
     if looks:  # a second panel: the rows in flight the controller allowed, and the online TTFT it saw
         fig, (ax, shared) = plt.subplots(2, 1, figsize=(8, 5.4), dpi=100, sharex=True)
-        _plot_politeness(shared, sorted(looks), first, JobSpec.load(run_dir.job).engine.online_ttft_slo_ms)
+        _plot_politeness(shared, sorted(set(looks)), first, JobSpec.load(run_dir.job).engine.online_ttft_slo_ms)
     else:
         fig, ax = plt.subplots(figsize=(8, 3.2), dpi=100)
     ax.fill_between([x - first for x in xs], ys, step="post", color="tab:blue", alpha=0.35, lw=0)
