@@ -95,7 +95,7 @@ class RemoteEngine:
         # re-tokenized text (which a tokenizer may split otherwise)
         self.token_ids_on_request = any(entry.get("owned_by") == "vllm" for entry in served)
         self.load_seconds = time.monotonic() - started
-        self.max_num_seqs = self.concurrency
+        objective = config.online_ttft_slo_ms
         self.settings = {
             "engine": "remote",
             "engine_url": displayed(self.url),
@@ -103,13 +103,12 @@ class RemoteEngine:
             "max_model_len": self.max_model_len,
             "max_concurrency": self.concurrency,
             "priority": config.engine_priority,
+            "online_ttft_slo_ms": objective,
         }
         self.announced: set[str] = set()
-        objective = config.online_ttft_slo_ms
         self.politeness = (
             ConcurrencyController(self._probe, objective, self.concurrency).start() if objective is not None else None
         )
-        self.settings["online_ttft_slo_ms"] = objective
 
     def describe(self) -> str:
         priority = f", priority {self.config.engine_priority}" if self.config.engine_priority is not None else ""
@@ -129,7 +128,7 @@ class RemoteEngine:
         return self.politeness.limit if self.politeness is not None else self.concurrency
 
     def politeness_timeline(self, since: float) -> list[tuple[float, float | None, int]] | None:
-        """The controller's looks from `since` (time.time()): (seconds, online TTFT ms, in-flight limit)."""
+        """The controller's looks from `since` (time.time()): (Unix time, online TTFT ms, in-flight limit)."""
         if self.politeness is None:
             return None
         return [
