@@ -42,6 +42,8 @@ def generate_shards(
         handing_on_if_the_engine_cannot_start(run_dir, group),
     ):
         stall_if_drilled()
+        # on a fleet of engine servers each group starts on its own one (the same in every attempt)
+        job = job.model_copy(update={"engine": job.engine.spread_over_servers(group)})
         results, cached = generate_here(shards, job, run_dir, checkpoint_storage)
         write_group_manifest(run_dir, group, results, cached)
     return cached

@@ -23,6 +23,7 @@ from nightshift.config import JobSpec
 from nightshift.deadline import EXPIRED_CODE
 from nightshift.openai_format import (
     RemoteCompletion,
+    RemoteEmbedding,
     embedding_output_line,
     embedding_vectors,
     error_line,
@@ -186,12 +187,18 @@ class ChunkWriter:
             source=source,
         )
 
-    def add_embedding(self, row: dict, request, outputs: list, model_name: str, source: str = "engine") -> dict:
+    def add_embedding(
+        self, row: dict, request, outputs: list | RemoteEmbedding, model_name: str, source: str = "engine"
+    ) -> dict:
         """An embedding row: its vectors, in an OpenAI output line or (a corpus row) alone."""
-        vectors = embedding_vectors(outputs)
-        prompt_tokens = sum(len(o.prompt_token_ids or []) for o in outputs)
         limit = (request.tokenization_kwargs or {}).get("max_length")
-        truncated = limit is not None and any(len(o.prompt_token_ids or []) >= limit for o in outputs)
+        if isinstance(outputs, RemoteEmbedding):  # a server counts one row's tokens, not each input's
+            vectors, prompt_tokens = outputs.vectors, outputs.prompt_tokens
+            truncated = limit is not None and len(vectors) == 1 and prompt_tokens >= limit
+        else:
+            vectors = embedding_vectors(outputs)
+            prompt_tokens = sum(len(o.prompt_token_ids or []) for o in outputs)
+            truncated = limit is not None and any(len(o.prompt_token_ids or []) >= limit for o in outputs)
         line = (
             None
             if request.vector_only

@@ -15,9 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from nightshift.rundir import write_json_atomic
 
@@ -49,6 +50,23 @@ class EngineStartStalled(RuntimeError):
     wrong and a fresh process may well start it, so the run fails retryably (the CLI's exit
     status 75), not as a configuration error; it is not retried inside the process, where the
     stalled start still holds whatever it waits on."""
+
+
+def engine_urls_checked(value: str | None) -> str | None:
+    """One or more engine server URLs, comma-separated: each http(s), none with a credential."""
+    if value is None:
+        return None
+    urls = [url.strip().rstrip("/") for url in value.split(",") if url.strip()]
+    bad = [url for url in urls if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname]
+    if not urls or bad:
+        raise ValueError(f"not an http(s) URL: {', '.join(bad) or repr(value)}")
+    if any(urlsplit(url).password is not None or "@" in urlsplit(url).netloc for url in urls):
+        # a parameter is seen in the dashboard, the run's files and every child run
+        raise ValueError(
+            "a URL with a user or password in it: give the server's key in $NIGHTSHIFT_ENGINE_API_KEY or a "
+            "Prefect Secret block (engine_api_key_secret)"
+        )
+    return ",".join(urls)
 
 
 class _Config(BaseModel):
@@ -104,7 +122,14 @@ class EngineSettings(_Config):
     engine_url: str | None = Field(
         None,
         description="an OpenAI-compatible server (http://host:8000/v1, e.g. `vllm serve` of the same model) that "
-        "answers the rows instead of an engine in this process; its key from $NIGHTSHIFT_ENGINE_API_KEY, never here",
+        "answers the rows instead of an engine in this process; several, comma-separated, for a fleet: shard "
+        "groups are spread over them and a server that does not answer is passed over; its key from "
+        "$NIGHTSHIFT_ENGINE_API_KEY or engine_api_key_secret, never here",
+    )
+    engine_api_key_secret: str | None = Field(
+        None,
+        description="with engine_url: a Prefect Secret block holding the server's key (default: "
+        "$NIGHTSHIFT_ENGINE_API_KEY)",
     )
     engine_max_concurrency: int = Field(
         64, gt=0, description="with engine_url: requests in flight to the server at once"
@@ -128,12 +153,32 @@ class EngineSettings(_Config):
         "retried with backoff meanwhile) ends the run retryably, every finished row kept (exit status 75)",
     )
 
+    @field_validator("engine_url")
+    @classmethod
+    def _urls(cls, value: str | None) -> str | None:
+        return engine_urls_checked(value)
+
+    @property
+    def engine_urls(self) -> list[str]:
+        """The servers of engine_url, in the order this engine tries them."""
+        return self.engine_url.split(",") if self.engine_url else []
+
+    def spread_over_servers(self, key: str) -> Self:
+        """This config with its servers rotated by `key` (a shard group): groups spread over a
+        fleet, each the same way in every attempt, the others still there to fall back on."""
+        urls = self.engine_urls
+        if len(urls) < 2:
+            return self
+        first = int(hashlib.sha256(key.encode()).hexdigest(), 16) % len(urls)
+        return self.model_copy(update={"engine_url": ",".join(urls[first:] + urls[:first])})
+
 
 # The fields above that are Nightshift's, not arguments of vLLM's LLM(...).
 NIGHTSHIFT_ENGINE_FIELDS = frozenset(
     {
         "engine_start_timeout_s",
         "engine_url",
+        "engine_api_key_secret",
         "engine_max_concurrency",
         "engine_priority",
         "online_ttft_slo_ms",
@@ -289,6 +334,23 @@ class BatchApiConfig(_Config):
     )
     chat_model: str = Field("smollm2", description="model of /v1/chat/completions and /v1/completions batches")
     embedding_model: str = Field("minilm", description="model of /v1/embeddings batches")
+    chat_engine_url: str | None = Field(
+        None,
+        description="an OpenAI-compatible server (or several, comma-separated) answering the chat and completions "
+        "batches' rows instead of an engine the run starts (see engine_url)",
+    )
+    embedding_engine_url: str | None = Field(
+        None, description="the same for /v1/embeddings batches: a server of the embedding model"
+    )
+    engine_api_key_secret: str | None = Field(
+        None, description="a Prefect Secret block with the engine servers' key (default: $NIGHTSHIFT_ENGINE_API_KEY)"
+    )
+
+    @field_validator("chat_engine_url", "embedding_engine_url")
+    @classmethod
+    def _urls(cls, value: str | None) -> str | None:
+        return engine_urls_checked(value)
+
     api_key_secret: str | None = Field(
         None, description="a Prefect Secret block holding the API keys, comma-separated (default: $NIGHTSHIFT_API_KEYS)"
     )

@@ -23,6 +23,7 @@ from vllm.exceptions import VLLMClientError
 
 from nightshift import drills, vllm_adapter
 from nightshift.config import ConfigurationError, EngineCannotStartHere, EngineConfig, EngineStartStalled
+from nightshift.engine_protocol import Engine
 from nightshift.engine_sizing import engine_arguments, memory_picture, use_every_cpu_core
 from nightshift.openai_format import PreparedRequest
 from nightshift.preemption import Preempted
@@ -330,7 +331,7 @@ class _EngineStart:
         self.config = config
         self.began = time.monotonic()
         self.done = threading.Event()
-        self.engine: BatchEngine | None = None
+        self.engine: Engine | None = None
         self.error: BaseException | None = None
         self._reported = threading.Lock()
         self._stalled = ""
@@ -395,13 +396,13 @@ def report_without_blocking(message: str, wait_s: float = 5.0) -> None:
     logger.join(wait_s)
 
 
-_engine: BatchEngine | None = None
+_engine: Engine | None = None
 _start: _EngineStart | None = None  # the start under way, if any
 _engine_lock = threading.Lock()  # held for moments only, never while an engine starts
 _refused: dict[EngineConfig, ConfigurationError] = {}  # configs the engine would not start with
 
 
-def get_engine(config: EngineConfig) -> BatchEngine:
+def get_engine(config: EngineConfig) -> Engine:
     """The process's engine for `config`, started on first use and after a failure. A config
     the engine refused to start with is refused again at once, not tried a second time. A start
     past its `engine_start_timeout_s` raises EngineStartStalled."""
@@ -446,7 +447,7 @@ def abandon_engine() -> None:
     shutdown_engine()
 
 
-def current_engine() -> BatchEngine | None:
+def current_engine() -> Engine | None:
     """The engine this process holds, if any (without starting one)."""
     return _engine
 

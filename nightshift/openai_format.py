@@ -122,7 +122,7 @@ def prepare_request(
     except ValueError as exc:
         raise RequestRejected("invalid_request", str(exc)) from None
     if url == EMBEDDINGS_URL:
-        return _prepare_embedding(key, custom_id, parsed, request, max_model_len, model_config)
+        return _prepare_embedding(key, custom_id, parsed, request, max_model_len, model_config, body)
     # vars(): reading the deprecated `max_tokens` attribute warns once per row
     max_tokens = getattr(parsed, "max_completion_tokens", None) or vars(parsed).get("max_tokens")
     if max_tokens is not None and max_tokens < 1:
@@ -146,7 +146,7 @@ def prepare_request(
     return PreparedRequest(key, custom_id, "completion", prompt, params, body=body)
 
 
-def _prepare_embedding(key, custom_id, parsed, request: dict, max_model_len, model_config) -> PreparedRequest:
+def _prepare_embedding(key, custom_id, parsed, request: dict, max_model_len, model_config, body) -> PreparedRequest:
     inputs = parsed.input
     if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
         inputs = [inputs]  # one text, or one list of token ids
@@ -181,6 +181,7 @@ def _prepare_embedding(key, custom_id, parsed, request: dict, max_model_len, mod
         tokenization_kwargs={"truncation": True, "max_length": limit} if limit else None,
         encoding_format=parsed.encoding_format or "float",
         vector_only=bool(request.get("vector_only")),
+        body=body,
     )
 
 
@@ -281,6 +282,16 @@ class RemoteCompletion:
             "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, **usage},
         }
         self.num_cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+
+
+class RemoteEmbedding:
+    """An engine server's answer to one embeddings row: its vectors (asked as floats, whatever
+    the row's encoding_format: the run encodes them itself) and the prompt tokens it counted."""
+
+    def __init__(self, body: dict) -> None:
+        data = sorted(body.get("data") or [], key=lambda d: d.get("index", 0))
+        self.vectors = [[float(x) for x in d["embedding"]] for d in data]
+        self.prompt_tokens = int((body.get("usage") or {}).get("prompt_tokens") or 0)
 
 
 def remote_output_line(custom_id: str, kind: str, output: RemoteCompletion, model_name: str, cache_key: str) -> dict:

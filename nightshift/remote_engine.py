@@ -1,6 +1,6 @@
 """A remote engine: a shard's rows answered by an OpenAI-compatible server (`engine_url`) instead
 of a vLLM engine in this process — `vllm serve` of the same model, an online fleet's spare
-capacity, any server speaking /v1/chat/completions and /v1/completions.
+capacity, any server speaking /v1/chat/completions, /v1/completions or /v1/embeddings.
 
 It is driven exactly like the in-process engine (nightshift.engine.BatchEngine): rows go in,
 `(row, outcome)` come out as they finish, so everything around generation holds as it is —
@@ -19,7 +19,14 @@ Faults, by what they say about the row:
 * any other 4xx: this row is refused (a prompt longer than the context, say) — its error line
   carries the server's message.
 
-The server's key comes from `NIGHTSHIFT_ENGINE_API_KEY`, never from a parameter or a file.
+A fleet: `engine_url` may name several servers. The engine uses the first that answers, in the
+order its config gives (`EngineSettings.spread_over_servers` rotates it per shard group, so the
+groups on a work pool spread over the fleet); a server that does not answer at start is passed
+over, one that goes away mid-run ends that group's run as a lost worker's does, and its next
+attempt starts on a server that answers.
+
+The server's key comes from a Prefect Secret block (`engine_api_key_secret`) or
+`NIGHTSHIFT_ENGINE_API_KEY`, never from a parameter or a file.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from nightshift.config import ConfigurationError, EngineConfig, EngineUnreachable
-from nightshift.openai_format import PreparedRequest, RemoteCompletion
+from nightshift.openai_format import PreparedRequest, RemoteCompletion, RemoteEmbedding
 from nightshift.politeness import ConcurrencyController
 from nightshift.preemption import Preempted
 
@@ -46,7 +53,8 @@ API_KEY_VARIABLE = "NIGHTSHIFT_ENGINE_API_KEY"
 _BACKOFF_FIRST_S, _BACKOFF_MOST_S = 0.5, 15.0
 READ_TIMEOUT_S = 600.0
 PROBE_TIMEOUT_S = 30.0
-_PATHS = {"chat": "/chat/completions", "completion": "/completions"}
+FIRST_LOOK_TIMEOUT_S = 10.0  # a server of a fleet that takes longer to list its models is passed over
+_PATHS = {"chat": "/chat/completions", "completion": "/completions", "embedding": "/embeddings"}
 
 
 class RemoteRejection(ValueError):
@@ -66,49 +74,87 @@ def displayed(url: str) -> str:
 
 
 class RemoteEngine:
-    """The server at `config.engine_url`, driven as nightshift.engine.BatchEngine is."""
+    """The server at `config.engine_url`, driven as nightshift.engine.BatchEngine is (the
+    nightshift.engine_protocol.Engine both are)."""
 
-    runner_type = "generate"  # chat and completions; embeddings stay with an in-process engine
     tokenizer = None  # the server's bodies carry their own text and logprobs
     model_config = None
     default_sampling_params: dict = {}  # the server applies the model's own defaults
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.url = config.engine_url.rstrip("/")
         self.concurrency = config.engine_max_concurrency
-        key = os.environ.get(API_KEY_VARIABLE)
+        key = engine_api_key(config)
+        self._headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._closing = threading.Event()
+        self._dead: BaseException | None = None
+        started = time.monotonic()
+        self.url, served = self._first_answering(config.engine_urls)
         self.client = httpx.Client(
             base_url=self.url,
-            headers={"Authorization": f"Bearer {key}"} if key else {},
+            headers=self._headers,
             # a long row on a busy server may take minutes; one that never answers is retried, not waited on forever
             timeout=httpx.Timeout(60.0, read=READ_TIMEOUT_S, pool=None),
             limits=httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency),
         )
-        self._closing = threading.Event()
         self._executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="nightshift-remote")
-        self._dead: BaseException | None = None
-        started = time.monotonic()
-        served = self._call("GET", "/models").json().get("data") or []
         self.served_model, self.max_model_len = _the_model(served, config, displayed(self.url))
+        # "generate" answers chat and completions lines, "pooling" embeddings ones, as in-process
+        self.runner_type = "pooling" if self._embeds() else "generate"
         # vLLM's server says which tokens it wrote when asked: the canary oracle scores those, not a
         # re-tokenized text (which a tokenizer may split otherwise)
-        self.token_ids_on_request = any(entry.get("owned_by") == "vllm" for entry in served)
+        self.token_ids_on_request = self.runner_type == "generate" and any(
+            entry.get("owned_by") == "vllm" for entry in served
+        )
         self.load_seconds = time.monotonic() - started
         objective = config.online_ttft_slo_ms
         self.settings = {
             "engine": "remote",
             "engine_url": displayed(self.url),
+            "fleet": [displayed(url) for url in config.engine_urls] if len(config.engine_urls) > 1 else None,
             "served_model": self.served_model,
+            "runner": self.runner_type,
             "max_model_len": self.max_model_len,
             "max_concurrency": self.concurrency,
             "priority": config.engine_priority,
             "online_ttft_slo_ms": objective,
         }
         self.announced: set[str] = set()
-        self.politeness = (
-            ConcurrencyController(self._probe, objective, self.concurrency).start() if objective is not None else None
-        )
+        polite = objective is not None and self.runner_type == "generate"  # the probe is a one-token chat
+        self.politeness = ConcurrencyController(self._probe, objective, self.concurrency).start() if polite else None
+
+    def _first_answering(self, urls: list[str]) -> tuple[str, list[dict]]:
+        """The first of `urls` that lists its models, and the list; servers that do not answer are
+        tried again, with backoff, until none has answered for `engine_unreachable_s`."""
+        silent_since, backoff, why = time.monotonic(), _BACKOFF_FIRST_S, {}
+        while True:
+            for url in urls:
+                try:
+                    response = httpx.get(f"{url}/models", headers=self._headers, timeout=FIRST_LOOK_TIMEOUT_S)
+                except httpx.TransportError as exc:
+                    why[url] = f"{type(exc).__name__}: {exc}"
+                    continue
+                self._refuse_a_refused_key(response, url)
+                if response.status_code < 400:
+                    if url != urls[0]:
+                        log.warning("engine servers not answering, passed over: %s", _reasons(why))
+                    return url, response.json().get("data") or []
+                why[url] = f"{response.status_code} {_server_message(response)}"
+            silence = time.monotonic() - silent_since
+            if silence > self.config.engine_unreachable_s:
+                raise EngineUnreachable(
+                    f"no engine server answered for {silence:.0f} s ({_reasons(why)}); run again to resume"
+                )
+            time.sleep(backoff * random.uniform(0.5, 1.0))
+            backoff = min(backoff * 2, _BACKOFF_MOST_S)
+
+    def _embeds(self) -> bool:
+        """Whether the server's model answers /embeddings (a pooling model) rather than chat."""
+        body = {"model": self.served_model, "input": "ping"}
+        try:
+            return self.client.post(_PATHS["embedding"], json=body, timeout=PROBE_TIMEOUT_S).status_code == 200
+        except httpx.HTTPError:
+            return False
 
     def describe(self) -> str:
         priority = f", priority {self.config.engine_priority}" if self.config.engine_priority is not None else ""
@@ -196,12 +242,16 @@ class RemoteEngine:
         body = {**request.body, "model": self.served_model}
         if self.config.engine_priority is not None:
             body["priority"] = self.config.engine_priority
-        if self.token_ids_on_request:
+        if request.kind == "embedding":
+            body["encoding_format"] = "float"  # the run writes the row's own encoding, and the vectors' file
+        elif self.token_ids_on_request:
             body["return_token_ids"] = True
         try:
             response = self._call("POST", _PATHS[request.kind], json=body, given_up=given_up)
         except RemoteRejection as refusal:
             return request, refusal
+        if request.kind == "embedding":
+            return request, RemoteEmbedding(response.json())
         return request, RemoteCompletion(response.json(), request.kind)
 
     def _call(self, method: str, path: str, given_up: threading.Event | None = None, **kwargs) -> httpx.Response:
@@ -218,11 +268,7 @@ class RemoteEngine:
             else:
                 if response.status_code < 400:
                     return response
-                if response.status_code in (401, 403):
-                    raise ConfigurationError(
-                        f"the engine server at {displayed(self.url)} refused the key "
-                        f"({response.status_code}; the key comes from ${API_KEY_VARIABLE})"
-                    )
+                self._refuse_a_refused_key(response, self.url)
                 if response.status_code != 429 and response.status_code < 500:
                     raise RemoteRejection(_server_message(response))
                 why, wait_s = f"{response.status_code} {_server_message(response)}", _retry_after(response)
@@ -236,6 +282,34 @@ class RemoteEngine:
                 raise self._dead
             time.sleep(wait_s if wait_s is not None else backoff * random.uniform(0.5, 1.0))
             backoff = min(backoff * 2, _BACKOFF_MOST_S)
+
+    def _refuse_a_refused_key(self, response: httpx.Response, url: str) -> None:
+        if response.status_code in (401, 403):
+            source = (
+                f"the Prefect Secret block {self.config.engine_api_key_secret!r}"
+                if self.config.engine_api_key_secret
+                else f"${API_KEY_VARIABLE}"
+            )
+            raise ConfigurationError(
+                f"the engine server at {displayed(url)} refused the key ({response.status_code}; "
+                f"the key comes from {source})"
+            )
+
+
+def engine_api_key(config: EngineConfig) -> str | None:
+    """The engine server's key: the Secret block's the config names, else $NIGHTSHIFT_ENGINE_API_KEY."""
+    if not config.engine_api_key_secret:
+        return os.environ.get(API_KEY_VARIABLE) or None
+    from prefect.blocks.system import Secret
+
+    try:
+        return str(Secret.load(config.engine_api_key_secret).get())
+    except ValueError as exc:  # Prefect's "Unable to find block document named …"
+        raise ConfigurationError(f"engine_api_key_secret: {exc}") from None
+
+
+def _reasons(why: dict[str, str]) -> str:
+    return "; ".join(f"{displayed(url)}: {reason}" for url, reason in why.items())
 
 
 def _the_model(served: list[dict], config: EngineConfig, url: str) -> tuple[str, int]:

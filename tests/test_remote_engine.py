@@ -6,6 +6,7 @@ connections), killed and restarted, or gone for good loses no row."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from conftest import chat_request, read_jsonl, write_jsonl
 from fault_proxy import FaultyEngineProxy
@@ -22,19 +24,20 @@ from nightshift.models import resolve_model
 
 
 class EngineServer:
-    """vLLM's OpenAI server for the tiny model on a fixed port, in a process group of its own:
-    killed and started again on the same address, as an online fleet's server restarts."""
+    """vLLM's OpenAI server for a bundled model (the tiny one, priority scheduling, by default) on a
+    fixed port, in a process group of its own: killed and started again on the same address, as
+    an online fleet's server restarts."""
 
-    def __init__(self, logs) -> None:
+    def __init__(self, logs, model: str = "tiny", *arguments: str) -> None:
         self.port, self.logs, self.process = free_port(), logs, None
+        self.model, self.arguments = model, arguments or ("--max-model-len", "2048", "--scheduling-policy", "priority")
         self.url = f"http://127.0.0.1:{self.port}/v1"
 
     def start(self) -> EngineServer:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", resolve_model("tiny"),
-             "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32",
-             "--max-model-len", "2048", "--kv-cache-memory-bytes", "200000000", "--enforce-eager",
-             "--scheduling-policy", "priority"],
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", resolve_model(self.model),
+             "--served-model-name", self.model, "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32",
+             "--kv-cache-memory-bytes", "200000000", "--enforce-eager", *self.arguments],
             cwd=REPO, env=child_env(), stdout=open(self.logs / f"vllm-{time.time():.0f}.log", "w"),
             stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
@@ -176,3 +179,71 @@ def test_a_server_killed_mid_run_and_restarted_or_gone_for_good_loses_no_row(eng
     assert third.returncode == 0, output[-3000:]
     assert_every_row_once(gone, rows)
     assert all(path.stat().st_mtime_ns == mtime for path, mtime in kept.items()), "finished chunks are not redone"
+
+
+def test_a_fleet_passes_over_a_server_that_does_not_answer(engine_server, tmp_path):
+    rows = questions(20)
+    gone = f"http://127.0.0.1:{free_port()}/v1"
+
+    done = run_cli("run", write_jsonl(tmp_path / "in.jsonl", rows), "--output", tmp_path / "run", "--model", "tiny",
+                   "--engine-url", f"{gone},{engine_server.url}", "--oracle-samples", "0")  # fmt: skip
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_every_row_once(tmp_path / "run", rows)
+    assert read_jsonl(tmp_path / "run" / "errors.jsonl") == []
+    assert f"passed over: {gone}" in done.stdout + done.stderr
+    settings = json.loads((tmp_path / "run" / "report.json").read_text())["engine_settings"]
+    assert settings["engine_url"] == engine_server.url and settings["fleet"] == [gone, engine_server.url]
+
+
+EMBEDDING_SERVER_KEY = "engine-key-for-the-suite"
+
+
+def embedding_line(custom_id: str, text, **body) -> dict:
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/embeddings",
+            "body": {"model": "minilm", "input": text, **body}}  # fmt: skip
+
+
+def test_an_embeddings_batch_through_a_keyed_server_with_its_key_in_a_secret_block(tmp_path):
+    from prefect.blocks.system import Secret
+
+    server = EngineServer(tmp_path, "minilm", "--api-key", EMBEDDING_SERVER_KEY).start()
+    try:
+        Secret(value=EMBEDDING_SERVER_KEY).save("nightshift-test-engine-key", overwrite=True)
+        rows = [embedding_line(f"doc-{i:02d}", f"Document {i} is about {['cats', 'tea', 'rain'][i % 3]}.")
+                for i in range(24)]  # fmt: skip
+        rows += [
+            embedding_line("as-base64", ["Document 0 is about cats.", "two inputs"], encoding_format="base64"),
+            embedding_line("too-long", "word " * 600),
+            embedding_line("empty", ""),
+        ]
+        batch = write_jsonl(tmp_path / "in.jsonl", rows)
+        without_key = {"NIGHTSHIFT_ENGINE_API_KEY": ""}
+
+        wrong = run_cli("run", batch, "--output", tmp_path / "wrong", "--model", "minilm", "--engine-url",
+                        server.url, env={"NIGHTSHIFT_ENGINE_API_KEY": "not-the-key"})  # fmt: skip
+        done = run_cli("run", batch, "--output", tmp_path / "run", "--model", "minilm", "--engine-url", server.url,
+                       "--engine-api-key-secret", "nightshift-test-engine-key", env=without_key)  # fmt: skip
+    finally:
+        server.kill()
+
+    assert wrong.returncode == 2, wrong.stderr[-3000:]
+    assert "refused the key (401" in wrong.stderr and "not-the-key" not in wrong.stdout + wrong.stderr
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_every_row_once(tmp_path / "run", rows)
+    errors = {e["custom_id"]: e["error"]["code"] for e in read_jsonl(tmp_path / "run" / "errors.jsonl")}
+    assert errors == {"too-long": "context_length_exceeded", "empty": "missing_input"}
+    bodies = {line["custom_id"]: line["response"]["body"] for line in read_jsonl(tmp_path / "run" / "output.jsonl")}
+    assert bodies["doc-00"]["object"] == "list" and bodies["doc-00"]["usage"]["prompt_tokens"] > 0
+    encoded = bodies["as-base64"]["data"][0]["embedding"]
+    as_floats = np.frombuffer(base64.b64decode(encoded), dtype=np.float32)
+    assert np.allclose(as_floats, bodies["doc-00"]["data"][0]["embedding"], atol=1e-5), "the row's own encoding"
+    assert len(bodies["as-base64"]["data"]) == 2
+    # The canary stage scores the server's vectors against transformers on the model's weights.
+    verdict = json.loads((tmp_path / "run" / "validation.json").read_text())
+    assert verdict["validated"] and verdict["checks"]["embedding_oracle"]["min_cosine"] >= 0.999, verdict
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["engine_settings"]["runner"] == "pooling" and report["prompt_tokens"] > 0
+    for path in tmp_path.glob("run/**/*"):
+        if path.is_file() and path.suffix in (".json", ".jsonl", ".md", ".log"):
+            assert EMBEDDING_SERVER_KEY not in path.read_text(errors="replace"), path

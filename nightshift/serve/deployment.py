@@ -37,7 +37,7 @@ class DeploymentRuns(BatchRuns):
             parameters={
                 "input_path": _absolute(order.input_path),
                 "run_dir": _absolute(order.run_dir),
-                "job": make_job(order.model, chunk_size=order.chunk_size).model_dump(),
+                "job": make_job(order.model, **order.job_settings()).model_dump(),
                 "deadline": order.deadline.isoformat(),
                 "fan_out": None,
             },

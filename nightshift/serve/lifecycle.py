@@ -124,13 +124,15 @@ class BatchLifecycle:
         if stored.run_attempts >= self.config.max_attempts:
             self._fail(batch.id, [BatchError(code="run_failed", message=self.runs.last_words(stored))])
             return
+        embeds = batch.endpoint == "/v1/embeddings"
         started = self.runs.start(
             stored,
             RunOrder(
                 batch_id=batch.id,
                 input_path=self._input(batch),
                 run_dir=str(self.store.run_dir(batch.id)),
-                model=self.config.embedding_model if batch.endpoint == "/v1/embeddings" else self.config.chat_model,
+                model=self.config.embedding_model if embeds else self.config.chat_model,
+                engine=_engine_settings(self.config, embeds),
                 # Progress and checkpoints at least every twentieth of the batch: request_counts move.
                 chunk_size=max(8, min(512, batch.request_counts.total // 20)),
                 # the run keeps the completion window itself: it ends at it with its rows merged
@@ -237,6 +239,14 @@ class BatchLifecycle:
 
     def _input(self, batch: BatchObject) -> Path:
         return self.store.path(self.store.upload_path(batch.input_file_id))
+
+
+def _engine_settings(config: BatchApiConfig, embeds: bool) -> dict[str, str]:
+    """The engine settings of a batch's run: the server answering its endpoint's rows, if any."""
+    url = config.embedding_engine_url if embeds else config.chat_engine_url
+    if url is None:
+        return {}
+    return {"engine_url": url, **({"engine_api_key_secret": s} if (s := config.engine_api_key_secret) else {})}
 
 
 def _write_unfinished(input_path: Path, run_dir: RunDir, code: str, message: str) -> None:

@@ -44,8 +44,10 @@ class LocalProcessRuns(BatchRuns):
         _kill_leftovers(stored)
         command = [
             sys.executable, "-m", "nightshift.cli", "run", str(order.input_path), "--output", order.run_dir,
-            "--model", order.model, "--chunk-size", str(order.chunk_size), "--deadline", order.deadline.isoformat(),
+            "--model", order.model, "--deadline", order.deadline.isoformat(),
         ]  # fmt: skip
+        for name, value in order.job_settings().items():
+            command += [f"--{name.replace('_', '-')}", str(value)]
         with open(self._log_path(order.batch_id), "ab") as log_file:
             child = subprocess.Popen(
                 command,

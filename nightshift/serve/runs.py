@@ -32,7 +32,8 @@ class RunEnd(enum.Enum):
 
 @dataclass(frozen=True)
 class RunOrder:
-    """One run of a batch: its input, its run directory, the model and the completion window."""
+    """One run of a batch: its input, its run directory, the model (and the server answering its
+    rows, if any) and the completion window."""
 
     batch_id: str
     input_path: Path
@@ -41,6 +42,11 @@ class RunOrder:
     chunk_size: int
     deadline: datetime
     attempt: int  # runs of this batch started before this one
+    engine: dict[str, str] = field(default_factory=dict)  # engine settings: engine_url, engine_api_key_secret
+
+    def job_settings(self) -> dict[str, object]:
+        """The run's settings by name, as make_job and the CLI's flags take them."""
+        return {"chunk_size": self.chunk_size, **self.engine}
 
 
 @dataclass(frozen=True)

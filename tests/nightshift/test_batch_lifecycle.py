@@ -125,3 +125,21 @@ def test_a_cancelled_batch_stops_its_run_and_every_row_becomes_a_cancelled_error
     error_file = store.file(stored.batch.error_file_id, owner_of(KEY))
     errors = [json.loads(line) for line in store.path(error_file.content).read_text().splitlines()]
     assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [(f"r{i}", "batch_cancelled") for i in range(5)]
+
+
+def test_a_batch_runs_on_its_endpoints_engine_server_when_the_api_names_one_its_key_by_block_name_only(tmp_path):
+    runs = ScriptedRuns(None, None)
+    lifecycle, store, _ = a_batch(tmp_path, runs, rows=10)
+    chat_config = lifecycle.config.model_copy(
+        update={"chat_engine_url": "http://gpu-1:8000/v1", "engine_api_key_secret": "fleet-key"}
+    )
+    lifecycle.config = chat_config
+
+    lifecycle.step()
+
+    [order] = runs.orders
+    assert order.job_settings() == {
+        "chunk_size": 8,
+        "engine_url": "http://gpu-1:8000/v1",
+        "engine_api_key_secret": "fleet-key",
+    }

@@ -51,3 +51,31 @@ def test_a_server_that_says_no_usage_still_gives_a_line_with_zero_tokens():
     answer = RemoteCompletion({"choices": [{"index": 0, "text": "once", "finish_reason": "length"}]}, "completion")
     assert answer.outputs[0].text == "once"
     assert answer.body["usage"] == {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+
+
+def test_a_fleets_shard_groups_spread_over_its_servers_each_group_the_same_way_every_time():
+    fleet = EngineConfig(model="m", engine_url="http://a:8000/v1/, http://b:8000/v1,http://c:8000/v1")
+    assert fleet.engine_urls == ["http://a:8000/v1", "http://b:8000/v1", "http://c:8000/v1"]
+    firsts = [fleet.spread_over_servers(f"group-{i}").engine_urls[0] for i in range(60)]
+    assert set(firsts) == set(fleet.engine_urls), "every server gets groups"
+    assert max(firsts.count(url) for url in fleet.engine_urls) < 30, firsts
+    again = fleet.spread_over_servers("group-7")
+    assert again == fleet.spread_over_servers("group-7"), "an attempt starts where the last one did"
+    assert sorted(again.engine_urls) == fleet.engine_urls, "the others stay to fall back on"
+    one = EngineConfig(model="m", engine_url="http://a:8000/v1")
+    assert one.spread_over_servers("group-7") is one
+
+
+@pytest.mark.parametrize(
+    "url, why",
+    [
+        ("gpu-7:8000/v1", "not an http"),
+        ("ftp://gpu-7/v1", "not an http"),
+        (" , ", "not an http"),
+        ("http://bob:s3cr3t@gpu-7:8000/v1", "user or password"),
+        ("http://a/v1,https://token@b/v1", "user or password"),
+    ],
+)
+def test_an_engine_url_that_is_no_url_or_carries_a_secret_is_refused_before_anything_runs(url, why):
+    with pytest.raises(ValueError, match=why):
+        EngineConfig(model="m", engine_url=url)
