@@ -56,16 +56,17 @@ def nightshift_run(batch: Path, run_dir: Path, model: str, *extra: str) -> dict:
     return {"wall_s": wall, "generation_s": generation, "settings": report["engine_settings"], "report": report}
 
 
-def start_server(model: str, port: int, settings: dict, log: Path) -> subprocess.Popen:
-    """vLLM's server with the engine arguments the in-process run was given."""
+def start_server(model: str, port: int, settings: dict, log: Path, cores: str | None) -> subprocess.Popen:
+    """vLLM's server with the engine arguments the in-process run was given (on `cores` only, if given)."""
+    pinned = {"VLLM_CPU_OMP_THREADS_BIND": cores} if cores else {}
     server = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", resolve_model(model),
          "--served-model-name", model, "--host", "127.0.0.1", "--port", str(port), "--dtype", settings["dtype"],
          "--max-model-len", str(settings["max_model_len"]), "--max-num-seqs", str(settings["max_num_seqs"]),
          "--kv-cache-memory-bytes", str(settings["kv_cache_memory_bytes"]), "--seed", str(settings["seed"]),
          *(["--enforce-eager"] if settings.get("enforce_eager") else [])],
-        env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-        start_new_session=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **pinned}, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+        start_new_session=True, preexec_fn=(lambda: os.sched_setaffinity(0, _cores(cores))) if cores else None,
     )  # fmt: skip
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -77,6 +78,10 @@ def start_server(model: str, port: int, settings: dict, log: Path) -> subprocess
     raise SystemExit(f"the server did not start: {log.read_text()[-2000:]}")
 
 
+def _cores(spec: str) -> set[int]:
+    return {int(core) for core in spec.split(",")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny")
@@ -84,6 +89,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="completion tokens per row")
     parser.add_argument(
         "--concurrency", type=int, nargs="+", default=[64, 256], help="--engine-max-concurrency values to run"
+    )
+    parser.add_argument(
+        "--server-cores",
+        help="pin the server to these cores (e.g. 0) and the remote run to the others: the server's CPU "
+        "engine spins on every core it has and starves a client beside it, where a GPU server would not",
     )
     args = parser.parse_args()
 
@@ -99,7 +109,9 @@ def main() -> None:
     local = nightshift_run(batch, work / "local", args.model)
     settings = engine_arguments(make_job(args.model).engine)
     port = free_port()
-    server = start_server(args.model, port, settings, work / "server.log")
+    server = start_server(args.model, port, settings, work / "server.log", args.server_cores)
+    if args.server_cores:  # the remote runs (children of this process) on the other cores
+        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)) - _cores(args.server_cores))
     remote = {}
     try:
         url = f"http://127.0.0.1:{port}/v1"
