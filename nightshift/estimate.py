@@ -37,15 +37,11 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from nightshift.config import JobSpec
-from nightshift.layout import PrefixCacheModel, prompt_key
+from nightshift.layout import PrefixCacheModel, expected_work, prefix_order
 from nightshift.openai_format import CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL
 from nightshift.records import CostReport, MisplacedSharedText, Plan
 from nightshift.rundir import RunDir
 from nightshift.storage import read_table
-
-# What a row with no max_tokens is assumed to write, for the prefix-cache prediction: its
-# blocks crowd the cache while it runs (the bound, the rest of the context, would overstate it).
-UNBOUNDED_ROW_GUESS = 256
 
 
 class TokenCount(BaseModel):
@@ -133,13 +129,15 @@ def count_tokens(
             bound += most
             shard_tokens += tokens + most
             if ids is not None:
-                written = min(most, body.get("max_completion_tokens") or body.get("max_tokens") or UNBOUNDED_ROW_GUESS)
-                generative.append((prompt_key(body.get("messages", body.get("prompt"))), ids, written))
+                wanted = expected_work(body.get("max_completion_tokens") or body.get("max_tokens"))
+                generative.append((body.get("messages", body.get("prompt")), ids, min(most, wanted), wanted))
         largest = max(largest, shard_tokens)
         if input_order is not None:
-            for _, ids, written in generative:
+            for _, ids, written, _ in generative:
                 input_order.run(ids, written)
-            for _, ids, written in generative if keep_order else sorted(generative, key=lambda g: g[0]):
+            # the order the generate stage will give the engine (tasks/s3_generate.py)
+            layout = generative if keep_order else prefix_order(generative, lambda g: g[0], lambda g: g[3])
+            for _, ids, written, _ in layout:
                 laid_out.run(ids, written)
     return TokenCount(
         rows=rows,

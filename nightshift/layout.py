@@ -51,10 +51,58 @@ def _message_key(message: Any) -> str:
     return f"{message.get('role', '')}{_FIELD}{content if isinstance(content, str) else json.dumps(content)}"
 
 
-def prefix_order(requests: Sequence, prompt_of=lambda request: request.prompt) -> list:
-    """`requests` with every group sharing a prompt prefix contiguous; ties keep their order, so
-    the same rows always give the same order."""
-    return sorted(requests, key=lambda request: prompt_key(prompt_of(request)))
+# What a row with no max_tokens is assumed to write: for its place in the layout, and for the
+# prefix-cache prediction (its blocks crowd the cache while it runs; the bound, the rest of the
+# context, would overstate it).
+UNBOUNDED_ROW_GUESS = 256
+
+
+# Rows whose prompts share fewer characters than this beyond their branch's prefix (some 16 tokens,
+# a GPU engine's KV block) share no cache block worth keeping them together for.
+MIN_BRANCH_CHARS = 64
+
+
+def expected_work(max_tokens: int | None) -> int:
+    """The tokens a row is expected to write: what decides how long it runs once admitted."""
+    return max_tokens or UNBOUNDED_ROW_GUESS
+
+
+def prefix_order(requests: Sequence, prompt_of=lambda request: request.prompt, work_of=None) -> list:
+    """`requests` with every group sharing a prompt prefix contiguous; the same rows always give
+    the same order.
+
+    Without `work_of`, the prefix tree's depth-first order in lexicographic order (ties keep
+    their order). With it, at every branching of the tree the branch holding the longest
+    expected work goes first — longest processing time first, so that a shard's last minutes
+    are not one long row running alone — while every shared prefix stays contiguous: the cache
+    sees the same groups, in another order."""
+    keyed = sorted(((prompt_key(prompt_of(request)), request) for request in requests), key=lambda kr: kr[0])
+    if work_of is None:
+        return [request for _, request in keyed]
+    keys, works = [key for key, _ in keyed], [work_of(request) for _, request in keyed]
+    return [keyed[index][1] for index in _longest_branch_first(keys, works)]
+
+
+def _longest_branch_first(keys: list[str], works: list[int]) -> list[int]:
+    """Indices of sorted `keys`, depth first over their prefix tree — compressed, and with
+    branches that share under MIN_BRANCH_CHARS more merged into their parent — each node's
+    branches ordered by the most work any of their rows holds, ties in key order."""
+    order: list[int] = []
+    stack = [(0, len(keys))]  # ranges of keys sharing a prefix, to visit (last first)
+    while stack:
+        low, high = stack.pop()
+        shared = _common_prefix_length(keys[low], keys[high - 1])  # sorted: the range's common prefix
+        if high - low == 1 or (len(keys[low]) == shared == len(keys[high - 1])):
+            order.extend(range(low, high))  # one row, or identical prompts: in their order
+            continue
+        branches, start = [], low
+        for index in range(low + 1, high + 1):  # the branches: runs sharing more than a few tokens more
+            if index == high or _common_prefix_length(keys[index - 1], keys[index]) < shared + MIN_BRANCH_CHARS:
+                branches.append((start, index))
+                start = index
+        branches.sort(key=lambda branch: -max(works[branch[0] : branch[1]]))  # stable: ties in key order
+        stack.extend(reversed(branches))
+    return order
 
 
 class PrefixCacheModel:

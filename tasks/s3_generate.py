@@ -41,8 +41,9 @@ from nightshift.chunks import (
 from nightshift.config import ConfigurationError, EngineStartStalled, EngineUnreachable, JobSpec
 from nightshift.deadline import DeadlineReached, StopSignal, deadline_reached
 from nightshift.engine import EngineFailure, get_engine
+from nightshift.engine_protocol import Engine
 from nightshift.engine_sizing import throughput_traps
-from nightshift.layout import prefix_order
+from nightshift.layout import expected_work, prefix_order
 from nightshift.models import local_model
 from nightshift.openai_format import PreparedRequest, RequestRejected, duplicate_key, prepare_request
 from nightshift.preemption import Preempted, generation_in_progress, grace_seconds, stop_requested
@@ -201,7 +202,7 @@ def _prepare(todo: list[dict], job: JobSpec, run_dir: RunDir, writer: ChunkWrite
     twice, a request the engine's limits reject — or prepared for the engine, with the key that
     identical rows share. The engine is started only when some row needs it."""
     ready_rows: list[tuple[PreparedRequest, str | None]] = []
-    engine = None
+    engine: Engine | None = None
     for row in todo:
         if row["error"] is not None:
             writer.add_error(row, json.loads(row["error"]))
@@ -272,13 +273,14 @@ class _Work:
         return work
 
 
-def _answer(work: _Work, engine, job: JobSpec, writer: ChunkWriter, suspects: Suspects, shard: Shard) -> None:
+def _answer(work: _Work, engine: Engine, job: JobSpec, writer: ChunkWriter, suspects: Suspects, shard: Shard) -> None:
     """Generate `work` on the engine, each outcome written for its row and the rows identical to it."""
     # Suspects first and alone: if one kills the engine again, it alone is blamed.
     batches = [[r] for r in work.to_generate if suspects.deaths(r.key)]
     rest = [r for r in work.to_generate if not suspects.deaths(r.key)]
     if rest and not job.keep_order and engine.runner_type == "generate":  # pooling reuses no KV cache
-        rest = prefix_order(rest)  # rows sharing a prompt prefix run while it is cached
+        # rows sharing a prompt prefix run while it is cached, the longest work first
+        rest = prefix_order(rest, work_of=lambda request: expected_work(request.sampling_params.max_tokens))
     batches.append(rest)
     stop = StopSignal(stop_requested, deadline_reached)
     try:
@@ -297,7 +299,7 @@ def _answer(work: _Work, engine, job: JobSpec, writer: ChunkWriter, suspects: Su
         raise DeadlineReached(f"shard {shard.index}: stopped at the run's deadline") from None
 
 
-def _write_outcome(work: _Work, answered, request, outcome, engine, job: JobSpec, writer: ChunkWriter) -> None:
+def _write_outcome(work: _Work, answered, request, outcome, engine: Engine, job: JobSpec, writer: ChunkWriter) -> None:
     row = work.by_index[answered.key]
     if isinstance(outcome, Exception):
         writer.add_error(row, _engine_refusal(outcome, row["line_no"]))

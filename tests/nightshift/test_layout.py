@@ -45,6 +45,38 @@ def test_the_same_rows_always_give_the_same_order_and_ties_keep_input_order():
     assert [r.key for r in first if r.key >= 100] == [100, 101]
 
 
+def test_the_longest_work_goes_first_while_every_document_stays_together():
+    rows = shuffled_documents()
+    long_row = next(r for r in rows if document_of(r) == "Document 4" and r.prompt[1]["content"].endswith("3?"))
+    work = {id(r): 400 if r is long_row else 16 for r in rows}
+
+    ordered = prefix_order(rows, work_of=lambda r: work[id(r)])
+
+    assert ordered[0] is long_row, "the longest row first"
+    runs = [document_of(row) for row in ordered]
+    assert runs[:5] == ["Document 4"] * 5, "its document's questions right after it, while it is cached"
+    assert len([doc for i, doc in enumerate(runs) if i == 0 or runs[i - 1] != doc]) == 6
+    assert ordered[5:] == [r for r in prefix_order(rows) if document_of(r) != "Document 4"], "ties: key order"
+
+
+def test_rows_sharing_nothing_but_the_system_prompt_run_longest_first_and_equal_work_keeps_key_order():
+    rows = [
+        SimpleNamespace(key=i, prompt=[{"role": "system", "content": "Classify."}, {"role": "user", "content": text}])
+        for i, text in enumerate(["apple", "pear", "fig", "kiwi", "plum"])
+    ]
+    budget = {"apple": 8, "pear": 512, "fig": 8, "kiwi": 64, "plum": 8}
+
+    ordered = prefix_order(rows, work_of=lambda r: budget[r.prompt[1]["content"]])
+
+    assert [r.prompt[1]["content"] for r in ordered] == ["pear", "kiwi", "apple", "fig", "plum"]
+    assert prefix_order(rows, work_of=lambda r: 8) == prefix_order(rows), "equal work: the plain prefix order"
+
+
+def test_identical_prompts_keep_their_order_whatever_their_work():
+    rows = [SimpleNamespace(key=i, prompt="same prompt") for i in range(4)]
+    assert [r.key for r in prefix_order(rows, work_of=lambda r: r.key)] == [0, 1, 2, 3]
+
+
 def test_keys_follow_the_prompt_as_rendered_message_by_message():
     short = [{"role": "user", "content": "ab"}]
     longer = [{"role": "user", "content": "ab"}, {"role": "assistant", "content": "c"}]
