@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Literal, Self
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from nightshift.rundir import write_json_atomic
 
@@ -317,6 +318,30 @@ class FanOut(_Config):
     )
     max_attempts: int = Field(3, gt=0, description="child runs per group that may fail before the stage fails")
     poll_s: float = Field(2.0, gt=0, description="seconds between looks at the child runs")
+
+
+class RuntimeSettings(_Config):
+    """Process-wide settings an operator or a drill gives in the environment, NIGHTSHIFT_<NAME>."""
+
+    lease_ttl_s: float = Field(
+        60.0,
+        gt=0,
+        description="a run directory's lease not renewed for this long, by the observer's own clock, is presumed "
+        "dead and may be taken over (NIGHTSHIFT_LEASE_TTL_S); the holder renews it every ttl/4, at most 5 s",
+    )
+    sigterm_grace_s: float = Field(
+        20.0, ge=0, description="on SIGTERM, seconds the rows in flight get to finish (NIGHTSHIFT_SIGTERM_GRACE_S)"
+    )
+
+    @classmethod
+    def from_environment(cls) -> RuntimeSettings:
+        variables = {name: f"NIGHTSHIFT_{name.upper()}" for name in cls.model_fields}
+        given = {name: os.environ[variable] for name, variable in variables.items() if variable in os.environ}
+        try:
+            return cls(**given)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise ConfigurationError(f"NIGHTSHIFT_{str(first['loc'][0]).upper()}: {first['msg']}") from None
 
 
 class BatchApiConfig(_Config):

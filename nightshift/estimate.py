@@ -73,6 +73,17 @@ class Throughput(BaseModel):
     source: str = Field(description='"history: N runs" or "calibration: N rows"')
     completion_per_row: float | None = Field(None, description="completion tokens per finished row, in the history")
     straggler_factor: float = Field(1.0, description="worst shard ÷ median shard in the history runs")
+    computed_per_second: float | None = Field(
+        None,
+        description="tokens the engine computed per second — prompt tokens its prefix cache did not serve, plus "
+        "completion tokens — in history runs that measured their hit rate: the rate a layout's predicted hit rate "
+        "scales",
+    )
+
+
+def computed_tokens(prompt: int, completion: int, hit_rate: float | None) -> float:
+    """Prompt tokens the prefix cache does not serve at `hit_rate`, plus every completion token."""
+    return prompt * (1 - (hit_rate or 0.0)) + completion
 
 
 class Estimate(BaseModel):
@@ -83,6 +94,9 @@ class Estimate(BaseModel):
     completion_estimate_source: str
     throughput: Throughput | None
     hours_one_gpu: float | None = None
+    hours_saved_by_layout: float | None = Field(
+        None, description="one GPU's hours the layout's predicted hit rate saves against the input order's"
+    )
     deadline: str | None = None
     hours_to_deadline: float | None = None
     gpus_needed: int | None = None
@@ -214,7 +228,7 @@ def throughput_from_history(root: str | Path, job: JobSpec, accelerator: str) ->
     """Tokens/s per GPU from earlier runs' reports under `root` (one run directory each) with
     this job's output fingerprint on this accelerator; None if there is none."""
     fingerprint = job.output_fingerprint()
-    rates, per_row, stragglers = [], [], [1.0]
+    rates, per_row, stragglers, computed = [], [], [1.0], []
     for report_path in sorted(RunDir.reports_under(root), key=str):
         run = report_path.parent
         try:
@@ -227,6 +241,10 @@ def throughput_from_history(root: str | Path, job: JobSpec, accelerator: str) ->
         if not report.tokens_per_second_per_engine or report.served_without_generating.rows:
             continue  # a run answered partly from a cache says nothing about the engine's speed
         rates.append(report.tokens_per_second_per_engine)
+        all_tokens = report.prompt_tokens + report.completion_tokens
+        if report.prefix_cache_hit_rate is not None and all_tokens:
+            share = computed_tokens(report.prompt_tokens, report.completion_tokens, report.prefix_cache_hit_rate)
+            computed.append(report.tokens_per_second_per_engine * share / all_tokens)
         stragglers += [s.times_median for s in report.stragglers if s.times_median]
         if report.completion_per_row is not None:
             per_row.append(report.completion_per_row)
@@ -237,6 +255,7 @@ def throughput_from_history(root: str | Path, job: JobSpec, accelerator: str) ->
         source=f"history: {len(rates)} earlier run{'s' if len(rates) > 1 else ''} of this model on {accelerator}",
         completion_per_row=round(sum(per_row) / len(per_row), 3) if per_row else None,
         straggler_factor=max(stragglers),
+        computed_per_second=round(sum(computed) / len(computed), 3) if len(computed) == len(rates) else None,
     )
 
 
@@ -295,7 +314,17 @@ def estimate(
         result.hours_to_deadline = round((deadline - now).total_seconds() / 3600, 4)
     if throughput is None:
         return result
-    work_s = total / throughput.tokens_per_second
+    hit_rate = tokens.prefix_cache_hit_rate_predicted
+    if throughput.computed_per_second and hit_rate is not None:
+        # what the engine computes at the layout's hit rate, at the rate it computed in the history
+        work_s = computed_tokens(tokens.prompt_tokens, completion, hit_rate) / throughput.computed_per_second
+        in_input_order_s = (
+            computed_tokens(tokens.prompt_tokens, completion, tokens.prefix_cache_hit_rate_input_order)
+            / throughput.computed_per_second
+        )
+        result.hours_saved_by_layout = round(max(0.0, in_input_order_s - work_s) / 3600, 4)
+    else:
+        work_s = total / throughput.tokens_per_second
     gpu_hours = work_s / 3600 * accelerators_per_engine
     result.hours_one_gpu = round(work_s / 3600, 4)
     result.cost_on_demand = round(gpu_hours * on_demand_per_hour, 6)
@@ -304,7 +333,7 @@ def estimate(
         return result
     # the shard's own share of the estimate: its bound scaled like the total's
     scale = total / (tokens.prompt_tokens + tokens.completion_tokens_max or 1)
-    straggler_s = tokens.shard_tokens_max * scale / throughput.tokens_per_second * throughput.straggler_factor
+    straggler_s = tokens.shard_tokens_max * scale * (work_s / total if total else 0.0) * throughput.straggler_factor
     time_left_s = (deadline - now).total_seconds()
     if time_left_s <= straggler_s:
         result.finishes_in_time = False
@@ -419,6 +448,11 @@ def render(result: Estimate) -> str:
     lines.append(
         f"| hours on one GPU | {'unknown' if result.hours_one_gpu is None else f'{result.hours_one_gpu:,.2f}'} |"
     )
+    if result.hours_saved_by_layout is not None:
+        lines.append(
+            f"| saved by the layout | {result.hours_saved_by_layout:,.2f} h on one GPU against the input order "
+            "(the predicted hit rates, at the rate the history's engine computed uncached tokens) |"
+        )
     if result.deadline:
         if result.gpus_needed is not None:
             fleet = f"**{result.gpus_needed}**"

@@ -1,10 +1,19 @@
-"""One live run per run directory.
+"""One live run per run directory, and an owner fence for a run presumed dead that comes back.
 
 Two runs on the same directory would generate every shard twice. A run holds `RUN_DIR/lease.json`
-(host, pid, since, a heartbeat every few seconds) while it runs; a second run on a live
+(host, pid, since, an epoch, a heartbeat every few seconds) while it runs; a second run on a live
 directory is refused with a message naming the live one. A dead run's lease does not block a
 resume: on the same host a lease whose process is gone is taken over at once (kill -9, then
-re-run), elsewhere a lease whose heartbeat is older than LEASE_TTL_S has expired.
+re-run), and one whose heartbeat is older than the TTL (`NIGHTSHIFT_LEASE_TTL_S`, 60 s) has
+expired. A lease written on another host is judged by this host's clock only: it has expired once
+its heartbeat has not changed for a TTL of watching — two hosts' clocks are never compared.
+
+The fence: every run that takes the directory writes the next epoch, and every file this process
+makes visible under a directory it leased — chunk files, shard manifests, the merged outputs, the
+report — first checks that the lease is still its own (nightshift.storage's commit fence). A run
+frozen past its TTL (a stopped VM, a long pause) and taken over meanwhile comes back to find the
+lease another's: it stops with LeaseLost (exit status 2) and makes nothing more visible. The rows
+it committed before it froze are whole chunks, which the merge counts once.
 
 The lease is re-entrant within a process: `nightshift run` takes it before the engine starts
 loading, and the flow it runs takes the same one (a deployment's flow run takes its own).
@@ -12,6 +21,7 @@ loading, and the flow it runs takes the same one (a deployment's flow run takes 
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -21,18 +31,33 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from nightshift.config import ConfigurationError
+from nightshift.config import ConfigurationError, RuntimeSettings
 from nightshift.records import Lease
 from nightshift.rundir import RunDir
+from nightshift.storage import add_commit_fence, is_url, read_fresh
 
-LEASE_TTL_S = 60.0
+log = logging.getLogger("nightshift.lease")
+
 HEARTBEAT_S = 5.0
-_held: dict[str, str] = {}  # run directory → this process's lease token
+_held: dict[str, Lease] = {}  # run directory → this process's lease of it
 _lock = threading.Lock()
 
 
 class RunDirectoryBusy(ConfigurationError):
     """Another live run holds the run directory."""
+
+
+class LeaseLost(ConfigurationError):
+    """This run's lease was taken over while it could not renew it: another run owns the
+    directory now, and this one must make nothing more visible in it."""
+
+
+def lease_ttl_s() -> float:
+    return RuntimeSettings.from_environment().lease_ttl_s
+
+
+def _heartbeat_s() -> float:
+    return min(HEARTBEAT_S, lease_ttl_s() / 4)
 
 
 @contextmanager
@@ -49,9 +74,9 @@ def run_lease(run_dir: str | Path, flow_run_id: str | None = None):
     if outer:
         yield
         return
-    token = _held[str(root)]
+    mine = _held[str(root)]
     stop = threading.Event()
-    beat = threading.Thread(target=_beat, args=(path, token, stop), name="nightshift-lease", daemon=True)
+    beat = threading.Thread(target=_beat, args=(path, mine.token, stop), name="nightshift-lease", daemon=True)
     beat.start()
     try:
         yield
@@ -59,25 +84,50 @@ def run_lease(run_dir: str | Path, flow_run_id: str | None = None):
         stop.set()
         with _lock:
             _held.pop(str(root), None)
-        if _owner(path) == token:
-            path.unlink(missing_ok=True)
+        current = _read(path)
+        if current is not None and current.token == mine.token:  # the epoch stays: it only grows
+            current.model_copy(update={"released": True}).save(path)
 
 
-def _acquire(path: Path, flow_run_id: str | None) -> str:
+def check_owner(target: str) -> None:
+    """The commit fence: refuse to make `target` visible under a run directory this process
+    leased and no longer owns."""
+    if not is_url(target):
+        target = str(Path(target).resolve())
+    for root, mine in list(_held.items()):
+        if not target.startswith(root.rstrip("/") + "/") or target == str(RunDir(root).lease):
+            continue
+        current = _read(RunDir(root).lease)
+        if current is None or current.token != mine.token:
+            taken = f"{current.describe()}" if current else "another run (its lease is gone)"
+            raise LeaseLost(
+                f"{root}: this run's lease (epoch {mine.epoch}) was taken over by {taken} while this run could "
+                f"not renew it (frozen or cut off for over {lease_ttl_s():.0f} s); it stops here and makes "
+                "nothing more visible — the other run owns the directory"
+            )
+
+
+add_commit_fence(check_owner)
+
+
+def _acquire(path: Path, flow_run_id: str | None) -> Lease:
     current = _read(path)
-    if current is not None and _alive(current):
+    if current is not None and _alive(current, path):
         raise RunDirectoryBusy(f"{path.parent} is being run by {current.describe()}; wait for it to end or stop it")
-    token = uuid.uuid4().hex
-    _lease(token, flow_run_id).save(path)
+    current = _read(path) or current  # the latest epoch, after any watching
+    mine = _lease(uuid.uuid4().hex, flow_run_id, epoch=(current.epoch if current else 0) + 1)
+    mine.save(path)
     time.sleep(0.2)  # two runs that wrote at once: the later rename wins, the other sees it and yields
     winner = _read(path)
-    if winner is None or winner.token != token:
+    if winner is None or winner.token != mine.token:
         taken_by = winner.describe() if winner else "another run"
         raise RunDirectoryBusy(f"{path.parent} was just taken by {taken_by}")
-    return token
+    if current is not None and not current.released:
+        log.warning("took over %s from %s, presumed dead", path.parent, current.describe())
+    return mine
 
 
-def _lease(token: str, flow_run_id: str | None) -> Lease:
+def _lease(token: str, flow_run_id: str | None, epoch: int) -> Lease:
     import psutil
 
     return Lease(
@@ -88,37 +138,51 @@ def _lease(token: str, flow_run_id: str | None) -> Lease:
         flow_run_id=flow_run_id,
         since=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         heartbeat=time.time(),
+        epoch=epoch,
     )
 
 
 def _beat(path: Path, token: str, stop: threading.Event) -> None:
-    while not stop.wait(HEARTBEAT_S):
+    while not stop.wait(_heartbeat_s()):
         current = _read(path)
         if current is None or current.token != token:
-            return  # taken over (this run was presumed dead): nothing of ours to keep alive
+            return  # taken over (this run was presumed dead): the fence stops its writes
         current.model_copy(update={"heartbeat": time.time()}).save(path)
 
 
-def _alive(lease: Lease) -> bool:
-    if time.time() - lease.heartbeat > LEASE_TTL_S:
+def _alive(lease: Lease, path: Path, clock=time.monotonic, sleep=time.sleep) -> bool:
+    """Whether the lease's holder still runs: on this host by its process and this clock; from
+    another host by watching whether its heartbeat moves within a TTL of this host's clock."""
+    if lease.released:
         return False
+    ttl = lease_ttl_s()
     if lease.host == socket.gethostname():
         import psutil
 
         try:
-            return abs(psutil.Process(lease.pid).create_time() - lease.pid_started) < 1
+            running = abs(psutil.Process(lease.pid).create_time() - lease.pid_started) < 1
         except psutil.Error:
             return False
-    return True
+        return running and time.time() - lease.heartbeat <= ttl
+    log.warning("%s was run by %s: watching its lease for up to %.0f s to see whether it lives", path.parent,
+                lease.describe(), ttl)  # fmt: skip
+    until = clock() + ttl
+    while clock() < until:
+        sleep(min(1.0, ttl / 10))
+        now = _read(path)
+        if now is None or now.token != lease.token or now.heartbeat != lease.heartbeat:
+            return now is not None and not now.released  # it beat (or another took it): alive
+    return False
 
 
-def _read(path: Path) -> Lease | None:
-    try:
-        return Lease.load(path)
-    except (OSError, ValueError):
-        return None
-
-
-def _owner(path: Path) -> str | None:
-    current = _read(path)
-    return current.token if current else None
+def _read(path: Path, attempts: int = 3) -> Lease | None:
+    """The lease as it is now; None when there is none (or it stays unreadable: a half-written
+    lease from a run killed while writing it holds nobody)."""
+    for attempt in range(attempts):
+        try:
+            return Lease.model_validate_json(read_fresh(path))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):  # a storage hiccup, or a torn read: look again
+            time.sleep(0.2 * (attempt + 1))
+    return None

@@ -24,7 +24,9 @@ class Preempted(RuntimeError):
 
 
 def grace_seconds() -> float:
-    return float(os.environ.get("NIGHTSHIFT_SIGTERM_GRACE_S", "20"))
+    from nightshift.config import RuntimeSettings
+
+    return RuntimeSettings.from_environment().sigterm_grace_s
 
 
 def install_sigterm_handler() -> None:

@@ -422,11 +422,16 @@ class Lease(_Record):
     pid_started: float = Field(description="the process's start time: a reused pid is not the holder")
     flow_run_id: str | None = None
     since: str = Field(description="when the run took the directory, ISO 8601")
-    heartbeat: float = Field(description="Unix time of the last beat; older than LEASE_TTL_S elsewhere: expired")
+    heartbeat: float = Field(
+        description="Unix time of the holder's last beat: on its own host, older than the TTL is expired; elsewhere "
+        "only a heartbeat that stops changing for a TTL of the observer's own clock is"
+    )
+    epoch: int = Field(1, description="grows by one with every run that takes the directory: the owner fence")
+    released: bool = Field(False, description="the holder ended and let go: nobody holds the directory")
 
     def describe(self) -> str:
         run = f", flow run {self.flow_run_id}" if self.flow_run_id else ""
-        return f"pid {self.pid} on {self.host}{run}, since {self.since}"
+        return f"pid {self.pid} on {self.host}{run}, since {self.since} (epoch {self.epoch})"
 
 
 class WorkerIdentity(_Record):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -79,16 +79,43 @@ def filesystem(path) -> tuple[fsspec.AbstractFileSystem, str]:
     return fsspec.core.url_to_fs(str(path), **storage_options(path))
 
 
+def read_fresh(path) -> bytes:
+    """The object's bytes as they are now: a small file another process rewrites (a lease, a
+    heartbeat) read whole, past the filesystem's cached listing — whose stale size would cut a
+    rewritten object short."""
+    if not is_url(path):
+        return Path(str(path)).expanduser().read_bytes()
+    fs, fs_path = filesystem(path)
+    fs.invalidate_cache(fs_path)
+    return fs.cat_file(fs_path)
+
+
+# Called with every path just before it is made visible: the run directory's owner fence
+# (nightshift.lease) raises there when this process no longer owns the directory it writes in.
+_commit_fences: list[Callable[[str], None]] = []
+
+
+def add_commit_fence(fence: Callable[[str], None]) -> None:
+    if fence not in _commit_fences:
+        _commit_fences.append(fence)
+
+
+def _pass_fences(target) -> None:
+    for fence in _commit_fences:
+        fence(str(target))
+
+
 @contextmanager
 def written_whole(path) -> Iterator[Path]:
-    """Yield a local temporary file to write; once the body returns it becomes `path` whole.
-    If the body raises, `path` is left as it was."""
+    """Yield a local temporary file to write; once the body returns it becomes `path` whole —
+    unless a commit fence refuses it. If the body raises, `path` is left as it was."""
     target = location(path)
     if not is_url(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
         try:
             yield tmp
+            _pass_fences(target)
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
@@ -97,6 +124,7 @@ def written_whole(path) -> Iterator[Path]:
     try:
         tmp = Path(scratch) / target.name
         yield tmp
+        _pass_fences(target)
         fs, fs_path = filesystem(target)
         try:
             fs.put_file(str(tmp), fs_path, **_upload_options(target, tmp.stat().st_size))

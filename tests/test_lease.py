@@ -40,3 +40,65 @@ def test_a_bucket_run_directory_has_one_live_run_too(s3_endpoint, monkeypatch):
         assert f"is being run by pid {os.getpid()}" in refused.stderr
     taken = subprocess.run(other_process, cwd=REPO, capture_output=True, text=True, env={**os.environ})
     assert taken.returncode == 0 and "took it" in taken.stdout, taken.stderr[-2000:]
+
+
+def test_a_run_frozen_past_its_lease_and_taken_over_makes_nothing_visible_when_it_wakes(s3_endpoint, tmp_path):
+    """The paused owner: a bucket run stopped with SIGSTOP (a frozen VM) past the lease's TTL, a
+    second run takes the directory over and completes it; the first, woken with SIGCONT, finds
+    the lease another's at its next write and stops with exit status 2, having published
+    nothing; every row is in the outputs exactly once."""
+    import signal
+    import subprocess
+    import time
+    import uuid
+
+    import orjson
+    import s3fs
+    from conftest import chat_request
+    from harness import run_cli, start_cli
+
+    env = {
+        "AWS_ACCESS_KEY_ID": "nightshift-test",
+        "AWS_SECRET_ACCESS_KEY": "fence-test",
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "NIGHTSHIFT_LEASE_TTL_S": "4",
+    }
+    fs = s3fs.S3FileSystem(key="nightshift-test", secret="fence-test", client_kwargs={"endpoint_url": s3_endpoint},
+                           use_listings_cache=False)  # fmt: skip
+    bucket = f"fence-{uuid.uuid4().hex[:8]}"
+    fs.mkdir(bucket)
+    ids = [f"req-{i:04d}" for i in range(320)]
+    lines = [orjson.dumps(chat_request(i, f"Write about item {i}.", max_tokens=48, ignore_eos=True)) for i in ids]
+    fs.pipe(f"{bucket}/in.jsonl", b"\n".join(lines) + b"\n")
+    run = f"s3://{bucket}/runs/tonight"
+    args = ["run", f"s3://{bucket}/in.jsonl", "--output", run, "--model", "tiny", "--shard-size", "40",
+            "--chunk-size", "8", "--max-num-seqs", "4", "--oracle-samples", "0"]  # fmt: skip
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+
+    first = start_cli(*args, env=env, cwd=tmp_path / "a", stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                      text=True, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not fs.glob(f"{bucket}/runs/tonight/shards/*/chunk-*.parquet"):
+        assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()[-3000:]
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGSTOP)
+    try:
+        time.sleep(6)  # past its TTL without a heartbeat
+        second = run_cli(*args, env=env, cwd=tmp_path / "b")
+        assert second.returncode == 0, second.stderr[-3000:]
+        assert "presumed dead" in second.stdout + second.stderr
+        published = {key: fs.cat(key) for key in fs.find(bucket) if not key.endswith("lease.json")}
+    finally:
+        os.killpg(first.pid, signal.SIGCONT)
+    output = first.communicate(timeout=300)[0]
+
+    assert first.returncode == 2, output[-3000:]
+    assert "was taken over by" in output and "makes nothing more visible" in output, output[-3000:]
+    now = {key: fs.cat(key) for key in fs.find(bucket) if not key.endswith("lease.json")}
+    assert now == published, "the woken run made nothing visible: no chunk, manifest, output or report"
+    merged = [orjson.loads(line) for line in fs.cat(f"{bucket}/runs/tonight/output.jsonl").splitlines()]
+    assert [line["custom_id"] for line in merged] == ids, "every row once, in input order"
+    lease = orjson.loads(fs.cat(f"{bucket}/runs/tonight/lease.json"))
+    assert lease["epoch"] == 2 and lease["released"]

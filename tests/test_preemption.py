@@ -110,13 +110,15 @@ def test_sigkill_at_a_random_moment_then_rerun_loses_and_repeats_nothing_and_the
         assert len(rows) == len(set(rows))  # no row twice, even inside a killed shard
     mtimes = {f: f.stat().st_mtime_ns for f in run_dir.glob("shards/*/chunk-*.parquet")}
 
-    assert (run_dir / "lease.json").exists()  # left behind: a lost machine releases nothing
+    killed_lease = json.loads((run_dir / "lease.json").read_text())
+    assert not killed_lease["released"]  # left behind: a lost machine releases nothing
     rerun = nightshift(run_args(source, run_dir))
     assert_a_second_run_is_refused_while(rerun, run_dir, source)
     code, out = finish(rerun)
     assert code == 0, out[-3000:]
     assert_complete_exactly_once(run_dir)
-    assert not (run_dir / "lease.json").exists(), "released at the end"
+    released = json.loads((run_dir / "lease.json").read_text())
+    assert released["released"] and released["epoch"] == killed_lease["epoch"] + 1, "released at the end"
     assert f"({len(finished)} from checkpoints)" in out
     for directory in (run_dir / "shards").glob("*"):
         result = json.loads((directory / "result.json").read_text())

@@ -104,3 +104,32 @@ def test_history_is_earlier_runs_of_the_same_model_on_the_same_accelerator(tmp_p
     assert found.completion_per_row == pytest.approx((3000 / 100 + 3000 / 60) / 2)
     assert found.straggler_factor == 1.4 and found.source.startswith("history: 2 earlier runs")
     assert throughput_from_history(tmp_path, job, "l4") is None
+
+
+def test_a_history_run_with_a_measured_hit_rate_prices_this_layouts_predicted_one(tmp_path):
+    job = JobSpec(engine=EngineConfig(model="/models/a"), served_model_name="a", model_identity="weights-a")
+    # 9,000 prompt tokens of which the cache served 2/3, 3,000 written, at 800 tokens/s: the
+    # engine computed 3,000 + 3,000 = 6,000 of the 12,000 tokens, 400 per second.
+    write_run(tmp_path, "night-1", job, "h100", prompt_tokens=9000, prefix_cache_hit_rate=2 / 3)
+    rate = throughput_from_history(tmp_path, job, "h100")
+    assert rate.computed_per_second == pytest.approx(400)
+
+    shared = TOKENS.model_copy(
+        update={"prefix_cache_hit_rate_predicted": 0.5, "prefix_cache_hit_rate_input_order": 0.1}
+    )
+    planned = plan(tokens=shared, throughput=rate, deadline=None)
+    completion = planned.completion_tokens_estimate
+    assert completion == 30 * 1000, "30 completion tokens per row, as in the history"
+    assert planned.hours_one_gpu == pytest.approx((600_000 * 0.5 + completion) / 400 / 3600, rel=1e-3)
+    assert planned.hours_saved_by_layout == pytest.approx(600_000 * 0.4 / 400 / 3600, rel=1e-3)
+    assert "saved by the layout" in render(planned)
+
+    unknown = plan(tokens=TOKENS, throughput=rate, deadline=None)  # no prediction: total ÷ tokens/s, as before
+    assert unknown.hours_one_gpu == pytest.approx((600_000 + completion) / 800 / 3600, rel=1e-3)
+    assert unknown.hours_saved_by_layout is None
+
+
+def test_a_history_without_measured_hit_rates_keeps_the_plain_rate():
+    planned = plan(tokens=TOKENS.model_copy(update={"prefix_cache_hit_rate_predicted": 0.5}), deadline=None)
+    assert planned.hours_one_gpu == pytest.approx((600_000 + 200 * 1000) / 500 / 3600, rel=1e-3)
+    assert planned.hours_saved_by_layout is None

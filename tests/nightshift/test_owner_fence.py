@@ -1,0 +1,100 @@
+"""The owner fence: each run that takes a run directory gets the next epoch, and a run whose
+lease was taken over makes nothing more visible there; a lease from another host is judged by
+this host's clock alone."""
+
+import pytest
+
+from nightshift.config import ConfigurationError, RuntimeSettings
+from nightshift.lease import LeaseLost, _alive, run_lease
+from nightshift.records import Lease
+from nightshift.rundir import RunDir
+from nightshift.storage import written_whole
+
+pytestmark = pytest.mark.fast
+
+
+def lease_of(run_dir) -> Lease:
+    return Lease.load(RunDir(run_dir).lease)
+
+
+def test_every_run_that_takes_the_directory_gets_a_greater_epoch(tmp_path):
+    with run_lease(tmp_path):
+        assert lease_of(tmp_path).epoch == 1
+    assert lease_of(tmp_path).released, "a released lease keeps its epoch"
+    with run_lease(tmp_path):
+        assert lease_of(tmp_path).epoch == 2 and not lease_of(tmp_path).released
+
+
+def test_a_run_whose_lease_was_taken_over_makes_nothing_visible_in_the_directory(tmp_path):
+    chunk = tmp_path / "shards" / "abc" / "chunk-00000.parquet"
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-other" / "file.txt"
+    with run_lease(tmp_path):
+        with written_whole(chunk) as tmp:
+            tmp.write_text("mine")
+        ours = lease_of(tmp_path)
+        ours.model_copy(update={"token": "the-other-run", "host": "gpu-9", "epoch": ours.epoch + 1}).save(
+            RunDir(tmp_path).lease
+        )  # what a run that presumed this one dead writes
+
+        with pytest.raises(LeaseLost, match=r"lease \(epoch 1\) was taken over by pid .* on gpu-9, .*\(epoch 2\)"):
+            with written_whole(tmp_path / "output.jsonl") as tmp:
+                tmp.write_text("late")
+        with pytest.raises(LeaseLost):
+            with written_whole(chunk) as tmp:
+                tmp.write_text("late")
+        with written_whole(elsewhere) as tmp:  # outside the directory: not this lease's business
+            tmp.write_text("fine")
+
+    assert not (tmp_path / "output.jsonl").exists() and chunk.read_text() == "mine"
+    assert not list(tmp_path.rglob("*.tmp-*")), "no temporary file left behind"
+    assert lease_of(tmp_path).token == "the-other-run", "the loser does not release the winner's lease"
+    assert isinstance(LeaseLost("x"), ConfigurationError), "exit status 2, never retried"
+
+
+def another_hosts_lease(heartbeat: float) -> Lease:
+    return Lease(token="t", host="gpu-elsewhere", pid=1, pid_started=0.0, since="2026-12-01T00:00:00+00:00",
+                 heartbeat=heartbeat, epoch=3)  # fmt: skip
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_another_hosts_lease_expires_only_after_a_ttl_of_this_hosts_clock_without_a_heartbeat(tmp_path, monkeypatch):
+    monkeypatch.setenv("NIGHTSHIFT_LEASE_TTL_S", "30")
+    path = RunDir(tmp_path).lease
+    # Its clock runs a day ahead of ours: compared with our clock, it would look alive for a day.
+    stale = another_hosts_lease(heartbeat=2_000_000_000.0)
+    stale.save(path)
+    clock = FakeClock()
+    assert not _alive(stale, path, clock=clock, sleep=clock.sleep)
+    assert 30 <= clock.now < 32, "watched for one TTL, no more"
+
+    beating = another_hosts_lease(heartbeat=1.0)  # a day behind: it would look dead at once
+    beating.save(path)
+    clock = FakeClock()
+
+    def beat_once(seconds: float) -> None:
+        clock.sleep(seconds)
+        if clock.now > 5:
+            beating.model_copy(update={"heartbeat": 2.0}).save(path)
+
+    assert _alive(beating, path, clock=clock, sleep=beat_once)
+    assert clock.now < 10, "alive as soon as its heartbeat moved"
+
+
+def test_runtime_settings_come_from_the_environment_typed_and_checked(monkeypatch):
+    assert RuntimeSettings.from_environment().lease_ttl_s == 60
+    monkeypatch.setenv("NIGHTSHIFT_LEASE_TTL_S", "2.5")
+    monkeypatch.setenv("NIGHTSHIFT_SIGTERM_GRACE_S", "0")
+    assert RuntimeSettings.from_environment() == RuntimeSettings(lease_ttl_s=2.5, sigterm_grace_s=0)
+    monkeypatch.setenv("NIGHTSHIFT_LEASE_TTL_S", "-1")
+    with pytest.raises(ConfigurationError, match="NIGHTSHIFT_LEASE_TTL_S: Input should be greater than 0"):
+        RuntimeSettings.from_environment()
