@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from vllm.exceptions import VLLMClientError
 
@@ -124,7 +124,7 @@ class BatchEngine:
         self,
         requests: Iterable[PreparedRequest],
         stop: threading.Event | None = None,
-        grace_s: float = 20.0,
+        grace_s: float | Callable[[], float] = 20.0,
     ) -> Iterator[tuple[PreparedRequest, object]]:
         """Yield rows as they finish. Once `stop` is set, no new row is admitted and the
         rows in flight get `grace_s` seconds to finish; then `Preempted` is raised."""
@@ -139,7 +139,7 @@ class BatchEngine:
             while True:
                 if stop is not None and stop.is_set() and deadline is None:
                     job.stop_admitting = True
-                    deadline = time.monotonic() + grace_s
+                    deadline = time.monotonic() + (grace_s() if callable(grace_s) else grace_s)
                 try:
                     item = job.results.get(timeout=0.25)
                 except queue.Empty:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 from nightshift.config import EngineConfig
@@ -29,10 +29,14 @@ class Engine(Protocol):
         """The "engine ready" log line."""
 
     def generate(
-        self, requests: Iterable[PreparedRequest], stop: threading.Event | None = None, grace_s: float = 20.0
+        self,
+        requests: Iterable[PreparedRequest],
+        stop: threading.Event | None = None,
+        grace_s: float | Callable[[], float] = 20.0,
     ) -> Iterator[tuple[PreparedRequest, Any]]:
         """`(row, outcome)` as rows finish — an answer, or the row's refusal as an exception; once
-        `stop` is set no row is admitted and those in flight get `grace_s`, then Preempted."""
+        `stop` is set no row is admitted and those in flight get `grace_s` (or what it returns
+        when the stop is seen), then Preempted."""
 
     def politeness_timeline(self, since: float) -> list[tuple[float, float | None, int]] | None:
         """On a shared server, the in-flight limit over time against the online TTFT; else None."""

@@ -36,7 +36,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from urllib.parse import urlsplit, urlunsplit
 
@@ -199,7 +199,7 @@ class RemoteEngine:
         self,
         requests: Iterable[PreparedRequest],
         stop: threading.Event | None = None,
-        grace_s: float = 20.0,
+        grace_s: float | Callable[[], float] = 20.0,
     ) -> Iterator[tuple[PreparedRequest, object]]:
         """Yield rows as the server answers them; once `stop` is set no new row is sent and the
         rows in flight get `grace_s` seconds, then `Preempted` is raised."""
@@ -212,7 +212,7 @@ class RemoteEngine:
         try:
             while True:
                 if stop is not None and stop.is_set() and deadline is None:
-                    deadline = time.monotonic() + grace_s
+                    deadline = time.monotonic() + (grace_s() if callable(grace_s) else grace_s)
                 while deadline is None and not exhausted and len(in_flight) < self.in_flight_limit():
                     request = next(waiting, None)
                     if request is None:

@@ -287,7 +287,7 @@ def _answer(work: _Work, engine: Engine, job: JobSpec, writer: ChunkWriter, susp
         for batch in batches:
             if not batch:
                 continue
-            for request, outcome in engine.generate(batch, stop, grace_seconds()):
+            for request, outcome in engine.generate(batch, stop, _grace_s):
                 for answered in [request, *work.copies.get(request.key, ())]:
                     _write_outcome(work, answered, request, outcome, engine, job, writer)
     except EngineFailure as exc:
@@ -297,6 +297,13 @@ def _answer(work: _Work, engine: Engine, job: JobSpec, writer: ChunkWriter, susp
         if stop_requested.is_set():
             raise
         raise DeadlineReached(f"shard {shard.index}: stopped at the run's deadline") from None
+
+
+def _grace_s() -> float:
+    """What the rows in flight get once generation stops: on SIGTERM the grace period (a spot VM's
+    notice, for rows about to finish); at the deadline nothing — the window is the user's, a row
+    finished past it is late, and those in flight end `batch_expired` with the rest."""
+    return grace_seconds() if stop_requested.is_set() else 0.0
 
 
 def _write_outcome(work: _Work, answered, request, outcome, engine: Engine, job: JobSpec, writer: ChunkWriter) -> None:
