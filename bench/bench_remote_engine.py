@@ -22,8 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -31,13 +29,8 @@ from nightshift.engine_sizing import engine_arguments  # noqa: E402
 from nightshift.jobs import make_job  # noqa: E402
 from nightshift.models import resolve_model  # noqa: E402
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+sys.path.insert(0, str(REPO / "bench"))
+from local_servers import cores_of, free_port, vllm_server  # noqa: E402
 
 
 def nightshift_run(batch: Path, run_dir: Path, model: str, *extra: str) -> dict:
@@ -58,28 +51,11 @@ def nightshift_run(batch: Path, run_dir: Path, model: str, *extra: str) -> dict:
 
 def start_server(model: str, port: int, settings: dict, log: Path, cores: str | None) -> subprocess.Popen:
     """vLLM's server with the engine arguments the in-process run was given (on `cores` only, if given)."""
-    pinned = {"VLLM_CPU_OMP_THREADS_BIND": cores} if cores else {}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", resolve_model(model),
-         "--served-model-name", model, "--host", "127.0.0.1", "--port", str(port), "--dtype", settings["dtype"],
-         "--max-model-len", str(settings["max_model_len"]), "--max-num-seqs", str(settings["max_num_seqs"]),
-         "--kv-cache-memory-bytes", str(settings["kv_cache_memory_bytes"]), "--seed", str(settings["seed"]),
-         *(["--enforce-eager"] if settings.get("enforce_eager") else [])],
-        env={**os.environ, "HF_HUB_OFFLINE": "1", **pinned}, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-        start_new_session=True, preexec_fn=(lambda: os.sched_setaffinity(0, _cores(cores))) if cores else None,
-    )  # fmt: skip
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    raise SystemExit(f"the server did not start: {log.read_text()[-2000:]}")
-
-
-def _cores(spec: str) -> set[int]:
-    return {int(core) for core in spec.split(",")}
+    arguments = ["--dtype", settings["dtype"], "--max-model-len", str(settings["max_model_len"]),
+                 "--max-num-seqs", str(settings["max_num_seqs"]), "--kv-cache-memory-bytes",
+                 str(settings["kv_cache_memory_bytes"]), "--seed", str(settings["seed"]),
+                 *(["--enforce-eager"] if settings.get("enforce_eager") else [])]  # fmt: skip
+    return vllm_server(resolve_model(model), model, port, log, arguments, cores)
 
 
 def main() -> None:
@@ -111,7 +87,7 @@ def main() -> None:
     port = free_port()
     server = start_server(args.model, port, settings, work / "server.log", args.server_cores)
     if args.server_cores:  # the remote runs (children of this process) on the other cores
-        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)) - _cores(args.server_cores))
+        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)) - cores_of(args.server_cores))
     remote = {}
     try:
         url = f"http://127.0.0.1:{port}/v1"

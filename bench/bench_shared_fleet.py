@@ -36,6 +36,9 @@ sys.path.insert(0, str(REPO))
 
 from nightshift.models import resolve_model  # noqa: E402
 
+sys.path.insert(0, str(REPO / "bench"))
+from local_servers import free_port, vllm_server  # noqa: E402
+
 # The server on its own core, the online clients and the batch's process on the other: on one
 # small machine, as near as it gets to a GPU server with its clients elsewhere (a CPU vLLM worker
 # spins on its cores; a client sharing them starves).
@@ -43,32 +46,10 @@ SERVER_CORES = "0"
 CLIENT_CORES = {1}
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_server(model: str, port: int, log: Path) -> subprocess.Popen:
-    server = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", resolve_model(model),
-         "--served-model-name", model, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-         "--max-model-len", "2048", "--kv-cache-memory-bytes", "400000000", "--enforce-eager",
-         "--scheduling-policy", "priority"],
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_OMP_THREADS_BIND": SERVER_CORES},
-        stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
-        preexec_fn=lambda: os.sched_setaffinity(0, {int(c) for c in SERVER_CORES.split(",")}),
-    )  # fmt: skip
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    raise SystemExit(f"the server did not start: {log.read_text()[-2000:]}")
+    arguments = ["--dtype", "float32", "--max-model-len", "2048", "--kv-cache-memory-bytes", "400000000",
+                 "--enforce-eager", "--scheduling-policy", "priority"]  # fmt: skip
+    return vllm_server(resolve_model(model), model, port, log, arguments, SERVER_CORES)
 
 
 class OnlineLoad:

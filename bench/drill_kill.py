@@ -29,9 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
+sys.path[:0] = [str(REPO / "tests"), str(REPO / "bench")]
 
 from fault_proxy import FaultyS3Proxy  # noqa: E402  (the suite's fault proxy: the same faults)
+from local_servers import moto_s3  # noqa: E402
 
 KEY, SECRET = "nightshift-drill", "drill-secret"
 
@@ -44,30 +45,6 @@ class Trial:
     clean: bool
     differing_lines: int
     problems: list[str]
-
-
-def start_moto() -> tuple[subprocess.Popen, str]:
-    import socket
-
-    import httpx
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen(
-        [str(REPO / ".venv-s3" / "bin" / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(endpoint, timeout=2)
-            return server, endpoint
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    raise SystemExit("moto_server did not start")
 
 
 class Drill:
@@ -179,7 +156,7 @@ def drill(trials: int, rows: int = 240, fault_rate: float = 0.1, seed: int = 0, 
     """Run the drill; returns (the uninterrupted run's seconds, the trials, the proxy's counts)."""
     server = None
     if endpoint is None:
-        server, endpoint = start_moto()
+        server, endpoint = moto_s3()
     try:
         exercise = Drill(endpoint, rows, fault_rate, seed)
         with exercise.proxy:

@@ -1,0 +1,63 @@
+"""The servers the benches and drills start on this machine: vLLM's OpenAI server and moto's S3."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def vllm_server(model_path: str, name: str, port: int, log: Path, arguments: list[str], cores: str | None = None):
+    """vLLM's OpenAI server for `model_path` served as `name`, up and listing its models; on
+    `cores` only (its CPU engine's threads and the process), if given."""
+    pinned = {"VLLM_CPU_OMP_THREADS_BIND": cores} if cores else {}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
+         "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port), *arguments],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **pinned}, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+        start_new_session=True, preexec_fn=(lambda: os.sched_setaffinity(0, cores_of(cores))) if cores else None,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    raise SystemExit(f"the server did not start: {log.read_text()[-2000:]}")
+
+
+def moto_s3() -> tuple[subprocess.Popen, str]:
+    """moto's S3-compatible server (from .venv-s3) on a free port, answering; and its endpoint."""
+    port = free_port()
+    server = subprocess.Popen(
+        [str(REPO / ".venv-s3" / "bin" / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(endpoint, timeout=2)
+            return server, endpoint
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    raise SystemExit("moto_server did not start")
+
+
+def cores_of(spec: str) -> set[int]:
+    return {int(core) for core in spec.split(",")}
