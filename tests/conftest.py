@@ -89,20 +89,13 @@ def engine_in_its_own_processes(monkeypatch):
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
-    """A real S3-compatible server (moto's), on a free port, for the whole session."""
-    import subprocess
+    """A real S3-compatible server (moto's), on a free port, for the whole session: the one the
+    benches and drills start (bench/local_servers.py)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from local_servers import moto_s3
 
-    from harness import free_port, wait_until
-
-    port = free_port()
-    server = subprocess.Popen(
-        [str(REPO / ".venv-s3" / "bin" / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
+    server, endpoint = moto_s3()
     try:
-        wait_until(endpoint, timeout=60, process=server)
         yield endpoint
     finally:
         server.kill()
