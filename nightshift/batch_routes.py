@@ -52,6 +52,14 @@ class ApiError(Exception):
         self.status, self.message, self.code, self.param = status, message, code, param
 
 
+def known_cursor(objects: list, after: str | None, kind: str) -> list:
+    """`objects`, once `after` (a cursor) is one of them: an unknown one is a 400, not the first page
+    again — a client following cursors would loop. Another key's object is as unknown as none."""
+    if after is not None and all(o.id != after for o in objects):
+        raise ApiError(400, f"after: no {kind} {after!r} to list after", "invalid_value", "after")
+    return objects
+
+
 class CreateBatch(BaseModel):
     """POST /v1/batches' body, as OpenAI's reference defines it (`completion_window` may be any
     duration here, not only "24h")."""
@@ -164,7 +172,7 @@ def files_router(config: BatchApiConfig, store: Store, owner) -> APIRouter:
         who=Depends(owner),
     ):
         files = [f.file for f in store.files(who) if purpose in (None, f.file.purpose)]
-        chosen, more = page(files, limit, after, newest_first=order == "desc")
+        chosen, more = page(known_cursor(files, after, "file"), limit, after, newest_first=order == "desc")
         return listing([f.model_dump() for f in chosen], more)
 
     @router.get("/{file_id}")
@@ -227,7 +235,8 @@ def batches_router(config: BatchApiConfig, store: Store, runner: Runner, owner) 
 
     @router.get("")
     def list_batches(limit: int = Query(20, ge=1, le=100), after: str | None = None, who=Depends(owner)):
-        chosen, more = page([b.batch for b in store.batches(who)], limit, after)
+        batches = [b.batch for b in store.batches(who)]
+        chosen, more = page(known_cursor(batches, after, "batch"), limit, after)
         return listing([b.model_dump() for b in chosen], more)
 
     @router.get("/{batch_id}")

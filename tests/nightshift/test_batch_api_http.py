@@ -69,6 +69,10 @@ def test_list_limits_outside_openais_range_are_refused_naming_the_parameter(http
         client.files.list(order="sideways")
     assert refused.value.body["param"] == "order"
     assert client.batches.list(limit=100).data == []
+    for listing in (client.batches.list, client.files.list):
+        with pytest.raises(openai.BadRequestError) as refused:
+            listing(after="batch_no_such_cursor")
+        assert refused.value.body["param"] == "after" and refused.value.body["code"] == "invalid_value"
 
 
 def test_an_unknown_url_or_method_is_answered_in_openais_shape(http):
