@@ -7,9 +7,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from prefect import flow
+from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from nightshift import progress
+from nightshift import events, progress
 from nightshift.blocks.checkpoints import saved_run_checkpoints
 from nightshift.blocks.model import ModelConfig
 from nightshift.blocks.pricing import GpuPricing
@@ -27,7 +28,7 @@ from nightshift.tasks.s1_plan_shards import plan_shards
 from nightshift.tasks.s2_fan_out import check_deployments, dispatch_shard_groups, validate_on_pool
 from nightshift.tasks.s3_generate import generate_here
 from nightshift.tasks.s4_merge import expire_unfinished, merge_outputs
-from nightshift.tasks.s5_canary import canary_validation
+from nightshift.tasks.s5_canary import CanaryFailure, canary_validation
 from nightshift.tasks.s6_report import cost_report
 
 
@@ -69,7 +70,6 @@ def batch_inference(
     at it, admission stops, finished rows are merged and every other row becomes a
     `batch_expired` error line; the flow run ends Completed, named "Expired".
     """
-    from prefect.runtime import flow_run
 
     deadline_at = parse_deadline(deadline) if deadline else None  # a bad one fails before any work
 
@@ -79,6 +79,24 @@ def batch_inference(
     if result_cache:
         job = job.model_copy(update={"result_cache": result_cache})
     run_dir = scheduled_run_dir(run_dir)
+    try:
+        ending = _run(input_path, run_dir, job, shard_size, corpus, checkpoint_storage, pricing, validation,
+                      fan_out, storage, deadline_at)  # fmt: skip
+    except CanaryFailure as failure:
+        events.emit(events.VALIDATION_FAILED, run_dir, job, error=str(failure)[:2000])
+        events.emit(events.RUN_FAILED, run_dir, job, error=str(failure)[:2000])
+        raise
+    except BaseException as failure:
+        events.emit(events.RUN_FAILED, run_dir, job, error=f"{type(failure).__name__}: {failure}"[:2000])
+        raise
+    events.emit(events.RUN_EXPIRED if isinstance(ending, State) else events.RUN_COMPLETED, run_dir, job)
+    return ending
+
+
+def _run(input_path, run_dir, job, shard_size, corpus, checkpoint_storage, pricing, validation, fan_out, storage,
+         deadline_at):  # fmt: skip
+    from prefect.runtime import flow_run
+
     with run_lease(run_dir, flow_run.id), DeadlineTimer(deadline_at):  # one live run per run directory
         if fan_out:
             check_deployments(fan_out)

@@ -28,6 +28,7 @@ from pathlib import Path
 from prefect import task
 from prefect.context import TaskRunContext
 
+from nightshift import events
 from nightshift.chunks import (
     ChunkWriter,
     Suspects,
@@ -79,7 +80,20 @@ def _retry_unless_preempted(task, task_run, state) -> bool:
     retry_condition_fn=_retry_unless_preempted,
 )
 def generate_shard(shard: Shard, job: JobSpec, run_dir: str) -> ShardResult:
-    return _told(generate(shard, job, RunDir(run_dir)))
+    result = _told(generate(shard, job, RunDir(run_dir)))
+    events.emit(
+        events.SHARD_COMPLETED,
+        run_dir,
+        job,
+        shard=result.shard_index,
+        shard_rows=result.rows,
+        shard_succeeded=result.succeeded,
+        shard_failed=result.failed,
+        shard_tokens=result.prompt_tokens + result.completion_tokens,
+        generated_rows=result.regenerated_rows,
+        seconds=result.wall_seconds,
+    )
+    return result
 
 
 @task(name="retry-shard-rows", retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_unless_preempted)

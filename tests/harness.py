@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
@@ -63,3 +64,32 @@ def wait_until(url: str, timeout: float = 120, process: subprocess.Popen | None 
         except httpx.HTTPError:
             time.sleep(0.3)
     raise TimeoutError(f"{url} did not answer in {timeout:.0f} s")
+
+
+def events_of(run_dir, wanted: set[str], timeout: float = 60) -> dict[str, list[dict]]:
+    """The Prefect events the session's server holds for the run in `run_dir`, by name, once every
+    name in `wanted` is among them (events reach the server asynchronously)."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
+
+    from nightshift.events import run_resource
+
+    resource = run_resource(str(run_dir))["prefect.resource.id"]
+    window = EventOccurredFilter(since=datetime.now(timezone.utc) - timedelta(hours=1))
+    found: dict[str, list[dict]] = {}
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            page = client.read_events(
+                EventFilter(occurred=window, resource=EventResourceFilter(id=[resource]),
+                            event=EventNameFilter(prefix=["nightshift."])),
+                limit=50,  # the server's most per page: a run's events are fewer
+            )  # fmt: skip
+            found = {}
+            for event in page.events:
+                found.setdefault(event.event, []).append(
+                    {"payload": event.payload, "related": [dict(r) for r in event.related]}
+                )
+            if wanted <= set(found) or time.monotonic() > deadline:
+                return found
+            time.sleep(0.5)

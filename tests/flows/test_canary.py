@@ -4,6 +4,7 @@ import json
 
 import pytest
 from conftest import chat_request, read_jsonl, write_jsonl
+from harness import events_of
 
 
 def canary(custom_id, content, **expect):
@@ -37,6 +38,15 @@ def test_a_run_whose_canaries_hold_is_validated_and_canaries_stay_out_of_the_out
     assert [r["passed"] for r in verdict["checks"]["canaries"]["results"]] == [True, True]
     assert verdict["checks"]["oracle"]["agreement"] == 1.0  # transformers agrees with vLLM on the same weights
     assert all(r["same"] for r in verdict["checks"]["determinism"]["results"])
+
+    # The Prefect events an Automation would trigger on: the run's, with its figures, and each shard's.
+    emitted = events_of(run_dir, {"nightshift.run.completed", "nightshift.shard.completed"})
+    [completed] = emitted["nightshift.run.completed"]
+    assert completed["payload"]["rows"] == 25 and completed["payload"]["validated"] is True  # canaries aside
+    assert completed["payload"]["completion_tokens"] > 0 and "cost_on_demand" in completed["payload"]
+    assert {"prefect.resource.role": "model"}.items() <= completed["related"][0].items()
+    assert sorted(e["payload"]["shard"] for e in emitted["nightshift.shard.completed"]) == [0, 1, 2]
+    assert "nightshift.run.failed" not in emitted
 
 
 def test_rows_whose_tokens_are_constrained_are_not_judged_by_the_oracle_and_the_verdict_says_so(
@@ -76,6 +86,11 @@ def test_a_wrong_expectation_fails_the_run_with_exit_3_naming_the_canary(tmp_pat
     assert "fine (" not in stderr
     assert json.loads((run_dir / "validation.json").read_text())["validated"] is False
     assert len(read_jsonl(run_dir / "output.jsonl")) == 25  # outputs kept, marked not validated
+    emitted = events_of(run_dir, {"nightshift.validation.failed", "nightshift.run.failed"})
+    [failed] = emitted["nightshift.validation.failed"]
+    assert failed["payload"]["validated"] is False
+    assert "impossible" in " ".join(failed["payload"]["validation_failures"])
+    assert "nightshift.run.completed" not in emitted
 
 
 def test_the_oracle_fails_a_run_whose_weights_differ_from_the_reference(tmp_path, batch, prefect_server):
