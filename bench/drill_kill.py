@@ -110,9 +110,9 @@ class Drill:
         chunks = sum("chunk-" in key for key in found)
         if chunks:
             return f"generating ({chunks} chunks)"
-        if any("/shards/" in key for key in found):
-            return "planned"
-        return "starting"
+        if any(key.endswith("plan/manifest.json") for key in found):
+            return "planned, no chunk yet"
+        return "before the plan"
 
     def trial(self, index: int, reference_s: float, reference: dict[str, list[dict]]) -> Trial:
         run = f"trial-{index:02d}"
