@@ -48,7 +48,7 @@ class Trial:
 
 
 class Drill:
-    def __init__(self, endpoint: str, rows: int, fault_rate: float, seed: int) -> None:
+    def __init__(self, endpoint: str, rows: int, fault_rate: float, seed: int, stall_s: float = 1.0) -> None:
         import s3fs
 
         self.endpoint, self.rows, self.random = endpoint, rows, random.Random(seed)
@@ -66,7 +66,7 @@ class Drill:
         ]  # fmt: skip
         lines.insert(rows // 2, '{"custom_id": "not json')  # a bad line: it must end in errors.jsonl once
         self.fs.pipe(f"{self.bucket}/in.jsonl", ("\n".join(lines) + "\n").encode())
-        self.proxy = FaultyS3Proxy(endpoint, fault_rate=fault_rate, stall_s=1.0, seed=seed)
+        self.proxy = FaultyS3Proxy(endpoint, fault_rate=fault_rate, stall_s=stall_s, seed=seed)
         self.work = Path(tempfile.mkdtemp(prefix="nightshift-drill-"))
 
     def command(self, run: str) -> list[str]:
@@ -152,13 +152,20 @@ class Drill:
         return Trial(round(killed_at, 1), stage, resumes, not problems and differing == 0, differing, problems)
 
 
-def drill(trials: int, rows: int = 240, fault_rate: float = 0.1, seed: int = 0, endpoint: str | None = None):
+def drill(
+    trials: int,
+    rows: int = 240,
+    fault_rate: float = 0.1,
+    seed: int = 0,
+    endpoint: str | None = None,
+    stall_s: float = 1.0,
+):
     """Run the drill; returns (the uninterrupted run's seconds, the trials, the proxy's counts)."""
     server = None
     if endpoint is None:
         server, endpoint = moto_s3()
     try:
-        exercise = Drill(endpoint, rows, fault_rate, seed)
+        exercise = Drill(endpoint, rows, fault_rate, seed, stall_s)
         with exercise.proxy:
             reference_s, _ = exercise.run_to_the_end("uninterrupted")
             reference = {name: exercise.lines("uninterrupted", name) for name in ("output.jsonl", "errors.jsonl")}
