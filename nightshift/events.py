@@ -88,16 +88,18 @@ def run_figures(run_dir: str) -> dict[str, object]:
     return figures
 
 
-def emit(event: str, run_dir: str, job: JobSpec, **payload) -> None:
-    """Emit `event` for the run in `run_dir`, with the run's figures and `payload`."""
+def emit(event: str, run_dir: str, job: JobSpec, run_figures_too: bool = True, **payload) -> None:
+    """Emit `event` for the run in `run_dir` with `payload`, and the run's figures unless told not
+    to (a shard's event carries its own: mid-run, the run's files are an earlier attempt's)."""
     try:
         from prefect.events import emit_event
 
+        figures = run_figures(run_dir) if run_figures_too else {}
         emit_event(
             event,
             resource=run_resource(run_dir),
             related=related_resources(job),
-            payload={**run_figures(run_dir), **payload},
+            payload={**figures, **payload},
         )
     except Exception as exc:  # an event is news, not the run's work
         log.warning("could not emit %s: %s", event, exc)

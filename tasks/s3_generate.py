@@ -85,6 +85,7 @@ def generate_shard(shard: Shard, job: JobSpec, run_dir: str) -> ShardResult:
         events.SHARD_COMPLETED,
         run_dir,
         job,
+        run_figures_too=False,
         shard=result.shard_index,
         shard_rows=result.rows,
         shard_succeeded=result.succeeded,
