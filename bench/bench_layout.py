@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/bench_layout.py                          # 30 documents × 10 questions, SmolLM2
     .venv/bin/python bench/bench_layout.py --documents 10 --questions 5 --kv-bytes 100000000
+    .venv/bin/python bench/bench_layout.py --shard-size 60          # shards regrouped vs input slices
+    .venv/bin/python bench/bench_layout.py --control-only --control-rows 10000 --model tiny --document-words 60
 
 One OpenAI batch file: every row one document (≈ 600 tokens) and one question about it, 8
 output tokens, the rows shuffled as an export would leave them. The same file goes through
@@ -101,6 +103,10 @@ def main() -> None:
     parser.add_argument("--document-words", type=int, default=450, help="≈ 600 tokens with SmolLM2's tokenizer")
     parser.add_argument("--kv-bytes", type=int, default=200_000_000)
     parser.add_argument("--control-rows", type=int, default=100, help="rows of the unique-prompt control (0: none)")
+    parser.add_argument("--control-only", action="store_true", help="only the unique-prompt control")
+    parser.add_argument(
+        "--shard-size", type=int, help="also run Nightshift in shards of this size, regrouped and as input slices"
+    )
     args = parser.parse_args()
 
     from nightshift.models import provision
@@ -113,17 +119,26 @@ def main() -> None:
     random.Random(0).shuffle(shuffled)
     write_rows(work / "shuffled.jsonl", shuffled)
     write_rows(work / "sorted.jsonl", grouped)
-    prediction = predicted(model, work / "shuffled.jsonl", args.kv_bytes)
-    print(f"{len(rows)} rows; predicted hit rate {prediction}", flush=True)
-
-    results = {
-        "run_batch, shuffled": run_batch(model, work / "shuffled.jsonl", work, args.kv_bytes),
-        "run_batch, sorted by hand": run_batch(model, work / "sorted.jsonl", work, args.kv_bytes),
-        "nightshift --keep-order, shuffled": nightshift(
-            model, work / "shuffled.jsonl", work, args.kv_bytes, "--keep-order"
-        ),  # fmt: skip
-        "nightshift (layout), shuffled": nightshift(model, work / "shuffled.jsonl", work, args.kv_bytes),
-    }
+    results = {}
+    if not args.control_only:
+        prediction = predicted(model, work / "shuffled.jsonl", args.kv_bytes)
+        print(f"{len(rows)} rows; predicted hit rate {prediction}", flush=True)
+        results = {
+            "run_batch, shuffled": run_batch(model, work / "shuffled.jsonl", work, args.kv_bytes),
+            "run_batch, sorted by hand": run_batch(model, work / "sorted.jsonl", work, args.kv_bytes),
+            "nightshift --keep-order, shuffled": nightshift(
+                model, work / "shuffled.jsonl", work, args.kv_bytes, "--keep-order"
+            ),  # fmt: skip
+            "nightshift (layout), shuffled": nightshift(model, work / "shuffled.jsonl", work, args.kv_bytes),
+        }
+    if args.shard_size and not args.control_only:
+        size = ("--shard-size", str(args.shard_size))
+        results[f"nightshift (layout), shuffled, shards of {args.shard_size} regrouped by prefix"] = nightshift(
+            model, work / "shuffled.jsonl", work, args.kv_bytes, *size
+        )
+        results[f"nightshift (layout), shuffled, shards of {args.shard_size} as input slices"] = nightshift(
+            model, work / "shuffled.jsonl", work, args.kv_bytes, *size, "--shard-slices"
+        )
     if args.control_rows:
         unique = [(document(10_000 + i, args.document_words), "What does it say?") for i in range(args.control_rows)]
         write_rows(work / "unique.jsonl", unique)
@@ -131,7 +146,7 @@ def main() -> None:
         results["control: nightshift (layout), unique prompts"] = nightshift(
             model, work / "unique.jsonl", work, args.kv_bytes
         )
-    baseline = results["run_batch, shuffled"]["wall"]
+    baseline = results.get("run_batch, shuffled", {}).get("wall")
     control = results.get("control: run_batch, unique prompts", {}).get("wall")
     print("\n| run | wall | × run_batch (same file) | prefix-cache hit rate (measured) |")
     print("|---|---|---|---|")

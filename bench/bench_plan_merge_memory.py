@@ -4,6 +4,7 @@ on local disk or a bucket.
     .venv/bin/python bench/bench_plan_merge_memory.py [--rows 100000]
     .venv/bin/python bench/bench_plan_merge_memory.py --bucket    # corpus and run directory on moto's S3
     .venv/bin/python bench/bench_plan_merge_memory.py --rows 1000000 --without-engine
+    .venv/bin/python bench/bench_plan_merge_memory.py --rows 1000000 --without-engine --unique-prefixes
 
 Plan, merge and validation's sampling each run in a fresh process and report that process's
 peak RSS; between plan and merge the real generate stage runs the tiny model with
@@ -42,7 +43,7 @@ from nightshift.config import CorpusOptions
 from nightshift.rundir import RunDir
 from nightshift.tasks.s1_plan_shards import plan
 p = plan(sys.argv[1], RunDir(sys.argv[2]), 10_000, CorpusOptions(id_column="id", text_column="text", max_tokens=1))
-print(p.total_rows, peak_rss_kib())
+print(p.total_rows, peak_rss_kib(), p.layout)
 """
 )
 
@@ -134,6 +135,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--bucket", action="store_true", help="corpus and run directory on an S3 server (moto)")
     parser.add_argument("--without-engine", action="store_true", help="write the chunk files directly, no engine")
+    parser.add_argument("--unique-prefixes", action="store_true", help="rows sharing no prefix (no regrouping)")
     args = parser.parse_args()
     server = _start_s3() if args.bucket else None
 
@@ -147,7 +149,12 @@ def main() -> None:
         corpus = Path(tmp) / "corpus.parquet"
         docs = sample_documents(1000)
         ids = [f"doc-{i:07d}" for i in range(args.rows)]
-        texts = [docs[i % len(docs)]["text"] + f" (copy {i})" for i in range(args.rows)]
+        # 1,000 documents, each copy scattered every 1,000 rows (the plan regroups them), or with
+        # its copy number first: prompts that share nothing, shards kept as input slices
+        if args.unique_prefixes:
+            texts = [f"(copy {i}) " + docs[i % len(docs)]["text"] for i in range(args.rows)]
+        else:
+            texts = [docs[i % len(docs)]["text"] + f" (copy {i})" for i in range(args.rows)]
         pq.write_table(pa.table({"id": ids, "text": texts}), corpus, row_group_size=8192)
         del ids, texts
         corpus_mib = corpus.stat().st_size / 2**20
@@ -162,7 +169,7 @@ def main() -> None:
         results = str(Path(tmp) / "results.pkl")
 
         start = time.perf_counter()
-        rows, plan_kib = python(PLAN, str(corpus), str(run_dir)).split()
+        rows, plan_kib, layout = python(PLAN, str(corpus), str(run_dir)).split()
         plan_s = time.perf_counter() - start
         start = time.perf_counter()
         python(GENERATE_WITHOUT_ENGINE if args.without_engine else GENERATE, str(run_dir), results)
@@ -177,7 +184,7 @@ def main() -> None:
         server.kill()
 
     print(f"corpus: {args.rows} rows, {corpus_mib:.1f} MiB of Parquet, {'on S3 (moto)' if server else 'local'}")
-    print(f"plan:     {rows} rows in {plan_s:.1f} s, peak RSS {int(plan_kib) / 1024:.0f} MiB")
+    print(f"plan:     {rows} rows in {plan_s:.1f} s, peak RSS {int(plan_kib) / 1024:.0f} MiB, shards: {layout}")
     how = "tiny model, max_tokens=1, engine start included"
     how = "chunk files written without an engine" if args.without_engine else how
     print(f"generate: {generate_s:.1f} s ({how})")

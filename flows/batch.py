@@ -105,7 +105,9 @@ def _run(input_path, run_dir, job, shard_size, corpus, checkpoint_storage, prici
             start_engine_in_background(job.engine)
         validation = validation or CanaryConfig()
         job.save(RunDir(run_dir).job)
-        plan = plan_shards(input_path, run_dir, shard_size, corpus, validation.canaries)
+        plan = plan_shards(
+            input_path, run_dir, shard_size, corpus, validation.canaries, group_prefixes=job.regroup_shards
+        )
         progress.start(RunDir(run_dir), plan.total_rows, run_status(run_dir).rows_done)
         checkpoints = checkpoint_storage or saved_run_checkpoints(str(RunDir(run_dir).checkpoints))
         try:

@@ -34,7 +34,7 @@ def plan_night(
     job = job or ModelConfig.job_named(model)
     scratch = tempfile.mkdtemp(prefix="nightshift-plan-")
     try:
-        planned = plan_shards(input_path, scratch, shard_size, corpus)
+        planned = plan_shards(input_path, scratch, shard_size, corpus, group_prefixes=job.regroup_shards)
         return estimate_night(planned, job, deadline, GpuPricing.load(pricing) if pricing else None, history)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -287,7 +287,7 @@ def _plan(args) -> int:
     check_input(args.input, detect_kind(args.input, corpus), corpus)
     pricing = GpuPricing.load(args.pricing) if args.pricing else GpuPricing()
     with tempfile.TemporaryDirectory(prefix="nightshift-plan-") as scratch:
-        planned = plan(args.input, RunDir(scratch), args.shard_size, corpus)
+        planned = plan(args.input, RunDir(scratch), args.shard_size, corpus, group_prefixes=job.regroup_shards)
         calibrate = (
             (lambda: _calibrate(planned, job, args.calibrate, Path(scratch), pricing)) if args.calibrate else None
         )

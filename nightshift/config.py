@@ -212,9 +212,19 @@ class JobOptions(_Config):
     )
     keep_order: bool = Field(
         False,
-        description="send a shard's rows to the engine in input order, not grouped by shared prompt prefix "
-        "(outputs are in input order either way)",
+        description="send a shard's rows to the engine in input order, not grouped by shared prompt prefix, and cut "
+        "shards as input slices (outputs are in input order either way)",
     )
+    shard_slices: bool = Field(
+        False,
+        description="cut shards as consecutive input slices even where gathering rows that share a prompt prefix "
+        "into one shard would serve more from the prefix cache (rows are still grouped inside each shard)",
+    )
+
+    @property
+    def regroup_shards(self) -> bool:
+        """Whether the plan may cut shards on prompt-prefix groups (tasks/s1_plan_shards.py)."""
+        return not (self.keep_order or self.shard_slices)
 
 
 class JobSpec(JobOptions):

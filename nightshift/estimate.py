@@ -41,7 +41,7 @@ from nightshift.layout import PrefixCacheModel, expected_work, prefix_order
 from nightshift.openai_format import CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL
 from nightshift.records import CostReport, MisplacedSharedText, Plan
 from nightshift.rundir import RunDir
-from nightshift.storage import read_table
+from nightshift.storage import duckdb_connection, read_table, sql_path
 
 
 class TokenCount(BaseModel):
@@ -60,6 +60,9 @@ class TokenCount(BaseModel):
     )
     prefix_cache_hit_rate_input_order: float | None = Field(
         None, description="the same, rows in the input's order (what --keep-order would get)"
+    )
+    shards_regrouped: bool = Field(
+        False, description="shards cut on shared prompt prefixes rather than as input slices (Plan.layout)"
     )
     misplaced_shared_text: MisplacedSharedText | None = Field(
         None, description="the template lint: text many rows share, placed after each row's own (no cache serves it)"
@@ -126,7 +129,7 @@ def count_tokens(
     for shard in plan.shards:
         table = read_table(shard.path, columns=["request", "error"])
         shard_tokens = 0
-        generative: list[tuple[str, list[int], int]] = []  # (layout key, prompt ids, tokens it may write)
+        generative: list[tuple] = []  # (layout key, prompt ids, tokens it may write, tokens it is expected to)
         for request, error in zip(table["request"].to_pylist(), table["error"].to_pylist()):
             rows += 1
             if error is not None:
@@ -143,16 +146,22 @@ def count_tokens(
             bound += most
             shard_tokens += tokens + most
             if ids is not None:
-                wanted = expected_work(body.get("max_completion_tokens") or body.get("max_tokens"))
-                generative.append((body.get("messages", body.get("prompt")), ids, min(most, wanted), wanted))
+                generative.append(_cache_visit(body, ids, most))
         largest = max(largest, shard_tokens)
         if input_order is not None:
-            for _, ids, written, _ in generative:
-                input_order.run(ids, written)
+            if plan.layout == "input-slices":  # the shards in plan order are the input order
+                for _, ids, written, _ in generative:
+                    input_order.run(ids, written)
             # the order the generate stage will give the engine (tasks/s3_generate.py)
             layout = generative if keep_order else prefix_order(generative, lambda g: g[0], lambda g: g[3])
             for _, ids, written, _ in layout:
                 laid_out.run(ids, written)
+    if input_order is not None and plan.layout == "prefix-groups":
+        for url, body in _requests_in_input_order(plan):
+            ids = prompt_ids(url, body, tokenizer)
+            if ids is not None:
+                _, ids, written, _ = _cache_visit(body, ids, completion_bound(url, body, len(ids), max_model_len))
+                input_order.run(ids, written)
     return TokenCount(
         rows=rows,
         valid_rows=valid,
@@ -164,8 +173,28 @@ def count_tokens(
         shard_tokens_max=largest,
         prefix_cache_hit_rate_predicted=laid_out.hit_rate if laid_out else None,
         prefix_cache_hit_rate_input_order=input_order.hit_rate if input_order else None,
+        shards_regrouped=plan.layout == "prefix-groups",
         misplaced_shared_text=plan.misplaced_shared_text,
     )
+
+
+def _cache_visit(body: dict, ids: list[int], most: int) -> tuple:
+    """What a row does to the prefix cache: its layout key, prompt ids, the tokens it is taken
+    to write (its expected work within its bound) and its expected work."""
+    wanted = expected_work(body.get("max_completion_tokens") or body.get("max_tokens"))
+    return body.get("messages", body.get("prompt")), ids, min(most, wanted), wanted
+
+
+def _requests_in_input_order(plan: Plan):
+    """(url, body) of the valid rows of shards regrouped by prefix, back in input order: DuckDB
+    sorts them (on disk past its memory limit)."""
+    files = ", ".join(f"'{sql_path(shard.path)}'" for shard in plan.shards)
+    with duckdb_connection() as con:
+        query = f"SELECT request FROM read_parquet([{files}]) WHERE error IS NULL ORDER BY row_index"
+        for batch in con.sql(query).to_arrow_reader(4096):
+            for request in batch.column(0).to_pylist():
+                request = json.loads(request)
+                yield request["url"], request.get("body") or {}
 
 
 def prompt_ids(url: str, body: dict, tokenizer) -> list[int] | None:
@@ -440,6 +469,8 @@ def render(result: Estimate) -> str:
             f"| prefix cache, predicted | {100 * t.prefix_cache_hit_rate_predicted:.1f} % of prompt tokens served "
             f"(in input order: {100 * (t.prefix_cache_hit_rate_input_order or 0):.1f} %) |"
         )
+    if t.shards_regrouped:
+        lines.append("| shard layout | cut on shared prompt prefixes: the rows of each prefix group run in one shard |")
     if t.misplaced_shared_text is not None:
         lines.append(f"| prompt layout | ⚠ {t.misplaced_shared_text.message()} |")
     lines.append(

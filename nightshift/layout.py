@@ -16,9 +16,14 @@ whose shared text comes after their own content: `misplaced_shared_text` says so
 from __future__ import annotations
 
 import json
+import math
+import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from nightshift.records import MisplacedSharedText
 
@@ -224,3 +229,101 @@ def _common_prefix_length(a: str, b: str) -> int:
         else:
             high = middle - 1
     return low
+
+
+# The shard cut. A shard is one engine's cache: rows sharing a prefix only help each other inside
+# one shard. Across the input, rows are compared by hashes of their prompt's first 64, 128, …,
+# 65,536 bytes (as `prompt_key` lays it out): rows equal on the first k hashes share at least that
+# many bytes — a prefix tree eleven levels deep, in fixed memory per row.
+PREFIX_CUTS = tuple(64 << level for level in range(11))
+# Rows are regrouped across shards only when that makes this much more of the prompts' text
+# shareable inside a shard than the input's own order does: elsewhere shards stay input slices.
+REGROUP_MIN_GAIN = 0.05
+# A regrouped shard ends on the strongest group boundary among its last tenth of rows.
+SHARD_FILL_MIN = 0.9
+
+
+def prefix_hashes(prompt: Any) -> tuple[list[int], int]:
+    """The prompt's hashes at each of PREFIX_CUTS (a prompt shorter than a cut repeats its whole
+    hash there) and its length in bytes; no prompt (a rejected or an embedding row): zeros.
+
+    CRC-32 and Adler-32 run on over the prompt, side by side, make a 64-bit hash of each prefix
+    at C speed, the same in every process (Python's own hash() is salted per process)."""
+    if prompt is None:
+        return [0] * len(PREFIX_CUTS), 0
+    data = prompt_key(prompt).encode("utf-8", "surrogatepass")
+    hashes, start, crc, adler = [], 0, 0, 1
+    for cut in PREFIX_CUTS:
+        piece = data[start:cut]
+        crc, adler = zlib.crc32(piece, crc), zlib.adler32(piece, adler)
+        hashes.append(crc << 32 | adler)
+        start = cut
+        if cut >= len(data):
+            hashes += hashes[-1:] * (len(PREFIX_CUTS) - len(hashes))
+            break
+    return hashes, len(data)
+
+
+@dataclass(frozen=True)
+class ShardCut:
+    """Which input rows each shard holds (positions in input order, ascending in each shard),
+    and the share of the prompts' bytes a shard-local prefix cache could serve either way."""
+
+    shards: list[np.ndarray]
+    regrouped: bool
+    shareable_input_order: float
+    shareable_regrouped: float
+
+
+def cut_shards(hashes: np.ndarray, lengths: np.ndarray, shard_size: int) -> ShardCut:
+    """Shards of at most `shard_size` rows: input slices, unless rows sharing prompt prefixes are
+    scattered over the input (a document's questions exported apart) — then rows are sorted by
+    their prefix hashes and cut on the strongest group boundary near each shard's end, so that each
+    group runs inside one shard. Deterministic: the same rows give the same cut."""
+    rows = len(lengths)
+    in_input_order = np.arange(rows) // shard_size
+    slices = [np.arange(start, min(start + shard_size, rows)) for start in range(0, rows, shard_size)]
+    if rows <= shard_size:
+        return ShardCut(slices, False, 1.0, 1.0)
+    order = np.lexsort((np.arange(rows), *hashes.T[::-1]))  # primary key: the first cut's hash
+    # levels[i]: how many leading cuts rows order[i] and order[i + 1] agree on (a column at a time:
+    # memory a few bytes a row)
+    levels, agreeing = np.zeros(rows - 1, dtype=np.int8), np.ones(rows - 1, dtype=bool)
+    for column in range(hashes.shape[1]):
+        sorted_column = hashes[order, column]
+        agreeing &= sorted_column[1:] == sorted_column[:-1]
+        levels += agreeing
+    del sorted_column, agreeing
+    starts, start, fill = [0], 0, max(1, math.ceil(SHARD_FILL_MIN * shard_size))
+    while rows - start > shard_size:
+        window = levels[start + fill - 1 : start + shard_size]  # boundaries before rows start+fill … start+size
+        start = start + shard_size - int(np.argmin(window[::-1]))  # the weakest link, latest on ties
+        starts.append(start)
+    regrouped = np.empty(rows, dtype=np.int64)
+    for shard, (low, high) in enumerate(zip(starts, starts[1:] + [rows])):
+        regrouped[order[low:high]] = shard
+    total = int(lengths.sum())
+    before = _shareable(order, levels, lengths, in_input_order) / total if total else 0.0
+    after = _shareable(order, levels, lengths, regrouped) / total if total else 0.0
+    if after - before < REGROUP_MIN_GAIN:
+        return ShardCut(slices, False, round(before, 4), round(after, 4))
+    shards = [np.sort(order[low:high]) for low, high in zip(starts, starts[1:] + [rows])]
+    return ShardCut(shards, True, round(before, 4), round(after, 4))
+
+
+def _shareable(order: np.ndarray, levels: np.ndarray, lengths: np.ndarray, shard_of: np.ndarray) -> int:
+    """Prompt bytes a shard-local prefix cache could serve: at each cut, every row of a group
+    (rows agreeing up to that cut) but the group's first in each shard finds those bytes cached."""
+    served, shards = 0, int(shard_of.max()) + 1
+    sorted_lengths, sorted_shards = lengths[order], shard_of[order]
+    previous = 0
+    for level, cut in enumerate(PREFIX_CUTS):
+        group = np.concatenate(([0], np.cumsum(levels < level + 1)))
+        reaching = sorted_lengths > previous
+        if not reaching.any():
+            break
+        weight = np.minimum(sorted_lengths[reaching], cut) - previous
+        _, first = np.unique(group[reaching] * shards + sorted_shards[reaching], return_index=True)
+        served += int(weight.sum() - weight[first].sum())
+        previous = cut
+    return served

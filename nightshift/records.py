@@ -9,7 +9,7 @@ configuration (EngineConfig, JobSpec, ...) lives in `nightshift.config`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -29,13 +29,14 @@ class _Record(BaseModel):
 
 
 class Shard(_Record):
-    """A fixed slice of the input, rows [first_row, first_row + num_rows)."""
+    """A part of the input: rows [first_row, first_row + num_rows) when the plan's layout is
+    "input-slices"; whole prefix groups gathered from anywhere in the input ("prefix-groups")."""
 
     index: int
     path: str = Field(description="Parquet file of the shard's rows, written by the plan stage")
-    first_row: int
+    first_row: int = Field(description="the lowest row index it holds")
     num_rows: int
-    content_hash: str = Field(description="sha256 over the raw input of its rows, in order")
+    content_hash: str = Field(description="sha256 over its rows' indices and raw input, in order")
 
 
 class MisplacedSharedText(_Record):
@@ -62,7 +63,7 @@ class MisplacedSharedText(_Record):
 
 
 class Plan(_Record):
-    """The plan stage's manifest: the shards of one input, in input order."""
+    """The plan stage's manifest: the shards of one input."""
 
     input_path: str
     input_kind: str = Field(description='"openai-batch" or "corpus"')
@@ -72,6 +73,15 @@ class Plan(_Record):
     rejected_by_code: dict[str, int] = Field(default_factory=dict, description="rows the plan stage rejected")
     misplaced_shared_text: MisplacedSharedText | None = Field(
         None, description="the template lint: shared text after the per-row content, in a sample of the rows"
+    )
+    layout: Literal["input-slices", "prefix-groups"] = Field(
+        "input-slices", description="shards as consecutive input rows, or regrouped by shared prompt prefix"
+    )
+    shareable_prompt_share_input_order: float | None = Field(
+        None, description="share of prompt bytes a shard's prefix cache could serve with shards as input slices"
+    )
+    shareable_prompt_share_regrouped: float | None = Field(
+        None, description="the same with shards cut on prefix groups (what decided the layout)"
     )
 
 

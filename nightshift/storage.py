@@ -204,14 +204,16 @@ def parquet_rows(path) -> int:
         return pq.ParquetFile(handle).metadata.num_rows
 
 
-def duckdb_connection():
+def duckdb_connection(database: str = ":memory:", memory_limit: str | None = None):
     """A DuckDB connection that reads and writes object-store URLs through fsspec (no DuckDB
-    extension download: only package registries may be reachable)."""
+    extension download: only package registries may be reachable). With a `database` file and
+    a `memory_limit`, its tables and sorts go to local disk past that much memory."""
     import duckdb
 
     # Stages read each remote object once: DuckDB's cache of remote file blocks would only take
     # memory. Its progress bar would draw in every task's log.
-    con = duckdb.connect(config={"enable_external_file_cache": False})
+    config = {"enable_external_file_cache": False} | ({"memory_limit": memory_limit} if memory_limit else {})
+    con = duckdb.connect(database, config=config)
     con.execute("SET enable_progress_bar = false")
     for protocol in {"s3", *_options}:
         try:

@@ -1,8 +1,8 @@
 """Merge stage: the shards' chunk files become the run's outputs, in input order.
 
 Plain SQL over the chunk Parquet files, one shard at a time (memory holds one shard, whatever
-the run's size; shards are consecutive row ranges, so their rows appended in plan order are the
-input order):
+the run's size, when shards are consecutive row ranges: their rows appended in plan order are
+the input order; shards regrouped by prompt prefix are gathered and sorted by DuckDB on disk):
 
 * ``output.jsonl``  — OpenAI Batch output lines of the rows that succeeded
 * ``errors.jsonl``  — OpenAI-style error lines of the rows that failed
@@ -19,6 +19,7 @@ run that would lose or repeat a row changes no output at all.
 from __future__ import annotations
 
 import json
+import tempfile
 from contextlib import ExitStack
 
 import duckdb
@@ -72,17 +73,34 @@ def merge_unfinished(run_dir: RunDir, code: str, message: str) -> RunReport:
 
 
 def _merge_directories(plan: Plan, directories: dict[int, str], run_dir: RunDir) -> RunReport:
-    """Shard after shard, in plan order: shards are consecutive row ranges, so appending each
-    shard's rows in row order writes the whole run in input order, and memory holds one shard."""
+    """Shard after shard, in plan order. Shards that are consecutive row ranges are appended
+    one at a time, each in row order: the whole run in input order, memory one shard. Shards
+    regrouped by prompt prefix hold rows from anywhere: they gather in one DuckDB table (on
+    local disk past its memory limit), written out in row order once all are in."""
     totals = _Totals()
-    with duckdb_connection() as con, _Outputs(run_dir, canaries=plan.canary_rows > 0) as outputs:
+    scattered = plan.layout == "prefix-groups"
+    with (
+        tempfile.TemporaryDirectory(prefix="nightshift-merge-") as scratch,
+        duckdb_connection(*((f"{scratch}/run.duckdb", GATHER_MEMORY) if scattered else ())) as con,
+        _Outputs(run_dir, canaries=plan.canary_rows > 0) as outputs,
+    ):
         for shard in plan.shards:
             # Every chunk in the shard's directory: `nightshift retry` may have added some since.
             files = chunk_files(directories[shard.index]) if shard.index in directories else []
             with local_copies(files) as files:
-                _load_shard(con, shard, files)
-                totals.add(con)
-                outputs.append(con)
+                _load_shard(con, shard, files, scattered)
+                if scattered:
+                    con.execute(
+                        "CREATE TABLE IF NOT EXISTS run_rows AS SELECT * FROM shard_rows LIMIT 0;"
+                        "INSERT INTO run_rows SELECT * FROM shard_rows"
+                    )
+                else:
+                    totals.add(con)
+                    outputs.append(con)
+        if scattered:
+            _check_whole_run(con, plan)
+            totals.add(con)
+            outputs.append(con)
     report = RunReport(
         run_dir=str(run_dir.root),
         total_rows=totals.rows,
@@ -100,9 +118,14 @@ def _merge_directories(plan: Plan, directories: dict[int, str], run_dir: RunDir)
     return report
 
 
-def _load_shard(con: duckdb.DuckDBPyConnection, shard: Shard, files: list) -> None:
+# DuckDB's memory while it gathers regrouped shards; past it, their rows and sorts go to local disk.
+GATHER_MEMORY = "256MB"
+
+
+def _load_shard(con: duckdb.DuckDBPyConnection, shard: Shard, files: list, scattered: bool = False) -> None:
     """`shard_rows`: the shard's best row for each row index, after proving that they are
-    exactly the shard's planned rows: none missing, none repeated, none from elsewhere."""
+    exactly the shard's planned rows: none missing, none repeated, none from elsewhere (for a
+    regrouped shard, its count here and the whole run's rows in `_check_whole_run`)."""
     if not files:
         raise IncompleteRun(
             f"shard {shard.index} has no generated rows ({shard.num_rows} planned): "
@@ -116,12 +139,31 @@ def _load_shard(con: duckdb.DuckDBPyConnection, shard: Shard, files: list) -> No
         """
     )
     rows, first, last = con.sql("SELECT count(*), min(row_index), max(row_index) FROM shard_rows").fetchall()[0]
-    if (rows, first, last) != (shard.num_rows, shard.first_row, shard.first_row + shard.num_rows - 1):
+    if scattered and rows != shard.num_rows:
+        raise IncompleteRun(
+            f"shard {shard.index} planned {shard.num_rows} rows but its chunks hold {rows}: "
+            "refusing to write outputs that lose or repeat rows"
+        )
+    if not scattered and (rows, first, last) != (shard.num_rows, shard.first_row, shard.first_row + shard.num_rows - 1):
         raise IncompleteRun(
             f"shard {shard.index} planned rows {shard.first_row}..{shard.first_row + shard.num_rows - 1} "
             f"({shard.num_rows}) but its chunks hold {rows} rows ({first}..{last}): "
             "refusing to write outputs that lose or repeat rows"
         )
+
+
+def _check_whole_run(con: duckdb.DuckDBPyConnection, plan: Plan) -> None:
+    """Every row index of the plan exactly once over all regrouped shards; then `shard_rows` is
+    the whole run, for the totals and the outputs."""
+    rows, distinct, first, last = con.sql(
+        "SELECT count(*), count(DISTINCT row_index), min(row_index), max(row_index) FROM run_rows"
+    ).fetchall()[0]
+    if (rows, distinct, first, last) != (plan.total_rows, plan.total_rows, 0, plan.total_rows - 1):
+        raise IncompleteRun(
+            f"the plan holds rows 0..{plan.total_rows - 1} but the shards' chunks hold {rows} rows, "
+            f"{distinct} distinct ({first}..{last}): refusing to write outputs that lose or repeat rows"
+        )
+    con.execute("DROP TABLE shard_rows; CREATE TEMP VIEW shard_rows AS SELECT * FROM run_rows")
 
 
 class _Totals:

@@ -1,9 +1,10 @@
-"""A shard's rows reach the engine grouped by shared prompt prefix; the report measures what
-vLLM's prefix cache served, and `nightshift plan` predicted it before the run."""
+"""Rows sharing a prompt prefix are gathered into one shard and reach the engine together; the
+report measures what vLLM's prefix cache served, and `nightshift plan` predicted it before the run."""
 
 import json
 import random
 
+import pyarrow.parquet as pq
 from conftest import chat_request, read_jsonl, write_jsonl
 
 WORDS = "invoice client quarter payment overdue contract supplier delivery audit budget".split()
@@ -28,8 +29,15 @@ def test_questions_about_one_document_reuse_its_cached_prefix_as_the_plan_predic
 
     path = questions_about_documents(tmp_path / "in.jsonl")
     run_dir = RunDir(str(tmp_path / "run"))
-    report = run_job(str(path), str(run_dir.root), tiny_job, shard_size=100)
+    report = run_job(str(path), str(run_dir.root), tiny_job, shard_size=8)
     assert report.complete
+    plan = Plan.load(run_dir.plan_manifest)
+    assert plan.layout == "prefix-groups"
+    shards_of = {}
+    for shard in plan.shards:
+        for custom_id in pq.read_table(shard.path)["custom_id"].to_pylist():
+            shards_of.setdefault(custom_id.split("-")[0], set()).add(shard.index)
+    assert all(len(shards) == 1 for doc, shards in shards_of.items() if doc.startswith("doc")), shards_of
 
     outputs = read_jsonl(tmp_path / "run" / "output.jsonl")
     assert [o["custom_id"] for o in outputs] == [r["custom_id"] for r in read_jsonl(path)], "input order kept"
@@ -38,7 +46,6 @@ def test_questions_about_one_document_reuse_its_cached_prefix_as_the_plan_predic
     settings = report_json["engine_settings"]  # as vLLM resolved them, its defaults filled in
     assert settings["enable_prefix_caching"] and settings["block_size"] == 128 and settings["kv_cache_tokens"] > 0
     assert settings["max_num_seqs"] == 16 and settings["max_num_batched_tokens"] > 0
-    plan = Plan.load(run_dir.plan_manifest)
     predicted = count_tokens(plan, load_tokenizer(tiny_job), 2048, prefix_cache_shape(tiny_job))
     # three of a document's four rows hit its two shared blocks: ~0.75 × 256/340 (canaries dilute it)
     assert 0.4 < measured <= 0.75

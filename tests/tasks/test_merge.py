@@ -127,3 +127,46 @@ def test_a_shard_with_nothing_generated_is_refused(planned):
 
     with pytest.raises(IncompleteRun, match="shard 2 has no generated rows"):
         merge(planned_run, results(run_dir, job, planned_run), run_dir)
+
+
+@pytest.fixture
+def regrouped(tmp_path):
+    """120 rows, a document's questions scattered over the input: shards of whole documents."""
+    run_dir = RunDir(tmp_path / "run")
+    job = make_job("tiny")
+    job.save(run_dir.job)
+    rows = [chat_request(f"r{i}", f"Document {i % 12}: " + f"paragraph {i % 12} " * 120 + f"Q{i}?") for i in range(120)]
+    planned_run = plan(str(write_jsonl(tmp_path / "in.jsonl", rows)), run_dir, shard_size=25)
+    assert planned_run.layout == "prefix-groups"
+    return run_dir, job, planned_run
+
+
+def rows_of(shard) -> list[int]:
+    return pq.read_table(shard.path)["row_index"].to_pylist()
+
+
+def test_regrouped_shards_merge_back_into_input_order(regrouped):
+    run_dir, job, planned_run = regrouped
+    for shard in planned_run.shards:
+        finish(run_dir, job, shard, dict.fromkeys(rows_of(shard), "ok"))
+
+    report = merge(planned_run, results(run_dir, job, planned_run), run_dir)
+
+    assert [line["custom_id"] for line in read_jsonl(run_dir.output)] == [f"r{i}" for i in range(120)]
+    assert pq.read_table(run_dir.results)["custom_id"].to_pylist() == [f"r{i}" for i in range(120)]
+    assert (report.total_rows, report.succeeded) == (120, 120)
+
+
+def test_a_row_of_a_regrouped_shard_in_another_shards_chunks_is_refused(regrouped):
+    run_dir, job, planned_run = regrouped
+    first, second, *rest = planned_run.shards
+    stolen = rows_of(second)[0]
+    finish(run_dir, job, first, dict.fromkeys(rows_of(first)[1:] + [stolen], "ok"))  # its own first row lost
+    for shard in [second, *rest]:
+        finish(run_dir, job, shard, dict.fromkeys(rows_of(shard), "ok"))
+
+    with pytest.raises(
+        IncompleteRun, match=r"the plan holds rows 0\.\.119 but the shards' chunks hold 120 rows, 119 distinct"
+    ):
+        merge(planned_run, results(run_dir, job, planned_run), run_dir)
+    assert not run_dir.output.exists()
