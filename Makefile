@@ -17,6 +17,6 @@ test-fast: setup
 bench: setup
 	.venv/bin/python bench/bench_generate.py
 
-# Work pools, block types and the deployments on the Prefect server at $PREFECT_API_URL.
+# Work pools, block types, the deployments and the automations on the Prefect server at $PREFECT_API_URL.
 deploy: setup
 	./scripts/deploy.sh

@@ -10,11 +10,11 @@ from prefect import flow
 from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from nightshift import events, progress
+from nightshift import assets, events, progress
 from nightshift.blocks.checkpoints import saved_run_checkpoints
 from nightshift.blocks.model import ModelConfig
 from nightshift.blocks.pricing import GpuPricing
-from nightshift.blocks.storage import ObjectStorage
+from nightshift.blocks.storage import storage_options_of
 from nightshift.config import DEFAULT_SHARD_SIZE, CanaryConfig, CorpusOptions, FanOut, JobSpec
 from nightshift.deadline import DeadlineReached, DeadlineTimer, parse_deadline
 from nightshift.engine import start_engine_in_background
@@ -56,7 +56,8 @@ def batch_inference(
     `run_dir` may hold `{date}`: the flow run's scheduled date, so each night writes its own
     directory and a retried night resumes its own.
     `run_dir` is a local directory or an object-store URL (`s3://bucket/runs/{date}`).
-    `storage` names an ObjectStorage block with the credentials of `s3://` inputs and run
+    `storage` names an ObjectStorage block (or a prefect-aws one as TYPE/NAME: `aws-credentials/prod`,
+    `s3-bucket/lake`) with the credentials of `s3://` inputs and run
     directories (default: the environment's or the machine role's).
     `checkpoint_storage` names a saved Prefect filesystem block ("local-file-system/x",
     "s3-bucket/y") holding the task cache; by default it is `run_dir/checkpoints`.
@@ -74,7 +75,7 @@ def batch_inference(
     deadline_at = parse_deadline(deadline) if deadline else None  # a bad one fails before any work
 
     if storage:  # in this process's memory only: never a parameter, a file or a log line
-        use_storage_options(ObjectStorage.load(storage).storage_options())
+        use_storage_options(storage_options_of(storage))
     job = size_for_input(job or ModelConfig.job_named(model), input_path, corpus)
     if result_cache:
         job = job.model_copy(update={"result_cache": result_cache})
@@ -119,14 +120,17 @@ def _run(input_path, run_dir, job, shard_size, corpus, checkpoint_storage, prici
                 results, cached = generate_here(plan.shards, job, run_dir, checkpoints)
         except DeadlineReached:
             return _expired(run_dir, plan, deadline_at, pricing)
-        report = merge_outputs(plan, results, run_dir)
+        # the lineage the dashboard shows: input → outputs (the merge) → report
+        outputs = assets.output_assets(run_dir, embedded=corpus is not None and corpus.task == "embed")
+        report = assets.materializing(merge_outputs, outputs, [assets.input_asset(input_path)])(plan, results, run_dir)
         try:
             # fanned out, the checks run where the engines are: this process may hold neither
             on_pool = fan_out and fan_out.validation_deployment
             validated_by = validate_on_pool(run_dir, job, validation, fan_out, storage) if on_pool else None
             canary_validation(run_dir, job, validation, validated_by)
         finally:  # a failed validation still gets its cost report, verdict included
-            cost_report(run_dir, GpuPricing.load(pricing) if pricing else None)
+            reporting = assets.materializing(cost_report, [assets.report_asset(run_dir)], outputs)
+            reporting(run_dir, GpuPricing.load(pricing) if pricing else None)
     return report.model_copy(update={"shards": len(plan.shards), "shards_cached": cached})
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from nightshift.blocks.storage import ObjectStorage
+from nightshift.blocks.storage import storage_options_of
 from nightshift.config import JobSpec
 from nightshift.deadline import DeadlineTimer, parse_deadline
 from nightshift.drills import stall_if_drilled
@@ -35,7 +35,7 @@ def generate_shards(
     (default: this machine's environment or role). At `deadline` (the parent run's, an ISO
     date-time) generation stops admitting rows and flushes what finished."""
     if storage:
-        use_storage_options(ObjectStorage.load(storage).storage_options())
+        use_storage_options(storage_options_of(storage))
     with (
         heartbeat(run_dir, group),
         DeadlineTimer(parse_deadline(deadline) if deadline else None),

@@ -11,7 +11,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from nightshift.blocks.storage import ObjectStorage
+from nightshift.blocks.storage import storage_options_of
 from nightshift.chunks import retryable_rows, shard_cache_key
 from nightshift.config import JobSpec
 from nightshift.lease import run_lease
@@ -27,7 +27,7 @@ def retry_errors(run_dir: str, storage: str | None = None) -> RunReport:
     """`storage` names the ObjectStorage block of an `s3://` run directory (default: the
     environment's credentials)."""
     if storage:
-        use_storage_options(ObjectStorage.load(storage).storage_options())
+        use_storage_options(storage_options_of(storage))
     with run_lease(run_dir):
         return _retry(run_dir)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from nightshift.blocks.storage import ObjectStorage
+from nightshift.blocks.storage import storage_options_of
 from nightshift.config import CanaryConfig, JobSpec
 from nightshift.rundir import VALIDATION_GROUP, RunDir
 from nightshift.storage import use_storage_options
@@ -28,7 +28,7 @@ def validate_run(run_dir: str, job: JobSpec, validation: CanaryConfig, storage: 
     from prefect.runtime import flow_run
 
     if storage:
-        use_storage_options(ObjectStorage.load(storage).storage_options())
+        use_storage_options(storage_options_of(storage))
     with heartbeat(run_dir, VALIDATION_GROUP), handing_on_if_the_engine_cannot_start(run_dir, VALIDATION_GROUP):
         verdict = validate(RunDir(run_dir), job, validation)
         verdict.save(validation_verdict(run_dir, flow_run.id))

@@ -41,7 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         "then end as batch_expired errors (exit status 4)",
     )
     _add_job_arguments(run)
-    run.add_argument("--verbose", action="store_true", help="the engine's own log lines too (vLLM's INFO)")
+    run.add_argument(
+        "--verbose",
+        action="store_true",
+        help="the engine's own log lines (vLLM's INFO), third-party warnings and progress bars too",
+    )
 
     plan = commands.add_parser(
         "plan", help="dry run: tokens, hours, GPUs to finish by a deadline, cost (no engine, no GPU)"
@@ -76,6 +80,24 @@ def main(argv: list[str] | None = None) -> int:
 
     _add_fields(serve, BatchApiConfig)
 
+    automations = commands.add_parser(
+        "automations", help="create deployments/automations.yaml's Automations on the Prefect server"
+    )
+    automations.add_argument("action", choices=["apply"])
+    automations.add_argument(
+        "--notify",
+        metavar="TYPE/NAME",
+        help="notification block for failed validations and runs, e.g. slack-webhook/oncall",
+    )
+    automations.add_argument(
+        "--zombie-after-s", type=int, default=600, help="heartbeat silence after which a flow run is marked Crashed"
+    )
+
+    pool = commands.add_parser("work-pool", help="work-pool recipes: a Kubernetes GPU base job template")
+    pool.add_argument("action", choices=["template"])
+    pool.add_argument("--gpus", type=int, default=1, help="GPUs per pod (the model block's tensor_parallel_size)")
+    pool.add_argument("--spot", choices=["gke", "eks", "karpenter", "aks"], help="onto this cloud's spot nodes")
+
     demo = commands.add_parser("demo", help="summarize a sample corpus with SmolLM2")
     demo.add_argument("--output", default="runs/demo")
     demo.add_argument("--documents", type=int, default=200)
@@ -86,10 +108,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _command(args) -> int:
     # The run's story is in Prefect's log lines; the engine's own (every process's INFO, its
-    # shutdown warnings) only with --verbose.
-    from nightshift.logs import set_vllm_log_level
+    # shutdown warnings) and third parties' warnings and bars only with --verbose.
+    from nightshift.logs import quiet_third_parties, set_vllm_log_level
 
-    set_vllm_log_level("INFO" if getattr(args, "verbose", False) else os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"))
+    verbose = getattr(args, "verbose", False)
+    set_vllm_log_level("INFO" if verbose else os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"))
+    if not verbose:
+        quiet_third_parties()
     if args.command == "serve":
         return _serve(args)
     if args.command == "models":
@@ -106,6 +131,15 @@ def _command(args) -> int:
         report = _run_preemptible(args.run_dir, lambda: retry_errors(args.run_dir))
         _print_report(report)
         return 0 if report.complete else 1
+    if args.command == "automations":
+        return _automations(args)
+    if args.command == "work-pool":
+        import json
+
+        from nightshift.work_pools import kubernetes_job_template
+
+        print(json.dumps(kubernetes_job_template(args.gpus, args.spot), indent=2))
+        return 0
     if args.command == "status":
         from nightshift.status import print_status
 
@@ -204,6 +238,21 @@ def _job(args, corpus):
 
     model = args.model or ("minilm" if corpus is not None and corpus.task == "embed" else DEFAULT_MODEL)
     return make_job(model, **_given(args, EngineSettings), **_given(args, JobOptions))
+
+
+def _automations(args) -> int:
+    from nightshift.automations import AutomationsError, apply, notification_block_id, shipped_automations
+
+    try:
+        block_id = notification_block_id(args.notify) if args.notify else None
+        applied = apply(shipped_automations(block_id, args.zombie_after_s))
+    except AutomationsError as exc:
+        print(f"nightshift automations: {exc}", file=sys.stderr)
+        return 2
+    print("automations applied: " + ", ".join(applied))
+    if not args.notify:
+        print("(no --notify block: the notifications on failed validations and runs were not made)")
+    return 0
 
 
 def _run(args) -> int:

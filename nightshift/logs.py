@@ -12,10 +12,12 @@ here instead: a logger's level and handlers can be set without flushing anyone.
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import logging.config
 import os
+import re
 import sys
 
 VLLM_LOGGER = "vllm"
@@ -71,3 +73,33 @@ def _configure_vllm_logger(level: str) -> None:
         handler.setFormatter(logging.Formatter(_FORMAT, "%m-%d %H:%M:%S"))
         logger.addHandler(handler)
         logger.propagate = False  # as vLLM's default: its lines are the engine's, not the run's story
+
+
+# What third parties print that tells a user nothing about their run, by default kept off the
+# console (`--verbose` shows it): for this process and, through the environment, every process
+# it starts (the engine's, the resource tracker's).
+QUIET_ENVIRONMENT = {
+    "TORCH_CPP_LOG_LEVEL": "ERROR",  # torch's C++ warnings: "NUMA binding: Using MEMBIND policy …"
+    "TQDM_DISABLE": "1",  # vLLM's "Loading safetensors checkpoint shards" bars
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights" bar (the canary oracle)
+    "VLLM_NO_USAGE_STATS": "1",  # vLLM's usage report: nothing is sent, nothing is said
+}
+QUIET_WARNINGS = (
+    "ignore::FutureWarning",  # e.g. torch.distributed.reduce_op, through vLLM's Triton dispatcher
+    "ignore::DeprecationWarning",
+    "ignore::UserWarning:multiprocessing.resource_tracker",  # leaked semaphores at the engine's exit
+)
+
+
+def quiet_third_parties() -> None:
+    """Keep third-party warnings and engine chatter off the console; settings the operator gave
+    in the environment win."""
+    import warnings
+
+    for name, value in QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+    given = [f for f in os.environ.get("PYTHONWARNINGS", "").split(",") if f]
+    os.environ["PYTHONWARNINGS"] = ",".join([*QUIET_WARNINGS, *given])  # later entries take precedence
+    for spec in QUIET_WARNINGS:  # this process read PYTHONWARNINGS at its start: the same filters, now
+        _, _, category, module = (spec.split(":") + [""])[:4]
+        warnings.filterwarnings("ignore", category=getattr(builtins, category), module=re.escape(module))

@@ -101,8 +101,12 @@ def start(run_dir: RunDir, total: int, completed: int) -> Progress:
 
 
 class ConsoleProgress:
-    """`nightshift run`'s view of its progress on stderr: on a terminal, a bar with rows,
-    tokens/s and ETA redrawn every second; otherwise (a log file, CI) one line every 60 s."""
+    """`nightshift run`'s view of its progress on stderr. On a terminal, one live line at the
+    bottom — rows, tokens/s and ETA, redrawn every second by rich (which Prefect ships) — with
+    every log line printed above it, never through it: Prefect's console handlers print through
+    the live display's console while it runs, and whatever else writes to stdout or stderr
+    (warnings, the engine's logger) is redirected above it too. Otherwise (a log file, CI) one
+    plain line every 60 s."""
 
     def __init__(self, stream=None, width: int = 30) -> None:
         import sys
@@ -113,36 +117,82 @@ class ConsoleProgress:
         self.width = width
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="nightshift-console-progress", daemon=True)
-        self._drawn = False
+        self._live = None
+        self._restores: list = []
 
     def __enter__(self) -> ConsoleProgress:
-        self._thread.start()
+        if not self.tty:
+            self._thread.start()
+            return self
+        import prefect.main  # noqa: F401  (configures Prefect's logging now: its handlers exist to repoint)
+        from rich.console import Console
+        from rich.live import Live
+
+        console = Console(file=self.stream, force_terminal=True, soft_wrap=True)
+        self._live = Live(
+            get_renderable=self._render, console=console, refresh_per_second=1,
+            redirect_stdout=True, redirect_stderr=True,
+        )  # fmt: skip
+        self._live.start()
+        self._restores = _print_logs_through(console, self.stream)
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2)
-        if self._drawn and self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
+        if self._live is None:
+            self._stop.set()
+            self._thread.join(timeout=2)
+            return
+        self._live.stop()
+        for restore in self._restores:
+            restore()
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             for tracker in list(_trackers.values()):
                 self.stream.write(self.line(tracker.snapshot()))
                 self.stream.flush()
-                self._drawn = True
 
-    def line(self, state: ProgressSnapshot) -> str:
+    def _render(self):
+        from rich.text import Text
+
+        return Text("\n".join(self.text(tracker.snapshot()) for tracker in list(_trackers.values())))
+
+    def text(self, state: ProgressSnapshot) -> str:
         done, total = state.completed, max(state.total, 1)
         filled = int(self.width * done / total)
         rate = state.rolling_tokens_per_second
         eta = state.eta_seconds
-        text = (
+        return (
             f"[{'#' * filled}{'.' * (self.width - filled)}] {done:,}/{state.total:,} rows "
             f"{rate or 0:,.0f} tokens/s ETA {time.strftime('%H:%M:%S', time.gmtime(eta)) if eta is not None else '--'}"
         )
-        return f"\r{text}\033[K" if self.tty else f"progress {text}\n"
+
+    def line(self, state: ProgressSnapshot) -> str:
+        """The plain line written every minute when stderr is not a terminal."""
+        return f"progress {self.text(state)}\n"
+
+
+def _print_logs_through(console, stream) -> list:
+    """Point every Prefect console handler at `console` (the live display's), and every other
+    handler writing straight to `stream` at the redirected `sys.stderr`; returns how to undo it."""
+    import sys
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger()]
+    loggers += [lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    restores = []
+    for handler in {h for lg in loggers for h in lg.handlers}:
+        if isinstance(handler, PrefectConsoleHandler):
+            restores.append(lambda handler=handler, was=handler.console: setattr(handler, "console", was))
+            handler.console = console
+        elif isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) in (
+            stream,
+            sys.__stderr__,
+        ):
+            restores.append(lambda handler=handler, was=handler.stream: handler.setStream(was))
+            handler.setStream(sys.stderr)
+    return restores
 
 
 def advance(run_dir: RunDir, rows: int, tokens: int) -> None:

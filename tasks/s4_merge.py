@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
 
+from nightshift.assets import record_outputs
 from nightshift.canaries import CANARY_PREFIX
 from nightshift.chunks import CHUNK_SCHEMA, ChunkWriter, best_rows_sql, chunk_files, rows_on_disk, shard_cache_key
 from nightshift.config import JobSpec
@@ -193,7 +194,10 @@ class _Totals:
 
 @task(name="merge-outputs")
 def merge_outputs(plan: Plan, results: list[ShardResult], run_dir: str) -> RunReport:
-    return _told(merge(plan, results, RunDir(run_dir)))
+    """The flow runs it as the materializing task of the run's output assets (nightshift/assets.py)."""
+    report = _told(merge(plan, results, RunDir(run_dir)))
+    record_outputs(run_dir, report)
+    return report
 
 
 def _told(report: RunReport) -> RunReport:

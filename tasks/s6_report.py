@@ -16,6 +16,7 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
+from nightshift.assets import record_report
 from nightshift.blocks.pricing import GpuPricing, ManagedApiPrices
 from nightshift.chunks import best_rows_sql, chunk_files, shard_cache_key, sql_path_list
 from nightshift.config import JobSpec
@@ -521,6 +522,7 @@ def cost_report(run_dir: str, pricing: GpuPricing | None = None, managed: Manage
     table = {k: v for k, v in report.figures().items() if not isinstance(v, (dict, list))}
     create_table_artifact(key=f"nightshift-figures-{key}", table=[table], description="Nightshift run figures")
     get_run_logger().info(cost_line(report))
+    record_report(run_dir, report)  # run by the flow as the report asset's materializing task
     return report
 
 

@@ -93,3 +93,41 @@ def events_of(run_dir, wanted: set[str], timeout: float = 60) -> dict[str, list[
             if wanted <= set(found) or time.monotonic() > deadline:
                 return found
             time.sleep(0.5)
+
+
+class WebhookReceiver:
+    """An HTTP endpoint on this machine that keeps every request body it is sent: where a
+    notification block points in the tests (the place a team's Slack or pager would be)."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        received = self.received = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                received.append(self.rfile.read(int(self.headers.get("Content-Length", 0))).decode())
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, text: str, timeout: float = 90) -> str | None:
+        """The first body received holding `text`, waiting for it up to `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = next((body for body in list(self.received) if text in body), None)
+            if found is not None:
+                return found
+            time.sleep(0.5)
+        return None
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

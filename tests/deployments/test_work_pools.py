@@ -148,10 +148,12 @@ def test_the_kubernetes_job_template_requests_gpus_on_gpu_nodes(stack):
     assert [volume["name"] for volume in pod["volumes"]] == ["dshm"]
 
 
-def test_blocks_register_and_show_up_as_block_types(deployed):
+def test_blocks_register_and_show_up_as_block_types_and_the_zombie_automation_is_on(deployed):
     listed = deployed.cli("block", "type", "ls").stdout
     for slug in ("nightshift-model", "nightshift-object-storage", "nightshift-gpu-pricing"):
         assert slug in listed
+    automations = httpx.post(f"{deployed.api}/automations/filter", json={}).json()
+    assert "nightshift-crash-zombie-runs" in [automation["name"] for automation in automations]
 
 
 @pytest.fixture(scope="module")

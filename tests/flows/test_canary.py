@@ -4,11 +4,39 @@ import json
 
 import pytest
 from conftest import chat_request, read_jsonl, write_jsonl
-from harness import events_of
+from harness import WebhookReceiver, events_of
 
 
 def canary(custom_id, content, **expect):
     return {**chat_request(custom_id, content), "expect": expect}
+
+
+@pytest.fixture
+def on_call(prefect_server):
+    """deployments/automations.yaml's notification automations on the session's server, sending
+    to a webhook block that points at a receiver here (as `make deploy` applies them with
+    `--notify`)."""
+    from prefect.automations import Automation
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+    from nightshift.automations import apply, notification_block_id, shipped_automations
+
+    receiver = WebhookReceiver()
+    CustomWebhookNotificationBlock(
+        name="nightshift-on-call", url=receiver.url, json_data={"subject": "{{subject}}", "body": "{{body}}"}
+    ).save("nightshift-on-call", overwrite=True)
+    notifying = [
+        a
+        for a in shipped_automations(notification_block_id("custom-webhook/nightshift-on-call"))
+        if a.actions[0].type == "send-notification"
+    ]
+    applied = apply(notifying)
+    try:
+        yield receiver
+    finally:
+        for name in applied:
+            Automation.read(name=name).delete()
+        receiver.close()
 
 
 @pytest.fixture
@@ -67,7 +95,9 @@ def test_rows_whose_tokens_are_constrained_are_not_judged_by_the_oracle_and_the_
         )
 
 
-def test_a_wrong_expectation_fails_the_run_with_exit_3_naming_the_canary(tmp_path, batch, capsys):
+def test_a_wrong_expectation_fails_the_run_with_exit_3_naming_the_canary_and_pages_on_call(
+    tmp_path, batch, capsys, on_call
+):
     from nightshift.cli import main  # in this process: the session's engine serves it
 
     canaries = write_jsonl(
@@ -91,6 +121,11 @@ def test_a_wrong_expectation_fails_the_run_with_exit_3_naming_the_canary(tmp_pat
     assert failed["payload"]["validated"] is False
     assert "impossible" in " ".join(failed["payload"]["validation_failures"])
     assert "nightshift.run.completed" not in emitted
+    # The shipped automation turned the event into a notification, with the run and its failure.
+    page = on_call.wait_for("validation failed")
+    assert page is not None, on_call.received
+    notification = json.loads(page)
+    assert str(run_dir) in notification["subject"] and "impossible" in notification["body"]
 
 
 def test_the_oracle_fails_a_run_whose_weights_differ_from_the_reference(tmp_path, batch, prefect_server):

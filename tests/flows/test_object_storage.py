@@ -1,29 +1,51 @@
-"""An `s3://` input read through an ObjectStorage block, against a real S3-compatible server
-(moto's), with credentials that must not leak into any file, parameter or log."""
+"""An `s3://` input read through a storage block — Nightshift's ObjectStorage, or the prefect-aws
+S3Bucket a team already holds — against a real S3-compatible server (moto's), with credentials
+that must not leak into any file, parameter or log."""
 
 from __future__ import annotations
 
 import uuid
 
+import pytest
 from conftest import chat_request, read_jsonl, write_jsonl
 
 
+def saved_storage_block(kind: str, endpoint: str, key: str, secret: str) -> str:
+    """The block a run names as `storage`, saved on the session's server."""
+    if kind == "ObjectStorage":
+        from nightshift.blocks import ObjectStorage
+
+        ObjectStorage(endpoint_url=endpoint, access_key_id=key, secret_access_key=secret).save(
+            "lake-test", overwrite=True
+        )
+        return "lake-test"
+    from prefect_aws import AwsCredentials, S3Bucket
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    credentials = AwsCredentials(
+        aws_access_key_id=key, aws_secret_access_key=secret, region_name="us-east-1",
+        aws_client_parameters=AwsClientParameters(endpoint_url=endpoint),
+    )  # fmt: skip
+    S3Bucket(bucket_name="corpus", credentials=credentials).save("lake-test", overwrite=True)
+    return "s3-bucket/lake-test"
+
+
+@pytest.mark.parametrize("kind", ["ObjectStorage", "prefect-aws S3Bucket"])
 def test_an_s3_input_runs_with_the_blocks_credentials_which_leak_nowhere(
-    prefect_server, s3_endpoint, tiny_job, tmp_path
+    kind, prefect_server, s3_endpoint, tiny_job, tmp_path
 ):
     import s3fs
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 
-    from nightshift.blocks import ObjectStorage
+    from nightshift.blocks.storage import storage_options_of
     from nightshift.config import CanaryConfig
     from nightshift.flows.batch import batch_inference
 
     key, secret = "nightshift-test", f"s3cr3t-{uuid.uuid4().hex}"
-    lake = ObjectStorage(endpoint_url=s3_endpoint, access_key_id=key, secret_access_key=secret)
-    lake.save("lake-test", overwrite=True)
-    bucket = s3fs.S3FileSystem(**lake.storage_options())
-    bucket.mkdir("corpus")
+    storage = saved_storage_block(kind, s3_endpoint, key, secret)
+    bucket = s3fs.S3FileSystem(**storage_options_of(storage))
+    bucket.makedirs("corpus", exist_ok=True)
     local = write_jsonl(
         tmp_path / "requests.jsonl", [chat_request(f"doc-{i}", f"Summarize item {i}.") for i in range(6)]
     )
@@ -34,7 +56,7 @@ def test_an_s3_input_runs_with_the_blocks_credentials_which_leak_nowhere(
         input_path="s3://corpus/2026-11-22.jsonl",
         run_dir=str(run_dir),
         job=tiny_job,
-        storage="lake-test",
+        storage=storage,
         shard_size=4,
         validation=CanaryConfig(oracle_samples=0, determinism_samples=0),
         return_state=True,

@@ -1,0 +1,108 @@
+"""A run's files as Prefect assets, so the dashboard's lineage view shows input → run → outputs
+→ report: the merge stage materializes output.jsonl, errors.jsonl, results.parquet (and an
+embedded corpus's embeddings.parquet), each depending on the input; the report stage
+materializes report.json, depending on them. Each carries its figures as asset metadata (rows,
+tokens, $ per 1M tokens, validated). An asset's key is its URL: `s3://…` as it is, a local file
+as `file:///…`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nightshift.records import CostReport, RunReport
+from nightshift.rundir import RunDir
+from nightshift.storage import is_url
+
+
+def asset_key(path) -> str:
+    path = str(path)
+    return path if is_url(path) else Path(path).resolve().as_uri()
+
+
+def input_asset(input_path: str):
+    from prefect.assets import Asset, AssetProperties
+
+    return Asset(key=asset_key(input_path), properties=AssetProperties(name=Path(input_path).name,
+                 description="a Nightshift run's input"))  # fmt: skip
+
+
+def output_assets(run_dir: str, embedded: bool) -> list:
+    from prefect.assets import Asset, AssetProperties
+
+    rd = RunDir(run_dir)
+    outputs = {
+        rd.output: "OpenAI Batch output lines of the rows that succeeded",
+        rd.errors: "OpenAI-style error lines of the rows that failed",
+        rd.results: "one row per input row: text, finish reason, tokens",
+    }
+    if embedded:
+        outputs[rd.embeddings] = "the corpus's vectors, one row per document"
+    return [
+        Asset(
+            key=asset_key(path),
+            properties=AssetProperties(name=f"{rd.root.name}/{Path(str(path)).name}", description=description),
+        )  # fmt: skip
+        for path, description in outputs.items()
+    ]
+
+
+def report_asset(run_dir: str):
+    from prefect.assets import Asset, AssetProperties
+
+    rd = RunDir(run_dir)
+    name = f"{rd.root.name}/{Path(str(rd.report_json)).name}"
+    return Asset(key=asset_key(rd.report_json), properties=AssetProperties(name=name,
+                 description="the run's cost, throughput and validation"))  # fmt: skip
+
+
+def materializing(task, assets: list, depends_on: list):
+    """`task` as a Prefect task that materializes `assets` from `depends_on`, for this run's paths."""
+    from prefect.tasks import MaterializingTask
+
+    return MaterializingTask(fn=task.fn, assets=assets, asset_deps=depends_on, name=task.name)
+
+
+def record_outputs(run_dir: str, report: RunReport) -> None:
+    """The merged figures on each output asset (inside the merge's materializing task run)."""
+    figures = {
+        "rows": report.total_rows,
+        "succeeded": report.succeeded,
+        "failed": report.failed,
+        "prompt_tokens": report.prompt_tokens,
+        "completion_tokens": report.completion_tokens,
+        "errors_by_code": report.errors_by_code,
+    }
+    _record({asset_key(path): figures for path in _outputs(report)})
+
+
+def record_report(run_dir: str, cost: CostReport) -> None:
+    """The run's figures on the report asset (inside the report's materializing task run)."""
+    figures = {
+        "rows": cost.rows,
+        "failed": cost.failed,
+        "prompt_tokens": cost.prompt_tokens,
+        "completion_tokens": cost.completion_tokens,
+        "cost_on_demand": cost.cost_on_demand,
+        "cost_per_million_tokens": cost.cost_per_million_tokens,
+        "tokens_per_second": cost.tokens_per_second,
+        "validated": cost.validated,
+    }
+    _record({asset_key(RunDir(run_dir).report_json): figures})
+
+
+def _outputs(report: RunReport) -> list[str]:
+    return [p for p in (report.output_path, report.errors_path, report.results_path, report.embeddings_path) if p]
+
+
+def _record(metadata: dict[str, dict]) -> None:
+    from prefect.assets import add_asset_metadata
+    from prefect.context import AssetContext
+
+    context = AssetContext.get()
+    if context is None:  # called as a plain function (tests, `nightshift retry`): no assets to tell
+        return
+    declared = {asset.key for asset in context.downstream_assets}
+    for key, figures in metadata.items():
+        if key in declared:
+            add_asset_metadata(key, figures)
