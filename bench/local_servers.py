@@ -61,3 +61,40 @@ def moto_s3() -> tuple[subprocess.Popen, str]:
 
 def cores_of(spec: str) -> set[int]:
     return {int(core) for core in spec.split(",")}
+
+
+class PostgresServer:
+    """A PostgreSQL server from Debian's packages on a free port, with one database, its data in
+    a fresh directory under /tmp; no container. Run as root (CI), its commands run as the
+    `postgres` user the package created: PostgreSQL refuses to run as root."""
+
+    def __init__(self, database: str = "prefect") -> None:
+        import glob
+        import shutil
+        import tempfile
+
+        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+        if not found:
+            raise SystemExit("PostgreSQL is not installed: apt-get install postgresql (scripts/setup.sh does)")
+        self.bin = Path(found[-1]).parent
+        self.directory = Path(tempfile.mkdtemp(prefix="nightshift-postgres-"))
+        self.as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self.as_postgres:
+            shutil.chown(self.directory, "postgres", "postgres")
+        self.port = free_port()
+        self.data = self.directory / "data"
+        self._run("initdb", "-D", self.data, "--auth=trust", "-U", "postgres", "-E", "UTF8")
+        options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run("pg_ctl", "-D", self.data, "-l", self.directory / "server.log", "-w", "-o", options, "start")
+        self._run("createdb", "-h", "127.0.0.1", "-p", self.port, "-U", "postgres", database)
+        self.url = f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def stop(self) -> None:
+        import shutil
+
+        self._run("pg_ctl", "-D", self.data, "-m", "immediate", "stop", check=False)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def _run(self, program: str, *args, check: bool = True) -> None:
+        subprocess.run([*self.as_postgres, str(self.bin / program), *map(str, args)], check=check,
+                       capture_output=True, timeout=120)  # fmt: skip

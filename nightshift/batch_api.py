@@ -20,6 +20,7 @@ import hashlib
 import json
 import re
 import secrets
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -140,8 +141,9 @@ def new_id(prefix: str) -> str:
 class Store:
     """Files and batches on the server's storage, each object one JSON document written whole."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, retention_s: int | None = None) -> None:
         self.root = location(root)
+        self.retention_s = retention_s  # files say when retention removes them (FileObject.expires_at)
 
     def path(self, relative: str) -> Path:
         return self.root / relative
@@ -155,8 +157,10 @@ class Store:
 
     def add_file(self, file_id: str, owner: str, filename: str, purpose: str, size: int, content: str) -> StoredFile:
         """Record a file whose content is already at `content` (a path under the storage root)."""
+        now = int(time.time())
+        expires = now + self.retention_s if self.retention_s else None
         file = FileObject(
-            id=_checked(file_id), bytes=size, created_at=int(time.time()), filename=filename, purpose=purpose
+            id=_checked(file_id), bytes=size, created_at=now, filename=filename, purpose=purpose, expires_at=expires
         )
         stored = StoredFile(file=file, owner=owner, content=content)
         write_json_atomic(self.root / "files" / f"{file.id}.json", stored.model_dump())
@@ -186,6 +190,34 @@ class Store:
 
     def batches(self, owner: str | None = None) -> list[StoredBatch]:
         return [b for b in self._all(StoredBatch, "batches") if owner in (None, b.owner)]
+
+    def active_batches(self, owner: str) -> int:
+        return sum(b.batch.status not in TERMINAL for b in self.batches(owner))
+
+    # Retention
+    def expire(self, created_before: int) -> tuple[list[str], list[str]]:
+        """Remove the finished batches created before `created_before` (Unix time), with their run
+        directories and output files, and the files created before it — except a file a batch in
+        progress still reads. Returns the batch and file ids removed."""
+        batches = self.batches()
+        in_use = {b.batch.input_file_id for b in batches if b.batch.status not in TERMINAL}
+        gone_batches = []
+        for stored in batches:
+            if stored.batch.status in TERMINAL and stored.batch.created_at < created_before:
+                run_dir = self.run_dir(stored.batch.id)
+                if run_dir.exists():
+                    run_dir.fs.rm(run_dir.path, recursive=True) if hasattr(run_dir, "fs") else shutil.rmtree(run_dir)
+                (self.root / "batches" / f"{stored.batch.id}.json").unlink()
+                gone_batches.append(stored.batch.id)
+        gone_files = []
+        for stored in self._all(StoredFile, "files"):
+            if stored.file.created_at < created_before and stored.file.id not in in_use:
+                content = self.root / stored.content
+                if content.exists():
+                    content.unlink()
+                (self.root / "files" / f"{stored.file.id}.json").unlink()
+                gone_files.append(stored.file.id)
+        return gone_batches, gone_files
 
     def _load(self, model, folder: str, object_id: str):
         if not _ID_PATTERN.match(object_id):

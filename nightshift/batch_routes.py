@@ -9,6 +9,7 @@ runner a status change under its lock.
 from __future__ import annotations
 
 import hmac
+import json
 import os
 import threading
 import time
@@ -50,6 +51,20 @@ class ApiError(Exception):
 
     def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
         self.status, self.message, self.code, self.param = status, message, code, param
+
+
+async def bounded_body(request: Request, limit: int) -> bytes:
+    """The request's body, refused (413) past `limit` bytes before more of it is read: by its
+    declared length, else as it streams in."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"The request body is larger than {limit} bytes.")
+    body = bytearray()
+    async for block in request.stream():
+        body += block
+        if len(body) > limit:
+            raise ApiError(413, f"The request body is larger than {limit} bytes.")
+    return bytes(body)
 
 
 def known_cursor(objects: list, after: str | None, kind: str) -> list:
@@ -209,8 +224,9 @@ def batches_router(config: BatchApiConfig, store: Store, runner: Runner, owner) 
 
     @router.post("")
     async def create_batch(request: Request, who=Depends(owner)):
+        raw = await bounded_body(request, config.max_body_bytes)
         try:
-            body = CreateBatch.model_validate(await request.json())
+            body = CreateBatch.model_validate(json.loads(raw))
         except ValidationError as exc:  # named by its top-level field, as OpenAI names them
             return _invalid([{**error, "loc": error["loc"][:1]} for error in exc.errors()])
         except ValueError:
@@ -229,7 +245,13 @@ def batches_router(config: BatchApiConfig, store: Store, runner: Runner, owner) 
             metadata=body.metadata,
             model=config.embedding_model if body.endpoint == "/v1/embeddings" else config.chat_model,
         )
-        with runner.lock:
+        cap = config.max_active_batches_per_key
+        with runner.lock:  # counted and saved under one lock: two requests cannot both take the last place
+            if cap is not None and store.active_batches(who) >= cap:
+                raise ApiError(
+                    429, f"This key has {cap} batches in progress, the most this server allows: wait for one to "
+                    "finish, or cancel one.", "batch_limit_exceeded",
+                )  # fmt: skip
             store.save_batch(StoredBatch(batch=batch, owner=who))
         return batch.model_dump()
 

@@ -392,7 +392,38 @@ class BatchApiConfig(_Config):
     max_file_bytes: int = Field(200 * 1024**2, gt=0, description="largest upload, as OpenAI's 200 MB")
     max_requests: int = Field(50_000, gt=0, description="most requests in one batch, as OpenAI's 50,000")
     max_attempts: int = Field(3, gt=0, description="runs of one batch that may crash (then resume) before it fails")
+    max_active_batches_per_key: int | None = Field(
+        None, gt=0, description="batches one API key may have in progress at once (then 429); default: no cap"
+    )
+    max_body_bytes: int = Field(
+        1024**2, gt=0, description="largest JSON request body (POST /v1/batches); larger ones are refused unread"
+    )
+    retention: str | None = Field(
+        None,
+        description="remove files and finished batches (with their run directories) this long after they were "
+        'created, as OpenAI expires its files: "30d"; default: keep everything',
+    )
+
+    @field_validator("retention")
+    @classmethod
+    def _a_retention(cls, value: str | None) -> str | None:
+        if value is not None and retention_seconds(value) is None:
+            raise ValueError(f'retention {value!r} is not a duration like "30d", "12h" or "90m"')
+        return value
+
+    @property
+    def retention_s(self) -> int | None:
+        return retention_seconds(self.retention) if self.retention else None
+
     poll_s: float = Field(1.0, gt=0, description="seconds between the runner's looks at the batches")
+
+
+def retention_seconds(value: str) -> int | None:
+    """ "30d", "12h", "90m" as whole seconds (at least one); None if it is not such a duration."""
+    from nightshift.deadline import parse_duration  # here: nightshift.deadline imports this module
+
+    duration = parse_duration(value)
+    return int(duration.total_seconds()) if duration is not None and duration.total_seconds() >= 1 else None
 
 
 def _digest(value) -> str:

@@ -24,7 +24,9 @@ EXPIRED_CODE = "batch_expired"
 
 deadline_reached = threading.Event()
 
-_DURATION = re.compile(r"^(?:(?P<h>\d+(?:\.\d+)?)h)?(?:(?P<m>\d+(?:\.\d+)?)m)?(?:(?P<s>\d+(?:\.\d+)?)s)?$")
+_DURATION = re.compile(
+    r"^(?:(?P<d>\d+(?:\.\d+)?)d)?(?:(?P<h>\d+(?:\.\d+)?)h)?(?:(?P<m>\d+(?:\.\d+)?)m)?(?:(?P<s>\d+(?:\.\d+)?)s)?$"
+)
 
 
 class DeadlineReached(RuntimeError):
@@ -32,14 +34,17 @@ class DeadlineReached(RuntimeError):
 
 
 def parse_duration(text: str) -> timedelta | None:
-    """ "6h", "90m", "1h30m", "45s", "1.5h" as a timedelta; None if `text` is not such a duration.
-    The one reading of durations: deadlines and the Batch API's completion windows."""
+    """ "30d", "6h", "90m", "1h30m", "45s", "1.5h" as a timedelta; None if `text` is not such a
+    duration. The one reading of durations: deadlines, the Batch API's completion windows and its
+    retention."""
     value = text.strip().lower()
     duration = _DURATION.match(value)
     if not value or not duration or not any(duration.groupdict().values()):
         return None
     parts = {k: float(v) for k, v in duration.groupdict().items() if v}
-    return timedelta(hours=parts.get("h", 0), minutes=parts.get("m", 0), seconds=parts.get("s", 0))
+    return timedelta(
+        days=parts.get("d", 0), hours=parts.get("h", 0), minutes=parts.get("m", 0), seconds=parts.get("s", 0)
+    )
 
 
 def parse_deadline(text: str, now: datetime | None = None) -> datetime:

@@ -31,4 +31,11 @@ if [ ! -x .venv-s3/bin/moto_server ]; then
   .venv-s3/bin/python -m pip install -q "moto[s3,server]"
 fi
 
+# The work-pool tests run their Prefect server on PostgreSQL, as production does: Debian's
+# package, started by the tests themselves (bench/local_servers.py), no container.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q postgresql >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q postgresql >/dev/null; }
+fi
+
 HF_HUB_OFFLINE=1 .venv/bin/nightshift models

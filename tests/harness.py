@@ -131,3 +131,29 @@ class WebhookReceiver:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def materializations_of(keys: list[str], timeout: float = 60) -> dict[str, dict]:
+    """For each asset key, its latest materialization on the session's server: the metadata it
+    carried and the keys of the assets it was made from (what the lineage view draws)."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
+
+    window = EventOccurredFilter(since=datetime.now(timezone.utc) - timedelta(hours=1))
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            page = client.read_events(
+                EventFilter(occurred=window, resource=EventResourceFilter(id=keys),
+                            event=EventNameFilter(name=["prefect.asset.materialization.succeeded"])),
+                limit=50,
+            )  # fmt: skip
+            found: dict[str, dict] = {}
+            for event in sorted(page.events, key=lambda e: e.occurred):
+                found[event.resource.id] = {
+                    "metadata": event.payload or {},
+                    "upstream": [r.id for r in event.related if r.role == "asset"],
+                }
+            if set(keys) <= set(found) or time.monotonic() > deadline:
+                return found
+            time.sleep(0.5)

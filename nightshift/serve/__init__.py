@@ -57,7 +57,7 @@ def serve(config: BatchApiConfig) -> int:
     from nightshift.lease import run_lease
 
     owners = api_keys(config)  # before anything listens: no keys, no server
-    store = Store(config.storage)
+    store = Store(config.storage, config.retention_s)
     if not is_url(config.storage):
         Path(config.storage).mkdir(parents=True, exist_ok=True)
     with run_lease(str(store.root)):  # one server per storage: two would run each batch twice

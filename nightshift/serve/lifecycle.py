@@ -44,6 +44,7 @@ CANCELLED_MESSAGE = "The batch was cancelled before this request ran."
 # A run past its window stops itself (its --deadline); the server closes it only if it has not
 # within this margin (rows in flight get 2 s, then the merge).
 RUN_EXPIRY_MARGIN_S = 120
+SWEEP_EVERY_S = 60.0  # retention's look at old files and batches
 EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
 GATE_FAILED_MESSAGE = (
     "The canary validation gate failed: the outputs were written, but do not trust them before reading "
@@ -59,6 +60,7 @@ class BatchLifecycle:
         self.lock = threading.RLock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="nightshift-batch-runner", daemon=True)
+        self._next_sweep = 0.0
 
     def start(self) -> None:
         self._thread.start()
@@ -88,6 +90,16 @@ class BatchLifecycle:
         for stored in self.store.batches():
             if stored.batch.status not in TERMINAL and not self._stop.is_set():
                 self._advance(stored)
+        if self.config.retention_s and time.monotonic() >= self._next_sweep:
+            self.sweep()
+
+    def sweep(self) -> None:
+        """Retention: files and finished batches older than `--retention`, gone (a minute apart)."""
+        self._next_sweep = time.monotonic() + SWEEP_EVERY_S
+        with self.lock:
+            batches, files = self.store.expire(int(time.time()) - self.config.retention_s)
+        if batches or files:
+            log.info("retention %s: removed %d batches and %d files", self.config.retention, len(batches), len(files))
 
     def _advance(self, stored: StoredBatch) -> None:
         batch = stored.batch

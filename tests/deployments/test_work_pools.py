@@ -29,16 +29,17 @@ GROUPS = 3
 
 
 class Stack:
-    """A Prefect server on localhost (SQLite) and the processes that talk to it."""
+    """A Prefect server on localhost — on PostgreSQL, as production runs it — and the processes
+    that talk to it."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, database_url: str) -> None:
         port = free_port()
         self.api = f"http://127.0.0.1:{port}/api"
         self.env = {
             **os.environ,
             "PREFECT_HOME": str(home),
             "PREFECT_API_URL": self.api,
-            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
+            "PREFECT_API_DATABASE_CONNECTION_URL": database_url,
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_UI_ENABLED": "false",
             "PREFECT_WORKER_QUERY_SECONDS": "2",
@@ -102,12 +103,35 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    stack = Stack(tmp_path_factory.mktemp("prefect"))
+def postgres():
+    sys.path.insert(0, str(REPO / "bench"))
+    from local_servers import PostgresServer
+
+    server = PostgresServer()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, postgres):
+    stack = Stack(tmp_path_factory.mktemp("prefect"), postgres.url)
     try:
         yield stack
     finally:
         stack.stop()
+
+
+def test_the_server_keeps_its_state_in_postgresql(stack, postgres):
+    """Prefect's tables are in the PostgreSQL database, not in a SQLite file."""
+    tables = subprocess.run(
+        [*postgres.as_postgres, str(postgres.bin / "psql"), "-h", "127.0.0.1", "-p", str(postgres.port),
+         "-U", "postgres", "-d", "prefect", "-tAc", "SELECT count(*) FROM flow_run"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert tables.stdout.strip().isdigit()
+    assert not list(Path(stack.env["PREFECT_HOME"]).glob("*.db"))
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 from conftest import chat_request, read_jsonl, write_jsonl
-from harness import WebhookReceiver, events_of
+from harness import WebhookReceiver, events_of, materializations_of
 
 
 def canary(custom_id, content, **expect):
@@ -75,6 +75,15 @@ def test_a_run_whose_canaries_hold_is_validated_and_canaries_stay_out_of_the_out
     assert {"prefect.resource.role": "model"}.items() <= completed["related"][0].items()
     assert sorted(e["payload"]["shard"] for e in emitted["nightshift.shard.completed"]) == [0, 1, 2]
     assert "nightshift.run.failed" not in emitted
+
+    # The lineage view: input → output.jsonl (the merge, with its figures) → report.json.
+    from nightshift.assets import asset_key
+
+    output, report_json = asset_key(run_dir / "output.jsonl"), asset_key(run_dir / "report.json")
+    made = materializations_of([output, report_json])
+    assert made[output]["metadata"]["rows"] == 25 and made[output]["metadata"]["prompt_tokens"] > 0
+    assert asset_key(batch) in made[output]["upstream"]
+    assert output in made[report_json]["upstream"] and made[report_json]["metadata"]["validated"] is True
 
 
 def test_rows_whose_tokens_are_constrained_are_not_judged_by_the_oracle_and_the_verdict_says_so(

@@ -143,3 +143,89 @@ def test_a_batch_request_that_is_not_valid_is_a_400_naming_its_parameter(http):
     not_json = http.post("/v1/batches", content=b"{not json", headers={**auth, "Content-Type": "application/json"})
     assert_openai_error(not_json, 400, None, None)
     assert http.post("/v1/batches", json=valid, headers=auth).status_code == 200
+
+
+@pytest.fixture
+def capped(tmp_path):
+    """A server allowing each key two batches in progress and small request bodies."""
+    config = BatchApiConfig(storage=str(tmp_path / "api"), chat_model="tiny", max_active_batches_per_key=2,
+                            max_body_bytes=4096)  # fmt: skip
+    store = Store(config.storage)
+    lifecycle = BatchLifecycle(config, store, batch_runs(config, store))
+    app = create_app(config, store, lifecycle, {owner_of(key) for key in KEYS})
+    with TestClient(app, base_url="http://nightshift.test") as client:
+        yield client, store
+
+
+def test_a_key_at_its_cap_of_batches_in_progress_gets_a_429_and_the_others_do_not(capped):
+    http, store = capped
+    alice, bob = sdk(http, KEYS[0]), sdk(http, KEYS[1])
+    file_id = upload(alice, [chat_request("a", "hi")])
+    for _ in range(2):
+        alice.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+    with pytest.raises(openai.RateLimitError) as refused:
+        alice.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert refused.value.code == "batch_limit_exceeded" and "2 batches in progress" in refused.value.message
+    bob.batches.create(input_file_id=upload(bob, [chat_request("b", "hi")]), endpoint="/v1/chat/completions",
+                       completion_window="24h")  # fmt: skip
+    first = alice.batches.list().data[-1]
+    alice.batches.cancel(first.id)  # cancelling is in progress still, until the runner closes it
+    with pytest.raises(openai.RateLimitError):
+        alice.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+    done = store.batch(first.id)
+    store.save_batch(done.model_copy(update={"batch": done.batch.model_copy(update={"status": "cancelled"})}))
+    alice.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+
+
+def test_a_request_body_past_the_bound_is_refused_before_it_is_read(capped):
+    http, _ = capped
+    auth = {"Authorization": f"Bearer {KEYS[0]}", "Content-Type": "application/json"}
+    huge = json.dumps({"input_file_id": "file-x", "endpoint": "/v1/chat/completions", "completion_window": "24h",
+                       "metadata": {"k": "v" * 10_000}})  # fmt: skip
+    assert_openai_error(http.post("/v1/batches", content=huge, headers=auth), 413, None, None)
+
+    def streamed():  # no Content-Length: the bound holds as the body streams in
+        yield huge[:3000].encode()
+        yield huge[3000:].encode()
+
+    assert_openai_error(http.post("/v1/batches", content=streamed(), headers=auth), 413, None, None)
+
+
+def test_retention_removes_old_files_and_finished_batches_with_their_run_directories(tmp_path):
+    import time
+
+    store = Store(str(tmp_path / "api"), retention_s=3600)
+    old, fresh, read_by_a_running_batch = "file-" + "0" * 24, "file-" + "1" * 24, "file-" + "2" * 24
+    for file_id in (old, fresh, read_by_a_running_batch):
+        store.path(store.upload_path(file_id)).parent.mkdir(parents=True, exist_ok=True)
+        store.path(store.upload_path(file_id)).write_text("{}\n")
+        stored = store.add_file(file_id, "alice", "in.jsonl", "batch", 3, store.upload_path(file_id))
+        assert stored.file.expires_at == stored.file.created_at + 3600
+    hour_ago = int(time.time()) - 7200
+
+    def aged(file_id):
+        stored = store.file(file_id, "alice")
+        aged_file = stored.model_copy(update={"file": stored.file.model_copy(update={"created_at": hour_ago})})
+        from nightshift.rundir import write_json_atomic
+
+        write_json_atomic(store.root / "files" / f"{file_id}.json", aged_file.model_dump())
+
+    aged(old), aged(read_by_a_running_batch)
+    from nightshift.batch_api import BatchObject, StoredBatch
+
+    def batch(batch_id, status, input_file):
+        store.save_batch(StoredBatch(owner="alice", batch=BatchObject(
+            id=batch_id, endpoint="/v1/chat/completions", input_file_id=input_file, completion_window="24h",
+            created_at=hour_ago, expires_at=hour_ago + 86400, status=status)))  # fmt: skip
+        store.run_dir(batch_id).mkdir(parents=True, exist_ok=True)
+        (store.run_dir(batch_id) / "output.jsonl").write_text("{}\n")
+
+    batch("batch_" + "a" * 24, "completed", old)
+    batch("batch_" + "b" * 24, "in_progress", read_by_a_running_batch)
+
+    batches, files = store.expire(int(time.time()) - 3600)
+
+    assert batches == ["batch_" + "a" * 24] and files == [old]
+    assert not store.run_dir("batch_" + "a" * 24).exists() and store.run_dir("batch_" + "b" * 24).exists()
+    assert store.file(fresh, "alice") and store.file(read_by_a_running_batch, "alice")
+    assert not store.path(store.upload_path(old)).exists()
