@@ -47,8 +47,8 @@ def test_the_files_openai_fails_whole_are_failed_with_each_line_named(tmp_path):
 
 
 def test_completion_windows_are_durations():
-    assert [window_seconds(w) for w in ("24h", "90m", "30s")] == [86400, 5400, 30]
-    for bad in ("", "24", "0h", "1d", "-1h"):
+    assert [window_seconds(w) for w in ("24h", "90m", "30s", "1d")] == [86400, 5400, 30, 86400]
+    for bad in ("", "24", "0h", "1w", "-1h"):
         with pytest.raises(ValueError):
             window_seconds(bad)
 
