@@ -35,7 +35,7 @@ from nightshift.batch_api import (
     window_seconds,
 )
 from nightshift.config import BatchApiConfig
-from nightshift.storage import written_whole
+from nightshift.storage import StorageFull, written_whole
 
 
 class Runner(Protocol):
@@ -169,12 +169,15 @@ def files_router(config: BatchApiConfig, store: Store, owner) -> APIRouter:
             raise too_large()
         file_id = new_id("file-")
         size = 0
-        with written_whole(store.path(store.upload_path(file_id))) as tmp, open(tmp, "wb") as out:
-            while block := file.file.read(1 << 20):
-                size += len(block)
-                if size > config.max_file_bytes:
-                    raise too_large()
-                out.write(block)
+        try:
+            with written_whole(store.path(store.upload_path(file_id))) as tmp, open(tmp, "wb") as out:
+                while block := file.file.read(1 << 20):
+                    size += len(block)
+                    if size > config.max_file_bytes:
+                        raise too_large()
+                    out.write(block)
+        except StorageFull:  # nothing of the upload is kept: it was a temporary, removed
+            raise ApiError(507, "The server's storage is full: the file was not stored. Try again later.") from None
         name = os.path.basename(file.filename or "upload.jsonl")[:255]  # a label only, never a path
         return store.add_file(file_id, who, name, "batch", size, store.upload_path(file_id)).file.model_dump()
 

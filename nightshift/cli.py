@@ -287,11 +287,21 @@ def _run(args) -> int:
     except EngineUnreachable as exc:  # every finished row is on disk: running again resumes
         print(f"nightshift: {exc}", file=sys.stderr)
         return EXIT_ENGINE_STALLED
+    except Exception as exc:
+        from nightshift.storage import StorageFull, is_device_full
+
+        if not is_device_full(exc):
+            raise
+        told = exc if isinstance(exc, StorageFull) else StorageFull(Path(args.output), 0)
+        print(f"nightshift: {told}", file=sys.stderr)
+        return EXIT_STORAGE_FULL
 
 
 # The engine did not start in time, or its server stayed silent: a temporary failure (sysexits'
 # EX_TEMPFAIL), worth a retry.
 EXIT_ENGINE_STALLED = 75
+# The run directory's device is full: sysexits' EX_CANTCREAT. Worth running again once there is room.
+EXIT_STORAGE_FULL = 73
 
 
 def _exit_leaving_the_stalled_start(message: str) -> None:

@@ -20,6 +20,7 @@ botocore with adaptive backoff; a failure that outlasts them names the object.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -37,6 +38,56 @@ _options: dict[str, dict] = {}  # protocol → storage options of this process (
 
 class StorageError(OSError):
     """A read or write that failed after its retries; the message names the object."""
+
+
+class StorageFull(StorageError):
+    """A local write found its device full. Nothing half-written became visible (every write is
+    a temporary renamed whole); rows already on disk are kept, so the run resumes once there is
+    room. Said once, with the path and the space, never as a traceback."""
+
+    def __init__(self, target: Path, written: int) -> None:
+        try:
+            free = shutil.disk_usage(_existing_parent(target)).free
+        except OSError:
+            free = 0
+        super().__init__(
+            errno.ENOSPC,
+            f"no space left on the device of {target}: {_size(free)} free, and this write needed more than "
+            f"{_size(written)} — free some space (or give the run directory a larger disk) and run the same "
+            "command again: finished rows are kept and the run resumes",
+        )
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def _size(count: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:,.0f} {unit}" if unit == "bytes" else f"{count:,.1f} {unit}"
+        count /= 1024
+    return f"{count} GiB"
+
+
+_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+def is_device_full(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) is a full device or quota: an OSError's errno, or the
+    text pyarrow and Prefect pass on without one."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and (exc.errno in _FULL or "No space left on device" in str(exc)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def is_url(path) -> bool:
@@ -111,12 +162,16 @@ def written_whole(path) -> Iterator[Path]:
     unless a commit fence refuses it. If the body raises, `path` is left as it was."""
     target = location(path)
     if not is_url(target):
-        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)
             yield tmp
             _pass_fences(target)
             os.replace(tmp, target)
+        except OSError as exc:
+            if is_device_full(exc) and not isinstance(exc, StorageFull):
+                raise StorageFull(target, tmp.stat().st_size if tmp.exists() else 0) from None
+            raise
         finally:
             tmp.unlink(missing_ok=True)
         return

@@ -51,7 +51,7 @@ from nightshift.preemption import Preempted, generation_in_progress, grace_secon
 from nightshift.records import Shard, ShardMetrics, ShardResult
 from nightshift.result_cache import ResultCache, cached_output_line
 from nightshift.rundir import RunDir
-from nightshift.storage import duckdb_connection, local_copies, read_table
+from nightshift.storage import duckdb_connection, is_device_full, local_copies, read_table
 from nightshift.telemetry import GpuSampler
 
 
@@ -65,10 +65,11 @@ def _retry_unless_preempted(task, task_run, state) -> bool:
     # the deadline, there is no time left to retry in. A stalled engine start still holds
     # this process: the retry is a fresh process's (the run fails retryably).
     failure = state.result(raise_on_failure=False)
-    # An engine server that stayed silent was retried all along: the run ends, resumable.
+    # An engine server that stayed silent was retried all along: the run ends, resumable. A full
+    # disk stays full until someone frees it: the run ends, resumable.
     return not isinstance(
         failure, (Preempted, ConfigurationError, DeadlineReached, EngineStartStalled, EngineUnreachable)
-    )
+    ) and not (isinstance(failure, BaseException) and is_device_full(failure))
 
 
 @task(

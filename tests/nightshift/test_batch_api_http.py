@@ -229,3 +229,26 @@ def test_retention_removes_old_files_and_finished_batches_with_their_run_directo
     assert not store.run_dir("batch_" + "a" * 24).exists() and store.run_dir("batch_" + "b" * 24).exists()
     assert store.file(fresh, "alice") and store.file(read_by_a_running_batch, "alice")
     assert not store.path(store.upload_path(old)).exists()
+
+
+def test_an_upload_that_does_not_fit_the_servers_disk_is_a_507_and_leaves_nothing(tmp_path):
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("this machine cannot mount a tmpfs")
+    try:
+        config = BatchApiConfig(storage=str(disk / "api"), chat_model="tiny")
+        store = Store(config.storage)
+        app = create_app(config, store, BatchLifecycle(config, store, batch_runs(config, store)), {owner_of(KEYS[0])})
+        with TestClient(app, base_url="http://nightshift.test") as http:
+            content = b"".join(json.dumps(chat_request(f"r{i}", "x" * 200)).encode() + b"\n" for i in range(8000))
+            response = http.post("/v1/files", files={"file": ("big.jsonl", content)}, data={"purpose": "batch"},
+                                 headers={"Authorization": f"Bearer {KEYS[0]}"})  # fmt: skip
+            assert response.status_code == 507 and "storage is full" in response.json()["error"]["message"]
+            assert store.files(owner_of(KEYS[0])) == []
+            assert not [p for p in disk.rglob("*") if p.is_file()], "no partial upload kept"
+            assert sdk(http).files.create(file=("small.jsonl", io.BytesIO(b"{}\n")), purpose="batch").bytes == 3
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
