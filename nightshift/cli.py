@@ -109,12 +109,14 @@ def main(argv: list[str] | None = None) -> int:
 def _command(args) -> int:
     # The run's story is in Prefect's log lines; the engine's own (every process's INFO, its
     # shutdown warnings) and third parties' warnings and bars only with --verbose.
-    from nightshift.logs import quiet_third_parties, set_vllm_log_level
+    from nightshift.logs import expected_failures_in_one_line, quiet_third_parties, set_vllm_log_level
 
     verbose = getattr(args, "verbose", False)
     set_vllm_log_level("INFO" if verbose else os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"))
     if not verbose:
         quiet_third_parties()
+        if args.command in ("run", "retry", "demo"):
+            expected_failures_in_one_line()
     if args.command == "serve":
         return _serve(args)
     if args.command == "models":

@@ -34,7 +34,7 @@ from pathlib import Path
 from nightshift.config import ConfigurationError, RuntimeSettings
 from nightshift.records import Lease
 from nightshift.rundir import RunDir
-from nightshift.storage import add_commit_fence, is_url, read_fresh
+from nightshift.storage import add_commit_fence, is_device_full, is_url, read_fresh
 
 log = logging.getLogger("nightshift.lease")
 
@@ -86,7 +86,21 @@ def run_lease(run_dir: str | Path, flow_run_id: str | None = None):
             _held.pop(str(root), None)
         current = _read(path)
         if current is not None and current.token == mine.token:  # the epoch stays: it only grows
-            current.model_copy(update={"released": True}).save(path)
+            _release(path, current.model_copy(update={"released": True}))
+
+
+def _release(path: Path, released: Lease) -> None:
+    """Save the released lease; on a full disk, over the old lease's own bytes (compact JSON is
+    shorter than the saved one, so no new space is needed) — else the next run would find this
+    process's lease held and refuse to start once there is room."""
+    try:
+        released.save(path)
+    except OSError as exc:
+        if is_url(path) or not is_device_full(exc):
+            raise
+        with open(path, "r+b") as handle:
+            handle.write(released.model_dump_json().encode())
+            handle.truncate()
 
 
 def check_owner(target: str) -> None:

@@ -103,3 +103,28 @@ def quiet_third_parties() -> None:
     for spec in QUIET_WARNINGS:  # this process read PYTHONWARNINGS at its start: the same filters, now
         _, _, category, module = (spec.split(":") + [""])[:4]
         warnings.filterwarnings("ignore", category=getattr(builtins, category), module=re.escape(module))
+
+
+class _OneLineForAFullDisk(logging.Filter):
+    """A full disk is an expected end, said in one line with the path and the space
+    (nightshift.storage.StorageFull): the console's records of it lose their traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from nightshift.storage import is_device_full
+
+        if record.exc_info and record.exc_info[1] is not None and is_device_full(record.exc_info[1]):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def expected_failures_in_one_line() -> None:
+    """On every console handler Prefect configured (and any writing to stderr): see above."""
+    import prefect.main  # noqa: F401  (configures Prefect's logging: its handlers exist now)
+
+    loggers = [logging.getLogger()]
+    loggers += [lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    for handler in {h for lg in loggers for h in lg.handlers}:
+        if isinstance(handler, logging.StreamHandler) and not any(
+            isinstance(f, _OneLineForAFullDisk) for f in handler.filters
+        ):
+            handler.addFilter(_OneLineForAFullDisk())
