@@ -1,4 +1,5 @@
-"""The servers the benches and drills start on this machine: vLLM's OpenAI server and moto's S3."""
+"""The servers the benches, drills and tests start on this machine: vLLM's OpenAI server, moto's S3,
+PostgreSQL, a webhook receiver."""
 
 from __future__ import annotations
 
@@ -98,3 +99,54 @@ class PostgresServer:
     def _run(self, program: str, *args, check: bool = True) -> None:
         subprocess.run([*self.as_postgres, str(self.bin / program), *map(str, args)], check=check,
                        capture_output=True, timeout=120)  # fmt: skip
+
+
+class WebhookReceiver:
+    """An HTTP endpoint on this machine that keeps every request body it is sent: where a
+    notification block points in the tests (the place a team's Slack or pager would be)."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        received = self.received = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                received.append(self.rfile.read(int(self.headers.get("Content-Length", 0))).decode())
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, text: str, timeout: float = 90) -> str | None:
+        """The first body received holding `text`, waiting for it up to `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = next((body for body in list(self.received) if text in body), None)
+            if found is not None:
+                return found
+            time.sleep(0.5)
+        return None
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def wait_for_prefect(api: str, timeout: float = 120) -> None:
+    """Until the Prefect server at `api` answers its health check."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"the Prefect server at {api} did not start")

@@ -17,13 +17,11 @@ every page showed what it should.
 from __future__ import annotations
 
 import argparse
-import http.server
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -31,7 +29,7 @@ import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
-from local_servers import PostgresServer, free_port  # noqa: E402
+from local_servers import PostgresServer, WebhookReceiver, free_port, wait_for_prefect  # noqa: E402
 
 BROWSER = r"""
 import json, sys
@@ -69,16 +67,14 @@ def main() -> int:
     bin_dir = Path(sys.executable).parent
     server = subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               env=env, stdout=open(work / "server.log", "wb"), stderr=subprocess.STDOUT)  # fmt: skip
-    received: list[str] = []
-    hook = _webhook(received)
+    hook = WebhookReceiver()
     try:
-        _wait_healthy(api)
+        wait_for_prefect(api)
         os.environ.update(PREFECT_API_URL=api, PREFECT_HOME=env["PREFECT_HOME"])
         from prefect.blocks.notifications import CustomWebhookNotificationBlock
 
-        hook_url = f"http://127.0.0.1:{hook.server_address[1]}/hook"
         template = {"subject": "{{subject}}", "body": "{{body}}"}
-        CustomWebhookNotificationBlock(name="on-call", url=hook_url, json_data=template).save("on-call")
+        CustomWebhookNotificationBlock(name="on-call", url=hook.url, json_data=template).save("on-call")
         subprocess.run([str(bin_dir / "nightshift"), "automations", "apply", "--notify", "custom-webhook/on-call"],
                        env=env, check=True)  # fmt: skip
         rows = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
@@ -92,10 +88,8 @@ def main() -> int:
              "--model", "tiny", "--shard-size", "20", "--canaries", str(work / "canaries.jsonl")],
             env=env,
         )  # fmt: skip
-        deadline = time.monotonic() + 90
-        while not any("validation failed" in body for body in received) and time.monotonic() < deadline:
-            time.sleep(1)
-        notified = next((json.loads(body) for body in received if "validation failed" in body), None)
+        page = hook.wait_for("validation failed")
+        notified = json.loads(page) if page else None
         ui = f"http://127.0.0.1:{port}"
         automation = next(a for a in httpx.post(f"{api}/automations/filter", json={}).json()
                           if a["name"] == "nightshift-validation-failed")  # fmt: skip
@@ -118,36 +112,10 @@ def main() -> int:
                           "screenshots": [s[1] for s in shots.values()]}, indent=2))  # fmt: skip
         return 0 if run.returncode == 3 and notified and all(seen.values()) else 1
     finally:
-        hook.shutdown()
+        hook.close()
         server.terminate()
         server.wait(timeout=30)
         postgres.stop()
-
-
-def _webhook(received: list[str]) -> http.server.ThreadingHTTPServer:
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
-            received.append(self.rfile.read(int(self.headers.get("Content-Length", 0))).decode())
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
-def _wait_healthy(api: str) -> None:
-    for _ in range(240):
-        try:
-            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit("the Prefect server did not start")
 
 
 def _event(api: str, name: str, resource_suffix: str) -> dict:

@@ -18,6 +18,8 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+from local_servers import WebhookReceiver  # noqa: E402,F401  (the tests' webhook endpoint)
 
 # vLLM's default layout for a child (the engine core and its worker in processes of their own),
 # where the suite's in-process engine core (conftest) would not be what the test is about.
@@ -93,44 +95,6 @@ def events_of(run_dir, wanted: set[str], timeout: float = 60) -> dict[str, list[
             if wanted <= set(found) or time.monotonic() > deadline:
                 return found
             time.sleep(0.5)
-
-
-class WebhookReceiver:
-    """An HTTP endpoint on this machine that keeps every request body it is sent: where a
-    notification block points in the tests (the place a team's Slack or pager would be)."""
-
-    def __init__(self) -> None:
-        import http.server
-        import threading
-
-        received = self.received = []
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-                received.append(self.rfile.read(int(self.headers.get("Content-Length", 0))).decode())
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def wait_for(self, text: str, timeout: float = 90) -> str | None:
-        """The first body received holding `text`, waiting for it up to `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = next((body for body in list(self.received) if text in body), None)
-            if found is not None:
-                return found
-            time.sleep(0.5)
-        return None
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def materializations_of(keys: list[str], timeout: float = 60) -> dict[str, dict]:
