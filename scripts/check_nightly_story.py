@@ -6,12 +6,13 @@ webhook, and the event feed, the automation and the assets' events show it.
     .venv/bin/python scripts/check_nightly_story.py --browser-python /tmp/pw/bin/python
 
 Starts PostgreSQL (bench/local_servers.py) and `prefect server start` on it with its UI, a
-webhook receiver here with a CustomWebhookNotificationBlock pointing at it, `nightshift
-automations apply --notify custom-webhook/on-call`, then `nightshift run` of 40 rows on the tiny
-model with a canary that cannot pass (exit 3). Waits for the notification, then saves
-screenshots to docs/images/: the event feed, the fired automation, the output asset's
-materialization event (its upstream: the input). Exit 0 only if the notification arrived and
-every page showed what it should.
+webhook receiver here with a CustomWebhookNotificationBlock pointing at it, `scripts/deploy.sh`
+with NIGHTSHIFT_NOTIFY_BLOCK=custom-webhook/on-call (pools, blocks, deployments, automations), a
+worker on the CPU pool, then `prefect deployment run nightshift-batch/nightly --watch` over 40
+rows on the tiny model with a canary that cannot pass (the flow run fails). Waits for the
+notification, then saves screenshots to docs/images/: the event feed, the fired automation, the
+output asset's materialization event (its upstream: the input). Exit 0 only if the run failed,
+the notification arrived and every page showed what it should.
 """
 
 from __future__ import annotations
@@ -73,21 +74,34 @@ def main() -> int:
         os.environ.update(PREFECT_API_URL=api, PREFECT_HOME=env["PREFECT_HOME"])
         from prefect.blocks.notifications import CustomWebhookNotificationBlock
 
+        from nightshift.blocks import ModelConfig
+
         template = {"subject": "{{subject}}", "body": "{{body}}"}
         CustomWebhookNotificationBlock(name="on-call", url=hook.url, json_data=template).save("on-call")
-        subprocess.run([str(bin_dir / "nightshift"), "automations", "apply", "--notify", "custom-webhook/on-call"],
-                       env=env, check=True)  # fmt: skip
+        ModelConfig(model="tiny", engine={"max_num_seqs": 16}).save("tiny-story")
+        # What docs/deployments.md tells an operator: pools, blocks, deployments, automations.
+        subprocess.run([str(REPO / "scripts" / "deploy.sh")], cwd=REPO, check=True,
+                       env={**env, "NIGHTSHIFT_NOTIFY_BLOCK": "custom-webhook/on-call"})  # fmt: skip
+        worker = subprocess.Popen([str(bin_dir / "prefect"), "worker", "start", "--pool", "nightshift-cpu"],
+                                  cwd=REPO, env=env, stdout=open(work / "worker.log", "wb"),
+                                  stderr=subprocess.STDOUT)  # fmt: skip
         rows = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
                  "body": {"messages": [{"role": "user", "content": f"Summarize item {i}"}], "max_tokens": 16,
                           "temperature": 0}} for i in range(40)]  # fmt: skip
         (work / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         canary = {**rows[0], "custom_id": "must-say-hello", "expect": {"exact": "Hello, the canary is fine."}}
         (work / "canaries.jsonl").write_text(json.dumps(canary) + "\n")
+        # The nightly deployment as CI starts it, its engine on the CPU pool's worker (no fan-out here).
+        parameters = {
+            "input_path": str(work / "in.jsonl"), "run_dir": str(work / "nightly"), "model": "tiny-story",
+            "shard_size": 20, "fan_out": None, "validation": {"canaries": str(work / "canaries.jsonl")},
+        }  # fmt: skip
         run = subprocess.run(
-            [str(bin_dir / "nightshift"), "run", str(work / "in.jsonl"), "--output", str(work / "nightly"),
-             "--model", "tiny", "--shard-size", "20", "--canaries", str(work / "canaries.jsonl")],
-            env=env,
+            [str(bin_dir / "prefect"), "deployment", "run", "nightshift-batch/nightly", "--params",
+             json.dumps(parameters), "--watch", "--watch-timeout", "600"],
+            cwd=REPO, env=env,
         )  # fmt: skip
+        worker.terminate()
         page = hook.wait_for("validation failed")
         notified = json.loads(page) if page else None
         ui = f"http://127.0.0.1:{port}"
@@ -110,7 +124,7 @@ def main() -> int:
         seen = json.loads(shown.stdout.strip().splitlines()[-1])
         print(json.dumps({"run_exit": run.returncode, "notification": notified, "pages": seen,
                           "screenshots": [s[1] for s in shots.values()]}, indent=2))  # fmt: skip
-        return 0 if run.returncode == 3 and notified and all(seen.values()) else 1
+        return 0 if run.returncode != 0 and notified and all(seen.values()) else 1
     finally:
         hook.close()
         server.terminate()

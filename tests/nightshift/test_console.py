@@ -54,7 +54,7 @@ def test_log_lines_and_stray_output_print_above_the_live_progress_line(tmp_path,
     logger.propagate = False
     logger.setLevel(logging.INFO)
     tracker = Progress(RunDir(tmp_path), total=100, completed=0)
-    monkeypatch.setitem(progress._trackers, "run", tracker)
+    monkeypatch.setattr(progress, "_trackers", {"run": tracker})  # this run's alone, whatever ran before
     try:
         with ConsoleProgress(terminal, width=10):
             tracker.advance(40, 4000)
