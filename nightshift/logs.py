@@ -83,6 +83,8 @@ QUIET_ENVIRONMENT = {
     "TQDM_DISABLE": "1",  # vLLM's "Loading safetensors checkpoint shards" bars
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights" bar (the canary oracle)
     "VLLM_NO_USAGE_STATS": "1",  # vLLM's usage report: nothing is sent, nothing is said
+    # the temporary Prefect server's "Prefect collects anonymous usage data…" notice, and the sending
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
 }
 QUIET_WARNINGS = (
     "ignore::FutureWarning",  # e.g. torch.distributed.reduce_op, through vLLM's Triton dispatcher

@@ -14,16 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+from local_servers import free_port, wait_for_prefect  # noqa: E402
 
 BROWSER = r"""
 import json, sys
@@ -45,12 +45,6 @@ with sync_playwright() as p:
 """
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--browser-python", default="/tmp/pw/bin/python", help="a Python with playwright")
@@ -70,13 +64,7 @@ def main() -> int:
         stderr=subprocess.STDOUT,
     )
     try:
-        for _ in range(240):
-            try:
-                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_for_prefect(api)
         rows = [
             {"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
              "body": {"messages": [{"role": "user", "content": f"Story {i}"}], "max_tokens": 64,
