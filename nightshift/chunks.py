@@ -49,11 +49,18 @@ CHUNK_SCHEMA = pa.schema(
         # "engine"; "duplicate": an identical deterministic row's output; "cache": the result cache's
         ("source", pa.string()),
         ("embedding", pa.list_(pa.float32())),  # an embedding row's (first) vector
+        ("model", pa.string()),  # the LoRA adapter a row was generated with; null: the base model
+        ("image_tokens", pa.int64()),  # of its prompt tokens, those its images became
     ]
 )
 
 # Errors worth another attempt: the engine failed, or the run's deadline came first; not the request.
 RETRYABLE_CODES = ("engine_error", EXPIRED_CODE)
+
+
+def _image_tokens(output, image_token_id) -> int | None:
+    ids = getattr(output, "prompt_token_ids", None)
+    return None if image_token_id is None or ids is None else sum(1 for token in ids if token == image_token_id)
 
 
 def chunk_files(output_dir: Path) -> list[Path]:
@@ -165,11 +172,20 @@ class ChunkWriter:
         self.engine_prompt_tokens = 0  # prompt tokens of the rows the engine ran, and those
         self.cached_prompt_tokens = 0  # its prefix cache served: the measured hit rate
 
-    def add_output(self, row: dict, kind: str, output, model_name: str, tokenizer, source: str = "engine") -> dict:
+    def add_output(
+        self, row: dict, request, output, tokenizer, source: str = "engine", tool_calling=None, image_token_id=None
+    ) -> dict:
+        """A chat or completions row's answer (`request`: its PreparedRequest; `image_token_id`:
+        the token a vision model's prompt holds for each piece of an image)."""
+        kind, model_name = request.kind, request.model_name
         if isinstance(output, RemoteCompletion):  # an engine server's answer: its own body
             line = remote_output_line(row["custom_id"], kind, output, model_name, self.cache_key)
         else:
-            line = output_line(row["custom_id"], kind, output, model_name, self.cache_key, tokenizer)
+            line = output_line(
+                row["custom_id"], kind, output, model_name, self.cache_key, tokenizer, tool_calling, request.parsed
+            )
+        first = line["response"]["body"]["choices"][0]
+        finish_reason = first["finish_reason"]
         first = output.outputs[0]
         usage = line["response"]["body"]["usage"]
         if source == "engine":
@@ -180,16 +196,16 @@ class ChunkWriter:
             line,
             ok=True,
             text=first.text,
-            finish_reason=first.finish_reason,
+            finish_reason=finish_reason,
             prompt_tokens=usage["prompt_tokens"],
             completion_tokens=usage["completion_tokens"],
             error_code=None,
             source=source,
+            model=request.adapter,
+            image_tokens=_image_tokens(output, image_token_id) if request.images else None,
         )
 
-    def add_embedding(
-        self, row: dict, request, outputs: list | RemoteEmbedding, model_name: str, source: str = "engine"
-    ) -> dict:
+    def add_embedding(self, row: dict, request, outputs: list | RemoteEmbedding, source: str = "engine") -> dict:
         """An embedding row: its vectors, in an OpenAI output line or (a corpus row) alone."""
         limit = (request.tokenization_kwargs or {}).get("max_length")
         if isinstance(outputs, RemoteEmbedding):  # a server counts one row's tokens, not each input's
@@ -203,7 +219,7 @@ class ChunkWriter:
             None
             if request.vector_only
             else embedding_output_line(
-                row["custom_id"], vectors, prompt_tokens, request.encoding_format, model_name, self.cache_key
+                row["custom_id"], vectors, prompt_tokens, request.encoding_format, request.model_name, self.cache_key
             )
         )
         return self._add(
@@ -219,8 +235,8 @@ class ChunkWriter:
             embedding=vectors[0],
         )
 
-    def add_stored(self, row: dict, line: dict, stored: dict) -> None:
-        """A row answered from the result cache."""
+    def add_stored(self, row: dict, line: dict, stored: dict, adapter: str | None = None) -> None:
+        """A row answered from the result cache (`adapter`: the one its request names)."""
         self._add(
             row,
             line,
@@ -231,6 +247,7 @@ class ChunkWriter:
             completion_tokens=stored["completion_tokens"],
             error_code=None,
             source="cache",
+            model=adapter,
         )
 
     def add_error(self, row: dict, error: dict) -> None:
@@ -254,6 +271,8 @@ class ChunkWriter:
             "custom_id": row["custom_id"],
             "line": None if line is None else json.dumps(line, ensure_ascii=False),
             "embedding": None,
+            "model": None,
+            "image_tokens": None,
             **fields,
         }
         self.buffer.append(record)

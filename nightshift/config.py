@@ -25,7 +25,7 @@ from nightshift.rundir import write_json_atomic
 
 # Bump when the bytes a shard's generation writes change shape: old checkpoints
 # then stop matching instead of being read with the wrong layout.
-OUTPUT_FORMAT_VERSION = 3
+OUTPUT_FORMAT_VERSION = 4
 
 DEFAULT_SHARD_SIZE = 10_000  # rows per shard: the unit of checkpoints, retries and fan-out
 
@@ -74,6 +74,41 @@ class _Config(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class LoraAdapter(_Config):
+    """A LoRA adapter served beside the base model: rows whose body's `model` is `name` use it."""
+
+    name: str = Field(min_length=1, description="the model name rows ask for (their body's `model`)")
+    path: str = Field(min_length=1, description="a PEFT adapter directory, local or s3://")
+    identity: str | None = Field(
+        None, description="a hash of the adapter's files, taken when the job is made (nightshift.adapters)"
+    )
+
+    @classmethod
+    def parse(cls, value) -> LoraAdapter:
+        """NAME=PATH (the CLI's), a {name:, path:} mapping, or an adapter."""
+        if isinstance(value, str):
+            name, equals, path = value.partition("=")
+            if not equals or not name.strip() or not path.strip():
+                raise ValueError(f"a LoRA adapter is NAME=PATH, not {value!r}")
+            return cls(name=name.strip(), path=path.strip())
+        return cls.model_validate(value)
+
+
+def lora_adapters(value) -> tuple[LoraAdapter, ...]:
+    """Adapters as given: NAME=PATH strings, {name: path}, mappings or adapters; names unique."""
+    if value is None:
+        return ()
+    if isinstance(value, (str, LoraAdapter)):
+        value = [value]
+    elif isinstance(value, dict):  # {name: path}
+        value = [{"name": name, "path": path} for name, path in value.items()]
+    adapters = tuple(LoraAdapter.parse(item) for item in value)
+    names = [adapter.name for adapter in adapters]
+    if len(set(names)) < len(names):
+        raise ValueError(f"two LoRA adapters named alike: {', '.join(sorted(names))}")
+    return adapters
+
+
 class EngineSettings(_Config):
     """How the vLLM engine is built, the model aside. Fields mirror vLLM's `LLM(...)` arguments;
     None leaves the choice to vLLM (its offline defaults for the hardware) or to Nightshift's sizing."""
@@ -113,6 +148,11 @@ class EngineSettings(_Config):
         description="KV cache in bytes (default: gpu_memory_utilization on GPUs; sized from the model on CPU)",
     )
     seed: int = Field(0, description="engine seed: sampled rows are reproducible across runs")
+    lora: tuple[LoraAdapter, ...] = Field(
+        (),
+        description="a LoRA adapter, NAME=PATH (repeatable; PATH local or s3://): rows whose body's model is NAME "
+        "are generated with it, beside the base model's rows, on one engine",
+    )
     # Nightshift's own, not vLLM's (engine_arguments leaves them out: NIGHTSHIFT_ENGINE_FIELDS).
     engine_start_timeout_s: float = Field(
         1800.0,
@@ -159,6 +199,11 @@ class EngineSettings(_Config):
     def _urls(cls, value: str | None) -> str | None:
         return engine_urls_checked(value)
 
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _adapters(cls, value) -> tuple[LoraAdapter, ...]:
+        return lora_adapters(value)
+
     @property
     def engine_urls(self) -> list[str]:
         """The servers of engine_url, in the order this engine tries them."""
@@ -184,6 +229,7 @@ NIGHTSHIFT_ENGINE_FIELDS = frozenset(
         "engine_priority",
         "online_ttft_slo_ms",
         "engine_unreachable_s",
+        "lora",  # vLLM takes enable_lora and sizes; the adapters go with each row (nightshift.engine)
     }
 )
 
@@ -215,6 +261,12 @@ class JobOptions(_Config):
         description="send a shard's rows to the engine in input order, not grouped by shared prompt prefix, and cut "
         "shards as input slices (outputs are in input order either way)",
     )
+    tool_call_parser: str | None = Field(
+        "auto",
+        description="vLLM's tool-call parser for rows with tools (hermes, llama3_json, mistral, ...): auto picks the "
+        "model family's from its chat template (hermes where it names none); forced tool_choice is "
+        "honoured by structured decoding whichever parser",
+    )
     shard_slices: bool = Field(
         False,
         description="cut shards as consecutive input slices even where gathering rows that share a prompt prefix "
@@ -233,6 +285,9 @@ class JobSpec(JobOptions):
     engine: EngineConfig
     served_model_name: str
     model_identity: str = Field(description="weights checksum, or path + size + mtime of the weight files")
+
+    def adapter_names(self) -> set[str]:
+        return {adapter.name for adapter in self.engine.lora}
 
     def save(self, path: Path) -> None:
         write_json_atomic(path, self.model_dump())
@@ -255,6 +310,8 @@ class JobSpec(JobOptions):
                 "kv_cache_dtype": self.engine.kv_cache_dtype,
                 "seed": self.engine.seed,
                 "format": OUTPUT_FORMAT_VERSION,
+                **({"adapters": {a.name: a.identity for a in self.engine.lora}} if self.engine.lora else {}),
+                **({"tool_call_parser": self.tool_call_parser} if self.tool_call_parser != "auto" else {}),
                 # a server's answers are not mixed with this machine's engine's: its weights are its own
                 **({"engine": "remote"} if self.engine.engine_url else {}),
             }
@@ -276,6 +333,11 @@ class CorpusOptions(_Config):
     normalize: bool | None = Field(None, description="embed: L2-normalise the vectors (default: the model's own)")
     id_column: str | None = Field(None, description="column holding each record's id (default: row-<n>)")
     text_column: str = Field("text", description="column holding the text")
+    image_column: str | None = Field(
+        None,
+        description="column holding each record's image for a vision-language model: bytes, or a path or URL "
+        "(local, s3://, https://)",
+    )
     template: str = Field("{text}", description="user prompt; {text} is replaced by the record's text")
     system: str | None = Field(None, description="system prompt")
     max_tokens: int | None = Field(256, gt=0, description="completion tokens per record")
@@ -288,6 +350,11 @@ class CanaryConfig(_Config):
     canaries: str | None = Field(None, description="canary file: requests with expectations (docs/canaries.md)")
     min_pass_rate: float = Field(1.0, ge=0, le=1, description="share of canaries whose expectations must hold")
     oracle_model: str | None = Field(None, description="reference weights for the oracle (default: the job's model)")
+    oracle_lora: tuple[LoraAdapter, ...] = Field(
+        (),
+        description="a reference LoRA adapter for the oracle, NAME=PATH (repeatable; default: the job's own adapter "
+        "of that name): an adapter row is scored on the base model with it merged",
+    )
     oracle_samples: int = Field(3, ge=0, description="greedy rows re-computed with transformers (0: off)")
     oracle_tokens: int = Field(16, gt=0, description="first tokens of each sample scored under the reference")
     oracle_top_k: int = Field(
@@ -302,9 +369,20 @@ class CanaryConfig(_Config):
     )
     determinism_samples: int = Field(2, ge=0, description="rows re-run through the engine with the same seed (0: off)")
 
+    @field_validator("oracle_lora", mode="before")
+    @classmethod
+    def _adapters(cls, value) -> tuple[LoraAdapter, ...]:
+        return lora_adapters(value)
+
     def reference(self, job: JobSpec) -> str:
         """The weights the oracle scores the run against: `oracle_model`, else the job's own."""
         return self.oracle_model or job.engine.model
+
+    def reference_adapter(self, job: JobSpec, name: str) -> LoraAdapter:
+        """The adapter merged into the reference for rows of adapter `name`: `oracle_lora`'s of
+        that name, else the job's own."""
+        given = {adapter.name: adapter for adapter in self.oracle_lora}
+        return given.get(name) or next(adapter for adapter in job.engine.lora if adapter.name == name)
 
 
 class FanOut(_Config):
@@ -377,6 +455,17 @@ class BatchApiConfig(_Config):
     embedding_engine_url: str | None = Field(
         None, description="the same for /v1/embeddings batches: a server of the embedding model"
     )
+    chat_lora: tuple[LoraAdapter, ...] = Field(
+        (),
+        description="a LoRA adapter of the chat model, NAME=PATH (repeatable): a batch's rows naming it as their "
+        "model are generated with it",
+    )
+
+    @field_validator("chat_lora", mode="before")
+    @classmethod
+    def _adapters(cls, value) -> tuple[LoraAdapter, ...]:
+        return lora_adapters(value)
+
     engine_api_key_secret: str | None = Field(
         None, description="a Prefect Secret block with the engine servers' key (default: $NIGHTSHIFT_ENGINE_API_KEY)"
     )

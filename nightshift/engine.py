@@ -77,8 +77,13 @@ class BatchEngine:
                 f"the engine could not start: {str(exc).splitlines()[0]} ({memory_picture(arguments)})"
             ) from exc
         self.tokenizer = self.llm.get_tokenizer()
+        self.adapters = _lora_requests(config)  # a row's `adapter` → what vLLM generates it with
         self.runner_type = self.llm.model_config.runner_type  # "generate" or "pooling": the endpoint served
         self.model_config = self.llm.model_config
+        hf_config = self.model_config.hf_config  # a vision model's placeholder token for image pieces
+        self.image_token_id = getattr(hf_config, "image_token_id", None) or getattr(
+            hf_config, "image_token_index", None
+        )
         self.default_sampling_params = (
             self.llm.model_config.get_diff_sampling_param() if self.runner_type == "generate" else {}
         )
@@ -264,18 +269,21 @@ class BatchEngine:
                 request.tokenization_kwargs,
             )
             return [vllm_adapter.output_request_id(i) for i in ids]
+        lora = self.adapters[request.adapter] if request.adapter else None
         if request.kind == "chat":
             ids = self.llm.enqueue_chat(
                 [request.prompt],
                 [request.sampling_params],
                 use_tqdm=False,
+                lora_request=lora,
                 chat_template_kwargs=request.chat_template_kwargs,
+                tools=request.tools,
             )
         else:
             prompt = request.prompt
             if isinstance(prompt, list):
                 prompt = {"prompt_token_ids": prompt}
-            ids = self.llm.enqueue([prompt], [request.sampling_params], use_tqdm=False)
+            ids = self.llm.enqueue([prompt], [request.sampling_params], use_tqdm=False, lora_request=lora)
         return [vllm_adapter.output_request_id(ids[0])]
 
     def _finish(self, output) -> None:
@@ -292,6 +300,19 @@ class BatchEngine:
             job.results.put((request, output))
         if job.admitted_all and job.in_flight == 0:
             job.results.put(_DONE)
+
+
+def _lora_requests(config: EngineConfig) -> dict:
+    """Each adapter's LoRARequest: its name, a number of its own (vLLM's adapter slot id) and this
+    machine's copy of the job's weights."""
+    from vllm.lora.request import LoRARequest
+
+    from nightshift.adapters import local_adapter
+
+    return {
+        adapter.name: LoRARequest(adapter.name, number, local_adapter(adapter))
+        for number, adapter in enumerate(config.lora, start=1)
+    }
 
 
 def _kill_engine_processes(wait: bool = True) -> None:

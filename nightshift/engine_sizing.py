@@ -44,6 +44,19 @@ def engine_arguments(config: EngineConfig) -> dict:
     arguments["model"] = local_model(config.model)  # an s3:// model: this machine's fetched copy
     arguments.setdefault("enforce_eager", True)  # a config that nobody sized for its job: start fast
     arguments.setdefault("max_model_len", -1)  # the model's own context, lowered only if memory requires
+    if config.lora:
+        from nightshift.adapters import engine_lora_rank, local_adapter
+
+        # Every adapter resident at once (a batch mixes them freely, none is swapped in mid-run),
+        # and one slot more, always empty: with every slot taken, vLLM 0.32's CPU build decoded
+        # base-model rows with the last slot's adapter (a base row beside rows of two adapters:
+        # its first token right, the rest the adapter's — the canary stage's oracle caught it).
+        arguments.update(
+            enable_lora=True,
+            max_loras=len(config.lora) + 1,
+            max_cpu_loras=len(config.lora) + 1,
+            max_lora_rank=engine_lora_rank([local_adapter(adapter) for adapter in config.lora]),
+        )
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():

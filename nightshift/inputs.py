@@ -18,6 +18,7 @@ before any model is loaded.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from collections.abc import Iterator
@@ -237,11 +238,13 @@ def _read_corpus(fs, fs_path: str, options: CorpusOptions) -> Iterator[InputRow]
         records = _csv_records(fs, fs_path, options)
     else:
         records = _jsonl_records(fs, fs_path, options)
-    for line_no, record_id, text in records:
-        yield corpus_row(line_no, record_id, text, options)
+    for line_no, record_id, text, image in records:
+        yield corpus_row(line_no, record_id, text, options, image)
 
 
-def corpus_row(line_no: int, record_id, text, options: CorpusOptions) -> InputRow:
+def corpus_row(line_no: int, record_id, text, options: CorpusOptions, image=None) -> InputRow:
+    """One corpus record as a request (or the error it is); `image`: its image column's value —
+    bytes, or a path or URL — shown to a vision model beside the prompt (nightshift.images)."""
     custom_id = f"row-{line_no}" if options.id_column is None else record_id
     if custom_id is None or custom_id == "":
         return InputRow(
@@ -261,15 +264,24 @@ def corpus_row(line_no: int, record_id, text, options: CorpusOptions) -> InputRo
     messages = []
     if options.system:
         messages.append({"role": "system", "content": options.system})
-    messages.append({"role": "user", "content": options.template.replace("{text}", str(text))})
+    prompt = options.template.replace("{text}", str(text))
+    if image is not None and image != "" and image != b"":
+        url = f"data:image/*;base64,{base64.b64encode(image).decode()}" if isinstance(image, bytes) else str(image)
+        messages.append({"role": "user", "content": [{"type": "text", "text": prompt}, _image_part(url)]})
+    else:
+        messages.append({"role": "user", "content": prompt})
     body: dict = {"messages": messages, "temperature": options.temperature}
     if options.max_tokens is not None:
         body["max_tokens"] = options.max_tokens
     return InputRow(line_no, custom_id, orjson.dumps({"url": CHAT_URL, "body": body}).decode(), None)
 
 
+def _image_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
 def _require_columns(available, options: CorpusOptions, path: str) -> list[str]:
-    wanted = [c for c in (options.id_column, options.text_column) if c is not None]
+    wanted = [c for c in (options.id_column, options.text_column, options.image_column) if c is not None]
     missing = [c for c in wanted if c not in available]
     if missing:
         raise InputError(
@@ -317,9 +329,10 @@ def _batch_records(batches, options: CorpusOptions, fs_path: str):
         for batch in batches:
             ids = batch.column(options.id_column).to_pylist() if options.id_column else None
             texts = batch.column(options.text_column).to_pylist()
+            images = batch.column(options.image_column).to_pylist() if options.image_column else None
             for i, text in enumerate(texts):
                 line_no += 1
-                yield line_no, ids[i] if ids else None, text
+                yield line_no, ids[i] if ids else None, text, images[i] if images else None
     except pa.ArrowException as exc:
         raise InputError(f"input {fs_path!r} is unreadable after record {line_no}: {exc}") from exc
 
@@ -335,9 +348,15 @@ def _jsonl_records(fs, fs_path: str, options: CorpusOptions):
             except (json.JSONDecodeError, UnicodeDecodeError):
                 obj = None
             if not isinstance(obj, dict):
-                yield line_no, f"row-{line_no}", None
+                yield line_no, f"row-{line_no}", None, None
                 continue
             if not checked:
                 _require_columns(list(obj), options, fs_path)
                 checked = True
-            yield line_no, obj.get(options.id_column) if options.id_column else None, obj.get(options.text_column)
+            record_id = obj.get(options.id_column) if options.id_column else None
+            yield (
+                line_no,
+                record_id,
+                obj.get(options.text_column),
+                obj.get(options.image_column) if options.image_column else None,
+            )

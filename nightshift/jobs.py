@@ -44,9 +44,27 @@ def make_job(model: str = DEFAULT_MODEL, **settings) -> JobSpec:
         options["result_cache"] = str(Path(cache).resolve())  # workers elsewhere read the same absolute path
     try:
         engine = EngineConfig(model=path, **{n: v for n, v in given.items() if n in EngineSettings.model_fields})
-        return JobSpec(engine=engine, model_identity=model_identity(path), **options)
+        job = JobSpec(engine=engine, model_identity=model_identity(path), **options)
     except ValidationError as exc:
         raise ConfigurationError(validation_message(exc)) from None
+    return with_adapter_identities(job)
+
+
+def with_adapter_identities(job: JobSpec) -> JobSpec:
+    """The job with each LoRA adapter's identity taken now (its files hashed: an adapter is small),
+    so that every shard, checkpoint and cached row of the job is of these weights."""
+    from nightshift.adapters import adapter_identity
+
+    adapters = job.engine.lora
+    clash = job.adapter_names() & {job.served_model_name, job.engine.model}
+    if clash:
+        raise ConfigurationError(f"LoRA adapter named {sorted(clash)[0]!r} like the base model: give it its own name")
+    known = []
+    for adapter in adapters:
+        if not is_url(adapter.path):  # workers elsewhere read the same absolute path
+            adapter = adapter.model_copy(update={"path": str(Path(adapter.path).expanduser().resolve())})
+        known.append(adapter.model_copy(update={"identity": adapter_identity(adapter)}))
+    return job.model_copy(update={"engine": job.engine.model_copy(update={"lora": tuple(known)})})
 
 
 def validation_message(exc: ValidationError) -> str:

@@ -4,8 +4,10 @@ Request bodies are validated with vLLM's own OpenAI protocol models, so a body m
 exactly what it means to vLLM's server and to `vllm.entrypoints.openai.run_batch`:
 max_tokens / max_completion_tokens, temperature, top_p, seed, stop, n, presence and
 frequency penalties, logprobs / top_logprobs and `response_format` (JSON schema →
-structured output) all map onto SamplingParams the same way. What the batch path cannot
-honour (streaming, tool calls, unknown fields) is rejected per row, never ignored.
+structured output) all map onto SamplingParams the same way; `tools` and `tool_choice` as
+nightshift.tool_calls says; a body's `model` picks the base model or one of the job's LoRA
+adapters. What the batch path cannot honour (streaming, legacy function calls, unknown
+fields) is rejected per row, never ignored.
 """
 
 from __future__ import annotations
@@ -22,15 +24,46 @@ from nightshift.inputs import CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL
 UNSUPPORTED_FIELDS = {
     "stream": "streaming has no meaning in a batch",
     "stream_options": "streaming has no meaning in a batch",
-    "tools": "tool calling is not supported yet",
-    "tool_choice": "tool calling is not supported yet",
-    "functions": "function calling is not supported",
-    "function_call": "function calling is not supported",
-    "parallel_tool_calls": "tool calling is not supported yet",
+    "functions": "the legacy `functions` are not supported: give them as `tools`",
+    "function_call": "the legacy `function_call` is not supported: give it as `tool_choice`",
     "use_beam_search": "beam search is not supported",
     "echo": "echo is not supported",
     "suffix": "suffix is not supported",
 }
+
+
+@dataclass(frozen=True)
+class ServedModels:
+    """The model names a job answers to: the base model's (under any of its aliases) and each LoRA
+    adapter's; `mismatch` says what a row naming none of them gets ("error": model_not_found)."""
+
+    name: str  # the base model's served name, written into its rows' responses
+    aliases: frozenset[str]
+    adapters: frozenset[str] = frozenset()
+    mismatch: str = "error"
+
+    @classmethod
+    def of_job(cls, job) -> ServedModels:
+        """A JobSpec's: its served name, model path and the path's last part; its adapters."""
+        import os
+
+        model = job.engine.model
+        return cls(
+            job.served_model_name,
+            frozenset({job.served_model_name, model, os.path.basename(model.rstrip("/"))}),
+            frozenset(job.adapter_names()),
+            job.model_mismatch,
+        )
+
+    def adapter_for(self, requested: str | None) -> str | None:
+        """The adapter a row's `model` names (None: the base model); RequestRejected for a name
+        the job does not serve, unless the job runs such rows on the base model."""
+        if requested in self.adapters:
+            return requested
+        if requested is None or requested in self.aliases or self.mismatch != "error":
+            return None
+        served = ", ".join(repr(n) for n in [self.name, *sorted(self.adapters)])
+        raise RequestRejected("model_not_found", f"body asks for model {requested!r} but this job serves {served}")
 
 
 @dataclass
@@ -47,6 +80,11 @@ class PreparedRequest:
     encoding_format: str = "float"  # an embedding's: "float" or "base64"
     vector_only: bool = False  # a corpus row: the vector goes to embeddings.parquet, not into a JSON line
     body: dict | None = None  # the validated body, its model the served one: what an engine server is sent
+    adapter: str | None = None  # the LoRA adapter the row's `model` names; None: the base model
+    model_name: str = ""  # what its response says it was answered by: the adapter's name or the base's
+    tools: list | None = None  # a chat row's tools, for the chat template
+    parsed: Any = None  # a chat row with tools: its validated request, to take the calls out of the answer
+    images: int = 0  # a chat row's image parts, each a checked data: URL (nightshift.images)
 
 
 class RequestRejected(ValueError):
@@ -79,18 +117,20 @@ def prepare_request(
     key: int,
     custom_id: str,
     request: dict,
-    served_model_name: str,
-    model_aliases: set[str],
-    model_mismatch: str,
+    models: ServedModels,
     default_sampling_params: dict,
     max_model_len: int | None = None,
     serves: str = "generate",
     model_config=None,
+    tool_calling=None,
 ) -> PreparedRequest:
     """Turn one request into engine arguments, or raise RequestRejected with an OpenAI code.
     `serves` is the engine's runner: "generate" answers chat and completions, "pooling"
-    embeddings; a job serves one endpoint, as an OpenAI batch does."""
+    embeddings; a job serves one endpoint, as an OpenAI batch does. With `tool_calling` (an
+    in-process engine's), a forced tool call is decoded under its schema; without, the row's
+    tools go to the engine server as they are."""
     from pydantic import ValidationError
+    from vllm.exceptions import VLLMClientError
 
     url, body = request["url"], dict(request["body"])
     wanted = "pooling" if url == EMBEDDINGS_URL else "generate"
@@ -106,23 +146,35 @@ def prepare_request(
     unknown = sorted(set(body) - _known_fields(protocol))
     if unknown:
         raise RequestRejected("unsupported_parameter", f"unknown field(s) in body: {', '.join(unknown)}")
-    requested_model = body.get("model")
-    if requested_model is not None and requested_model not in model_aliases and model_mismatch == "error":
-        raise RequestRejected(
-            "model_not_found",
-            f"body asks for model {requested_model!r} but this job serves {served_model_name!r}",
-        )
-    body["model"] = served_model_name
+    images = 0
+    if url == CHAT_URL and isinstance(body.get("messages"), list):
+        from nightshift.images import image_parts, with_images_resolved
+
+        if image_parts(body["messages"]) and model_config is not None and not model_config.is_multimodal_model:
+            raise RequestRejected(
+                "unsupported_content", "image_url parts need a vision-language model: this job's model reads text only"
+            )
+        body["messages"], images = with_images_resolved(body["messages"])
+    adapter = models.adapter_for(body.get("model"))
+    if adapter is not None and url == EMBEDDINGS_URL:
+        raise RequestRejected("model_not_found", f"LoRA adapter {adapter!r} serves chat and completions rows only")
+    body["model"] = adapter or models.name  # an engine server serves the adapter under its name too
+    named = {"adapter": adapter, "model_name": adapter or models.name, "images": images}
     try:
         parsed = protocol.model_validate(body)
+        if tool_calling is not None and url == CHAT_URL:
+            from nightshift.tool_calls import constrain
+
+            constrain(parsed)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "body"
         raise RequestRejected("invalid_request", f"{where}: {first.get('msg')}") from None
-    except ValueError as exc:
-        raise RequestRejected("invalid_request", str(exc)) from None
+    except (ValueError, VLLMClientError) as exc:  # vLLM's own checks (a tool_choice naming no tool...)
+        message = str(exc).splitlines()[0]
+        raise RequestRejected("invalid_request", f"{getattr(exc, 'parameter', None) or 'body'}: {message}") from None
     if url == EMBEDDINGS_URL:
-        return _prepare_embedding(key, custom_id, parsed, request, max_model_len, model_config, body)
+        return _prepare_embedding(key, custom_id, parsed, request, max_model_len, model_config, body, models.name)
     # vars(): reading the deprecated `max_tokens` attribute warns once per row
     max_tokens = getattr(parsed, "max_completion_tokens", None) or vars(parsed).get("max_tokens")
     if max_tokens is not None and max_tokens < 1:
@@ -132,21 +184,39 @@ def prepare_request(
             "context_length_exceeded",
             f"max_tokens {max_tokens} does not fit the model's context of {max_model_len} tokens with any prompt",
         )
-    if url == CHAT_URL and not any(_has_text(m.get("content")) for m in body["messages"] if isinstance(m, dict)):
+    if (
+        url == CHAT_URL
+        and not images
+        and not any(_has_text(m.get("content")) for m in body["messages"] if isinstance(m, dict))
+    ):
         raise RequestRejected("empty_prompt", "every message of the conversation is empty")
     try:
         params = parsed.to_sampling_params(max_tokens, default_sampling_params)
     except (ValueError, TypeError) as exc:
         raise RequestRejected("invalid_request", str(exc)) from None
     if url == CHAT_URL:
-        return PreparedRequest(key, custom_id, "chat", body["messages"], params, parsed.chat_template_kwargs, body=body)
+        tools = body.get("tools") or None
+        return PreparedRequest(
+            key,
+            custom_id,
+            "chat",
+            body["messages"],
+            params,
+            parsed.chat_template_kwargs,
+            body=body,
+            tools=tools,
+            parsed=parsed if tools else None,
+            **named,
+        )
     prompt = body["prompt"]
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         raise RequestRejected("invalid_request", "one prompt per batch line: a list of prompts is not supported")
-    return PreparedRequest(key, custom_id, "completion", prompt, params, body=body)
+    return PreparedRequest(key, custom_id, "completion", prompt, params, body=body, **named)
 
 
-def _prepare_embedding(key, custom_id, parsed, request: dict, max_model_len, model_config, body) -> PreparedRequest:
+def _prepare_embedding(
+    key, custom_id, parsed, request: dict, max_model_len, model_config, body, model_name: str
+) -> PreparedRequest:
     inputs = parsed.input
     if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
         inputs = [inputs]  # one text, or one list of token ids
@@ -182,6 +252,7 @@ def _prepare_embedding(key, custom_id, parsed, request: dict, max_model_len, mod
         encoding_format=parsed.encoding_format or "float",
         vector_only=bool(request.get("vector_only")),
         body=body,
+        model_name=model_name,
     )
 
 
@@ -209,8 +280,11 @@ def batch_request_id(custom_id: str, cache_key: str) -> str:
     return hashlib.sha256(f"{cache_key}:{custom_id}".encode()).hexdigest()[:24]
 
 
-def output_line(custom_id: str, kind: str, output, model_name: str, cache_key: str, tokenizer=None) -> dict:
-    """An OpenAI Batch output line for one finished vLLM RequestOutput."""
+def output_line(
+    custom_id: str, kind: str, output, model_name: str, cache_key: str, tokenizer=None, tool_calling=None, parsed=None
+) -> dict:
+    """An OpenAI Batch output line for one finished vLLM RequestOutput; with `tool_calling` and a
+    row with tools (`parsed`), its calls taken out of the text (nightshift.tool_calls)."""
     rid = batch_request_id(custom_id, cache_key)
     prompt_tokens = len(output.prompt_token_ids or [])
     completion_tokens = sum(len(c.token_ids) for c in output.outputs)
@@ -218,13 +292,13 @@ def output_line(custom_id: str, kind: str, output, model_name: str, cache_key: s
     for choice in output.outputs:
         logprobs = _logprobs(choice, tokenizer, kind) if choice.logprobs else None
         if kind == "chat":
+            message, finish_reason = {"role": "assistant", "content": choice.text}, choice.finish_reason
+            if tool_calling is not None and parsed is not None:
+                message, finish_reason = tool_calling.message(
+                    choice.text, parsed, f"{rid}-{choice.index}", finish_reason
+                )
             choices.append(
-                {
-                    "index": choice.index,
-                    "message": {"role": "assistant", "content": choice.text},
-                    "logprobs": logprobs,
-                    "finish_reason": choice.finish_reason,
-                }
+                {"index": choice.index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
             )
         else:
             choices.append(

@@ -6,42 +6,67 @@ it runs wherever the reference fits: the run's process, a GPU worker, or a bare 
 from __future__ import annotations
 
 
-def oracle_check(samples: list[dict], reference: str, k: int, top_k: int, tolerance: float) -> list[dict]:
+def oracle_check(
+    samples: list[dict], reference: str, k: int, top_k: int, tolerance: float, adapters: dict[str, str] | None = None
+) -> list[dict]:
     """Teacher-forced: the run's own first `k` tokens of each sample, scored in one forward pass
     of transformers on the reference weights. Each token must be among the reference's `top_k`
     at its position and within `tolerance` nats of its best. A near-tie decided the other way by
-    bf16 or batch-dependent kernels passes; a token the reference would not consider fails."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    bf16 or batch-dependent kernels passes; a token the reference would not consider fails.
+    A sample of a LoRA adapter (its "adapter") is scored on the reference with that adapter's
+    directory (`adapters[name]`) merged in by PEFT: what the adapter's weights mean, computed
+    apart from vLLM's LoRA kernels."""
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(reference)
     device, dtype = reference_placement(reference)
-    model = AutoModelForCausalLM.from_pretrained(reference, dtype=dtype).to(device).eval()
     results = []
-    for sample in samples:
-        prompt = tokenizer.apply_chat_template(sample["body"]["messages"], add_generation_prompt=True, tokenize=False)
-        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)  # as vLLM counts a chat prompt
-        ours = sample["text"] or ""
-        # an empty answer is the end-of-sequence token, which the reference must also expect
-        run_ids = list(sample.get("token_ids") or tokenizer.encode(ours, add_special_tokens=False))[:k]
-        run_ids = run_ids or [tokenizer.eos_token_id]
-        ids = torch.tensor([prompt_ids + run_ids], device=device)
-        with torch.no_grad():
-            logits = model(ids).logits[0, len(prompt_ids) - 1 : len(prompt_ids) - 1 + len(run_ids)].float()
-        verdicts = score_tokens(torch.log_softmax(logits, dim=-1).cpu(), run_ids, top_k, tolerance)
-        worst = max(verdicts, key=lambda v: (v["rank"], v["gap"]))
-        results.append(
-            {
-                "custom_id": sample["custom_id"],
-                "agrees": all(v["accepted"] for v in verdicts),
-                "tokens": len(run_ids),
-                "worst_rank": worst["rank"],
-                "worst_gap": round(worst["gap"], 4),
-                "reference_on": f"{device} {str(dtype).removeprefix('torch.')}",
-                "ours": ours[:80],
-            }
-        )
-    return results
+    for adapter, model in _references(reference, device, dtype, samples, adapters or {}):
+        for sample in (s for s in samples if s.get("adapter") == adapter):
+            results.append(_score(sample, model, tokenizer, device, dtype, k, top_k, tolerance))
+    order = {sample["custom_id"]: index for index, sample in enumerate(samples)}
+    return sorted(results, key=lambda result: order[result["custom_id"]])
+
+
+def _references(reference: str, device, dtype, samples: list[dict], adapters: dict[str, str]):
+    """(adapter, model) for the base model and each adapter the samples name, one in memory at a time."""
+    from transformers import AutoModelForCausalLM
+
+    for adapter in sorted({s.get("adapter") for s in samples}, key=lambda name: name or ""):
+        model = AutoModelForCausalLM.from_pretrained(reference, dtype=dtype)
+        if adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, adapters[adapter]).merge_and_unload()
+        yield adapter, model.to(device).eval()
+        del model
+
+
+def _score(sample: dict, model, tokenizer, device, dtype, k: int, top_k: int, tolerance: float) -> dict:
+    """One sample's verdict: its first `k` tokens teacher-forced through `model`."""
+    import torch
+
+    prompt = tokenizer.apply_chat_template(sample["body"]["messages"], add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)  # as vLLM counts a chat prompt
+    ours = sample["text"] or ""
+    # an empty answer is the end-of-sequence token, which the reference must also expect
+    run_ids = list(sample.get("token_ids") or tokenizer.encode(ours, add_special_tokens=False))[:k]
+    run_ids = run_ids or [tokenizer.eos_token_id]
+    ids = torch.tensor([prompt_ids + run_ids], device=device)
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt_ids) - 1 : len(prompt_ids) - 1 + len(run_ids)].float()
+    verdicts = score_tokens(torch.log_softmax(logits, dim=-1).cpu(), run_ids, top_k, tolerance)
+    worst = max(verdicts, key=lambda v: (v["rank"], v["gap"]))
+    return {
+        "custom_id": sample["custom_id"],
+        "agrees": all(v["accepted"] for v in verdicts),
+        "tokens": len(run_ids),
+        "worst_rank": worst["rank"],
+        "worst_gap": round(worst["gap"], 4),
+        "reference_on": f"{device} {str(dtype).removeprefix('torch.')}",
+        "ours": ours[:80],
+        "adapter": sample.get("adapter"),
+    }
 
 
 def score_tokens(logprobs, token_ids: list[int], top_k: int, tolerance: float) -> list[dict]:

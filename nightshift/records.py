@@ -220,6 +220,7 @@ class CostReport(_Record):
     run_dir: str = ""
     model: str = ""
     prompt_tokens: int = 0
+    image_tokens: int = Field(0, description="of the prompt tokens, those the rows' images became (a vision model)")
     total_tokens: int = 0
     truncation_share: float = 0.0
     errors_by_code: dict[str, int] = Field(default_factory=dict)
@@ -252,6 +253,10 @@ class CostReport(_Record):
     cost_per_million_rows: float | None = None
     cost_per_million_rows_spot: float | None = None
     managed_api_cost: dict[str, float] = Field(default_factory=dict, description="the same tokens at list prices")
+    by_model: dict[str, ModelRows] = Field(
+        default_factory=dict,
+        description="a run with LoRA adapters: rows, tokens and $ of the base model and of each adapter",
+    )
     projection: Projection | None = None
     # present once the canary stage has written its verdict
     validated: bool | None = None
@@ -291,6 +296,16 @@ class ProgressSnapshot(_Record):
     updated: float = Field(description="Unix time of this snapshot: a stale one is a run no longer writing")
 
 
+class ModelRows(_Record):
+    """One model's share of a run with LoRA adapters: the base model's rows, or one adapter's."""
+
+    rows: int = Field(description="rows answered")
+    prompt_tokens: int
+    completion_tokens: int
+    cost_on_demand: float | None = Field(None, description="the run's cost, shared out by tokens")
+    cost_spot: float | None = None
+
+
 class RowTotals(_Record):
     """What a run's rows add up to (its results, or the chunks so far): the report's measure of
     the work, before pricing."""
@@ -302,6 +317,10 @@ class RowTotals(_Record):
     truncation_share: float = Field(description="of the rows that succeeded, the share cut at max_tokens")
     rows_not_generated: int = Field(description="answered by an identical row or the result cache")
     tokens_not_generated: int
+    image_tokens: int = Field(0, description="of the prompt tokens, those the rows' images became")
+    by_model: dict[str, ModelRows] = Field(
+        default_factory=dict, description="with LoRA adapters: the answered rows of the base model and each adapter"
+    )
 
 
 class EngineTime(_Record):
@@ -352,6 +371,7 @@ class OracleOutcome(_Record):
     worst_gap: float
     reference_on: str = Field(description="where the reference ran: device and dtype")
     ours: str = Field(description="the run's answer, its first 80 characters")
+    adapter: str | None = Field(None, description="the LoRA adapter of the row (the reference: base + it, merged)")
 
 
 class OracleCheck(_Record):
@@ -360,6 +380,9 @@ class OracleCheck(_Record):
     agreement: float
     min_agreement: float
     reference: str
+    adapter_references: dict[str, str] = Field(
+        default_factory=dict, description="each LoRA adapter sampled → the adapter merged into the reference"
+    )
     tokens: int
     top_k: int
     logprob_tolerance: float

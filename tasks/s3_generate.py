@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,13 +45,14 @@ from nightshift.engine_protocol import Engine
 from nightshift.engine_sizing import throughput_traps
 from nightshift.layout import expected_work, prefix_order
 from nightshift.models import local_model
-from nightshift.openai_format import PreparedRequest, RequestRejected, duplicate_key, prepare_request
+from nightshift.openai_format import PreparedRequest, RequestRejected, ServedModels, duplicate_key, prepare_request
 from nightshift.preemption import Preempted, generation_in_progress, grace_seconds, stop_requested
 from nightshift.records import Shard, ShardMetrics, ShardResult
 from nightshift.result_cache import ResultCache, cached_output_line
 from nightshift.rundir import RunDir
 from nightshift.storage import duckdb_connection, is_device_full, local_copies, read_table
 from nightshift.telemetry import GpuSampler
+from nightshift.tool_calls import ToolCalling
 
 
 def _task_cache_key(context: TaskRunContext, parameters: dict) -> str:
@@ -241,13 +241,12 @@ def _prepare(todo: list[dict], job: JobSpec, run_dir: RunDir, writer: ChunkWrite
                 row["row_index"],
                 row["custom_id"],
                 request,
-                job.served_model_name,
-                _model_aliases(job),
-                job.model_mismatch,
+                ServedModels.of_job(job),
                 engine.default_sampling_params,
                 engine.max_model_len,
                 engine.runner_type,
                 engine.model_config,
+                ToolCalling.for_engine(engine, job.tool_call_parser),
             )
         except RequestRejected as exc:
             writer.add_error(row, {"code": exc.code, "message": str(exc), "line": row["line_no"]})
@@ -278,7 +277,7 @@ class _Work:
         for ready, same in ready_rows:
             if same is not None and cache is not None and cache.key(same) in stored:
                 row, line = by_index[ready.key], stored[cache.key(same)]
-                writer.add_stored(row, cached_output_line(row["custom_id"], key, line), line)
+                writer.add_stored(row, cached_output_line(row["custom_id"], key, line), line, ready.adapter)
             elif same is not None and same in first_of:
                 work.copies.setdefault(first_of[same].key, []).append(ready)
             else:
@@ -329,9 +328,11 @@ def _write_outcome(work: _Work, answered, request, outcome, engine: Engine, job:
         return
     source = "engine" if answered is request else "duplicate"
     if answered.kind == "embedding":
-        writer.add_embedding(row, answered, outcome, job.served_model_name, source)
+        writer.add_embedding(row, answered, outcome, source)
         return
-    record = writer.add_output(row, answered.kind, outcome, job.served_model_name, engine.tokenizer, source)
+    tool_calling = ToolCalling.for_engine(engine, job.tool_call_parser) if answered.parsed is not None else None
+    image_token_id = getattr(engine, "image_token_id", None)
+    record = writer.add_output(row, answered, outcome, engine.tokenizer, source, tool_calling, image_token_id)
     if work.cache is not None and source == "engine" and request.key in work.shared_key:
         work.cache.add(work.cache.key(work.shared_key[request.key]), request.kind, record)
 
@@ -414,11 +415,6 @@ def write_shard_metrics(
         politeness=engine.politeness_timeline(engine_started) if engine else None,
         **sampler.summary(),
     ).save(RunDir.shard_metrics(output_dir))
-
-
-def _model_aliases(job: JobSpec) -> set[str]:
-    model = job.engine.model
-    return {job.served_model_name, model, os.path.basename(model.rstrip("/"))}
 
 
 def _engine_refusal(exc: Exception, line_no: int) -> dict:

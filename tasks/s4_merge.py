@@ -6,7 +6,8 @@ the input order; shards regrouped by prompt prefix are gathered and sorted by Du
 
 * ``output.jsonl``  — OpenAI Batch output lines of the rows that succeeded
 * ``errors.jsonl``  — OpenAI-style error lines of the rows that failed
-* ``results.parquet`` — custom_id, text, finish_reason, prompt_tokens, completion_tokens, shard
+* ``results.parquet`` — custom_id, text, finish_reason, prompt_tokens, completion_tokens, shard,
+  source, model (the row's LoRA adapter; null: the base model), image_tokens (of its prompt's)
 * ``embeddings.parquet`` — an embedded corpus: id, embedding (fixed-size list of float32),
   tokens, in input order; read as-is by DuckDB, pyarrow and pandas
 
@@ -36,7 +37,10 @@ from nightshift.records import Plan, RunReport, Shard, ShardResult
 from nightshift.rundir import RunDir
 from nightshift.storage import duckdb_connection, local_copies, read_table, written_whole
 
-RESULTS_COLUMNS = ["custom_id", "text", "finish_reason", "prompt_tokens", "completion_tokens", "shard", "source"]
+RESULTS_COLUMNS = [
+    "custom_id", "text", "finish_reason", "prompt_tokens", "completion_tokens", "shard", "source", "model",
+    "image_tokens",
+]  # fmt: skip
 
 
 class IncompleteRun(RuntimeError):

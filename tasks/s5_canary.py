@@ -25,6 +25,7 @@ On failure the flow run fails with a message naming what failed, the outputs sta
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -32,8 +33,10 @@ import time
 import orjson
 from prefect import get_run_logger, task
 
+from nightshift.adapters import local_adapter
 from nightshift.canaries import CANARY_PREFIX, CanaryFailure, check_expectations, load_canaries
 from nightshift.config import CanaryConfig, JobSpec
+from nightshift.images import image_parts
 from nightshift.models import local_model, weight_bytes
 from nightshift.oracle import oracle_check
 from nightshift.records import (
@@ -68,11 +71,11 @@ def validate(run_dir: RunDir, job: JobSpec, config: CanaryConfig) -> Verdict:
                 checks[name] = (SkippedCheck(skipped=skipped), None)
     again = _rerun_once(samples, job)
     if config.oracle_samples and samples:
-        checks["oracle"] = _oracle_check(samples[: config.oracle_samples], again, job, config)
+        checks["oracle"] = _oracle_check(_first_of_each_model(samples, config.oracle_samples), again, job, config)
     if embedded := _embedded_rows(run_dir, job, config.oracle_samples):
         checks["embedding_oracle"] = _embedding_check(embedded, job, config)
     if config.determinism_samples and samples:
-        checks["determinism"] = _determinism_check(samples[: config.determinism_samples], again)
+        checks["determinism"] = _determinism_check(_first_of_each_model(samples, config.determinism_samples), again)
     failures = [failure for _, failure in checks.values() if failure]
     return Verdict(
         validated=not failures,
@@ -110,7 +113,8 @@ def _greedy_samples(run_dir: RunDir, job: JobSpec, config: CanaryConfig) -> tupl
     if samples:
         from nightshift.engine import current_engine  # vLLM: only where there are rows to re-run
 
-        skipped = _too_big_here(local_model(config.reference(job)), current_engine() is not None)
+        reference = local_model(config.reference(job))
+        skipped = _not_a_text_model(reference) or _too_big_here(reference, current_engine() is not None)
     if chat_rows and not samples:
         skipped = f"none of the run's {chat_rows} chat rows is greedy (temperature 0) and unconstrained"
     return ([], skipped) if skipped else (samples, None)
@@ -135,13 +139,16 @@ def _rerun_once(samples: list[dict], job: JobSpec) -> dict:
 def _oracle_check(
     samples: list[dict], again: dict, job: JobSpec, config: CanaryConfig
 ) -> tuple[OracleCheck, str | None]:
-    """The run's tokens scored teacher-forced by transformers on the reference weights."""
+    """The run's tokens scored teacher-forced by transformers on the reference weights (with a
+    row's adapter merged in)."""
+    references = {name: config.reference_adapter(job, name) for name in {s["adapter"] for s in samples} if name}
     scored = oracle_check(
         [{**s, "token_ids": _token_ids(again.get(s["custom_id"]), s["text"])} for s in samples],
         local_model(config.reference(job)),
         config.oracle_tokens,
         config.oracle_top_k,
         config.oracle_logprob_tolerance,
+        {name: local_adapter(adapter) for name, adapter in references.items()},
     )
     oracle = [OracleOutcome(**outcome) for outcome in scored]
     agreement = sum(o.agrees for o in oracle) / len(oracle)
@@ -149,6 +156,7 @@ def _oracle_check(
         agreement=agreement,
         min_agreement=config.oracle_min_agreement,
         reference=config.reference(job),
+        adapter_references={name: adapter.path for name, adapter in references.items()},
         tokens=config.oracle_tokens,
         top_k=config.oracle_top_k,
         logprob_tolerance=config.oracle_logprob_tolerance,
@@ -246,7 +254,7 @@ def _flow_run_id() -> str | None:
 # end-of-sequence suppressed, a bias, a grammar): the reference would rightly rank them lower.
 CONSTRAINED = (
     "response_format", "ignore_eos", "min_tokens", "logit_bias", "allowed_token_ids", "bad_words",
-    "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+    "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "tools",
 )  # fmt: skip
 
 
@@ -255,7 +263,8 @@ def _greedy_chat_rows(run_dir: RunDir, job: JobSpec, count: int) -> tuple[list[d
     and how many succeeded chat rows there were to choose from."""
     if count <= 0:
         return [], 0
-    sample, chat_rows = _Sample(count), 0
+    samples: dict[str | None, _Sample] = {}  # per model: the base's rows and each adapter's, sampled apart
+    chat_rows, adapters = 0, job.adapter_names()
     rows = _generated_rows(
         run_dir, job, "c.custom_id, c.text, s.request", "c.finish_reason IS NOT NULL AND c.text IS NOT NULL"
     )
@@ -267,10 +276,25 @@ def _greedy_chat_rows(run_dir: RunDir, job: JobSpec, count: int) -> tuple[list[d
             and body.get("temperature") == 0
             and body.get("n", 1) == 1
             and not any(body.get(constraint) for constraint in CONSTRAINED)
+            and not image_parts(body["messages"])  # the oracle's reference reads text only
         ):
+            adapter = body.get("model") if body.get("model") in adapters else None
+            sample = samples.setdefault(adapter, _Sample(count))
             if (slot := sample.slot()) is not None:
-                sample.items[slot] = {"custom_id": custom_id, "text": text, "body": body}
-    return sample.chosen(), chat_rows
+                sample.items[slot] = {"custom_id": custom_id, "text": text, "body": body, "adapter": adapter}
+    chosen = [samples[model].chosen() for model in sorted(samples, key=lambda name: name or "")]
+    return [item for items in chosen for item in items], chat_rows
+
+
+def _first_of_each_model(samples: list[dict], count: int) -> list[dict]:
+    """The first `count` samples of the base model and of each adapter."""
+    taken: dict[str | None, int] = {}
+    kept = []
+    for sample in samples:
+        if taken.get(sample["adapter"], 0) < count:
+            taken[sample["adapter"]] = taken.get(sample["adapter"], 0) + 1
+            kept.append(sample)
+    return kept
 
 
 def _embedded_rows(run_dir: RunDir, job: JobSpec, count: int) -> list[dict]:
@@ -385,6 +409,18 @@ def _embedding_oracle(samples: list[dict], reference: str) -> list[EmbeddingOutc
     return results
 
 
+def _not_a_text_model(reference: str) -> str | None:
+    """Why transformers' causal-LM oracle cannot score against `reference` (a vision-language
+    model's weights, say), or None."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = AutoConfig.from_pretrained(reference).model_type
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return None
+    return f"the reference ({model_type}) is not a text-only causal LM: the oracle scores those only"
+
+
 def _too_big_here(model: str, engine_here: bool) -> str | None:
     """Why the reference (and an engine for the re-run) cannot be loaded in this process: its
     weights take more than half the memory free here, and this process holds no engine already.
@@ -407,7 +443,7 @@ def _too_big_here(model: str, engine_here: bool) -> str | None:
 def _rerun(samples: list[dict], job: JobSpec) -> dict:
     """The samples through the engine again, same parameters (seed included): custom_id → output."""
     from nightshift.engine import get_engine
-    from nightshift.openai_format import prepare_request
+    from nightshift.openai_format import ServedModels, prepare_request
 
     engine = get_engine(job.engine)
     prepared = [
@@ -415,9 +451,7 @@ def _rerun(samples: list[dict], job: JobSpec) -> dict:
             i,
             s["custom_id"],
             {"url": "/v1/chat/completions", "body": s["body"]},
-            job.served_model_name,
-            {job.served_model_name, job.engine.model},
-            "ignore",
+            dataclasses.replace(ServedModels.of_job(job), mismatch="ignore"),
             engine.default_sampling_params,
         )
         for i, s in enumerate(samples)

@@ -25,6 +25,7 @@ from nightshift.estimate import managed_api_cost
 from nightshift.records import (
     CostReport,
     EngineTime,
+    ModelRows,
     Plan,
     Politeness,
     RowTotals,
@@ -46,13 +47,14 @@ def build_report(
     pricing, managed = pricing or GpuPricing(), managed or ManagedApiPrices()
     plan, job = Plan.load(run_dir.plan_manifest), JobSpec.load(run_dir.job)
     outputs = [run_dir.shard_output(shard_cache_key(s, job)) for s in plan.shards]
-    totals, time = row_totals(run_dir, outputs), engine_time(outputs)
+    totals, time = row_totals(run_dir, outputs, job.served_model_name), engine_time(outputs)
     return CostReport(
         run_dir=str(run_dir.root),
         model=job.served_model_name,
         rows=totals.rows,
         failed=totals.rows - totals.succeeded,
         prompt_tokens=totals.prompt_tokens,
+        image_tokens=totals.image_tokens,
         completion_tokens=totals.completion_tokens,
         total_tokens=totals.prompt_tokens + totals.completion_tokens,
         truncation_share=round(totals.truncation_share, 4),
@@ -103,9 +105,10 @@ def _quantile(ordered: list[float], q: float) -> float | None:
     return round(ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))], 1) if ordered else None
 
 
-def row_totals(run_dir: RunDir, shard_outputs: list[Path]) -> RowTotals:
+def row_totals(run_dir: RunDir, shard_outputs: list[Path], base_model: str = "") -> RowTotals:
     """What the run's rows add up to: `results.parquet` once merged, else what the shards' chunk
-    files hold so far (a run still running, or killed)."""
+    files hold so far (a run still running, or killed); with LoRA adapters, each model's share
+    (the base model's under `base_model`)."""
     merged = run_dir.results.exists() and run_dir.results.stat().st_mtime >= run_dir.plan_manifest.stat().st_mtime
     chunks = [] if merged else [f for output in shard_outputs for f in chunk_files(output)]
     with local_copies(chunks) as chunks, duckdb_connection() as con:
@@ -116,7 +119,7 @@ def row_totals(run_dir: RunDir, shard_outputs: list[Path]) -> RowTotals:
         else:
             source = (
                 "SELECT NULL::VARCHAR AS finish_reason, 0 AS prompt_tokens, "
-                "0 AS completion_tokens, NULL::VARCHAR AS source WHERE false"
+                "0 AS completion_tokens, NULL::VARCHAR AS source, NULL::VARCHAR AS model WHERE false"
             )
         rows, succeeded, prompt_tokens, completion_tokens, truncation, not_generated, tokens_not_generated = con.sql(
             f"""
@@ -131,7 +134,24 @@ def row_totals(run_dir: RunDir, shard_outputs: list[Path]) -> RowTotals:
             FROM ({source})
             """
         ).fetchall()[0]
+        # a run of an older version has no model or image_tokens column: base-model text rows
+        columns = con.sql(f"SELECT * FROM ({source}) LIMIT 0").columns
+        model = "model" if "model" in columns else "NULL::VARCHAR"
+        image_tokens = con.sql(
+            f"SELECT coalesce(sum(image_tokens), 0) FROM ({source})" if "image_tokens" in columns else "SELECT 0"
+        ).fetchall()[0][0]
+        by_model = {
+            model or base_model: ModelRows(rows=answered, prompt_tokens=int(prompt), completion_tokens=int(completion))
+            for model, answered, prompt, completion in con.sql(
+                f"""
+                SELECT {model}, count(*), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0)
+                FROM ({source}) WHERE finish_reason IS NOT NULL GROUP BY 1 ORDER BY 1 NULLS FIRST
+                """
+            ).fetchall()
+        }
     return RowTotals(
+        image_tokens=int(image_tokens),
+        by_model=by_model if any(name != base_model for name in by_model) else {},
         rows=rows,
         succeeded=succeeded,
         prompt_tokens=int(prompt_tokens),
@@ -279,6 +299,15 @@ def priced(
             managed.prices,
             managed.embedding_prices,
         ),
+        "by_model": {
+            name: share.model_copy(
+                update={
+                    "cost_on_demand": round(cost_on_demand * _token_share(share, total), 6),
+                    "cost_spot": round(cost_spot * _token_share(share, total), 6),
+                }
+            )
+            for name, share in totals.by_model.items()
+        },
         "projection": {
             "rows": project_rows,
             "hours": round(project_rows / rows_per_second / 3600, 3) if rows_per_second else None,
@@ -311,6 +340,11 @@ def _errors_by_code(run_dir: RunDir) -> dict[str, int]:
     return RunReport.load(run_dir.summary).errors_by_code if run_dir.summary.exists() else {}
 
 
+def _token_share(share: ModelRows, total: int) -> float:
+    """A model's part of the engine's work (and so of the bill): its tokens over the run's."""
+    return (share.prompt_tokens + share.completion_tokens) / total if total else 0.0
+
+
 def render_markdown(report: CostReport, chart: str | None) -> str:
     def fmt(value, unit="", digits=2):
         return "n/a" if value is None else f"{value:,.{digits}f}{unit}"
@@ -330,7 +364,9 @@ def render_markdown(report: CostReport, chart: str | None) -> str:
         "| figure | value |",
         "|---|---|",
         f"| rows (failed) | {report.rows:,} ({report.failed:,}) |",
-        f"| prompt / completion tokens | {report.prompt_tokens:,} / {report.completion_tokens:,} |",
+        f"| prompt / completion tokens | {report.prompt_tokens:,} / {report.completion_tokens:,}"
+        + (f" ({report.image_tokens:,} of the prompt tokens from images)" if report.image_tokens else "")
+        + " |",
         f"| generate time | {fmt(report.generate_seconds, ' s', 1)} |",
         f"| tokens/s (output tokens/s) | {fmt(report.tokens_per_second, '', 1)} "
         f"({fmt(report.output_tokens_per_second, '', 1)}) |",
@@ -355,6 +391,16 @@ def render_markdown(report: CostReport, chart: str | None) -> str:
         + ", ".join(f"{name} ${cost:,.4f}" for name, cost in report.managed_api_cost.items()),
         "",
     ]
+    if report.by_model:
+        lines += [
+            "| model (LoRA adapters) | rows | prompt / completion tokens | cost on demand / spot |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {name} | {share.rows:,} | {share.prompt_tokens:,} / {share.completion_tokens:,} | "
+            f"${fmt(share.cost_on_demand, '', 4)} / ${fmt(share.cost_spot, '', 4)} |"
+            for name, share in report.by_model.items()
+        ] + [""]
     if report.engine_settings:
         settings = ", ".join(f"{name} {value}" for name, value in report.engine_settings.items())
         lines += [f"Engine settings as vLLM resolved them: {settings}.", ""]

@@ -253,12 +253,15 @@ class BatchLifecycle:
         return self.store.path(self.store.upload_path(batch.input_file_id))
 
 
-def _engine_settings(config: BatchApiConfig, embeds: bool) -> dict[str, str]:
-    """The engine settings of a batch's run: the server answering its endpoint's rows, if any."""
+def _engine_settings(config: BatchApiConfig, embeds: bool) -> dict[str, object]:
+    """The engine settings of a batch's run: the server answering its endpoint's rows, if any;
+    the chat model's LoRA adapters."""
+    adapters = {} if embeds or not config.chat_lora else {"lora": [f"{a.name}={a.path}" for a in config.chat_lora]}
     url = config.embedding_engine_url if embeds else config.chat_engine_url
     if url is None:
-        return {}
-    return {"engine_url": url, **({"engine_api_key_secret": s} if (s := config.engine_api_key_secret) else {})}
+        return adapters
+    secret = {"engine_api_key_secret": s} if (s := config.engine_api_key_secret) else {}
+    return {"engine_url": url, **secret, **adapters}
 
 
 def _write_unfinished(input_path: Path, run_dir: RunDir, code: str, message: str) -> None:

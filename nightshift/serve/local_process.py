@@ -47,7 +47,8 @@ class LocalProcessRuns(BatchRuns):
             "--model", order.model, "--deadline", order.deadline.isoformat(),
         ]  # fmt: skip
         for name, value in order.job_settings().items():
-            command += [f"--{name.replace('_', '-')}", str(value)]
+            for one in value if isinstance(value, list) else [value]:  # a repeatable option: once each
+                command += [f"--{name.replace('_', '-')}", str(one)]
         with open(self._log_path(order.batch_id), "ab") as log_file:
             child = subprocess.Popen(
                 command,

@@ -42,7 +42,8 @@ class RunOrder:
     chunk_size: int
     deadline: datetime
     attempt: int  # runs of this batch started before this one
-    engine: dict[str, str] = field(default_factory=dict)  # engine settings: engine_url, engine_api_key_secret
+    # engine settings: engine_url, engine_api_key_secret, lora (NAME=PATH each)
+    engine: dict[str, object] = field(default_factory=dict)
 
     def job_settings(self) -> dict[str, object]:
         """The run's settings by name, as make_job and the CLI's flags take them."""

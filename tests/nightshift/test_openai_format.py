@@ -3,16 +3,19 @@ means to vLLM's server; what a batch cannot honour is refused per row with an Op
 
 import pytest
 
-from nightshift.openai_format import RequestRejected, duplicate_key, prepare_request
+from nightshift.openai_format import RequestRejected, ServedModels, duplicate_key, prepare_request
 
 pytestmark = pytest.mark.fast
 
 CHAT = "/v1/chat/completions"
 
+TINY = ServedModels("tiny", frozenset({"tiny"}))
+MINILM = ServedModels("minilm", frozenset({"minilm"}))
+
 
 def prepare(body: dict, url: str = CHAT, max_model_len: int = 2048):
     request = {"url": url, "body": body}
-    return prepare_request(0, "row-0", request, "tiny", {"tiny"}, "error", {}, max_model_len), request
+    return prepare_request(0, "row-0", request, TINY, {}, max_model_len), request
 
 
 def chat(**fields) -> dict:
@@ -48,7 +51,7 @@ def test_a_completion_body_keeps_its_prompt():
     "body, code",
     [
         (chat(stream=True), "unsupported_parameter"),
-        (chat(tools=[{"type": "function", "function": {"name": "f"}}]), "unsupported_parameter"),
+        (chat(functions=[{"name": "f", "parameters": {}}]), "unsupported_parameter"),
         (chat(frobnicate=1), "unsupported_parameter"),
         (chat(model="gpt-4o-mini"), "model_not_found"),
         (chat(temperature="hot"), "invalid_request"),
@@ -78,7 +81,7 @@ EMBEDDINGS = "/v1/embeddings"
 
 def embed(body: dict, max_model_len: int = 512):
     request = {"url": EMBEDDINGS, "body": body}
-    return prepare_request(0, "row-0", request, "minilm", {"minilm"}, "error", {}, max_model_len, "pooling")
+    return prepare_request(0, "row-0", request, MINILM, {}, max_model_len, "pooling")
 
 
 def test_an_embeddings_body_becomes_one_engine_input_per_text_or_token_list():
@@ -98,7 +101,7 @@ def test_an_embeddings_body_becomes_one_engine_input_per_text_or_token_list():
 def test_an_embedding_job_refuses_other_endpoints_and_bad_inputs_per_row():
     def code(body: dict, url: str = EMBEDDINGS, serves: str = "pooling") -> str:
         with pytest.raises(RequestRejected) as refusal:
-            prepare_request(0, "r", {"url": url, "body": body}, "minilm", {"minilm"}, "error", {}, 512, serves)
+            prepare_request(0, "r", {"url": url, "body": body}, MINILM, {}, 512, serves)
         return refusal.value.code
 
     assert code(chat(), url=CHAT) == "unsupported_url"

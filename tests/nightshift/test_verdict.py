@@ -25,12 +25,13 @@ WRITTEN = {  # as a run that checked everything wrote it
             "agreement": 1.0,
             "min_agreement": 0.9,
             "reference": "tiny",
+            "adapter_references": {"support": "/adapters/support"},
             "tokens": 16,
             "top_k": 5,
             "logprob_tolerance": 2.0,
             "results": [
                 {"custom_id": "r-1", "agrees": True, "tokens": 8, "worst_rank": 0, "worst_gap": 0.0,
-                 "reference_on": "cpu float32", "ours": "hello"},
+                 "reference_on": "cpu float32", "ours": "hello", "adapter": "support"},
             ],
         },
         "embedding_oracle": {
