@@ -28,12 +28,26 @@ def oracle_check(
     return sorted(results, key=lambda result: order[result["custom_id"]])
 
 
+def reference_class(reference: str):
+    """The transformers class that scores text on `reference`: a causal LM's, or a vision-language
+    model's (its language model reads a text-only prompt alike); None for any other model."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    model_type = AutoConfig.from_pretrained(reference).model_type
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return AutoModelForCausalLM
+    return AutoModelForImageTextToText if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES else None
+
+
 def _references(reference: str, device, dtype, samples: list[dict], adapters: dict[str, str]):
     """(adapter, model) for the base model and each adapter the samples name, one in memory at a time."""
-    from transformers import AutoModelForCausalLM
-
+    model_class = reference_class(reference)
     for adapter in sorted({s.get("adapter") for s in samples}, key=lambda name: name or ""):
-        model = AutoModelForCausalLM.from_pretrained(reference, dtype=dtype)
+        model = model_class.from_pretrained(reference, dtype=dtype)
         if adapter is not None:
             from peft import PeftModel
 
@@ -54,7 +68,7 @@ def _score(sample: dict, model, tokenizer, device, dtype, k: int, top_k: int, to
     run_ids = run_ids or [tokenizer.eos_token_id]
     ids = torch.tensor([prompt_ids + run_ids], device=device)
     with torch.no_grad():
-        logits = model(ids).logits[0, len(prompt_ids) - 1 : len(prompt_ids) - 1 + len(run_ids)].float()
+        logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : len(prompt_ids) - 1 + len(run_ids)].float()
     verdicts = score_tokens(torch.log_softmax(logits, dim=-1).cpu(), run_ids, top_k, tolerance)
     worst = max(verdicts, key=lambda v: (v["rank"], v["gap"]))
     return {

@@ -38,7 +38,7 @@ from nightshift.canaries import CANARY_PREFIX, CanaryFailure, check_expectations
 from nightshift.config import CanaryConfig, JobSpec
 from nightshift.images import image_parts
 from nightshift.models import local_model, weight_bytes
-from nightshift.oracle import oracle_check
+from nightshift.oracle import oracle_check, reference_class
 from nightshift.records import (
     CanariesCheck,
     CanaryOutcome,
@@ -410,15 +410,13 @@ def _embedding_oracle(samples: list[dict], reference: str) -> list[EmbeddingOutc
 
 
 def _not_a_text_model(reference: str) -> str | None:
-    """Why transformers' causal-LM oracle cannot score against `reference` (a vision-language
-    model's weights, say), or None."""
+    """Why transformers cannot score the run's text against `reference`, or None."""
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    model_type = AutoConfig.from_pretrained(reference).model_type
-    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if reference_class(reference) is not None:
         return None
-    return f"the reference ({model_type}) is not a text-only causal LM: the oracle scores those only"
+    kind = AutoConfig.from_pretrained(reference).model_type
+    return f"the reference ({kind}) is neither a causal LM nor an image-text-to-text model"
 
 
 def _too_big_here(model: str, engine_here: bool) -> str | None:

@@ -6,6 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# a vision-language model's: its language model's layers only (vLLM adapts those, not the vision tower)
+TEXT_MODEL_TARGETS = r".*text_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def _model_class(base: Path):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal = AutoConfig.from_pretrained(base).model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    return (AutoModelForCausalLM, TARGETS) if causal else (AutoModelForImageTextToText, TEXT_MODEL_TARGETS)
 
 
 def build_adapter(base: Path, target: Path, seed: int, rank: int = 8) -> Path:
@@ -13,11 +23,11 @@ def build_adapter(base: Path, target: Path, seed: int, rank: int = 8) -> Path:
     greedy answer of the tiny model (PEFT's own initialisation starts B at zero: no change)."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, lora_dropout=0.0, init_lora_weights=False)
+    model_class, targets = _model_class(base)
+    model = model_class.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0, init_lora_weights=False)
     adapted = get_peft_model(model, config)
     with torch.no_grad():
         for name, parameter in adapted.named_parameters():
@@ -30,10 +40,10 @@ def build_adapter(base: Path, target: Path, seed: int, rank: int = 8) -> Path:
 def greedy_texts(base: Path, adapter: Path | None, conversations: list[list[dict]], max_tokens: int) -> list[str]:
     """Each conversation's greedy answer by transformers on `base`, with `adapter` merged in."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = _model_class(base)[0].from_pretrained(base, dtype=torch.float32)
     if adapter is not None:
         from peft import PeftModel
 
@@ -44,7 +54,7 @@ def greedy_texts(base: Path, adapter: Path | None, conversations: list[list[dict
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = tokenizer.encode(prompt, add_special_tokens=False)
         with torch.no_grad():
-            out = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False)
+            out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False)
         texts.append(tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True))
     return texts
 

@@ -45,6 +45,7 @@ def build_vision_model(text_model: Path, target: Path) -> Path:
         scale_factor=SCALE,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
     Idefics3ForConditionalGeneration(config).to(torch.float32).save_pretrained(target)
