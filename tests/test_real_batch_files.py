@@ -58,21 +58,25 @@ def bucket_env(s3_endpoint):
     name = f"images-{uuid.uuid4().hex[:8]}"
     fs.mkdir(name)
     fs.pipe(f"{name}/scans/blue.jpg", png((20, 20, 220), kind="JPEG"))
-    return name, env
+    return name, env, fs
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tmp_path_factory, bucket_env):
+    """The vision-language model, and its two adapters: one in a local directory, one on the bucket."""
     root = tmp_path_factory.mktemp("models")
     vlm = build_vision_model(model_dir("tiny"), root / "tiny-vlm")
-    return vlm, {name: build_adapter(vlm, root / name, seed) for name, seed in (("support", 1), ("legal", 2))}
+    support, legal = build_adapter(vlm, root / "support", 1), build_adapter(vlm, root / "legal", 2)
+    bucket, fs = bucket_env[0], bucket_env[2]
+    fs.put(str(legal), f"{bucket}/adapters/legal", recursive=True)
+    return vlm, {"support": support, "legal": f"s3://{bucket}/adapters/legal"}
 
 
 @pytest.fixture(scope="module")
 def batch_file(tmp_path_factory, bucket_env):
     root = tmp_path_factory.mktemp("batch")
     (root / "green.png").write_bytes(png((20, 200, 20)))
-    bucket, _ = bucket_env
+    bucket = bucket_env[0]
     forced = {"type": "function", "function": {"name": "classify"}}
     rows = [
         image_row("red-png", data_url(png())),
@@ -115,7 +119,7 @@ REFUSED = {"not-an-image": "invalid_image", "truncated": "invalid_image", "missi
 @pytest.fixture(scope="module")
 def image_run(tmp_path_factory, bucket_env, models, batch_file):
     root = tmp_path_factory.mktemp("run")
-    (vlm, adapters), (batch, _), (_, env) = models, batch_file, bucket_env
+    (vlm, adapters), (batch, _), env = models, batch_file, bucket_env[1]
     done = run_cli(
         "run", str(batch), "--output", str(root / "run"), "--model", str(vlm), "--max-model-len", "512",
         "--kv-cache-memory-bytes", str(64 * 2**20), *(f"--lora={n}={p}" for n, p in adapters.items()),
@@ -153,7 +157,7 @@ def test_the_tokens_images_became_are_counted_in_the_report(image_run):
     run_dir, _ = image_run
     report = json.loads((run_dir / "report.json").read_text())
     assert report["image_tokens"] == 5 * IMAGE_TOKENS  # five images answered, each this many <image> tokens
-    assert set(report["by_model"]) == {"tiny-vlm", "support", "legal"}
+    assert set(report["by_model"]) == {"tiny-vlm", "support", "legal"}  # legal's weights came from the bucket
     answered = {line["custom_id"]: line["response"]["body"] for line in read_jsonl(run_dir / "output.jsonl")}
     with_image, text_only = answered["red-png"]["usage"]["prompt_tokens"], answered["base-text"]["usage"]
     assert with_image > IMAGE_TOKENS and text_only["prompt_tokens"] < with_image
@@ -165,7 +169,7 @@ def test_the_same_file_through_nightshift_serve_and_the_openai_client(
 ):
     """The Batch API runs the same file on the same model and adapters: the same rows answered,
     with the same answers, the same rows refused for the same reasons."""
-    (vlm, adapters), (_, rows), (_, env) = models, batch_file, bucket_env
+    (vlm, adapters), (_, rows), env = models, batch_file, bucket_env[1]
     server = Server(
         tmp_path / "api", "--chat-model", str(vlm), *(f"--chat-lora={n}={p}" for n, p in adapters.items()),
         logs=tmp_path, env={**os.environ, **env},
