@@ -163,9 +163,7 @@ def prepare_request(
     try:
         parsed = protocol.model_validate(body)
         if tool_calling is not None and url == CHAT_URL:
-            from nightshift.tool_calls import constrain
-
-            constrain(parsed)
+            tool_calling.prepare(parsed)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "body"

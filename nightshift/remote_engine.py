@@ -239,7 +239,8 @@ class RemoteEngine:
         self.client.close()
 
     def _answer(self, request: PreparedRequest, given_up: threading.Event) -> tuple[PreparedRequest, object]:
-        body = {**request.body, "model": self.served_model}
+        # an adapter's rows go to the server under the adapter's name (`vllm serve --lora-modules NAME=PATH`)
+        body = {**request.body, "model": request.adapter or self.served_model}
         if self.config.engine_priority is not None:
             body["priority"] = self.config.engine_priority
         if request.kind == "embedding":

@@ -103,6 +103,20 @@ class ToolCalling:
             log.info("tool calls in chat rows parsed with vLLM's %r tool parser", name)
         return cache[setting]
 
+    def prepare(self, parsed) -> None:
+        """A row with tools, before its sampling parameters are made: a forced call's grammar;
+        otherwise what the model family's parser asks of the request on vLLM's server (hermes,
+        say, keeps special tokens in the text, so that its <tool_call> tags can be found)."""
+        if not parsed.tools or parsed.tool_choice == "none":
+            return
+        if is_forced(parsed.tool_choice):
+            constrain(parsed)
+        elif self._parser_cls is not None:
+            self._parser(parsed).adjust_request(parsed)
+
+    def _parser(self, parsed):
+        return self._parser_cls(self.tokenizer, parsed.tools, chat_template_kwargs=None, model_config=self.model_config)
+
     def message(self, text: str, parsed, request_id: str, finish_reason: str | None) -> tuple[dict, str | None]:
         """The assistant message of a row with tools, and its finish reason."""
         choice = parsed.tool_choice
@@ -116,10 +130,7 @@ class ToolCalling:
             calls = _listed_calls(text)
             content = None if calls else text
         elif self._parser_cls is not None:
-            parser = self._parser_cls(
-                self.tokenizer, parsed.tools, chat_template_kwargs=None, model_config=self.model_config
-            )
-            _, content, found = parser.parse(text, parsed, enable_auto_tools=True)
+            _, content, found = self._parser(parsed).parse(text, parsed, enable_auto_tools=True)
             calls = [(call.name, call.arguments) for call in found or []]
         message: dict = {"role": "assistant", "content": content}
         if calls:

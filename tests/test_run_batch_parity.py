@@ -17,6 +17,25 @@ def content_by_id(path):
     return {row["custom_id"]: row["response"]["body"]["choices"][0]["message"]["content"] for row in read_jsonl(path)}
 
 
+def calls_by_id(path):
+    """Each row's tool calls, their ids aside (vLLM draws them at random; Nightshift's are stable)."""
+    return {
+        row["custom_id"]: [
+            call["function"] for call in row["response"]["body"]["choices"][0]["message"].get("tool_calls") or []
+        ]
+        for row in read_jsonl(path)
+    }
+
+
+CLASSIFY = {
+    "type": "function",
+    "function": {
+        "name": "classify",
+        "parameters": {"type": "object", "properties": {"label": {"type": "string", "enum": ["spam", "ham"]}}},
+    },
+}
+
+
 def test_message_content_matches_vllm_run_batch_for_every_custom_id(tmp_path):
     requests = [
         chat_request(
@@ -36,6 +55,13 @@ def test_message_content_matches_vllm_run_batch_for_every_custom_id(tmp_path):
             ),
         )
         for i, doc in enumerate(sample_documents(12, seed=3))
+    ]
+    # rows with tools the model may call (tool_choice auto): the same text, through the same parser
+    requests += [
+        chat_request(
+            f"tools-{i}", f"Is this spam? {doc['text'][:200]}", model="smollm2", max_tokens=40, tools=[CLASSIFY]
+        )
+        for i, doc in enumerate(sample_documents(3, seed=4))
     ]
     batch = write_jsonl(tmp_path / "in.jsonl", requests)
     model = resolve_model("smollm2")
@@ -61,6 +87,9 @@ def test_message_content_matches_vllm_run_batch_for_every_custom_id(tmp_path):
             "0.2",
             "--seed",
             "0",
+            "--tool-call-parser",
+            "hermes",
+            "--enable-auto-tool-choice",
         ],
         check=True,
         env=child_env(),
@@ -73,6 +102,8 @@ def test_message_content_matches_vllm_run_batch_for_every_custom_id(tmp_path):
 
     reference = content_by_id(tmp_path / "ref.jsonl")
     produced = content_by_id(tmp_path / "run" / "output.jsonl")
-    assert len(reference) == len(requests)
+    assert len(reference) == len(requests) == 15
     assert produced == reference
-    assert all(len(text.split()) >= 5 for text in produced.values())  # real summaries, not empty strings
+    summaries = [text for custom_id, text in produced.items() if not custom_id.startswith("tools-")]
+    assert all(len(text.split()) >= 5 for text in summaries)  # real summaries, not empty strings
+    assert calls_by_id(tmp_path / "run" / "output.jsonl") == calls_by_id(tmp_path / "ref.jsonl")
