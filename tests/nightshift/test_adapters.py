@@ -1,6 +1,7 @@
 """Specification of LoRA adapters and tool calls as configuration and wire format: without an
 engine (tests/flows/test_adapters_and_tools.py runs them on the real one)."""
 
+import base64
 import json
 
 import pytest
@@ -181,3 +182,19 @@ def test_a_corpus_image_column_of_bytes_or_paths_becomes_an_image_part():
     assert with_path["body"]["messages"][0]["content"][1]["image_url"]["url"] == "s3://scans/form.jpg"
     without = json.loads(corpus_row(3, None, "no scan", options, None).request_json)
     assert without["body"]["messages"][0]["content"] == "Describe: no scan"
+
+
+def test_a_parquet_corpus_with_an_image_column_of_bytes_reads_each_record_with_its_image(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from nightshift.config import CorpusOptions
+    from nightshift.inputs import read_rows
+
+    table = pa.table({"id": ["a", "b"], "text": ["a receipt", "no scan"], "scan": pa.array([b"\x89PNG-a", None])})
+    pq.write_table(table, tmp_path / "scans.parquet")
+    options = CorpusOptions(id_column="id", image_column="scan")
+    rows = [json.loads(row.request_json) for row in read_rows(str(tmp_path / "scans.parquet"), "corpus", options)]
+    first, second = (row["body"]["messages"][-1]["content"] for row in rows)
+    assert first[1]["image_url"]["url"].endswith(base64.b64encode(b"\x89PNG-a").decode())
+    assert second == "no scan"
