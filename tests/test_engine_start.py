@@ -14,23 +14,32 @@ import textwrap
 import time
 
 from conftest import chat_request, write_jsonl
-from harness import REPO, VLLM_OWN_PROCESSES, child_env, run_cli
+from harness import REPO, VLLM_OWN_PROCESSES, child_env, run_cli, start_cli
 
 NO_CHECKS = ("--oracle-samples", "0", "--determinism-samples", "0")
 
 
-def test_consecutive_runs_against_a_real_prefect_server_all_reach_engine_ready_and_finish(tmp_path, prefect_server):
-    requests = write_jsonl(tmp_path / "in.jsonl", [chat_request(f"r{i}", f"Clause {i}") for i in range(200)])
-    # Each a fresh process: Prefect's services start beside the engine's load. Every other CLI
-    # run of the suite is one more such start (tests/harness.py); two in a row here name it.
-    for attempt in range(2):
-        run_dir = tmp_path / f"run-{attempt}"
+def test_three_runs_starting_their_engines_at_once_on_one_host_all_get_ready_and_finish(tmp_path, prefect_server):
+    """Workers of one host (one per GPU) start together in a normal deployment: three runs at once,
+    each a fresh process with its own KV budget and run directory, all against the suite's Prefect
+    server — Prefect's services starting beside each engine's load, three loads side by side."""
+    requests = write_jsonl(tmp_path / "in.jsonl", [chat_request(f"r{i}", f"Clause {i}") for i in range(120)])
+    runs = []
+    for slot, kv_mib in enumerate((48, 64, 80)):
+        run_dir = tmp_path / f"run-{slot}"
+        log = open(tmp_path / f"run-{slot}.log", "w")
         # engine starts as users have them: vLLM's own processes
-        done = run_cli("run", requests, "--output", run_dir, "--model", "tiny", *NO_CHECKS, env=VLLM_OWN_PROCESSES,
-                       timeout=300)  # fmt: skip
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert json.loads((run_dir / "run.json").read_text())["succeeded"] == 200
-        assert "engine ready" in done.stdout + done.stderr
+        process = start_cli(
+            "run", requests, "--output", run_dir, "--model", "tiny", "--kv-cache-memory-bytes", kv_mib * 2**20,
+            *NO_CHECKS, env=VLLM_OWN_PROCESSES, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        runs.append((run_dir, process, tmp_path / f"run-{slot}.log"))
+    for run_dir, process, log in runs:
+        assert process.wait(timeout=400) == 0, log.read_text()[-3000:]
+        assert json.loads((run_dir / "run.json").read_text())["succeeded"] == 120
+        assert "engine ready" in log.read_text()
+    started = [json.loads((run_dir / "report.json").read_text())["engine_settings"] for run_dir, _, _ in runs]
+    assert len({settings["kv_cache_tokens"] for settings in started}) == 3  # each its own KV budget
 
 
 def test_an_engine_start_blocked_by_a_live_handlers_flush_still_gets_ready(tmp_path):
