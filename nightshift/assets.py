@@ -28,8 +28,6 @@ def input_asset(input_path: str):
 
 
 def output_assets(run_dir: str, embedded: bool) -> list:
-    from prefect.assets import Asset, AssetProperties
-
     rd = RunDir(run_dir)
     outputs = {
         rd.output: "OpenAI Batch output lines of the rows that succeeded",
@@ -38,32 +36,32 @@ def output_assets(run_dir: str, embedded: bool) -> list:
     }
     if embedded:
         outputs[rd.embeddings] = "the corpus's vectors, one row per document"
-    return [
-        Asset(
-            key=asset_key(path),
-            properties=AssetProperties(name=f"{rd.root.name}/{Path(str(path)).name}", description=description),
-        )  # fmt: skip
-        for path, description in outputs.items()
-    ]
+    return [_run_file_asset(rd, path, description) for path, description in outputs.items()]
 
 
 def report_asset(run_dir: str):
+    rd = RunDir(run_dir)
+    return _run_file_asset(rd, rd.report_json, "the run's cost, throughput and validation")
+
+
+def _run_file_asset(rd: RunDir, path, description: str):
+    """A file of the run directory as an asset, named `<run directory>/<file>`."""
     from prefect.assets import Asset, AssetProperties
 
-    rd = RunDir(run_dir)
-    name = f"{rd.root.name}/{Path(str(rd.report_json)).name}"
-    return Asset(key=asset_key(rd.report_json), properties=AssetProperties(name=name,
-                 description="the run's cost, throughput and validation"))  # fmt: skip
+    name = f"{rd.root.name}/{Path(str(path)).name}"
+    return Asset(key=asset_key(path), properties=AssetProperties(name=name, description=description))
 
 
 def materializing(task, assets: list, depends_on: list):
     """`task` as a Prefect task that materializes `assets` from `depends_on`, for this run's paths."""
     from prefect.tasks import MaterializingTask
 
-    return MaterializingTask(fn=task.fn, assets=assets, asset_deps=depends_on, name=task.name)
+    options = {"name": task.name, "retries": task.retries, "retry_delay_seconds": task.retry_delay_seconds,
+               "tags": task.tags, "timeout_seconds": task.timeout_seconds}  # fmt: skip
+    return MaterializingTask(fn=task.fn, assets=assets, asset_deps=depends_on, **options)
 
 
-def record_outputs(run_dir: str, report: RunReport) -> None:
+def record_outputs(report: RunReport) -> None:
     """The merged figures on each output asset (inside the merge's materializing task run)."""
     figures = {
         "rows": report.total_rows,
@@ -78,17 +76,7 @@ def record_outputs(run_dir: str, report: RunReport) -> None:
 
 def record_report(run_dir: str, cost: CostReport) -> None:
     """The run's figures on the report asset (inside the report's materializing task run)."""
-    figures = {
-        "rows": cost.rows,
-        "failed": cost.failed,
-        "prompt_tokens": cost.prompt_tokens,
-        "completion_tokens": cost.completion_tokens,
-        "cost_on_demand": cost.cost_on_demand,
-        "cost_per_million_tokens": cost.cost_per_million_tokens,
-        "tokens_per_second": cost.tokens_per_second,
-        "validated": cost.validated,
-    }
-    _record({asset_key(RunDir(run_dir).report_json): figures})
+    _record({asset_key(RunDir(run_dir).report_json): {**cost.headline_figures(), "validated": cost.validated}})
 
 
 def _outputs(report: RunReport) -> list[str]:

@@ -21,6 +21,7 @@ import json
 import logging
 
 from nightshift.config import JobSpec
+from nightshift.records import headline_of
 from nightshift.rundir import RunDir
 from nightshift.storage import location
 
@@ -77,10 +78,7 @@ def run_figures(run_dir: str) -> dict[str, object]:
     figures: dict[str, object] = {}
     report = _json(rd.report_json)
     if report:
-        for name in ("rows", "failed", "prompt_tokens", "completion_tokens", "cost_on_demand", "cost_spot",
-                     "cost_per_million_tokens", "tokens_per_second", "prefix_cache_hit_rate"):  # fmt: skip
-            if report.get(name) is not None:
-                figures[name] = report[name]
+        figures.update(headline_of(report))
     verdict = _json(rd.validation)
     if verdict:
         figures["validated"] = verdict.get("validated")

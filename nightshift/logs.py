@@ -119,13 +119,18 @@ class _OneLineForAFullDisk(logging.Filter):
         return True
 
 
+def every_handler() -> set[logging.Handler]:
+    """The handlers of the root logger and of every logger created so far."""
+    loggers = [logging.getLogger()]
+    loggers += [lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    return {handler for logger in loggers for handler in logger.handlers}
+
+
 def expected_failures_in_one_line() -> None:
     """On every console handler Prefect configured (and any writing to stderr): see above."""
     import prefect.main  # noqa: F401  (configures Prefect's logging: its handlers exist now)
 
-    loggers = [logging.getLogger()]
-    loggers += [lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
-    for handler in {h for lg in loggers for h in lg.handlers}:
+    for handler in every_handler():
         if isinstance(handler, logging.StreamHandler) and not any(
             isinstance(f, _OneLineForAFullDisk) for f in handler.filters
         ):

@@ -179,10 +179,10 @@ def _print_logs_through(console, stream) -> list:
 
     from prefect.logging.handlers import PrefectConsoleHandler
 
-    loggers = [logging.getLogger()]
-    loggers += [lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    from nightshift.logs import every_handler
+
     restores = []
-    for handler in {h for lg in loggers for h in lg.handlers}:
+    for handler in every_handler():
         if isinstance(handler, PrefectConsoleHandler):
             restores.append(lambda handler=handler, was=handler.console: setattr(handler, "console", was))
             handler.console = console

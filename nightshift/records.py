@@ -9,7 +9,7 @@ configuration (EngineConfig, JobSpec, ...) lives in `nightshift.config`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -265,6 +265,15 @@ class CostReport(_Record):
     validation_cost_on_demand: float | None = None
     validation_checks: dict[str, dict] | None = None
 
+    # what a run's event and its report asset say of it (nightshift.events, nightshift.assets)
+    HEADLINE: ClassVar[tuple[str, ...]] = (
+        "rows", "failed", "prompt_tokens", "completion_tokens", "cost_on_demand", "cost_spot",
+        "cost_per_million_tokens", "tokens_per_second", "prefix_cache_hit_rate",
+    )  # fmt: skip
+
+    def headline_figures(self) -> dict:
+        return headline_of(self.model_dump(include=set(self.HEADLINE)))
+
     def figures(self) -> dict:
         """report.json's content: a run not validated (yet) has no validation figures, rather than nulls."""
         return self.model_dump(exclude=_VALIDATION_FIGURES if self.validated is None else set())
@@ -281,6 +290,11 @@ class CostReport(_Record):
     def completion_per_row(self) -> float | None:
         finished = self.rows - self.failed
         return self.completion_tokens / finished if finished > 0 else None
+
+
+def headline_of(report: dict) -> dict:
+    """The headline figures (CostReport.HEADLINE) a report.json holds, those not null."""
+    return {name: report[name] for name in CostReport.HEADLINE if report.get(name) is not None}
 
 
 class ProgressSnapshot(_Record):

@@ -200,7 +200,7 @@ class _Totals:
 def merge_outputs(plan: Plan, results: list[ShardResult], run_dir: str) -> RunReport:
     """The flow runs it as the materializing task of the run's output assets (nightshift/assets.py)."""
     report = _told(merge(plan, results, RunDir(run_dir)))
-    record_outputs(run_dir, report)
+    record_outputs(report)
     return report
 
 
