@@ -17,6 +17,7 @@ object-store URL (`s3://bucket/nightshift-cache`).
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 
@@ -24,7 +25,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nightshift.openai_format import batch_request_id
-from nightshift.storage import duckdb_connection, location, sql_path, written_whole
+from nightshift.storage import StorageFull, duckdb_connection, location, size_text, sql_path, written_whole
+
+log = logging.getLogger("nightshift.result_cache")
 
 SCHEMA = pa.schema(
     [
@@ -78,12 +81,24 @@ class ResultCache:
         )
 
     def flush(self, shard_key: str) -> None:
+        """Store the rows added, in one file written whole. A cache whose disk is full is said
+        once and skipped: it saves later runs work, and tonight's outputs do not wait on it
+        (nothing half-written is left: the file appears whole or not at all)."""
         if not self.added:
             return
         path = self.directory / f"{shard_key}-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
-        with written_whole(path) as tmp:
-            pq.write_table(pa.Table.from_pylist(self.added, schema=SCHEMA), tmp)
-        self.added = []
+        rows, self.added = self.added, []
+        try:
+            with written_whole(path) as tmp:
+                pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp)
+        except StorageFull as full:
+            log.warning(
+                "result cache full: no space left on the device of %s (%s free): %s rows not stored for later "
+                "runs; this run's outputs do not depend on it",
+                full.target,
+                size_text(full.free),
+                f"{len(rows):,}",
+            )
 
 
 def cached_output_line(custom_id: str, cache_key: str, stored: dict) -> dict:

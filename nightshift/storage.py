@@ -50,10 +50,11 @@ class StorageFull(StorageError):
             free = shutil.disk_usage(_existing_parent(target)).free
         except OSError:
             free = 0
+        self.target, self.free = target, free
         super().__init__(
             errno.ENOSPC,
-            f"no space left on the device of {target}: {_size(free)} free, and this write needed more than "
-            f"{_size(written)} — free some space (or give the run directory a larger disk) and run the same "
+            f"no space left on the device of {target}: {size_text(free)} free, and this write needed more than "
+            f"{size_text(written)} — free some space (or give the run directory a larger disk) and run the same "
             "command again: finished rows are kept and the run resumes",
         )
 
@@ -67,7 +68,7 @@ def _existing_parent(path: Path) -> Path:
     return path
 
 
-def _size(count: int) -> str:
+def size_text(count: int) -> str:
     for unit in ("bytes", "KiB", "MiB", "GiB"):
         if count < 1024 or unit == "GiB":
             return f"{count:,.0f} {unit}" if unit == "bytes" else f"{count:,.1f} {unit}"

@@ -66,3 +66,30 @@ def test_a_full_run_directory_fails_once_clearly_and_the_same_command_resumes_ex
     answers = [o["response"]["body"]["choices"][0]["message"]["content"] for o in outputs]
     # vLLM is not batch-invariant: a near-tie token may flip between runs with other batches.
     assert sum(a == b for a, b in zip(answers, reference)) >= 0.99 * len(reference)
+
+
+def test_a_full_result_cache_is_said_once_and_the_run_completes_without_it(tmp_path, small_disk, capfd):
+    """The cache saves later runs work; a full cache disk costs tonight's run nothing: its outputs
+    are whole, the cache holds no half-written file, and once there is room it fills again."""
+    rows = [chat_request(f"r{i}", f"Cached note {i}", max_tokens=8) for i in range(150)]
+    batch = write_jsonl(tmp_path / "in.jsonl", rows)
+    cache = small_disk / "cache"
+    ballast = small_disk / "ballast"
+    with open(ballast, "wb") as handle:
+        os.posix_fallocate(handle.fileno(), 0, os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize)
+
+    def cached_run(run_dir) -> int:
+        return main(["run", str(batch), "--output", str(run_dir), "--model", "tiny", "--max-num-seqs", "64",
+                     "--result-cache", str(cache), "--oracle-samples", "0", "--determinism-samples", "0"])  # fmt: skip
+
+    assert cached_run(tmp_path / "full") == 0
+    told = capfd.readouterr().err
+    assert told.count("result cache full: no space left on the device of") == 1, told[-3000:]
+    assert "Traceback" not in told
+    assert len(read_jsonl(tmp_path / "full" / "output.jsonl")) == 150
+    assert not [p for p in small_disk.rglob("*.tmp-*")] and not list(small_disk.rglob("*.parquet"))
+
+    ballast.unlink()
+    assert cached_run(tmp_path / "room") == 0  # stores this time
+    assert cached_run(tmp_path / "again") == 0
+    assert {r["source"] for r in pq.read_table(tmp_path / "again" / "results.parquet").to_pylist()} == {"cache"}
