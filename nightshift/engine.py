@@ -25,6 +25,7 @@ from nightshift import drills, vllm_adapter
 from nightshift.config import ConfigurationError, EngineCannotStartHere, EngineConfig, EngineStartStalled
 from nightshift.engine_protocol import Engine
 from nightshift.engine_sizing import engine_arguments, memory_picture, use_every_cpu_core
+from nightshift.images import with_images_resolved
 from nightshift.openai_format import PreparedRequest
 from nightshift.preemption import Preempted
 
@@ -251,7 +252,7 @@ class BatchEngine:
                 _kill_engine_processes(wait=False)  # the row still goes in: the engine dies under it
             try:
                 request_ids = self._enqueue(request)
-            except (VLLMClientError, ValueError, TypeError) as exc:  # this row only: too long, bad schema...
+            except (VLLMClientError, ValueError, TypeError) as exc:  # this row only: too long, bad image...
                 job.results.put((request, exc))
                 continue
             job.in_flight += 1
@@ -272,7 +273,7 @@ class BatchEngine:
         lora = self.adapters[request.adapter] if request.adapter else None
         if request.kind == "chat":
             ids = self.llm.enqueue_chat(
-                [request.prompt],
+                [with_images_resolved(request.prompt)[0] if request.images else request.prompt],
                 [request.sampling_params],
                 use_tqdm=False,
                 lora_request=lora,

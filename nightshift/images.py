@@ -1,10 +1,12 @@
 """Images in chat rows: OpenAI's `image_url` content parts, for a vision-language model.
 
 A part's URL may be a `data:` URL, an object-store URL (`s3://…`, read with the run's storage
-credentials), a local path or `file://` URL; each is read and decoded here, when the row is
-prepared, and handed to the engine as a `data:` URL — so an engine server never needs the
-bucket, and an image that is not one is that row's `invalid_image` error, before any engine
-time. `http(s)://` URLs are left to the engine, which fetches them itself.
+credentials), a local path or `file://` URL. When the row is prepared, a `data:` URL is decoded
+and checked whole and a file's or object's size is looked up (`checked_images`); when the engine
+admits the row, each file is read, checked whole and handed over as a `data:` URL
+(`with_images_resolved`) — so only the rows in flight hold their images in memory, an engine
+server never needs the bucket, and an image that is not one is that row's `invalid_image` error,
+never generated. `http(s)://` URLs are left to the engine, which fetches them itself.
 """
 
 from __future__ import annotations
@@ -29,6 +31,27 @@ def image_parts(messages) -> list[dict]:
     ]  # fmt: skip
 
 
+def all_inline(messages: list) -> bool:
+    """Whether every image of the conversation is a data: URL: its content in the row itself."""
+    return all(
+        isinstance(url := (part.get("image_url") or {}), dict) and str(url.get("url", "")).startswith("data:")
+        for part in image_parts(messages)
+    )
+
+
+def checked_images(messages: list) -> int:
+    """How many images the conversation holds, each `data:` URL checked whole and each file or
+    object found (its size within bounds) — RequestRejected("invalid_image") for one that is not."""
+    parts = image_parts(messages)
+    for part in parts:
+        url = _url_of(part)
+        if url.startswith("data:"):
+            _checked_image(_decoded(url), url)
+        elif not url.startswith(("http://", "https://")):
+            _size_of(url)
+    return len(parts)
+
+
 def with_images_resolved(messages: list) -> tuple[list, int]:
     """The conversation with every image part's URL as a checked `data:` URL (http(s) left as
     given), and how many images it holds; RequestRejected("invalid_image") for one that is not."""
@@ -47,10 +70,7 @@ def with_images_resolved(messages: list) -> tuple[list, int]:
 def _resolved(part) -> dict:
     if not (isinstance(part, dict) and part.get("type") == "image_url"):
         return part
-    given = part.get("image_url")
-    url = given.get("url") if isinstance(given, dict) else given
-    if not isinstance(url, str) or not url:
-        raise RequestRejected("invalid_image", "an image_url part without a url")
+    given, url = part.get("image_url"), _url_of(part)
     if url.startswith(("http://", "https://")):
         return part
     data = _decoded(url) if url.startswith("data:") else _read(url)
@@ -72,20 +92,35 @@ def _decoded(url: str) -> bytes:
         raise RequestRejected("invalid_image", "the data: URL's base64 does not decode") from None
 
 
-def _read(url: str) -> bytes:
-    path = unquote(urlsplit(url).path) if url.startswith("file://") else url
+def _url_of(part: dict) -> str:
+    given = part.get("image_url")
+    url = given.get("url") if isinstance(given, dict) else given
+    if not isinstance(url, str) or not url:
+        raise RequestRejected("invalid_image", "an image_url part without a url")
+    return url
+
+
+def _local_or_remote(url: str) -> str:
+    return unquote(urlsplit(url).path) if url.startswith("file://") else url
+
+
+def _size_of(url: str) -> int:
     try:
-        target = location(path)
-        size = target.stat().st_size
-        if size > MAX_IMAGE_BYTES:
-            raise RequestRejected(
-                "invalid_image", f"{url}: {size:,} bytes, over the {MAX_IMAGE_BYTES:,} an image may have"
-            )
-        return target.read_bytes()
-    except RequestRejected:
-        raise
+        size = location(_local_or_remote(url)).stat().st_size
     except (OSError, ValueError) as exc:
-        where = "the bucket" if is_url(path) else "this machine"
+        where = "the bucket" if is_url(url) else "this machine"
+        raise RequestRejected("invalid_image", f"{url}: cannot be read from {where}: {exc}") from None
+    if size > MAX_IMAGE_BYTES:
+        raise RequestRejected("invalid_image", f"{url}: {size:,} bytes, over the {MAX_IMAGE_BYTES:,} an image may have")
+    return size
+
+
+def _read(url: str) -> bytes:
+    _size_of(url)
+    try:
+        return location(_local_or_remote(url)).read_bytes()
+    except (OSError, ValueError) as exc:
+        where = "the bucket" if is_url(url) else "this machine"
         raise RequestRejected("invalid_image", f"{url}: cannot be read from {where}: {exc}") from None
 
 

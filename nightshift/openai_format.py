@@ -84,7 +84,7 @@ class PreparedRequest:
     model_name: str = ""  # what its response says it was answered by: the adapter's name or the base's
     tools: list | None = None  # a chat row's tools, for the chat template
     parsed: Any = None  # a chat row with tools: its validated request, to take the calls out of the answer
-    images: int = 0  # a chat row's image parts, each a checked data: URL (nightshift.images)
+    images: int = 0  # a chat row's image parts: checked, read when admitted (nightshift.images)
 
 
 class RequestRejected(ValueError):
@@ -148,13 +148,13 @@ def prepare_request(
         raise RequestRejected("unsupported_parameter", f"unknown field(s) in body: {', '.join(unknown)}")
     images = 0
     if url == CHAT_URL and isinstance(body.get("messages"), list):
-        from nightshift.images import image_parts, with_images_resolved
+        from nightshift.images import checked_images, image_parts
 
         if image_parts(body["messages"]) and model_config is not None and not model_config.is_multimodal_model:
             raise RequestRejected(
                 "unsupported_content", "image_url parts need a vision-language model: this job's model reads text only"
             )
-        body["messages"], images = with_images_resolved(body["messages"])
+        images = checked_images(body["messages"])  # read whole when the engine admits the row
     adapter = models.adapter_for(body.get("model"))
     if adapter is not None and url == EMBEDDINGS_URL:
         raise RequestRejected("model_not_found", f"LoRA adapter {adapter!r} serves chat and completions rows only")
@@ -256,11 +256,16 @@ def _prepare_embedding(
 
 def duplicate_key(request: dict, prepared: PreparedRequest) -> str | None:
     """Rows with the same key get the same output: the same url and body, and an output that
-    does not depend on chance (greedy, or sampled with a fixed seed; every embedding). None for
-    any other row."""
+    does not depend on chance (greedy, or sampled with a fixed seed; every embedding), images
+    inline. None for any other row."""
     params = prepared.sampling_params
     if prepared.kind != "embedding" and params.temperature != 0 and params.seed is None:
         return None
+    if prepared.images:
+        from nightshift.images import all_inline
+
+        if not all_inline(prepared.prompt):  # an image named by path or URL may change under that name
+            return None
     canonical = json.dumps([request["url"], request["body"]], sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -43,7 +43,8 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from nightshift.config import ConfigurationError, EngineConfig, EngineUnreachable
-from nightshift.openai_format import PreparedRequest, RemoteCompletion, RemoteEmbedding
+from nightshift.images import with_images_resolved
+from nightshift.openai_format import PreparedRequest, RemoteCompletion, RemoteEmbedding, RequestRejected
 from nightshift.politeness import ConcurrencyController
 from nightshift.preemption import Preempted
 
@@ -241,6 +242,11 @@ class RemoteEngine:
     def _answer(self, request: PreparedRequest, given_up: threading.Event) -> tuple[PreparedRequest, object]:
         # an adapter's rows go to the server under the adapter's name (`vllm serve --lora-modules NAME=PATH`)
         body = {**request.body, "model": request.adapter or self.served_model}
+        if request.images:  # the server reads no bucket or file of this machine: the images go inline
+            try:
+                body["messages"] = with_images_resolved(body["messages"])[0]
+            except RequestRejected as unreadable:
+                return request, unreadable
         if self.config.engine_priority is not None:
             body["priority"] = self.config.engine_priority
         if request.kind == "embedding":

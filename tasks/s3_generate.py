@@ -420,4 +420,6 @@ def write_shard_metrics(
 def _engine_refusal(exc: Exception, line_no: int) -> dict:
     message = str(exc)
     code = "context_length_exceeded" if "context length" in message else "invalid_request"
+    if isinstance(exc, RequestRejected):  # found when the engine admitted the row: an image read then
+        code = exc.code
     return {"code": code, "message": message, "line": line_no}

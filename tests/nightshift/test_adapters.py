@@ -124,7 +124,7 @@ def test_image_parts_are_read_checked_and_sent_as_data_urls(tmp_path):
 
     from PIL import Image
 
-    from nightshift.images import with_images_resolved
+    from nightshift.images import checked_images, with_images_resolved
 
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8), (1, 2, 3)).save(buffer, "PNG")
@@ -138,6 +138,9 @@ def test_image_parts_are_read_checked_and_sent_as_data_urls(tmp_path):
             }
         ]
 
+    assert checked_images(conversation(str(tmp_path / "a.png"))) == 1  # found; read when the engine admits it
+    with pytest.raises(RequestRejected, match="cannot be read"):
+        checked_images(conversation(str(tmp_path / "missing.png")))
     messages, count = with_images_resolved(conversation(str(tmp_path / "a.png")))
     url = messages[0]["content"][1]["image_url"]["url"]
     assert count == 1 and url.startswith("data:image/png;base64,")
@@ -198,3 +201,25 @@ def test_a_parquet_corpus_with_an_image_column_of_bytes_reads_each_record_with_i
     first, second = (row["body"]["messages"][-1]["content"] for row in rows)
     assert first[1]["image_url"]["url"].endswith(base64.b64encode(b"\x89PNG-a").decode())
     assert second == "no scan"
+
+
+def test_only_rows_whose_images_are_inline_share_answers_or_reach_the_result_cache(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from nightshift.openai_format import duplicate_key, prepare_request
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "PNG")
+    (tmp_path / "scan.png").write_bytes(buffer.getvalue())
+    inline = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+    def key(url):
+        content = [{"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": url}}]
+        request = {"url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": content}],
+                                                           "temperature": 0}}  # fmt: skip
+        return duplicate_key(request, prepare_request(0, "r", request, ServedModels("m", frozenset({"m"})), {}, 512))
+
+    assert key(inline) is not None
+    assert key(str(tmp_path / "scan.png")) is None  # the file may be replaced under its name tomorrow
