@@ -108,6 +108,11 @@ def check_job(job: JobSpec) -> JobSpec:
     if (model.startswith((".", "/", "~")) or os.sep in model) and not Path(model).expanduser().is_dir():
         raise ConfigurationError(f"model directory {model!r} does not exist")
     check_model_files(model)
+    local_adapters = [adapter.path for adapter in engine.lora if not is_url(adapter.path)]
+    if local_adapters:  # a rank vLLM cannot serve is said now, not at engine start
+        from nightshift.adapters import engine_lora_rank
+
+        engine_lora_rank(local_adapters)
     try:
         EngineArgs(
             model=model,
