@@ -179,6 +179,7 @@ def test_results_parquet_has_one_row_per_input_row(mixed_run):
         "shard",
         "source",
         "model",  # the row's LoRA adapter (null: the base model)
+        "image_tokens",  # of its prompt tokens, those its images became
     ]
     assert sum(v or 0 for v in table["completion_tokens"].to_pylist()) == report.completion_tokens
 
