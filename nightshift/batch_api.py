@@ -118,6 +118,7 @@ class StoredBatch(BaseModel):
     run_attempts: int = Field(0, description="runs started; a run that crashed is resumed until max_attempts")
     run_group: int | None = Field(None, description="process group of the latest run, on run_host")
     run_host: str | None = None
+    run_started: float | None = Field(None, description="the latest run's start (its process's create time)")
     flow_run_id: str | None = Field(None, description="with a deployment: the latest run's flow run")
 
 
@@ -190,6 +191,10 @@ class Store:
 
     def batches(self, owner: str | None = None) -> list[StoredBatch]:
         return [b for b in self._all(StoredBatch, "batches") if owner in (None, b.owner)]
+
+    def in_use(self, file_id: str) -> bool:
+        """Whether a batch not yet finished reads the file."""
+        return any(b.batch.input_file_id == file_id and b.batch.status not in TERMINAL for b in self.batches())
 
     def active_batches(self, owner: str) -> int:
         return sum(b.batch.status not in TERMINAL for b in self.batches(owner))

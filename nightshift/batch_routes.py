@@ -16,7 +16,8 @@ import time
 from collections.abc import Callable
 from typing import Literal, Protocol
 
-from fastapi import APIRouter, Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -67,6 +68,29 @@ async def bounded_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+FORM_OVERHEAD = 65536  # a multipart upload's boundaries, headers and purpose field beside the file
+
+
+async def bounded_form(request: Request, limit: int, too_large: Callable[[], ApiError]):
+    """The request's multipart form, refused (`too_large()`) once more than `limit` bytes have
+    come — by its declared length before any is read, else as it streams in; starlette removes
+    the parts it spooled when parsing stops."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large()
+    received = 0
+
+    async def receive():
+        nonlocal received
+        message = await request.receive()
+        received += len(message.get("body", b""))
+        if received > limit:
+            raise too_large()
+        return message
+
+    return await Request(request.scope, receive).form(max_files=1, max_fields=8)
+
+
 def known_cursor(objects: list, after: str | None, kind: str) -> list:
     """`objects`, once `after` (a cursor) is one of them: an unknown one is a 400, not the first page
     again — a client following cursors would loop. Another key's object is as unknown as none."""
@@ -112,7 +136,7 @@ def create_app(config: BatchApiConfig, store: Store, runner: Runner, owners: set
             raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
         return digest
 
-    app.include_router(files_router(config, store, owner))
+    app.include_router(files_router(config, store, runner, owner))
     app.include_router(batches_router(config, store, runner, owner))
     return app
 
@@ -149,7 +173,7 @@ def _invalid(errors) -> JSONResponse:
     return openai_error(400, f"Invalid '{param}': {message}.", "invalid_value", param)
 
 
-def files_router(config: BatchApiConfig, store: Store, owner) -> APIRouter:
+def files_router(config: BatchApiConfig, store: Store, runner: Runner, owner) -> APIRouter:
     router = APIRouter(prefix="/v1/files")
 
     def found(file_id: str, who: str) -> StoredFile:
@@ -162,11 +186,25 @@ def files_router(config: BatchApiConfig, store: Store, owner) -> APIRouter:
         return ApiError(413, f"The file is larger than {config.max_file_bytes} bytes.", param="file")
 
     @router.post("")
-    def create_file(request: Request, file: UploadFile = File(...), purpose: str = Form(...), who=Depends(owner)):
-        if purpose != "batch":
-            raise ApiError(400, f"Nightshift serves purpose 'batch' only, not {purpose!r}.", param="purpose")
-        if int(request.headers.get("content-length") or 0) > config.max_file_bytes + 65536:
-            raise too_large()
+    async def create_file(request: Request):
+        """The key first, then the body — read as it streams in, refused (413) the moment it
+        passes the limit, its spooled parts removed: nothing is read for a stranger, nothing
+        larger than the limit is ever held."""
+        who = owner(request.headers.get("authorization"))
+        form = await bounded_form(request, config.max_file_bytes + FORM_OVERHEAD, too_large)
+        try:
+            file, purpose = form.get("file"), form.get("purpose")
+            if file is None or isinstance(file, str):
+                raise ApiError(400, "Missing required parameter: 'file'.", "missing_required_parameter", "file")
+            if not isinstance(purpose, str):
+                raise ApiError(400, "Missing required parameter: 'purpose'.", "missing_required_parameter", "purpose")
+            if purpose != "batch":
+                raise ApiError(400, f"Nightshift serves purpose 'batch' only, not {purpose!r}.", param="purpose")
+            return await run_in_threadpool(stored_upload, file, who)
+        finally:
+            await form.close()
+
+    def stored_upload(file: UploadFile, who: str) -> dict:
         file_id = new_id("file-")
         size = 0
         try:
@@ -210,7 +248,11 @@ def files_router(config: BatchApiConfig, store: Store, owner) -> APIRouter:
 
     @router.delete("/{file_id}")
     def delete_file(file_id: str, who=Depends(owner)):
-        store.delete_file(found(file_id, who))
+        with runner.lock:  # no batch takes the file while it goes
+            stored = found(file_id, who)
+            if store.in_use(file_id):
+                raise ApiError(409, f"File {file_id} is the input of a batch in progress: cancel the batch first.")
+            store.delete_file(stored)
         return {"id": file_id, "object": "file", "deleted": True}
 
     return router
@@ -234,14 +276,11 @@ def batches_router(config: BatchApiConfig, store: Store, runner: Runner, owner) 
             return _invalid([{**error, "loc": error["loc"][:1]} for error in exc.errors()])
         except ValueError:
             raise ApiError(400, "The request body is not JSON.") from None
-        source = store.file(body.input_file_id, who)
-        if source is None or source.file.purpose != "batch":
-            raise ApiError(400, f"Invalid input_file_id: {body.input_file_id!r}.", param="input_file_id")
         now = int(time.time())
         batch = BatchObject(
             id=new_id("batch_"),
             endpoint=body.endpoint,
-            input_file_id=source.file.id,
+            input_file_id=body.input_file_id,
             completion_window=body.completion_window,
             created_at=now,
             expires_at=now + window_seconds(body.completion_window),
@@ -250,6 +289,9 @@ def batches_router(config: BatchApiConfig, store: Store, runner: Runner, owner) 
         )
         cap = config.max_active_batches_per_key
         with runner.lock:  # counted and saved under one lock: two requests cannot both take the last place
+            source = store.file(body.input_file_id, who)  # …nor can the file be deleted meanwhile
+            if source is None or source.file.purpose != "batch":
+                raise ApiError(400, f"Invalid input_file_id: {body.input_file_id!r}.", param="input_file_id")
             if cap is not None and store.active_batches(who) >= cap:
                 raise ApiError(
                     429, f"This key has {cap} batches in progress, the most this server allows: wait for one to "

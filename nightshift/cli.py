@@ -186,7 +186,7 @@ def _add_fields(group, model, rename: dict[str, str] | None = None) -> None:
         flag = "--" + (rename or {}).get(name, name).replace("_", "-")
         if kind is bool:
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
-        elif typing.get_origin(kind) in (tuple, list):  # repeatable: each given once more
+        elif typing.get_origin(kind) in (tuple, list, dict):  # repeatable: each given once more (dict: KEY=VALUE)
             group.add_argument(flag, dest=name, action="append", default=None, help=field.description)
         else:
             group.add_argument(flag, dest=name, type=str if choices else kind, choices=choices, default=None, help=text)

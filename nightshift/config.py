@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal, Self
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nightshift.rundir import write_json_atomic
 
@@ -61,6 +61,12 @@ def engine_urls_checked(value: str | None) -> str | None:
     bad = [url for url in urls if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname]
     if not urls or bad:
         raise ValueError(f"not an http(s) URL: {', '.join(bad) or repr(value)}")
+    if any(urlsplit(url).query or urlsplit(url).fragment for url in urls):
+        # a ?token= would be saved in job.json, the flow's parameters and every log line naming the server
+        raise ValueError(
+            "a URL with a query or fragment: give the server's key in $NIGHTSHIFT_ENGINE_API_KEY or a Prefect Secret "
+            "block (engine_api_key_secret), never in the URL"
+        )
     if any(urlsplit(url).password is not None or "@" in urlsplit(url).netloc for url in urls):
         # a parameter is seen in the dashboard, the run's files and every child run
         raise ValueError(
@@ -68,6 +74,31 @@ def engine_urls_checked(value: str | None) -> str | None:
             "Prefect Secret block (engine_api_key_secret)"
         )
     return ",".join(urls)
+
+
+def engine_arg_pairs(value) -> dict[str, object]:
+    """Engine arguments as given: a mapping, or KEY=VALUE strings whose VALUE is JSON where it
+    parses (8, true, {"method": "ngram"}) and a string where not; a key that is one of
+    EngineSettings' own fields is refused (it has a typed option of its own)."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, dict):
+        pairs = {}
+        for item in value:
+            key, equals, raw = str(item).partition("=")
+            if not equals or not key.strip():
+                raise ValueError(f"an engine argument is KEY=VALUE, not {item!r}")
+            try:
+                pairs[key.strip()] = json.loads(raw)
+            except ValueError:
+                pairs[key.strip()] = raw
+        value = pairs
+    own = sorted(set(value) & (set(EngineSettings.model_fields) | {"model"}))
+    if own:
+        raise ValueError(f"{', '.join(own)}: a setting of its own (--{own[0].replace('_', '-')}), not an engine_arg")
+    return dict(value)
 
 
 class _Config(BaseModel):
@@ -113,8 +144,10 @@ class EngineSettings(_Config):
     """How the vLLM engine is built, the model aside. Fields mirror vLLM's `LLM(...)` arguments;
     None leaves the choice to vLLM (its offline defaults for the hardware) or to Nightshift's sizing."""
 
-    dtype: Literal["auto", "float32", "float", "bfloat16", "float16", "half"] = Field(
-        "float32", description="weights and activations: float32 on CPU (bf16 is emulated there), bfloat16 on GPUs"
+    dtype: Literal["auto", "float32", "float", "bfloat16", "float16", "half"] | None = Field(
+        None,
+        description="weights and activations (default: the platform's — float32 on CPU, where bf16 is emulated; "
+        "the model's own on GPUs, bf16 for a bf16 checkpoint)",
     )
     max_model_len: int | None = Field(
         None,
@@ -130,7 +163,13 @@ class EngineSettings(_Config):
     max_num_batched_tokens: int | None = Field(
         None, gt=0, description="tokens per engine step (default: vLLM's for the hardware)"
     )
-    gpu_memory_utilization: float = Field(0.2, gt=0, le=1, description="share of accelerator memory vLLM may take")
+    gpu_memory_utilization: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="share of accelerator memory vLLM may take (default: 0.9 on a GPU, a card of its own; on CPU "
+        "the KV cache takes at most 0.2 of the memory free)",
+    )
     enforce_eager: bool | None = Field(
         None,
         description="no compilation / CUDA graphs: fastest start, slower decode (default: decided from the job's size)",
@@ -148,6 +187,25 @@ class EngineSettings(_Config):
         description="KV cache in bytes (default: gpu_memory_utilization on GPUs; sized from the model on CPU)",
     )
     seed: int = Field(0, description="engine seed: sampled rows are reproducible across runs")
+    engine_args: tuple[str, ...] = Field(
+        (),
+        description="any other vLLM engine argument, KEY=VALUE (repeatable; VALUE as JSON where it parses: "
+        'kv_cache_dtype is a field of its own, but e.g. speculative_config={"method":"ngram",...}, swap_space=8, '
+        "cpu_offload_gb=16): checked against vLLM's EngineArgs at start, recorded in the report",
+    )
+
+    @field_validator("engine_args", mode="before")
+    @classmethod
+    def _key_values(cls, value) -> tuple[str, ...]:
+        """Kept as sorted KEY=JSON strings: the config stays hashable (the engine cache's key)."""
+        pairs = engine_arg_pairs(value)
+        return tuple(f"{key}={json.dumps(pairs[key], sort_keys=True)}" for key in sorted(pairs))
+
+    @property
+    def engine_arg_values(self) -> dict[str, object]:
+        """engine_args as vLLM takes them: KEY → value."""
+        return engine_arg_pairs(self.engine_args)
+
     lora: tuple[LoraAdapter, ...] = Field(
         (),
         description="a LoRA adapter, NAME=PATH (repeatable; PATH local or s3://): rows whose body's model is NAME "
@@ -179,6 +237,11 @@ class EngineSettings(_Config):
         None,
         description="with engine_url: vLLM's per-request priority for every row (its --scheduling-policy priority "
         "runs lower values first: give batch rows a higher one than online traffic)",
+    )
+    row_priority_floor: int | None = Field(
+        None,
+        description="with engine_url: a row's own body `priority` is honoured, raised to at least this value and "
+        "engine_priority (lower runs first: no row jumps ahead of online traffic); default: a row's own is ignored",
     )
     online_ttft_slo_ms: float | None = Field(
         None,
@@ -227,9 +290,11 @@ NIGHTSHIFT_ENGINE_FIELDS = frozenset(
         "engine_api_key_secret",
         "engine_max_concurrency",
         "engine_priority",
+        "row_priority_floor",
         "online_ttft_slo_ms",
         "engine_unreachable_s",
         "lora",  # vLLM takes enable_lora and sizes; the adapters go with each row (nightshift.engine)
+        "engine_args",  # merged into the arguments as they are (engine_sizing.engine_arguments)
     }
 )
 
@@ -273,6 +338,46 @@ class JobOptions(_Config):
         "into one shard would serve more from the prefix cache (rows are still grouped inside each shard)",
     )
 
+    media_sources: Literal["any", "allowed"] = Field(
+        "any",
+        description="what an image_url of a row may name: any (the operator's own rows: any path, bucket or URL) or "
+        "allowed (a Batch API tenant's rows: data: URLs and only the allow_media_root / allow_media_url sources, "
+        "read here and sent inline; nightshift.media)",
+    )
+    allow_media_root: tuple[str, ...] = Field(
+        (), description="a local directory rows may name media in (repeatable; implies media_sources=allowed)"
+    )
+    allow_media_url: tuple[str, ...] = Field(
+        (),
+        description="a URL prefix rows may name media under, s3://bucket/prefix/ or https://host/path/ (repeatable; "
+        "implies media_sources=allowed)",
+    )
+    max_media_per_row: int = Field(16, gt=0, description="image parts one row may hold")
+    max_image_pixels: int = Field(40_000_000, gt=0, description="an image's width × height, read from its header")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _allowing_means_allowed(cls, values):
+        if isinstance(values, dict) and (values.get("allow_media_root") or values.get("allow_media_url")):
+            values = {**values, "media_sources": "allowed"}
+        return values
+
+    @field_validator("allow_media_url", mode="before")
+    @classmethod
+    def _prefixes(cls, value):
+        from nightshift.media import normalized_prefix
+
+        value = [value] if isinstance(value, str) else list(value or ())
+        return tuple(normalized_prefix(prefix) for prefix in value)
+
+    @field_validator("allow_media_root", mode="before")
+    @classmethod
+    def _roots(cls, value):
+        value = [value] if isinstance(value, str) else list(value or ())
+        if any(not os.path.isabs(os.path.expanduser(root)) for root in value):
+            raise ValueError("an allowed media root is an absolute directory")
+        return tuple(value)
+
     @property
     def regroup_shards(self) -> bool:
         """Whether the plan may cut shards on prompt-prefix groups (tasks/s1_plan_shards.py)."""
@@ -312,6 +417,7 @@ class JobSpec(JobOptions):
                 "format": OUTPUT_FORMAT_VERSION,
                 **({"adapters": {a.name: a.identity for a in self.engine.lora}} if self.engine.lora else {}),
                 **({"tool_call_parser": self.tool_call_parser} if self.tool_call_parser != "auto" else {}),
+                **({"engine_args": list(self.engine.engine_args)} if self.engine.engine_args else {}),
                 # a server's answers are not mixed with this machine's engine's: its weights are its own
                 **({"engine": "remote"} if self.engine.engine_url else {}),
             }
@@ -466,6 +572,21 @@ class BatchApiConfig(_Config):
     def _adapters(cls, value) -> tuple[LoraAdapter, ...]:
         return lora_adapters(value)
 
+    allow_media_root: tuple[str, ...] = Field(
+        (),
+        description="a directory of this machine whose files the batches' image_url parts may name (repeatable; "
+        "default: none — tenants' rows may carry data: URLs only; docs/security.md)",
+    )
+    allow_media_url: tuple[str, ...] = Field(
+        (),
+        description="a URL prefix the batches' image_url parts may name, s3://bucket/prefix/ or https://host/path/ "
+        "(repeatable; read by the run with its timeout and bounds, never by the engine; default: none)",
+    )
+    row_priority_floor: int | None = Field(
+        None,
+        description="with an engine server: a row's own `priority` is honoured, raised to at least this value (and "
+        "engine_priority): lower runs first, so no row jumps ahead of online traffic; default: ignored",
+    )
     engine_api_key_secret: str | None = Field(
         None, description="a Prefect Secret block with the engine servers' key (default: $NIGHTSHIFT_ENGINE_API_KEY)"
     )
@@ -474,6 +595,12 @@ class BatchApiConfig(_Config):
     @classmethod
     def _urls(cls, value: str | None) -> str | None:
         return engine_urls_checked(value)
+
+    @field_validator("allow_media_url", "allow_media_root", mode="before")
+    @classmethod
+    def _media(cls, value, info):
+        checked = JobOptions.model_validate({info.field_name: value or ()})  # the run's own checks
+        return getattr(checked, info.field_name)
 
     api_key_secret: str | None = Field(
         None, description="a Prefect Secret block holding the API keys, comma-separated (default: $NIGHTSHIFT_API_KEYS)"

@@ -19,8 +19,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 
-from vllm.exceptions import VLLMClientError
-
 from nightshift import drills, vllm_adapter
 from nightshift.config import ConfigurationError, EngineCannotStartHere, EngineConfig, EngineStartStalled
 from nightshift.engine_protocol import Engine
@@ -68,6 +66,7 @@ class BatchEngine:
         from vllm import LLM
 
         self.config = config
+        vllm_adapter.check_at_start()  # a vLLM outside the supported range, or whose internals moved: said now
         arguments = engine_arguments(config)
         use_every_cpu_core()
         loading = time.monotonic()
@@ -252,7 +251,7 @@ class BatchEngine:
                 _kill_engine_processes(wait=False)  # the row still goes in: the engine dies under it
             try:
                 request_ids = self._enqueue(request)
-            except (VLLMClientError, ValueError, TypeError) as exc:  # this row only: too long, bad image...
+            except (*vllm_adapter.client_errors(), ValueError, TypeError) as exc:  # this row only: too long, bad image
                 job.results.put((request, exc))
                 continue
             job.in_flight += 1
@@ -273,7 +272,7 @@ class BatchEngine:
         lora = self.adapters[request.adapter] if request.adapter else None
         if request.kind == "chat":
             ids = self.llm.enqueue_chat(
-                [with_images_resolved(request.prompt)[0] if request.images else request.prompt],
+                [with_images_resolved(request.prompt, request.media)[0] if request.images else request.prompt],
                 [request.sampling_params],
                 use_tqdm=False,
                 lora_request=lora,

@@ -18,21 +18,94 @@ from nightshift.config import NIGHTSHIFT_ENGINE_FIELDS, EngineConfig
 log = logging.getLogger("nightshift.engine")
 
 
-# Below this many rows a job is done before compilation would pay for itself (see
-# docs/benchmarks.md: on a GPU, CUDA-graph capture and torch.compile take tens of seconds and
-# speed decoding up; on CPU, compilation made decoding no faster here, so CPU engines stay eager).
-COMPILE_MIN_ROWS = 5_000
+# Compiled or eager, from what was measured (docs/benchmarks.md, "Compiled or eager"): on an
+# H200, a Llama-3.1-8B-shaped model started in 10 s eager and 44 s compiled (torch.compile and
+# CUDA graphs, a cold cache) and decoded 29,267 against 30,450 tokens/s (13,587 output tokens/s
+# compiled): compiling costs COMPILE_COST_S more at start and saves COMPILE_GAIN of the decode
+# time, so it pays once the decode is expected to take longer than COMPILE_COST_S / COMPILE_GAIN.
+# On CPU compilation made decoding no faster here, so CPU engines stay eager.
+COMPILE_COST_S = 34.0
+COMPILE_GAIN = 0.039
+MEASURED_OUTPUT_TOKENS_S = 13_587.0  # 8B, bf16, one H200, 1,500 rows of 256 tokens
+MEASURED_PARAMS = 8.0e9
+TOKENS_PER_ROW = 256  # a row's expected completion when only the row count is known (CorpusOptions' default)
+GPU_MEMORY_SHARE = 0.9  # a card of its own, as vLLM's default
+CPU_MEMORY_SHARE = 0.2  # of the memory free, at most, for a CPU engine's KV cache
+
+
+def platform_is_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def with_platform_defaults(config: EngineConfig, on_cpu: bool | None = None) -> EngineConfig:
+    """The config with what it leaves to the platform filled: float32 on CPU (bf16 is emulated
+    there, 3× slower) and the model's own dtype on a GPU; 0.9 of a GPU's memory (the CPU's KV
+    budget is sized from free memory: cpu_kv_cache_bytes)."""
+    on_cpu = platform_is_cpu() if on_cpu is None else on_cpu
+    update = {}
+    if config.dtype is None:
+        update["dtype"] = "float32" if on_cpu else "auto"
+    if config.gpu_memory_utilization is None and not on_cpu:
+        update["gpu_memory_utilization"] = GPU_MEMORY_SHARE
+    return config.model_copy(update=update) if update else config
+
+
+def check_fits_gpu(config: EngineConfig) -> None:
+    """Refuse, before vLLM allocates anything, a model whose weights alone exceed the share of
+    the card(s) the engine may take — said with the arithmetic (ConfigurationError, exit 2),
+    not as a CUDA out-of-memory error minutes into the start."""
+    import torch
+
+    from nightshift.config import ConfigurationError
+    from nightshift.models import local_model, weight_bytes
+
+    if not torch.cuda.is_available():
+        return
+    try:
+        stored = weight_bytes(local_model(config.model))
+    except (OSError, ValueError):
+        return
+    weights = stored * (2 if config.dtype in ("float32", "float") and not _stored_in_float32(config) else 1)
+    card = torch.cuda.get_device_properties(0).total_memory
+    share = config.gpu_memory_utilization or GPU_MEMORY_SHARE
+    budget = share * card * config.tensor_parallel_size
+    if weights > budget:
+        raise ConfigurationError(
+            f"the model's weights take {weights / GiB:.1f} GiB in {config.dtype}, more than gpu_memory_utilization "
+            f"{share} × {card / GiB:.0f} GiB × {config.tensor_parallel_size} GPU(s) = {budget / GiB:.1f} GiB: "
+            "raise --gpu-memory-utilization, use --dtype bfloat16 / auto, quantize, or --tensor-parallel-size"
+        )
+
+
+def _stored_in_float32(config: EngineConfig) -> bool:
+    model = _model_json(config) or {}
+    return str(model.get("torch_dtype") or model.get("dtype") or "").endswith("float32")
+
+
+def expected_decode_seconds(config: EngineConfig, rows: int) -> float:
+    """A job's decode time on one GPU as measured for an 8B model, scaled by the model's size."""
+    from nightshift.models import local_model, weight_bytes
+
+    try:
+        params = weight_bytes(local_model(config.model)) / 2  # 16-bit checkpoints
+    except (OSError, ValueError):
+        params = MEASURED_PARAMS
+    rate = MEASURED_OUTPUT_TOKENS_S * MEASURED_PARAMS / max(params, 1e8)
+    return rows * TOKENS_PER_ROW / rate / config.tensor_parallel_size
 
 
 def choose_enforce_eager(config: EngineConfig, rows: int | None) -> EngineConfig:
-    """The config with `enforce_eager` decided, if the user left it open: compile on a GPU for
-    a job of at least COMPILE_MIN_ROWS rows (or of unknown size); eager otherwise."""
+    """The config with `enforce_eager` decided, if the user left it open: on a GPU, compile
+    when the job's expected decode time is long enough for the compile to pay (or its size is
+    unknown); eager on CPU and for shorter jobs."""
     if config.enforce_eager is not None:
         return config
-    from vllm.platforms import current_platform
-
-    eager = current_platform.is_cpu() or (rows is not None and rows < COMPILE_MIN_ROWS)
-    return config.model_copy(update={"enforce_eager": eager})
+    if platform_is_cpu():
+        return config.model_copy(update={"enforce_eager": True})
+    pays = rows is None or expected_decode_seconds(config, rows) * COMPILE_GAIN > COMPILE_COST_S
+    return config.model_copy(update={"enforce_eager": not pays})
 
 
 def engine_arguments(config: EngineConfig) -> dict:
@@ -40,7 +113,11 @@ def engine_arguments(config: EngineConfig) -> dict:
     open, and on CPU an explicit KV-cache size."""
     from nightshift.models import local_model
 
-    arguments = config.model_dump(exclude_none=True, exclude=NIGHTSHIFT_ENGINE_FIELDS)
+    on_cpu = platform_is_cpu()
+    config = with_platform_defaults(config, on_cpu)
+    if not on_cpu:
+        check_fits_gpu(config)
+    arguments = config.model_dump(exclude_none=True, exclude=NIGHTSHIFT_ENGINE_FIELDS) | config.engine_arg_values
     arguments["model"] = local_model(config.model)  # an s3:// model: this machine's fetched copy
     arguments.setdefault("enforce_eager", True)  # a config that nobody sized for its job: start fast
     arguments.setdefault("max_model_len", -1)  # the model's own context, lowered only if memory requires
@@ -57,9 +134,7 @@ def engine_arguments(config: EngineConfig) -> dict:
             max_cpu_loras=len(config.lora) + 1,
             max_lora_rank=engine_lora_rank([local_adapter(adapter) for adapter in config.lora]),
         )
-    from vllm.platforms import current_platform
-
-    if current_platform.is_cpu():
+    if on_cpu:
         kv_bytes = config.kv_cache_memory_bytes
         if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             kv_bytes = kv_bytes or int(float(os.environ["VLLM_CPU_KVCACHE_SPACE"]) * GiB)
@@ -161,13 +236,14 @@ def cpu_kv_cache_bytes(config: EngineConfig, available: int | None = None) -> in
 
     available = psutil.virtual_memory().available if available is None else available
     per_token = kv_bytes_per_token(config)
+    share = config.gpu_memory_utilization or CPU_MEMORY_SHARE
     if per_token is None:
-        return max(GiB, int(min(4 * GiB, config.gpu_memory_utilization * available)))
+        return max(GiB, int(min(4 * GiB, share * available)))
     context = config.max_model_len or model_context(config) or 2048
     wanted = per_token * context * (config.max_num_seqs or 256)
     # an explicit context must fit one whole sequence; the model's own is fitted to the cache by vLLM
     floor = (per_token * context if config.max_model_len else 0) + 64 * (1 << 20)
-    return int(max(floor, min(wanted, config.gpu_memory_utilization * available)))
+    return int(max(floor, min(wanted, share * available)))
 
 
 def model_context(config: EngineConfig) -> int | None:
@@ -199,7 +275,7 @@ def kv_bytes_per_token(config: EngineConfig) -> int | None:
         head_dim = model.get("head_dim") or model["hidden_size"] // model["num_attention_heads"]
     except (KeyError, TypeError, ValueError, ZeroDivisionError):
         return None
-    dtype = config.kv_cache_dtype if config.kv_cache_dtype != "auto" else config.dtype
+    dtype = config.kv_cache_dtype if config.kv_cache_dtype != "auto" else with_platform_defaults(config).dtype
     width = 1 if "fp8" in dtype or "int8" in dtype else 4 if dtype in ("float32", "float") else 2
     return 2 * layers * heads * head_dim * width
 
@@ -216,6 +292,13 @@ def throughput_traps(settings: dict, on_gpu: bool) -> list[str]:
         traps.append(
             f"max_num_seqs {settings['max_num_seqs']} on a GPU: the GPU waits between small batches "
             "(vLLM's offline default is 256 or more; leave max_num_seqs unset)"
+        )
+    if on_gpu and settings.get("dtype") == "float32":
+        traps.append("float32 on a GPU: twice the memory and a fraction of the speed (leave --dtype unset: auto)")
+    if on_gpu and (settings.get("gpu_memory_utilization") or 1) < 0.5:
+        traps.append(
+            f"gpu_memory_utilization {settings['gpu_memory_utilization']} on a GPU: a small KV cache decodes few rows "
+            "at once (leave it unset: 0.9 of a card of its own)"
         )
     if on_gpu and settings.get("enforce_eager"):
         traps.append("eager mode on a GPU: CUDA graphs speed decoding up (leave enforce_eager unset for a big job)")

@@ -389,14 +389,15 @@ def prefix_cache_shape(job: JobSpec) -> tuple[int | None, int] | None:
     """(KV cache in tokens, block size) for the prefix-cache prediction: the cache this host's
     engine would get — set, or sized as a CPU engine sizes it; on a GPU unless set, unbounded —
     in vLLM's default blocks (16 tokens on GPUs, 128 on CPUs). None without prefix caching."""
-    from nightshift.engine_sizing import cpu_kv_cache_bytes, kv_bytes_per_token
+    from nightshift.engine_sizing import cpu_kv_cache_bytes, kv_bytes_per_token, with_platform_defaults
     from nightshift.telemetry import GpuSampler
 
     if job.engine.enable_prefix_caching is False:
         return None
     on_gpu = GpuSampler().gpu_count > 0
-    per_token = kv_bytes_per_token(job.engine)
-    budget = job.engine.kv_cache_memory_bytes or (None if on_gpu else cpu_kv_cache_bytes(job.engine))
+    engine = with_platform_defaults(job.engine, on_cpu=not on_gpu)
+    per_token = kv_bytes_per_token(engine)
+    budget = engine.kv_cache_memory_bytes or (None if on_gpu else cpu_kv_cache_bytes(engine))
     capacity = budget // per_token if budget and per_token else None
     return capacity, 16 if on_gpu else 128
 

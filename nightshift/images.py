@@ -1,12 +1,14 @@
 """Images in chat rows: OpenAI's `image_url` content parts, for a vision-language model.
 
-A part's URL may be a `data:` URL, an object-store URL (`s3://…`, read with the run's storage
-credentials), a local path or `file://` URL. When the row is prepared, a `data:` URL is decoded
-and checked whole and a file's or object's size is looked up (`checked_images`); when the engine
-admits the row, each file is read, checked whole and handed over as a `data:` URL
+Where a part's URL may point is the run's media policy (nightshift.media): a `data:` URL always;
+a path, `file://` URL or bucket object in the operator's own run, and in a Batch API tenant's
+row only under what the operator opened. When the row is prepared, a `data:` URL is decoded and
+checked whole and a file's or object's size is looked up (`checked_images`); when the engine
+admits the row, each source is read (bounded), checked whole and handed over as a `data:` URL
 (`with_images_resolved`) — so only the rows in flight hold their images in memory, an engine
-server never needs the bucket, and an image that is not one is that row's `invalid_image` error,
-never generated. `http(s)://` URLs are left to the engine, which fetches them itself.
+server never needs the bucket, and an image that is not one is that row's `invalid_image`
+error, never generated. A trusted row's `http(s)://` URLs are left to the engine, which fetches
+them itself; a tenant's are fetched here under the policy, never by the engine.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-from urllib.parse import unquote, urlsplit
 
-from nightshift.openai_format import RequestRejected
-from nightshift.storage import is_url, location
+from nightshift.errors import RequestRejected
+from nightshift.media import MediaPolicy, read, size_checked
 
-MAX_IMAGE_BYTES = 20 * 1024**2  # OpenAI's limit for an image of a chat request
+# Formats an image part may be in: the ones OpenAI's vision input takes, and no exotic decoder.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
+TENANT = MediaPolicy()  # the default: data: URLs only
 
 
 def image_parts(messages) -> list[dict]:
@@ -39,42 +42,48 @@ def all_inline(messages: list) -> bool:
     )
 
 
-def checked_images(messages: list) -> int:
-    """How many images the conversation holds, each `data:` URL checked whole and each file or
-    object found (its size within bounds) — RequestRejected("invalid_image") for one that is not."""
+def checked_images(messages: list, policy: MediaPolicy = TENANT) -> int:
+    """How many images the conversation holds, each allowed by `policy`, each `data:` URL checked
+    whole and each file or object found within bounds — RequestRejected (media_not_allowed,
+    too_many_images, invalid_image) for a part that is not."""
     parts = image_parts(messages)
+    if len(parts) > policy.max_items:
+        raise RequestRejected("too_many_images", f"{len(parts)} images in one row: at most {policy.max_items}")
     for part in parts:
         url = _url_of(part)
         if url.startswith("data:"):
-            _checked_image(_decoded(url), url)
-        elif not url.startswith(("http://", "https://")):
-            _size_of(url)
+            _checked_image(_decoded(url, policy), "the data: URL", policy)
+        elif not policy.engine_fetches(url):
+            size_checked(url, policy)
     return len(parts)
 
 
-def with_images_resolved(messages: list) -> tuple[list, int]:
-    """The conversation with every image part's URL as a checked `data:` URL (http(s) left as
-    given), and how many images it holds; RequestRejected("invalid_image") for one that is not."""
+def with_images_resolved(messages: list, policy: MediaPolicy = TENANT) -> tuple[list, int]:
+    """The conversation with every image part's URL as a checked `data:` URL (a trusted row's
+    http(s) left as given), and how many images it holds; RequestRejected for one that is not."""
     parts = image_parts(messages)
     if not parts:
         return messages, 0
+    if len(parts) > policy.max_items:
+        raise RequestRejected("too_many_images", f"{len(parts)} images in one row: at most {policy.max_items}")
     resolved = []
     for message in messages:
         content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, list):
-            message = {**message, "content": [_resolved(part) for part in content]}
+            message = {**message, "content": [_resolved(part, policy) for part in content]}
         resolved.append(message)
     return resolved, len(parts)
 
 
-def _resolved(part) -> dict:
+def _resolved(part, policy: MediaPolicy) -> dict:
     if not (isinstance(part, dict) and part.get("type") == "image_url"):
         return part
     given, url = part.get("image_url"), _url_of(part)
-    if url.startswith(("http://", "https://")):
+    if policy.engine_fetches(url):
         return part
-    data = _decoded(url) if url.startswith("data:") else _read(url)
-    mime = _checked_image(data, url)
+    inline = url.startswith("data:")
+    data = _decoded(url, policy) if inline else read(url, policy)
+    mime = _checked_image(data, "the data: URL" if inline else url, policy)
     detail = {"detail": given["detail"]} if isinstance(given, dict) and "detail" in given else {}
     return {
         "type": "image_url",
@@ -82,10 +91,12 @@ def _resolved(part) -> dict:
     }
 
 
-def _decoded(url: str) -> bytes:
+def _decoded(url: str, policy: MediaPolicy) -> bytes:
     header, comma, payload = url.partition(",")
     if not comma or not header.endswith(";base64"):
         raise RequestRejected("invalid_image", "a data: URL of an image must be base64 (data:image/png;base64,…)")
+    if len(payload) * 3 // 4 > policy.max_bytes + 3:
+        raise RequestRejected("invalid_image", f"the data: URL: over the {policy.max_bytes:,} bytes an image may have")
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
@@ -100,41 +111,25 @@ def _url_of(part: dict) -> str:
     return url
 
 
-def _local_or_remote(url: str) -> str:
-    return unquote(urlsplit(url).path) if url.startswith("file://") else url
-
-
-def _size_of(url: str) -> int:
-    try:
-        size = location(_local_or_remote(url)).stat().st_size
-    except (OSError, ValueError) as exc:
-        where = "the bucket" if is_url(url) else "this machine"
-        raise RequestRejected("invalid_image", f"{url}: cannot be read from {where}: {exc}") from None
-    if size > MAX_IMAGE_BYTES:
-        raise RequestRejected("invalid_image", f"{url}: {size:,} bytes, over the {MAX_IMAGE_BYTES:,} an image may have")
-    return size
-
-
-def _read(url: str) -> bytes:
-    _size_of(url)
-    try:
-        return location(_local_or_remote(url)).read_bytes()
-    except (OSError, ValueError) as exc:
-        where = "the bucket" if is_url(url) else "this machine"
-        raise RequestRejected("invalid_image", f"{url}: cannot be read from {where}: {exc}") from None
-
-
-def _checked_image(data: bytes, url: str) -> str:
-    """The MIME type of image bytes that decode whole (Pillow); else the row's invalid_image."""
+def _checked_image(data: bytes, shown: str, policy: MediaPolicy) -> str:
+    """The MIME type of image bytes that decode whole (Pillow, IMAGE_FORMATS only, at most
+    policy.max_pixels); else the row's invalid_image."""
     from PIL import Image, UnidentifiedImageError
 
-    shown = url if not url.startswith("data:") else "the data: URL"
-    if len(data) > MAX_IMAGE_BYTES:
-        raise RequestRejected("invalid_image", f"{shown}: over the {MAX_IMAGE_BYTES:,} bytes an image may have")
+    if len(data) > policy.max_bytes:
+        raise RequestRejected("invalid_image", f"{shown}: over the {policy.max_bytes:,} bytes an image may have")
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+            if image.width * image.height > policy.max_pixels:  # from the header, before decoding
+                raise RequestRejected(
+                    "invalid_image",
+                    f"{shown}: {image.width}×{image.height} pixels, over the {policy.max_pixels:,} an image may have",
+                )
             image.load()  # the whole image: a truncated file fails here, not in the engine
             kind = image.format or "PNG"
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise RequestRejected("invalid_image", f"{shown} is not an image Pillow can read: {exc}") from None
+        if isinstance(exc, RequestRejected):
+            raise
+        formats = ", ".join(IMAGE_FORMATS)
+        raise RequestRejected("invalid_image", f"{shown} is not a {formats} image Pillow can read: {exc}") from None
     return Image.MIME.get(kind, f"image/{kind.lower()}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from pathlib import Path
@@ -47,7 +48,22 @@ def make_job(model: str = DEFAULT_MODEL, **settings) -> JobSpec:
         job = JobSpec(engine=engine, model_identity=model_identity(path), **options)
     except ValidationError as exc:
         raise ConfigurationError(validation_message(exc)) from None
-    return with_adapter_identities(job)
+    return with_adapter_identities(with_engine_media_closed(job))
+
+
+# vLLM's own media settings for a job of a tenant's rows: its in-process engine reads no local
+# file (vLLM's default, said again) and fetches from no domain — this reserved name resolves
+# nowhere. Nightshift reads what the policy allows itself and hands the engine data: URLs alone.
+ENGINE_MEDIA_CLOSED = {"allowed_local_media_path": "", "allowed_media_domains": ["nightshift.invalid"]}
+
+
+def with_engine_media_closed(job: JobSpec) -> JobSpec:
+    """A job of a tenant's rows (media_sources="allowed") with vLLM's media settings closed."""
+    if job.media_sources != "allowed":
+        return job
+    closed = job.engine.engine_arg_values | ENGINE_MEDIA_CLOSED
+    engine = job.engine.model_validate({**job.engine.model_dump(), "engine_args": closed})
+    return job.model_copy(update={"engine": engine})
 
 
 def with_adapter_identities(job: JobSpec) -> JobSpec:
@@ -113,6 +129,9 @@ def check_job(job: JobSpec) -> JobSpec:
         from nightshift.adapters import engine_lora_rank
 
         engine_lora_rank(local_adapters)
+    unknown = set(engine.engine_arg_values) - {field.name for field in dataclasses.fields(EngineArgs)}
+    if unknown:
+        raise ConfigurationError(f"engine_args: vLLM's EngineArgs has no {', '.join(sorted(unknown))}")
     try:
         EngineArgs(
             model=model,

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from nightshift.errors import RequestRejected
 from nightshift.inputs import CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL
 
 # Accepted by vLLM's server but meaningless or unsupported in an offline batch.
@@ -85,12 +86,7 @@ class PreparedRequest:
     tools: list | None = None  # a chat row's tools, for the chat template
     parsed: Any = None  # a chat row with tools: its validated request, to take the calls out of the answer
     images: int = 0  # a chat row's image parts: checked, read when admitted (nightshift.images)
-
-
-class RequestRejected(ValueError):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+    media: Any = None  # the run's nightshift.media.MediaPolicy, which its images are read under
 
 
 def _protocol(url: str):
@@ -123,14 +119,17 @@ def prepare_request(
     serves: str = "generate",
     model_config=None,
     tool_calling=None,
+    media=None,
 ) -> PreparedRequest:
     """Turn one request into engine arguments, or raise RequestRejected with an OpenAI code.
     `serves` is the engine's runner: "generate" answers chat and completions, "pooling"
     embeddings; a job serves one endpoint, as an OpenAI batch does. With `tool_calling` (an
     in-process engine's), a forced tool call is decoded under its schema; without, the row's
-    tools go to the engine server as they are."""
+    tools go to the engine server as they are. `media` (a nightshift.media.MediaPolicy) says
+    which sources a row's images may name: data: URLs only unless given."""
     from pydantic import ValidationError
-    from vllm.exceptions import VLLMClientError
+
+    from nightshift.vllm_adapter import client_errors
 
     url, body = request["url"], dict(request["body"])
     wanted = "pooling" if url == EMBEDDINGS_URL else "generate"
@@ -148,18 +147,20 @@ def prepare_request(
         raise RequestRejected("unsupported_parameter", f"unknown field(s) in body: {', '.join(unknown)}")
     images = 0
     if url == CHAT_URL and isinstance(body.get("messages"), list):
-        from nightshift.images import checked_images, image_parts
+        from nightshift.images import TENANT, checked_images, image_parts
+
+        media = media or TENANT
 
         if image_parts(body["messages"]) and model_config is not None and not model_config.is_multimodal_model:
             raise RequestRejected(
                 "unsupported_content", "image_url parts need a vision-language model: this job's model reads text only"
             )
-        images = checked_images(body["messages"])  # read whole when the engine admits the row
+        images = checked_images(body["messages"], media)  # read whole when the engine admits the row
     adapter = models.adapter_for(body.get("model"))
     if adapter is not None and url == EMBEDDINGS_URL:
         raise RequestRejected("model_not_found", f"LoRA adapter {adapter!r} serves chat and completions rows only")
     body["model"] = adapter or models.name  # an engine server serves the adapter under its name too
-    named = {"adapter": adapter, "model_name": adapter or models.name, "images": images}
+    named = {"adapter": adapter, "model_name": adapter or models.name, "images": images, "media": media}
     try:
         parsed = protocol.model_validate(body)
         if tool_calling is not None and url == CHAT_URL:
@@ -168,7 +169,7 @@ def prepare_request(
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "body"
         raise RequestRejected("invalid_request", f"{where}: {first.get('msg')}") from None
-    except (ValueError, VLLMClientError) as exc:  # vLLM's own checks (a tool_choice naming no tool...)
+    except (ValueError, *client_errors()) as exc:  # vLLM's own checks (a tool_choice naming no tool...)
         message = str(exc).splitlines()[0]
         raise RequestRejected("invalid_request", f"{getattr(exc, 'parameter', None) or 'body'}: {message}") from None
     if url == EMBEDDINGS_URL:

@@ -244,11 +244,12 @@ class RemoteEngine:
         body = {**request.body, "model": request.adapter or self.served_model}
         if request.images:  # the server reads no bucket or file of this machine: the images go inline
             try:
-                body["messages"] = with_images_resolved(body["messages"])[0]
+                body["messages"] = with_images_resolved(body["messages"], request.media)[0]
             except RequestRejected as unreadable:
                 return request, unreadable
-        if self.config.engine_priority is not None:
-            body["priority"] = self.config.engine_priority
+        body.pop("priority", None)
+        if (priority := row_priority(request.body or {}, self.config)) is not None:
+            body["priority"] = priority
         if request.kind == "embedding":
             body["encoding_format"] = "float"  # the run writes the row's own encoding, and the vectors' file
         elif self.token_ids_on_request:
@@ -352,3 +353,14 @@ def _retry_after(response: httpx.Response) -> float | None:
         return min(float(response.headers.get("retry-after", "")), _BACKOFF_MOST_S)
     except ValueError:
         return None
+
+
+def row_priority(body: dict, config) -> int | None:
+    """The vLLM priority a row is sent with: the run's engine_priority; the row's own only where
+    the operator set a floor, and never below it (lower runs first: a row cannot jump ahead of
+    online traffic or of the run's own priority)."""
+    floor = [p for p in (config.engine_priority, config.row_priority_floor) if p is not None]
+    own = body.get("priority")
+    if config.row_priority_floor is not None and isinstance(own, int) and not isinstance(own, bool):
+        return max([own, *floor])
+    return config.engine_priority

@@ -168,7 +168,9 @@ def written_whole(path) -> Iterator[Path]:
             target.parent.mkdir(parents=True, exist_ok=True)
             yield tmp
             _pass_fences(target)
+            _synced(tmp)  # on disk before it counts: a power cut leaves the old file or the new, whole
             os.replace(tmp, target)
+            _synced(target.parent)
         except OSError as exc:
             if is_device_full(exc) and not isinstance(exc, StorageFull):
                 raise StorageFull(target, tmp.stat().st_size if tmp.exists() else 0) from None
@@ -188,6 +190,15 @@ def written_whole(path) -> Iterator[Path]:
             raise StorageError(f"could not write {target}: {exc}") from exc
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _synced(path: Path) -> None:
+    """fsync a file or a directory (its entries: a rename made durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextmanager

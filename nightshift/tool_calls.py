@@ -75,20 +75,12 @@ class ToolCalling:
     """One engine's tool-call parsing: vLLM's parser for its model family, built once."""
 
     def __init__(self, parser_name: str | None, tokenizer, model_config=None) -> None:
-        from vllm.parser.parser_manager import ParserManager
+        from nightshift.vllm_adapter import tool_parser_class
 
         self.parser_name = parser_name
         self.tokenizer, self.model_config = tokenizer, model_config
-        self._parser_cls = (
-            ParserManager.get_parser(
-                tool_parser_name=parser_name,
-                enable_auto_tools=True,
-                model_name=getattr(model_config, "model", None),
-                tokenizer=tokenizer,
-            )
-            if parser_name
-            else None
-        )
+        model_name = getattr(model_config, "model", None)
+        self._parser_cls = tool_parser_class(parser_name, model_name, tokenizer) if parser_name else None
 
     @classmethod
     def for_engine(cls, engine, setting: str | None) -> ToolCalling | None:

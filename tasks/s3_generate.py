@@ -44,6 +44,7 @@ from nightshift.engine import EngineFailure, get_engine
 from nightshift.engine_protocol import Engine
 from nightshift.engine_sizing import throughput_traps
 from nightshift.layout import expected_work, prefix_order
+from nightshift.media import MediaPolicy
 from nightshift.models import local_model
 from nightshift.openai_format import PreparedRequest, RequestRejected, ServedModels, duplicate_key, prepare_request
 from nightshift.preemption import Preempted, generation_in_progress, grace_seconds, stop_requested
@@ -219,6 +220,7 @@ def _prepare(todo: list[dict], job: JobSpec, run_dir: RunDir, writer: ChunkWrite
     identical rows share. The engine is started only when some row needs it."""
     ready_rows: list[tuple[PreparedRequest, str | None]] = []
     engine: Engine | None = None
+    media = MediaPolicy.of_job(job)  # what the rows' images may name
     for row in todo:
         if row["error"] is not None:
             writer.add_error(row, json.loads(row["error"]))
@@ -247,6 +249,7 @@ def _prepare(todo: list[dict], job: JobSpec, run_dir: RunDir, writer: ChunkWrite
                 engine.runner_type,
                 engine.model_config,
                 ToolCalling.for_engine(engine, job.tool_call_parser),
+                media,
             )
         except RequestRejected as exc:
             writer.add_error(row, {"code": exc.code, "message": str(exc), "line": row["line_no"]})

@@ -441,6 +441,7 @@ def _too_big_here(model: str, engine_here: bool) -> str | None:
 def _rerun(samples: list[dict], job: JobSpec) -> dict:
     """The samples through the engine again, same parameters (seed included): custom_id → output."""
     from nightshift.engine import get_engine
+    from nightshift.media import MediaPolicy
     from nightshift.openai_format import ServedModels, prepare_request
 
     engine = get_engine(job.engine)
@@ -451,6 +452,7 @@ def _rerun(samples: list[dict], job: JobSpec) -> dict:
             {"url": "/v1/chat/completions", "body": s["body"]},
             dataclasses.replace(ServedModels.of_job(job), mismatch="ignore"),
             engine.default_sampling_params,
+            media=MediaPolicy.of_job(job),
         )
         for i, s in enumerate(samples)
     ]

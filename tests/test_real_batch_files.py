@@ -168,10 +168,13 @@ def test_the_same_file_through_nightshift_serve_and_the_openai_client(
     tmp_path, models, batch_file, bucket_env, image_run
 ):
     """The Batch API runs the same file on the same model and adapters: the same rows answered,
-    with the same answers, the same rows refused for the same reasons."""
-    (vlm, adapters), (_, rows), env = models, batch_file, bucket_env[1]
+    with the same answers, the same rows refused for the same reasons — once the operator has
+    opened the directory and the bucket prefix the file's images are in to its tenants (without
+    that, a tenant's path or bucket image is media_not_allowed: tests/test_serve_security.py)."""
+    (vlm, adapters), (path, rows), (bucket, env) = models, batch_file, bucket_env[:2]
     server = Server(
         tmp_path / "api", "--chat-model", str(vlm), *(f"--chat-lora={n}={p}" for n, p in adapters.items()),
+        "--allow-media-root", str(path.parent), "--allow-media-url", f"s3://{bucket}/scans/",
         logs=tmp_path, env={**os.environ, **env},
     ).start()  # fmt: skip
     try:

@@ -45,6 +45,7 @@ CANCELLED_MESSAGE = "The batch was cancelled before this request ran."
 # within this margin (rows in flight get 2 s, then the merge).
 RUN_EXPIRY_MARGIN_S = 120
 SWEEP_EVERY_S = 60.0  # retention's look at old files and batches
+STRIKES = 3  # looks at a batch in a row that raise before the batch fails with the reason
 EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
 GATE_FAILED_MESSAGE = (
     "The canary validation gate failed: the outputs were written, but do not trust them before reading "
@@ -61,6 +62,7 @@ class BatchLifecycle:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="nightshift-batch-runner", daemon=True)
         self._next_sweep = 0.0
+        self._strikes: dict[str, int] = {}  # batch id → looks in a row that raised
 
     def start(self) -> None:
         self._thread.start()
@@ -87,11 +89,30 @@ class BatchLifecycle:
                 log.exception("batch runner step failed")
 
     def step(self) -> None:
+        """One look at every open batch. A batch whose look raises is that batch's trouble alone:
+        the others are looked at all the same, and after STRIKES such looks in a row it fails
+        with the reason (a poisoned or vanished input never holds the queue)."""
         for stored in self.store.batches():
             if stored.batch.status not in TERMINAL and not self._stop.is_set():
-                self._advance(stored)
+                try:
+                    self._advance(stored)
+                    self._strikes.pop(stored.batch.id, None)
+                except Exception as exc:  # noqa: BLE001 - isolated per batch, said in its errors
+                    self._struck(stored.batch.id, exc)
         if self.config.retention_s and time.monotonic() >= self._next_sweep:
-            self.sweep()
+            try:
+                self.sweep()
+            except Exception:  # a sweep that fails is tried again at the next one; batches go on
+                log.exception("retention sweep failed")
+
+    def _struck(self, batch_id: str, exc: Exception) -> None:
+        strikes = self._strikes[batch_id] = self._strikes.get(batch_id, 0) + 1
+        log.warning("batch %s: %s (%d of %d)", batch_id, exc, strikes, STRIKES)
+        if strikes >= STRIKES:
+            self._strikes.pop(batch_id, None)
+            self.runs.stop(self.store.batch(batch_id))
+            reason = f"{type(exc).__name__}: {exc}"[:2000]
+            self._fail(batch_id, [BatchError(code="batch_failed", message=f"the batch could not be run: {reason}")])
 
     def sweep(self) -> None:
         """Retention: files and finished batches older than `--retention`, gone (a minute apart)."""
@@ -122,6 +143,9 @@ class BatchLifecycle:
 
     def _validate_or_start(self, stored: StoredBatch) -> None:
         batch = stored.batch
+        if not self._input(batch).exists():
+            self._fail(batch.id, [BatchError(code="input_file_missing", message="The batch's input file is gone.")])
+            return
         if not batch.request_counts.total:
             requests, errors = check_batch_input(self._input(batch), batch.endpoint, self.config.max_requests)
             if errors:
@@ -254,23 +278,30 @@ class BatchLifecycle:
 
 
 def _engine_settings(config: BatchApiConfig, embeds: bool) -> dict[str, object]:
-    """The engine settings of a batch's run: the server answering its endpoint's rows, if any;
-    the chat model's LoRA adapters."""
+    """The settings of a batch's run: its rows are a tenant's (media only from data: URLs and
+    what the operator opened); the server answering its endpoint's rows, if any; the chat
+    model's LoRA adapters."""
+    media = {
+        "media_sources": "allowed",
+        **({"allow_media_root": list(config.allow_media_root)} if config.allow_media_root else {}),
+        **({"allow_media_url": list(config.allow_media_url)} if config.allow_media_url else {}),
+    }
     adapters = {} if embeds or not config.chat_lora else {"lora": [f"{a.name}={a.path}" for a in config.chat_lora]}
     url = config.embedding_engine_url if embeds else config.chat_engine_url
     if url is None:
-        return adapters
+        return {**media, **adapters}
     secret = {"engine_api_key_secret": s} if (s := config.engine_api_key_secret) else {}
-    return {"engine_url": url, **secret, **adapters}
+    floor = {"row_priority_floor": f} if (f := config.row_priority_floor) is not None else {}
+    return {**media, "engine_url": url, **secret, **floor, **adapters}
 
 
 def _write_unfinished(input_path: Path, run_dir: RunDir, code: str, message: str) -> None:
     """Outputs of a batch stopped before its run planned anything: every request an error line."""
     failed = 0
     with written_whole(run_dir.errors) as tmp, open(tmp, "w", encoding="utf-8") as out:
-        for line_no, raw in input_lines(input_path):
+        for line_no, raw in input_lines(input_path) if location(input_path).exists() else ():
             if raw.strip():
-                custom_id = json.loads(raw).get("custom_id")  # validated: every line is an object
+                custom_id = _custom_id(raw)  # a batch cancelled in `validating`: its lines were never checked
                 error = {"code": code, "message": message, "line": line_no}
                 out.write(json.dumps(error_line(custom_id, error, "unplanned"), ensure_ascii=False) + "\n")
                 failed += 1
@@ -288,3 +319,13 @@ def _write_unfinished(input_path: Path, run_dir: RunDir, code: str, message: str
         results_path=str(run_dir.results),
         errors_by_code={code: failed},
     ).save(run_dir.summary)
+
+
+def _custom_id(raw: str) -> str | None:
+    """A line's custom_id if the line is an object with a string one; None for anything else."""
+    try:
+        row = json.loads(raw)
+    except ValueError:
+        return None
+    custom_id = row.get("custom_id") if isinstance(row, dict) else None
+    return custom_id if isinstance(custom_id, str) else None

@@ -58,12 +58,15 @@ class LocalProcessRuns(BatchRuns):
                 start_new_session=True,
                 preexec_fn=_die_with_parent,
                 # A cancelled or expired batch stops now: rows in flight get 2 s, not a spot VM's 20.
-                env={"NIGHTSHIFT_SIGTERM_GRACE_S": "2", **os.environ, "NIGHTSHIFT_RUN_NAME": f"batch {order.batch_id}"},
+                env={
+                    "NIGHTSHIFT_SIGTERM_GRACE_S": "2",
+                    **run_environment(order),
+                    "NIGHTSHIFT_RUN_NAME": f"batch {order.batch_id}",
+                },
             )
         self.children[order.batch_id] = child
-        return StartedRun(
-            f"run started ({order.model})", record={"run_group": child.pid, "run_host": socket.gethostname()}
-        )
+        record = {"run_group": child.pid, "run_host": socket.gethostname(), "run_started": _started_at(child.pid)}
+        return StartedRun(f"run started ({order.model})", record=record)
 
     def running(self, stored: StoredBatch) -> bool:
         child = self.children.get(stored.batch.id)
@@ -123,17 +126,40 @@ def _stop_child(child: subprocess.Popen) -> None:
     child.wait()
 
 
+# What a batch's run is given of the server's environment: not the tenants' keys, and the engine
+# servers' key only where the run talks to one.
+WITHHELD = ("NIGHTSHIFT_API_KEYS",)
+
+
+def run_environment(order: RunOrder) -> dict[str, str]:
+    withheld = set(WITHHELD) | (set() if order.engine.get("engine_url") else {"NIGHTSHIFT_ENGINE_API_KEY"})
+    return {name: value for name, value in os.environ.items() if name not in withheld}
+
+
+def _started_at(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
 def _kill_leftovers(stored: StoredBatch) -> None:
     """A server killed with -9 takes its run along (`_die_with_parent`), but not the engine
-    processes that run started: they would hold the machine's cores and memory forever."""
-    if stored.run_group is None or stored.run_host != socket.gethostname():
+    processes that run started: they would hold the machine's cores and memory forever. Only
+    processes of the run's group started since the run did, on this boot, are its own: after a
+    reboot, or with no start time recorded, a process group id may be anyone's."""
+    if stored.run_group is None or stored.run_host != socket.gethostname() or stored.run_started is None:
         return
     import psutil
 
+    if psutil.boot_time() > stored.run_started:
+        return
     members = []
     for process in psutil.process_iter():
         try:
-            if os.getpgid(process.pid) == stored.run_group:
+            if os.getpgid(process.pid) == stored.run_group and process.create_time() >= stored.run_started - 1:
                 members.append(process)
         except (ProcessLookupError, psutil.Error):
             continue

@@ -125,6 +125,9 @@ def test_image_parts_are_read_checked_and_sent_as_data_urls(tmp_path):
     from PIL import Image
 
     from nightshift.images import checked_images, with_images_resolved
+    from nightshift.media import MediaPolicy
+
+    trusted = MediaPolicy(trusted=True)  # the operator's own run: its paths are read
 
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8), (1, 2, 3)).save(buffer, "PNG")
@@ -138,24 +141,24 @@ def test_image_parts_are_read_checked_and_sent_as_data_urls(tmp_path):
             }
         ]
 
-    assert checked_images(conversation(str(tmp_path / "a.png"))) == 1  # found; read when the engine admits it
+    assert checked_images(conversation(str(tmp_path / "a.png")), trusted) == 1  # found; read when the engine admits it
     with pytest.raises(RequestRejected, match="cannot be read"):
-        checked_images(conversation(str(tmp_path / "missing.png")))
-    messages, count = with_images_resolved(conversation(str(tmp_path / "a.png")))
+        checked_images(conversation(str(tmp_path / "missing.png")), trusted)
+    messages, count = with_images_resolved(conversation(str(tmp_path / "a.png")), trusted)
     url = messages[0]["content"][1]["image_url"]["url"]
     assert count == 1 and url.startswith("data:image/png;base64,")
     assert base64.b64decode(url.split(",", 1)[1]) == buffer.getvalue()
-    assert with_images_resolved(conversation("https://example.com/a.png"))[0][0]["content"][1]["image_url"]["url"] == (
+    assert with_images_resolved(conversation("https://example.com/a.png"), trusted)[0][0]["content"][1]["image_url"]["url"] == (
         "https://example.com/a.png"
     )  # the engine fetches those
     for url, problem in [
         ("data:image/png;base64,not base64!", "does not decode"),
         ("data:image/png," + "x", "must be base64"),
-        ("data:image/png;base64," + base64.b64encode(b"GIF89a broken").decode(), "not an image"),
+        ("data:image/png;base64," + base64.b64encode(b"GIF89a broken").decode(), "not a PNG, JPEG, WEBP, GIF image"),
         (str(tmp_path / "missing.png"), "cannot be read"),
     ]:
         with pytest.raises(RequestRejected, match=problem) as refused:
-            with_images_resolved(conversation(url))
+            with_images_resolved(conversation(url), trusted)
         assert refused.value.code == "invalid_image"
 
 
@@ -208,6 +211,7 @@ def test_only_rows_whose_images_are_inline_share_answers_or_reach_the_result_cac
 
     from PIL import Image
 
+    from nightshift.media import MediaPolicy
     from nightshift.openai_format import duplicate_key, prepare_request
 
     buffer = io.BytesIO()
@@ -219,7 +223,8 @@ def test_only_rows_whose_images_are_inline_share_answers_or_reach_the_result_cac
         content = [{"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": url}}]
         request = {"url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": content}],
                                                            "temperature": 0}}  # fmt: skip
-        return duplicate_key(request, prepare_request(0, "r", request, ServedModels("m", frozenset({"m"})), {}, 512))
+        served = ServedModels("m", frozenset({"m"}))
+        return duplicate_key(request, prepare_request(0, "r", request, served, {}, 512, media=MediaPolicy(trusted=True)))
 
     assert key(inline) is not None
     assert key(str(tmp_path / "scan.png")) is None  # the file may be replaced under its name tomorrow

@@ -140,6 +140,7 @@ def test_a_batch_runs_on_its_endpoints_engine_server_when_the_api_names_one_its_
     [order] = runs.orders
     assert order.job_settings() == {
         "chunk_size": 8,
+        "media_sources": "allowed",  # a tenant's rows: data: URLs only, nothing opened
         "engine_url": "http://gpu-1:8000/v1",
         "engine_api_key_secret": "fleet-key",
     }
