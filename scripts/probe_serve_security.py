@@ -156,7 +156,9 @@ def probe_media(probe: Probe, listener: Listener) -> None:
     listener called by no one; the inline image answered."""
     with tempfile.TemporaryDirectory(prefix="nightshift-probe-") as secret_dir:
         rows = hostile_rows(Path(secret_dir), listener)
-        batch = probe.wait(probe.key, probe.create(probe.key, probe.upload(probe.key, [r for r, _ in rows.values()]))["id"])
+        batch = probe.wait(
+            probe.key, probe.create(probe.key, probe.upload(probe.key, [r for r, _ in rows.values()]))["id"]
+        )
         errors = {e["custom_id"]: e for e in probe.lines(probe.key, batch.get("error_file_id"))}
         answered = {o["custom_id"] for o in probe.lines(probe.key, batch.get("output_file_id"))}
     for custom_id, (_, codes) in rows.items():
@@ -167,8 +169,15 @@ def probe_media(probe: Probe, listener: Listener) -> None:
         error = (errors.get(custom_id) or {}).get("error") or {}
         said = json.dumps(error)
         quiet = SECRET not in said and "root:" not in said and "No such file" not in said
-        probe.say(f"image: {custom_id}", "/".join(codes), error.get("code") or "answered", error.get("code") in codes and quiet)
-    probe.say("network: nothing reached the listener", "no request", f"{len(listener.hits)} requests", not listener.hits)
+        probe.say(
+            f"image: {custom_id}",
+            "/".join(codes),
+            error.get("code") or "answered",
+            error.get("code") in codes and quiet,
+        )
+    probe.say(
+        "network: nothing reached the listener", "no request", f"{len(listener.hits)} requests", not listener.hits
+    )
 
 
 def probe_bodies(probe: Probe) -> None:
@@ -178,7 +187,9 @@ def probe_bodies(probe: Probe) -> None:
     path = httpx.URL(probe.base).path.rstrip("/") + "/files"
     for name, key in (("no key", None), ("wrong key", "sk-not-a-key")):
         status = _answer_before_body(host, port, path, key, 10**10)
-        probe.say(f"upload: {name}, 10 GB declared, no byte sent", "401 before any body", status, status.startswith("401"))
+        probe.say(
+            f"upload: {name}, 10 GB declared, no byte sent", "401 before any body", status, status.startswith("401")
+        )
     status = _answer_before_body(host, port, path, probe.key, probe.max_file_bytes * 4)
     probe.say("upload: 4 × the limit declared", "413 before any body", status, status.startswith("413"))
     status = _streamed_past_limit(probe)

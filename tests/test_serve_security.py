@@ -14,7 +14,7 @@ import time
 import pytest
 from harness import REPO
 from stub_engine import StubEngine
-from test_batch_api import KEYS, Server, TERMINAL, upload, wait_for
+from test_batch_api import KEYS, TERMINAL, Server, upload, wait_for
 
 MAX_FILE_BYTES = 300_000
 
@@ -62,8 +62,9 @@ def test_every_attack_of_the_probe_is_refused_and_nothing_secret_reaches_the_eng
 
 
 def test_a_rows_own_priority_never_jumps_the_operators_floor(guarded, stub):
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     buffer = io.BytesIO()
     Image.new("RGB", (4, 4)).save(buffer, "PNG")

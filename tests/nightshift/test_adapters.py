@@ -148,9 +148,9 @@ def test_image_parts_are_read_checked_and_sent_as_data_urls(tmp_path):
     url = messages[0]["content"][1]["image_url"]["url"]
     assert count == 1 and url.startswith("data:image/png;base64,")
     assert base64.b64decode(url.split(",", 1)[1]) == buffer.getvalue()
-    assert with_images_resolved(conversation("https://example.com/a.png"), trusted)[0][0]["content"][1]["image_url"]["url"] == (
-        "https://example.com/a.png"
-    )  # the engine fetches those
+    assert with_images_resolved(conversation("https://example.com/a.png"), trusted)[0][0]["content"][1]["image_url"][
+        "url"
+    ] == ("https://example.com/a.png")  # the engine fetches those
     for url, problem in [
         ("data:image/png;base64,not base64!", "does not decode"),
         ("data:image/png," + "x", "must be base64"),
@@ -224,7 +224,9 @@ def test_only_rows_whose_images_are_inline_share_answers_or_reach_the_result_cac
         request = {"url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": content}],
                                                            "temperature": 0}}  # fmt: skip
         served = ServedModels("m", frozenset({"m"}))
-        return duplicate_key(request, prepare_request(0, "r", request, served, {}, 512, media=MediaPolicy(trusted=True)))
+        return duplicate_key(
+            request, prepare_request(0, "r", request, served, {}, 512, media=MediaPolicy(trusted=True))
+        )
 
     assert key(inline) is not None
     assert key(str(tmp_path / "scan.png")) is None  # the file may be replaced under its name tomorrow

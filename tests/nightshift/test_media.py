@@ -99,7 +99,9 @@ def test_an_opened_root_admits_its_regular_files_only(tmp_path, secrets):
     os.truncate(root / "huge.png", 21 * 1024**2)
     policy = MediaPolicy(roots=(str(root),))
     messages, count = with_images_resolved(conversation(str(root / "ok.png"), f"file://{root}/ok.png"), policy)
-    assert count == 2 and all(p["image_url"]["url"].startswith("data:image/png;base64,") for p in messages[0]["content"][1:])
+    assert count == 2 and all(
+        p["image_url"]["url"].startswith("data:image/png;base64,") for p in messages[0]["content"][1:]
+    )
     for url, code in [
         (str(root / "out.png"), "media_not_allowed"),
         (str(root / "pipe.png"), "media_not_allowed"),
@@ -116,9 +118,10 @@ def test_an_opened_root_admits_its_regular_files_only(tmp_path, secrets):
 def test_the_operators_own_run_reads_its_paths_but_never_a_device_a_chain_or_an_unbounded_file(secrets, tmp_path):
     trusted = MediaPolicy(trusted=True)
     assert checked_images(conversation(str(secrets / "secret.png")), trusted) == 1
-    assert with_images_resolved(conversation("https://example.com/a.png"), trusted)[0][0]["content"][1][
-        "image_url"
-    ]["url"] == "https://example.com/a.png"  # the engine fetches a trusted row's web images itself
+    assert (
+        with_images_resolved(conversation("https://example.com/a.png"), trusted)[0][0]["content"][1]["image_url"]["url"]
+        == "https://example.com/a.png"
+    )  # the engine fetches a trusted row's web images itself
     for url in ("/dev/zero", "simplecache::s3://b/k.png", "ftp://example.com/a.png"):
         with pytest.raises(RequestRejected) as refused:
             with_images_resolved(conversation(url), trusted)
