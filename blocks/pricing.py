@@ -1,25 +1,92 @@
 """Prices the cost report uses. Edit them in the Prefect UI (or in code) to match your cloud.
 
-The defaults price the machine this runs on here (a 2-vCPU CPU instance) and list a few
-managed batch APIs for comparison. They are examples, not quotes: set your own.
+By default (`accelerator="auto"`) a run is priced as the hardware it ran on: the card NVML named
+(its entry in `catalog`, per accelerator-hour, times the cards the engine held), the CPU machine
+when no GPU was there, and "unpriced" — no figure at all — for a card the catalog does not know.
+Naming an accelerator and its prices prices every run so. The catalog's figures and the managed
+batch APIs' are examples of public list prices, not quotes: set your own.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prefect.blocks.core import Block
 from pydantic import Field
 
+CPU_MACHINE = "cpu-2vcpu"
+# $ per accelerator-hour, on demand and spot: examples of public cloud list prices (2026), not quotes.
+ACCELERATOR_PRICES: dict[str, dict[str, float]] = {
+    "B200": {"on_demand": 6.00, "spot": 3.00},
+    "H200": {"on_demand": 3.80, "spot": 1.90},
+    "H100": {"on_demand": 3.00, "spot": 1.50},
+    "A100-80GB": {"on_demand": 1.90, "spot": 0.95},
+    "A100": {"on_demand": 1.40, "spot": 0.70},  # the 40 GB card
+    "L40S": {"on_demand": 1.10, "spot": 0.55},
+    "A10G": {"on_demand": 1.00, "spot": 0.40},
+    "L4": {"on_demand": 0.70, "spot": 0.28},
+    "T4": {"on_demand": 0.35, "spot": 0.12},
+    CPU_MACHINE: {"on_demand": 0.10, "spot": 0.03},
+}
+
+
+@dataclass(frozen=True)
+class Rate:
+    """What one run's hardware costs: per accelerator-hour, times `count`; None: unpriced."""
+
+    accelerator: str
+    count: int
+    on_demand: float | None
+    spot: float | None
+
+    @property
+    def priced(self) -> bool:
+        return self.on_demand is not None
+
+
+def catalog_entry(gpu_name: str, catalog: dict[str, dict[str, float]]) -> str | None:
+    """The catalog's key for an NVML device name ("NVIDIA H100 80GB HBM3" → "H100"): every
+    dash-separated part of the key in the name; the most specific key first (L40S before L4)."""
+    name = gpu_name.upper().replace("NVIDIA", " ").replace("TESLA", " ")
+    words = set(name.replace("-", " ").split())
+    for key in sorted(catalog, key=len, reverse=True):
+        parts = key.upper().split("-")
+        if parts[0] in words and all(part in name for part in parts[1:]):
+            return key
+    return None
+
 
 class GpuPricing(Block):
-    """What one accelerator of the engine's machine costs per hour."""
+    """What the engine's accelerators cost per hour: the card NVML names, from the catalog, by default."""
 
     _block_type_name = "Nightshift GPU Pricing"
     _block_type_slug = "nightshift-gpu-pricing"
 
-    accelerator: str = Field("cpu-2vcpu", description="GPU type (or 'cpu-…' for a CPU machine)")
-    accelerators: int = Field(1, description="accelerators billed while the engine runs")
-    on_demand_per_hour: float = Field(0.10, description="$ per accelerator-hour, on demand")
-    spot_per_hour: float = Field(0.03, description="$ per accelerator-hour, spot / preemptible")
+    accelerator: str = Field(
+        "auto", description="auto: the card NVML names (the CPU machine when none); else a name priced as given"
+    )
+    accelerators: int | None = Field(None, description="accelerators billed while the engine runs (default: NVML's)")
+    on_demand_per_hour: float | None = Field(None, description="$ per accelerator-hour on demand (default: catalog)")
+    spot_per_hour: float | None = Field(None, description="$ per accelerator-hour, spot (default: catalog)")
+    catalog: dict[str, dict[str, float]] = Field(
+        default_factory=lambda: {k: dict(v) for k, v in ACCELERATOR_PRICES.items()},
+        description="accelerator → {on_demand, spot} $ per hour; NVML names match a key by its parts",
+    )
+
+    def rate(self, gpu_name: str | None, gpu_count: int = 0) -> Rate:
+        """The price of the hardware a run used (`gpu_name` as NVML names it; None: no GPU)."""
+        if self.accelerator != "auto":
+            name = self.accelerator
+        elif gpu_name:
+            name = catalog_entry(gpu_name, self.catalog) or gpu_name
+        else:
+            name = CPU_MACHINE
+        listed = self.catalog.get(name, {})
+        on_demand = self.on_demand_per_hour if self.on_demand_per_hour is not None else listed.get("on_demand")
+        spot = self.spot_per_hour if self.spot_per_hour is not None else listed.get("spot", on_demand)
+        count = self.accelerators or (gpu_count if gpu_name and self.accelerator == "auto" else 1) or 1
+        label = name if on_demand is not None else f"{name} (unpriced)"
+        return Rate(label, count, on_demand, spot if on_demand is not None else None)
 
 
 class ManagedApiPrices(Block):

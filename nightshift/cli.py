@@ -396,7 +396,7 @@ def _calibrate(planned, job, rows: int, scratch: Path, pricing):
         return None
     return Throughput(
         tokens_per_second=report.tokens_per_second_per_engine,
-        source=f"calibration: {taken} rows of this input, run just now on {pricing.accelerator}",
+        source=f"calibration: {taken} rows of this input, run just now on {report.accelerator}",
         completion_per_row=report.completion_per_row,
     )
 

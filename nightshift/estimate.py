@@ -310,8 +310,8 @@ def estimate(
     model: str,
     accelerator: str,
     throughput: Throughput | None,
-    on_demand_per_hour: float,
-    spot_per_hour: float,
+    on_demand_per_hour: float | None,
+    spot_per_hour: float | None,
     accelerators_per_engine: int = 1,
     managed_prices: dict[str, dict[str, float]] | None = None,
     embedding_prices: dict[str, float] | None = None,
@@ -356,8 +356,8 @@ def estimate(
         work_s = total / throughput.tokens_per_second
     gpu_hours = work_s / 3600 * accelerators_per_engine
     result.hours_one_gpu = round(work_s / 3600, 4)
-    result.cost_on_demand = round(gpu_hours * on_demand_per_hour, 6)
-    result.cost_spot = round(gpu_hours * spot_per_hour, 6)
+    result.cost_on_demand = round(gpu_hours * on_demand_per_hour, 6) if on_demand_per_hour is not None else None
+    result.cost_spot = round(gpu_hours * spot_per_hour, 6) if spot_per_hour is not None else None
     if deadline is None:
         return result
     # the shard's own share of the estimate: its bound scaled like the total's
@@ -402,6 +402,14 @@ def prefix_cache_shape(job: JobSpec) -> tuple[int | None, int] | None:
     return capacity, 16 if on_gpu else 128
 
 
+def local_rate(pricing):
+    """The price of this host's hardware as the pricing block has it (the card NVML names)."""
+    from nightshift.telemetry import GpuSampler
+
+    sampler = GpuSampler()
+    return pricing.rate(sampler.gpu_name, sampler.gpu_count)
+
+
 def estimate_input(
     plan: Plan,
     job: JobSpec,
@@ -423,17 +431,18 @@ def estimate_input(
         prefix_cache_shape(job),
         job.keep_order,
     )
-    throughput = throughput_from_history(history, job, pricing.accelerator) if history else None
+    rate = local_rate(pricing)
+    throughput = throughput_from_history(history, job, rate.accelerator) if history else None
     if throughput is None and calibrate is not None:
         throughput = calibrate()
     return estimate(
         tokens,
         job.served_model_name,
-        pricing.accelerator,
+        rate.accelerator,
         throughput,
-        pricing.on_demand_per_hour,
-        pricing.spot_per_hour,
-        pricing.accelerators,
+        rate.on_demand,
+        rate.spot,
+        rate.count,
         managed.prices,
         managed.embedding_prices,
         deadline,

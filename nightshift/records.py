@@ -230,8 +230,8 @@ class CostReport(_Record):
     served_without_generating: NotGenerated = Field(default_factory=NotGenerated)
     output_tokens_per_second: float | None = None
     accelerator_hours: float = 0.0
-    cost_on_demand: float = 0.0
-    cost_spot: float = 0.0
+    cost_on_demand: float | None = 0.0  # None: the accelerator is unpriced (blocks/pricing.py)
+    cost_spot: float | None = 0.0
     cost_per_million_tokens: float | None = None
     cost_per_million_tokens_spot: float | None = None
     cost_per_million_output_tokens: float | None = None

@@ -17,7 +17,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from nightshift.assets import record_report
-from nightshift.blocks.pricing import GpuPricing, ManagedApiPrices
+from nightshift.blocks.pricing import GpuPricing, ManagedApiPrices, Rate
 from nightshift.chunks import best_rows_sql, chunk_files, shard_cache_key, sql_path_list
 from nightshift.config import JobSpec
 from nightshift.engine_sizing import throughput_traps
@@ -59,7 +59,7 @@ def build_report(
         total_tokens=totals.prompt_tokens + totals.completion_tokens,
         truncation_share=round(totals.truncation_share, 4),
         errors_by_code=_errors_by_code(run_dir),
-        **_validation_figures(run_dir, pricing),
+        **_validation_figures(run_dir, pricing.rate(time.gpu_name, time.gpu_count)),
         **_engine_figures(time),
         politeness=_politeness(run_dir, job),
         **priced(totals, time, pricing, managed, project_rows),
@@ -242,19 +242,23 @@ def priced(
 ) -> dict:
     """The report's throughput and money figures: arithmetic on what was measured, no I/O."""
     span, rows, slots = time.span_seconds, totals.rows, time.slots
-    accelerator_hours = (time.slot_seconds or 0) / 3600 * pricing.accelerators
-    cost_on_demand = accelerator_hours * pricing.on_demand_per_hour
-    cost_spot = accelerator_hours * pricing.spot_per_hour
+    rate = pricing.rate(time.gpu_name, time.gpu_count)  # the hardware the run used, as itself
+    accelerator_hours = (time.slot_seconds or 0) / 3600 * rate.count
+    cost_on_demand = accelerator_hours * rate.on_demand if rate.priced else None
+    cost_spot = accelerator_hours * rate.spot if rate.priced else None
     total = totals.prompt_tokens + totals.completion_tokens
     generated = total - totals.tokens_not_generated  # what the engine did: the rate and the $ per token
 
-    def per_million(cost: float, tokens: int) -> float | None:
-        return round(cost / (tokens / 1e6), 6) if tokens and span else None
+    def per_million(cost: float | None, tokens: int) -> float | None:
+        return round(cost / (tokens / 1e6), 6) if tokens and span and cost is not None else None
 
-    def projected(per_hour: float) -> float | None:
-        if not rows_per_second:
+    def projected(per_hour: float | None) -> float | None:
+        if not rows_per_second or per_hour is None:
             return None
-        return round(project_rows / rows_per_second / 3600 * max(slots, 1) * pricing.accelerators * per_hour, 4)
+        return round(project_rows / rows_per_second / 3600 * max(slots, 1) * rate.count * per_hour, 4)
+
+    def share(cost: float | None, part: float) -> float | None:
+        return None if cost is None else round(cost * part, 6)
 
     rows_per_second = rows / span if span else None
     return {
@@ -267,15 +271,15 @@ def priced(
         "served_without_generating": {
             "rows": totals.rows_not_generated,
             "tokens": totals.tokens_not_generated,
-            "cost_saved_on_demand": round(cost_on_demand * totals.tokens_not_generated / generated, 6)
+            "cost_saved_on_demand": (share(cost_on_demand, totals.tokens_not_generated / generated) or 0.0)
             if generated
             else 0.0,
         },
         "output_tokens_per_second": round(totals.completion_tokens / span, 2) if span else None,
-        "accelerator": pricing.accelerator,
+        "accelerator": rate.accelerator,
         "accelerator_hours": round(accelerator_hours, 6),
-        "cost_on_demand": round(cost_on_demand, 6),
-        "cost_spot": round(cost_spot, 6),
+        "cost_on_demand": share(cost_on_demand, 1.0),
+        "cost_spot": share(cost_spot, 1.0),
         "cost_per_million_tokens": per_million(cost_on_demand, total),
         "cost_per_million_tokens_spot": per_million(cost_spot, total),
         "cost_per_million_output_tokens": per_million(cost_on_demand, totals.completion_tokens),
@@ -289,8 +293,8 @@ def priced(
         "stragglers": [{"shard": s, "engine_seconds": sec, "times_median": r} for s, sec, r in time.stragglers],
         "prefix_cache_hit_rate": time.prefix_cache_hit_rate,
         "rows_per_second": round(rows_per_second, 2) if rows_per_second else None,
-        "cost_per_million_rows": round(cost_on_demand / (rows / 1e6), 6) if rows and span else None,
-        "cost_per_million_rows_spot": round(cost_spot / (rows / 1e6), 6) if rows and span else None,
+        "cost_per_million_rows": per_million(cost_on_demand, rows),
+        "cost_per_million_rows_spot": per_million(cost_spot, rows),
         # an embedding run has prompt tokens only: it is priced against embedding APIs
         "managed_api_cost": managed_api_cost(
             totals.prompt_tokens,
@@ -300,24 +304,24 @@ def priced(
             managed.embedding_prices,
         ),
         "by_model": {
-            name: share.model_copy(
+            name: part.model_copy(
                 update={
-                    "cost_on_demand": round(cost_on_demand * _token_share(share, total), 6),
-                    "cost_spot": round(cost_spot * _token_share(share, total), 6),
+                    "cost_on_demand": share(cost_on_demand, _token_share(part, total)),
+                    "cost_spot": share(cost_spot, _token_share(part, total)),
                 }
             )
-            for name, share in totals.by_model.items()
+            for name, part in totals.by_model.items()
         },
         "projection": {
             "rows": project_rows,
             "hours": round(project_rows / rows_per_second / 3600, 3) if rows_per_second else None,
-            "cost_on_demand": projected(pricing.on_demand_per_hour),
-            "cost_spot": projected(pricing.spot_per_hour),
+            "cost_on_demand": projected(rate.on_demand),
+            "cost_spot": projected(rate.spot),
         },
     }
 
 
-def _validation_figures(run_dir: RunDir, pricing: GpuPricing) -> dict:
+def _validation_figures(run_dir: RunDir, rate: Rate) -> dict:
     """The canary checks' verdict of this run, if one was written after its plan."""
     if not (
         run_dir.validation.exists() and run_dir.validation.stat().st_mtime >= run_dir.plan_manifest.stat().st_mtime
@@ -329,9 +333,9 @@ def _validation_figures(run_dir: RunDir, pricing: GpuPricing) -> dict:
         "validation_failures": verdict.failures,
         "validation_seconds": verdict.seconds,
         # what the checks cost, at the accelerator's price (the re-run holds the engine meanwhile)
-        "validation_cost_on_demand": round(
-            (verdict.seconds or 0) / 3600 * pricing.accelerators * pricing.on_demand_per_hour, 6
-        ),
+        "validation_cost_on_demand": round((verdict.seconds or 0) / 3600 * rate.count * rate.on_demand, 6)
+        if rate.priced
+        else None,
         "validation_checks": verdict.summaries(),
     }
 
@@ -589,9 +593,13 @@ def cost_line(report: CostReport) -> str:
     """The report in one log line: throughput and what the run cost."""
     rate = report.tokens_per_second
     per_million = report.cost_per_million_tokens
+    money = (
+        f"${report.cost_on_demand:.4f} on demand, ${report.cost_spot:.4f} spot"
+        if report.cost_on_demand is not None
+        else "unpriced (the catalog of the GpuPricing block has no price for this accelerator)"
+    )
     return (
-        f"cost: ${report.cost_on_demand:.4f} on demand, ${report.cost_spot:.4f} spot "
-        f"({report.accelerator_hours:.4f} {report.accelerator}-hours); "
+        f"cost: {money} ({report.accelerator_hours:.4f} {report.accelerator}-hours); "
         f"{f'{rate:,.0f} tokens/s' if rate else 'nothing generated'}"
         + (f", ${per_million:.4f} per 1M tokens" if per_million else "")
     )

@@ -112,3 +112,39 @@ def test_pricing_is_arithmetic_on_the_measured_records_alone():
     assert all("embedding" in name for name in apis), "prompt tokens only: priced against embedding APIs"
     nothing_ran = priced(totals, EngineTime(), GpuPricing(), ManagedApiPrices())
     assert nothing_ran["cost_per_million_tokens"] is None and nothing_ran["projection"]["hours"] is None
+
+
+def test_a_run_is_priced_as_the_card_nvml_named_and_an_unknown_card_is_unpriced():
+    from nightshift.blocks.pricing import ACCELERATOR_PRICES, ManagedApiPrices, catalog_entry
+    from nightshift.records import EngineTime, RowTotals
+    from nightshift.tasks.s6_report import priced
+
+    for nvml, key in [
+        ("NVIDIA H200", "H200"), ("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA A100-SXM4-80GB", "A100-80GB"),
+        ("NVIDIA A100-PCIE-40GB", "A100"), ("NVIDIA L40S", "L40S"), ("NVIDIA L4", "L4"), ("Tesla T4", "T4"),
+        ("NVIDIA RTX PRO 6000", None),
+    ]:  # fmt: skip
+        assert catalog_entry(nvml, ACCELERATOR_PRICES) == key, nvml
+    totals = RowTotals(
+        rows=10, succeeded=10, prompt_tokens=10**6, completion_tokens=10**6, truncation_share=0.0,
+        rows_not_generated=0, tokens_not_generated=0,
+    )  # fmt: skip
+    one_hour = {"span_seconds": 3600.0, "slot_seconds": 3600.0, "slots": 1}
+    on_h200 = priced(
+        totals, EngineTime(**one_hour, gpu_name="NVIDIA H200", gpu_count=2), GpuPricing(), ManagedApiPrices()
+    )
+    assert on_h200["accelerator"] == "H200" and on_h200["accelerator_hours"] == 2.0
+    assert on_h200["cost_on_demand"] == 2 * ACCELERATOR_PRICES["H200"]["on_demand"]
+    on_cpu = priced(totals, EngineTime(**one_hour), GpuPricing(), ManagedApiPrices())
+    assert (
+        on_cpu["accelerator"] == "cpu-2vcpu"
+        and on_cpu["cost_on_demand"] == ACCELERATOR_PRICES["cpu-2vcpu"]["on_demand"]
+    )
+    unknown = priced(totals, EngineTime(**one_hour, gpu_name="NVIDIA RTX PRO 6000", gpu_count=1), GpuPricing(),
+                     ManagedApiPrices())  # fmt: skip
+    assert unknown["accelerator"] == "NVIDIA RTX PRO 6000 (unpriced)"
+    assert unknown["cost_on_demand"] is None and unknown["cost_per_million_tokens"] is None
+    assert unknown["projection"]["cost_on_demand"] is None
+    given = priced(totals, EngineTime(**one_hour, gpu_name="NVIDIA RTX PRO 6000", gpu_count=1),
+                   GpuPricing(accelerator="rtx-pro", on_demand_per_hour=1.5), ManagedApiPrices())  # fmt: skip
+    assert given["accelerator"] == "rtx-pro" and given["cost_on_demand"] == 1.5 and given["cost_spot"] == 1.5
