@@ -32,4 +32,4 @@ def validate_run(run_dir: str, job: JobSpec, validation: CanaryConfig, storage: 
     with heartbeat(run_dir, VALIDATION_GROUP), handing_on_if_the_engine_cannot_start(run_dir, VALIDATION_GROUP):
         verdict = validate(RunDir(run_dir), job, validation)
         verdict.save(validation_verdict(run_dir, flow_run.id))
-        return verdict.validated
+        return verdict.verdict != "failed"

@@ -526,7 +526,7 @@ def _demo(args) -> int:
     texts = {d["id"]: d["text"] for d in docs}
     validation = Verdict.load(RunDir(run_dir).validation)
     print(
-        f"validation: {'passed' if validation.validated else 'FAILED'} "
+        f"validation: {validation.said()} "
         f"({', '.join(validation.checks)}; details in {RunDir(run_dir).validation})"
     )
     print("\nSample summaries:")

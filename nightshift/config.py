@@ -474,6 +474,11 @@ class CanaryConfig(_Config):
         0.999, ge=-1, le=1, description="embeddings: cosine each sampled vector must reach against the reference"
     )
     determinism_samples: int = Field(2, ge=0, description="rows re-run through the engine with the same seed (0: off)")
+    require_validation: bool = Field(
+        False,
+        description="a run no check applied to (completions or sampled rows only, say) fails the gate (exit 3) "
+        "instead of ending 'not validated' (exit 0)",
+    )
 
     @field_validator("oracle_lora", mode="before")
     @classmethod

@@ -5,6 +5,7 @@ canaries fail) and what the dashboard's event feed shows.
     nightshift.run.expired       stopped at its deadline: finished rows merged, the rest batch_expired
     nightshift.run.failed        ended by an error (validation failures included: see below)
     nightshift.validation.failed the canary gate failed: outputs written, NOT validated
+    nightshift.validation.skipped no check applied to the run's rows: not validated, each reason said
     nightshift.shard.completed   a shard's rows are all on disk
 
 The resource is the run directory (`nightshift.run.<digest>`, named by its path); related: the
@@ -31,6 +32,7 @@ RUN_COMPLETED = "nightshift.run.completed"
 RUN_EXPIRED = "nightshift.run.expired"
 RUN_FAILED = "nightshift.run.failed"
 VALIDATION_FAILED = "nightshift.validation.failed"
+VALIDATION_SKIPPED = "nightshift.validation.skipped"
 SHARD_COMPLETED = "nightshift.shard.completed"
 
 

@@ -117,6 +117,7 @@ def check_job(job: JobSpec) -> JobSpec:
     weight loaded (about a second); raise ConfigurationError in one line."""
     from vllm.engine.arg_utils import EngineArgs
 
+    from nightshift.engine_sizing import with_platform_defaults
     from nightshift.models import local_model
 
     engine = job.engine
@@ -135,7 +136,7 @@ def check_job(job: JobSpec) -> JobSpec:
     try:
         EngineArgs(
             model=model,
-            dtype=engine.dtype,
+            dtype=with_platform_defaults(engine).dtype,  # the platform's when left open
             max_model_len=engine.max_model_len or -1,
             quantization=engine.quantization,
             seed=engine.seed,

@@ -47,7 +47,9 @@ def _references(reference: str, device, dtype, samples: list[dict], adapters: di
     """(adapter, model) for the base model and each adapter the samples name, one in memory at a time."""
     model_class = reference_class(reference)
     for adapter in sorted({s.get("adapter") for s in samples}, key=lambda name: name or ""):
-        model = model_class.from_pretrained(reference, dtype=dtype)
+        # straight onto the GPU (no copy through host memory) when it runs there
+        placed = {"device_map": device} if device == "cuda" else {}
+        model = model_class.from_pretrained(reference, dtype=dtype, **placed)
         if adapter is not None:
             from peft import PeftModel
 

@@ -189,8 +189,8 @@ class Projection(_Record):
     cost_spot: float | None
 
 
-_VALIDATION_FIGURES = {"validated", "validation_failures", "validation_seconds", "validation_cost_on_demand",
-                       "validation_checks"}  # fmt: skip
+_VALIDATION_FIGURES = {"validated", "validation_state", "validation_failures", "validation_seconds",
+                       "validation_cost_on_demand", "validation_checks"}  # fmt: skip
 
 
 class Politeness(_Record):
@@ -260,6 +260,7 @@ class CostReport(_Record):
     projection: Projection | None = None
     # present once the canary stage has written its verdict
     validated: bool | None = None
+    validation_state: str | None = Field(None, description="validated, not_validated (no check applied) or failed")
     validation_failures: list[str] | None = None
     validation_seconds: float | None = None
     validation_cost_on_demand: float | None = None
@@ -401,6 +402,9 @@ class OracleCheck(_Record):
     top_k: int
     logprob_tolerance: float
     results: list[OracleOutcome]
+    memory: str | None = Field(
+        None, description="on a GPU: the reference beside the run's engine, or the engine shut down first"
+    )
 
 
 class EmbeddingOutcome(_Record):
@@ -444,9 +448,29 @@ class Verdict(_Record):
     """The canary stage's verdict on a merged run: `validation.json`, and the `.verdict` a
     validation run on the pool leaves under its flow run's name."""
 
-    validated: bool
+    validated: bool = Field(description="at least one check ran and every check that ran passed")
     checks: dict[str, Check] = Field(description="by name: canaries, oracle, embedding_oracle, determinism")
     failures: list[str] = Field(description="one line per gating check that failed")
+    state: Literal["validated", "not_validated", "failed"] | None = Field(
+        None,
+        description="validated; failed (a check failed: the gate fails the run); not_validated — no check applied, "
+        "each skipped one says why (not a failure unless --require-validation)",
+    )
+
+    @property
+    def verdict(self) -> str:
+        """The state, for verdicts written before states were (validated or failed)."""
+        return self.state or ("validated" if self.validated else "failed")
+
+    @property
+    def skipped_reasons(self) -> list[str]:
+        return [f"{name}: {check.skipped}" for name, check in self.checks.items() if isinstance(check, SkippedCheck)]
+
+    def said(self) -> str:
+        """The verdict in words: "validated", "FAILED", or "not validated (why each check was skipped)"."""
+        if self.verdict == "not_validated":
+            return f"not validated ({'; '.join(self.skipped_reasons) or 'no check applies to these rows'})"
+        return "validated" if self.verdict == "validated" else "FAILED"
     seconds: float | None = Field(None, description="what the checks took (the engine is held meanwhile)")
     where: dict[str, str | int | None] = Field(
         default_factory=dict, description="host, pid, worker_pid, cuda_visible_devices, flow_run_id"

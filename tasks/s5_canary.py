@@ -76,14 +76,31 @@ def validate(run_dir: RunDir, job: JobSpec, config: CanaryConfig) -> Verdict:
         checks["embedding_oracle"] = _embedding_check(embedded, job, config)
     if config.determinism_samples and samples:
         checks["determinism"] = _determinism_check(_first_of_each_model(samples, config.determinism_samples), again)
+    if not checks:  # nothing to sample: say so, per check, rather than pass with no check at all
+        for name, wanted in (("oracle", config.oracle_samples), ("determinism", config.determinism_samples)):
+            why = _NOTHING_TO_SAMPLE if wanted else f"turned off (--{name}-samples 0)"
+            checks[name] = (SkippedCheck(skipped=why), None)
     failures = [failure for _, failure in checks.values() if failure]
+    ran = [name for name, (check, _) in checks.items() if not isinstance(check, SkippedCheck)]
+    if config.require_validation and not ran and not failures:
+        failures.append("no check applied and --require-validation is set: " + "; ".join(
+            f"{name}: {check.skipped}" for name, (check, _) in checks.items()
+        ))  # fmt: skip
+    state = "failed" if failures else "validated" if ran else "not_validated"
     return Verdict(
-        validated=not failures,
+        validated=state == "validated",
+        state=state,
         checks={name: check for name, (check, _) in checks.items()},
         failures=failures,
         seconds=round(time.monotonic() - started, 2),
         where={**worker_identity().model_dump(), "flow_run_id": _flow_run_id()},
     )
+
+
+_NOTHING_TO_SAMPLE = (
+    "it samples greedy, unconstrained chat rows (embeddings for the embedding oracle), and this run has none that "
+    "succeeded: its rows are completions, sampled, constrained or failed"
+)
 
 
 def _canaries_check(run_dir: RunDir, config: CanaryConfig) -> tuple[CanariesCheck, str | None]:
@@ -142,6 +159,7 @@ def _oracle_check(
     """The run's tokens scored teacher-forced by transformers on the reference weights (with a
     row's adapter merged in)."""
     references = {name: config.reference_adapter(job, name) for name in {s["adapter"] for s in samples} if name}
+    memory = _room_for_the_reference(local_model(config.reference(job)))
     scored = oracle_check(
         [{**s, "token_ids": _token_ids(again.get(s["custom_id"]), s["text"])} for s in samples],
         local_model(config.reference(job)),
@@ -161,6 +179,7 @@ def _oracle_check(
         top_k=config.oracle_top_k,
         logprob_tolerance=config.oracle_logprob_tolerance,
         results=oracle,
+        memory=memory,
     )
     if agreement >= config.oracle_min_agreement:
         return check, None
@@ -168,6 +187,27 @@ def _oracle_check(
     return check, (
         f"oracle agreement {agreement:.0%} < {config.oracle_min_agreement:.0%} "
         f"(the run's tokens are not what transformers on the reference weights expects for {', '.join(disagree)})"
+    )
+
+
+def _room_for_the_reference(reference: str) -> str | None:
+    """On a GPU, room on the card for the reference beside the run's engine (which holds most
+    of it): where the reference would not fit the memory left free, the engine — done with the
+    run and the re-run — is shut down first. Says which; None off a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    from nightshift.engine import current_engine, shutdown_engine
+
+    needed = 1.25 * weight_bytes(reference)  # 16-bit weights and the activations of a few short samples
+    free = torch.cuda.mem_get_info()[0]
+    if needed <= free or current_engine() is None:
+        return f"beside the engine: {needed / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free"
+    shutdown_engine()
+    return (
+        f"the run's engine was shut down first: the reference needs {needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB "
+        f"were free beside it, {torch.cuda.mem_get_info()[0] / 2**30:.1f} GiB after"
     )
 
 
@@ -214,7 +254,7 @@ def canary_validation(run_dir: str, job: JobSpec, config: CanaryConfig, validate
 
     verdict = validated_verdict(run_dir, validated_by) if validated_by else validate(RunDir(run_dir), job, config)
     verdict.save(RunDir(run_dir).validation)
-    lines = [f"# Canary validation: {'passed' if verdict.validated else 'FAILED'}", ""]
+    lines = [f"# Canary validation: {verdict.said()}", ""]
     lines += [f"- {failure}" for failure in verdict.failures]
     lines += [f"- {name}: {json.dumps(summary)}" for name, summary in verdict.summaries().items()]
     create_markdown_artifact(markdown="\n".join(lines), description="Nightshift canary validation")
@@ -223,11 +263,15 @@ def canary_validation(run_dir: str, job: JobSpec, config: CanaryConfig, validate
     )
     get_run_logger().info(
         "validation %s (%s)%s",
-        "passed" if verdict.validated else "FAILED",
+        verdict.said(),
         checks,
         "".join(f"\n  - {failure}" for failure in verdict.failures),
     )
-    if not verdict.validated:
+    if verdict.verdict == "not_validated":
+        from nightshift import events
+
+        events.emit(events.VALIDATION_SKIPPED, run_dir, job, reasons=verdict.skipped_reasons)
+    if verdict.verdict == "failed":
         raise CanaryFailure(
             "validation failed — outputs are on disk but NOT validated: " + " | ".join(verdict.failures)
         )

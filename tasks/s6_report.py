@@ -330,6 +330,7 @@ def _validation_figures(run_dir: RunDir, rate: Rate) -> dict:
     verdict = Verdict.load(run_dir.validation)
     return {
         "validated": verdict.validated,
+        "validation_state": verdict.verdict,
         "validation_failures": verdict.failures,
         "validation_seconds": verdict.seconds,
         # what the checks cost, at the accelerator's price (the re-run holds the engine meanwhile)
@@ -428,12 +429,18 @@ def render_markdown(report: CostReport, chart: str | None) -> str:
     if chart:
         lines += [f"![tokens/s and GPU utilization over the run]({chart})", ""]
     if report.validated is not None:
+        money = report.validation_cost_on_demand
         cost = (
-            f" in {report.validation_seconds:.1f} s (${report.validation_cost_on_demand:.4f} on demand)"
+            f" in {report.validation_seconds:.1f} s" + (f" (${money:.4f} on demand)" if money is not None else "")
             if report.validation_seconds is not None
             else ""
         )
-        lines += ["## Validation", "", f"**{'Validated' if report.validated else 'NOT validated'}**{cost}", ""]
+        said = {
+            "validated": "Validated",
+            "failed": "FAILED: NOT validated",
+            "not_validated": "Not validated: no check applied (each check below says why)",
+        }.get(report.validation_state or "", "Validated" if report.validated else "NOT validated")
+        lines += ["## Validation", "", f"**{said}**{cost}", ""]
         lines += [f"- {failure}" for failure in report.validation_failures]
         lines += [
             f"- {name}: " + ", ".join(f"{k} {v}" for k, v in check.items())

@@ -62,7 +62,7 @@ class DeploymentRuns(BatchRuns):
         if state.is_completed():
             return RunEnd.EXPIRED if state.name == "Expired" else RunEnd.COMPLETED
         validation = RunDir(self.store.run_dir(stored.batch.id)).validation
-        if state.is_failed() and validation.exists() and not Verdict.load(validation).validated:
+        if state.is_failed() and validation.exists() and Verdict.load(validation).verdict == "failed":
             return RunEnd.GATE_FAILED
         log.warning("batch %s: flow run ended %s (%s)", stored.batch.id, state.name, state.message)
         return RunEnd.LOST

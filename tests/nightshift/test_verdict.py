@@ -12,6 +12,7 @@ pytestmark = pytest.mark.fast
 
 WRITTEN = {  # as a run that checked everything wrote it
     "validated": False,
+    "state": "failed",
     "checks": {
         "canaries": {
             "pass_rate": 0.5,
@@ -33,6 +34,7 @@ WRITTEN = {  # as a run that checked everything wrote it
                 {"custom_id": "r-1", "agrees": True, "tokens": 8, "worst_rank": 0, "worst_gap": 0.0,
                  "reference_on": "cpu float32", "ours": "hello", "adapter": "support"},
             ],
+            "memory": None,
         },
         "embedding_oracle": {
             "min_cosine": 0.9999,
@@ -73,3 +75,13 @@ def test_a_check_with_a_misspelt_figure_is_refused():
     broken = {**WRITTEN, "checks": {"determinism": {"same": 1, "off": 1, "results": []}}}
     with pytest.raises(ValidationError):
         Verdict.model_validate(broken)
+
+
+def test_a_verdict_with_no_check_that_ran_is_not_validated_and_says_why():
+    skipped = Verdict(
+        validated=False, state="not_validated", failures=[],
+        checks={"oracle": SkippedCheck(skipped="no greedy chat row"), "determinism": SkippedCheck(skipped="same")},
+    )  # fmt: skip
+    assert skipped.verdict == "not_validated" and skipped.said().startswith("not validated (oracle: no greedy chat row")
+    older = Verdict(validated=True, checks={}, failures=[])  # written before verdicts had states
+    assert older.verdict == "validated" and Verdict.model_validate(WRITTEN).said() == "FAILED"
