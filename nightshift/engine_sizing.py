@@ -18,15 +18,18 @@ from nightshift.config import NIGHTSHIFT_ENGINE_FIELDS, EngineConfig
 log = logging.getLogger("nightshift.engine")
 
 
-# Compiled or eager, from what was measured (docs/benchmarks.md, "Compiled or eager"): on an
-# H200, a Llama-3.1-8B-shaped model started in 10 s eager and 44 s compiled (torch.compile and
-# CUDA graphs, a cold cache) and decoded 29,267 against 30,450 tokens/s (13,587 output tokens/s
-# compiled): compiling costs COMPILE_COST_S more at start and saves COMPILE_GAIN of the decode
-# time, so it pays once the decode is expected to take longer than COMPILE_COST_S / COMPILE_GAIN.
-# On CPU compilation made decoding no faster here, so CPU engines stay eager.
-COMPILE_COST_S = 34.0
-COMPILE_GAIN = 0.039
-MEASURED_OUTPUT_TOKENS_S = 13_587.0  # 8B, bf16, one H200, 1,500 rows of 256 tokens
+# Eager, CUDA graphs or compiled, from what was measured on an H200 (docs/benchmarks.md, "Eager,
+# graphs or compiled"): a Llama-3.1-8B-shaped model in bf16 decoded 1,500 rows × 256 tokens at
+# 28,967 tokens/s eager, 31,897 with CUDA graphs of whole decode steps captured without
+# torch.compile (the capture: 7 s, 1 GiB), and 30,450 compiled (torch.compile and piecewise
+# graphs: 34 s more at start, cold cache). Compiling never paid; graphs pay once the decode is
+# expected to take longer than GRAPHS_COST_S / GRAPHS_GAIN (76 s on one GPU). On CPU, neither
+# made decoding faster here, so CPU engines stay eager.
+GRAPHS_COST_S = 7.0
+GRAPHS_GAIN = 1 - 28_967 / 31_897
+# CUDA graphs of whole decode steps, captured without torch.compile (vLLM's compilation_config)
+GRAPHS_WITHOUT_COMPILE = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}
+MEASURED_OUTPUT_TOKENS_S = 12_847.0  # 8B, bf16, one H200, 1,500 rows of 256 tokens, eager
 MEASURED_PARAMS = 8.0e9
 TOKENS_PER_ROW = 256  # a row's expected completion when only the row count is known (CorpusOptions' default)
 GPU_MEMORY_SHARE = 0.9  # a card of its own, as vLLM's default
@@ -97,15 +100,20 @@ def expected_decode_seconds(config: EngineConfig, rows: int) -> float:
 
 
 def choose_enforce_eager(config: EngineConfig, rows: int | None) -> EngineConfig:
-    """The config with `enforce_eager` decided, if the user left it open: on a GPU, compile
-    when the job's expected decode time is long enough for the compile to pay (or its size is
-    unknown); eager on CPU and for shorter jobs."""
+    """The config with eager or CUDA graphs decided, if the user left it open: on a GPU, graphs
+    captured without torch.compile when the job's expected decode is long enough for the capture
+    to pay (or its size is unknown); eager on CPU and for shorter jobs. A user's own
+    compilation_config (--engine-arg) or --no-enforce-eager (vLLM's compiled default) stands."""
     if config.enforce_eager is not None:
         return config
     if platform_is_cpu():
         return config.model_copy(update={"enforce_eager": True})
-    pays = rows is None or expected_decode_seconds(config, rows) * COMPILE_GAIN > COMPILE_COST_S
-    return config.model_copy(update={"enforce_eager": not pays})
+    pays = rows is None or expected_decode_seconds(config, rows) * GRAPHS_GAIN > GRAPHS_COST_S
+    if not pays:
+        return config.model_copy(update={"enforce_eager": True})
+    arguments = config.engine_arg_values
+    arguments.setdefault("compilation_config", GRAPHS_WITHOUT_COMPILE)
+    return config.model_validate({**config.model_dump(), "enforce_eager": False, "engine_args": arguments})
 
 
 def engine_arguments(config: EngineConfig) -> dict:
