@@ -190,8 +190,9 @@ class EngineSettings(_Config):
     engine_args: tuple[str, ...] = Field(
         (),
         description="any other vLLM engine argument, KEY=VALUE (repeatable; VALUE as JSON where it parses: "
-        'kv_cache_dtype is a field of its own, but e.g. speculative_config={"method":"ngram",...}, swap_space=8, '
-        "cpu_offload_gb=16): checked against vLLM's EngineArgs at start, recorded in the report",
+        'e.g. speculative_config={"method":"ngram","num_speculative_tokens":4,"prompt_lookup_max":4}, '
+        "kv_offloading_size=64 (GiB of host memory for the KV cache), cpu_offload_gb=16): checked against vLLM's "
+        "EngineArgs before the engine starts, recorded in the report (docs/gpus.md)",
     )
 
     @field_validator("engine_args", mode="before")

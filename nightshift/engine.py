@@ -91,6 +91,8 @@ class BatchEngine:
         # vLLM fills the sizes left open with its defaults for the hardware: read them back
         self.max_num_seqs = vllm_adapter.scheduler_max_num_seqs(self.llm)
         self.settings = vllm_adapter.resolved_settings(self.llm)
+        if config.engine_args:  # the passthrough, as given: the report shows what else ran
+            self.settings["engine_args"] = " ".join(config.engine_args)  # KEY=JSON each, one string
         self.max_in_flight = 2 * self.max_num_seqs
         self.load_seconds = time.monotonic() - loading
         self.announced: set[str] = set()  # runs whose log has said "engine ready" (once each)

@@ -98,9 +98,9 @@ def test_engine_arguments_pass_through_checked_against_vllm():
     from nightshift.engine_sizing import engine_arguments
     from nightshift.jobs import check_job, make_job
 
-    job = make_job("tiny", engine_args=["swap_space=2", 'hf_overrides={"rope_theta": 10000.0}'])
+    job = make_job("tiny", engine_args=["kv_offloading_size=2", 'hf_overrides={"rope_theta": 10000.0}'])
     assert engine_arguments(job.engine)["hf_overrides"] == {"rope_theta": 10000.0}
-    assert engine_arguments(job.engine)["swap_space"] == 2
+    assert engine_arguments(job.engine)["kv_offloading_size"] == 2
     with pytest.raises(ConfigurationError, match="no warp_speed"):
         check_job(make_job("tiny", engine_args=["warp_speed=11"]))
     with pytest.raises(ConfigurationError, match="a setting of its own"):
