@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import time
 
@@ -71,7 +72,10 @@ def validate(run_dir: RunDir, job: JobSpec, config: CanaryConfig) -> Verdict:
                 checks[name] = (SkippedCheck(skipped=skipped), None)
     again = _rerun_once(samples, job)
     if config.oracle_samples and samples:
-        checks["oracle"] = _oracle_check(_first_of_each_model(samples, config.oracle_samples), again, job, config)
+        no_reference = _no_reference_here(job, config)
+        checks["oracle"] = (SkippedCheck(skipped=no_reference), None) if no_reference else _oracle_check(
+            _first_of_each_model(samples, config.oracle_samples), again, job, config
+        )  # fmt: skip
     if embedded := _embedded_rows(run_dir, job, config.oracle_samples):
         checks["embedding_oracle"] = _embedding_check(embedded, job, config)
     if config.determinism_samples and samples:
@@ -187,6 +191,24 @@ def _oracle_check(
     return check, (
         f"oracle agreement {agreement:.0%} < {config.oracle_min_agreement:.0%} "
         f"(the run's tokens are not what transformers on the reference weights expects for {', '.join(disagree)})"
+    )
+
+
+def _no_reference_here(job: JobSpec, config: CanaryConfig) -> str | None:
+    """Why the oracle has no reference for an engine server's answers: the server answers as a
+    model that is not the job's local one, and no --oracle-model names its weights. None when the
+    reference is the run's own (in-process engine, a server of the same name) or was given."""
+    if not job.engine.engine_url or config.oracle_model:
+        return None
+    from nightshift.engine import current_engine
+
+    served = getattr(current_engine(), "served_model", None)
+    model = job.engine.model
+    if served is None or served in {job.served_model_name, model, os.path.basename(model.rstrip("/"))}:
+        return None
+    return (
+        f"the engine server answers as {served!r}, not as this job's local {job.served_model_name!r}: no reference "
+        "of its weights here (give --oracle-model the same weights, or --model the name it serves)"
     )
 
 

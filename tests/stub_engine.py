@@ -1,4 +1,4 @@
-"""A recording OpenAI-compatible engine server: it answers /v1/models and chat completions with
+"""A recording OpenAI-compatible engine server: it answers /v1/models, chat and completions with
 a deterministic text, and keeps every request's raw body, so a test can say what reached the
 engine (an image's bytes, a row's priority) — and what never did."""
 
@@ -25,12 +25,17 @@ class StubEngine:
             def do_POST(self):  # noqa: N802
                 raw = self.rfile.read(int(self.headers.get("content-length") or 0))
                 stub.bodies.append(raw)
-                if not self.path.endswith("/chat/completions"):
-                    return self._json(404, {"error": {"message": "only chat here"}})
+                if not self.path.endswith("/completions"):
+                    return self._json(404, {"error": {"message": "only chat and completions here"}})
                 body = json.loads(raw)
-                text = "stub " + hashlib.sha256(json.dumps(body["messages"], sort_keys=True).encode()).hexdigest()[:8]
-                choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                asked = body.get("messages", body.get("prompt"))
+                text = "stub " + hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()[:8]
                 usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+                if self.path.endswith("/completions") and not self.path.endswith("/chat/completions"):
+                    choice = {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}
+                    return self._json(200, {"id": "cmpl-stub", "object": "text_completion", "created": 0,
+                                            "model": model, "choices": [choice], "usage": usage})  # fmt: skip
+                choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
                 self._json(200, {"id": "chatcmpl-stub", "object": "chat.completion", "created": 0, "model": model,
                                  "choices": [choice], "usage": usage})  # fmt: skip
 
