@@ -91,6 +91,23 @@ async def bounded_form(request: Request, limit: int, too_large: Callable[[], Api
     return await Request(request.scope, receive).form(max_files=1, max_fields=8)
 
 
+def stored_upload(store: Store, file: UploadFile, who: str, limit: int, too_large: Callable[[], ApiError]) -> dict:
+    """An upload copied onto the storage as a new file of `who` (at most `limit` bytes)."""
+    file_id = new_id("file-")
+    size = 0
+    try:
+        with written_whole(store.path(store.upload_path(file_id))) as tmp, open(tmp, "wb") as out:
+            while block := file.file.read(1 << 20):
+                size += len(block)
+                if size > limit:
+                    raise too_large()
+                out.write(block)
+    except StorageFull:  # nothing of the upload is kept: it was a temporary, removed
+        raise ApiError(507, "The server's storage is full: the file was not stored. Try again later.") from None
+    name = os.path.basename(file.filename or "upload.jsonl")[:255]  # a label only, never a path
+    return store.add_file(file_id, who, name, "batch", size, store.upload_path(file_id)).file.model_dump()
+
+
 def known_cursor(objects: list, after: str | None, kind: str) -> list:
     """`objects`, once `after` (a cursor) is one of them: an unknown one is a 400, not the first page
     again — a client following cursors would loop. Another key's object is as unknown as none."""
@@ -200,24 +217,9 @@ def files_router(config: BatchApiConfig, store: Store, runner: Runner, owner) ->
                 raise ApiError(400, "Missing required parameter: 'purpose'.", "missing_required_parameter", "purpose")
             if purpose != "batch":
                 raise ApiError(400, f"Nightshift serves purpose 'batch' only, not {purpose!r}.", param="purpose")
-            return await run_in_threadpool(stored_upload, file, who)
+            return await run_in_threadpool(stored_upload, store, file, who, config.max_file_bytes, too_large)
         finally:
             await form.close()
-
-    def stored_upload(file: UploadFile, who: str) -> dict:
-        file_id = new_id("file-")
-        size = 0
-        try:
-            with written_whole(store.path(store.upload_path(file_id))) as tmp, open(tmp, "wb") as out:
-                while block := file.file.read(1 << 20):
-                    size += len(block)
-                    if size > config.max_file_bytes:
-                        raise too_large()
-                    out.write(block)
-        except StorageFull:  # nothing of the upload is kept: it was a temporary, removed
-            raise ApiError(507, "The server's storage is full: the file was not stored. Try again later.") from None
-        name = os.path.basename(file.filename or "upload.jsonl")[:255]  # a label only, never a path
-        return store.add_file(file_id, who, name, "batch", size, store.upload_path(file_id)).file.model_dump()
 
     @router.get("")
     def list_files(

@@ -109,6 +109,21 @@ def _known_fields(model) -> set[str]:
     return names
 
 
+def _checked_media(url: str, body: dict, model_config, media) -> tuple[Any, int]:
+    """A chat row's image parts checked under `media` (a MediaPolicy; data: URLs only if None),
+    each read whole when the engine admits the row: the policy and how many images there are."""
+    if url != CHAT_URL or not isinstance(body.get("messages"), list):
+        return media, 0
+    from nightshift.images import TENANT, checked_images, image_parts
+
+    if image_parts(body["messages"]) and model_config is not None and not model_config.is_multimodal_model:
+        raise RequestRejected(
+            "unsupported_content", "image_url parts need a vision-language model: this job's model reads text only"
+        )
+    media = media or TENANT
+    return media, checked_images(body["messages"], media)
+
+
 def prepare_request(
     key: int,
     custom_id: str,
@@ -145,17 +160,7 @@ def prepare_request(
     unknown = sorted(set(body) - _known_fields(protocol))
     if unknown:
         raise RequestRejected("unsupported_parameter", f"unknown field(s) in body: {', '.join(unknown)}")
-    images = 0
-    if url == CHAT_URL and isinstance(body.get("messages"), list):
-        from nightshift.images import TENANT, checked_images, image_parts
-
-        media = media or TENANT
-
-        if image_parts(body["messages"]) and model_config is not None and not model_config.is_multimodal_model:
-            raise RequestRejected(
-                "unsupported_content", "image_url parts need a vision-language model: this job's model reads text only"
-            )
-        images = checked_images(body["messages"], media)  # read whole when the engine admits the row
+    media, images = _checked_media(url, body, model_config, media)
     adapter = models.adapter_for(body.get("model"))
     if adapter is not None and url == EMBEDDINGS_URL:
         raise RequestRejected("model_not_found", f"LoRA adapter {adapter!r} serves chat and completions rows only")

@@ -429,24 +429,29 @@ def render_markdown(report: CostReport, chart: str | None) -> str:
     if chart:
         lines += [f"![tokens/s and GPU utilization over the run]({chart})", ""]
     if report.validated is not None:
-        money = report.validation_cost_on_demand
-        cost = (
-            f" in {report.validation_seconds:.1f} s" + (f" (${money:.4f} on demand)" if money is not None else "")
-            if report.validation_seconds is not None
-            else ""
-        )
-        said = {
-            "validated": "Validated",
-            "failed": "FAILED: NOT validated",
-            "not_validated": "Not validated: no check applied (each check below says why)",
-        }.get(report.validation_state or "", "Validated" if report.validated else "NOT validated")
-        lines += ["## Validation", "", f"**{said}**{cost}", ""]
+        lines += ["## Validation", "", _validation_heading(report), ""]
         lines += [f"- {failure}" for failure in report.validation_failures]
         lines += [
             f"- {name}: " + ", ".join(f"{k} {v}" for k, v in check.items())
             for name, check in report.validation_checks.items()
         ]
     return "\n".join(lines) + "\n"
+
+
+def _validation_heading(report: CostReport) -> str:
+    """The verdict in bold, and what the checks took and cost."""
+    money = report.validation_cost_on_demand
+    cost = (
+        f" in {report.validation_seconds:.1f} s" + (f" (${money:.4f} on demand)" if money is not None else "")
+        if report.validation_seconds is not None
+        else ""
+    )
+    said = {
+        "validated": "Validated",
+        "failed": "FAILED: NOT validated",
+        "not_validated": "Not validated: no check applied (each check below says why)",
+    }.get(report.validation_state or "", "Validated" if report.validated else "NOT validated")
+    return f"**{said}**{cost}"
 
 
 def render_chart(run_dir: RunDir, path: Path) -> Path | None:
