@@ -62,8 +62,12 @@ def _score(sample: dict, model, tokenizer, device, dtype, k: int, top_k: int, to
     """One sample's verdict: its first `k` tokens teacher-forced through `model`."""
     import torch
 
-    prompt = tokenizer.apply_chat_template(sample["body"]["messages"], add_generation_prompt=True, tokenize=False)
-    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)  # as vLLM counts a chat prompt
+    body = sample["body"]
+    if "messages" in body:
+        prompt = tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True, tokenize=False)
+        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)  # as vLLM counts a chat prompt
+    else:  # a completion: the prompt as given, with the special tokens vLLM's completions add
+        prompt_ids = tokenizer.encode(body["prompt"], add_special_tokens=body.get("add_special_tokens", True))
     ours = sample["text"] or ""
     # an empty answer is the end-of-sequence token, which the reference must also expect
     run_ids = list(sample.get("token_ids") or tokenizer.encode(ours, add_special_tokens=False))[:k]

@@ -102,8 +102,8 @@ def validate(run_dir: RunDir, job: JobSpec, config: CanaryConfig) -> Verdict:
 
 
 _NOTHING_TO_SAMPLE = (
-    "it samples greedy, unconstrained chat rows (embeddings for the embedding oracle), and this run has none that "
-    "succeeded: its rows are completions, sampled, constrained or failed"
+    "it samples greedy, unconstrained chat and completions rows with a text prompt (embeddings for the embedding "
+    "oracle), and this run has none that succeeded: its rows are sampled, constrained, token-id prompts or failed"
 )
 
 
@@ -137,7 +137,7 @@ def _greedy_samples(run_dir: RunDir, job: JobSpec, config: CanaryConfig) -> tupl
         reference = local_model(config.reference(job))
         skipped = _not_a_text_model(reference) or _too_big_here(reference, current_engine() is not None)
     if chat_rows and not samples:
-        skipped = f"none of the run's {chat_rows} chat rows is greedy (temperature 0) and unconstrained"
+        skipped = f"none of the run's {chat_rows} chat and completions rows is greedy (temperature 0) and unconstrained"
     return ([], skipped) if skipped else (samples, None)
 
 
@@ -325,8 +325,8 @@ CONSTRAINED = (
 
 
 def _greedy_chat_rows(run_dir: RunDir, job: JobSpec, count: int) -> tuple[list[dict], int]:
-    """Up to `count` succeeded greedy, unconstrained chat rows of the run, sampled reproducibly,
-    and how many succeeded chat rows there were to choose from."""
+    """Up to `count` succeeded greedy, unconstrained chat and completions rows of the run, sampled
+    reproducibly, and how many succeeded such rows there were to choose from."""
     if count <= 0:
         return [], 0
     samples: dict[str | None, _Sample] = {}  # per model: the base's rows and each adapter's, sampled apart
@@ -335,19 +335,22 @@ def _greedy_chat_rows(run_dir: RunDir, job: JobSpec, count: int) -> tuple[list[d
         run_dir, job, "c.custom_id, c.text, s.request", "c.finish_reason IS NOT NULL AND c.text IS NOT NULL"
     )
     for custom_id, text, request in rows:
-        body = orjson.loads(request)["body"]
-        chat_rows += "messages" in body
+        row = orjson.loads(request)
+        body, chat = row["body"], "messages" in row["body"]
+        generated = chat or isinstance(body.get("prompt"), str)  # a completion's prompt as text: scored as given
+        chat_rows += generated
         if (
-            "messages" in body
+            generated
             and body.get("temperature") == 0
             and body.get("n", 1) == 1
             and not any(body.get(constraint) for constraint in CONSTRAINED)
-            and not image_parts(body["messages"])  # the oracle's reference reads text only
+            and not (chat and image_parts(body["messages"]))  # the oracle's reference reads text only
         ):
             adapter = body.get("model") if body.get("model") in adapters else None
             sample = samples.setdefault(adapter, _Sample(count))
             if (slot := sample.slot()) is not None:
-                sample.items[slot] = {"custom_id": custom_id, "text": text, "body": body, "adapter": adapter}
+                sample.items[slot] = {"custom_id": custom_id, "text": text, "body": body, "adapter": adapter,
+                                      "url": row.get("url", "/v1/chat/completions")}  # fmt: skip
     chosen = [samples[model].chosen() for model in sorted(samples, key=lambda name: name or "")]
     return [item for items in chosen for item in items], chat_rows
 
@@ -515,7 +518,7 @@ def _rerun(samples: list[dict], job: JobSpec) -> dict:
         prepare_request(
             i,
             s["custom_id"],
-            {"url": "/v1/chat/completions", "body": s["body"]},
+            {"url": s.get("url", "/v1/chat/completions"), "body": s["body"]},
             dataclasses.replace(ServedModels.of_job(job), mismatch="ignore"),
             engine.default_sampling_params,
             media=MediaPolicy.of_job(job),

@@ -24,6 +24,11 @@ def verdict_of(run_dir) -> dict:
     return json.loads((run_dir / "validation.json").read_text())
 
 
+def completion(custom_id: str, prompt: str, **body) -> dict:
+    body = {"prompt": prompt, "max_tokens": 4, "temperature": 0, **body}
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/completions", "body": body}
+
+
 def test_a_server_of_another_model_is_not_scored_against_the_local_default_but_its_answers_are_reasked(
     tmp_path, someone_elses_server
 ):
@@ -40,12 +45,22 @@ def test_a_server_of_another_model_is_not_scored_against_the_local_default_but_i
     assert report["validation_state"] == "validated"
 
 
-def test_a_completions_file_ends_not_validated_saying_why_and_fails_only_when_validation_is_required(
+def test_a_completions_file_is_checked_too(tmp_path):
+    """The oracle scores a completion's tokens on the prompt as given, and the determinism re-ask
+    re-runs it, on the in-process engine: a completions file is validated by checks that ran."""
+    rows = [completion(f"c-{i}", f"Once upon a time, in village number {i},") for i in range(4)]
+    done = run_cli("run", write_jsonl(tmp_path / "in.jsonl", rows), "--output", tmp_path / "run", "--model", "tiny")
+    assert done.returncode == 0, done.stderr[-3000:]
+    verdict = verdict_of(tmp_path / "run")
+    assert verdict["state"] == "validated", verdict
+    assert verdict["checks"]["oracle"]["agreement"] == 1.0 and len(verdict["checks"]["oracle"]["results"]) == 3
+    assert verdict["checks"]["determinism"]["same"] == verdict["checks"]["determinism"]["of"] == 2
+
+
+def test_rows_no_check_applies_to_end_not_validated_saying_why_and_fail_only_when_validation_is_required(
     tmp_path, someone_elses_server
 ):
-    body = {"max_tokens": 4, "temperature": 0}
-    rows = [{"custom_id": f"c-{i}", "method": "POST", "url": "/v1/completions",
-             "body": {"prompt": f"Once upon a time {i}", **body}} for i in range(4)]  # fmt: skip
+    rows = [completion(f"c-{i}", f"Once upon a time {i}", temperature=0.8) for i in range(4)]  # sampled, no seed
     path = write_jsonl(tmp_path / "in.jsonl", rows)
     common = ("--model", "tiny", "--engine-url", someone_elses_server.url)
     done = run_cli("run", path, "--output", tmp_path / "run", *common)
