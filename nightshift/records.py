@@ -467,10 +467,10 @@ class Verdict(_Record):
         return [f"{name}: {check.skipped}" for name, check in self.checks.items() if isinstance(check, SkippedCheck)]
 
     def said(self) -> str:
-        """The verdict in words: "validated", "FAILED", or "not validated (why each check was skipped)"."""
+        """The verdict in words: "passed", "FAILED", or "not validated (why each check was skipped)"."""
         if self.verdict == "not_validated":
             return f"not validated ({'; '.join(self.skipped_reasons) or 'no check applies to these rows'})"
-        return "validated" if self.verdict == "validated" else "FAILED"
+        return "passed" if self.verdict == "validated" else "FAILED"
     seconds: float | None = Field(None, description="what the checks took (the engine is held meanwhile)")
     where: dict[str, str | int | None] = Field(
         default_factory=dict, description="host, pid, worker_pid, cuda_visible_devices, flow_run_id"
