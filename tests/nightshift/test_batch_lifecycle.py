@@ -144,3 +144,58 @@ def test_a_batch_runs_on_its_endpoints_engine_server_when_the_api_names_one_its_
         "engine_url": "http://gpu-1:8000/v1",
         "engine_api_key_secret": "fleet-key",
     }
+
+
+def test_a_poisoned_batch_cancelled_before_validation_ends_alone_and_the_next_batch_still_starts(tmp_path):
+    """A file of `[1, 2]`, junk and a non-string custom_id, cancelled before the runner looked at
+    it: every line an error line (no custom_id to trust), and the batch behind it is started in
+    the same look. Before issue 48 this raised on every look and held every batch behind it."""
+    runs = ScriptedRuns(None)
+    config = BatchApiConfig(storage=str(tmp_path / "api"), chat_model="tiny")
+    store = Store(config.storage)
+    lifecycle = BatchLifecycle(config, store, runs)
+    app = create_app(config, store, lifecycle, {owner_of(KEY)})
+    with TestClient(app, base_url="http://nightshift.test") as http:
+        client = openai.OpenAI(base_url="http://nightshift.test/v1", api_key=KEY, http_client=http, max_retries=0)
+
+        def created(lines: list[str]):
+            upload = client.files.create(file=("in.jsonl", io.BytesIO("\n".join(lines).encode())), purpose="batch")
+            return client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
+                                         completion_window="2h"), upload  # fmt: skip
+
+        (poisoned, _), (healthy, healthy_file) = (
+            created(["[1, 2]", "not json", '{"custom_id": 7}']),
+            created([json.dumps(chat_request("r0", "hi"))]),
+        )
+        client.batches.cancel(poisoned.id)
+        with pytest.raises(openai.ConflictError):  # the input of a batch not yet finished stays
+            client.files.delete(healthy_file.id)
+
+    lifecycle.step()
+
+    ended = store.batch(poisoned.id)
+    assert ended.batch.status == "cancelled"
+    error_file = store.file(ended.batch.error_file_id, owner_of(KEY))
+    errors = [json.loads(line) for line in store.path(error_file.content).read_text().splitlines()]
+    assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [(None, "batch_cancelled")] * 3
+    assert store.batch(healthy.id).batch.status == "in_progress" and len(runs.orders) == 1
+
+
+def test_a_batch_whose_look_keeps_raising_fails_alone_with_the_reason(tmp_path):
+    class Raising(ScriptedRuns):
+        def ended(self, stored):
+            if stored.batch.id == broken:
+                raise OSError("the run directory's disk vanished")
+            return super().ended(stored)
+
+    runs = Raising(None, None, None)
+    lifecycle, store, batch = a_batch(tmp_path, runs)
+    broken = batch.id
+    lifecycle.step()  # started: in_progress
+    for _ in range(3):
+        lifecycle.step()
+
+    stored = store.batch(batch.id)
+    assert stored.batch.status == "failed" and runs.stopped == [batch.id]
+    [error] = stored.batch.errors.data
+    assert error.code == "batch_failed" and "the run directory's disk vanished" in error.message
