@@ -108,11 +108,15 @@ class BatchLifecycle:
     def _struck(self, batch_id: str, exc: Exception) -> None:
         strikes = self._strikes[batch_id] = self._strikes.get(batch_id, 0) + 1
         log.warning("batch %s: %s (%d of %d)", batch_id, exc, strikes, STRIKES)
-        if strikes >= STRIKES:
-            self._strikes.pop(batch_id, None)
+        if strikes < STRIKES:
+            return
+        reason = f"{type(exc).__name__}: {exc}"[:2000]
+        try:
             self.runs.stop(self.store.batch(batch_id))
-            reason = f"{type(exc).__name__}: {exc}"[:2000]
             self._fail(batch_id, [BatchError(code="batch_failed", message=f"the batch could not be run: {reason}")])
+            self._strikes.pop(batch_id, None)
+        except Exception:  # noqa: BLE001 - the storage itself is failing: the next look tries again
+            log.exception("batch %s: could not be failed", batch_id)
 
     def sweep(self) -> None:
         """Retention: files and finished batches older than `--retention`, gone (a minute apart)."""
