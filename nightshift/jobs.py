@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 from pathlib import Path
@@ -119,6 +118,7 @@ def check_job(job: JobSpec) -> JobSpec:
 
     from nightshift.engine_sizing import with_platform_defaults
     from nightshift.models import local_model
+    from nightshift.vllm_adapter import engine_argument_names
 
     engine = job.engine
     model = local_model(engine.model, job.model_identity)
@@ -130,7 +130,7 @@ def check_job(job: JobSpec) -> JobSpec:
         from nightshift.adapters import engine_lora_rank
 
         engine_lora_rank(local_adapters)
-    unknown = set(engine.engine_arg_values) - {field.name for field in dataclasses.fields(EngineArgs)}
+    unknown = set(engine.engine_arg_values) - engine_argument_names()
     if unknown:
         raise ConfigurationError(f"engine_args: vLLM's EngineArgs has no {', '.join(sorted(unknown))}")
     try:
