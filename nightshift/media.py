@@ -159,14 +159,16 @@ class _opened_local:
     against the roots again), a regular file only, never blocking on a FIFO."""
 
     def __init__(self, url: str, policy: MediaPolicy) -> None:
-        self.path, self.policy, self.fd = os.path.realpath(os.path.expanduser(local_path(url))), policy, -1
+        self.url, self.policy, self.fd = url, policy, -1
+        self.path = os.path.realpath(os.path.expanduser(local_path(url)))
 
     def __enter__(self) -> tuple[int, int]:
         flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
         try:
             self.fd = os.open(self.path, flags)
         except OSError as exc:
-            raise RequestRejected("invalid_image", f"the file cannot be read: {exc.strerror}") from None
+            # named as the row named it: an allowed source (a tenant's outside the roots never gets here)
+            raise RequestRejected("invalid_image", f"{self.url}: the file cannot be read: {exc.strerror}") from None
         info = os.fstat(self.fd)
         if not stat.S_ISREG(info.st_mode):
             os.close(self.fd)
