@@ -24,6 +24,7 @@ import errno
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -163,7 +164,9 @@ def written_whole(path) -> Iterator[Path]:
     unless a commit fence refuses it. If the body raises, `path` is left as it was."""
     target = location(path)
     if not is_url(target):
-        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+        # one temporary per write: two threads of a process (a lease's renewal and its release)
+        # may write the same file at once, and each fsyncs and renames its own
+        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             yield tmp
