@@ -202,6 +202,10 @@ class EngineSettings(_Config):
         pairs = engine_arg_pairs(value)
         return tuple(f"{key}={json.dumps(pairs[key], sort_keys=True)}" for key in sorted(pairs))
 
+    def with_engine_args(self, values: dict[str, object]) -> Self:
+        """This config with `values` as its whole engine_args (checked and kept as KEY=JSON)."""
+        return self.model_validate({**self.model_dump(), "engine_args": values})
+
     @property
     def engine_arg_values(self) -> dict[str, object]:
         """engine_args as vLLM takes them: KEY → value."""

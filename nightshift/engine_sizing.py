@@ -111,9 +111,8 @@ def choose_enforce_eager(config: EngineConfig, rows: int | None) -> EngineConfig
     pays = rows is None or expected_decode_seconds(config, rows) * GRAPHS_GAIN > GRAPHS_COST_S
     if not pays:
         return config.model_copy(update={"enforce_eager": True})
-    arguments = config.engine_arg_values
-    arguments.setdefault("compilation_config", GRAPHS_WITHOUT_COMPILE)
-    return config.model_validate({**config.model_dump(), "enforce_eager": False, "engine_args": arguments})
+    arguments = {"compilation_config": GRAPHS_WITHOUT_COMPILE} | config.engine_arg_values  # the user's own stands
+    return config.with_engine_args(arguments).model_copy(update={"enforce_eager": False})
 
 
 def engine_arguments(config: EngineConfig) -> dict:

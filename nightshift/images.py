@@ -47,8 +47,7 @@ def checked_images(messages: list, policy: MediaPolicy = TENANT) -> int:
     whole and each file or object found within bounds — RequestRejected (media_not_allowed,
     too_many_images, invalid_image) for a part that is not."""
     parts = image_parts(messages)
-    if len(parts) > policy.max_items:
-        raise RequestRejected("too_many_images", f"{len(parts)} images in one row: at most {policy.max_items}")
+    _within_count(parts, policy)
     for part in parts:
         url = _url_of(part)
         if url.startswith("data:"):
@@ -64,8 +63,7 @@ def with_images_resolved(messages: list, policy: MediaPolicy = TENANT) -> tuple[
     parts = image_parts(messages)
     if not parts:
         return messages, 0
-    if len(parts) > policy.max_items:
-        raise RequestRejected("too_many_images", f"{len(parts)} images in one row: at most {policy.max_items}")
+    _within_count(parts, policy)
     resolved = []
     for message in messages:
         content = message.get("content") if isinstance(message, dict) else None
@@ -73,6 +71,11 @@ def with_images_resolved(messages: list, policy: MediaPolicy = TENANT) -> tuple[
             message = {**message, "content": [_resolved(part, policy) for part in content]}
         resolved.append(message)
     return resolved, len(parts)
+
+
+def _within_count(parts: list, policy: MediaPolicy) -> None:
+    if len(parts) > policy.max_items:
+        raise RequestRejected("too_many_images", f"{len(parts)} images in one row: at most {policy.max_items}")
 
 
 def _resolved(part, policy: MediaPolicy) -> dict:

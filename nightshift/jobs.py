@@ -60,8 +60,7 @@ def with_engine_media_closed(job: JobSpec) -> JobSpec:
     """A job of a tenant's rows (media_sources="allowed") with vLLM's media settings closed."""
     if job.media_sources != "allowed":
         return job
-    closed = job.engine.engine_arg_values | ENGINE_MEDIA_CLOSED
-    engine = job.engine.model_validate({**job.engine.model_dump(), "engine_args": closed})
+    engine = job.engine.with_engine_args(job.engine.engine_arg_values | ENGINE_MEDIA_CLOSED)
     return job.model_copy(update={"engine": engine})
 
 
