@@ -116,8 +116,9 @@ SAMPLE = (
 import sys
 from nightshift.jobs import make_job
 from nightshift.rundir import RunDir
-from nightshift.tasks.s5_canary import _greedy_chat_rows
-samples, chat_rows = _greedy_chat_rows(RunDir(sys.argv[1]), make_job("tiny", max_num_seqs=128), 16)
+from nightshift.validation.rows import checkable_rows
+pools = checkable_rows(RunDir(sys.argv[1]), make_job("tiny", max_num_seqs=128), 16)
+samples, chat_rows = pools.of("oracle", 16), pools.generated
 print(chat_rows, peak_rss_kib())
 """
 )

@@ -51,8 +51,23 @@ CHUNK_SCHEMA = pa.schema(
         ("embedding", pa.list_(pa.float32())),  # an embedding row's (first) vector
         ("model", pa.string()),  # the LoRA adapter a row was generated with; null: the base model
         ("image_tokens", pa.int64()),  # of its prompt tokens, those its images became
+        # a sampled row's first answer tokens, as the engine made them, kept for the canary stage's
+        # plausibility check (its text may not re-tokenize to them): KEPT_TOKENS rows' worth
+        ("token_ids", pa.list_(pa.int32())),
     ]
 )
+KEPT_TOKENS = 32  # the first tokens of a sampled row kept: the oracle scores 16 by default
+KEEP_EVERY = 64  # …of the shard's first 64 rows and every 64th row after
+
+
+def kept_token_ids(row_index: int, request, completion) -> list[int] | None:
+    """A sampled row's first answer tokens, for the first and every KEEP_EVERY-th row of the run
+    (a systematic sample costs a run of millions some kilobytes); None for any other row."""
+    params = request.sampling_params
+    sampled = (getattr(params, "temperature", 0) or 0) > 0
+    if not sampled or (row_index >= KEEP_EVERY and row_index % KEEP_EVERY) or completion.token_ids is None:
+        return None
+    return list(completion.token_ids[:KEPT_TOKENS])
 
 # Errors worth another attempt: the engine failed, or the run's deadline came first; not the request.
 RETRYABLE_CODES = ("engine_error", EXPIRED_CODE)
@@ -82,7 +97,7 @@ def sql_path_list(files) -> str:
 def best_rows_sql(files: list[str | Path]) -> str:
     """SQL selecting each row's best outcome across `files` (see module docstring)."""
     return f"""
-        SELECT * EXCLUDE (filename) FROM read_parquet({sql_path_list(files)}, filename = true)
+        SELECT * EXCLUDE (filename) FROM read_parquet({sql_path_list(files)}, filename = true, union_by_name = true)
         QUALIFY row_number() OVER (PARTITION BY row_index ORDER BY ok DESC, filename DESC) = 1
     """
 
@@ -203,6 +218,7 @@ class ChunkWriter:
             source=source,
             model=request.adapter,
             image_tokens=_image_tokens(output, image_token_id) if request.images else None,
+            token_ids=kept_token_ids(row["row_index"], request, first),
         )
 
     def add_embedding(self, row: dict, request, outputs: list | RemoteEmbedding, source: str = "engine") -> dict:
@@ -273,6 +289,7 @@ class ChunkWriter:
             "embedding": None,
             "model": None,
             "image_tokens": None,
+            "token_ids": None,
             **fields,
         }
         self.buffer.append(record)

@@ -76,25 +76,31 @@ def engine_urls_checked(value: str | None) -> str | None:
     return ",".join(urls)
 
 
-def engine_arg_pairs(value) -> dict[str, object]:
-    """Engine arguments as given: a mapping, or KEY=VALUE strings whose VALUE is JSON where it
-    parses (8, true, {"method": "ngram"}) and a string where not; a key that is one of
-    EngineSettings' own fields is refused (it has a typed option of its own)."""
+def key_value_pairs(value) -> dict[str, object]:
+    """A mapping, or KEY=VALUE strings whose VALUE is JSON where it parses (8, true,
+    {"method": "ngram"}) and a string where not."""
     if value is None:
         return {}
     if isinstance(value, str):
         value = [value]
-    if not isinstance(value, dict):
-        pairs = {}
-        for item in value:
-            key, equals, raw = str(item).partition("=")
-            if not equals or not key.strip():
-                raise ValueError(f"an engine argument is KEY=VALUE, not {item!r}")
-            try:
-                pairs[key.strip()] = json.loads(raw)
-            except ValueError:
-                pairs[key.strip()] = raw
-        value = pairs
+    if isinstance(value, dict):
+        return dict(value)
+    pairs = {}
+    for item in value:
+        key, equals, raw = str(item).partition("=")
+        if not equals or not key.strip():
+            raise ValueError(f"an engine argument is KEY=VALUE, not {item!r}")
+        try:
+            pairs[key.strip()] = json.loads(raw)
+        except ValueError:
+            pairs[key.strip()] = raw
+    return pairs
+
+
+def engine_arg_pairs(value) -> dict[str, object]:
+    """Engine arguments as given (`key_value_pairs`); a key that is one of EngineSettings' own
+    fields is refused (it has a typed option of its own)."""
+    value = key_value_pairs(value)
     own = sorted(set(value) & (set(EngineSettings.model_fields) | {"model"}))
     if own:
         raise ValueError(f"{', '.join(own)}: a setting of its own (--{own[0].replace('_', '-')}), not an engine_arg")
@@ -205,6 +211,14 @@ class EngineSettings(_Config):
     def with_engine_args(self, values: dict[str, object]) -> Self:
         """This config with `values` as its whole engine_args (checked and kept as KEY=JSON)."""
         return self.model_validate({**self.model_dump(), "engine_args": values})
+
+    def contrasting(self, setting: dict[str, object]) -> Self:
+        """This config with `setting` changed: EngineSettings' own fields (max_num_seqs) and vLLM
+        engine arguments (kv_cache_dtype) alike."""
+        own = {key: value for key, value in setting.items() if key in type(self).model_fields}
+        rest = {key: value for key, value in setting.items() if key not in own}
+        changed = {**self.model_dump(), **own}
+        return self.model_validate({**changed, "engine_args": {**engine_arg_pairs(changed["engine_args"]), **rest}})
 
     @property
     def engine_arg_values(self) -> dict[str, object]:
@@ -479,11 +493,30 @@ class CanaryConfig(_Config):
         0.999, ge=-1, le=1, description="embeddings: cosine each sampled vector must reach against the reference"
     )
     determinism_samples: int = Field(2, ge=0, description="rows re-run through the engine with the same seed (0: off)")
+    settings_gate: tuple[str, ...] = Field(
+        (),
+        description="the throughput-settings gate's contrast, KEY=VALUE (repeatable; an engine setting or vLLM engine "
+        "argument, e.g. kv_cache_dtype=auto, max_num_seqs=1): greedy rows are scored again, teacher-forced, on an "
+        "engine with it; none given: on the run's engine one row at a time (another batch composition)",
+    )
+    settings_gate_samples: int = Field(
+        3, ge=0, description="greedy rows the throughput-settings gate scores (0: off; within the oracle's tolerance)"
+    )
     require_validation: bool = Field(
         False,
         description="a run no check applied to (completions or sampled rows only, say) fails the gate (exit 3) "
         "instead of ending 'not validated' (exit 0)",
     )
+
+    @field_validator("settings_gate", mode="before")
+    @classmethod
+    def _setting(cls, value) -> tuple[str, ...]:
+        pairs = key_value_pairs(value)
+        return tuple(f"{key}={json.dumps(pairs[key], sort_keys=True)}" for key in sorted(pairs))
+
+    @property
+    def settings_gate_values(self) -> dict[str, object]:
+        return key_value_pairs(self.settings_gate)
 
     @field_validator("oracle_lora", mode="before")
     @classmethod

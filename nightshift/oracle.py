@@ -69,24 +69,71 @@ def _score(sample: dict, model, tokenizer, device, dtype, k: int, top_k: int, to
     else:  # a completion: the prompt as given, with the special tokens vLLM's completions add
         prompt_ids = tokenizer.encode(body["prompt"], add_special_tokens=body.get("add_special_tokens", True))
     ours = sample["text"] or ""
-    # an empty answer is the end-of-sequence token, which the reference must also expect
-    run_ids = list(sample.get("token_ids") or tokenizer.encode(ours, add_special_tokens=False))[:k]
-    run_ids = run_ids or [tokenizer.eos_token_id]
+    run_ids = list(sample.get("token_ids") or _retokenized(tokenizer, ours, k))[:k]
+    if ours and not run_ids:  # not even one token of it re-tokenizes as the engine made it
+        return _unscorable(sample, device, dtype)
+    run_ids = run_ids or [tokenizer.eos_token_id]  # an empty answer: the end of sequence, which the reference expects
     ids = torch.tensor([prompt_ids + run_ids], device=device)
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : len(prompt_ids) - 1 + len(run_ids)].float()
-    verdicts = score_tokens(torch.log_softmax(logits, dim=-1).cpu(), run_ids, top_k, tolerance)
+    temperature = body.get("temperature") or 0
+    logprobs = torch.log_softmax(logits / (temperature or 1), dim=-1).cpu()
+    verdicts = score_tokens(logprobs, run_ids, top_k, tolerance)
     worst = max(verdicts, key=lambda v: (v["rank"], v["gap"]))
+    excess = excess_surprisal(logprobs, run_ids) if temperature else None
     return {
         "custom_id": sample["custom_id"],
-        "agrees": all(v["accepted"] for v in verdicts),
+        "agrees": all(v["accepted"] for v in verdicts) if excess is None else excess <= tolerance,
         "tokens": len(run_ids),
         "worst_rank": worst["rank"],
         "worst_gap": round(worst["gap"], 4),
+        "scored_as": "greedy" if excess is None else f"sampled at temperature {temperature}",
+        "excess_surprisal": None if excess is None else round(excess, 4),
         "reference_on": f"{device} {str(dtype).removeprefix('torch.')}",
         "ours": ours[:80],
         "adapter": sample.get("adapter"),
     }
+
+
+def _retokenized(tokenizer, text: str, k: int) -> list[int]:
+    """The first of `k` tokens of `text` that are surely the engine's own: tokenized again, up to
+    the first token that does not decode to the text's next characters (a character split across
+    tokens: re-tokenizing joins it, and every later token is shifted — scored, they would look
+    like another model's)."""
+    ids = tokenizer.encode(text, add_special_tokens=False)[:k]
+    for end in range(1, len(ids) + 1):
+        decoded = tokenizer.decode(ids[:end])
+        if "\ufffd" in decoded or not text.startswith(decoded):
+            return ids[: end - 1]
+    return ids
+
+
+def _unscorable(sample: dict, device, dtype) -> dict:
+    return {
+        "custom_id": sample["custom_id"],
+        "agrees": True,
+        "tokens": 0,
+        "worst_rank": 0,
+        "worst_gap": 0.0,
+        "scored_as": "not scored: its first token splits a character (its tokens are not recoverable from its text)",
+        "reference_on": f"{device} {str(dtype).removeprefix('torch.')}",
+        "ours": (sample["text"] or "")[:80],
+        "adapter": sample.get("adapter"),
+    }
+
+
+def excess_surprisal(logprobs, token_ids: list[int]) -> float:
+    """How much more surprising the run's sampled tokens are to the reference than its own samples
+    would be, on average, in nats per token: surprisal (−log p of the token) less the entropy of
+    the reference's distribution at that temperature. Sampling from the reference itself averages
+    0 (top_p / top_k keep the head: below 0); another model's tokens, or garbage, score far above.
+    A sampled token may be any of the vocabulary, so no per-token rank can judge it."""
+    import torch
+
+    positions = torch.arange(len(token_ids))
+    surprisal = -logprobs[positions, torch.tensor(token_ids)]
+    entropy = -(logprobs.exp() * logprobs).nan_to_num().sum(dim=-1)
+    return float((surprisal - entropy).mean())
 
 
 def score_tokens(logprobs, token_ids: list[int], top_k: int, tolerance: float) -> list[dict]:

@@ -384,6 +384,12 @@ class OracleOutcome(_Record):
     tokens: int
     worst_rank: int
     worst_gap: float
+    scored_as: str = Field(
+        "greedy", description="greedy (rank and gap), or sampled (excess surprisal) at its temperature"
+    )
+    excess_surprisal: float | None = Field(
+        None, description="a sampled row: its tokens' mean surprisal less the reference's entropy, nats per token"
+    )
     reference_on: str = Field(description="where the reference ran: device and dtype")
     ours: str = Field(description="the run's answer, its first 80 characters")
     adapter: str | None = Field(None, description="the LoRA adapter of the row (the reference: base + it, merged)")
@@ -435,13 +441,35 @@ class DeterminismCheck(_Record):
     results: list[DeterminismOutcome]
 
 
+class SettingsGateOutcome(_Record):
+    custom_id: str
+    agrees: bool = Field(description="every scored token within the contrast's top-k and tolerance")
+    tokens: int
+    worst_rank: int
+    worst_gap: float
+
+
+class SettingsGateCheck(_Record):
+    """The run's greedy tokens scored teacher-forced by the engine under a contrasting setting:
+    the throughput settings did not change the answers beyond the oracle's tolerance."""
+
+    contrast: str = Field(description="the setting the rows were scored under, against the run's")
+    agreement: float
+    min_agreement: float
+    tokens: int
+    top_k: int
+    logprob_tolerance: float
+    seconds: float = Field(description="what the gate cost, engine start included")
+    results: list[SettingsGateOutcome]
+
+
 class SkippedCheck(_Record):
     """A check said and not attempted (no greedy row to sample, a reference too big here)."""
 
     skipped: str
 
 
-Check = CanariesCheck | OracleCheck | EmbeddingOracleCheck | DeterminismCheck | SkippedCheck
+Check = CanariesCheck | OracleCheck | EmbeddingOracleCheck | DeterminismCheck | SettingsGateCheck | SkippedCheck
 
 
 class Verdict(_Record):

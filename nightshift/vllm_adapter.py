@@ -231,3 +231,23 @@ def _broken_request_assumptions(needs, parameters) -> list[str]:
         "EngineArgs.allowed_local_media_path / allowed_media_domains (a tenant's rows fetch nothing)",
     )
     return broken
+
+
+def scoring_params(top_k: int):
+    """Sampling parameters that score a prompt rather than extend it: one greedy token, and the
+    top `top_k` log-probabilities (with the prompt's own token's) at every prompt position."""
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=top_k, detokenize=False)
+
+
+def prompt_token_scores(output, start: int) -> list[tuple[float, int, float]]:
+    """Per prompt position from `start`: (the prompt token's logprob, its rank from 0, the best
+    logprob there), from a scoring request's output (`scoring_params`). vLLM's ranks count from 1."""
+    scores = []
+    for position in range(start, len(output.prompt_token_ids)):
+        candidates = output.prompt_logprobs[position]
+        mine = candidates[output.prompt_token_ids[position]]
+        best = max(candidate.logprob for candidate in candidates.values())
+        scores.append((mine.logprob, mine.rank - 1, best))
+    return scores

@@ -1,25 +1,23 @@
 """Canary stage: gate the run on evidence that its answers are right.
 
-Three checks, each reported, the first and last two gating:
+The checks, each reported (rows chosen by nightshift.validation.rows; docs/canaries.md):
 
 1. **Expectations** — the canary rows (which rode inside the real shards) must meet their
    expectations; at least `min_pass_rate` of them must pass.
-2. **Oracle** — for `oracle_samples` greedy rows sampled from the run, the run's own first
-   `oracle_tokens` tokens are scored teacher-forced by Hugging Face transformers on the
-   reference weights (the job's, unless `oracle_model` names others): each must be among the
-   reference's `oracle_top_k` and within `oracle_logprob_tolerance` nats of its best. A sample
-   agrees when all its tokens do; the share that agrees must reach `oracle_min_agreement`.
-   Exact greedy agreement would fail on numerical noise (bf16, batch-dependent kernels flip
-   near-ties, and one flip changes every later token); this fails only on tokens the
-   reference would not have produced.
-3. **Determinism** — `determinism_samples` rows re-run through the engine with the same
-   parameters (seed included) must give the same text.
-4. **Embedding oracle** — in an embedding run, `oracle_samples` texts sampled from the run are
-   embedded again with transformers on the reference weights, pooled as their
-   sentence-transformers configuration says (mean, CLS or last token); each vector's cosine to
-   the run's must reach `embedding_min_cosine`.
+2. **Oracle** — chat and completions rows sampled from the run: a greedy row's first
+   `oracle_tokens` tokens scored teacher-forced by transformers on the reference weights (each
+   in the reference's top k and within the tolerance of its best); a sampled row's kept tokens
+   no more surprising to the reference than its own sampling would be. Skipped, saying why,
+   where there is no reference of the weights that answered.
+3. **Determinism** — greedy rows (constrained too) and seeded sampled rows re-asked through the
+   engine must say the same.
+4. **Settings gate** — greedy rows' tokens scored under a contrasting throughput setting
+   (nightshift.validation.settings_gate).
+5. **Embedding oracle** — embedded texts again with transformers on the reference weights;
+   each vector's cosine to the run's must reach `embedding_min_cosine`.
 
-On failure the flow run fails with a message naming what failed, the outputs stay on disk,
+A verdict is validated (a check ran, all passed), failed, or not validated (none applied, each
+saying why). On failure the flow run fails naming what failed, the outputs stay on disk,
 `validation.json` says `"validated": false`, and `nightshift run` exits 3.
 """
 
@@ -28,16 +26,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import random
 import time
 
-import orjson
 from prefect import get_run_logger, task
 
 from nightshift.adapters import local_adapter
 from nightshift.canaries import CANARY_PREFIX, CanaryFailure, check_expectations, load_canaries
 from nightshift.config import CanaryConfig, JobSpec
-from nightshift.images import image_parts
 from nightshift.models import local_model, weight_bytes
 from nightshift.oracle import oracle_check, reference_class
 from nightshift.records import (
@@ -54,7 +49,9 @@ from nightshift.records import (
     Verdict,
 )
 from nightshift.rundir import RunDir
-from nightshift.storage import duckdb_connection, local_copies, sql_path
+from nightshift.storage import duckdb_connection, sql_path
+from nightshift.validation.rows import checkable_rows, embedded_rows, rerun_text
+from nightshift.validation.settings_gate import settings_gate
 from nightshift.workers import validation_verdict, worker_identity
 
 
@@ -65,21 +62,9 @@ def validate(run_dir: RunDir, job: JobSpec, config: CanaryConfig) -> Verdict:
     checks: dict[str, tuple[Check, str | None]] = {}  # name → (the check, why it failed or None)
     if config.canaries:
         checks["canaries"] = _canaries_check(run_dir, config)
-    samples, skipped = _greedy_samples(run_dir, job, config)
-    if skipped:  # said, not attempted, and not a failure: an 8B model on a CPU orchestrator, no row to check
-        for name, wanted in (("oracle", config.oracle_samples), ("determinism", config.determinism_samples)):
-            if wanted:
-                checks[name] = (SkippedCheck(skipped=skipped), None)
-    again = _rerun_once(samples, job)
-    if config.oracle_samples and samples:
-        no_reference = _no_reference_here(job, config)
-        checks["oracle"] = (SkippedCheck(skipped=no_reference), None) if no_reference else _oracle_check(
-            _first_of_each_model(samples, config.oracle_samples), again, job, config
-        )  # fmt: skip
-    if embedded := _embedded_rows(run_dir, job, config.oracle_samples):
+    checks.update(_engine_checks(run_dir, job, config))
+    if embedded := embedded_rows(run_dir, job, config.oracle_samples):
         checks["embedding_oracle"] = _embedding_check(embedded, job, config)
-    if config.determinism_samples and samples:
-        checks["determinism"] = _determinism_check(_first_of_each_model(samples, config.determinism_samples), again)
     if not checks:  # nothing to sample: say so, per check, rather than pass with no check at all
         for name, wanted in (("oracle", config.oracle_samples), ("determinism", config.determinism_samples)):
             why = _NOTHING_TO_SAMPLE if wanted else f"turned off (--{name}-samples 0)"
@@ -102,9 +87,86 @@ def validate(run_dir: RunDir, job: JobSpec, config: CanaryConfig) -> Verdict:
 
 
 _NOTHING_TO_SAMPLE = (
-    "it samples greedy, unconstrained chat and completions rows with a text prompt (embeddings for the embedding "
-    "oracle), and this run has none that succeeded: its rows are sampled, constrained, token-id prompts or failed"
+    "it samples chat and completions rows with a text prompt (embeddings for the embedding oracle), and this run "
+    "has none that succeeded: its rows are token-id prompts, embeddings or failed"
 )
+_NONE_FOR = {  # why a check has no row among the run's generated ones
+    "oracle": "greedy and unconstrained, or sampled without a seed (scored for plausibility), with a text-only prompt",
+    "determinism": "greedy (constrained too) or sampled with a seed",
+    "settings_gate": "greedy and unconstrained with a text-only prompt",
+}
+
+
+def _engine_checks(run_dir: RunDir, job: JobSpec, config: CanaryConfig) -> dict[str, tuple[Check, str | None]]:
+    """The oracle, the determinism re-ask and the settings gate, each on rows it can judge."""
+    wanted = {"oracle": config.oracle_samples, "determinism": config.determinism_samples,
+              "settings_gate": config.settings_gate_samples}  # fmt: skip
+    pools = checkable_rows(run_dir, job, max(wanted.values()))
+    if not pools.generated:
+        return {}
+    chosen = {name: _chosen(pools, name, count) for name, count in wanted.items() if count}
+    among = f"none of the run's {pools.generated} chat and completions rows is "
+    checks = {name: (SkippedCheck(skipped=among + _NONE_FOR[name]), None) for name, rows in chosen.items() if not rows}
+    chosen = {name: rows for name, rows in chosen.items() if rows}
+    if not chosen:
+        return checks
+    if cannot := _cannot_check_here(job, config):
+        return {**checks, **{name: (SkippedCheck(skipped=cannot), None) for name in chosen}}
+    on_the_engine, again = _checks_on_the_engine(chosen, job, config)
+    checks.update(on_the_engine)
+    if "oracle" in chosen:
+        no_reference = _no_reference_here(job, config) or _not_a_text_model(local_model(config.reference(job)))
+        checks["oracle"] = (SkippedCheck(skipped=no_reference), None) if no_reference else _oracle_check(
+            chosen["oracle"], again, job, config
+        )  # fmt: skip
+    return checks
+
+
+def _chosen(pools, name: str, count: int) -> list[dict]:
+    if name != "settings_gate":
+        return pools.of(name, count)
+    return [row for row in pools.of("oracle", 4 * count) if row["body"]["temperature"] == 0][:count]
+
+
+def _checks_on_the_engine(chosen: dict[str, list[dict]], job: JobSpec, config: CanaryConfig) -> tuple[dict, dict]:
+    """One re-run serves the determinism check (its text), the oracle (its token ids: re-tokenizing
+    the text may split it otherwise) and the settings gate (prompt and answer token ids); then the
+    gate. An engine loaded for them is shut down after: on a GPU, the reference needs its memory.
+    Returns the checks and the re-run's outputs (custom_id → output)."""
+    from nightshift.engine import current_engine, shutdown_engine  # vLLM: only where rows are re-run
+
+    loaded_for_checks = current_engine() is None
+    rows = {row["custom_id"]: row for rows in chosen.values() for row in rows if row["body"]["temperature"] == 0
+            or row["body"].get("seed") is not None}  # fmt: skip
+    again = _rerun(list(rows.values()), job) if rows else {}
+    checks: dict = {}
+    if "determinism" in chosen:
+        checks["determinism"] = _determinism_check(chosen["determinism"], again)
+    if "settings_gate" in chosen:
+        checks["settings_gate"] = _settings_gate(chosen["settings_gate"], again, job, config)
+    if loaded_for_checks or config.settings_gate:
+        shutdown_engine()
+    return checks, again
+
+
+def _settings_gate(samples: list[dict], again: dict, job: JobSpec, config: CanaryConfig):
+    if job.engine.engine_url:
+        return SkippedCheck(skipped=_GATE_NEEDS_THE_ENGINE), None
+    return settings_gate(samples, again, job, config)
+
+
+_GATE_NEEDS_THE_ENGINE = (
+    "the run's rows went to an engine server (--engine-url), whose prompt log-probabilities under a contrasting "
+    "setting this process cannot ask for: the gate scores on the in-process engine"
+)
+
+
+def _cannot_check_here(job: JobSpec, config: CanaryConfig) -> str | None:
+    """Why no row can be re-run or scored in this process: the reference (and an engine for the
+    re-run) does not fit beside nothing here."""
+    from nightshift.engine import current_engine  # vLLM: only where there are rows to re-run
+
+    return _too_big_here(local_model(config.reference(job)), current_engine() is not None)
 
 
 def _canaries_check(run_dir: RunDir, config: CanaryConfig) -> tuple[CanariesCheck, str | None]:
@@ -127,36 +189,6 @@ def _canaries_check(run_dir: RunDir, config: CanaryConfig) -> tuple[CanariesChec
     return check, f"canaries passed {pass_rate:.0%} < {config.min_pass_rate:.0%}: " + ", ".join(failed)
 
 
-def _greedy_samples(run_dir: RunDir, job: JobSpec, config: CanaryConfig) -> tuple[list[dict], str | None]:
-    """The rows the oracle and determinism checks sample, or why they are skipped."""
-    samples, chat_rows = _greedy_chat_rows(run_dir, job, max(config.oracle_samples, config.determinism_samples))
-    skipped = None
-    if samples:
-        from nightshift.engine import current_engine  # vLLM: only where there are rows to re-run
-
-        reference = local_model(config.reference(job))
-        skipped = _not_a_text_model(reference) or _too_big_here(reference, current_engine() is not None)
-    if chat_rows and not samples:
-        skipped = f"none of the run's {chat_rows} chat and completions rows is greedy (temperature 0) and unconstrained"
-    return ([], skipped) if skipped else (samples, None)
-
-
-def _rerun_once(samples: list[dict], job: JobSpec) -> dict:
-    """One re-run on the engine serves both checks: the determinism check compares its text, the
-    oracle scores its token ids (the run's own tokens: re-tokenizing the text may split it
-    otherwise). An engine loaded for it is shut down after: on a GPU, the reference needs its
-    memory."""
-    if not samples:
-        return {}
-    from nightshift.engine import current_engine, shutdown_engine  # vLLM: only where rows are re-run
-
-    loaded_for_checks = current_engine() is None
-    again = _rerun(samples, job)
-    if loaded_for_checks:
-        shutdown_engine()
-    return again
-
-
 def _oracle_check(
     samples: list[dict], again: dict, job: JobSpec, config: CanaryConfig
 ) -> tuple[OracleCheck, str | None]:
@@ -165,7 +197,7 @@ def _oracle_check(
     references = {name: config.reference_adapter(job, name) for name in {s["adapter"] for s in samples} if name}
     memory = _room_for_the_reference(local_model(config.reference(job)))
     scored = oracle_check(
-        [{**s, "token_ids": _token_ids(again.get(s["custom_id"]), s["text"])} for s in samples],
+        [{**s, "token_ids": s.get("token_ids") or _token_ids(again.get(s["custom_id"]), s["text"])} for s in samples],
         local_model(config.reference(job)),
         config.oracle_tokens,
         config.oracle_top_k,
@@ -257,7 +289,7 @@ def _embedding_check(
 def _determinism_check(samples: list[dict], again: dict) -> tuple[DeterminismCheck, str | None]:
     """Sampled rows re-run with the same parameters, seed included, must say the same."""
     rerun = [
-        DeterminismOutcome(custom_id=s["custom_id"], same=_text(again.get(s["custom_id"])) == s["text"])
+        DeterminismOutcome(custom_id=s["custom_id"], same=rerun_text(again.get(s["custom_id"])) == s["text"])
         for s in samples
     ]
     check = DeterminismCheck(same=sum(r.same for r in rerun), of=len(rerun), results=rerun)
@@ -314,135 +346,6 @@ def _flow_run_id() -> str | None:
     from prefect.runtime import flow_run
 
     return flow_run.id
-
-
-# Body fields under which the engine's tokens are not the model's own most likely ones (an
-# end-of-sequence suppressed, a bias, a grammar): the reference would rightly rank them lower.
-CONSTRAINED = (
-    "response_format", "ignore_eos", "min_tokens", "logit_bias", "allowed_token_ids", "bad_words",
-    "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "tools",
-)  # fmt: skip
-
-
-def _greedy_chat_rows(run_dir: RunDir, job: JobSpec, count: int) -> tuple[list[dict], int]:
-    """Up to `count` succeeded greedy, unconstrained chat and completions rows of the run, sampled
-    reproducibly, and how many succeeded such rows there were to choose from."""
-    if count <= 0:
-        return [], 0
-    samples: dict[str | None, _Sample] = {}  # per model: the base's rows and each adapter's, sampled apart
-    chat_rows, adapters = 0, job.adapter_names()
-    rows = _generated_rows(
-        run_dir, job, "c.custom_id, c.text, s.request", "c.finish_reason IS NOT NULL AND c.text IS NOT NULL"
-    )
-    for custom_id, text, request in rows:
-        row = orjson.loads(request)
-        body, chat = row["body"], "messages" in row["body"]
-        generated = chat or isinstance(body.get("prompt"), str)  # a completion's prompt as text: scored as given
-        chat_rows += generated
-        if (
-            generated
-            and body.get("temperature") == 0
-            and body.get("n", 1) == 1
-            and not any(body.get(constraint) for constraint in CONSTRAINED)
-            and not (chat and image_parts(body["messages"]))  # the oracle's reference reads text only
-        ):
-            adapter = body.get("model") if body.get("model") in adapters else None
-            sample = samples.setdefault(adapter, _Sample(count))
-            if (slot := sample.slot()) is not None:
-                sample.items[slot] = {"custom_id": custom_id, "text": text, "body": body, "adapter": adapter,
-                                      "url": row.get("url", "/v1/chat/completions")}  # fmt: skip
-    chosen = [samples[model].chosen() for model in sorted(samples, key=lambda name: name or "")]
-    return [item for items in chosen for item in items], chat_rows
-
-
-def _first_of_each_model(samples: list[dict], count: int) -> list[dict]:
-    """The first `count` samples of the base model and of each adapter."""
-    taken: dict[str | None, int] = {}
-    kept = []
-    for sample in samples:
-        if taken.get(sample["adapter"], 0) < count:
-            taken[sample["adapter"]] = taken.get(sample["adapter"], 0) + 1
-            kept.append(sample)
-    return kept
-
-
-def _embedded_rows(run_dir: RunDir, job: JobSpec, count: int) -> list[dict]:
-    """Up to `count` embedded text rows of the run (vector and the text embedded), sampled
-    reproducibly; none for a run that embedded nothing."""
-    if count <= 0:
-        return []
-    sample = _Sample(count)
-    rows = _generated_rows(
-        run_dir,
-        job,
-        "c.custom_id, s.request, c.finish_reason, c.embedding",
-        "c.embedding IS NOT NULL AND c.source = 'engine'",
-        lazy="embedding",
-    )
-    for custom_id, request, finish_reason, vector in rows:
-        text = orjson.loads(request)["body"].get("input")
-        text = text[0] if isinstance(text, list) and text and isinstance(text[0], str) else text
-        if isinstance(text, str) and (slot := sample.slot()) is not None:
-            cut = finish_reason == "length"
-            sample.items[slot] = {"custom_id": custom_id, "vector": vector.as_py(), "text": text, "cut": cut}
-    return sample.chosen()
-
-
-def _generated_rows(run_dir: RunDir, job: JobSpec, columns: str, where: str, lazy: str | None = None):
-    """The run's succeeded rows (`c`, their best outcome) beside their planned requests (`s`),
-    shard by shard in input order, as tuples of `columns`: a run of millions of rows is read as
-    a stream, and costs validation no more memory than one of thousands. Canary rows are not
-    the run's own and are left out."""
-    from nightshift.chunks import best_rows_sql, chunk_files, shard_cache_key
-    from nightshift.records import Plan
-
-    with duckdb_connection() as con:
-        for shard in Plan.load(run_dir.plan_manifest).shards:
-            files = chunk_files(run_dir.shard_output(shard_cache_key(shard, job)))
-            if not files:
-                continue
-            with local_copies([*files, shard.path]) as (*files, requests):
-                rows = con.sql(
-                    f"""
-                    SELECT {columns}
-                    FROM ({best_rows_sql(files)}) c JOIN read_parquet('{sql_path(requests)}') s USING (row_index)
-                    WHERE c.ok AND s.request IS NOT NULL AND NOT starts_with(c.custom_id, '{CANARY_PREFIX}') AND {where}
-                    ORDER BY c.row_index
-                    """
-                )
-                yield from _tuples(rows, lazy)
-
-
-class _Sample:
-    """A reproducible uniform sample of `size` items from a stream of unknown length (reservoir
-    sampling): only the sample is held, and an item need only be built once it is chosen."""
-
-    def __init__(self, size: int) -> None:
-        self.size, self.seen, self.items = size, 0, []
-        self._random = random.Random(0)
-
-    def slot(self) -> int | None:
-        """Where the stream's next item goes in `items`, or None: it is not chosen."""
-        self.seen += 1
-        if len(self.items) < self.size:
-            self.items.append(None)
-            return len(self.items) - 1
-        slot = self._random.randrange(self.seen)
-        return slot if slot < self.size else None
-
-    def chosen(self) -> list:
-        """The sample in random order (a prefix of it is a sample too, not the run's first rows)."""
-        self._random.shuffle(self.items)
-        return self.items
-
-
-def _tuples(relation, lazy: str | None = None):
-    """A query's rows as tuples, 8,192 at a time; the column named `lazy` stays an Arrow scalar
-    (`.as_py()` it when needed: a vector per row would be millions of Python floats)."""
-    for batch in relation.to_arrow_reader(8192):
-        names = batch.schema.names
-        columns = [batch.column(name) if name == lazy else batch.column(name).to_pylist() for name in names]
-        yield from zip(*columns)
 
 
 def _embedding_oracle(samples: list[dict], reference: str) -> list[EmbeddingOutcome]:
@@ -528,11 +431,9 @@ def _rerun(samples: list[dict], job: JobSpec) -> dict:
     return {samples[request.key]["custom_id"]: outcome for request, outcome in engine.generate(prepared)}
 
 
-def _text(outcome) -> str | None:
-    return None if outcome is None or isinstance(outcome, Exception) else outcome.outputs[0].text
-
-
 def _token_ids(outcome, text: str) -> list[int] | None:
     """The re-run's token ids, if it said what the run said; else None (the text is re-tokenized)."""
+    if rerun_text(outcome) != text:  # not re-run (sampled with no seed), failed, or said otherwise
+        return None
     token_ids = outcome.outputs[0].token_ids  # None from an engine server
-    return list(token_ids) if token_ids is not None and _text(outcome) == text else None
+    return list(token_ids) if token_ids is not None else None

@@ -156,6 +156,9 @@ def test_the_sdk_batch_flow_answers_every_request_once(server, bucket):
     assert batch.request_counts.model_dump() == {"total": 31, "completed": 30, "failed": 1}
     assert batch.created_at <= batch.in_progress_at <= batch.finalizing_at <= batch.completed_at
     assert batch.usage.input_tokens > 0 and batch.usage.output_tokens > 0
+    # the canary gate's verdict, where the tenant reads it, beside the tenant's own metadata (issue 50)
+    assert batch.metadata["night"] == "2026-11-23" and batch.metadata["nightshift_validation"] == "validated"
+    assert batch.metadata["nightshift_validation_detail"] == "passed"
     outputs, errors = lines_of(client, batch.output_file_id), lines_of(client, batch.error_file_id)
     assert sorted(line["custom_id"] for line in outputs + errors) == sorted(row["custom_id"] for row in rows)
     assert all(line["response"]["body"]["object"] == "chat.completion" for line in outputs)

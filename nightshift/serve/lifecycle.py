@@ -33,7 +33,7 @@ from nightshift.batch_api import (
 )
 from nightshift.config import BatchApiConfig
 from nightshift.openai_format import error_line
-from nightshift.records import Plan, ProgressSnapshot, RunReport
+from nightshift.records import Plan, ProgressSnapshot, RunReport, Verdict
 from nightshift.rundir import RunDir
 from nightshift.serve.runs import BatchRuns, RunEnd, RunOrder
 from nightshift.storage import location, written_whole
@@ -259,6 +259,8 @@ class BatchLifecycle:
             setattr(b, {"completed": "completed_at", "failed": "failed_at"}.get(status, f"{status}_at"), now)
             if gate_failed:
                 b.errors = BatchErrors(data=[BatchError(code="validation_failed", message=GATE_FAILED_MESSAGE)])
+            if said := _validation_said(run_dir):
+                b.metadata = {**(b.metadata or {}), **said}
 
         self.update(batch_id, finished)
         log.info("batch %s: %s (%d ok, %d failed)", batch_id, status, report.succeeded, report.failed)
@@ -279,6 +281,17 @@ class BatchLifecycle:
 
     def _input(self, batch: BatchObject) -> Path:
         return self.store.path(self.store.upload_path(batch.input_file_id))
+
+
+def _validation_said(run_dir: RunDir) -> dict[str, str]:
+    """The canary gate's verdict for the batch's metadata, where a tenant reads it: its state
+    (validated, not_validated, failed) and, in words, why (OpenAI caps a value at 512 characters)."""
+    try:
+        verdict = Verdict.load(run_dir.validation)
+    except (FileNotFoundError, ValueError):  # closed before validation (cancelled, expired)
+        return {}
+    words = "; ".join(verdict.failures) if verdict.failures else verdict.said()
+    return {"nightshift_validation": verdict.verdict, "nightshift_validation_detail": words[:512]}
 
 
 def _engine_settings(config: BatchApiConfig, embeds: bool) -> dict[str, object]:

@@ -112,6 +112,21 @@ def test_the_oracle_gates_adapter_rows_on_the_merged_reference_and_a_swapped_ada
     assert "support-" in refused.failures[0]
 
 
+def test_forced_tool_call_rows_are_asked_again_and_must_call_the_same(mixed_run):
+    """Constrained rows (a grammar picks the tokens) are no oracle's to score, but the
+    determinism re-ask covers them (issue 50): the forced calls come back the same."""
+    from nightshift.config import CanaryConfig
+    from nightshift.rundir import RunDir
+    from nightshift.tasks.s5_canary import validate
+
+    run_dir, job = mixed_run
+    only_reask = CanaryConfig(oracle_samples=0, settings_gate_samples=0, determinism_samples=40)
+    verdict = validate(RunDir(run_dir), job, only_reask)
+    reasked = {r.custom_id: r.same for r in verdict.checks["determinism"].results}
+    assert {"named-base", "named-support", "required"} <= set(reasked), sorted(reasked)
+    assert verdict.state == "validated" and all(reasked.values()), verdict.failures
+
+
 def test_the_report_breaks_rows_tokens_and_cost_down_per_adapter(mixed_run):
     run_dir, _ = mixed_run
     report = json.loads((run_dir / "report.json").read_text())

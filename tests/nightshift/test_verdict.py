@@ -6,7 +6,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from nightshift.records import DeterminismCheck, OracleCheck, SkippedCheck, Verdict
+from nightshift.records import DeterminismCheck, OracleCheck, SettingsGateCheck, SkippedCheck, Verdict
 
 pytestmark = pytest.mark.fast
 
@@ -32,7 +32,11 @@ WRITTEN = {  # as a run that checked everything wrote it
             "logprob_tolerance": 2.0,
             "results": [
                 {"custom_id": "r-1", "agrees": True, "tokens": 8, "worst_rank": 0, "worst_gap": 0.0,
+                 "scored_as": "greedy", "excess_surprisal": None,
                  "reference_on": "cpu float32", "ours": "hello", "adapter": "support"},
+                {"custom_id": "r-2", "agrees": True, "tokens": 16, "worst_rank": 312, "worst_gap": 6.1,
+                 "scored_as": "sampled at temperature 0.8", "excess_surprisal": -0.21,
+                 "reference_on": "cpu float32", "ours": "Once", "adapter": None},
             ],
             "memory": None,
         },
@@ -43,6 +47,16 @@ WRITTEN = {  # as a run that checked everything wrote it
             "results": [{"custom_id": "d-1", "cosine": 0.9999, "truncated": False}],
         },
         "determinism": {"same": 1, "of": 1, "results": [{"custom_id": "r-1", "same": True}]},
+        "settings_gate": {
+            "contrast": "one row per step (the run: up to 256 rows per step)",
+            "agreement": 1.0,
+            "min_agreement": 1.0,
+            "tokens": 16,
+            "top_k": 5,
+            "logprob_tolerance": 2.0,
+            "seconds": 0.4,
+            "results": [{"custom_id": "r-1", "agrees": True, "tokens": 8, "worst_rank": 1, "worst_gap": 0.02}],
+        },
     },
     "failures": ["canaries passed 50% < 100%: json (not JSON)"],
     "seconds": 3.2,
@@ -56,6 +70,7 @@ def test_a_verdict_loads_typed_and_writes_back_the_same_json(tmp_path):
 
     assert isinstance(verdict.checks["oracle"], OracleCheck) and verdict.checks["oracle"].results[0].agrees
     assert isinstance(verdict.checks["determinism"], DeterminismCheck) and verdict.checks["determinism"].of == 1
+    assert isinstance(verdict.checks["settings_gate"], SettingsGateCheck)
     verdict.save(tmp_path / "again.json")
     assert json.loads((tmp_path / "again.json").read_text()) == WRITTEN
 

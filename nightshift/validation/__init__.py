@@ -1,0 +1,2 @@
+"""The canary stage's library: which of a run's rows each check may sample (`rows`), and the
+gate on throughput settings (`settings_gate`). The stage itself is tasks/s5_canary.py."""
