@@ -69,6 +69,7 @@ def kept_token_ids(row_index: int, request, completion) -> list[int] | None:
         return None
     return list(completion.token_ids[:KEPT_TOKENS])
 
+
 # Errors worth another attempt: the engine failed, or the run's deadline came first; not the request.
 RETRYABLE_CODES = ("engine_error", EXPIRED_CODE)
 

@@ -62,8 +62,18 @@ def chat(**body) -> dict:
         (chat(temperature=0.8, logit_bias={"5": 10}), set()),
         (chat(), set()),  # the model's default temperature: unknown here
         (chat(temperature=0, n=2), set()),
-        (chat(temperature=0, messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}]), {"determinism"}),
+        (
+            chat(
+                temperature=0,
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}],
+                    }
+                ],
+            ),
+            {"determinism"},
+        ),
     ],
 )
 def test_each_check_judges_the_rows_it_can(body, checks):
