@@ -131,6 +131,9 @@ def python(code: str, *args: str) -> str:
     return done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
 
 
+HOW = {False: "tiny model, max_tokens=1, engine start included", True: "chunk files written without an engine"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=100_000)
@@ -186,9 +189,7 @@ def main() -> None:
 
     print(f"corpus: {args.rows} rows, {corpus_mib:.1f} MiB of Parquet, {'on S3 (moto)' if server else 'local'}")
     print(f"plan:     {rows} rows in {plan_s:.1f} s, peak RSS {int(plan_kib) / 1024:.0f} MiB, shards: {layout}")
-    how = "tiny model, max_tokens=1, engine start included"
-    how = "chunk files written without an engine" if args.without_engine else how
-    print(f"generate: {generate_s:.1f} s ({how})")
+    print(f"generate: {generate_s:.1f} s ({HOW[args.without_engine]})")
     print(f"merge:    {merged} rows in {merge_s:.1f} s, peak RSS {int(merge_kib) / 1024:.0f} MiB")
     print(f"validation's sample: 16 of {sampled} rows in {sample_s:.1f} s, peak RSS {int(sample_kib) / 1024:.0f} MiB")
     print(f"each under 1 GiB: {max(int(plan_kib), int(merge_kib), int(sample_kib)) < 1024 * 1024}")
