@@ -415,16 +415,21 @@ def _rerun(samples: list[dict], job: JobSpec) -> dict:
     from nightshift.engine import get_engine
     from nightshift.media import MediaPolicy
     from nightshift.openai_format import ServedModels, prepare_request
+    from nightshift.tool_calls import ToolCalling
 
     engine = get_engine(job.engine)
-    prepared = [
+    prepared = [  # as the generate stage prepared them: forced tool calls through the same grammar
         prepare_request(
             i,
             s["custom_id"],
             {"url": s.get("url", "/v1/chat/completions"), "body": s["body"]},
             dataclasses.replace(ServedModels.of_job(job), mismatch="ignore"),
             engine.default_sampling_params,
-            media=MediaPolicy.of_job(job),
+            engine.max_model_len,
+            engine.runner_type,
+            engine.model_config,
+            ToolCalling.for_engine(engine, job.tool_call_parser),
+            MediaPolicy.of_job(job),
         )
         for i, s in enumerate(samples)
     ]
