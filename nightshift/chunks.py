@@ -57,7 +57,7 @@ CHUNK_SCHEMA = pa.schema(
     ]
 )
 KEPT_TOKENS = 32  # the first tokens of a sampled row kept: the oracle scores 16 by default
-KEEP_EVERY = 64  # …of the shard's first 64 rows and every 64th row after
+KEEP_EVERY = 64  # …of the run's first 64 rows (input order) and every 64th row after
 
 
 def kept_token_ids(row_index: int, request, completion) -> list[int] | None:

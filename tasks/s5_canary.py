@@ -50,7 +50,7 @@ from nightshift.records import (
 )
 from nightshift.rundir import RunDir
 from nightshift.storage import duckdb_connection, sql_path
-from nightshift.validation.rows import checkable_rows, embedded_rows, rerun_text
+from nightshift.validation.rows import checkable_rows, embedded_rows, rerun_text, rerun_token_ids
 from nightshift.validation.settings_gate import settings_gate
 from nightshift.workers import validation_verdict, worker_identity
 
@@ -104,7 +104,7 @@ def _engine_checks(run_dir: RunDir, job: JobSpec, config: CanaryConfig) -> dict[
     pools = checkable_rows(run_dir, job, max(wanted.values()))
     if not pools.generated:
         return {}
-    chosen = {name: _chosen(pools, name, count) for name, count in wanted.items() if count}
+    chosen = {name: pools.of(name, count) for name, count in wanted.items() if count}
     among = f"none of the run's {pools.generated} chat and completions rows is "
     checks = {name: (SkippedCheck(skipped=among + _NONE_FOR[name]), None) for name, rows in chosen.items() if not rows}
     chosen = {name: rows for name, rows in chosen.items() if rows}
@@ -122,20 +122,15 @@ def _engine_checks(run_dir: RunDir, job: JobSpec, config: CanaryConfig) -> dict[
     return checks
 
 
-def _chosen(pools, name: str, count: int) -> list[dict]:
-    if name != "settings_gate":
-        return pools.of(name, count)
-    return [row for row in pools.of("oracle", 4 * count) if row["body"]["temperature"] == 0][:count]
-
-
 def _checks_on_the_engine(chosen: dict[str, list[dict]], job: JobSpec, config: CanaryConfig) -> tuple[dict, dict]:
     """One re-run serves the determinism check (its text), the oracle (its token ids: re-tokenizing
     the text may split it otherwise) and the settings gate (prompt and answer token ids); then the
-    gate. An engine loaded for them is shut down after: on a GPU, the reference needs its memory.
+    gate. An engine started for them (for the re-run, or the gate's contrast, which replaced the
+    run's) is shut down after: on a GPU, the reference needs its memory.
     Returns the checks and the re-run's outputs (custom_id → output)."""
     from nightshift.engine import current_engine, shutdown_engine  # vLLM: only where rows are re-run
 
-    loaded_for_checks = current_engine() is None
+    held = current_engine()  # the run's engine, or None
     rows = {row["custom_id"]: row for rows in chosen.values() for row in rows if row["body"]["temperature"] == 0
             or row["body"].get("seed") is not None}  # fmt: skip
     again = _rerun(list(rows.values()), job) if rows else {}
@@ -144,7 +139,7 @@ def _checks_on_the_engine(chosen: dict[str, list[dict]], job: JobSpec, config: C
         checks["determinism"] = _determinism_check(chosen["determinism"], again)
     if "settings_gate" in chosen:
         checks["settings_gate"] = _settings_gate(chosen["settings_gate"], again, job, config)
-    if loaded_for_checks or config.settings_gate:
+    if current_engine() is not held:  # one loaded for the re-run, or the gate's contrast
         shutdown_engine()
     return checks, again
 
@@ -197,7 +192,10 @@ def _oracle_check(
     references = {name: config.reference_adapter(job, name) for name in {s["adapter"] for s in samples} if name}
     memory = _room_for_the_reference(local_model(config.reference(job)))
     scored = oracle_check(
-        [{**s, "token_ids": s.get("token_ids") or _token_ids(again.get(s["custom_id"]), s["text"])} for s in samples],
+        [
+            {**s, "token_ids": s.get("token_ids") or rerun_token_ids(again.get(s["custom_id"]), s["text"])}
+            for s in samples
+        ],
         local_model(config.reference(job)),
         config.oracle_tokens,
         config.oracle_top_k,
@@ -434,11 +432,3 @@ def _rerun(samples: list[dict], job: JobSpec) -> dict:
         for i, s in enumerate(samples)
     ]
     return {samples[request.key]["custom_id"]: outcome for request, outcome in engine.generate(prepared)}
-
-
-def _token_ids(outcome, text: str) -> list[int] | None:
-    """The re-run's token ids, if it said what the run said; else None (the text is re-tokenized)."""
-    if rerun_text(outcome) != text:  # not re-run (sampled with no seed), failed, or said otherwise
-        return None
-    token_ids = outcome.outputs[0].token_ids  # None from an engine server
-    return list(token_ids) if token_ids is not None else None

@@ -7,7 +7,8 @@
   surprising to the reference, on average, than its own sampling would be;
 - **determinism**: greedy rows, constrained ones too (forced tool calls, JSON schemas), and
   sampled rows that carry a seed — each must come back the same when asked again;
-- **settings gate**: the oracle's greedy rows (teacher-forced under a contrasting setting).
+- **settings gate**: greedy, unconstrained, text-only rows (teacher-forced under a contrasting
+  setting), sampled apart from the oracle's: sampled rows in the oracle's pool take none of its places.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def roles(body: dict, chat: bool) -> set[str]:
     )
     text_only = not (chat and image_parts(body["messages"]))  # the oracle's reference reads text only
     if body["temperature"] == 0:
-        return {"determinism", "oracle"} if not constrained and text_only else {"determinism"}
+        return {"determinism", "oracle", "settings_gate"} if not constrained and text_only else {"determinism"}
     if body.get("seed") is not None:
         return {"determinism"}
     # no seed: scored for plausibility (top_p / top_k / min_p keep the head: still plausible)
@@ -87,8 +88,8 @@ def checkable_rows(run_dir: RunDir, job: JobSpec, count: int) -> Pools:
             continue
         pools.generated += 1
         checks = roles(body, chat)
-        if body["temperature"] if checks == {"oracle"} else False:  # sampled, no seed: only with its own tokens
-            checks = checks if token_ids else set()
+        if checks == {"oracle"} and body["temperature"] and not token_ids:  # sampled, no seed: only with its tokens
+            checks = set()
         if checks:
             adapter = body.get("model") if body.get("model") in adapters else None
             item = {"custom_id": custom_id, "text": text, "body": body, "adapter": adapter, "token_ids": token_ids,
@@ -182,3 +183,13 @@ def _tuples(relation, lazy: str | None = None):
 def rerun_text(outcome) -> str | None:
     """A re-run's text: None where the row failed or was not re-run."""
     return None if outcome is None or isinstance(outcome, Exception) else outcome.outputs[0].text
+
+
+def rerun_token_ids(outcome, text: str) -> list[int] | None:
+    """The re-run's token ids where it said what the run said (`text`): the run's own tokens, which
+    re-tokenizing the text may split otherwise; None where it was not re-run, failed, said
+    otherwise, or came from an engine server (no ids)."""
+    if rerun_text(outcome) != text:
+        return None
+    token_ids = outcome.outputs[0].token_ids
+    return list(token_ids) if token_ids is not None else None

@@ -65,13 +65,11 @@ def _ids_of(outcome) -> bool:
 def _token_ids(engine, sample: dict, outcome, config: CanaryConfig) -> tuple[list[int], list[int]]:
     """(the prompt's token ids, the run's first answer token ids): the re-run's own where it said
     what the run said, else the run's text tokenized; an empty answer is the end of sequence."""
-    from nightshift.validation.rows import rerun_text
+    from nightshift.validation.rows import rerun_token_ids
 
-    prompt = list(outcome.prompt_token_ids)
-    same = rerun_text(outcome) == sample["text"]
-    tokenizer = engine.tokenizer
-    answer = list(outcome.outputs[0].token_ids) if same else tokenizer.encode(sample["text"], add_special_tokens=False)
-    return prompt, (answer[: config.oracle_tokens] or [engine.tokenizer.eos_token_id])
+    answer = rerun_token_ids(outcome, sample["text"])
+    answer = engine.tokenizer.encode(sample["text"], add_special_tokens=False) if answer is None else answer
+    return list(outcome.prompt_token_ids), (answer[: config.oracle_tokens] or [engine.tokenizer.eos_token_id])
 
 
 def _scores(engine, scored: list[tuple[dict, list[int], list[int]]], top_k: int, together: bool) -> list:

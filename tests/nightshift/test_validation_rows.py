@@ -4,7 +4,7 @@ rows the run has; and of the oracle's plausibility score for sampled rows."""
 
 import pytest
 
-from nightshift.validation.rows import _Sample, roles
+from nightshift.validation.rows import Pools, _Sample, roles
 
 pytestmark = pytest.mark.fast
 
@@ -50,12 +50,12 @@ def chat(**body) -> dict:
 @pytest.mark.parametrize(
     ("body", "checks"),
     [
-        (chat(temperature=0), {"oracle", "determinism"}),
-        ({"prompt": "Once", "temperature": 0}, {"oracle", "determinism"}),
+        (chat(temperature=0), {"oracle", "determinism", "settings_gate"}),
+        ({"prompt": "Once", "temperature": 0}, {"oracle", "determinism", "settings_gate"}),
         (chat(temperature=0, tools=[{"type": "function"}], tool_choice="required"), {"determinism"}),
         (chat(temperature=0, response_format={"type": "json_object"}), {"determinism"}),
         (chat(temperature=0, repetition_penalty=1.3), {"determinism"}),
-        (chat(temperature=0, repetition_penalty=1.0, presence_penalty=0), {"oracle", "determinism"}),
+        (chat(temperature=0, repetition_penalty=1.0, presence_penalty=0), {"oracle", "determinism", "settings_gate"}),
         (chat(temperature=0.8, seed=7), {"determinism"}),
         (chat(temperature=0.8), {"oracle"}),  # scored for plausibility
         (chat(temperature=0.8, top_p=0.9), {"oracle"}),
@@ -93,3 +93,15 @@ def test_a_sampled_rows_tokens_are_plausible_when_drawn_from_the_reference_and_n
                               generator=generator).squeeze(1).tolist()  # fmt: skip
     assert abs(excess_surprisal(logprobs, own)) < 1.0
     assert excess_surprisal(logprobs, other) > 2.0  # the oracle's default tolerance, in nats per token
+
+
+def test_sampled_rows_take_no_place_of_the_greedy_rows_the_settings_gate_scores():
+    """The gate's rows are a sample of their own: a run of mostly sampled rows still gates its few
+    greedy ones, rather than saying it has none."""
+    pools = Pools(3)
+    for i in range(200):
+        body = chat(temperature=0.7) if i % 50 else chat(temperature=0)
+        pools.offer({"custom_id": f"r{i}", "adapter": None, "body": body}, roles(body, chat=True))
+    greedy = {f"r{i}" for i in range(0, 200, 50)}
+    assert {row["custom_id"] for row in pools.of("settings_gate", 3)} <= greedy
+    assert len(pools.of("settings_gate", 3)) == 3
