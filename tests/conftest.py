@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,6 +45,25 @@ def read_jsonl(path) -> list[dict]:
     """Lines of a local path, or of a universal-pathlib path on a bucket."""
     path = path if hasattr(path, "read_text") else Path(path)
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# The fast layer's budget (`make test-fast`, `pytest -m fast`): it ran in 40–60 s on a 2-core
+# machine. A layer that outgrows it fails, so slow work does not creep into it unseen.
+FAST_LAYER_BUDGET_S = 120
+
+
+def pytest_sessionstart(session):
+    session.config._nightshift_started = time.monotonic()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    elapsed = time.monotonic() - session.config._nightshift_started
+    if session.config.getoption("markexpr") == "fast" and elapsed > FAST_LAYER_BUDGET_S and exitstatus == 0:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            over = f"the fast layer took {elapsed:.0f} s, over its budget of {FAST_LAYER_BUDGET_S} s"
+            reporter.write_line(over, red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")

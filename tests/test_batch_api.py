@@ -271,7 +271,12 @@ def _group(pid: int) -> int | None:
         return None
 
 
+@pytest.mark.drill
 def test_a_running_batch_keeps_its_completion_window_and_its_finished_rows(server):
+    """A drill (`make drills`): it waits out a 90 s window by design. The suite proves the parts
+    faster: a batch's run is started with its window as its deadline
+    (tests/nightshift/test_batch_lifecycle.py), and a deadline mid-run merges the finished rows
+    and expires the rest, every row once (tests/flows/test_deadline.py)."""
     client = server.client("key-window")
     # every 20th row short: rows finish early however many the engine decodes together
     rows = [{**row, "body": {**row["body"], "max_tokens": 8}} if i % 20 == 0 else row

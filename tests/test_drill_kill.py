@@ -1,11 +1,19 @@
 """Kills on a flaky bucket (bench/drill_kill.py; here two trials of one shard, stalls of 0.2 s
 rather than 1 s; the drill's figures for twenty are in docs/faults.md): a bucket run killed with
 SIGKILL at a random moment while a tenth of the bucket's requests fail, resumed from another
-empty working directory, ends with every row once and every line as an uninterrupted run wrote it."""
+empty working directory, ends with every row once and every line as an uninterrupted run wrote it.
+
+A drill (`make drills`, off the suite's critical path: it waits by design). The suite proves each
+of its parts faster: a SIGKILL at a random moment of a local run (tests/test_preemption.py), a
+bucket run killed mid-way and resumed from the bucket, a bucket that throttles, stalls and drops
+connections (tests/test_s3_run_dir.py)."""
 
 import sys
 
+import pytest
 from harness import REPO
+
+pytestmark = pytest.mark.drill
 
 sys.path.insert(0, str(REPO / "bench"))
 

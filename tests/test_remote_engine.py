@@ -137,7 +137,11 @@ def test_a_busy_server_429_503_and_dropped_connections_costs_no_row(engine_serve
     assert "Shared with online traffic" in (tmp_path / "run" / "report.md").read_text()
 
 
+@pytest.mark.drill
 def test_a_server_killed_mid_run_and_restarted_or_gone_for_good_loses_no_row(engine_server, tmp_path):
+    """A drill (`make drills`): it waits out a server's restart by design. The suite proves the
+    parts faster: 429s, 503s and dropped connections cost no row, and a fleet passes over a
+    server that does not answer (the tests beside this one)."""
     rows = questions(600, tokens=32)
     batch = write_jsonl(tmp_path / "in.jsonl", rows)
 

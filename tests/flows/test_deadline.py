@@ -78,4 +78,5 @@ def test_a_deadline_nobody_can_read_is_refused_before_any_work(tmp_path):
     done = run_cli("run", path, "--output", tmp_path / "run", "--model", "tiny", "--deadline", "tomorrow morning",
                    timeout=120)  # fmt: skip
     assert done.returncode == 2 and "deadline 'tomorrow morning'" in done.stderr
-    assert time.monotonic() - started < 30 and not (tmp_path / "run").exists()
+    # no run directory: refused before any work (the bound only says it did not wait for an engine)
+    assert time.monotonic() - started < 60 and not (tmp_path / "run").exists()
