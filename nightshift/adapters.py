@@ -13,7 +13,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from nightshift.config import ConfigurationError, LoraAdapter
+from nightshift.config import LoraAdapter
+from nightshift.errors import ConfigurationError
 from nightshift.storage import is_url
 
 ADAPTER_CONFIG = "adapter_config.json"

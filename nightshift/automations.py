@@ -10,12 +10,14 @@ from typing import Any
 
 import yaml
 
+from nightshift.errors import ConfigurationError
+
 REPO_DEPLOYMENTS = Path(__file__).resolve().parent.parent / "deployments"
 SHIPPED = REPO_DEPLOYMENTS / "automations.yaml"
 DEFAULT_ZOMBIE_AFTER_S = 600  # ten of the 60-s heartbeats deployments/prefect.yaml asks for
 
 
-class AutomationsError(ValueError):
+class AutomationsError(ConfigurationError):
     """The automations cannot be made: an unknown notification block, a malformed file."""
 
 

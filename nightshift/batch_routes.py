@@ -36,6 +36,7 @@ from nightshift.batch_api import (
     window_seconds,
 )
 from nightshift.config import BatchApiConfig
+from nightshift.errors import NightshiftError
 from nightshift.storage import StorageFull, written_whole
 
 
@@ -47,8 +48,10 @@ class Runner(Protocol):
     def update(self, batch_id: str, change: Callable[[StoredBatch], None]) -> StoredBatch: ...
 
 
-class ApiError(Exception):
-    """A refusal in OpenAI's error shape."""
+class ApiError(NightshiftError):
+    """A refusal in OpenAI's error shape, answered with its HTTP status (not a run's end)."""
+
+    retryable = False
 
     def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
         self.status, self.message, self.code, self.param = status, message, code, param

@@ -16,14 +16,18 @@ from __future__ import annotations
 import json
 import re
 
+from nightshift.errors import ExitStatus, NightshiftError
 from nightshift.inputs import InputError, InputRow, parse_batch_line
 
 CANARY_PREFIX = "nightshift-canary:"
 EXPECTATIONS = ("exact", "regex", "json_schema", "one_of", "min_length", "max_length")
 
 
-class CanaryFailure(RuntimeError):
+class CanaryFailure(NightshiftError, RuntimeError):
     """The run's outputs did not pass validation; they are on disk, marked not validated."""
+
+    exit_status = ExitStatus.VALIDATION_FAILED
+    retryable = False
 
 
 def load_canaries(path: str) -> list[tuple[InputRow, dict]]:

@@ -16,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+from nightshift.errors import ExitStatus, Preempted
 from nightshift.flows.run import run_job
 
 # Models come from the local cache only; set before anything imports huggingface_hub.
@@ -132,7 +133,7 @@ def _command(args) -> int:
 
         report = _run_preemptible(args.run_dir, lambda: retry_errors(args.run_dir))
         _print_report(report)
-        return 0 if report.complete else 1
+        return ExitStatus.COMPLETE if report.complete else ExitStatus.INCOMPLETE
     if args.command == "automations":
         return _automations(args)
     if args.command == "work-pool":
@@ -141,7 +142,7 @@ def _command(args) -> int:
         from nightshift.work_pools import kubernetes_job_template
 
         print(json.dumps(kubernetes_job_template(args.gpus, args.spot), indent=2))
-        return 0
+        return ExitStatus.COMPLETE
     if args.command == "status":
         from nightshift.status import print_status
 
@@ -222,7 +223,7 @@ def _answer_bad_input(command) -> int:
     """Run `command()`; a bad input or configuration is one line on stderr and exit status 2."""
     from pydantic import ValidationError
 
-    from nightshift.config import ConfigurationError
+    from nightshift.errors import ConfigurationError
     from nightshift.inputs import InputError
     from nightshift.jobs import validation_message
 
@@ -232,7 +233,7 @@ def _answer_bad_input(command) -> int:
         print(f"nightshift: {exc}", file=sys.stderr)
     except ValidationError as exc:
         print(f"nightshift: {validation_message(exc)}", file=sys.stderr)
-    return 2
+    return ExitStatus.CONFIGURATION
 
 
 def _job(args, corpus):
@@ -252,17 +253,17 @@ def _automations(args) -> int:
         applied = apply(shipped_automations(block_id, args.zombie_after_s))
     except AutomationsError as exc:
         print(f"nightshift automations: {exc}", file=sys.stderr)
-        return 2
+        return ExitStatus.CONFIGURATION
     print("automations applied: " + ", ".join(applied))
     if not args.notify:
         print("(no --notify block: the notifications on failed validations and runs were not made)")
-    return 0
+    return ExitStatus.COMPLETE
 
 
 def _run(args) -> int:
     from nightshift.canaries import CanaryFailure
-    from nightshift.config import EngineStartStalled, EngineUnreachable
-    from nightshift.deadline import EXIT_EXPIRED, parse_deadline
+    from nightshift.deadline import parse_deadline
+    from nightshift.errors import EngineStartStalled, EngineUnreachable
     from nightshift.progress import ConsoleProgress
     from nightshift.rundir import RunDir
 
@@ -278,19 +279,19 @@ def _run(args) -> int:
             )
         _print_report(report)
         if report.expired:
-            return EXIT_EXPIRED
-        return 0 if report.complete else 1
+            return ExitStatus.EXPIRED
+        return ExitStatus.COMPLETE if report.complete else ExitStatus.INCOMPLETE
 
     try:
         return _answer_bad_input(start)
     except CanaryFailure as exc:
         print(f"nightshift: {exc}\nnightshift: see {RunDir(args.output).validation}", file=sys.stderr)
-        return 3
+        return exc.exit_status
     except EngineStartStalled as exc:
         _exit_leaving_the_stalled_start(str(exc))
     except EngineUnreachable as exc:  # every finished row is on disk: running again resumes
         print(f"nightshift: {exc}", file=sys.stderr)
-        return EXIT_ENGINE_STALLED
+        return exc.exit_status
     except Exception as exc:
         from nightshift.storage import StorageFull, is_device_full
 
@@ -298,14 +299,7 @@ def _run(args) -> int:
             raise
         told = exc if isinstance(exc, StorageFull) else StorageFull(Path(args.output), 0)
         print(f"nightshift: {told}", file=sys.stderr)
-        return EXIT_STORAGE_FULL
-
-
-# The engine did not start in time, or its server stayed silent: a temporary failure (sysexits'
-# EX_TEMPFAIL), worth a retry.
-EXIT_ENGINE_STALLED = 75
-# The run directory's device is full: sysexits' EX_CANTCREAT. Worth running again once there is room.
-EXIT_STORAGE_FULL = 73
+        return ExitStatus.STORAGE_FULL
 
 
 def _exit_leaving_the_stalled_start(message: str) -> None:
@@ -326,7 +320,7 @@ def _exit_leaving_the_stalled_start(message: str) -> None:
         child.kill()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
-    os._exit(EXIT_ENGINE_STALLED)
+    os._exit(ExitStatus.TEMPORARY)
 
 
 def _plan(args) -> int:
@@ -356,7 +350,7 @@ def _plan(args) -> int:
         )
         result = estimate_input(planned, job, pricing, ManagedApiPrices(), deadline, args.history, calibrate)
     print(json.dumps(result.model_dump(), indent=2) if args.format == "json" else render(result))
-    return 0
+    return ExitStatus.COMPLETE
 
 
 def _calibrate(planned, job, rows: int, scratch: Path, pricing):
@@ -418,7 +412,7 @@ def _run_preemptible(run_dir: str, start):
     except BaseException as exc:  # Prefect turns SIGTERM into TerminationSignal in the main thread
         prefect_exceptions = sys.modules.get("prefect.exceptions")  # not imported: not Prefect's signal
         terminated = prefect_exceptions is not None and isinstance(exc, prefect_exceptions.TerminationSignal)
-        if not (terminated or isinstance(exc, preemption.Preempted)) and not preemption.stop_requested.is_set():
+        if not (terminated or isinstance(exc, Preempted)) and not preemption.stop_requested.is_set():
             raise
     preemption.stop_requested.set()
     flushed = preemption.wait_until_flushed(preemption.grace_seconds() + 10)
@@ -432,7 +426,7 @@ def _run_preemptible(run_dir: str, start):
 
     for child in psutil.Process().children(recursive=True):  # engine core and its workers
         child.kill()
-    os._exit(preemption.EXIT_PREEMPTED)
+    os._exit(ExitStatus.PREEMPTED)
 
 
 def _print_report(report) -> None:
@@ -471,14 +465,14 @@ def _report(args) -> int:
                     f"{r['cost_per_million_tokens']} | {r['cost_per_million_tokens_spot']} | "
                     f"{r['gpu_utilization_mean']} |"
                 )
-        return 0
+        return ExitStatus.COMPLETE
     run_dir = RunDir(args.run_dir)
     if not run_dir.plan_manifest.exists() or not run_dir.job.exists():
         print(f"nightshift: {args.run_dir} is not a run directory (no plan/manifest.json or job.json)", file=sys.stderr)
-        return 2
+        return ExitStatus.CONFIGURATION
     report = write_report(run_dir)
     print(json.dumps(report.figures(), indent=2) if args.format == "json" else run_dir.report_markdown.read_text())
-    return 0
+    return ExitStatus.COMPLETE
 
 
 def _models(names: list[str]) -> int:
@@ -487,10 +481,10 @@ def _models(names: list[str]) -> int:
     unknown = set(names) - set(KNOWN_MODELS)
     if unknown:
         print(f"nightshift: unknown model(s) {sorted(unknown)}; known: {KNOWN_MODELS}", file=sys.stderr)
-        return 2
+        return ExitStatus.CONFIGURATION
     for name, path in provision(tuple(names) or KNOWN_MODELS).items():
         print(f"{name}: {path}")
-    return 0
+    return ExitStatus.COMPLETE
 
 
 def _demo(args) -> int:
@@ -538,7 +532,7 @@ def _demo(args) -> int:
                 f"  → {row['response']['body']['choices'][0]['message']['content']}"
             )
     if not report.complete:
-        return 1
+        return ExitStatus.INCOMPLETE
     return _demo_embeddings(corpus_path, run_dir / "embeddings", texts)
 
 
@@ -569,7 +563,7 @@ def _demo_embeddings(corpus_path: Path, run_dir: Path, texts: dict[str, str]) ->
     print(f"\nNearest neighbours of [{first}] {texts[first]}")
     for neighbour, cosine in nearest:
         print(f"  {cosine:.3f}  [{neighbour}] {texts[neighbour]}")
-    return 0 if report.complete else 1
+    return ExitStatus.COMPLETE if report.complete else ExitStatus.INCOMPLETE
 
 
 def entry() -> None:

@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from nightshift.deadline import parse_duration
+from nightshift.errors import ConfigurationError
 from nightshift.rundir import write_json_atomic
 
 # Bump when the bytes a shard's generation writes change shape: old checkpoints
@@ -28,29 +30,6 @@ from nightshift.rundir import write_json_atomic
 OUTPUT_FORMAT_VERSION = 4
 
 DEFAULT_SHARD_SIZE = 10_000  # rows per shard: the unit of checkpoints, retries and fan-out
-
-
-class ConfigurationError(ValueError):
-    """The job cannot run as configured (a context longer than the model's, an unknown dtype,
-    a missing model, an engine that cannot start here). Said once, exit status 2, never retried."""
-
-
-class EngineCannotStartHere(ConfigurationError):
-    """The engine refused to start on this machine (too little free memory, say). Another start
-    here fails the same way; on a work pool another worker may well hold it."""
-
-
-class EngineUnreachable(RuntimeError):
-    """The engine server (`engine_url`) has not answered for `engine_unreachable_s`, retried with
-    backoff all along. Finished rows are on disk; the run fails retryably (exit status 75) and
-    resumes when run again, not retried inside the process (the wait was the retry)."""
-
-
-class EngineStartStalled(RuntimeError):
-    """The engine was not ready within its `engine_start_timeout_s`. Nothing about the job is
-    wrong and a fresh process may well start it, so the run fails retryably (the CLI's exit
-    status 75), not as a configuration error; it is not retried inside the process, where the
-    stalled start still holds whatever it waits on."""
 
 
 def engine_urls_checked(value: str | None) -> str | None:
@@ -679,8 +658,6 @@ class BatchApiConfig(_Config):
 
 def retention_seconds(value: str) -> int | None:
     """ "30d", "12h", "90m" as whole seconds (at least one); None if it is not such a duration."""
-    from nightshift.deadline import parse_duration  # here: nightshift.deadline imports this module
-
     duration = parse_duration(value)
     return int(duration.total_seconds()) if duration is not None and duration.total_seconds() >= 1 else None
 

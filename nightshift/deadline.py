@@ -17,9 +17,8 @@ import re
 import threading
 from datetime import datetime, time, timedelta
 
-from nightshift.config import ConfigurationError
+from nightshift.errors import ConfigurationError
 
-EXIT_EXPIRED = 4
 EXPIRED_CODE = "batch_expired"
 
 deadline_reached = threading.Event()
@@ -29,8 +28,6 @@ _DURATION = re.compile(
 )
 
 
-class DeadlineReached(RuntimeError):
-    """Generation stopped at the run's deadline; finished rows are on disk, the rest are not."""
 
 
 def parse_duration(text: str) -> timedelta | None:

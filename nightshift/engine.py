@@ -20,19 +20,19 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 
 from nightshift import drills, vllm_adapter
-from nightshift.config import ConfigurationError, EngineCannotStartHere, EngineConfig, EngineStartStalled
+from nightshift.config import EngineConfig
 from nightshift.engine_protocol import Engine
 from nightshift.engine_sizing import engine_arguments, memory_picture, use_every_cpu_core
+from nightshift.errors import ConfigurationError, EngineCannotStartHere, EngineStartStalled, NightshiftError, Preempted
 from nightshift.images import with_images_resolved
 from nightshift.openai_format import PreparedRequest
-from nightshift.preemption import Preempted
 
 log = logging.getLogger("nightshift.engine")
 
 _DONE = object()
 
 
-class EngineFailure(RuntimeError):
+class EngineFailure(NightshiftError, RuntimeError):
     """The engine died under a job; `in_flight` holds the keys of the job's rows it was
     generating at that moment (the suspects, should one of them be what killed it)."""
 

@@ -61,7 +61,7 @@ def check_fits_gpu(config: EngineConfig) -> None:
     not as a CUDA out-of-memory error minutes into the start."""
     import torch
 
-    from nightshift.config import ConfigurationError
+    from nightshift.errors import ConfigurationError
     from nightshift.models import local_model, weight_bytes
 
     if not torch.cuda.is_available():

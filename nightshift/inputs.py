@@ -28,6 +28,7 @@ import fsspec
 import orjson
 
 from nightshift.config import CorpusOptions
+from nightshift.errors import ExitStatus, NightshiftError
 from nightshift.storage import filesystem, is_url
 
 CHAT_URL = "/v1/chat/completions"
@@ -37,8 +38,11 @@ SUPPORTED_URLS = (CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL)
 CORPUS_SUFFIXES = (".parquet", ".csv")
 
 
-class InputError(ValueError):
+class InputError(NightshiftError, ValueError):
     """The whole input is unusable; raised before any GPU time is spent."""
+
+    exit_status = ExitStatus.CONFIGURATION
+    retryable = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from nightshift.config import ConfigurationError, EngineConfig, EngineSettings, JobOptions, JobSpec
+from nightshift.config import EngineConfig, EngineSettings, JobOptions, JobSpec
+from nightshift.errors import ConfigurationError
 from nightshift.models import DEFAULT_MODEL, KNOWN_MODELS, WEIGHT_SUFFIXES, remote_model_identity, resolve_model
 from nightshift.storage import is_url
 

@@ -31,7 +31,8 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from nightshift.config import ConfigurationError, RuntimeSettings
+from nightshift.config import RuntimeSettings
+from nightshift.errors import ConfigurationError
 from nightshift.records import Lease
 from nightshift.rundir import RunDir
 from nightshift.storage import add_commit_fence, is_device_full, is_url, read_fresh

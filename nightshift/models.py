@@ -135,7 +135,7 @@ def remote_model_identity(url: str) -> str:
         if relative.endswith(WEIGHT_SUFFIXES) or relative.rsplit("/", 1)[-1] == "config.json":
             parts.append(f"{relative}:{info.get('size')}:{str(info.get('ETag', '')).strip(chr(34))}")
     if not parts:
-        from nightshift.config import ConfigurationError
+        from nightshift.errors import ConfigurationError
 
         raise ConfigurationError(f"model {url}: no config.json or weight files there")
     return hashlib.sha256(f"{url.rstrip('/')}|{'|'.join(parts)}".encode()).hexdigest()
@@ -159,7 +159,7 @@ def local_model(model: str, identity: str | None = None) -> str:
         return str(target)
     current = remote_model_identity(model)
     if identity is not None and current != identity:
-        from nightshift.config import ConfigurationError
+        from nightshift.errors import ConfigurationError
 
         raise ConfigurationError(
             f"model {model} changed on the object store since this job was made; "

@@ -16,11 +16,6 @@ stop_requested = threading.Event()
 _active = 0
 _idle = threading.Condition()
 
-EXIT_PREEMPTED = 128 + signal.SIGTERM
-
-
-class Preempted(RuntimeError):
-    """Generation stopped on SIGTERM; finished rows are on disk, the rest are not."""
 
 
 def grace_seconds() -> float:

@@ -42,11 +42,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from nightshift.config import ConfigurationError, EngineConfig, EngineUnreachable
+from nightshift.config import EngineConfig
+from nightshift.errors import ConfigurationError, EngineUnreachable, NightshiftError, Preempted
 from nightshift.images import with_images_resolved
 from nightshift.openai_format import PreparedRequest, RemoteCompletion, RemoteEmbedding, RequestRejected
 from nightshift.politeness import ConcurrencyController
-from nightshift.preemption import Preempted
 
 log = logging.getLogger("nightshift.engine")
 
@@ -58,11 +58,13 @@ FIRST_LOOK_TIMEOUT_S = 10.0  # a server of a fleet that takes longer to list its
 _PATHS = {"chat": "/chat/completions", "completion": "/completions", "embedding": "/embeddings"}
 
 
-class RemoteRejection(ValueError):
+class RemoteRejection(NightshiftError, ValueError):
     """The server refused this row (a 4xx other than the key's): its own message."""
 
+    retryable = False
 
-class _Abandoned(Exception):
+
+class _Abandoned(NightshiftError):
     """A request given up because its generate call ended (stopped, or the engine closed)."""
 
 

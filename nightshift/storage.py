@@ -31,13 +31,15 @@ from pathlib import Path
 
 import fsspec
 
+from nightshift.errors import ExitStatus, NightshiftError
+
 # botocore's retry loop, for throttling, 5xx and connection errors on every request.
 # A dead endpoint fails in about a minute, not after ten full connect timeouts.
 _S3_CLIENT_CONFIG = {"retries": {"max_attempts": 10, "mode": "adaptive"}, "connect_timeout": 5}
 _options: dict[str, dict] = {}  # protocol → storage options of this process (credentials)
 
 
-class StorageError(OSError):
+class StorageError(NightshiftError, OSError):
     """A read or write that failed after its retries; the message names the object."""
 
 
@@ -45,6 +47,9 @@ class StorageFull(StorageError):
     """A local write found its device full. Nothing half-written became visible (every write is
     a temporary renamed whole); rows already on disk are kept, so the run resumes once there is
     room. Said once, with the path and the space, never as a traceback."""
+
+    exit_status = ExitStatus.STORAGE_FULL
+    retryable = False
 
     def __init__(self, target: Path, written: int) -> None:
         try:

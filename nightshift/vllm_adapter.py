@@ -70,7 +70,7 @@ def check_at_start() -> None:
     from packaging.specifiers import SpecifierSet
     from packaging.version import Version
 
-    from nightshift.config import ConfigurationError
+    from nightshift.errors import ConfigurationError
 
     found = installed_version()
     release = Version(Version(found).base_version)  # 0.25.0+cu130 → 0.25.0

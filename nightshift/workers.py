@@ -12,7 +12,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from nightshift.config import EngineCannotStartHere
+from nightshift.errors import EngineCannotStartHere
 from nightshift.records import GroupManifest, Heartbeat, Refusal, ShardResult, UnfitWorker, WorkerIdentity
 from nightshift.rundir import RunDir
 

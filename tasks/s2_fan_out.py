@@ -54,8 +54,9 @@ from prefect.deployments import run_deployment
 from prefect.states import Cancelled, Cancelling, Crashed
 
 from nightshift.chunks import shard_cache_key
-from nightshift.config import CanaryConfig, ConfigurationError, EngineCannotStartHere, FanOut, JobSpec
-from nightshift.deadline import DeadlineReached, deadline_reached
+from nightshift.config import CanaryConfig, FanOut, JobSpec
+from nightshift.deadline import deadline_reached
+from nightshift.errors import ConfigurationError, DeadlineReached, EngineCannotStartHere
 from nightshift.preemption import grace_seconds
 from nightshift.records import GroupManifest, Refusal, Shard, ShardResult
 from nightshift.rundir import VALIDATION_GROUP

@@ -38,16 +38,17 @@ from nightshift.chunks import (
     rows_on_disk,
     shard_cache_key,
 )
-from nightshift.config import ConfigurationError, EngineStartStalled, EngineUnreachable, JobSpec
-from nightshift.deadline import DeadlineReached, StopSignal, deadline_reached
+from nightshift.config import JobSpec
+from nightshift.deadline import StopSignal, deadline_reached
 from nightshift.engine import EngineFailure, get_engine
 from nightshift.engine_protocol import Engine
 from nightshift.engine_sizing import throughput_traps
+from nightshift.errors import DeadlineReached, NightshiftError, Preempted
 from nightshift.layout import expected_work, prefix_order
 from nightshift.media import MediaPolicy
 from nightshift.models import local_model
 from nightshift.openai_format import PreparedRequest, RequestRejected, ServedModels, duplicate_key, prepare_request
-from nightshift.preemption import Preempted, generation_in_progress, grace_seconds, stop_requested
+from nightshift.preemption import generation_in_progress, grace_seconds, stop_requested
 from nightshift.records import Shard, ShardMetrics, ShardResult
 from nightshift.result_cache import ResultCache, cached_output_line
 from nightshift.rundir import RunDir
@@ -61,16 +62,14 @@ def _task_cache_key(context: TaskRunContext, parameters: dict) -> str:
 
 
 def _retry_unless_preempted(task, task_run, state) -> bool:
-    # A preempted process is going away: retrying inside it would only be killed again. A
-    # configuration the engine refuses is refused again: it is said once, not retried. Past
-    # the deadline, there is no time left to retry in. A stalled engine start still holds
-    # this process: the retry is a fresh process's (the run fails retryably).
+    # Each of Nightshift's errors says whether a retry in this process may help (nightshift.errors):
+    # not for a preempted process, a configuration the engine refuses, a passed deadline, a
+    # stalled engine start or a silent engine server (the run ends, resumable). A full disk
+    # stays full until someone frees it, whoever raised it.
     failure = state.result(raise_on_failure=False)
-    # An engine server that stayed silent was retried all along: the run ends, resumable. A full
-    # disk stays full until someone frees it: the run ends, resumable.
-    return not isinstance(
-        failure, (Preempted, ConfigurationError, DeadlineReached, EngineStartStalled, EngineUnreachable)
-    ) and not (isinstance(failure, BaseException) and is_device_full(failure))
+    if isinstance(failure, BaseException) and is_device_full(failure):
+        return False
+    return failure.retryable if isinstance(failure, NightshiftError) else True
 
 
 @task(

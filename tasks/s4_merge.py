@@ -33,6 +33,7 @@ from nightshift.canaries import CANARY_PREFIX
 from nightshift.chunks import CHUNK_SCHEMA, ChunkWriter, best_rows_sql, chunk_files, rows_on_disk, shard_cache_key
 from nightshift.config import JobSpec
 from nightshift.deadline import EXPIRED_CODE
+from nightshift.errors import NightshiftError
 from nightshift.records import Plan, RunReport, Shard, ShardResult
 from nightshift.rundir import RunDir
 from nightshift.storage import duckdb_connection, local_copies, read_table, written_whole
@@ -43,7 +44,7 @@ RESULTS_COLUMNS = [
 ]  # fmt: skip
 
 
-class IncompleteRun(RuntimeError):
+class IncompleteRun(NightshiftError, RuntimeError):
     """Some planned row is missing from, or repeated in, the generated chunks."""
 
 

@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import chat_request, read_jsonl, write_jsonl
 
-from nightshift.cli import EXIT_STORAGE_FULL, main  # in this process: the session's engine serves it
+from nightshift.cli import main  # in this process: the session's engine serves it
+from nightshift.errors import ExitStatus
 
 
 @pytest.fixture
@@ -46,7 +47,7 @@ def test_a_full_run_directory_fails_once_clearly_and_the_same_command_resumes_ex
         )
     run_dir = small_disk / "run"
 
-    assert run(batch, run_dir) == EXIT_STORAGE_FULL
+    assert run(batch, run_dir) == ExitStatus.STORAGE_FULL
     told = capfd.readouterr().err
     assert f"no space left on the device of {run_dir}" in told and "free" in told, told[-3000:]
     assert "Traceback" not in told, told[-3000:]

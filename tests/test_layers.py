@@ -94,3 +94,101 @@ def test_no_run_directory_file_name_is_spelled_outside_rundir():
                 if any(part in value for part in RUN_DIRECTORY_NAMES):
                     spelled.append(f"{path.relative_to(REPO)}:{node.lineno} {value!r}")
     assert spelled == []
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Own module → the own modules it imports, at any depth of its code (a lazy import inside a
+    function is a dependency all the same): `from a import b` counts as `a.b` where that is a module."""
+    modules = {canonical(name): path for name, path in own_modules()}
+
+    def resolve(name: str) -> str | None:
+        name = canonical(name)
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found.update(resolve(alias.name) for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                for alias in node.names:
+                    found.add(resolve(f"{node.module}.{alias.name}"))
+        graph[name] = found - {None, name}
+    return graph
+
+
+def canonical(module: str) -> str:
+    """`nightshift.flows.x` and `flows.x` are one module (package-dir)."""
+    parts = module.split(".")
+    if parts[0] == "nightshift" and len(parts) > 1 and parts[1] in ("flows", "tasks", "blocks"):
+        return ".".join(parts[1:])
+    return module
+
+
+def test_no_import_circle():
+    """No two modules import each other, directly or round about (lazy imports included)."""
+    graph = _module_graph()
+    circles = []
+    for start in graph:  # a module that can reach itself is on a circle
+        seen, frontier = set(), [start]
+        while frontier:
+            for imported in graph[frontier.pop()]:
+                if imported == start:
+                    circles.append(start)
+                    frontier = []
+                    break
+                if imported not in seen:
+                    seen.add(imported)
+                    frontier.append(imported)
+    assert circles == []
+
+
+def test_every_exception_is_under_the_one_root():
+    """Every exception class Nightshift defines descends from nightshift.errors.NightshiftError,
+    which says its exit status and whether a retry may help."""
+    import builtins
+
+    bases = {}
+    for _, path in own_modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                names = [base.id if isinstance(base, ast.Name) else getattr(base, "attr", "") for base in node.bases]
+                bases[node.name] = (names, f"{path.relative_to(REPO)}:{node.lineno}")
+
+    def ancestry(name: str, depth: int = 0) -> set[str]:
+        if name not in bases or depth > 20:
+            return {name}
+        return {name}.union(*(ancestry(base, depth + 1) for base in bases[name][0]))
+
+    def is_exception(name: str) -> bool:
+        built = {getattr(builtins, n, None) for n in ancestry(name)}
+        return any(isinstance(b, type) and issubclass(b, BaseException) for b in built)
+
+    unrooted = [
+        where for name, (_, where) in bases.items() if is_exception(name) and "NightshiftError" not in ancestry(name)
+    ]
+    assert unrooted == [], "exceptions outside nightshift.errors.NightshiftError: " + ", ".join(unrooted)
+
+
+def test_no_exit_status_is_a_bare_number():
+    """Exit statuses are nightshift.errors.ExitStatus, never a number spelled in place."""
+    bare = []
+    for name, path in own_modules():
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            exiting = isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
+                "exit", "_exit", "SystemExit")  # fmt: skip
+            literal = exiting and any(isinstance(arg, ast.Constant) and isinstance(arg.value, int) for arg in node.args)
+            returned = (
+                name == "nightshift.cli"
+                and isinstance(node, ast.Return)
+                and isinstance(node.value, ast.Constant)
+                and isinstance(node.value.value, int)
+                and not isinstance(node.value.value, bool)
+            )
+            if literal or returned:
+                bare.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert bare == []

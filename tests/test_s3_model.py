@@ -57,7 +57,7 @@ def test_a_model_on_the_bucket_is_fetched_once_and_runs(model_on_bucket, tmp_pat
 def test_an_s3_models_identity_is_the_same_everywhere_and_changes_with_its_weights(
     model_on_bucket, tmp_path, monkeypatch
 ):
-    from nightshift.config import ConfigurationError
+    from nightshift.errors import ConfigurationError
     from nightshift.jobs import make_job
     from nightshift.models import local_model
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from nightshift.batch_api import Store, owner_of
 from nightshift.batch_routes import create_app
-from nightshift.config import BatchApiConfig, ConfigurationError
+from nightshift.config import BatchApiConfig
+from nightshift.errors import ConfigurationError
 from nightshift.serve.deployment import DeploymentRuns
 from nightshift.serve.lifecycle import BatchLifecycle
 from nightshift.serve.local_process import LocalProcessRuns

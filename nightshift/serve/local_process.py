@@ -20,14 +20,19 @@ from pathlib import Path
 
 from nightshift.batch_api import Store, StoredBatch
 from nightshift.config import BatchApiConfig
-from nightshift.deadline import EXIT_EXPIRED
+from nightshift.errors import ExitStatus
 from nightshift.serve.runs import STOP_GRACE_S, BatchRuns, RunEnd, RunOrder, StartedRun
 from nightshift.storage import is_url
 
 log = logging.getLogger("nightshift.serve")
 
 # `nightshift run`'s exit statuses (nightshift.cli), as a batch's lifecycle reads them
-ENDS_BY_EXIT_STATUS = {0: RunEnd.COMPLETED, 3: RunEnd.GATE_FAILED, EXIT_EXPIRED: RunEnd.EXPIRED, 2: RunEnd.REFUSED}
+ENDS_BY_EXIT_STATUS = {
+    ExitStatus.COMPLETE: RunEnd.COMPLETED,
+    ExitStatus.VALIDATION_FAILED: RunEnd.GATE_FAILED,
+    ExitStatus.EXPIRED: RunEnd.EXPIRED,
+    ExitStatus.CONFIGURATION: RunEnd.REFUSED,
+}
 
 
 class LocalProcessRuns(BatchRuns):

@@ -121,7 +121,8 @@ def test_an_engine_that_cannot_start_is_said_once_with_its_memory_picture_and_no
 
 
 def test_fanning_out_to_a_deployment_the_server_lacks_fails_before_anything_is_planned(tmp_path, prefect_server):
-    from nightshift.config import ConfigurationError, FanOut
+    from nightshift.config import FanOut
+    from nightshift.errors import ConfigurationError
     from nightshift.flows.batch import batch_inference
     from nightshift.jobs import make_job
 

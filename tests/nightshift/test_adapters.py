@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from nightshift.config import ConfigurationError
+from nightshift.errors import ConfigurationError
 from nightshift.openai_format import RequestRejected, ServedModels
 
 pytestmark = pytest.mark.fast

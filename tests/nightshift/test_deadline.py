@@ -6,8 +6,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from nightshift.config import ConfigurationError
 from nightshift.deadline import DeadlineTimer, StopSignal, deadline_reached, parse_deadline
+from nightshift.errors import ConfigurationError
 
 pytestmark = pytest.mark.fast
 

@@ -94,8 +94,8 @@ def test_platform_defaults_float32_on_cpu_the_models_own_dtype_and_most_of_a_car
 
 
 def test_engine_arguments_pass_through_checked_against_vllm():
-    from nightshift.config import ConfigurationError
     from nightshift.engine_sizing import engine_arguments
+    from nightshift.errors import ConfigurationError
     from nightshift.jobs import check_job, make_job
 
     job = make_job("tiny", engine_args=["kv_offloading_size=2", 'hf_overrides={"rope_theta": 10000.0}'])

@@ -4,7 +4,8 @@ this host's clock alone."""
 
 import pytest
 
-from nightshift.config import ConfigurationError, RuntimeSettings
+from nightshift.config import RuntimeSettings
+from nightshift.errors import ConfigurationError
 from nightshift.lease import LeaseLost, _alive, run_lease
 from nightshift.records import Lease
 from nightshift.rundir import RunDir

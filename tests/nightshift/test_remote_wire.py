@@ -3,7 +3,8 @@ answers become in the output line, and that a URL's credentials never reach a lo
 
 import pytest
 
-from nightshift.config import ConfigurationError, EngineConfig
+from nightshift.config import EngineConfig
+from nightshift.errors import ConfigurationError
 from nightshift.openai_format import RemoteCompletion, remote_output_line
 from nightshift.remote_engine import _the_model, displayed
 

@@ -40,7 +40,7 @@ def test_an_output_carries_the_counter_part_of_its_request_id():
 
 def test_a_vllm_outside_the_supported_range_or_whose_internals_moved_is_refused_at_start_naming_it(monkeypatch):
     from nightshift import vllm_adapter
-    from nightshift.config import ConfigurationError
+    from nightshift.errors import ConfigurationError
 
     vllm_adapter.check_at_start.__wrapped__()  # the installed vLLM: in the range, nothing moved
     monkeypatch.setattr(vllm_adapter, "installed_version", lambda: "0.40.1")

@@ -15,7 +15,8 @@ import pytest
 from prefect.client.schemas.objects import StateType
 
 from nightshift import workers
-from nightshift.config import EngineCannotStartHere, EngineConfig, FanOut, JobSpec
+from nightshift.config import EngineConfig, FanOut, JobSpec
+from nightshift.errors import EngineCannotStartHere
 from nightshift.records import GroupManifest, Shard, ShardResult
 from nightshift.tasks import s2_fan_out as fanout
 
@@ -231,7 +232,8 @@ def test_with_a_deadline_the_fleet_is_as_wide_as_the_measured_pace_needs(left, g
 
 
 def test_at_the_deadline_nothing_more_is_dispatched_and_waiting_runs_are_cancelled(tmp_path, monkeypatch):
-    from nightshift.deadline import DeadlineReached, deadline_reached
+    from nightshift.deadline import deadline_reached
+    from nightshift.errors import DeadlineReached
 
     monkeypatch.setenv("NIGHTSHIFT_SIGTERM_GRACE_S", "0")
     first, running, waiting = (fanout.group_key([shard(i)], JOB) for i in range(3))
