@@ -142,52 +142,19 @@ def prepare_request(
     in-process engine's), a forced tool call is decoded under its schema; without, the row's
     tools go to the engine server as they are. `media` (a nightshift.media.MediaPolicy) says
     which sources a row's images may name: data: URLs only unless given."""
-    from pydantic import ValidationError
-
-    from nightshift.vllm_adapter import client_errors
-
     url, body = request["url"], dict(request["body"])
-    wanted = "pooling" if url == EMBEDDINGS_URL else "generate"
-    if wanted != serves:
-        endpoints = EMBEDDINGS_URL if serves == "pooling" else f"{CHAT_URL} and {COMPLETIONS_URL}"
-        raise RequestRejected(
-            "unsupported_url", f"this job's model serves {endpoints}; a {url} line needs a job with another model"
-        )
+    _check_endpoint(url, serves)
     protocol = _protocol(url)
-    for name, why in UNSUPPORTED_FIELDS.items():
-        if body.get(name) not in (None, False, [], {}):
-            raise RequestRejected("unsupported_parameter", f"{name}: {why}")
-    unknown = sorted(set(body) - _known_fields(protocol))
-    if unknown:
-        raise RequestRejected("unsupported_parameter", f"unknown field(s) in body: {', '.join(unknown)}")
+    _check_fields(protocol, body)
     media, images = _checked_media(url, body, model_config, media)
     adapter = models.adapter_for(body.get("model"))
     if adapter is not None and url == EMBEDDINGS_URL:
         raise RequestRejected("model_not_found", f"LoRA adapter {adapter!r} serves chat and completions rows only")
     body["model"] = adapter or models.name  # an engine server serves the adapter under its name too
-    named = {"adapter": adapter, "model_name": adapter or models.name, "images": images, "media": media}
-    try:
-        parsed = protocol.model_validate(body)
-        if tool_calling is not None and url == CHAT_URL:
-            tool_calling.prepare(parsed)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
-        raise RequestRejected("invalid_request", f"{where}: {first.get('msg')}") from None
-    except (ValueError, *client_errors()) as exc:  # vLLM's own checks (a tool_choice naming no tool...)
-        message = str(exc).splitlines()[0]
-        raise RequestRejected("invalid_request", f"{getattr(exc, 'parameter', None) or 'body'}: {message}") from None
+    parsed = _parsed(protocol, body, tool_calling if url == CHAT_URL else None)
     if url == EMBEDDINGS_URL:
         return _prepare_embedding(key, custom_id, parsed, request, max_model_len, model_config, body, models.name)
-    # vars(): reading the deprecated `max_tokens` attribute warns once per row
-    max_tokens = getattr(parsed, "max_completion_tokens", None) or vars(parsed).get("max_tokens")
-    if max_tokens is not None and max_tokens < 1:
-        raise RequestRejected("invalid_request", "max_tokens must be at least 1")
-    if max_tokens is not None and max_model_len is not None and max_tokens >= max_model_len:
-        raise RequestRejected(
-            "context_length_exceeded",
-            f"max_tokens {max_tokens} does not fit the model's context of {max_model_len} tokens with any prompt",
-        )
+    max_tokens = _checked_max_tokens(parsed, max_model_len)
     if (
         url == CHAT_URL
         and not images
@@ -198,24 +165,68 @@ def prepare_request(
         params = parsed.to_sampling_params(max_tokens, default_sampling_params)
     except (ValueError, TypeError) as exc:
         raise RequestRejected("invalid_request", str(exc)) from None
+    named = {"adapter": adapter, "model_name": adapter or models.name, "images": images, "media": media}
     if url == CHAT_URL:
         tools = body.get("tools") or None
-        return PreparedRequest(
-            key,
-            custom_id,
-            "chat",
-            body["messages"],
-            params,
-            parsed.chat_template_kwargs,
-            body=body,
-            tools=tools,
-            parsed=parsed if tools else None,
-            **named,
-        )
+        return PreparedRequest(key, custom_id, "chat", body["messages"], params, parsed.chat_template_kwargs,
+                               body=body, tools=tools, parsed=parsed if tools else None, **named)  # fmt: skip
     prompt = body["prompt"]
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         raise RequestRejected("invalid_request", "one prompt per batch line: a list of prompts is not supported")
     return PreparedRequest(key, custom_id, "completion", prompt, params, body=body, **named)
+
+
+def _check_endpoint(url: str, serves: str) -> None:
+    """A job serves one endpoint, as an OpenAI batch does."""
+    wanted = "pooling" if url == EMBEDDINGS_URL else "generate"
+    if wanted != serves:
+        endpoints = EMBEDDINGS_URL if serves == "pooling" else f"{CHAT_URL} and {COMPLETIONS_URL}"
+        raise RequestRejected(
+            "unsupported_url", f"this job's model serves {endpoints}; a {url} line needs a job with another model"
+        )
+
+
+def _check_fields(protocol, body: dict) -> None:
+    """No field Nightshift refuses by design, none the endpoint does not know."""
+    for name, why in UNSUPPORTED_FIELDS.items():
+        if body.get(name) not in (None, False, [], {}):
+            raise RequestRejected("unsupported_parameter", f"{name}: {why}")
+    unknown = sorted(set(body) - _known_fields(protocol))
+    if unknown:
+        raise RequestRejected("unsupported_parameter", f"unknown field(s) in body: {', '.join(unknown)}")
+
+
+def _parsed(protocol, body: dict, tool_calling):
+    """The body as vLLM's own request model; a forced tool call prepared under its schema."""
+    from pydantic import ValidationError
+
+    from nightshift.vllm_adapter import client_errors
+
+    try:
+        parsed = protocol.model_validate(body)
+        if tool_calling is not None:
+            tool_calling.prepare(parsed)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+        raise RequestRejected("invalid_request", f"{where}: {first.get('msg')}") from None
+    except (ValueError, *client_errors()) as exc:  # vLLM's own checks (a tool_choice naming no tool...)
+        message = str(exc).splitlines()[0]
+        raise RequestRejected("invalid_request", f"{getattr(exc, 'parameter', None) or 'body'}: {message}") from None
+    return parsed
+
+
+def _checked_max_tokens(parsed, max_model_len: int | None) -> int | None:
+    # vars(): reading the deprecated `max_tokens` attribute warns once per row
+    max_tokens = getattr(parsed, "max_completion_tokens", None) or vars(parsed).get("max_tokens")
+    if max_tokens is not None and max_tokens < 1:
+        raise RequestRejected("invalid_request", "max_tokens must be at least 1")
+    if max_tokens is not None and max_model_len is not None and max_tokens >= max_model_len:
+        raise RequestRejected(
+            "context_length_exceeded",
+            f"max_tokens {max_tokens} does not fit the model's context of {max_model_len} tokens with any prompt",
+        )
+    return max_tokens
 
 
 def _prepare_embedding(

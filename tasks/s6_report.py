@@ -241,60 +241,13 @@ def priced(
     project_rows: int = 1_000_000,
 ) -> dict:
     """The report's throughput and money figures: arithmetic on what was measured, no I/O."""
-    span, rows, slots = time.span_seconds, totals.rows, time.slots
     rate = pricing.rate(time.gpu_name, time.gpu_count)  # the hardware the run used, as itself
-    accelerator_hours = (time.slot_seconds or 0) / 3600 * rate.count
-    cost_on_demand = accelerator_hours * rate.on_demand if rate.priced else None
-    cost_spot = accelerator_hours * rate.spot if rate.priced else None
-    total = totals.prompt_tokens + totals.completion_tokens
-    generated = total - totals.tokens_not_generated  # what the engine did: the rate and the $ per token
-
-    def per_million(cost: float | None, tokens: int) -> float | None:
-        return round(cost / (tokens / 1e6), 6) if tokens and span and cost is not None else None
-
-    def projected(per_hour: float | None) -> float | None:
-        if not rows_per_second or per_hour is None:
-            return None
-        return round(project_rows / rows_per_second / 3600 * max(slots, 1) * rate.count * per_hour, 4)
-
-    def share(cost: float | None, part: float) -> float | None:
-        return None if cost is None else round(cost * part, 6)
-
-    rows_per_second = rows / span if span else None
+    bill = _Bill.of(totals, time, rate)
     return {
-        "max_model_len": time.max_model_len,  # the context the engine ran with (the model's own unless set)
-        "generate_seconds": round(span, 3) if span else None,
-        "engine_seconds_summed": round(time.engine_seconds, 3) if time.engine_seconds else None,
-        "engine_slots": slots,
-        "tokens_per_second": round(generated / span, 2) if span else None,
-        # deterministic rows answered by an identical row or the result cache: tokens and $ not spent
-        "served_without_generating": {
-            "rows": totals.rows_not_generated,
-            "tokens": totals.tokens_not_generated,
-            "cost_saved_on_demand": (share(cost_on_demand, totals.tokens_not_generated / generated) or 0.0)
-            if generated
-            else 0.0,
-        },
-        "output_tokens_per_second": round(totals.completion_tokens / span, 2) if span else None,
+        **_throughput(totals, time),
+        **_costs(totals, bill),
+        **_gpu_figures(time),
         "accelerator": rate.accelerator,
-        "accelerator_hours": round(accelerator_hours, 6),
-        "cost_on_demand": share(cost_on_demand, 1.0),
-        "cost_spot": share(cost_spot, 1.0),
-        "cost_per_million_tokens": per_million(cost_on_demand, total),
-        "cost_per_million_tokens_spot": per_million(cost_spot, total),
-        "cost_per_million_output_tokens": per_million(cost_on_demand, totals.completion_tokens),
-        "cost_per_million_output_tokens_spot": per_million(cost_spot, totals.completion_tokens),
-        "gpu_name": time.gpu_name,
-        "gpu_count": time.gpu_count,
-        "gpu_telemetry": time.gpu_telemetry,
-        "gpu_utilization_mean": time.gpu_utilization_mean,
-        "gpu_memory_mib_mean": time.gpu_memory_mib_mean,
-        "gpu_power_w_mean": time.gpu_power_w_mean,
-        "stragglers": [{"shard": s, "engine_seconds": sec, "times_median": r} for s, sec, r in time.stragglers],
-        "prefix_cache_hit_rate": time.prefix_cache_hit_rate,
-        "rows_per_second": round(rows_per_second, 2) if rows_per_second else None,
-        "cost_per_million_rows": per_million(cost_on_demand, rows),
-        "cost_per_million_rows_spot": per_million(cost_spot, rows),
         # an embedding run has prompt tokens only: it is priced against embedding APIs
         "managed_api_cost": managed_api_cost(
             totals.prompt_tokens,
@@ -306,18 +259,100 @@ def priced(
         "by_model": {
             name: part.model_copy(
                 update={
-                    "cost_on_demand": share(cost_on_demand, _token_share(part, total)),
-                    "cost_spot": share(cost_spot, _token_share(part, total)),
+                    "cost_on_demand": _share(bill.on_demand, _token_share(part, bill.tokens)),
+                    "cost_spot": _share(bill.spot, _token_share(part, bill.tokens)),
                 }
             )
             for name, part in totals.by_model.items()
         },
-        "projection": {
-            "rows": project_rows,
-            "hours": round(project_rows / rows_per_second / 3600, 3) if rows_per_second else None,
-            "cost_on_demand": projected(rate.on_demand),
-            "cost_spot": projected(rate.spot),
+        "projection": _projection(totals, time, rate, project_rows),
+    }
+
+
+class _Bill:
+    """What the run's accelerator time cost, on demand and spot (None where the hardware has no price)."""
+
+    def __init__(self, hours: float, on_demand: float | None, spot: float | None, tokens: int, span: float) -> None:
+        self.hours, self.on_demand, self.spot, self.tokens, self.span = hours, on_demand, spot, tokens, span
+
+    @classmethod
+    def of(cls, totals: RowTotals, time: EngineTime, rate: Rate) -> _Bill:
+        hours = (time.slot_seconds or 0) / 3600 * rate.count
+        on_demand = hours * rate.on_demand if rate.priced else None
+        spot = hours * rate.spot if rate.priced else None
+        return cls(hours, on_demand, spot, totals.prompt_tokens + totals.completion_tokens, time.span_seconds)
+
+    def per_million(self, cost: float | None, count: int) -> float | None:
+        return round(cost / (count / 1e6), 6) if count and self.span and cost is not None else None
+
+
+def _share(cost: float | None, part: float) -> float | None:
+    return None if cost is None else round(cost * part, 6)
+
+
+def _throughput(totals: RowTotals, time: EngineTime) -> dict:
+    span = time.span_seconds
+    generated = totals.prompt_tokens + totals.completion_tokens - totals.tokens_not_generated  # the engine's work
+    return {
+        "max_model_len": time.max_model_len,  # the context the engine ran with (the model's own unless set)
+        "generate_seconds": round(span, 3) if span else None,
+        "engine_seconds_summed": round(time.engine_seconds, 3) if time.engine_seconds else None,
+        "engine_slots": time.slots,
+        "tokens_per_second": round(generated / span, 2) if span else None,
+        "output_tokens_per_second": round(totals.completion_tokens / span, 2) if span else None,
+        "rows_per_second": round(totals.rows / span, 2) if span and totals.rows else None,
+        "stragglers": [{"shard": s, "engine_seconds": sec, "times_median": r} for s, sec, r in time.stragglers],
+        "prefix_cache_hit_rate": time.prefix_cache_hit_rate,
+    }
+
+
+def _costs(totals: RowTotals, bill: _Bill) -> dict:
+    generated = bill.tokens - totals.tokens_not_generated
+    return {
+        # deterministic rows answered by an identical row or the result cache: tokens and $ not spent
+        "served_without_generating": {
+            "rows": totals.rows_not_generated,
+            "tokens": totals.tokens_not_generated,
+            "cost_saved_on_demand": (_share(bill.on_demand, totals.tokens_not_generated / generated) or 0.0)
+            if generated
+            else 0.0,
         },
+        "accelerator_hours": round(bill.hours, 6),
+        "cost_on_demand": _share(bill.on_demand, 1.0),
+        "cost_spot": _share(bill.spot, 1.0),
+        "cost_per_million_tokens": bill.per_million(bill.on_demand, bill.tokens),
+        "cost_per_million_tokens_spot": bill.per_million(bill.spot, bill.tokens),
+        "cost_per_million_output_tokens": bill.per_million(bill.on_demand, totals.completion_tokens),
+        "cost_per_million_output_tokens_spot": bill.per_million(bill.spot, totals.completion_tokens),
+        "cost_per_million_rows": bill.per_million(bill.on_demand, totals.rows),
+        "cost_per_million_rows_spot": bill.per_million(bill.spot, totals.rows),
+    }
+
+
+def _gpu_figures(time: EngineTime) -> dict:
+    return {
+        "gpu_name": time.gpu_name,
+        "gpu_count": time.gpu_count,
+        "gpu_telemetry": time.gpu_telemetry,
+        "gpu_utilization_mean": time.gpu_utilization_mean,
+        "gpu_memory_mib_mean": time.gpu_memory_mib_mean,
+        "gpu_power_w_mean": time.gpu_power_w_mean,
+    }
+
+
+def _projection(totals: RowTotals, time: EngineTime, rate: Rate, rows: int) -> dict:
+    rows_per_second = totals.rows / time.span_seconds if time.span_seconds else None
+
+    def projected(per_hour: float | None) -> float | None:
+        if not rows_per_second or per_hour is None:
+            return None
+        return round(rows / rows_per_second / 3600 * max(time.slots, 1) * rate.count * per_hour, 4)
+
+    return {
+        "rows": rows,
+        "hours": round(rows / rows_per_second / 3600, 3) if rows_per_second else None,
+        "cost_on_demand": projected(rate.on_demand),
+        "cost_spot": projected(rate.spot),
     }
 
 
@@ -350,28 +385,42 @@ def _token_share(share: ModelRows, total: int) -> float:
     return (share.prompt_tokens + share.completion_tokens) / total if total else 0.0
 
 
-def render_markdown(report: CostReport, chart: str | None) -> str:
-    def fmt(value, unit="", digits=2):
-        return "n/a" if value is None else f"{value:,.{digits}f}{unit}"
+def _fmt(value, unit="", digits=2) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}{unit}"
 
+
+def render_markdown(report: CostReport, chart: str | None) -> str:
+    lines = _headline(report) + _figures_table(report) + _by_model_table(report) + _engine_lines(report)
+    lines += _politeness_lines(report) + _straggler_and_error_lines(report)
+    if chart:
+        lines += [f"![tokens/s and GPU utilization over the run]({chart})", ""]
+    lines += _validation_lines(report)
+    return "\n".join(lines) + "\n"
+
+
+def _headline(report: CostReport) -> list[str]:
     gpu = (
-        f"{report.gpu_count} × {report.gpu_name}, utilization {fmt(report.gpu_utilization_mean, ' %', 1)}"
+        f"{report.gpu_count} × {report.gpu_name}, utilization {_fmt(report.gpu_utilization_mean, ' %', 1)}"
         if report.gpu_name
         else f"no GPU telemetry: {report.gpu_telemetry} (GPU fields are null)"
     )
-    saved = report.served_without_generating
-    lines = [
+    return [
         f"# Nightshift run report — {Path(report.run_dir).name}",
         "",
-        f"Model **{report.model}** (context {fmt(report.max_model_len, ' tokens', 0)}) on "
+        f"Model **{report.model}** (context {_fmt(report.max_model_len, ' tokens', 0)}) on "
         f"**{report.accelerator}**. {gpu}.",
         "",
+    ]
+
+
+def _figures_table(report: CostReport) -> list[str]:
+    saved, fmt = report.served_without_generating, _fmt
+    images = f" ({report.image_tokens:,} of the prompt tokens from images)" if report.image_tokens else ""
+    return [
         "| figure | value |",
         "|---|---|",
         f"| rows (failed) | {report.rows:,} ({report.failed:,}) |",
-        f"| prompt / completion tokens | {report.prompt_tokens:,} / {report.completion_tokens:,}"
-        + (f" ({report.image_tokens:,} of the prompt tokens from images)" if report.image_tokens else "")
-        + " |",
+        f"| prompt / completion tokens | {report.prompt_tokens:,} / {report.completion_tokens:,}{images} |",
         f"| generate time | {fmt(report.generate_seconds, ' s', 1)} |",
         f"| tokens/s (output tokens/s) | {fmt(report.tokens_per_second, '', 1)} "
         f"({fmt(report.output_tokens_per_second, '', 1)}) |",
@@ -396,46 +445,66 @@ def render_markdown(report: CostReport, chart: str | None) -> str:
         + ", ".join(f"{name} ${cost:,.4f}" for name, cost in report.managed_api_cost.items()),
         "",
     ]
-    if report.by_model:
-        lines += [
-            "| model (LoRA adapters) | rows | prompt / completion tokens | cost on demand / spot |",
-            "|---|---|---|---|",
-        ]
-        lines += [
+
+
+def _by_model_table(report: CostReport) -> list[str]:
+    if not report.by_model:
+        return []
+    return [
+        "| model (LoRA adapters) | rows | prompt / completion tokens | cost on demand / spot |",
+        "|---|---|---|---|",
+        *(
             f"| {name} | {share.rows:,} | {share.prompt_tokens:,} / {share.completion_tokens:,} | "
-            f"${fmt(share.cost_on_demand, '', 4)} / ${fmt(share.cost_spot, '', 4)} |"
+            f"${_fmt(share.cost_on_demand, '', 4)} / ${_fmt(share.cost_spot, '', 4)} |"
             for name, share in report.by_model.items()
-        ] + [""]
-    if report.engine_settings:
-        settings = ", ".join(f"{name} {value}" for name, value in report.engine_settings.items())
-        lines += [f"Engine settings as vLLM resolved them: {settings}.", ""]
-        lines += [f"- ⚠ {warning}" for warning in report.engine_warnings] + ([""] if report.engine_warnings else [])
-    if report.politeness:
-        p = report.politeness
-        lines += [
-            f"Shared with online traffic: its time to first token p50 {fmt(p.online_ttft_ms_p50, ' ms', 0)}, "
-            f"p95 {fmt(p.online_ttft_ms_p95, ' ms', 0)} against an objective of {p.objective_ms:,.0f} ms "
-            f"({100 * p.over_objective:.0f} % of {p.looks} probes over it); rows in flight {p.in_flight_min}–"
-            f"{p.in_flight_max}, median {p.in_flight_median:g}.",
-            "",
-        ]
+        ),
+        "",
+    ]
+
+
+def _engine_lines(report: CostReport) -> list[str]:
+    if not report.engine_settings:
+        return []
+    settings = ", ".join(f"{name} {value}" for name, value in report.engine_settings.items())
+    lines = [f"Engine settings as vLLM resolved them: {settings}.", ""]
+    lines += [f"- ⚠ {warning}" for warning in report.engine_warnings] + ([""] if report.engine_warnings else [])
+    return lines
+
+
+def _politeness_lines(report: CostReport) -> list[str]:
+    p = report.politeness
+    if not p:
+        return []
+    return [
+        f"Shared with online traffic: its time to first token p50 {_fmt(p.online_ttft_ms_p50, ' ms', 0)}, "
+        f"p95 {_fmt(p.online_ttft_ms_p95, ' ms', 0)} against an objective of {p.objective_ms:,.0f} ms "
+        f"({100 * p.over_objective:.0f} % of {p.looks} probes over it); rows in flight {p.in_flight_min}–"
+        f"{p.in_flight_max}, median {p.in_flight_median:g}.",
+        "",
+    ]
+
+
+def _straggler_and_error_lines(report: CostReport) -> list[str]:
+    lines = []
     if report.stragglers:
         lines += ["Slowest shards against the median:", ""]
         lines += [f"- shard {s.shard}: {s.engine_seconds} s ({s.times_median}× median)" for s in report.stragglers]
         lines.append("")
     if report.errors_by_code:
-        lines.append("Errors by code: " + ", ".join(f"`{c}` {n}" for c, n in report.errors_by_code.items()))
-        lines.append("")
-    if chart:
-        lines += [f"![tokens/s and GPU utilization over the run]({chart})", ""]
-    if report.validated is not None:
-        lines += ["## Validation", "", _validation_heading(report), ""]
-        lines += [f"- {failure}" for failure in report.validation_failures]
-        lines += [
-            f"- {name}: " + ", ".join(f"{k} {v}" for k, v in check.items())
-            for name, check in report.validation_checks.items()
-        ]
-    return "\n".join(lines) + "\n"
+        lines += ["Errors by code: " + ", ".join(f"`{c}` {n}" for c, n in report.errors_by_code.items()), ""]
+    return lines
+
+
+def _validation_lines(report: CostReport) -> list[str]:
+    if report.validated is None:
+        return []
+    lines = ["## Validation", "", _validation_heading(report), ""]
+    lines += [f"- {failure}" for failure in report.validation_failures]
+    lines += [
+        f"- {name}: " + ", ".join(f"{k} {v}" for k, v in check.items())
+        for name, check in report.validation_checks.items()
+    ]
+    return lines
 
 
 def _validation_heading(report: CostReport) -> str:
