@@ -202,6 +202,12 @@ def files_router(config: BatchApiConfig, store: Store, runner: Runner, owner) ->
             raise ApiError(404, f"No such File object: {file_id}", param="id")
         return stored
 
+    _add_file_writes(router, config, store, runner, owner, found)
+    _add_file_reads(router, store, owner, found)
+    return router
+
+
+def _add_file_writes(router: APIRouter, config: BatchApiConfig, store: Store, runner: Runner, owner, found) -> None:
     def too_large() -> ApiError:
         return ApiError(413, f"The file is larger than {config.max_file_bytes} bytes.", param="file")
 
@@ -224,6 +230,17 @@ def files_router(config: BatchApiConfig, store: Store, runner: Runner, owner) ->
         finally:
             await form.close()
 
+    @router.delete("/{file_id}")
+    def delete_file(file_id: str, who=Depends(owner)):
+        with runner.lock:  # no batch takes the file while it goes
+            stored = found(file_id, who)
+            if store.in_use(file_id):
+                raise ApiError(409, f"File {file_id} is the input of a batch in progress: cancel the batch first.")
+            store.delete_file(stored)
+        return {"id": file_id, "object": "file", "deleted": True}
+
+
+def _add_file_reads(router: APIRouter, store: Store, owner, found) -> None:
     @router.get("")
     def list_files(
         purpose: str | None = None,
@@ -251,17 +268,6 @@ def files_router(config: BatchApiConfig, store: Store, runner: Runner, owner) ->
 
         return StreamingResponse(blocks(), media_type="application/octet-stream")
 
-    @router.delete("/{file_id}")
-    def delete_file(file_id: str, who=Depends(owner)):
-        with runner.lock:  # no batch takes the file while it goes
-            stored = found(file_id, who)
-            if store.in_use(file_id):
-                raise ApiError(409, f"File {file_id} is the input of a batch in progress: cancel the batch first.")
-            store.delete_file(stored)
-        return {"id": file_id, "object": "file", "deleted": True}
-
-    return router
-
 
 def batches_router(config: BatchApiConfig, store: Store, runner: Runner, owner) -> APIRouter:
     router = APIRouter(prefix="/v1/batches")
@@ -281,29 +287,7 @@ def batches_router(config: BatchApiConfig, store: Store, runner: Runner, owner) 
             return _invalid([{**error, "loc": error["loc"][:1]} for error in exc.errors()])
         except ValueError:
             raise ApiError(400, "The request body is not JSON.") from None
-        now = int(time.time())
-        batch = BatchObject(
-            id=new_id("batch_"),
-            endpoint=body.endpoint,
-            input_file_id=body.input_file_id,
-            completion_window=body.completion_window,
-            created_at=now,
-            expires_at=now + window_seconds(body.completion_window),
-            metadata=body.metadata,
-            model=config.embedding_model if body.endpoint == "/v1/embeddings" else config.chat_model,
-        )
-        cap = config.max_active_batches_per_key
-        with runner.lock:  # counted and saved under one lock: two requests cannot both take the last place
-            source = store.file(body.input_file_id, who)  # …nor can the file be deleted meanwhile
-            if source is None or source.file.purpose != "batch":
-                raise ApiError(400, f"Invalid input_file_id: {body.input_file_id!r}.", param="input_file_id")
-            if cap is not None and store.active_batches(who) >= cap:
-                raise ApiError(
-                    429, f"This key has {cap} batches in progress, the most this server allows: wait for one to "
-                    "finish, or cancel one.", "batch_limit_exceeded",
-                )  # fmt: skip
-            store.save_batch(StoredBatch(batch=batch, owner=who))
-        return batch.model_dump()
+        return _new_batch(config, store, runner, body, who).model_dump()
 
     @router.get("")
     def list_batches(limit: int = Query(20, ge=1, le=100), after: str | None = None, who=Depends(owner)):
@@ -330,6 +314,33 @@ def batches_router(config: BatchApiConfig, store: Store, runner: Runner, owner) 
             return runner.update(batch_id, cancelling).batch.model_dump()
 
     return router
+
+
+def _new_batch(config: BatchApiConfig, store: Store, runner: Runner, body: CreateBatch, who: str) -> BatchObject:
+    """A batch saved for `who`, queued: its file its own and of purpose batch, and the key under its cap."""
+    now = int(time.time())
+    batch = BatchObject(
+        id=new_id("batch_"),
+        endpoint=body.endpoint,
+        input_file_id=body.input_file_id,
+        completion_window=body.completion_window,
+        created_at=now,
+        expires_at=now + window_seconds(body.completion_window),
+        metadata=body.metadata,
+        model=config.embedding_model if body.endpoint == "/v1/embeddings" else config.chat_model,
+    )
+    cap = config.max_active_batches_per_key
+    with runner.lock:  # counted and saved under one lock: two requests cannot both take the last place
+        source = store.file(body.input_file_id, who)  # …nor can the file be deleted meanwhile
+        if source is None or source.file.purpose != "batch":
+            raise ApiError(400, f"Invalid input_file_id: {body.input_file_id!r}.", param="input_file_id")
+        if cap is not None and store.active_batches(who) >= cap:
+            raise ApiError(
+                429, f"This key has {cap} batches in progress, the most this server allows: wait for one to "
+                "finish, or cancel one.", "batch_limit_exceeded",
+            )  # fmt: skip
+        store.save_batch(StoredBatch(batch=batch, owner=who))
+    return batch
 
 
 def listing(data: list[dict], has_more: bool) -> dict:

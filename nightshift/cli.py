@@ -32,7 +32,13 @@ DEMO_SYSTEM = "You are a concise assistant that writes accurate one-sentence sum
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nightshift", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_run_and_plan(commands)
+    _add_run_directory_commands(commands)
+    _add_operator_commands(commands)
+    return _command(parser.parse_args(argv))
 
+
+def _add_run_and_plan(commands) -> None:
     run = commands.add_parser("run", help="run a batch job")
     run.add_argument("input", help="OpenAI batch JSONL, or a corpus (.parquet, .csv, .jsonl with --text-column)")
     run.add_argument("--output", required=True, help="run directory (re-running it resumes)")
@@ -61,9 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--format", choices=["table", "json"], default="table")
     _add_job_arguments(plan)
 
-    models = commands.add_parser("models", help="provision the bundled models (idempotent)")
-    models.add_argument("names", nargs="*", help="tiny, smollm2, minilm (default: all)")
+    demo = commands.add_parser("demo", help="summarize a sample corpus with SmolLM2")
+    demo.add_argument("--output", default="runs/demo")
+    demo.add_argument("--documents", type=int, default=200)
+    demo.add_argument("--model", default="smollm2")
 
+
+def _add_run_directory_commands(commands) -> None:
     status = commands.add_parser("status", help="shards done / partial / pending of a run, and an ETA")
     status.add_argument("run_dir")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
@@ -75,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
 
     retry = commands.add_parser("retry", help="re-run the rows that failed for the engine's sake (engine_error)")
     retry.add_argument("run_dir")
+
+
+def _add_operator_commands(commands) -> None:
+    models = commands.add_parser("models", help="provision the bundled models (idempotent)")
+    models.add_argument("names", nargs="*", help="tiny, smollm2, minilm (default: all)")
 
     serve = commands.add_parser("serve", help="serve OpenAI's Batch API (/v1/files, /v1/batches) here")
     from nightshift.config import BatchApiConfig
@@ -98,13 +113,6 @@ def main(argv: list[str] | None = None) -> int:
     pool.add_argument("action", choices=["template"])
     pool.add_argument("--gpus", type=int, default=1, help="GPUs per pod (the model block's tensor_parallel_size)")
     pool.add_argument("--spot", choices=["gke", "eks", "karpenter", "aks"], help="onto this cloud's spot nodes")
-
-    demo = commands.add_parser("demo", help="summarize a sample corpus with SmolLM2")
-    demo.add_argument("--output", default="runs/demo")
-    demo.add_argument("--documents", type=int, default=200)
-    demo.add_argument("--model", default="smollm2")
-
-    return _command(parser.parse_args(argv))
 
 
 def _command(args) -> int:

@@ -120,34 +120,12 @@ def count_tokens(
     """Prompt tokens of every valid row of the plan's shards, as the engine will count them; with
     `prefix_cache` (capacity in tokens, block size), the prefix-cache hit rate predicted for the
     rows in input order and in the order generation sends them (nightshift/layout.py)."""
-    rows = valid = prompt = bound = largest = 0
-    rejected: Counter = Counter()
-    embedding = False
+    tally = _Tally()
     input_order, laid_out = (
         (PrefixCacheModel(*prefix_cache), PrefixCacheModel(*prefix_cache)) if prefix_cache else (None, None)
     )
     for shard in plan.shards:
-        table = read_table(shard.path, columns=["request", "error"])
-        shard_tokens = 0
-        generative: list[tuple] = []  # (layout key, prompt ids, tokens it may write, tokens it is expected to)
-        for request, error in zip(table["request"].to_pylist(), table["error"].to_pylist()):
-            rows += 1
-            if error is not None:
-                rejected[json.loads(error)["code"]] += 1
-                continue
-            valid += 1
-            request = json.loads(request)
-            url, body = request["url"], request.get("body") or {}
-            ids = prompt_ids(url, body, tokenizer)
-            tokens = len(ids) if ids is not None else prompt_tokens(url, body, tokenizer, max_model_len)
-            most = completion_bound(url, body, tokens, max_model_len)
-            embedding = embedding or url == EMBEDDINGS_URL
-            prompt += tokens
-            bound += most
-            shard_tokens += tokens + most
-            if ids is not None:
-                generative.append(_cache_visit(body, ids, most))
-        largest = max(largest, shard_tokens)
+        generative = tally.shard(shard, tokenizer, max_model_len)
         if input_order is not None:
             if plan.layout == "input-slices":  # the shards in plan order are the input order
                 for _, ids, written, _ in generative:
@@ -163,19 +141,54 @@ def count_tokens(
                 _, ids, written, _ = _cache_visit(body, ids, completion_bound(url, body, len(ids), max_model_len))
                 input_order.run(ids, written)
     return TokenCount(
-        rows=rows,
-        valid_rows=valid,
-        rejected_by_code=dict(rejected.most_common()),
+        rows=tally.rows,
+        valid_rows=tally.valid,
+        rejected_by_code=dict(tally.rejected.most_common()),
         shards=len(plan.shards),
-        prompt_tokens=prompt,
-        completion_tokens_max=bound,
-        embedding=embedding,
-        shard_tokens_max=largest,
+        prompt_tokens=tally.prompt,
+        completion_tokens_max=tally.bound,
+        embedding=tally.embedding,
+        shard_tokens_max=tally.largest,
         prefix_cache_hit_rate_predicted=laid_out.hit_rate if laid_out else None,
         prefix_cache_hit_rate_input_order=input_order.hit_rate if input_order else None,
         shards_regrouped=plan.layout == "prefix-groups",
         misplaced_shared_text=plan.misplaced_shared_text,
     )
+
+
+class _Tally:
+    """The counts of count_tokens, shard by shard."""
+
+    def __init__(self) -> None:
+        self.rows = self.valid = self.prompt = self.bound = self.largest = 0
+        self.rejected: Counter = Counter()
+        self.embedding = False
+
+    def shard(self, shard, tokenizer, max_model_len: int | None) -> list[tuple]:
+        """Count one shard's rows; returns its generative rows as (layout key, prompt ids, tokens
+        it may write, tokens it is expected to) for the prefix-cache model."""
+        table = read_table(shard.path, columns=["request", "error"])
+        shard_tokens = 0
+        generative: list[tuple] = []
+        for request, error in zip(table["request"].to_pylist(), table["error"].to_pylist()):
+            self.rows += 1
+            if error is not None:
+                self.rejected[json.loads(error)["code"]] += 1
+                continue
+            self.valid += 1
+            request = json.loads(request)
+            url, body = request["url"], request.get("body") or {}
+            ids = prompt_ids(url, body, tokenizer)
+            tokens = len(ids) if ids is not None else prompt_tokens(url, body, tokenizer, max_model_len)
+            most = completion_bound(url, body, tokens, max_model_len)
+            self.embedding = self.embedding or url == EMBEDDINGS_URL
+            self.prompt += tokens
+            self.bound += most
+            shard_tokens += tokens + most
+            if ids is not None:
+                generative.append(_cache_visit(body, ids, most))
+        self.largest = max(self.largest, shard_tokens)
+        return generative
 
 
 def _cache_visit(body: dict, ids: list[int], most: int) -> tuple:
@@ -319,13 +332,7 @@ def estimate(
     now: datetime | None = None,
 ) -> Estimate:
     """The arithmetic of the module docstring, on counted tokens and a measured throughput."""
-    if tokens.embedding:
-        completion, completion_source = 0, "embeddings: none"
-    elif throughput is not None and throughput.completion_per_row is not None:
-        completion = min(tokens.completion_tokens_max, round(tokens.valid_rows * throughput.completion_per_row))
-        completion_source = f"{throughput.completion_per_row:,.1f} per row, as in the earlier runs"
-    else:
-        completion, completion_source = tokens.completion_tokens_max, "the bound (max_tokens): no history"
+    completion, completion_source = _completion_estimate(tokens, throughput)
     total = tokens.prompt_tokens + completion
     managed = managed_api_cost(tokens.prompt_tokens, completion, tokens.embedding, managed_prices, embedding_prices)
     result = Estimate(
@@ -358,22 +365,37 @@ def estimate(
     result.hours_one_gpu = round(work_s / 3600, 4)
     result.cost_on_demand = round(gpu_hours * on_demand_per_hour, 6) if on_demand_per_hour is not None else None
     result.cost_spot = round(gpu_hours * spot_per_hour, 6) if spot_per_hour is not None else None
-    if deadline is None:
-        return result
+    if deadline is not None:
+        _fit_deadline(result, tokens, total, work_s, throughput, (deadline - now).total_seconds())
+    return result
+
+
+def _completion_estimate(tokens: TokenCount, throughput: Throughput | None) -> tuple[int, str]:
+    """The completion tokens expected, and where the figure comes from."""
+    if tokens.embedding:
+        return 0, "embeddings: none"
+    if throughput is not None and throughput.completion_per_row is not None:
+        completion = min(tokens.completion_tokens_max, round(tokens.valid_rows * throughput.completion_per_row))
+        return completion, f"{throughput.completion_per_row:,.1f} per row, as in the earlier runs"
+    return tokens.completion_tokens_max, "the bound (max_tokens): no history"
+
+
+def _fit_deadline(
+    result: Estimate, tokens: TokenCount, total: int, work_s: float, throughput: Throughput, time_left_s: float
+) -> None:
+    """The GPUs that finish by the deadline, or why none can: the largest shard alone is too long."""
     # the shard's own share of the estimate: its bound scaled like the total's
     scale = total / (tokens.prompt_tokens + tokens.completion_tokens_max or 1)
     straggler_s = tokens.shard_tokens_max * scale * (work_s / total if total else 0.0) * throughput.straggler_factor
-    time_left_s = (deadline - now).total_seconds()
     if time_left_s <= straggler_s:
         result.finishes_in_time = False
         result.why_not = (
             f"the largest shard alone takes {straggler_s / 3600:.2f} h on one GPU, "
             f"and {max(time_left_s, 0) / 3600:.2f} h are left: use smaller shards or a later deadline"
         )
-        return result
+        return
     result.gpus_needed = max(1, math.ceil(work_s / (time_left_s - straggler_s)))
     result.finishes_in_time = True
-    return result
 
 
 def load_tokenizer(job: JobSpec):

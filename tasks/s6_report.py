@@ -171,39 +171,7 @@ def engine_time(shard_outputs: list[Path]) -> EngineTime:
         metrics = sql_path_list(metric_files)
         con.execute(f"CREATE VIEW metrics AS SELECT * FROM read_json_auto({metrics}, union_by_name = true)")
         columns = {row[0] for row in con.sql("DESCRIBE metrics").fetchall()}
-        slot = "coalesce(cuda_visible_devices::VARCHAR, '')" if "cuda_visible_devices" in columns else "''"
-        # Wall time is first start → last finish; billed time adds up each engine slot's own
-        # span, since shards fanned out to several GPUs run (and bill) side by side.
-        span, slot_seconds, slots, engine_seconds, gpu_name, gpu_count, gpu_util, gpu_mem, gpu_power, telemetry = (
-            con.sql(
-                f"""
-                WITH slots AS (
-                    SELECT max(engine_finished) - min(engine_started) AS seconds
-                    FROM metrics GROUP BY host, {slot}
-                )
-                SELECT max(engine_finished) - min(engine_started), (SELECT sum(seconds) FROM slots),
-                       (SELECT count(*) FROM slots), sum(engine_seconds), any_value(gpu_name),
-                       max(gpu_count), avg(gpu_util_mean), avg(gpu_mem_mib_mean), avg(gpu_power_w_mean),
-                       any_value(gpu_telemetry)
-                FROM metrics
-                """
-            ).fetchall()[0]
-        )
-        context = None
-        if "max_model_len" in columns:
-            context = con.sql("SELECT max(max_model_len) FROM metrics").fetchall()[0][0]
-        hit_rate, settings = None, None
-        if "engine_settings" in columns:  # as vLLM resolved them, the latest shard's engine
-            latest = con.sql(
-                "SELECT engine_settings FROM metrics WHERE engine_settings IS NOT NULL "
-                "ORDER BY engine_finished DESC LIMIT 1"
-            ).fetchall()
-            settings = latest[0][0] if latest else None
-        if "cached_prompt_tokens" in columns:  # metrics of earlier versions have no prefix-cache counts
-            cached, prompt = con.sql(
-                "SELECT sum(cached_prompt_tokens), sum(engine_prompt_tokens) FROM metrics"
-            ).fetchall()[0]
-            hit_rate = round(cached / prompt, 4) if prompt else None
+        figures = _time_and_gpu(con, columns) | _context_settings_and_cache(con, columns)
         stragglers = con.sql(
             """
             SELECT shard_index, round(engine_seconds, 2) AS seconds,
@@ -211,22 +179,60 @@ def engine_time(shard_outputs: list[Path]) -> EngineTime:
             FROM metrics ORDER BY times_median DESC, shard_index LIMIT 3
             """
         ).fetchall()
-    return EngineTime(
-        span_seconds=span,
-        slot_seconds=slot_seconds,
-        slots=slots,
-        engine_seconds=engine_seconds,
-        max_model_len=context,
-        gpu_name=gpu_name,
-        gpu_count=gpu_count or 0,
-        gpu_utilization_mean=gpu_util,
-        gpu_memory_mib_mean=gpu_mem,
-        gpu_power_w_mean=gpu_power,
-        gpu_telemetry=telemetry,
-        prefix_cache_hit_rate=hit_rate,
-        engine_settings=settings,
-        stragglers=[(s, sec, r) for s, sec, r in stragglers],
+    return EngineTime(**figures, stragglers=[(s, sec, r) for s, sec, r in stragglers])
+
+
+TIME_AND_GPU_SQL = """
+    WITH slots AS (
+        SELECT max(engine_finished) - min(engine_started) AS seconds
+        FROM metrics GROUP BY host, {slot}
     )
+    SELECT max(engine_finished) - min(engine_started), (SELECT sum(seconds) FROM slots),
+           (SELECT count(*) FROM slots), sum(engine_seconds), any_value(gpu_name),
+           max(gpu_count), avg(gpu_util_mean), avg(gpu_mem_mib_mean), avg(gpu_power_w_mean),
+           any_value(gpu_telemetry)
+    FROM metrics
+"""
+
+
+def _time_and_gpu(con, columns: set[str]) -> dict:
+    """Wall time is first start → last finish; billed time adds up each engine slot's own span,
+    since shards fanned out to several GPUs run (and bill) side by side."""
+    slot = "coalesce(cuda_visible_devices::VARCHAR, '')" if "cuda_visible_devices" in columns else "''"
+    span, slot_seconds, slots, engine_seconds, gpu_name, gpu_count, gpu_util, gpu_mem, gpu_power, telemetry = (
+        con.sql(TIME_AND_GPU_SQL.format(slot=slot)).fetchall()[0]
+    )
+    return {
+        "span_seconds": span,
+        "slot_seconds": slot_seconds,
+        "slots": slots,
+        "engine_seconds": engine_seconds,
+        "gpu_name": gpu_name,
+        "gpu_count": gpu_count or 0,
+        "gpu_utilization_mean": gpu_util,
+        "gpu_memory_mib_mean": gpu_mem,
+        "gpu_power_w_mean": gpu_power,
+        "gpu_telemetry": telemetry,
+    }
+
+
+def _context_settings_and_cache(con, columns: set[str]) -> dict:
+    """The context, the engine's settings (the latest shard's) and the prefix cache's hit rate,
+    where the metrics hold them (those of earlier versions may not)."""
+    context, hit_rate, settings = None, None, None
+    if "max_model_len" in columns:
+        context = con.sql("SELECT max(max_model_len) FROM metrics").fetchall()[0][0]
+    if "engine_settings" in columns:  # as vLLM resolved them, the latest shard's engine
+        latest = con.sql(
+            "SELECT engine_settings FROM metrics WHERE engine_settings IS NOT NULL "
+            "ORDER BY engine_finished DESC LIMIT 1"
+        ).fetchall()
+        settings = latest[0][0] if latest else None
+    if "cached_prompt_tokens" in columns:
+        sums = "SELECT sum(cached_prompt_tokens), sum(engine_prompt_tokens) FROM metrics"
+        cached, prompt = con.sql(sums).fetchall()[0]
+        hit_rate = round(cached / prompt, 4) if prompt else None
+    return {"max_model_len": context, "prefix_cache_hit_rate": hit_rate, "engine_settings": settings}
 
 
 def _percent(share: float | None) -> float | None:

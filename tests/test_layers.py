@@ -192,3 +192,17 @@ def test_no_exit_status_is_a_bare_number():
             if literal or returned:
                 bare.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert bare == []
+
+
+LONGEST_UNIT = 60  # lines: a function read at once
+
+
+def test_no_function_is_longer_than_a_screen():
+    long = []
+    for _, path in own_modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > LONGEST_UNIT:
+                    long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({lines} lines)")
+    assert long == []
