@@ -81,6 +81,10 @@ class RunDir:
     def every_chunk(self) -> list[Path]:
         return list(self.root.glob("shards/*/chunk-*.parquet"))
 
+    # The SQL (DuckDB) of a chunk's landing second, from the `filename` column of a
+    # read_parquet(..., filename = true) over chunks: the time_ns its name begins with.
+    CHUNK_SECOND_SQL = "(regexp_extract(filename, 'chunk-(\\d+)-', 1)::HUGEINT // 1000000000)::BIGINT"
+
     def every_shard_metrics(self) -> list[Path]:
         return list(self.root.glob("shards/*/metrics.json"))
 

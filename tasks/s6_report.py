@@ -608,7 +608,7 @@ def _chunk_landings(run_dir: RunDir) -> dict[int, int]:
         return {}
     with local_copies(chunks) as chunks, duckdb_connection() as con:
         rows = con.sql(
-            f"""SELECT (regexp_extract(filename, 'chunk-(\\d+)-', 1)::HUGEINT // 1000000000)::BIGINT AS second,
+            f"""SELECT {RunDir.CHUNK_SECOND_SQL} AS second,
                        sum(coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0))::BIGINT
                 FROM read_parquet({sql_path_list(chunks)}, filename = true) GROUP BY 1"""
         ).fetchall()
