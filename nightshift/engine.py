@@ -307,12 +307,10 @@ class BatchEngine:
 def _lora_requests(config: EngineConfig) -> dict:
     """Each adapter's LoRARequest: its name, a number of its own (vLLM's adapter slot id) and this
     machine's copy of the job's weights."""
-    from vllm.lora.request import LoRARequest
-
     from nightshift.adapters import local_adapter
 
     return {
-        adapter.name: LoRARequest(adapter.name, number, local_adapter(adapter))
+        adapter.name: vllm_adapter.lora_request(adapter.name, number, local_adapter(adapter))
         for number, adapter in enumerate(config.lora, start=1)
     }
 

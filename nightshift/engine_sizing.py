@@ -37,9 +37,9 @@ CPU_MEMORY_SHARE = 0.2  # of the memory free, at most, for a CPU engine's KV cac
 
 
 def platform_is_cpu() -> bool:
-    from vllm.platforms import current_platform
+    from nightshift.vllm_adapter import platform_is_cpu as on_cpu
 
-    return bool(current_platform.is_cpu())
+    return on_cpu()
 
 
 def with_platform_defaults(config: EngineConfig, on_cpu: bool | None = None) -> EngineConfig:
@@ -183,10 +183,8 @@ def use_every_cpu_core() -> None:
     vLLM's default. NIGHTSHIFT_CPU_ALL_CORES=1 forces every core, =0 keeps vLLM's default (what
     a host that starts several CPU engines at once should set); an operator's own
     VLLM_CPU_OMP_THREADS_BIND wins over both."""
-    from vllm.platforms import current_platform
-
     wanted = os.environ.get("NIGHTSHIFT_CPU_ALL_CORES", "auto")
-    if wanted == "0" or not current_platform.is_cpu() or os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+    if wanted == "0" or not platform_is_cpu() or os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
         return
     if wanted != "1" and other_engines_running():
         log.info("another vLLM engine runs on this machine: keeping vLLM's default CPU binding")

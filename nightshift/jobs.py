@@ -114,11 +114,9 @@ def check_job(job: JobSpec) -> JobSpec:
     """Check the model's files (whole, parseable, a tokenizer beside the weights) and the engine
     settings against the model with vLLM's own model config, before any row is planned or any
     weight loaded (about a second); raise ConfigurationError in one line."""
-    from vllm.engine.arg_utils import EngineArgs
-
     from nightshift.engine_sizing import with_platform_defaults
     from nightshift.models import local_model
-    from nightshift.vllm_adapter import engine_argument_names
+    from nightshift.vllm_adapter import engine_argument_names, model_config_of
 
     engine = job.engine
     model = local_model(engine.model, job.model_identity)
@@ -134,13 +132,13 @@ def check_job(job: JobSpec) -> JobSpec:
     if unknown:
         raise ConfigurationError(f"engine_args: vLLM's EngineArgs has no {', '.join(sorted(unknown))}")
     try:
-        EngineArgs(
+        model_config_of(
             model=model,
             dtype=with_platform_defaults(engine).dtype,  # the platform's when left open
             max_model_len=engine.max_model_len or -1,
             quantization=engine.quantization,
             seed=engine.seed,
-        ).create_model_config()
+        )
     except ValidationError as exc:
         raise ConfigurationError(validation_message(exc)) from None
     except (ValueError, OSError, RuntimeError) as exc:

@@ -90,17 +90,9 @@ class PreparedRequest:
 
 
 def _protocol(url: str):
-    if url == EMBEDDINGS_URL:
-        from vllm.entrypoints.pooling.embed.protocol import EmbeddingCompletionRequest
+    from nightshift.vllm_adapter import protocol_model
 
-        return EmbeddingCompletionRequest
-    if url == CHAT_URL:
-        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-
-        return ChatCompletionRequest
-    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-
-    return CompletionRequest
+    return protocol_model("embedding" if url == EMBEDDINGS_URL else "chat" if url == CHAT_URL else "completion")
 
 
 def _known_fields(model) -> set[str]:

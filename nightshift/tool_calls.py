@@ -52,14 +52,11 @@ def _named(tool_choice: Any) -> str | None:
 
 def constrain(parsed) -> None:
     """A forced call's structured decoding, set on the validated ChatCompletionRequest."""
-    from vllm.sampling_params import StructuredOutputsParams
-    from vllm.tool_parsers.utils import get_json_schema_from_tools
+    from nightshift.vllm_adapter import forced_tool_call_outputs
 
     if not parsed.tools or not is_forced(parsed.tool_choice):
         return
-    schema = get_json_schema_from_tools(parsed.tool_choice, parsed.tools, parsed.parallel_tool_calls)
-    parsed.structured_outputs = StructuredOutputsParams(grammar=compact_json_grammar(schema))
-    parsed.response_format = None
+    forced_tool_call_outputs(parsed, compact_json_grammar)
 
 
 def compact_json_grammar(schema: dict) -> str:

@@ -42,6 +42,56 @@ def tool_parser_class(parser_name: str, model_name: str | None, tokenizer):
     return ParserManager.get_parser(**wanted)
 
 
+def platform_is_cpu() -> bool:
+    """Whether vLLM runs on its CPU platform here."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def protocol_model(kind: str):
+    """vLLM's own request model of an endpoint ("chat", "completion", "embedding"): the wire
+    format's checks are vLLM's, so a row it accepts is a row the engine takes."""
+    if kind == "embedding":
+        from vllm.entrypoints.pooling.embed.protocol import EmbeddingCompletionRequest
+
+        return EmbeddingCompletionRequest
+    if kind == "chat":
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+        return ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    return CompletionRequest
+
+
+def forced_tool_call_outputs(parsed, grammar_of) -> None:
+    """Set a forced tool call's structured decoding on a validated ChatCompletionRequest: vLLM's
+    JSON schema of the call (`get_json_schema_from_tools`, what its server decodes under), as the
+    grammar `grammar_of(schema)` makes of it."""
+    from vllm.sampling_params import StructuredOutputsParams
+    from vllm.tool_parsers.utils import get_json_schema_from_tools
+
+    schema = get_json_schema_from_tools(parsed.tool_choice, parsed.tools, parsed.parallel_tool_calls)
+    parsed.structured_outputs = StructuredOutputsParams(grammar=grammar_of(schema))
+    parsed.response_format = None
+
+
+def lora_request(name: str, number: int, path: str):
+    """vLLM's request for one LoRA adapter: its name, its slot number, its local weights."""
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(name, number, path)
+
+
+def model_config_of(**arguments):
+    """vLLM's model config for these EngineArgs, without loading a weight: its own checks of
+    the model and the settings (ValueError, OSError, pydantic's ValidationError when they fail)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(**arguments).create_model_config()
+
+
 def engine_argument_names() -> frozenset[str]:
     """Every argument vLLM's EngineArgs (and so `LLM(...)`) takes."""
     import dataclasses

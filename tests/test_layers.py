@@ -206,3 +206,21 @@ def test_no_function_is_longer_than_a_screen():
                 if lines > LONGEST_UNIT:
                     long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({lines} lines)")
     assert long == []
+
+
+# vLLM's public offline entry point: the one import of vLLM outside the adapter.
+PUBLIC_VLLM = {("nightshift.engine", "vllm")}
+
+
+def test_vllm_is_reached_through_its_adapter_alone():
+    """Every use of vLLM's internals (protocol models, tool parsers, structured outputs, LoRA
+    requests, platform, EngineArgs) goes through nightshift/vllm_adapter.py, whose
+    `broken_assumptions()` checks them at start; only `from vllm import LLM` is used directly."""
+    outside = []
+    for name, path in own_modules():
+        if name == "nightshift.vllm_adapter":
+            continue
+        for imported in imports_of(path):
+            if imported.split(".")[0] == "vllm" and (name, imported) not in PUBLIC_VLLM:
+                outside.append(f"{name} imports {imported}")
+    assert outside == []
