@@ -14,6 +14,7 @@ import logging
 import os
 
 from nightshift.config import NIGHTSHIFT_ENGINE_FIELDS, EngineConfig
+from nightshift.vllm_adapter import platform_is_cpu
 
 log = logging.getLogger("nightshift.engine")
 
@@ -34,12 +35,6 @@ MEASURED_PARAMS = 8.0e9
 TOKENS_PER_ROW = 256  # a row's expected completion when only the row count is known (CorpusOptions' default)
 GPU_MEMORY_SHARE = 0.9  # a card of its own, as vLLM's default
 CPU_MEMORY_SHARE = 0.2  # of the memory free, at most, for a CPU engine's KV cache
-
-
-def platform_is_cpu() -> bool:
-    from nightshift.vllm_adapter import platform_is_cpu as on_cpu
-
-    return on_cpu()
 
 
 def with_platform_defaults(config: EngineConfig, on_cpu: bool | None = None) -> EngineConfig:

@@ -265,6 +265,8 @@ def _broken_request_assumptions(needs, parameters) -> list[str]:
         ("vllm.parser.parser_manager", "ParserManager"),
         ("vllm.sampling_params", "StructuredOutputsParams"),
         ("vllm.lora.request", "LoRARequest"),
+        ("vllm.platforms", "current_platform"),
+        ("vllm.engine.arg_utils", "EngineArgs"),
     ):
         try:
             needs(hasattr(importlib.import_module(module), name), f"{module}.{name}")
@@ -275,6 +277,9 @@ def _broken_request_assumptions(needs, parameters) -> list[str]:
 
         wanted = {"tool_parser_name", "enable_auto_tools", "model_name"}
         needs(wanted <= parameters(ParserManager.get_parser), "ParserManager.get_parser(tool_parser_name=, ...)")
+    from vllm.engine.arg_utils import EngineArgs
+
+    needs(callable(getattr(EngineArgs, "create_model_config", None)), "EngineArgs.create_model_config()")
     needs(bool(client_errors()), "vllm.exceptions: a request's error class (VLLMClientError or VLLMValidationError)")
     needs(
         {"allowed_local_media_path", "allowed_media_domains"} <= engine_argument_names(),
