@@ -123,6 +123,22 @@ def s3_endpoint():
 
 
 @pytest.fixture(scope="session")
+def warm_engine(tmp_path_factory):
+    """vLLM's OpenAI server for the tiny model, started once per test worker on first use.
+
+    Child runs whose subject is not the engine inside them — a bucket's resume, the lease's
+    fence, the Batch API, the `--engine-url` client — reach it through `--engine-url` instead of
+    each starting an engine of their own (12–40 s apiece on this 2-core machine). The tests
+    about the local engine (its start, sizing, stop and kill) keep starting one."""
+    from harness import EngineServer
+
+    server = EngineServer(tmp_path_factory.mktemp("warm-engine")).start()
+    yield server
+    if server.process.poll() is None:
+        server.kill()
+
+
+@pytest.fixture(scope="session")
 def tiny_job():
     """A job on the tiny random Llama: small chunks so shards have several."""
     from nightshift.jobs import make_job

@@ -8,6 +8,7 @@ more run against a real server with the engine starting in the background (issue
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
+
+from nightshift.models import resolve_model
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
@@ -66,6 +69,32 @@ def wait_until(url: str, timeout: float = 120, process: subprocess.Popen | None 
         except httpx.HTTPError:
             time.sleep(0.3)
     raise TimeoutError(f"{url} did not answer in {timeout:.0f} s")
+
+
+class EngineServer:
+    """vLLM's OpenAI server for a bundled model (the tiny one, priority scheduling, by default) on a
+    fixed port, in a process group of its own: killed and started again on the same address, as
+    an online fleet's server restarts."""
+
+    def __init__(self, logs, model: str = "tiny", *arguments: str) -> None:
+        self.port, self.logs, self.process = free_port(), logs, None
+        self.model, self.arguments = model, arguments or ("--max-model-len", "2048", "--scheduling-policy", "priority")
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> EngineServer:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", resolve_model(self.model),
+             "--served-model-name", self.model, "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32",
+             "--kv-cache-memory-bytes", "200000000", "--enforce-eager", *self.arguments],
+            cwd=REPO, env=child_env(), stdout=open(self.logs / f"vllm-{time.time():.0f}.log", "w"),
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        wait_until(f"{self.url}/models", timeout=240, process=self.process)
+        return self
+
+    def kill(self) -> None:
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
 
 
 def events_of(run_dir, wanted: set[str], timeout: float = 60) -> dict[str, list[dict]]:

@@ -93,11 +93,15 @@ def bucket(s3_endpoint) -> Bucket:
 
 
 @pytest.fixture(scope="module")
-def server(bucket, tmp_path_factory):
+def server(bucket, warm_engine, tmp_path_factory):
     """One server for the module's tests, keeping its files, batches and runs on a bucket; each
-    test is its own tenant (API key), so none sees another's files or batches. (The server that
-    is killed and restarted keeps them on a local disk.)"""
-    running = Server(f"s3://{bucket.name}/api", logs=tmp_path_factory.mktemp("api-logs"), env=bucket.env).start()
+    test is its own tenant (API key), so none sees another's files or batches. Its chat batches
+    run on the session's engine server (`--chat-engine-url`), as a Batch API beside an online
+    fleet runs them: the subject is the API, not an engine each batch's run would load. (The
+    server that is killed and restarted keeps its files on a local disk and its engine in its
+    runs: the engine going down with it is that test's subject.)"""
+    logs, chat_engine = tmp_path_factory.mktemp("api-logs"), ("--chat-engine-url", warm_engine.url)
+    running = Server(f"s3://{bucket.name}/api", *chat_engine, logs=logs, env=bucket.env).start()
     yield running
     running.stop()
 

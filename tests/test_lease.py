@@ -42,11 +42,14 @@ def test_a_bucket_run_directory_has_one_live_run_too(s3_endpoint, monkeypatch):
     assert taken.returncode == 0 and "took it" in taken.stdout, taken.stderr[-2000:]
 
 
-def test_a_run_frozen_past_its_lease_and_taken_over_makes_nothing_visible_when_it_wakes(s3_endpoint, tmp_path):
+def test_a_run_frozen_past_its_lease_and_taken_over_makes_nothing_visible_when_it_wakes(
+    s3_endpoint, warm_engine, tmp_path
+):
     """The paused owner: a bucket run stopped with SIGSTOP (a frozen VM) past the lease's TTL, a
     second run takes the directory over and completes it; the first, woken with SIGCONT, finds
     the lease another's at its next write and stops with exit status 2, having published
-    nothing; every row is in the outputs exactly once."""
+    nothing; every row is in the outputs exactly once. Both runs reach the session's engine server
+    (`--engine-url`): the subject is the directory's lease, not an engine inside the frozen run."""
     import signal
     import subprocess
     import time
@@ -68,12 +71,13 @@ def test_a_run_frozen_past_its_lease_and_taken_over_makes_nothing_visible_when_i
                            use_listings_cache=False)  # fmt: skip
     bucket = f"fence-{uuid.uuid4().hex[:8]}"
     fs.mkdir(bucket)
-    ids = [f"req-{i:04d}" for i in range(320)]
+    ids = [f"req-{i:04d}" for i in range(96)]
     lines = [orjson.dumps(chat_request(i, f"Write about item {i}.", max_tokens=48, ignore_eos=True)) for i in ids]
     fs.pipe(f"{bucket}/in.jsonl", b"\n".join(lines) + b"\n")
     run = f"s3://{bucket}/runs/tonight"
     args = ["run", f"s3://{bucket}/in.jsonl", "--output", run, "--model", "tiny", "--shard-size", "40",
-            "--chunk-size", "8", "--max-num-seqs", "4", "--oracle-samples", "0"]  # fmt: skip
+            "--chunk-size", "8", "--engine-url", warm_engine.url, "--engine-max-concurrency", "4",
+            "--oracle-samples", "0"]  # fmt: skip
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
 

@@ -8,49 +8,25 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 from conftest import chat_request, read_jsonl, write_jsonl
 from fault_proxy import FaultyEngineProxy
-from harness import REPO, child_env, free_port, run_cli, start_cli, wait_until
-
-from nightshift.models import resolve_model
+from harness import EngineServer, free_port, run_cli, start_cli
 
 
-class EngineServer:
-    """vLLM's OpenAI server for a bundled model (the tiny one, priority scheduling, by default) on a
-    fixed port, in a process group of its own: killed and started again on the same address, as
-    an online fleet's server restarts."""
-
-    def __init__(self, logs, model: str = "tiny", *arguments: str) -> None:
-        self.port, self.logs, self.process = free_port(), logs, None
-        self.model, self.arguments = model, arguments or ("--max-model-len", "2048", "--scheduling-policy", "priority")
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-
-    def start(self) -> EngineServer:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", resolve_model(self.model),
-             "--served-model-name", self.model, "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32",
-             "--kv-cache-memory-bytes", "200000000", "--enforce-eager", *self.arguments],
-            cwd=REPO, env=child_env(), stdout=open(self.logs / f"vllm-{time.time():.0f}.log", "w"),
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        wait_until(f"{self.url}/models", timeout=240, process=self.process)
-        return self
-
-    def kill(self) -> None:
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
+@pytest.fixture
+def engine_server(warm_engine):
+    """The session's warm engine server (conftest): these tests' subject is the client side."""
+    return warm_engine
 
 
 @pytest.fixture(scope="module")
-def engine_server(tmp_path_factory):
+def own_engine_server(tmp_path_factory):
+    """A server of the drill's own, which it kills and restarts."""
     server = EngineServer(tmp_path_factory.mktemp("engine-server")).start()
     yield server
     if server.process.poll() is None:
@@ -138,7 +114,7 @@ def test_a_busy_server_429_503_and_dropped_connections_costs_no_row(engine_serve
 
 
 @pytest.mark.drill
-def test_a_server_killed_mid_run_and_restarted_or_gone_for_good_loses_no_row(engine_server, tmp_path):
+def test_a_server_killed_mid_run_and_restarted_or_gone_for_good_loses_no_row(own_engine_server, tmp_path):
     """A drill (`make drills`): it waits out a server's restart by design. The suite proves the
     parts faster: 429s, 503s and dropped connections cost no row, and a fleet passes over a
     server that does not answer (the tests beside this one)."""
@@ -146,7 +122,7 @@ def test_a_server_killed_mid_run_and_restarted_or_gone_for_good_loses_no_row(eng
     batch = write_jsonl(tmp_path / "in.jsonl", rows)
 
     def run(run_dir, *extra):
-        return start_cli("run", batch, "--output", run_dir, "--model", "tiny", "--engine-url", engine_server.url,
+        return start_cli("run", batch, "--output", run_dir, "--model", "tiny", "--engine-url", own_engine_server.url,
                          "--chunk-size", "16", "--oracle-samples", "0", "--determinism-samples", "0", *extra,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
 
@@ -155,13 +131,13 @@ def test_a_server_killed_mid_run_and_restarted_or_gone_for_good_loses_no_row(eng
         while not list(run_dir.glob("shards/*/chunk-*.parquet")):
             assert time.monotonic() < deadline and process.poll() is None, "no chunk was written"
             time.sleep(0.2)
-        engine_server.kill()
+        own_engine_server.kill()
 
     # Restarted within the window: the run waits, retrying, and finishes.
     first = run(tmp_path / "restarted")
     killed_once_chunks_are_written(tmp_path / "restarted", first)
     time.sleep(3)
-    engine_server.start()
+    own_engine_server.start()
     output, _ = first.communicate(timeout=600)
     assert first.returncode == 0, output[-3000:]
     assert_every_row_once(tmp_path / "restarted", rows)
@@ -177,7 +153,7 @@ def test_a_server_killed_mid_run_and_restarted_or_gone_for_good_loses_no_row(eng
     assert not (gone / "output.jsonl").exists()
     kept = {path: path.stat().st_mtime_ns for path in gone.glob("shards/*/chunk-*.parquet")}
     assert kept
-    engine_server.start()
+    own_engine_server.start()
     third = run(gone)
     output, _ = third.communicate(timeout=600)
     assert third.returncode == 0, output[-3000:]

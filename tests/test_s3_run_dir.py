@@ -55,7 +55,9 @@ def nightshift(args, env, cwd):
     )
 
 
-def test_a_bucket_run_killed_mid_way_resumes_from_the_bucket_with_every_row_once(bucket, tmp_path):
+def test_a_bucket_run_killed_mid_way_resumes_from_the_bucket_with_every_row_once(bucket, warm_engine, tmp_path):
+    """The runs reach the session's engine server (`--engine-url`): the subject is the bucket's
+    resume, not an engine inside the killed process."""
     import orjson
 
     fs, name, env, secret = bucket
@@ -63,8 +65,8 @@ def test_a_bucket_run_killed_mid_way_resumes_from_the_bucket_with_every_row_once
     lines = [orjson.dumps(chat_request(i, f"Write about item {i}.", max_tokens=48, ignore_eos=True)) for i in ids]
     fs.pipe(f"{name}/in.jsonl", b"\n".join(lines) + b"\n")
     run = f"s3://{name}/runs/tonight"
-    args = ["run", f"s3://{name}/in.jsonl", "--output", run, "--model", "tiny"]
-    args += ["--shard-size", str(SHARD), "--chunk-size", "16", "--max-num-seqs", "8"]
+    args = ["run", f"s3://{name}/in.jsonl", "--output", run, "--model", "tiny", "--engine-url", warm_engine.url]
+    args += ["--shard-size", str(SHARD), "--chunk-size", "16", "--engine-max-concurrency", "8"]
     first_dir, second_dir = tmp_path / "machine-a", tmp_path / "machine-b"
     first_dir.mkdir()
     second_dir.mkdir()

@@ -99,8 +99,9 @@ def test_rows_whose_tokens_are_constrained_are_not_judged_by_the_oracle_but_are_
     # the oracle and the settings gate would rightly rank a suppressed end-of-sequence lower: they
     # say why they skipped; the determinism re-ask judges the rows instead (issue 50)
     for check in ("oracle", "settings_gate"):
-        assert "none of the run's 6 chat and completions rows is greedy and unconstrained" in (
-            verdict["checks"][check]["skipped"]
+        assert (
+            "none of the run's 6 chat and completions rows is greedy and unconstrained"
+            in (verdict["checks"][check]["skipped"])
         )
     assert verdict["checks"]["determinism"]["same"] == verdict["checks"]["determinism"]["of"] == 2
     assert verdict["state"] == "validated" and verdict["failures"] == []

@@ -60,7 +60,7 @@ def test_progress_moves_by_the_row_and_the_logs_tell_the_story(tmp_path, prefect
     assert "merged 301 rows: 300 in output.jsonl, 1 in errors.jsonl (invalid_json=1)" in text
     # its rows carry ignore_eos, which no check samples: said as such, never "passed" (issue 50)
     # greedy rows with end-of-sequence suppressed: no oracle's to score (said why), re-asked (issue 50)
-    assert "validation passed (oracle {\"skipped\": \"none of the run's 300 chat and completions rows" in text
+    assert 'validation passed (oracle {"skipped": "none of the run\'s 300 chat and completions rows' in text
     assert 'determinism {"same": 2, "of": 2}' in text
     assert "cost: $" in text
 
