@@ -40,10 +40,10 @@ def run_stage(job, corpus: str, shard_size: int) -> tuple[float, dict]:
     import pyarrow.parquet as pq
 
     from nightshift.config import CorpusOptions
+    from nightshift.merge import merge
     from nightshift.rundir import RunDir
     from nightshift.tasks.s1_plan_shards import plan
     from nightshift.tasks.s3_generate import generate
-    from nightshift.tasks.s4_merge import merge
 
     run_dir = RunDir(tempfile.mkdtemp(prefix="nightshift-bench-embed-"))
     planned = plan(corpus, run_dir, shard_size, CorpusOptions(id_column="id", text_column="text", task="embed"))
@@ -71,7 +71,7 @@ def main() -> None:
     import pyarrow.parquet as pq
     from sentence_transformers import SentenceTransformer
 
-    from nightshift.engine import get_engine, shutdown_engine
+    from nightshift.engine.local import get_engine, shutdown_engine
     from nightshift.jobs import make_job
     from nightshift.models import resolve_model
 

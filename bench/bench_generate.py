@@ -79,7 +79,7 @@ def main() -> None:
 
     import json
 
-    from nightshift.engine import get_engine, shutdown_engine
+    from nightshift.engine.local import get_engine, shutdown_engine
     from nightshift.jobs import make_job
 
     job = make_job(args.model, chunk_size=args.chunk_size, max_num_seqs=args.max_num_seqs)

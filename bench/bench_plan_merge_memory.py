@@ -50,7 +50,7 @@ print(p.total_rows, peak_rss_kib(), p.layout)
 GENERATE = """
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from nightshift.engine import shutdown_engine
+from nightshift.engine.local import shutdown_engine
 from nightshift.jobs import make_job
 from nightshift.records import Plan
 from nightshift.rundir import RunDir
@@ -101,7 +101,7 @@ MERGE = (
 import pickle, sys
 from nightshift.records import Plan
 from nightshift.rundir import RunDir
-from nightshift.tasks.s4_merge import _merge_directories
+from nightshift.merge import _merge_directories
 run_dir = RunDir(sys.argv[1])
 directories = pickle.load(open(sys.argv[2], "rb"))  # shard index → its output directory
 report = _merge_directories(Plan.load(run_dir.plan_manifest), directories, run_dir)

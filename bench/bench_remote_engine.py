@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from nightshift.engine_sizing import engine_arguments  # noqa: E402
+from nightshift.engine.sizing import engine_arguments  # noqa: E402
 from nightshift.jobs import make_job  # noqa: E402
 from nightshift.models import resolve_model  # noqa: E402
 

@@ -169,7 +169,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="1000:3,10000:1", help="rows:rounds, comma-separated")
     args = parser.parse_args()
 
-    from nightshift.engine_sizing import cpu_kv_cache_bytes
+    from nightshift.engine.sizing import cpu_kv_cache_bytes
     from nightshift.jobs import make_job
     from nightshift.models import KNOWN_MODELS, provision
 

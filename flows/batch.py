@@ -17,7 +17,7 @@ from nightshift.blocks.pricing import GpuPricing
 from nightshift.blocks.storage import storage_options_of
 from nightshift.config import DEFAULT_SHARD_SIZE, CanaryConfig, CorpusOptions, FanOut, JobSpec
 from nightshift.deadline import DeadlineTimer, parse_deadline
-from nightshift.engine import start_engine_in_background
+from nightshift.engine.local import start_engine_in_background
 from nightshift.errors import DeadlineReached
 from nightshift.jobs import check_job, size_for_input
 from nightshift.lease import run_lease

@@ -30,7 +30,7 @@ def run_job(
     from nightshift.inputs import check_input, detect_kind
 
     check_input(input_path, detect_kind(input_path, corpus), corpus)  # before vLLM is even imported
-    from nightshift.engine import start_engine_in_background
+    from nightshift.engine.local import start_engine_in_background
     from nightshift.jobs import check_job, size_for_input
     from nightshift.lease import run_lease
 

@@ -21,7 +21,10 @@ import pyarrow.parquet as pq
 from nightshift import progress
 from nightshift.config import JobSpec
 from nightshift.deadline import EXPIRED_CODE
-from nightshift.openai_format import (
+from nightshift.records import Shard, ShardResult
+from nightshift.rundir import RunDir, write_json_atomic
+from nightshift.storage import duckdb_connection, local_copies, location, read_table, written_whole
+from nightshift.wire.openai_format import (
     RemoteCompletion,
     RemoteEmbedding,
     embedding_output_line,
@@ -30,9 +33,6 @@ from nightshift.openai_format import (
     output_line,
     remote_output_line,
 )
-from nightshift.records import Shard, ShardResult
-from nightshift.rundir import RunDir, write_json_atomic
-from nightshift.storage import duckdb_connection, local_copies, location, read_table, written_whole
 
 CHUNK_SCHEMA = pa.schema(
     [

@@ -386,7 +386,7 @@ def _calibrate(planned, job, rows: int, scratch: Path, pricing):
     os.dup2(2, 1)  # the run's chatter (and its engine processes') goes to stderr: stdout is the plan's
     try:
         run_job(str(sample), str(scratch / "calibration"), job, validation=unchecked)
-        from nightshift.engine import shutdown_engine
+        from nightshift.engine.local import shutdown_engine
 
         shutdown_engine()  # now, while its goodbyes still go to stderr
     finally:
@@ -404,8 +404,8 @@ def _calibrate(planned, job, rows: int, scratch: Path, pricing):
 
 
 def _serve(args) -> int:
+    from nightshift.batch_api.server import serve
     from nightshift.config import BatchApiConfig
-    from nightshift.serve import serve
 
     return _answer_bad_input(lambda: serve(BatchApiConfig(**_given(args, BatchApiConfig))))
 
@@ -589,8 +589,8 @@ def entry() -> None:
     try:
         finished["code"] = main()
     finally:  # outputs are on disk (or the run failed): the engine's processes are killed at once
-        if "nightshift.engine" in sys.modules:
-            from nightshift.engine import abandon_engine
+        if "nightshift.engine.local" in sys.modules:
+            from nightshift.engine.local import abandon_engine
 
             abandon_engine()
     sys.exit(finished["code"])

@@ -96,7 +96,7 @@ class LoraAdapter(_Config):
     name: str = Field(min_length=1, description="the model name rows ask for (their body's `model`)")
     path: str = Field(min_length=1, description="a PEFT adapter directory, local or s3://")
     identity: str | None = Field(
-        None, description="a hash of the adapter's files, taken when the job is made (nightshift.adapters)"
+        None, description="a hash of the adapter's files, taken when the job is made (nightshift.engine.lora)"
     )
 
     @classmethod
@@ -291,7 +291,7 @@ NIGHTSHIFT_ENGINE_FIELDS = frozenset(
         "row_priority_floor",
         "online_ttft_slo_ms",
         "engine_unreachable_s",
-        "lora",  # vLLM takes enable_lora and sizes; the adapters go with each row (nightshift.engine)
+        "lora",  # vLLM takes enable_lora and sizes; the adapters go with each row (nightshift.engine.local)
         "engine_args",  # merged into the arguments as they are (engine_sizing.engine_arguments)
     }
 )
@@ -340,7 +340,7 @@ class JobOptions(_Config):
         "any",
         description="what an image_url of a row may name: any (the operator's own rows: any path, bucket or URL) or "
         "allowed (a Batch API tenant's rows: data: URLs and only the allow_media_root / allow_media_url sources, "
-        "read here and sent inline; nightshift.media)",
+        "read here and sent inline; nightshift.wire.media)",
     )
     allow_media_root: tuple[str, ...] = Field(
         (), description="a local directory rows may name media in (repeatable; implies media_sources=allowed)"
@@ -363,7 +363,7 @@ class JobOptions(_Config):
     @field_validator("allow_media_url", mode="before")
     @classmethod
     def _prefixes(cls, value):
-        from nightshift.media import normalized_prefix
+        from nightshift.wire.media import normalized_prefix
 
         value = [value] if isinstance(value, str) else list(value or ())
         return tuple(normalized_prefix(prefix) for prefix in value)

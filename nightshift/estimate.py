@@ -38,10 +38,10 @@ from pydantic import BaseModel, Field
 
 from nightshift.config import JobSpec
 from nightshift.layout import PrefixCacheModel, expected_work, prefix_order
-from nightshift.openai_format import CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL
 from nightshift.records import CostReport, MisplacedSharedText, Plan
 from nightshift.rundir import RunDir
 from nightshift.storage import duckdb_connection, read_table, sql_path
+from nightshift.wire.openai_format import CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL
 
 
 class TokenCount(BaseModel):
@@ -411,7 +411,7 @@ def prefix_cache_shape(job: JobSpec) -> tuple[int | None, int] | None:
     """(KV cache in tokens, block size) for the prefix-cache prediction: the cache this host's
     engine would get — set, or sized as a CPU engine sizes it; on a GPU unless set, unbounded —
     in vLLM's default blocks (16 tokens on GPUs, 128 on CPUs). None without prefix caching."""
-    from nightshift.engine_sizing import cpu_kv_cache_bytes, kv_bytes_per_token, with_platform_defaults
+    from nightshift.engine.sizing import cpu_kv_cache_bytes, kv_bytes_per_token, with_platform_defaults
     from nightshift.telemetry import GpuSampler
 
     if job.engine.enable_prefix_caching is False:
@@ -444,7 +444,7 @@ def estimate_input(
     """The whole dry run over a planned input: tokens counted, throughput from `history` (or
     from `calibrate()`, a callable measuring it, when there is none), the arithmetic.
     `pricing` and `managed` are the GpuPricing and ManagedApiPrices blocks."""
-    from nightshift.engine_sizing import model_context
+    from nightshift.engine.sizing import model_context
 
     tokens = count_tokens(
         plan,

@@ -248,7 +248,7 @@ def _read_corpus(fs, fs_path: str, options: CorpusOptions) -> Iterator[InputRow]
 
 def corpus_row(line_no: int, record_id, text, options: CorpusOptions, image=None) -> InputRow:
     """One corpus record as a request (or the error it is); `image`: its image column's value —
-    bytes, or a path or URL — shown to a vision model beside the prompt (nightshift.images)."""
+    bytes, or a path or URL — shown to a vision model beside the prompt (nightshift.wire.images)."""
     custom_id = f"row-{line_no}" if options.id_column is None else record_id
     if custom_id is None or custom_id == "":
         return InputRow(

@@ -68,7 +68,7 @@ def with_engine_media_closed(job: JobSpec) -> JobSpec:
 def with_adapter_identities(job: JobSpec) -> JobSpec:
     """The job with each LoRA adapter's identity taken now (its files hashed: an adapter is small),
     so that every shard, checkpoint and cached row of the job is of these weights."""
-    from nightshift.adapters import adapter_identity
+    from nightshift.engine.lora import adapter_identity
 
     adapters = job.engine.lora
     clash = job.adapter_names() & {job.served_model_name, job.engine.model}
@@ -93,7 +93,7 @@ def validation_message(exc: ValidationError) -> str:
 def size_for_input(job: JobSpec, input_path: str, corpus=None, storage_options: dict | None = None) -> JobSpec:
     """The job with what depends on the input's size decided (compile or not), from an
     estimate read in milliseconds, so that the engine can start loading before planning."""
-    from nightshift.engine_sizing import choose_enforce_eager
+    from nightshift.engine.sizing import choose_enforce_eager
     from nightshift.inputs import detect_kind, estimate_rows
 
     rows = estimate_rows(input_path, detect_kind(input_path, corpus), storage_options)
@@ -114,9 +114,9 @@ def check_job(job: JobSpec) -> JobSpec:
     """Check the model's files (whole, parseable, a tokenizer beside the weights) and the engine
     settings against the model with vLLM's own model config, before any row is planned or any
     weight loaded (about a second); raise ConfigurationError in one line."""
-    from nightshift.engine_sizing import with_platform_defaults
+    from nightshift.engine.sizing import with_platform_defaults
+    from nightshift.engine.vllm_adapter import engine_argument_names, model_config_of
     from nightshift.models import local_model
-    from nightshift.vllm_adapter import engine_argument_names, model_config_of
 
     engine = job.engine
     model = local_model(engine.model, job.model_identity)
@@ -125,7 +125,7 @@ def check_job(job: JobSpec) -> JobSpec:
     check_model_files(model)
     local_adapters = [adapter.path for adapter in engine.lora if not is_url(adapter.path)]
     if local_adapters:  # a rank vLLM cannot serve is said now, not at engine start
-        from nightshift.adapters import engine_lora_rank
+        from nightshift.engine.lora import engine_lora_rank
 
         engine_lora_rank(local_adapters)
     unknown = set(engine.engine_arg_values) - engine_argument_names()

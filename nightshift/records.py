@@ -194,7 +194,7 @@ _VALIDATION_FIGURES = {"validated", "validation_state", "validation_failures", "
 
 
 class Politeness(_Record):
-    """How the batch shared its engine server with online traffic (nightshift/politeness.py)."""
+    """How the batch shared its engine server with online traffic (nightshift/engine/politeness.py)."""
 
     objective_ms: float = Field(description="the online time to first token the batch kept to")
     looks: int = Field(description="probes of the online TTFT")

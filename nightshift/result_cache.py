@@ -24,8 +24,8 @@ import uuid
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nightshift.openai_format import batch_request_id
 from nightshift.storage import StorageFull, duckdb_connection, location, size_text, sql_path, written_whole
+from nightshift.wire.openai_format import batch_request_id
 
 log = logging.getLogger("nightshift.result_cache")
 

@@ -40,21 +40,21 @@ from nightshift.chunks import (
 )
 from nightshift.config import JobSpec
 from nightshift.deadline import StopSignal, deadline_reached
-from nightshift.engine import EngineFailure, get_engine
-from nightshift.engine_protocol import Engine
-from nightshift.engine_sizing import throughput_traps
+from nightshift.engine.local import EngineFailure, get_engine
+from nightshift.engine.protocol import Engine
+from nightshift.engine.sizing import throughput_traps
+from nightshift.engine.tool_calls import ToolCalling
 from nightshift.errors import DeadlineReached, NightshiftError, Preempted
 from nightshift.layout import expected_work, prefix_order
-from nightshift.media import MediaPolicy
 from nightshift.models import local_model
-from nightshift.openai_format import PreparedRequest, RequestRejected, ServedModels, duplicate_key, prepare_request
 from nightshift.preemption import generation_in_progress, grace_seconds, stop_requested
 from nightshift.records import Shard, ShardMetrics, ShardResult
 from nightshift.result_cache import ResultCache, cached_output_line
 from nightshift.rundir import RunDir
 from nightshift.storage import duckdb_connection, is_device_full, local_copies, read_table
 from nightshift.telemetry import GpuSampler
-from nightshift.tool_calls import ToolCalling
+from nightshift.wire.media import MediaPolicy
+from nightshift.wire.openai_format import PreparedRequest, RequestRejected, ServedModels, duplicate_key, prepare_request
 
 
 def _task_cache_key(context: TaskRunContext, parameters: dict) -> str:

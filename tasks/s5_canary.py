@@ -30,9 +30,9 @@ import time
 
 from prefect import get_run_logger, task
 
-from nightshift.adapters import local_adapter
 from nightshift.canaries import CANARY_PREFIX, CanaryFailure, check_expectations, load_canaries
 from nightshift.config import CanaryConfig, JobSpec
+from nightshift.engine.lora import local_adapter
 from nightshift.models import local_model, weight_bytes
 from nightshift.oracle import oracle_check, reference_class
 from nightshift.records import (
@@ -128,7 +128,7 @@ def _checks_on_the_engine(chosen: dict[str, list[dict]], job: JobSpec, config: C
     gate. An engine started for them (for the re-run, or the gate's contrast, which replaced the
     run's) is shut down after: on a GPU, the reference needs its memory.
     Returns the checks and the re-run's outputs (custom_id → output)."""
-    from nightshift.engine import current_engine, shutdown_engine  # vLLM: only where rows are re-run
+    from nightshift.engine.local import current_engine, shutdown_engine  # vLLM: only where rows are re-run
 
     held = current_engine()  # the run's engine, or None
     rows = {row["custom_id"]: row for rows in chosen.values() for row in rows if row["body"]["temperature"] == 0
@@ -159,7 +159,7 @@ _GATE_NEEDS_THE_ENGINE = (
 def _cannot_check_here(job: JobSpec, config: CanaryConfig) -> str | None:
     """Why no row can be re-run or scored in this process: the reference (and an engine for the
     re-run) does not fit beside nothing here."""
-    from nightshift.engine import current_engine  # vLLM: only where there are rows to re-run
+    from nightshift.engine.local import current_engine  # vLLM: only where there are rows to re-run
 
     return _too_big_here(local_model(config.reference(job)), current_engine() is not None)
 
@@ -230,7 +230,7 @@ def _no_reference_here(job: JobSpec, config: CanaryConfig) -> str | None:
     reference is the run's own (in-process engine, a server of the same name) or was given."""
     if not job.engine.engine_url or config.oracle_model:
         return None
-    from nightshift.engine import current_engine
+    from nightshift.engine.local import current_engine
 
     served = getattr(current_engine(), "served_model", None)
     model = job.engine.model
@@ -250,7 +250,7 @@ def _room_for_the_reference(reference: str) -> str | None:
 
     if not torch.cuda.is_available():
         return None
-    from nightshift.engine import current_engine, shutdown_engine
+    from nightshift.engine.local import current_engine, shutdown_engine
 
     needed = 1.25 * weight_bytes(reference)  # 16-bit weights and the activations of a few short samples
     free = torch.cuda.mem_get_info()[0]
@@ -410,10 +410,10 @@ def _too_big_here(model: str, engine_here: bool) -> str | None:
 
 def _rerun(samples: list[dict], job: JobSpec) -> dict:
     """The samples through the engine again, same parameters (seed included): custom_id → output."""
-    from nightshift.engine import get_engine
-    from nightshift.media import MediaPolicy
-    from nightshift.openai_format import ServedModels, prepare_request
-    from nightshift.tool_calls import ToolCalling
+    from nightshift.engine.local import get_engine
+    from nightshift.engine.tool_calls import ToolCalling
+    from nightshift.wire.media import MediaPolicy
+    from nightshift.wire.openai_format import ServedModels, prepare_request
 
     engine = get_engine(job.engine)
     prepared = [  # as the generate stage prepared them: forced tool calls through the same grammar

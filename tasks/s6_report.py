@@ -20,7 +20,7 @@ from nightshift.assets import record_report
 from nightshift.blocks.pricing import GpuPricing, ManagedApiPrices, Rate
 from nightshift.chunks import best_rows_sql, chunk_files, shard_cache_key, sql_path_list
 from nightshift.config import JobSpec
-from nightshift.engine_sizing import throughput_traps
+from nightshift.engine.sizing import throughput_traps
 from nightshift.estimate import managed_api_cost
 from nightshift.records import (
     CostReport,

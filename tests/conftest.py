@@ -99,7 +99,7 @@ def _session_prefect_server(request):
 def engine_in_its_own_processes(monkeypatch):
     """vLLM's default layout, as every user runs it: the engine core and its worker in processes
     of their own, which a drill can kill and a stop must take down."""
-    from nightshift.engine import shutdown_engine
+    from nightshift.engine.local import shutdown_engine
 
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     shutdown_engine()  # the next job starts an engine that sees this test's environment
@@ -149,7 +149,7 @@ def tiny_job():
 @pytest.fixture(scope="session", autouse=True)
 def _stop_engine_at_the_end():
     yield
-    if "nightshift.engine" in sys.modules:  # the fast layer never imports it (nor vLLM)
-        from nightshift.engine import shutdown_engine
+    if "nightshift.engine.local" in sys.modules:  # the fast layer never imports it (nor vLLM)
+        from nightshift.engine.local import shutdown_engine
 
         shutdown_engine()

@@ -16,7 +16,7 @@ import time
 from conftest import chat_request, write_jsonl
 from harness import REPO, VLLM_OWN_PROCESSES, child_env, run_cli, start_cli
 
-from nightshift.engine_sizing import kv_bytes_per_token
+from nightshift.engine.sizing import kv_bytes_per_token
 from nightshift.jobs import make_job
 
 NO_CHECKS = ("--oracle-samples", "0", "--determinism-samples", "0")
@@ -62,7 +62,7 @@ def test_an_engine_start_blocked_by_a_live_handlers_flush_still_gets_ready(tmp_p
     script = textwrap.dedent(
         """
         import logging, threading
-        from nightshift.engine import get_engine, shutdown_engine
+        from nightshift.engine.local import get_engine, shutdown_engine
         from nightshift.jobs import make_job
 
         ready = threading.Event()

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.fast
 
 REPO = Path(__file__).resolve().parent.parent
 RANK = {"library": 0, "blocks": 1, "tasks": 2, "flows": 3, "entry": 4}
-ENTRY_POINTS = {"nightshift.cli", "nightshift.serve"}
+ENTRY_POINTS = {"nightshift.cli", "nightshift.batch_api.server"}
 
 
 def layer_of(module: str) -> str | None:
@@ -209,16 +209,16 @@ def test_no_function_is_longer_than_a_screen():
 
 
 # vLLM's public offline entry point: the one import of vLLM outside the adapter.
-PUBLIC_VLLM = {("nightshift.engine", "vllm")}
+PUBLIC_VLLM = {("nightshift.engine.local", "vllm")}
 
 
 def test_vllm_is_reached_through_its_adapter_alone():
     """Every use of vLLM's internals (protocol models, tool parsers, structured outputs, LoRA
-    requests, platform, EngineArgs) goes through nightshift/vllm_adapter.py, whose
+    requests, platform, EngineArgs) goes through nightshift/engine/vllm_adapter.py, whose
     `broken_assumptions()` checks them at start; only `from vllm import LLM` is used directly."""
     outside = []
     for name, path in own_modules():
-        if name == "nightshift.vllm_adapter":
+        if name == "nightshift.engine.vllm_adapter":
             continue
         for imported in imports_of(path):
             if imported.split(".")[0] == "vllm" and (name, imported) not in PUBLIC_VLLM:

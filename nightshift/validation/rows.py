@@ -19,9 +19,9 @@ import orjson
 
 from nightshift.canaries import CANARY_PREFIX
 from nightshift.config import JobSpec
-from nightshift.images import image_parts
 from nightshift.rundir import RunDir
 from nightshift.storage import duckdb_connection, local_copies, sql_path
+from nightshift.wire.images import image_parts
 
 # Body fields under which the engine's tokens are not the model's own most likely ones (an
 # end-of-sequence suppressed, a bias, a grammar): the reference would rightly rank them lower.

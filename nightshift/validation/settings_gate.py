@@ -23,7 +23,7 @@ def settings_gate(
 ) -> tuple[SettingsGateCheck, str | None]:
     """The gate's check on `samples` (greedy rows), whose re-run outputs `again` (custom_id →
     RequestOutput of the in-process engine) give their prompts' and answers' token ids."""
-    from nightshift.engine import get_engine
+    from nightshift.engine.local import get_engine
 
     started = time.monotonic()
     engine = get_engine(job.engine)
@@ -74,8 +74,8 @@ def _token_ids(engine, sample: dict, outcome, config: CanaryConfig) -> tuple[lis
 
 def _scores(engine, scored: list[tuple[dict, list[int], list[int]]], top_k: int, together: bool) -> list:
     """Each (prompt, answer) scored as one prompt by `engine`: all in one batch, or one at a time."""
-    from nightshift import vllm_adapter
-    from nightshift.openai_format import PreparedRequest
+    from nightshift.engine import vllm_adapter
+    from nightshift.wire.openai_format import PreparedRequest
 
     requests = [
         PreparedRequest(
@@ -97,7 +97,7 @@ def _scores(engine, scored: list[tuple[dict, list[int], list[int]]], top_k: int,
 
 
 def _token_scores(output, start: int):
-    from nightshift import vllm_adapter
+    from nightshift.engine import vllm_adapter
 
     if isinstance(output, Exception):
         raise output

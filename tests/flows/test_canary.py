@@ -147,7 +147,7 @@ def test_the_oracle_fails_a_run_whose_weights_differ_from_the_reference(tmp_path
     from safetensors.torch import load_file, save_file
 
     from nightshift.config import CanaryConfig
-    from nightshift.engine import shutdown_engine
+    from nightshift.engine.local import shutdown_engine
     from nightshift.flows.run import run_job
     from nightshift.jobs import make_job
     from nightshift.models import model_dir

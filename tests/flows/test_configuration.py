@@ -49,7 +49,7 @@ def test_with_no_max_model_len_the_engine_runs_with_the_models_own_context(
 def test_a_context_longer_than_the_models_exits_2_in_one_line_before_anything_runs(
     tmp_path, short_context_model, capsys
 ):
-    from nightshift import engine
+    from nightshift.engine import local as engine
 
     path = write_jsonl(tmp_path / "in.jsonl", [chat_request("r0", "Clause")])
     started = time.monotonic()

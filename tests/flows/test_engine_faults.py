@@ -14,7 +14,7 @@ from conftest import chat_request, read_jsonl, write_jsonl
 def test_killing_the_engine_mid_shard_retries_the_shard_and_loses_nothing(
     tmp_path, prefect_server, tiny_job, engine_in_its_own_processes
 ):
-    from nightshift.engine import _kill_engine_processes
+    from nightshift.engine.local import _kill_engine_processes
     from nightshift.flows.run import run_job
 
     path = write_jsonl(tmp_path / "in.jsonl", [chat_request(f"r{i}", f"Row {i}", max_tokens=40) for i in range(120)])
@@ -38,7 +38,7 @@ def test_killing_the_engine_mid_shard_retries_the_shard_and_loses_nothing(
 def test_a_row_that_kills_the_engine_twice_is_set_aside_then_retried(
     tmp_path, prefect_server, tiny_job, engine_in_its_own_processes, monkeypatch
 ):
-    from nightshift.engine import shutdown_engine
+    from nightshift.engine.local import shutdown_engine
     from nightshift.flows.retry import retry_errors
     from nightshift.flows.run import run_job
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from nightshift.errors import ConfigurationError
-from nightshift.openai_format import RequestRejected, ServedModels
+from nightshift.wire.openai_format import RequestRejected, ServedModels
 
 pytestmark = pytest.mark.fast
 
@@ -40,8 +40,8 @@ def test_adapters_are_given_as_name_equals_path_and_each_name_once(tmp_path):
 
 
 def test_an_adapters_weights_are_part_of_every_shards_identity_and_a_changed_adapter_is_refused(tmp_path):
-    from nightshift.adapters import local_adapter
     from nightshift.chunks import shard_cache_key
+    from nightshift.engine.lora import local_adapter
     from nightshift.jobs import make_job
     from nightshift.records import Shard
 
@@ -58,7 +58,7 @@ def test_an_adapters_weights_are_part_of_every_shards_identity_and_a_changed_ada
 
 
 def test_the_engine_takes_the_smallest_lora_rank_that_holds_every_adapter(tmp_path):
-    from nightshift.adapters import engine_lora_rank
+    from nightshift.engine.lora import engine_lora_rank
 
     assert engine_lora_rank([str(fake_adapter(tmp_path / "a", rank=4))]) == 8
     assert (
@@ -80,7 +80,7 @@ def test_a_rows_model_picks_the_base_model_or_an_adapter_and_anything_else_is_mo
 
 
 def test_the_tool_call_parser_follows_the_chat_templates_family_unless_named():
-    from nightshift.tool_calls import FALLBACK_PARSER, parser_for
+    from nightshift.engine.tool_calls import FALLBACK_PARSER, parser_for
 
     assert parser_for("auto", "{% if tools %}<tool_call>{{ tools }}</tool_call>{% endif %}") == "hermes"
     assert parser_for("auto", "... <|python_tag|> ...") == "llama3_json"
@@ -92,7 +92,7 @@ def test_the_tool_call_parser_follows_the_chat_templates_family_unless_named():
 def test_forced_calls_become_openai_tool_calls_with_stable_ids():
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
-    from nightshift.tool_calls import ToolCalling, constrain
+    from nightshift.engine.tool_calls import ToolCalling, constrain
 
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
     calling = ToolCalling(None, tokenizer=None)
@@ -124,8 +124,8 @@ def test_image_parts_are_read_checked_and_sent_as_data_urls(tmp_path):
 
     from PIL import Image
 
-    from nightshift.images import checked_images, with_images_resolved
-    from nightshift.media import MediaPolicy
+    from nightshift.wire.images import checked_images, with_images_resolved
+    from nightshift.wire.media import MediaPolicy
 
     trusted = MediaPolicy(trusted=True)  # the operator's own run: its paths are read
 
@@ -165,7 +165,7 @@ def test_image_parts_are_read_checked_and_sent_as_data_urls(tmp_path):
 def test_a_text_only_model_refuses_image_rows_with_unsupported_content():
     from types import SimpleNamespace
 
-    from nightshift.openai_format import prepare_request
+    from nightshift.wire.openai_format import prepare_request
 
     text_model = SimpleNamespace(is_multimodal_model=False)
     content = [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]
@@ -211,8 +211,8 @@ def test_only_rows_whose_images_are_inline_share_answers_or_reach_the_result_cac
 
     from PIL import Image
 
-    from nightshift.media import MediaPolicy
-    from nightshift.openai_format import duplicate_key, prepare_request
+    from nightshift.wire.media import MediaPolicy
+    from nightshift.wire.openai_format import duplicate_key, prepare_request
 
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buffer, "PNG")

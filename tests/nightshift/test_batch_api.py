@@ -6,7 +6,7 @@ import json
 import pytest
 from conftest import chat_request, write_jsonl
 
-from nightshift.batch_api import (
+from nightshift.batch_api.store import (
     BatchObject,
     Store,
     StoredBatch,
@@ -94,9 +94,9 @@ def test_every_batch_and_file_object_is_what_the_official_client_parses():
     models: a field OpenAI's client does not know, or a wrong type, fails here."""
     from openai.types import Batch, FileObject
 
-    from nightshift.batch_api import BatchError as OurBatchError
-    from nightshift.batch_api import BatchErrors, BatchUsage, RequestCounts
-    from nightshift.batch_api import FileObject as OurFileObject
+    from nightshift.batch_api.store import BatchError as OurBatchError
+    from nightshift.batch_api.store import BatchErrors, BatchUsage, RequestCounts
+    from nightshift.batch_api.store import FileObject as OurFileObject
 
     created = BatchObject(
         id=new_id("batch_"), endpoint=CHAT, input_file_id=new_id("file-"), completion_window="24h",

@@ -10,10 +10,10 @@ import pytest
 from conftest import chat_request
 from fastapi.testclient import TestClient
 
-from nightshift.batch_api import Store, owner_of
-from nightshift.batch_routes import create_app
+from nightshift.batch_api.routes import create_app
+from nightshift.batch_api.server import BatchLifecycle, batch_runs
+from nightshift.batch_api.store import Store, owner_of
 from nightshift.config import BatchApiConfig
-from nightshift.serve import BatchLifecycle, batch_runs
 
 pytestmark = pytest.mark.fast
 KEYS = ("key-alice", "key-bob")
@@ -211,7 +211,7 @@ def test_retention_removes_old_files_and_finished_batches_with_their_run_directo
         write_json_atomic(store.root / "files" / f"{file_id}.json", aged_file.model_dump())
 
     aged(old), aged(read_by_a_running_batch)
-    from nightshift.batch_api import BatchObject, StoredBatch
+    from nightshift.batch_api.store import BatchObject, StoredBatch
 
     def batch(batch_id, status, input_file):
         store.save_batch(StoredBatch(owner="alice", batch=BatchObject(

@@ -11,11 +11,11 @@ import pytest
 from conftest import chat_request
 from fastapi.testclient import TestClient
 
-from nightshift.batch_api import Store, owner_of
-from nightshift.batch_routes import create_app
+from nightshift.batch_api.lifecycle import BatchLifecycle
+from nightshift.batch_api.routes import create_app
+from nightshift.batch_api.runs import BatchRuns, RunEnd, StartedRun
+from nightshift.batch_api.store import Store, owner_of
 from nightshift.config import BatchApiConfig
-from nightshift.serve.lifecycle import BatchLifecycle
-from nightshift.serve.runs import BatchRuns, RunEnd, StartedRun
 
 pytestmark = pytest.mark.fast
 KEY = "key-alice"

@@ -3,7 +3,7 @@ engine on the host can start), and as many rows decoded together as that cache h
 
 import pytest
 
-from nightshift.engine_sizing import CPU_ROW_TOKENS, cpu_max_num_seqs, engine_arguments, kv_bytes_per_token
+from nightshift.engine.sizing import CPU_ROW_TOKENS, cpu_max_num_seqs, engine_arguments, kv_bytes_per_token
 from nightshift.jobs import make_job
 from nightshift.models import model_dir
 
@@ -44,7 +44,7 @@ def test_a_cache_sized_in_the_environment_sizes_the_rows_too(tiny, monkeypatch):
 
 
 def test_settings_that_throw_throughput_away_are_named_and_sound_ones_are_not():
-    from nightshift.engine_sizing import throughput_traps
+    from nightshift.engine.sizing import throughput_traps
 
     sound = {"max_num_seqs": 256, "enforce_eager": False, "enable_prefix_caching": True}
     assert throughput_traps(sound, on_gpu=True) == []
@@ -58,8 +58,8 @@ def test_settings_that_throw_throughput_away_are_named_and_sound_ones_are_not():
 def test_on_a_gpu_graphs_are_captured_without_compiling_once_the_decode_pays_for_them(monkeypatch):
     """From the H200's figures (docs/benchmarks.md): the 7 s capture pays once the expected decode
     passes about 76 s; a user's own choice stands; on CPU, eager."""
-    from nightshift import engine_sizing
     from nightshift.config import EngineConfig
+    from nightshift.engine import sizing as engine_sizing
 
     config = EngineConfig(model=str(model_dir("smollm2")))
     assert engine_sizing.choose_enforce_eager(config, 10**7).enforce_eager is True  # this CPU
@@ -83,7 +83,7 @@ def test_on_a_gpu_graphs_are_captured_without_compiling_once_the_decode_pays_for
 
 def test_platform_defaults_float32_on_cpu_the_models_own_dtype_and_most_of_a_card_on_a_gpu():
     from nightshift.config import EngineConfig
-    from nightshift.engine_sizing import with_platform_defaults
+    from nightshift.engine.sizing import with_platform_defaults
 
     config = EngineConfig(model=str(model_dir("tiny")))
     on_cpu, on_gpu = with_platform_defaults(config, on_cpu=True), with_platform_defaults(config, on_cpu=False)
@@ -94,7 +94,7 @@ def test_platform_defaults_float32_on_cpu_the_models_own_dtype_and_most_of_a_car
 
 
 def test_engine_arguments_pass_through_checked_against_vllm():
-    from nightshift.engine_sizing import engine_arguments
+    from nightshift.engine.sizing import engine_arguments
     from nightshift.errors import ConfigurationError
     from nightshift.jobs import check_job, make_job
 

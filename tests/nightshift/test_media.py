@@ -1,4 +1,4 @@
-"""What a row may make the machine read (nightshift.media): a tenant's row reaches nothing but
+"""What a row may make the machine read (nightshift.wire.media): a tenant's row reaches nothing but
 data: URLs and what the operator opened; every read is bounded; the server's network is called
 by no one. Each attack is tried here as a tenant would send it; docs/security.md."""
 
@@ -13,8 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from nightshift.errors import RequestRejected
-from nightshift.images import checked_images, with_images_resolved
-from nightshift.media import MediaPolicy
+from nightshift.wire.images import checked_images, with_images_resolved
+from nightshift.wire.media import MediaPolicy
 
 pytestmark = pytest.mark.fast
 

@@ -3,7 +3,7 @@ means to vLLM's server; what a batch cannot honour is refused per row with an Op
 
 import pytest
 
-from nightshift.openai_format import RequestRejected, ServedModels, duplicate_key, prepare_request
+from nightshift.wire.openai_format import RequestRejected, ServedModels, duplicate_key, prepare_request
 
 pytestmark = pytest.mark.fast
 

@@ -33,7 +33,7 @@ def parsed_by_run_batch(line: dict):
 def test_a_chat_line_is_a_run_batch_line_holding_an_openai_chat_completion(logprobs):
     from openai.types.chat import ChatCompletion
 
-    from nightshift.openai_format import output_line
+    from nightshift.wire.openai_format import output_line
 
     line = output_line("row-1", "chat", engine_output(logprobs), "tiny", CACHE_KEY)
     assert parsed_by_run_batch(line).custom_id == "row-1"
@@ -49,7 +49,7 @@ def test_a_completion_line_is_a_run_batch_line_holding_an_openai_completion(logp
     from openai.types import Completion
     from vllm.entrypoints.openai.completion.protocol import CompletionResponse
 
-    from nightshift.openai_format import output_line
+    from nightshift.wire.openai_format import output_line
 
     line = output_line("row-2", "completion", engine_output(logprobs), "tiny", CACHE_KEY)
     # run_batch serves no /v1/completions: its envelope, and the body as vLLM's server answers it
@@ -63,7 +63,7 @@ def test_a_completion_line_is_a_run_batch_line_holding_an_openai_completion(logp
 def test_an_embedding_line_is_a_run_batch_line_holding_an_openai_embedding_list(encoding_format):
     from openai.types import CreateEmbeddingResponse
 
-    from nightshift.openai_format import embedding_output_line
+    from nightshift.wire.openai_format import embedding_output_line
 
     line = embedding_output_line("doc-1", [[0.5, -0.25], [1.0, 0.0]], 7, encoding_format, "minilm", CACHE_KEY)
     parsed_by_run_batch(line)
@@ -73,7 +73,7 @@ def test_an_embedding_line_is_a_run_batch_line_holding_an_openai_embedding_list(
 
 
 def test_an_error_line_is_a_run_batch_line_with_no_response():
-    from nightshift.openai_format import error_line
+    from nightshift.wire.openai_format import error_line
 
     line = error_line("row-3", {"code": "invalid_json", "message": "line 3 is not JSON", "line": 3}, CACHE_KEY)
     parsed = parsed_by_run_batch(line)

@@ -4,7 +4,7 @@ the probe measured nothing, and never leave [1, the cap]."""
 
 import pytest
 
-from nightshift.politeness import START_IN_FLIGHT, ConcurrencyController
+from nightshift.engine.politeness import START_IN_FLIGHT, ConcurrencyController
 
 pytestmark = pytest.mark.fast
 

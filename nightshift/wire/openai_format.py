@@ -5,7 +5,7 @@ exactly what it means to vLLM's server and to `vllm.entrypoints.openai.run_batch
 max_tokens / max_completion_tokens, temperature, top_p, seed, stop, n, presence and
 frequency penalties, logprobs / top_logprobs and `response_format` (JSON schema →
 structured output) all map onto SamplingParams the same way; `tools` and `tool_choice` as
-nightshift.tool_calls says; a body's `model` picks the base model or one of the job's LoRA
+nightshift.engine.tool_calls says; a body's `model` picks the base model or one of the job's LoRA
 adapters. What the batch path cannot honour (streaming, legacy function calls, unknown
 fields) is rejected per row, never ignored.
 """
@@ -85,12 +85,12 @@ class PreparedRequest:
     model_name: str = ""  # what its response says it was answered by: the adapter's name or the base's
     tools: list | None = None  # a chat row's tools, for the chat template
     parsed: Any = None  # a chat row with tools: its validated request, to take the calls out of the answer
-    images: int = 0  # a chat row's image parts: checked, read when admitted (nightshift.images)
-    media: Any = None  # the run's nightshift.media.MediaPolicy, which its images are read under
+    images: int = 0  # a chat row's image parts: checked, read when admitted (nightshift.wire.images)
+    media: Any = None  # the run's nightshift.wire.media.MediaPolicy, which its images are read under
 
 
 def _protocol(url: str):
-    from nightshift.vllm_adapter import protocol_model
+    from nightshift.engine.vllm_adapter import protocol_model
 
     return protocol_model("embedding" if url == EMBEDDINGS_URL else "chat" if url == CHAT_URL else "completion")
 
@@ -106,7 +106,7 @@ def _checked_media(url: str, body: dict, model_config, media) -> tuple[Any, int]
     each read whole when the engine admits the row: the policy and how many images there are."""
     if url != CHAT_URL or not isinstance(body.get("messages"), list):
         return media, 0
-    from nightshift.images import TENANT, checked_images, image_parts
+    from nightshift.wire.images import TENANT, checked_images, image_parts
 
     if image_parts(body["messages"]) and model_config is not None and not model_config.is_multimodal_model:
         raise RequestRejected(
@@ -132,7 +132,7 @@ def prepare_request(
     `serves` is the engine's runner: "generate" answers chat and completions, "pooling"
     embeddings; a job serves one endpoint, as an OpenAI batch does. With `tool_calling` (an
     in-process engine's), a forced tool call is decoded under its schema; without, the row's
-    tools go to the engine server as they are. `media` (a nightshift.media.MediaPolicy) says
+    tools go to the engine server as they are. `media` (a nightshift.wire.media.MediaPolicy) says
     which sources a row's images may name: data: URLs only unless given."""
     url, body = request["url"], dict(request["body"])
     _check_endpoint(url, serves)
@@ -192,7 +192,7 @@ def _parsed(protocol, body: dict, tool_calling):
     """The body as vLLM's own request model; a forced tool call prepared under its schema."""
     from pydantic import ValidationError
 
-    from nightshift.vllm_adapter import client_errors
+    from nightshift.engine.vllm_adapter import client_errors
 
     try:
         parsed = protocol.model_validate(body)
@@ -271,7 +271,7 @@ def duplicate_key(request: dict, prepared: PreparedRequest) -> str | None:
     if prepared.kind != "embedding" and params.temperature != 0 and params.seed is None:
         return None
     if prepared.images:
-        from nightshift.images import all_inline
+        from nightshift.wire.images import all_inline
 
         if not all_inline(prepared.prompt):  # an image named by path or URL may change under that name
             return None
@@ -296,7 +296,7 @@ def output_line(
     custom_id: str, kind: str, output, model_name: str, cache_key: str, tokenizer=None, tool_calling=None, parsed=None
 ) -> dict:
     """An OpenAI Batch output line for one finished vLLM RequestOutput; with `tool_calling` and a
-    row with tools (`parsed`), its calls taken out of the text (nightshift.tool_calls)."""
+    row with tools (`parsed`), its calls taken out of the text (nightshift.engine.tool_calls)."""
     rid = batch_request_id(custom_id, cache_key)
     prompt_tokens = len(output.prompt_token_ids or [])
     completion_tokens = sum(len(c.token_ids) for c in output.outputs)

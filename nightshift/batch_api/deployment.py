@@ -10,11 +10,11 @@ import time
 import uuid
 from pathlib import Path
 
-from nightshift.batch_api import Store, StoredBatch
+from nightshift.batch_api.runs import STOP_GRACE_S, BatchRuns, RunEnd, RunOrder, StartedRun
+from nightshift.batch_api.store import Store, StoredBatch
 from nightshift.config import BatchApiConfig
 from nightshift.records import Verdict
 from nightshift.rundir import RunDir
-from nightshift.serve.runs import STOP_GRACE_S, BatchRuns, RunEnd, RunOrder, StartedRun
 from nightshift.storage import is_url
 
 log = logging.getLogger("nightshift.serve")

@@ -2,7 +2,7 @@
 of a vLLM engine in this process — `vllm serve` of the same model, an online fleet's spare
 capacity, any server speaking /v1/chat/completions, /v1/completions or /v1/embeddings.
 
-It is driven exactly like the in-process engine (nightshift.engine.BatchEngine): rows go in,
+It is driven exactly like the in-process engine (nightshift.engine.local.BatchEngine): rows go in,
 `(row, outcome)` come out as they finish, so everything around generation holds as it is —
 chunk files and resume, every row once, duplicates answered once, the result cache, the
 deadline and SIGTERM stops, the canary re-run. What differs is the outcome: the server's own
@@ -43,10 +43,10 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from nightshift.config import EngineConfig
+from nightshift.engine.politeness import ConcurrencyController
 from nightshift.errors import ConfigurationError, EngineUnreachable, NightshiftError, Preempted
-from nightshift.images import with_images_resolved
-from nightshift.openai_format import PreparedRequest, RemoteCompletion, RemoteEmbedding, RequestRejected
-from nightshift.politeness import ConcurrencyController
+from nightshift.wire.images import with_images_resolved
+from nightshift.wire.openai_format import PreparedRequest, RemoteCompletion, RemoteEmbedding, RequestRejected
 
 log = logging.getLogger("nightshift.engine")
 
@@ -77,8 +77,8 @@ def displayed(url: str) -> str:
 
 
 class RemoteEngine:
-    """The server at `config.engine_url`, driven as nightshift.engine.BatchEngine is (the
-    nightshift.engine_protocol.Engine both are)."""
+    """The server at `config.engine_url`, driven as nightshift.engine.local.BatchEngine is (the
+    nightshift.engine.protocol.Engine both are)."""
 
     tokenizer = None  # the server's bodies carry their own text and logprobs
     model_config = None
@@ -335,7 +335,7 @@ def _the_model(served: list[dict], config: EngineConfig, url: str) -> tuple[str,
         )
     context = chosen.get("max_model_len") or config.max_model_len
     if context is None:
-        from nightshift.engine_sizing import model_context
+        from nightshift.engine.sizing import model_context
 
         context = model_context(config)
     return chosen["id"], int(context)

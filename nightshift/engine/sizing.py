@@ -14,7 +14,7 @@ import logging
 import os
 
 from nightshift.config import NIGHTSHIFT_ENGINE_FIELDS, EngineConfig
-from nightshift.vllm_adapter import platform_is_cpu
+from nightshift.engine.vllm_adapter import platform_is_cpu
 
 log = logging.getLogger("nightshift.engine")
 
@@ -124,7 +124,7 @@ def engine_arguments(config: EngineConfig) -> dict:
     arguments.setdefault("enforce_eager", True)  # a config that nobody sized for its job: start fast
     arguments.setdefault("max_model_len", -1)  # the model's own context, lowered only if memory requires
     if config.lora:
-        from nightshift.adapters import engine_lora_rank, local_adapter
+        from nightshift.engine.lora import engine_lora_rank, local_adapter
 
         # Every adapter resident at once (a batch mixes them freely, none is swapped in mid-run),
         # and one slot more, always empty: with every slot taken, vLLM 0.32's CPU build decoded

@@ -1,5 +1,5 @@
 """What a shard's generation needs of an engine, whichever answers the rows: vLLM in this process
-(nightshift.engine.BatchEngine) or an OpenAI-compatible server (nightshift.remote_engine.RemoteEngine)."""
+(nightshift.engine.local.BatchEngine) or an OpenAI-compatible server (nightshift.engine.remote.RemoteEngine)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 from nightshift.config import EngineConfig
-from nightshift.openai_format import PreparedRequest
+from nightshift.wire.openai_format import PreparedRequest
 
 
 class Engine(Protocol):

@@ -1,6 +1,6 @@
 """Images in chat rows: OpenAI's `image_url` content parts, for a vision-language model.
 
-Where a part's URL may point is the run's media policy (nightshift.media): a `data:` URL always;
+Where a part's URL may point is the run's media policy (nightshift.wire.media): a `data:` URL always;
 a path, `file://` URL or bucket object in the operator's own run, and in a Batch API tenant's
 row only under what the operator opened. When the row is prepared, a `data:` URL is decoded and
 checked whole and a file's or object's size is looked up (`checked_images`); when the engine
@@ -18,7 +18,7 @@ import binascii
 import io
 
 from nightshift.errors import RequestRejected
-from nightshift.media import MediaPolicy, read, size_checked
+from nightshift.wire.media import MediaPolicy, read, size_checked
 
 # Formats an image part may be in: the ones OpenAI's vision input takes, and no exotic decoder.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")

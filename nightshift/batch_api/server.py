@@ -5,11 +5,11 @@ create a batch, poll it, download its output and error files. Each batch is a Ni
 (plan → generate → merge → validate → report, a Prefect flow run on the server's Prefect API when
 PREFECT_API_URL is set).
 
-    nightshift.batch_routes        the HTTP surface (routes, request models, OpenAI's error shape)
-    nightshift.serve.lifecycle     a batch's status from validating to a terminal one
-    nightshift.serve.runs          where a batch runs, behind one interface:
-    nightshift.serve.local_process   a `nightshift run` process on this machine, one at a time
-    nightshift.serve.deployment      a flow run of a Prefect deployment, on its work pool
+    nightshift.batch_api.routes        the HTTP surface (routes, request models, OpenAI's error shape)
+    nightshift.batch_api.lifecycle     a batch's status from validating to a terminal one
+    nightshift.batch_api.runs          where a batch runs, behind one interface:
+    nightshift.batch_api.local_process   a `nightshift run` process on this machine, one at a time
+    nightshift.batch_api.deployment      a flow run of a Prefect deployment, on its work pool
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from nightshift.batch_api import Store, owner_of
-from nightshift.batch_routes import create_app
+from nightshift.batch_api.deployment import DeploymentRuns
+from nightshift.batch_api.lifecycle import BatchLifecycle
+from nightshift.batch_api.local_process import LocalProcessRuns
+from nightshift.batch_api.routes import create_app
+from nightshift.batch_api.runs import BatchRuns
+from nightshift.batch_api.store import Store, owner_of
 from nightshift.config import BatchApiConfig
 from nightshift.errors import ConfigurationError
-from nightshift.serve.deployment import DeploymentRuns
-from nightshift.serve.lifecycle import BatchLifecycle
-from nightshift.serve.local_process import LocalProcessRuns
-from nightshift.serve.runs import BatchRuns
 from nightshift.storage import is_url
 
 

@@ -2,7 +2,7 @@
 
 Requests are pydantic models and every 4xx is in OpenAI's error shape, which its clients parse
 into the error's message — never FastAPI's own `{"detail": …}`. What happens to a batch after it
-is created is the runner's (nightshift.serve); the routes only read the store and hand the
+is created is the runner's (nightshift.batch_api.server); the routes only read the store and hand the
 runner a status change under its lock.
 """
 
@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException
 
-from nightshift.batch_api import (
+from nightshift.batch_api.store import (
     ENDPOINTS,
     TERMINAL,
     BatchObject,

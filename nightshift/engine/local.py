@@ -19,13 +19,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 
-from nightshift import drills, vllm_adapter
+from nightshift import drills
 from nightshift.config import EngineConfig
-from nightshift.engine_protocol import Engine
-from nightshift.engine_sizing import engine_arguments, memory_picture, use_every_cpu_core
+from nightshift.engine import vllm_adapter
+from nightshift.engine.protocol import Engine
+from nightshift.engine.sizing import engine_arguments, memory_picture, use_every_cpu_core
 from nightshift.errors import ConfigurationError, EngineCannotStartHere, EngineStartStalled, NightshiftError, Preempted
-from nightshift.images import with_images_resolved
-from nightshift.openai_format import PreparedRequest
+from nightshift.wire.images import with_images_resolved
+from nightshift.wire.openai_format import PreparedRequest
 
 log = logging.getLogger("nightshift.engine")
 
@@ -124,7 +125,7 @@ class BatchEngine:
         return self._dead is None and not self._closed
 
     def politeness_timeline(self, since: float) -> None:
-        """An engine of this process's own shares it with nobody (nightshift.remote_engine does)."""
+        """An engine of this process's own shares it with nobody (nightshift.engine.remote does)."""
         return None
 
     def generate(
@@ -307,7 +308,7 @@ class BatchEngine:
 def _lora_requests(config: EngineConfig) -> dict:
     """Each adapter's LoRARequest: its name, a number of its own (vLLM's adapter slot id) and this
     machine's copy of the job's weights."""
-    from nightshift.adapters import local_adapter
+    from nightshift.engine.lora import local_adapter
 
     return {
         adapter.name: vllm_adapter.lora_request(adapter.name, number, local_adapter(adapter))
@@ -362,7 +363,7 @@ class _EngineStart:
         try:
             drills.stall_engine_start()
             if self.config.engine_url:  # an OpenAI-compatible server answers the rows
-                from nightshift.remote_engine import RemoteEngine
+                from nightshift.engine.remote import RemoteEngine
 
                 self.engine = RemoteEngine(self.config)
             else:

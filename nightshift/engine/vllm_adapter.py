@@ -1,6 +1,6 @@
 """Every use of vLLM's internals, in one place.
 
-Nightshift drives vLLM's offline `LLM` row by row (nightshift/engine.py), which its public API
+Nightshift drives vLLM's offline `LLM` row by row (nightshift/engine/local.py), which its public API
 does not quite allow: an embedding request enqueued without waiting for a whole list, the
 scheduler's settled batch size read back, a dead engine core noticed instead of waited on
 forever. Those reach into vLLM's private attributes, and a vLLM upgrade may move any of them:

@@ -18,10 +18,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from nightshift.batch_api import Store, StoredBatch
+from nightshift.batch_api.runs import STOP_GRACE_S, BatchRuns, RunEnd, RunOrder, StartedRun
+from nightshift.batch_api.store import Store, StoredBatch
 from nightshift.config import BatchApiConfig
 from nightshift.errors import ExitStatus
-from nightshift.serve.runs import STOP_GRACE_S, BatchRuns, RunEnd, RunOrder, StartedRun
 from nightshift.storage import is_url
 
 log = logging.getLogger("nightshift.serve")

@@ -52,7 +52,7 @@ def _named(tool_choice: Any) -> str | None:
 
 def constrain(parsed) -> None:
     """A forced call's structured decoding, set on the validated ChatCompletionRequest."""
-    from nightshift.vllm_adapter import forced_tool_call_outputs
+    from nightshift.engine.vllm_adapter import forced_tool_call_outputs
 
     if not parsed.tools or not is_forced(parsed.tool_choice):
         return
@@ -72,7 +72,7 @@ class ToolCalling:
     """One engine's tool-call parsing: vLLM's parser for its model family, built once."""
 
     def __init__(self, parser_name: str | None, tokenizer, model_config=None) -> None:
-        from nightshift.vllm_adapter import tool_parser_class
+        from nightshift.engine.vllm_adapter import tool_parser_class
 
         self.parser_name = parser_name
         self.tokenizer, self.model_config = tokenizer, model_config

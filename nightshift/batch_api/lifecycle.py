@@ -3,8 +3,8 @@ not a valid batch, or its run cannot start); cancelling → cancelled and expire
 finished in the output file, every other row an error line).
 
 `BatchLifecycle` is the only writer of a batch's status besides the API's create and cancel (all
-under one lock). Where a batch's run happens is its `BatchRuns` (nightshift.serve.runs); everything
-else is on the storage (nightshift.batch_api), so a server killed mid-batch resumes the batch when
+under one lock). Where a batch's run happens is its `BatchRuns` (nightshift.batch_api.runs); everything
+else is on the storage (nightshift.batch_api.store), so a server killed mid-batch resumes the batch when
 started again.
 """
 
@@ -17,7 +17,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from nightshift.batch_api import (
+from nightshift.batch_api.runs import BatchRuns, RunEnd, RunOrder
+from nightshift.batch_api.store import (
     TERMINAL,
     BatchError,
     BatchErrors,
@@ -32,11 +33,10 @@ from nightshift.batch_api import (
     new_id,
 )
 from nightshift.config import BatchApiConfig
-from nightshift.openai_format import error_line
 from nightshift.records import Plan, ProgressSnapshot, RunReport, Verdict
 from nightshift.rundir import RunDir
-from nightshift.serve.runs import BatchRuns, RunEnd, RunOrder
 from nightshift.storage import location, written_whole
+from nightshift.wire.openai_format import error_line
 
 log = logging.getLogger("nightshift.serve")
 
@@ -230,7 +230,7 @@ class BatchLifecycle:
         self.runs.stop(stored)
         run_dir = RunDir(self.store.run_dir(batch_id))
         if run_dir.plan_manifest.exists() and run_dir.job.exists():
-            from nightshift.tasks.s4_merge import merge_unfinished
+            from nightshift.merge import merge_unfinished
 
             merge_unfinished(run_dir, code, message)
         else:  # never planned: every request is unfinished

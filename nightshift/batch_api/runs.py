@@ -1,8 +1,8 @@
 """The ways a batch runs, behind one small interface.
 
-The lifecycle (nightshift.serve.lifecycle) owns a batch's status; where its run happens — a
-`nightshift run` process on this machine (nightshift.serve.local_process) or a flow run of a
-Prefect deployment on a work pool (nightshift.serve.deployment) — is a `BatchRuns`: start a run,
+The lifecycle (nightshift.batch_api.lifecycle) owns a batch's status; where its run happens — a
+`nightshift run` process on this machine (nightshift.batch_api.local_process) or a flow run of a
+Prefect deployment on a work pool (nightshift.batch_api.deployment) — is a `BatchRuns`: start a run,
 say whether it is running and how it ended, stop it, and give its last words. What finds a run
 again after the server restarts is recorded on the stored batch (`StartedRun.record`).
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from nightshift.batch_api import StoredBatch
+from nightshift.batch_api.store import StoredBatch
 
 STOP_GRACE_S = 90.0  # a run told to stop flushes its finished rows first
 
