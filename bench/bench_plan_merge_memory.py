@@ -41,7 +41,7 @@ PLAN = (
 import sys
 from nightshift.config import CorpusOptions
 from nightshift.rundir import RunDir
-from nightshift.tasks.s1_plan_shards import plan
+from nightshift.plan import plan
 p = plan(sys.argv[1], RunDir(sys.argv[2]), 10_000, CorpusOptions(id_column="id", text_column="text", max_tokens=1))
 print(p.total_rows, peak_rss_kib(), p.layout)
 """
@@ -54,7 +54,7 @@ from nightshift.engine.local import shutdown_engine
 from nightshift.jobs import make_job
 from nightshift.records import Plan
 from nightshift.rundir import RunDir
-from nightshift.tasks.s3_generate import generate
+from nightshift.generate import generate
 if __name__ == "__main__":
     run_dir = RunDir(sys.argv[1])
     job = make_job("tiny", max_num_seqs=128)

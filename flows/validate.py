@@ -11,7 +11,7 @@ from nightshift.blocks.storage import storage_options_of
 from nightshift.config import CanaryConfig, JobSpec
 from nightshift.rundir import VALIDATION_GROUP, RunDir
 from nightshift.storage import use_storage_options
-from nightshift.tasks.s5_canary import validate
+from nightshift.validation.gate import validate
 from nightshift.workers import (
     handing_on_if_the_engine_cannot_start,
     heartbeat,

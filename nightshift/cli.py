@@ -342,8 +342,8 @@ def _plan(args) -> int:
     from nightshift.estimate import estimate_input, render
     from nightshift.inputs import check_input, detect_kind
     from nightshift.jobs import check_model_files
+    from nightshift.plan import plan
     from nightshift.rundir import RunDir
-    from nightshift.tasks.s1_plan_shards import plan
 
     corpus = _corpus_options(args)
     job = _job(args, corpus)
@@ -527,10 +527,7 @@ def _demo(args) -> int:
     _print_report(report)
     texts = {d["id"]: d["text"] for d in docs}
     validation = Verdict.load(RunDir(run_dir).validation)
-    print(
-        f"validation: {validation.said()} "
-        f"({', '.join(validation.checks)}; details in {RunDir(run_dir).validation})"
-    )
+    print(f"validation: {validation.said()} ({', '.join(validation.checks)}; details in {RunDir(run_dir).validation})")
     print("\nSample summaries:")
     with open(report.output_path) as lines:
         for _, line in zip(range(4), lines):

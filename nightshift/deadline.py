@@ -28,8 +28,6 @@ _DURATION = re.compile(
 )
 
 
-
-
 def parse_duration(text: str) -> timedelta | None:
     """ "30d", "6h", "90m", "1h30m", "45s", "1.5h" as a timedelta; None if `text` is not such a
     duration. The one reading of durations: deadlines, the Batch API's completion windows and its

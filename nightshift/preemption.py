@@ -17,7 +17,6 @@ _active = 0
 _idle = threading.Condition()
 
 
-
 def grace_seconds() -> float:
     from nightshift.config import RuntimeSettings
 

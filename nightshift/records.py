@@ -499,6 +499,7 @@ class Verdict(_Record):
         if self.verdict == "not_validated":
             return f"not validated ({'; '.join(self.skipped_reasons) or 'no check applies to these rows'})"
         return "passed" if self.verdict == "validated" else "FAILED"
+
     seconds: float | None = Field(None, description="what the checks took (the engine is held meanwhile)")
     where: dict[str, str | int | None] = Field(
         default_factory=dict, description="host, pid, worker_pid, cuda_visible_devices, flow_run_id"

@@ -1,6 +1,6 @@
 """The wire format: OpenAI's batch lines in and out.
 
-    openai_format.py  request bodies checked and prepared per endpoint; output and error lines
-    media.py          what a row may make this machine read (one policy for every source)
-    images.py         `image_url` content parts, fetched under that policy
+openai_format.py  request bodies checked and prepared per endpoint; output and error lines
+media.py          what a row may make this machine read (one policy for every source)
+images.py         `image_url` content parts, fetched under that policy
 """

@@ -96,7 +96,7 @@ def test_the_oracle_gates_adapter_rows_on_the_merged_reference_and_a_swapped_ada
     from nightshift.config import CanaryConfig
     from nightshift.records import Verdict
     from nightshift.rundir import RunDir
-    from nightshift.tasks.s5_canary import validate
+    from nightshift.validation.gate import validate
 
     run_dir, job = mixed_run
     verdict = Verdict.load(run_dir / "validation.json")
@@ -117,7 +117,7 @@ def test_forced_tool_call_rows_are_asked_again_and_must_call_the_same(mixed_run)
     determinism re-ask covers them (issue 50): the forced calls come back the same."""
     from nightshift.config import CanaryConfig
     from nightshift.rundir import RunDir
-    from nightshift.tasks.s5_canary import validate
+    from nightshift.validation.gate import validate
 
     run_dir, job = mixed_run
     only_reask = CanaryConfig(oracle_samples=0, settings_gate_samples=0, determinism_samples=40)

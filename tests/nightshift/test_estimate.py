@@ -144,8 +144,8 @@ def test_the_input_order_prediction_replays_the_input_whatever_the_shards_layout
 
     from nightshift.estimate import count_tokens, load_tokenizer
     from nightshift.jobs import make_job
+    from nightshift.plan import plan
     from nightshift.rundir import RunDir
-    from nightshift.tasks.s1_plan_shards import plan
 
     rows = [
         chat_request(f"d{d}q{q}", f"Document {d}: " + f"clause {d} " * 150 + f"Q{q}?")

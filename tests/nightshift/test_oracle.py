@@ -41,7 +41,7 @@ def test_every_position_is_scored_on_its_own():
 
 
 def test_a_reference_too_big_for_this_host_is_skipped_with_the_reason(tmp_path):
-    from nightshift.tasks.s5_canary import _too_big_here
+    from nightshift.validation.gate import _too_big_here
 
     huge, small = tmp_path / "huge", tmp_path / "small"
     huge.mkdir(), small.mkdir()

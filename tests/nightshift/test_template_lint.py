@@ -7,9 +7,9 @@ import pytest
 from conftest import write_jsonl
 
 from nightshift.layout import misplaced_shared_text
+from nightshift.plan import plan
 from nightshift.rundir import RunDir
 from nightshift.samples import sample_documents
-from nightshift.tasks.s1_plan_shards import plan
 
 pytestmark = pytest.mark.fast
 

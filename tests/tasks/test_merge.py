@@ -11,9 +11,9 @@ from conftest import chat_request, read_jsonl, write_jsonl
 from nightshift.chunks import ChunkWriter, shard_cache_key
 from nightshift.jobs import make_job
 from nightshift.merge import IncompleteRun, merge
+from nightshift.plan import plan
 from nightshift.records import ShardResult
 from nightshift.rundir import RunDir
-from nightshift.tasks.s1_plan_shards import plan
 
 pytestmark = pytest.mark.fast
 

@@ -10,8 +10,8 @@ from conftest import chat_request, write_jsonl
 
 from nightshift.canaries import CANARY_PREFIX
 from nightshift.inputs import InputRow
+from nightshift.plan import plan
 from nightshift.rundir import RunDir
-from nightshift.tasks.s1_plan_shards import plan
 
 pytestmark = pytest.mark.fast
 
