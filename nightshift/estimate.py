@@ -130,7 +130,7 @@ def count_tokens(
             if plan.layout == "input-slices":  # the shards in plan order are the input order
                 for _, ids, written, _ in generative:
                     input_order.run(ids, written)
-            # the order the generate stage will give the engine (tasks/s3_generate.py)
+            # the order the generate stage will give the engine (nightshift/generate.py)
             layout = generative if keep_order else prefix_order(generative, lambda g: g[0], lambda g: g[3])
             for _, ids, written, _ in layout:
                 laid_out.run(ids, written)
