@@ -54,6 +54,8 @@ CHUNK_SCHEMA = pa.schema(
         # a sampled row's first answer tokens, as the engine made them, kept for the canary stage's
         # plausibility check (its text may not re-tokenize to them): KEPT_TOKENS rows' worth
         ("token_ids", pa.list_(pa.int32())),
+        # of its prompt tokens, those the engine's prefix cache served (null: the engine did not say)
+        ("cached_tokens", pa.int64()),
     ]
 )
 KEPT_TOKENS = 32  # the first tokens of a sampled row kept: the oracle scores 16 by default
@@ -204,9 +206,10 @@ class ChunkWriter:
         finish_reason = first["finish_reason"]
         first = output.outputs[0]
         usage = line["response"]["body"]["usage"]
+        cached = getattr(output, "num_cached_tokens", None)
         if source == "engine":
             self.engine_prompt_tokens += usage["prompt_tokens"]
-            self.cached_prompt_tokens += getattr(output, "num_cached_tokens", None) or 0
+            self.cached_prompt_tokens += cached or 0
         return self._add(
             row,
             line,
@@ -220,6 +223,7 @@ class ChunkWriter:
             model=request.adapter,
             image_tokens=_image_tokens(output, image_token_id) if request.images else None,
             token_ids=kept_token_ids(row["row_index"], request, first),
+            cached_tokens=cached if source == "engine" else _cached_in(usage),
         )
 
     def add_embedding(self, row: dict, request, outputs: list | RemoteEmbedding, source: str = "engine") -> dict:
@@ -291,6 +295,7 @@ class ChunkWriter:
             "model": None,
             "image_tokens": None,
             "token_ids": None,
+            "cached_tokens": None,
             **fields,
         }
         self.buffer.append(record)
@@ -314,3 +319,9 @@ class ChunkWriter:
                 if r["source"] == "engine"
             )
             self.buffer = []
+
+
+def _cached_in(usage: dict) -> int | None:
+    """The cached prompt tokens an output line's usage says (a row answered by an identical row
+    or the result cache repeats the line that was generated)."""
+    return (usage.get("prompt_tokens_details") or {}).get("cached_tokens")

@@ -27,7 +27,7 @@ from nightshift.rundir import write_json_atomic
 
 # Bump when the bytes a shard's generation writes change shape: old checkpoints
 # then stop matching instead of being read with the wrong layout.
-OUTPUT_FORMAT_VERSION = 4
+OUTPUT_FORMAT_VERSION = 5  # 5: each row's cached prompt tokens
 
 DEFAULT_SHARD_SIZE = 10_000  # rows per shard: the unit of checkpoints, retries and fan-out
 

@@ -111,6 +111,7 @@ def _merge_directories(plan: Plan, directories: dict[int, str], run_dir: RunDir)
         failed=totals.rows - totals.succeeded,
         prompt_tokens=totals.prompt_tokens,
         completion_tokens=totals.completion_tokens,
+        cached_tokens=totals.cached_tokens,
         output_path=str(run_dir.output),
         errors_path=str(run_dir.errors),
         results_path=str(run_dir.results),
@@ -173,17 +174,19 @@ class _Totals:
     """The user's rows counted shard by shard (canary rows rode along for validation only)."""
 
     def __init__(self) -> None:
-        self.rows = self.succeeded = self.prompt_tokens = self.completion_tokens = 0
+        self.rows = self.succeeded = self.prompt_tokens = self.completion_tokens = self.cached_tokens = 0
         self.errors_by_code: dict[str, int] = {}
 
     def add(self, con: duckdb.DuckDBPyConnection) -> None:
-        rows, succeeded, prompt_tokens, completion_tokens = con.sql(
+        rows, succeeded, prompt_tokens, completion_tokens, cached_tokens = con.sql(
             """
             SELECT count(*), count(*) FILTER (WHERE ok),
-                   coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0)
+                   coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0),
+                   coalesce(sum(cached_tokens) FILTER (WHERE ok), 0)
             FROM shard_rows WHERE NOT canary
             """
         ).fetchall()[0]
+        self.cached_tokens += int(cached_tokens)
         self.rows += rows
         self.succeeded += succeeded
         self.prompt_tokens += int(prompt_tokens)

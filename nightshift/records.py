@@ -154,6 +154,7 @@ class RunReport(_Record):
     failed: int
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = Field(0, description="of the prompt tokens, those the engine's prefix cache served")
     output_path: str
     errors_path: str
     results_path: str

@@ -78,7 +78,9 @@ class EngineServer:
 
     def __init__(self, logs, model: str = "tiny", *arguments: str) -> None:
         self.port, self.logs, self.process = free_port(), logs, None
-        self.model, self.arguments = model, arguments or ("--max-model-len", "2048", "--scheduling-policy", "priority")
+        self.model, self.arguments = model, arguments or (
+            "--max-model-len", "2048", "--scheduling-policy", "priority", "--enable-prompt-tokens-details"
+        )  # fmt: skip
         self.url = f"http://127.0.0.1:{self.port}/v1"
 
     def start(self) -> EngineServer:

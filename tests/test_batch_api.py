@@ -166,6 +166,9 @@ def test_the_sdk_batch_flow_answers_every_request_once(server, bucket):
     outputs, errors = lines_of(client, batch.output_file_id), lines_of(client, batch.error_file_id)
     assert sorted(line["custom_id"] for line in outputs + errors) == sorted(row["custom_id"] for row in rows)
     assert all(line["response"]["body"]["object"] == "chat.completion" for line in outputs)
+    # what the engine's prefix cache served each request, per line and summed in the batch's usage
+    cached = [line["response"]["body"]["usage"]["prompt_tokens_details"]["cached_tokens"] for line in outputs]
+    assert batch.usage.input_tokens_details.cached_tokens == sum(cached)
     assert [line["custom_id"] for line in errors] == ["no-messages"]
     output_file = client.files.retrieve(batch.output_file_id)
     assert output_file.purpose == "batch_output" and output_file.bytes > 0

@@ -24,6 +24,7 @@ from nightshift.batch_api.store import (
     BatchErrors,
     BatchObject,
     BatchUsage,
+    ExpiresAfter,
     RequestCounts,
     Store,
     StoredBatch,
@@ -99,7 +100,7 @@ class BatchLifecycle:
                     self._strikes.pop(stored.batch.id, None)
                 except Exception as exc:  # noqa: BLE001 - isolated per batch, said in its errors
                     self._struck(stored.batch.id, exc)
-        if self.config.retention_s and time.monotonic() >= self._next_sweep:
+        if time.monotonic() >= self._next_sweep:
             try:
                 self.sweep()
             except Exception:  # a sweep that fails is tried again at the next one; batches go on
@@ -119,12 +120,15 @@ class BatchLifecycle:
             log.exception("batch %s: could not be failed", batch_id)
 
     def sweep(self) -> None:
-        """Retention: files and finished batches older than `--retention`, gone (a minute apart)."""
+        """Retention, a minute apart: files past their `expires_at` (their own policy or
+        `--retention`), and finished batches older than `--retention`, gone."""
         self._next_sweep = time.monotonic() + SWEEP_EVERY_S
+        now = int(time.time())
         with self.lock:
-            batches, files = self.store.expire(int(time.time()) - self.config.retention_s)
+            retention = self.config.retention_s
+            batches, files = self.store.expire(now - retention if retention else None, now)
         if batches or files:
-            log.info("retention %s: removed %d batches and %d files", self.config.retention, len(batches), len(files))
+            log.info("retention: removed %d batches and %d files", len(batches), len(files))
 
     def _advance(self, stored: StoredBatch) -> None:
         batch = stored.batch
@@ -242,8 +246,9 @@ class BatchLifecycle:
         report = RunReport.load(run_dir.summary)
         batch = self.store.batch(batch_id)
         owner, now = batch.owner, int(time.time())
-        output = self._output_file(owner, batch_id, run_dir.output, "output")
-        errors = self._output_file(owner, batch_id, run_dir.errors, "errors") if report.failed else None
+        expiry = batch.output_expires_after
+        output = self._output_file(owner, batch_id, run_dir.output, "output", expiry)
+        errors = self._output_file(owner, batch_id, run_dir.errors, "errors", expiry) if report.failed else None
 
         def finished(s: StoredBatch) -> None:
             b = s.batch
@@ -252,6 +257,7 @@ class BatchLifecycle:
             b.request_counts = RequestCounts(total=report.total_rows, completed=report.succeeded, failed=report.failed)
             b.usage = BatchUsage(
                 input_tokens=report.prompt_tokens,
+                input_tokens_details={"cached_tokens": report.cached_tokens},
                 output_tokens=report.completion_tokens,
                 total_tokens=report.prompt_tokens + report.completion_tokens,
             )
@@ -273,11 +279,11 @@ class BatchLifecycle:
         self.update(batch_id, failed)
         log.info("batch %s: failed (%s)", batch_id, errors[0].code)
 
-    def _output_file(self, owner: str, batch_id: str, path, kind: str) -> StoredFile:
+    def _output_file(self, owner: str, batch_id: str, path, kind: str, expiry: ExpiresAfter | None) -> StoredFile:
         relative = str(location(path)).removeprefix(str(self.store.root)).lstrip("/")
-        return self.store.add_file(
-            new_id("file-"), owner, f"{batch_id}_{kind}.jsonl", "batch_output", location(path).stat().st_size, relative
-        )
+        size = location(path).stat().st_size
+        name = f"{batch_id}_{kind}.jsonl"
+        return self.store.add_file(new_id("file-"), owner, name, "batch_output", size, relative, expiry)
 
     def _input(self, batch: BatchObject) -> Path:
         return self.store.path(self.store.upload_path(batch.input_file_id))

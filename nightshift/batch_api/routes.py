@@ -25,8 +25,10 @@ from starlette.exceptions import HTTPException
 
 from nightshift.batch_api.store import (
     ENDPOINTS,
+    EXPIRES_AFTER_S,
     TERMINAL,
     BatchObject,
+    ExpiresAfter,
     Store,
     StoredBatch,
     StoredFile,
@@ -94,7 +96,25 @@ async def bounded_form(request: Request, limit: int, too_large: Callable[[], Api
     return await Request(request.scope, receive).form(max_files=1, max_fields=8)
 
 
-def stored_upload(store: Store, file: UploadFile, who: str, limit: int, too_large: Callable[[], ApiError]) -> dict:
+def form_expires_after(form) -> ExpiresAfter | None:
+    """The upload's `expires_after` policy, as the official client sends it in a multipart form
+    (`expires_after[anchor]`, `expires_after[seconds]`); a 400 naming it when it is not OpenAI's."""
+    fields = {key.removeprefix("expires_after[").removesuffix("]"): value
+              for key, value in form.multi_items() if key.startswith("expires_after[")}  # fmt: skip
+    if not fields:
+        return None
+    try:
+        return ExpiresAfter.model_validate(fields)
+    except ValidationError:
+        low, high = EXPIRES_AFTER_S
+        message = f"expires_after: anchor 'created_at' and seconds from {low} to {high}, not {fields}"
+        raise ApiError(400, message, "invalid_value", "expires_after") from None
+
+
+def stored_upload(
+    store: Store, file: UploadFile, who: str, limit: int, too_large: Callable[[], ApiError],
+    expiry: ExpiresAfter | None = None,
+) -> dict:  # fmt: skip
     """An upload copied onto the storage as a new file of `who` (at most `limit` bytes)."""
     file_id = new_id("file-")
     size = 0
@@ -108,7 +128,7 @@ def stored_upload(store: Store, file: UploadFile, who: str, limit: int, too_larg
     except StorageFull:  # nothing of the upload is kept: it was a temporary, removed
         raise ApiError(507, "The server's storage is full: the file was not stored. Try again later.") from None
     name = os.path.basename(file.filename or "upload.jsonl")[:255]  # a label only, never a path
-    return store.add_file(file_id, who, name, "batch", size, store.upload_path(file_id)).file.model_dump()
+    return store.add_file(file_id, who, name, "batch", size, store.upload_path(file_id), expiry).file.model_dump()
 
 
 def known_cursor(objects: list, after: str | None, kind: str) -> list:
@@ -129,6 +149,7 @@ class CreateBatch(BaseModel):
     endpoint: Literal[ENDPOINTS]  # type: ignore[valid-type]
     completion_window: str
     metadata: dict[str, str] | None = Field(None, max_length=16)
+    output_expires_after: ExpiresAfter | None = None
 
     @field_validator("completion_window")
     @classmethod
@@ -226,7 +247,8 @@ def _add_file_writes(router: APIRouter, config: BatchApiConfig, store: Store, ru
                 raise ApiError(400, "Missing required parameter: 'purpose'.", "missing_required_parameter", "purpose")
             if purpose != "batch":
                 raise ApiError(400, f"Nightshift serves purpose 'batch' only, not {purpose!r}.", param="purpose")
-            return await run_in_threadpool(stored_upload, store, file, who, config.max_file_bytes, too_large)
+            expiry = form_expires_after(form)
+            return await run_in_threadpool(stored_upload, store, file, who, config.max_file_bytes, too_large, expiry)
         finally:
             await form.close()
 
@@ -339,7 +361,7 @@ def _new_batch(config: BatchApiConfig, store: Store, runner: Runner, body: Creat
                 429, f"This key has {cap} batches in progress, the most this server allows: wait for one to "
                 "finish, or cancel one.", "batch_limit_exceeded",
             )  # fmt: skip
-        store.save_batch(StoredBatch(batch=batch, owner=who))
+        store.save_batch(StoredBatch(batch=batch, owner=who, output_expires_after=body.output_expires_after))
     return batch
 
 

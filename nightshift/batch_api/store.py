@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from nightshift.deadline import parse_duration
 from nightshift.rundir import write_json_atomic
@@ -35,6 +35,8 @@ from nightshift.storage import location
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 TERMINAL = ("failed", "completed", "expired", "cancelled")
 _ID_PATTERN = re.compile(r"^(file-|batch_)[0-9a-f]{24}$")
+# OpenAI's bounds on `expires_after` (files) and `output_expires_after` (a batch's output files)
+EXPIRES_AFTER_S = (3600, 2_592_000)  # an hour to 30 days, after the file's created_at
 MAX_LISTED_ERRORS = 100  # a file with a million bad lines fails with the first hundred named
 
 
@@ -112,9 +114,19 @@ class StoredFile(BaseModel):
     content: str = Field(description="the content's path under the storage root")
 
 
+class ExpiresAfter(BaseModel):
+    """OpenAI's expiration policy of a file: `seconds` after its `created_at`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    anchor: Literal["created_at"]
+    seconds: int = Field(ge=EXPIRES_AFTER_S[0], le=EXPIRES_AFTER_S[1])
+
+
 class StoredBatch(BaseModel):
     batch: BatchObject
     owner: str
+    output_expires_after: ExpiresAfter | None = Field(None, description="of its output and error files")
     run_attempts: int = Field(0, description="runs started; a run that crashed is resumed until max_attempts")
     run_group: int | None = Field(None, description="process group of the latest run, on run_host")
     run_host: str | None = None
@@ -156,10 +168,15 @@ class Store:
     def upload_path(self, file_id: str) -> str:
         return f"files/{_checked(file_id)}.jsonl"
 
-    def add_file(self, file_id: str, owner: str, filename: str, purpose: str, size: int, content: str) -> StoredFile:
-        """Record a file whose content is already at `content` (a path under the storage root)."""
+    def add_file(
+        self, file_id: str, owner: str, filename: str, purpose: str, size: int, content: str,
+        expires_after: ExpiresAfter | None = None,
+    ) -> StoredFile:
+        """Record a file whose content is already at `content` (a path under the storage root); it
+        expires `expires_after` its creation (OpenAI's policy), else at the server's retention."""
         now = int(time.time())
-        expires = now + self.retention_s if self.retention_s else None
+        retention = expires_after.seconds if expires_after else self.retention_s
+        expires = now + retention if retention else None
         file = FileObject(
             id=_checked(file_id), bytes=size, created_at=now, filename=filename, purpose=purpose, expires_at=expires
         )
@@ -200,29 +217,54 @@ class Store:
         return sum(b.batch.status not in TERMINAL for b in self.batches(owner))
 
     # Retention
-    def expire(self, created_before: int) -> tuple[list[str], list[str]]:
-        """Remove the finished batches created before `created_before` (Unix time), with their run
-        directories and output files, and the files created before it — except a file a batch in
-        progress still reads. Returns the batch and file ids removed."""
+    def expire(self, created_before: int | None, now: int) -> tuple[list[str], list[str]]:
+        """Remove the finished batches created before `created_before` (Unix time; None: keep
+        them), with their run directories and output files, and every file past its `expires_at`
+        at `now` (its own policy, or the server's retention) — except a file a batch in progress
+        still reads. A batch whose output files expired by its `output_expires_after` keeps its
+        object but loses its run directory: nothing of its outputs stays. Returns the batch and
+        file ids removed."""
         batches = self.batches()
+        gone_batches = self._retire_batches(batches, created_before)
         in_use = {b.batch.input_file_id for b in batches if b.batch.status not in TERMINAL}
-        gone_batches = []
+        gone_files = self._expire_files(created_before, now, in_use)
+        self._clear_expired_outputs([b for b in batches if b.batch.id not in gone_batches])
+        return gone_batches, gone_files
+
+    def _retire_batches(self, batches: list[StoredBatch], created_before: int | None) -> list[str]:
+        gone = []
         for stored in batches:
-            if stored.batch.status in TERMINAL and stored.batch.created_at < created_before:
-                run_dir = self.run_dir(stored.batch.id)
-                if run_dir.exists():
-                    run_dir.fs.rm(run_dir.path, recursive=True) if hasattr(run_dir, "fs") else shutil.rmtree(run_dir)
+            old = created_before is not None and stored.batch.created_at < created_before
+            if stored.batch.status in TERMINAL and old:
+                self._remove_run_dir(stored.batch.id)
                 (self.root / "batches" / f"{stored.batch.id}.json").unlink()
-                gone_batches.append(stored.batch.id)
-        gone_files = []
+                gone.append(stored.batch.id)
+        return gone
+
+    def _expire_files(self, created_before: int | None, now: int, in_use: set[str]) -> list[str]:
+        gone = []
         for stored in self._all(StoredFile, "files"):
-            if stored.file.created_at < created_before and stored.file.id not in in_use:
+            expired = stored.file.expires_at is not None and stored.file.expires_at <= now
+            old = created_before is not None and stored.file.created_at < created_before
+            if (expired or old) and stored.file.id not in in_use:
                 content = self.root / stored.content
                 if content.exists():
                     content.unlink()
                 (self.root / "files" / f"{stored.file.id}.json").unlink()
-                gone_files.append(stored.file.id)
-        return gone_batches, gone_files
+                gone.append(stored.file.id)
+        return gone
+
+    def _clear_expired_outputs(self, batches: list[StoredBatch]) -> None:
+        for stored in batches:
+            outputs = [f for f in (stored.batch.output_file_id, stored.batch.error_file_id) if f]
+            ended = stored.output_expires_after is not None and stored.batch.status in TERMINAL
+            if ended and outputs and not any((self.root / "files" / f"{f}.json").exists() for f in outputs):
+                self._remove_run_dir(stored.batch.id)
+
+    def _remove_run_dir(self, batch_id: str) -> None:
+        run_dir = self.run_dir(batch_id)
+        if run_dir.exists():
+            run_dir.fs.rm(run_dir.path, recursive=True) if hasattr(run_dir, "fs") else shutil.rmtree(run_dir)
 
     def _load(self, model, folder: str, object_id: str):
         if not _ID_PATTERN.match(object_id):

@@ -331,6 +331,7 @@ def output_line(
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
+            **_prompt_tokens_details(output),
         },
     }
     return {
@@ -339,6 +340,13 @@ def output_line(
         "response": {"status_code": 200, "request_id": rid, "body": body},
         "error": None,
     }
+
+
+def _prompt_tokens_details(output) -> dict:
+    """OpenAI's `prompt_tokens_details.cached_tokens`: the prompt tokens vLLM's prefix cache served
+    for this request (its RequestOutput's own count); nothing where the engine did not say."""
+    cached = getattr(output, "num_cached_tokens", None)
+    return {} if cached is None else {"prompt_tokens_details": {"cached_tokens": int(cached)}}
 
 
 class RemoteChoice:
@@ -367,7 +375,8 @@ class RemoteCompletion:
             "choices": [{k: v for k, v in c.items() if k != "token_ids"} for c in choices],
             "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, **usage},
         }
-        self.num_cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        # what the server's prefix cache served (vLLM's with --enable-prompt-tokens-details); None: not said
+        self.num_cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
 
 
 class RemoteEmbedding:

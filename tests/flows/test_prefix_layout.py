@@ -24,7 +24,7 @@ def questions_about_documents(path, documents=6, questions=4):
 def test_questions_about_one_document_reuse_its_cached_prefix_as_the_plan_predicted(tmp_path, prefect_server, tiny_job):
     from nightshift.estimate import count_tokens, load_tokenizer, prefix_cache_shape
     from nightshift.flows.run import run_job
-    from nightshift.records import Plan
+    from nightshift.records import Plan, RunReport
     from nightshift.rundir import RunDir
 
     path = questions_about_documents(tmp_path / "in.jsonl")
@@ -50,3 +50,12 @@ def test_questions_about_one_document_reuse_its_cached_prefix_as_the_plan_predic
     # three of a document's four rows hit its two shared blocks: ~0.75 × 256/340 (canaries dilute it)
     assert 0.4 < measured <= 0.75
     assert abs(measured - predicted.prefix_cache_hit_rate_predicted) < 0.1, (measured, predicted)
+
+    # Each line says what the prefix cache served it, in OpenAI's usage.prompt_tokens_details (the
+    # engine's own count per request); the lines add up to the merged report's and to the hit rate.
+    usage = [o["response"]["body"]["usage"] for o in outputs]
+    cached = [u["prompt_tokens_details"]["cached_tokens"] for u in usage]
+    assert all(0 <= c <= u["prompt_tokens"] for c, u in zip(cached, usage)) and sum(cached) > 0
+    assert sum(c > 0 for c in cached) >= 6 * 2, "most questions after a document's first are served from cache"
+    assert RunReport.load(run_dir.summary).cached_tokens == sum(cached)
+    assert abs(sum(cached) / sum(u["prompt_tokens"] for u in usage) - measured) < 0.15

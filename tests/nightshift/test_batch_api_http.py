@@ -223,7 +223,7 @@ def test_retention_removes_old_files_and_finished_batches_with_their_run_directo
     batch("batch_" + "a" * 24, "completed", old)
     batch("batch_" + "b" * 24, "in_progress", read_by_a_running_batch)
 
-    batches, files = store.expire(int(time.time()) - 3600)
+    batches, files = store.expire(int(time.time()) - 3600, int(time.time()))
 
     assert batches == ["batch_" + "a" * 24] and files == [old]
     assert not store.run_dir("batch_" + "a" * 24).exists() and store.run_dir("batch_" + "b" * 24).exists()
@@ -252,3 +252,28 @@ def test_an_upload_that_does_not_fit_the_servers_disk_is_a_507_and_leaves_nothin
             assert sdk(http).files.create(file=("small.jsonl", io.BytesIO(b"{}\n")), purpose="batch").bytes == 3
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_file_expires_as_its_expires_after_says_and_a_policy_outside_openais_bounds_is_a_400(http):
+    client = sdk(http)
+    content = json.dumps(chat_request("a", "hi")).encode()
+
+    def create(expires_after):
+        return client.files.create(
+            file=("in.jsonl", io.BytesIO(content)), purpose="batch", expires_after=expires_after
+        )
+
+    kept = create({"anchor": "created_at", "seconds": 3600})
+    assert kept.expires_at == kept.created_at + 3600 and client.files.retrieve(kept.id).expires_at == kept.expires_at
+    for refused in ({"anchor": "created_at", "seconds": 60}, {"anchor": "created_at", "seconds": 2_592_001},
+                    {"anchor": "last_active_at", "seconds": 3600}):  # fmt: skip
+        with pytest.raises(openai.BadRequestError) as error:
+            create(refused)
+        assert error.value.body["param"] == "expires_after" and error.value.body["code"] == "invalid_value"
+    with pytest.raises(openai.BadRequestError) as error:
+        client.batches.create(input_file_id=kept.id, endpoint="/v1/chat/completions", completion_window="24h",
+                              output_expires_after={"anchor": "created_at", "seconds": 59})  # fmt: skip
+    assert error.value.body["param"] == "output_expires_after"
+    batch = client.batches.create(input_file_id=kept.id, endpoint="/v1/chat/completions", completion_window="24h",
+                                  output_expires_after={"anchor": "created_at", "seconds": 86400})  # fmt: skip
+    assert batch.status == "validating"

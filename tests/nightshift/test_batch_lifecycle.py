@@ -51,7 +51,7 @@ class ScriptedRuns(BatchRuns):
         pass
 
 
-def a_batch(tmp_path, runs: BatchRuns, rows: int = 100):
+def a_batch(tmp_path, runs: BatchRuns, rows: int = 100, **create):
     """A batch created through the API (the official client), and its lifecycle, whose thread never
     starts: the test takes each of its steps."""
     config = BatchApiConfig(storage=str(tmp_path / "api"), chat_model="tiny", max_attempts=3)
@@ -62,7 +62,9 @@ def a_batch(tmp_path, runs: BatchRuns, rows: int = 100):
         client = openai.OpenAI(base_url="http://nightshift.test/v1", api_key=KEY, http_client=http, max_retries=0)
         content = "\n".join(json.dumps(chat_request(f"r{i}", "hi")) for i in range(rows)).encode()
         upload = client.files.create(file=("in.jsonl", io.BytesIO(content)), purpose="batch")
-        batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="2h")
+        batch = client.batches.create(
+            input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="2h", **create
+        )
     return lifecycle, store, batch
 
 
@@ -199,3 +201,31 @@ def test_a_batch_whose_look_keeps_raising_fails_alone_with_the_reason(tmp_path):
     assert stored.batch.status == "failed" and runs.stopped == [batch.id]
     [error] = stored.batch.errors.data
     assert error.code == "batch_failed" and "the run directory's disk vanished" in error.message
+
+
+def test_a_batchs_output_files_expire_as_its_output_expires_after_says_and_take_its_outputs_along(tmp_path):
+    """OpenAI's `output_expires_after`: the output and error files expire `seconds` after they are
+    made; the retention sweep removes them with every copy of their rows (the run directory), and
+    keeps the batch object, as OpenAI does."""
+    import time
+
+    runs = ScriptedRuns(None)
+    policy = {"anchor": "created_at", "seconds": 7200}
+    lifecycle, store, batch = a_batch(tmp_path, runs, rows=5, output_expires_after=policy)
+    lifecycle.step()
+    lifecycle.update(batch.id, lambda s: setattr(s.batch, "status", "cancelling"))
+    lifecycle.step()  # cancelled: every row an error line, in an error file of the batch's policy
+
+    stored = store.batch(batch.id)
+    errors = store.file(stored.batch.error_file_id, owner_of(KEY))
+    assert errors.file.expires_at == errors.file.created_at + 7200
+    assert store.expire(None, int(time.time())) == ([], []), "not yet"
+    assert store.run_dir(batch.id).exists()
+
+    gone = store.expire(None, errors.file.expires_at)
+
+    ids = {stored.batch.output_file_id, stored.batch.error_file_id}
+    assert gone[0] == [] and set(gone[1]) == ids and len(ids) == 2
+    assert all(store.file(i, owner_of(KEY)) is None for i in ids)
+    assert not store.run_dir(batch.id).exists(), "no copy of the expired rows stays"
+    assert store.batch(batch.id).batch.status == "cancelled", "the batch object stays"

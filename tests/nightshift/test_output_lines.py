@@ -20,7 +20,9 @@ def engine_output(logprobs: bool = False):
         positions = [{t: Logprob(-0.1, rank=1, decoded_token=f"t{t}"), 7: Logprob(-2.5, rank=2)} for t in token_ids]
         return CompletionOutput(index, text, token_ids, None, positions if logprobs else None, finish_reason="length")
 
-    return RequestOutput("1", "Hi", [1, 2, 3], None, [choice(0, "Hello there", [4, 5]), choice(1, "Hey", [6])], True)
+    output = RequestOutput("1", "Hi", [1, 2, 3], None, [choice(0, "Hello there", [4, 5]), choice(1, "Hey", [6])], True)
+    output.num_cached_tokens = 2  # of its 3 prompt tokens, served by the prefix cache
+    return output
 
 
 def parsed_by_run_batch(line: dict):
@@ -40,6 +42,7 @@ def test_a_chat_line_is_a_run_batch_line_holding_an_openai_chat_completion(logpr
     completion = ChatCompletion.model_validate(line["response"]["body"])
     assert [c.message.content for c in completion.choices] == ["Hello there", "Hey"]
     assert completion.usage.completion_tokens == 3 and completion.usage.prompt_tokens == 3
+    assert completion.usage.prompt_tokens_details.cached_tokens == 2, "the engine's own count, as OpenAI words it"
     if logprobs:
         assert [t.token for t in completion.choices[0].logprobs.content] == ["t4", "t5"]
 
