@@ -24,6 +24,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # A temporary Prefect server would otherwise log an ERROR for telemetry it cannot send offline.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# A run with no PREFECT_API_URL starts a temporary Prefect server, which Prefect gives 20 s: on a
+# busy machine (an engine loading, other runs starting) it needs longer. Prefect reads it lazily.
+EPHEMERAL_START_S = 180
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_START_S))
+_EPHEMERAL_TIMEOUT = "Timed out while attempting to connect to ephemeral Prefect API server"
 
 DEMO_TEMPLATE = "Summarize this document in one sentence.\n\n{text}"
 DEMO_SYSTEM = "You are a concise assistant that writes accurate one-sentence summaries."
@@ -303,11 +308,30 @@ def _run(args) -> int:
     except Exception as exc:
         from nightshift.storage import StorageFull, is_device_full
 
+        if (unreachable := _prefect_unreachable(exc)) is not None:
+            print(f"nightshift: {unreachable}", file=sys.stderr)
+            return unreachable.exit_status
         if not is_device_full(exc):
             raise
         told = exc if isinstance(exc, StorageFull) else StorageFull(Path(args.output), 0)
         print(f"nightshift: {told}", file=sys.stderr)
         return ExitStatus.STORAGE_FULL
+
+
+def _prefect_unreachable(exc: BaseException):
+    """Prefect's own error for a temporary server that did not start in time (its whole stdout
+    and stderr in the message), as one line that says what to do; None for any other error."""
+    from nightshift.errors import PrefectUnreachable
+
+    while exc is not None and _EPHEMERAL_TIMEOUT not in str(exc):
+        exc = exc.__cause__ or exc.__context__
+    if exc is None:
+        return None
+    waited = os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "20")
+    return PrefectUnreachable(
+        f"Prefect's temporary server did not start within {waited} s (a busy machine?); nothing was lost: "
+        "run the same command again to resume, or set PREFECT_API_URL to a running Prefect server"
+    )
 
 
 def _exit_leaving_the_stalled_start(message: str) -> None:

@@ -58,6 +58,15 @@ class EngineUnreachable(NightshiftError, RuntimeError):
     retryable = False
 
 
+class PrefectUnreachable(NightshiftError, RuntimeError):
+    """No Prefect API to run the flow on: the temporary server a run starts when no
+    PREFECT_API_URL is set did not answer within its start timeout (a busy machine). Nothing was
+    lost: the run fails retryably (exit status 75) and resumes when run again."""
+
+    exit_status = ExitStatus.TEMPORARY
+    retryable = False
+
+
 class EngineStartStalled(NightshiftError, RuntimeError):
     """The engine was not ready within its `engine_start_timeout_s`. Nothing about the job is
     wrong and a fresh process may well start it, so the run fails retryably (the CLI's exit

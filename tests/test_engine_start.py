@@ -109,3 +109,23 @@ def test_an_engine_that_is_not_ready_in_time_fails_the_run_retryably_with_its_th
     threads = {block.split("\n", 1)[0]: block for block in done.stderr.split("--- thread ")[1:]}
     assert "stall_engine_start" in threads["nightshift-engine-start"], list(threads)
     assert not (tmp_path / "run" / "output.jsonl").exists()
+
+
+def test_a_run_whose_temporary_prefect_server_does_not_start_in_time_says_so_in_one_line_and_exits_75(tmp_path):
+    """No PREFECT_API_URL: the run starts Prefect's temporary server and waits for it as long as
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS says — Nightshift's default is 180 s, for a
+    busy host, where Prefect's own 20 s made runs die before a row. Given one second it cannot
+    start: one line that says what to do, exit status 75 (retryable), no traceback."""
+    from harness import nightshift_command
+
+    env = {name: value for name, value in child_env().items() if name != "PREFECT_API_URL"}
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "1"}
+    requests = write_jsonl(tmp_path / "in.jsonl", [chat_request("a", "hi")])
+    command = nightshift_command("run", requests, "--output", tmp_path / "run", "--model", "tiny", *NO_CHECKS)
+
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+    assert done.returncode == 75, done.stderr[-3000:]
+    [said] = [line for line in done.stderr.splitlines() if line.startswith("nightshift:")]
+    assert "temporary server did not start within 1 s" in said and "run the same command again" in said
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
