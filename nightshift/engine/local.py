@@ -79,6 +79,7 @@ class BatchEngine:
             ) from exc
         self.tokenizer = self.llm.get_tokenizer()
         self.adapters = _lora_requests(config)  # a row's `adapter` → what vLLM generates it with
+        self.tool_calling: dict[str | None, object] = {}  # per tool-call setting (engine.tool_calls)
         self.runner_type = self.llm.model_config.runner_type  # "generate" or "pooling": the endpoint served
         self.model_config = self.llm.model_config
         hf_config = self.model_config.hf_config  # a vision model's placeholder token for image pieces
@@ -418,60 +419,95 @@ def report_without_blocking(message: str, wait_s: float = 5.0) -> None:
     logger.join(wait_s)
 
 
-_engine: Engine | None = None
-_start: _EngineStart | None = None  # the start under way, if any
-_engine_lock = threading.Lock()  # held for moments only, never while an engine starts
-_refused: dict[EngineConfig, ConfigurationError] = {}  # configs the engine would not start with
+class EngineCache:
+    """The process's engine: one at a time, started on first use and again after a failure or
+    for another config; a config the engine refused to start with is refused again at once.
+    vLLM's engine holds a process's accelerators, so a process has one cache (`ENGINES`)."""
+
+    def __init__(self) -> None:
+        self.engine: Engine | None = None
+        self.start: _EngineStart | None = None  # the start under way, if any
+        self.lock = threading.Lock()  # held for moments only, never while an engine starts
+        self.refused: dict[EngineConfig, ConfigurationError] = {}
+
+    def get(self, config: EngineConfig) -> Engine:
+        """The engine for `config`. A start past its `engine_start_timeout_s` raises
+        EngineStartStalled."""
+        while True:
+            with self.lock:
+                if config in self.refused:
+                    raise self.refused[config]
+                if self.start is None:
+                    if self.engine is not None and self.engine.config == config and self.engine.alive:
+                        return self.engine
+                    self._close_engine("replacing engine (config changed or engine died)")
+                    self.start = _EngineStart(config)
+                start = self.start
+            start.wait()  # a start for another config ends before this one begins: one engine at a time
+            self._settle(start)
+            if start.config == config and start.error is not None:
+                raise start.error
+
+    def _settle(self, start: _EngineStart) -> None:
+        with self.lock:
+            if self.start is start:
+                self.start = None
+                if start.engine is not None:
+                    self.engine = start.engine
+                elif isinstance(start.error, ConfigurationError):
+                    self.refused[start.config] = start.error
+
+    def _close_engine(self, why: str) -> None:
+        if self.engine is not None:
+            log.info(why)
+            self.engine.close()
+            self.engine = None
+
+    def abandon(self) -> None:
+        """At the end of a process: its engine's processes killed at once — a start still under
+        way too, as soon as it has any, instead of waiting for an engine nothing will use (a run
+        whose shards all came from checkpoints, or whose deadline had passed, started one in the
+        background). Killing until the start gives up leaves no engine process loading behind."""
+        logging.getLogger("vllm").setLevel(logging.CRITICAL + 1)  # a start cut short complains: not news
+        start = self.start
+        if start is not None:
+            deadline = start.began + start.config.engine_start_timeout_s
+            while not start.done.is_set() and time.monotonic() < deadline:
+                _kill_engine_processes()
+                start.done.wait(0.2)
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Stop the engine, if one runs (its worker processes go with it). A start under way is
+        waited for first, up to its time, so that no engine is left loading behind this call."""
+        start = self.start
+        if start is not None:
+            start.done.wait(max(0.0, start.began + start.config.engine_start_timeout_s - time.monotonic()))
+        with self.lock:
+            if start is not None and self.start is start and start.done.is_set():
+                self.start = None
+                self.engine = start.engine or self.engine
+            if self.engine is not None:
+                self.engine.close()
+                self.engine = None
+
+
+ENGINES = EngineCache()
 
 
 def get_engine(config: EngineConfig) -> Engine:
-    """The process's engine for `config`, started on first use and after a failure. A config
-    the engine refused to start with is refused again at once, not tried a second time. A start
-    past its `engine_start_timeout_s` raises EngineStartStalled."""
-    global _engine, _start
-    while True:
-        with _engine_lock:
-            if config in _refused:
-                raise _refused[config]
-            if _start is None:
-                if _engine is not None and _engine.config == config and _engine.alive:
-                    return _engine
-                if _engine is not None:
-                    log.info("replacing engine (config changed or engine died)")
-                    _engine.close()
-                    _engine = None
-                _start = _EngineStart(config)
-            start = _start
-        start.wait()  # a start for another config ends before this one begins: one engine at a time
-        with _engine_lock:
-            if _start is start:
-                _start = None
-                if start.engine is not None:
-                    _engine = start.engine
-                elif isinstance(start.error, ConfigurationError):
-                    _refused[start.config] = start.error
-        if start.config == config and start.error is not None:
-            raise start.error
+    """The process's engine for `config` (EngineCache.get)."""
+    return ENGINES.get(config)
 
 
 def abandon_engine() -> None:
-    """At the end of a process: its engine's processes killed at once — a start still under way
-    too, as soon as it has any, instead of waiting for an engine nothing will use (a run whose
-    shards all came from checkpoints, or whose deadline had passed, started one in the
-    background). Killing until the start gives up leaves no engine process loading behind."""
-    logging.getLogger("vllm").setLevel(logging.CRITICAL + 1)  # a start cut short complains: not news
-    start = _start
-    if start is not None:
-        deadline = start.began + start.config.engine_start_timeout_s
-        while not start.done.is_set() and time.monotonic() < deadline:
-            _kill_engine_processes()
-            start.done.wait(0.2)
-    shutdown_engine()
+    """The process's engine and any start under way, killed at its end (EngineCache.abandon)."""
+    ENGINES.abandon()
 
 
 def current_engine() -> Engine | None:
     """The engine this process holds, if any (without starting one)."""
-    return _engine
+    return ENGINES.engine
 
 
 def start_engine_in_background(config: EngineConfig) -> threading.Thread:
@@ -491,16 +527,5 @@ def start_engine_in_background(config: EngineConfig) -> threading.Thread:
 
 
 def shutdown_engine() -> None:
-    """Stop the process's engine, if one runs (its worker processes go with it). A start under
-    way is waited for first, up to its time, so that no engine is left loading behind this call."""
-    global _engine, _start
-    start = _start
-    if start is not None:
-        start.done.wait(max(0.0, start.began + start.config.engine_start_timeout_s - time.monotonic()))
-    with _engine_lock:
-        if start is not None and _start is start and start.done.is_set():
-            _start = None
-            _engine = start.engine or _engine
-        if _engine is not None:
-            _engine.close()
-            _engine = None
+    """Stop the process's engine, if one runs (EngineCache.shutdown)."""
+    ENGINES.shutdown()

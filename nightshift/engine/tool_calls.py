@@ -85,7 +85,7 @@ class ToolCalling:
         parses its own answers."""
         if engine.tokenizer is None:
             return None
-        cache = engine.__dict__.setdefault("_tool_calling", {})
+        cache = engine.tool_calling
         if setting not in cache:
             name = parser_for(setting, getattr(engine.tokenizer, "chat_template", None))
             cache[setting] = cls(name, engine.tokenizer, engine.model_config)

@@ -59,7 +59,7 @@ def test_a_context_longer_than_the_models_exits_2_in_one_line_before_anything_ru
     assert code == 2
     assert len(message.splitlines()) == 1 and "4096" in message and "1024" in message, message
     assert not (tmp_path / "run" / "plan").exists()  # stopped before planning
-    for loaded in (engine._engine, engine._start):  # no engine ever got the refused configuration
+    for loaded in (engine.ENGINES.engine, engine.ENGINES.start):  # no engine ever got the refused configuration
         assert loaded is None or loaded.config.max_model_len != 4096
     assert elapsed < 30
 
