@@ -138,6 +138,22 @@ def warm_engine(tmp_path_factory):
         server.kill()
 
 
+@pytest.fixture(autouse=True)
+def _warm_engine_outlives_each_test(request):
+    """The shared server is every later test's too: a test after which it is dead fails, with the
+    end of the server's log (what killed it), and the server is started again on the same address
+    so that the death is reported once, where it happened, instead of as the next tests' errors."""
+    if "warm_engine" not in request.fixturenames:
+        yield
+        return
+    server = request.getfixturevalue("warm_engine")
+    yield
+    if server.process.poll() is not None:
+        status, log = server.process.returncode, sorted(server.logs.glob("vllm-*.log"))[-1].read_text()[-4000:]
+        server.start()
+        pytest.fail(f"the shared engine server died during this test (exit {status}):\n{log}")
+
+
 @pytest.fixture(scope="session")
 def tiny_job():
     """A job on the tiny random Llama: small chunks so shards have several."""

@@ -76,7 +76,7 @@ def test_a_run_frozen_past_its_lease_and_taken_over_makes_nothing_visible_when_i
     fs.pipe(f"{bucket}/in.jsonl", b"\n".join(lines) + b"\n")
     run = f"s3://{bucket}/runs/tonight"
     args = ["run", f"s3://{bucket}/in.jsonl", "--output", run, "--model", "tiny", "--shard-size", "40",
-            "--chunk-size", "8", "--engine-url", warm_engine.url, "--engine-max-concurrency", "4",
+            "--chunk-size", "8", "--engine-url", warm_engine.url, "--engine-max-concurrency", "16",
             "--oracle-samples", "0"]  # fmt: skip
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()

@@ -66,7 +66,7 @@ def test_a_bucket_run_killed_mid_way_resumes_from_the_bucket_with_every_row_once
     fs.pipe(f"{name}/in.jsonl", b"\n".join(lines) + b"\n")
     run = f"s3://{name}/runs/tonight"
     args = ["run", f"s3://{name}/in.jsonl", "--output", run, "--model", "tiny", "--engine-url", warm_engine.url]
-    args += ["--shard-size", str(SHARD), "--chunk-size", "16", "--engine-max-concurrency", "8"]
+    args += ["--shard-size", str(SHARD), "--chunk-size", "16", "--engine-max-concurrency", "32"]
     first_dir, second_dir = tmp_path / "machine-a", tmp_path / "machine-b"
     first_dir.mkdir()
     second_dir.mkdir()
@@ -98,14 +98,18 @@ def test_a_bucket_run_killed_mid_way_resumes_from_the_bucket_with_every_row_once
     assert secret not in first_output + second_output
 
 
-def test_a_bucket_run_survives_throttling_server_errors_stalls_and_dropped_connections(bucket, tiny_job, monkeypatch):
+def test_a_bucket_run_survives_throttling_server_errors_stalls_and_dropped_connections(bucket, monkeypatch):
     """In this process, on the session's engine: the faults are the storage layer's subject, and
-    every read and write of the run (lease, plan, chunks, manifests, merge, canaries) meets them."""
+    every read and write of the run (lease, plan, chunks, manifests, merge, canaries) meets them.
+    Chunks of 10 rows: a few hundred requests, each of them at risk, and not a thousand stalls."""
     import orjson
     from fault_proxy import FaultyS3Proxy
 
     from nightshift import storage
     from nightshift.flows.run import run_job
+    from nightshift.jobs import make_job
+
+    tiny_job = make_job("tiny", chunk_size=10, max_num_seqs=16)
 
     fs, name, env, secret = bucket
     ids = [f"req-{i:04d}" for i in range(120)]
