@@ -103,18 +103,24 @@ class PostgresServer:
 
 class WebhookReceiver:
     """An HTTP endpoint on this machine that keeps every request body it is sent: where a
-    notification block points in the tests (the place a team's Slack or pager would be)."""
+    notification block points in the tests (the place a team's Slack or pager would be), and
+    the Batch API's webhooks (`requests` holds each request's headers and body as sent)."""
 
-    def __init__(self) -> None:
+    def __init__(self, failing: int = 0) -> None:
+        """`failing`: the first requests are answered 500, as an endpoint that is down."""
         import http.server
         import threading
 
-        received = self.received = []
+        received, requests, answers = self.received, self.requests, self.answers = [], [], [500] * failing
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-                received.append(self.rfile.read(int(self.headers.get("Content-Length", 0))).decode())
-                self.send_response(200)
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                requests.append((dict(self.headers.items()), body))
+                status = answers.pop(0) if answers else 200
+                if status == 200:
+                    received.append(body.decode())
+                self.send_response(status)
                 self.end_headers()
 
             def log_message(self, *args) -> None:

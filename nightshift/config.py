@@ -627,9 +627,39 @@ class BatchApiConfig(_Config):
     api_key_secret: str | None = Field(
         None, description="a Prefect Secret block holding the API keys, comma-separated (default: $NIGHTSHIFT_API_KEYS)"
     )
+    webhook_url: tuple[str, ...] = Field(
+        (),
+        description="an endpoint told of each batch that ends (batch.completed, .failed, .expired, .cancelled), "
+        "signed as OpenAI signs its webhooks (repeatable; docs/batch-api.md); default: none",
+    )
+    webhook_secret_block: str | None = Field(
+        None,
+        description="a Prefect Secret block with the webhooks' signing secret (default: $NIGHTSHIFT_WEBHOOK_SECRET)",
+    )
+
+    @field_validator("webhook_url", mode="before")
+    @classmethod
+    def _webhook_urls(cls, value) -> tuple[str, ...]:
+        urls = tuple(value or ())
+        for url in urls:
+            if not str(url).startswith(("http://", "https://")):
+                raise ValueError(f"webhook_url {url!r} is not an http:// or https:// URL")
+        return urls
+
     max_file_bytes: int = Field(200 * 1024**2, gt=0, description="largest upload, as OpenAI's 200 MB")
     max_requests: int = Field(50_000, gt=0, description="most requests in one batch, as OpenAI's 50,000")
     max_attempts: int = Field(3, gt=0, description="runs of one batch that may crash (then resume) before it fails")
+    max_running_batches: int = Field(
+        1,
+        gt=0,
+        description="batches run at once on this machine, the key with the fewest running first (docs/batch-api.md); "
+        "each run starts an engine of its own unless chat_engine_url/embedding_engine_url serve them all",
+    )
+    shortest_batch_first: bool = Field(
+        False,
+        description="with an engine server run with --scheduling-policy priority: a batch's rows are sent with a "
+        "priority growing with its size (over row_priority_floor), so a small batch passes a large one there",
+    )
     max_active_batches_per_key: int | None = Field(
         None, gt=0, description="batches one API key may have in progress at once (then 429); default: no cap"
     )

@@ -199,9 +199,9 @@ def _time_and_gpu(con, columns: set[str]) -> dict:
     """Wall time is first start → last finish; billed time adds up each engine slot's own span,
     since shards fanned out to several GPUs run (and bill) side by side."""
     slot = "coalesce(cuda_visible_devices::VARCHAR, '')" if "cuda_visible_devices" in columns else "''"
-    span, slot_seconds, slots, engine_seconds, gpu_name, gpu_count, gpu_util, gpu_mem, gpu_power, telemetry = (
-        con.sql(TIME_AND_GPU_SQL.format(slot=slot)).fetchall()[0]
-    )
+    span, slot_seconds, slots, engine_seconds, gpu_name, gpu_count, gpu_util, gpu_mem, gpu_power, telemetry = con.sql(
+        TIME_AND_GPU_SQL.format(slot=slot)
+    ).fetchall()[0]
     return {
         "span_seconds": span,
         "slot_seconds": slot_seconds,

@@ -319,3 +319,53 @@ def test_an_embeddings_batch_answers_in_openais_embedding_shape(server):
     assert body["object"] == "list" and len(body["data"][0]["embedding"]) == 384 and body["usage"]["prompt_tokens"] > 0
     assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [("empty", "missing_input")]
     assert done.request_counts.model_dump() == {"total": 9, "completed": 8, "failed": 1}
+
+
+def test_a_small_batch_created_after_a_large_one_completes_first(warm_engine, tmp_path):
+    """Two tenants on a server that runs two batches at once on a shared engine server, small
+    batches first there (`--shortest-batch-first`): a 10-line batch created while a 3,000-line
+    one runs is completed before it — as OpenAI and llm-d's gateway interleave tenants — and every
+    row of both is answered or cancelled once. Each batch's end reaches the operator's webhook,
+    signed: the official client's `webhooks.unwrap` takes it with the secret."""
+    import base64
+
+    from harness import WebhookReceiver
+
+    secret = "whsec_" + base64.b64encode(uuid.uuid4().bytes).decode()
+    receiver = WebhookReceiver()
+    running = Server(tmp_path / "api", "--chat-engine-url", warm_engine.url, "--max-running-batches", "2",
+                     "--shortest-batch-first", "--webhook-url", receiver.url, logs=tmp_path,
+                     env={"NIGHTSHIFT_WEBHOOK_SECRET": secret}).start()  # fmt: skip
+    try:
+        large_client, small_client = running.client(KEYS[0]), running.client(KEYS[1])
+        rows = long_requests(3000, tokens=128)
+        large = large_client.batches.create(input_file_id=upload(large_client, rows),
+                                            endpoint="/v1/chat/completions", completion_window="24h")  # fmt: skip
+        wait_for(large_client, large.id, lambda b: b.request_counts.completed > 0)
+        few = [chat_request(f"few-{i}", f"Say {i}.", max_tokens=16) for i in range(10)]
+        small = small_client.batches.create(input_file_id=upload(small_client, few),
+                                            endpoint="/v1/chat/completions", completion_window="24h")  # fmt: skip
+        small_done, _ = wait_for(small_client, small.id, lambda b: b.status in TERMINAL)
+        large_then = large_client.batches.retrieve(large.id)
+        answered = lines_of(small_client, small_done.output_file_id)
+        print(f"small {small_done.status} at +{small_done.completed_at - small.created_at} s; large {large_then.status}"
+              f" with {large_then.request_counts.completed} of {len(rows)} rows done")  # fmt: skip
+        large_client.batches.cancel(large.id)
+        cancelled, _ = wait_for(large_client, large.id, lambda b: b.status in TERMINAL)
+        outputs, errors = (
+            lines_of(large_client, cancelled.output_file_id),
+            lines_of(large_client, cancelled.error_file_id),
+        )
+        deadline = time.monotonic() + 60
+        while len(receiver.requests) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        running.stop()
+        receiver.close()
+
+    assert small_done.status == "completed" and small_done.request_counts.completed == len(few)
+    assert large_then.status == "in_progress", "the small batch waited for the large one"
+    assert sorted(line["custom_id"] for line in answered) == sorted(row["custom_id"] for row in few)
+    assert sorted(line["custom_id"] for line in outputs + errors) == sorted(row["custom_id"] for row in rows)
+    events = [large_client.webhooks.unwrap(body, headers, secret=secret) for headers, body in receiver.requests]
+    assert {event.data.id: event.type for event in events} == {small.id: "batch.completed", large.id: "batch.cancelled"}

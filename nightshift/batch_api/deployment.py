@@ -6,6 +6,7 @@ the same run back."""
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -24,8 +25,8 @@ class DeploymentRuns(BatchRuns):
     def __init__(self, config: BatchApiConfig, store: Store) -> None:
         self.deployment, self.store = config.deployment, store
 
-    def has_room(self) -> bool:
-        return True
+    def room(self) -> int:
+        return sys.maxsize  # the work pool's concurrency limit decides when each flow run starts
 
     def start(self, stored: StoredBatch, order: RunOrder) -> StartedRun:
         from prefect.deployments import run_deployment

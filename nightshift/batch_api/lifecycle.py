@@ -33,6 +33,7 @@ from nightshift.batch_api.store import (
     input_lines,
     new_id,
 )
+from nightshift.batch_api.webhooks import Webhooks
 from nightshift.config import BatchApiConfig
 from nightshift.records import Plan, ProgressSnapshot, RunReport, Verdict
 from nightshift.rundir import RunDir
@@ -57,8 +58,8 @@ GATE_FAILED_MESSAGE = (
 class BatchLifecycle:
     """Turns stored batches into runs and follows them to a terminal status."""
 
-    def __init__(self, config: BatchApiConfig, store: Store, runs: BatchRuns) -> None:
-        self.config, self.store, self.runs = config, store, runs
+    def __init__(self, config: BatchApiConfig, store: Store, runs: BatchRuns, webhooks: Webhooks | None = None) -> None:
+        self.config, self.store, self.runs, self.webhooks = config, store, runs, webhooks
         self.lock = threading.RLock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="nightshift-batch-runner", daemon=True)
@@ -67,6 +68,8 @@ class BatchLifecycle:
 
     def start(self) -> None:
         self._thread.start()
+        if self.webhooks is not None:
+            self.webhooks.start()
 
     def shutdown(self) -> None:
         """Stop following; running batches are told to save their finished rows and stay
@@ -74,11 +77,19 @@ class BatchLifecycle:
         self._stop.set()
         self._thread.join(timeout=30)
         self.runs.shutdown()
+        if self.webhooks is not None:
+            self.webhooks.shutdown()
 
     def update(self, batch_id: str, change) -> StoredBatch:
+        """Change a stored batch under the lock; one that turns terminal is announced (webhooks,
+        Prefect events) before it is saved so: a server killed in between announces it again,
+        under the same event id."""
         with self.lock:
             stored = self.store.batch(batch_id)
+            before = stored.batch.status
             change(stored)
+            if stored.batch.status != before and stored.batch.status in TERMINAL and self.webhooks is not None:
+                self.webhooks.announce(stored)
             self.store.save_batch(stored)
             return stored
 
@@ -93,18 +104,40 @@ class BatchLifecycle:
         """One look at every open batch. A batch whose look raises is that batch's trouble alone:
         the others are looked at all the same, and after STRIKES such looks in a row it fails
         with the reason (a poisoned or vanished input never holds the queue)."""
+        waiting = []
         for stored in self.store.batches():
             if stored.batch.status not in TERMINAL and not self._stop.is_set():
-                try:
-                    self._advance(stored)
-                    self._strikes.pop(stored.batch.id, None)
-                except Exception as exc:  # noqa: BLE001 - isolated per batch, said in its errors
-                    self._struck(stored.batch.id, exc)
+                self._isolated(stored.batch.id, lambda stored=stored: waiting.extend(self._advance(stored)))
+        for stored in self._turns(waiting):
+            self._isolated(stored.batch.id, lambda stored=stored: self._launch(stored))
         if time.monotonic() >= self._next_sweep:
             try:
                 self.sweep()
             except Exception:  # a sweep that fails is tried again at the next one; batches go on
                 log.exception("retention sweep failed")
+
+    def _isolated(self, batch_id: str, look) -> None:
+        try:
+            look()
+            self._strikes.pop(batch_id, None)
+        except Exception as exc:  # noqa: BLE001 - isolated per batch, said in its errors
+            self._struck(batch_id, exc)
+
+    def _turns(self, waiting: list[StoredBatch]) -> list[StoredBatch]:
+        """The validated batches that start now, as many as the runs have room for, fairly: the
+        key with the fewest batches running goes first, then the oldest batch — a tenant's tenth
+        batch never holds another tenant's first."""
+        running: dict[str, int] = {}
+        for stored in self.store.batches():
+            if stored.batch.status in ("in_progress", "finalizing"):
+                running[stored.owner] = running.get(stored.owner, 0) + 1
+        chosen = []
+        for _ in range(min(len(waiting), self.runs.room())):
+            turn = min(waiting, key=lambda s: (running.get(s.owner, 0), s.batch.created_at, s.batch.id))
+            waiting.remove(turn)
+            running[turn.owner] = running.get(turn.owner, 0) + 1
+            chosen.append(turn)
+        return chosen
 
     def _struck(self, batch_id: str, exc: Exception) -> None:
         strikes = self._strikes[batch_id] = self._strikes.get(batch_id, 0) + 1
@@ -130,16 +163,18 @@ class BatchLifecycle:
         if batches or files:
             log.info("retention: removed %d batches and %d files", len(batches), len(files))
 
-    def _advance(self, stored: StoredBatch) -> None:
+    def _advance(self, stored: StoredBatch) -> list[StoredBatch]:
+        """One look at an open batch; the batch itself if it is valid and waits for its turn."""
         batch = stored.batch
         if batch.status == "cancelling":
             self._close(batch.id, "cancelled", "batch_cancelled", CANCELLED_MESSAGE)
         elif self._window_closed(stored):
             self._close(batch.id, "expired", "batch_expired", EXPIRED_MESSAGE)
         elif batch.status == "validating":
-            self._validate_or_start(stored)
+            return self._validated(stored)
         else:
             self._follow(stored)
+        return []
 
     def _window_closed(self, stored: StoredBatch) -> bool:
         """Past the completion window. A running batch run stops itself at the window with its
@@ -149,19 +184,18 @@ class BatchLifecycle:
             return False
         return now >= stored.batch.expires_at + RUN_EXPIRY_MARGIN_S or not self.runs.running(stored)
 
-    def _validate_or_start(self, stored: StoredBatch) -> None:
+    def _validated(self, stored: StoredBatch) -> list[StoredBatch]:
         batch = stored.batch
         if not self._input(batch).exists():
             self._fail(batch.id, [BatchError(code="input_file_missing", message="The batch's input file is gone.")])
-            return
+            return []
         if not batch.request_counts.total:
             requests, errors = check_batch_input(self._input(batch), batch.endpoint, self.config.max_requests)
             if errors:
                 self._fail(batch.id, errors)
-                return
+                return []
             stored = self.update(batch.id, lambda s: setattr(s.batch.request_counts, "total", requests))
-        if self.runs.has_room():
-            self._launch(stored)
+        return [stored]
 
     def _launch(self, stored: StoredBatch) -> None:
         batch = stored.batch
@@ -176,7 +210,7 @@ class BatchLifecycle:
                 input_path=self._input(batch),
                 run_dir=str(self.store.run_dir(batch.id)),
                 model=self.config.embedding_model if embeds else self.config.chat_model,
-                engine=_engine_settings(self.config, embeds),
+                engine=_engine_settings(self.config, embeds, batch.request_counts.total),
                 # Progress and checkpoints at least every twentieth of the batch: request_counts move.
                 chunk_size=max(8, min(512, batch.request_counts.total // 20)),
                 # the run keeps the completion window itself: it ends at it with its rows merged
@@ -300,10 +334,10 @@ def _validation_said(run_dir: RunDir) -> dict[str, str]:
     return {"nightshift_validation": verdict.verdict, "nightshift_validation_detail": words[:512]}
 
 
-def _engine_settings(config: BatchApiConfig, embeds: bool) -> dict[str, object]:
+def _engine_settings(config: BatchApiConfig, embeds: bool, requests: int) -> dict[str, object]:
     """The settings of a batch's run: its rows are a tenant's (media only from data: URLs and
-    what the operator opened); the server answering its endpoint's rows, if any; the chat
-    model's LoRA adapters."""
+    what the operator opened); the server answering its endpoint's rows, if any, and the priority
+    they are sent with there; the chat model's LoRA adapters."""
     media = {
         "media_sources": "allowed",
         **({"allow_media_root": list(config.allow_media_root)} if config.allow_media_root else {}),
@@ -315,7 +349,17 @@ def _engine_settings(config: BatchApiConfig, embeds: bool) -> dict[str, object]:
         return {**media, **adapters}
     secret = {"engine_api_key_secret": s} if (s := config.engine_api_key_secret) else {}
     floor = {"row_priority_floor": f} if (f := config.row_priority_floor) is not None else {}
-    return {**media, "engine_url": url, **secret, **floor, **adapters}
+    return {**media, "engine_url": url, **secret, **floor, **_size_priority(config, requests), **adapters}
+
+
+def _size_priority(config: BatchApiConfig, requests: int) -> dict[str, int]:
+    """With `shortest_batch_first`, a batch's rows reach the engine server with a priority that
+    grows with the batch's size (lower runs first in vLLM's priority scheduling): the bits of its
+    request count, over the operator's row_priority_floor — a 10-line batch's rows (4) pass a
+    20,000-line one's (15) in the server's queue, and none passes online traffic."""
+    if not config.shortest_batch_first:
+        return {}
+    return {"engine_priority": (config.row_priority_floor or 0) + requests.bit_length()}
 
 
 def _write_unfinished(input_path: Path, run_dir: RunDir, code: str, message: str) -> None:

@@ -1,4 +1,4 @@
-"""A batch as a `nightshift run` process on this machine, one at a time, oldest first.
+"""A batch as a `nightshift run` process on this machine, `max_running_batches` at a time.
 
 The run keeps the completion window itself (its `--deadline`: it ends at the window with its
 finished rows merged, exit status 4). It dies with the server (a killed server's restart resumes
@@ -37,13 +37,13 @@ ENDS_BY_EXIT_STATUS = {
 
 class LocalProcessRuns(BatchRuns):
     def __init__(self, config: BatchApiConfig, store: Store) -> None:
-        self.store = store
+        self.store, self.most = store, config.max_running_batches
         self.children: dict[str, subprocess.Popen] = {}
         # a bucket holds no log files: they stay on this machine
         self.logs = Path(tempfile.gettempdir()) / "nightshift-serve" if is_url(config.storage) else None
 
-    def has_room(self) -> bool:
-        return not any(child.poll() is None for child in self.children.values())
+    def room(self) -> int:
+        return max(0, self.most - sum(child.poll() is None for child in self.children.values()))
 
     def start(self, stored: StoredBatch, order: RunOrder) -> StartedRun:
         _kill_leftovers(stored)
@@ -131,9 +131,9 @@ def _stop_child(child: subprocess.Popen) -> None:
     child.wait()
 
 
-# What a batch's run is given of the server's environment: not the tenants' keys, and the engine
-# servers' key only where the run talks to one.
-WITHHELD = ("NIGHTSHIFT_API_KEYS",)
+# What a batch's run is given of the server's environment: not the tenants' keys nor the webhooks'
+# signing secret, and the engine servers' key only where the run talks to one.
+WITHHELD = ("NIGHTSHIFT_API_KEYS", "NIGHTSHIFT_WEBHOOK_SECRET")
 
 
 def run_environment(order: RunOrder) -> dict[str, str]:

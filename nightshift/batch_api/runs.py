@@ -60,8 +60,8 @@ class BatchRuns(ABC):
     """Where batches run. Called from the lifecycle's thread only (and `shutdown` at the end)."""
 
     @abstractmethod
-    def has_room(self) -> bool:
-        """Whether another batch may start now."""
+    def room(self) -> int:
+        """How many more batches may start now."""
 
     @abstractmethod
     def start(self, stored: StoredBatch, order: RunOrder) -> StartedRun:

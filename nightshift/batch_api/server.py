@@ -8,8 +8,9 @@ PREFECT_API_URL is set).
     nightshift.batch_api.routes        the HTTP surface (routes, request models, OpenAI's error shape)
     nightshift.batch_api.lifecycle     a batch's status from validating to a terminal one
     nightshift.batch_api.runs          where a batch runs, behind one interface:
-    nightshift.batch_api.local_process   a `nightshift run` process on this machine, one at a time
+    nightshift.batch_api.local_process   `nightshift run` processes on this machine, fair between keys
     nightshift.batch_api.deployment      a flow run of a Prefect deployment, on its work pool
+    nightshift.batch_api.webhooks      each batch's end, signed, to the operator's endpoints
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from nightshift.batch_api.local_process import LocalProcessRuns
 from nightshift.batch_api.routes import create_app
 from nightshift.batch_api.runs import BatchRuns
 from nightshift.batch_api.store import Store, owner_of
+from nightshift.batch_api.webhooks import Webhooks
 from nightshift.config import BatchApiConfig
 from nightshift.errors import ConfigurationError
 from nightshift.storage import is_url
@@ -59,10 +61,11 @@ def serve(config: BatchApiConfig) -> int:
 
     owners = api_keys(config)  # before anything listens: no keys, no server
     store = Store(config.storage, config.retention_s)
+    webhooks = Webhooks(config, store)  # and a signing secret for its endpoints, if any
     if not is_url(config.storage):
         Path(config.storage).mkdir(parents=True, exist_ok=True)
     with run_lease(str(store.root)):  # one server per storage: two would run each batch twice
-        lifecycle = BatchLifecycle(config, store, batch_runs(config, store))
+        lifecycle = BatchLifecycle(config, store, batch_runs(config, store), webhooks)
         app = create_app(config, store, lifecycle, owners)
         lifecycle.start()
         try:

@@ -34,7 +34,7 @@ from nightshift.storage import location
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 TERMINAL = ("failed", "completed", "expired", "cancelled")
-_ID_PATTERN = re.compile(r"^(file-|batch_)[0-9a-f]{24}$")
+_ID_PATTERN = re.compile(r"^(file-|batch_|evt_)[0-9a-f]{24}$")
 # OpenAI's bounds on `expires_after` (files) and `output_expires_after` (a batch's output files)
 EXPIRES_AFTER_S = (3600, 2_592_000)  # an hour to 30 days, after the file's created_at
 MAX_LISTED_ERRORS = 100  # a file with a million bad lines fails with the first hundred named
@@ -169,7 +169,13 @@ class Store:
         return f"files/{_checked(file_id)}.jsonl"
 
     def add_file(
-        self, file_id: str, owner: str, filename: str, purpose: str, size: int, content: str,
+        self,
+        file_id: str,
+        owner: str,
+        filename: str,
+        purpose: str,
+        size: int,
+        content: str,
         expires_after: ExpiresAfter | None = None,
     ) -> StoredFile:
         """Record a file whose content is already at `content` (a path under the storage root); it
@@ -215,6 +221,27 @@ class Store:
 
     def active_batches(self, owner: str) -> int:
         return sum(b.batch.status not in TERMINAL for b in self.batches(owner))
+
+    # Webhook events not yet delivered (nightshift.batch_api.webhooks), oldest first
+    def save_webhook(self, event_id: str, delivery: dict) -> None:
+        write_json_atomic(self.root / "webhooks" / f"{_checked(event_id)}.json", delivery)
+
+    def webhooks(self) -> list[tuple[str, dict]]:
+        directory = self.root / "webhooks"
+        if not directory.exists():
+            return []
+        found = []
+        for path in sorted(directory.glob("*.json"), key=lambda p: p.name):
+            try:
+                found.append((path.name.removesuffix(".json"), json.loads(path.read_text())))
+            except (FileNotFoundError, ValueError):  # delivered meanwhile, or being replaced
+                continue
+        return found
+
+    def drop_webhook(self, event_id: str) -> None:
+        path = self.root / "webhooks" / f"{_checked(event_id)}.json"
+        if path.exists():
+            path.unlink()
 
     # Retention
     def expire(self, created_before: int | None, now: int) -> tuple[list[str], list[str]]:

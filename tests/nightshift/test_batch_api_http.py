@@ -259,9 +259,7 @@ def test_a_file_expires_as_its_expires_after_says_and_a_policy_outside_openais_b
     content = json.dumps(chat_request("a", "hi")).encode()
 
     def create(expires_after):
-        return client.files.create(
-            file=("in.jsonl", io.BytesIO(content)), purpose="batch", expires_after=expires_after
-        )
+        return client.files.create(file=("in.jsonl", io.BytesIO(content)), purpose="batch", expires_after=expires_after)
 
     kept = create({"anchor": "created_at", "seconds": 3600})
     assert kept.expires_at == kept.created_at + 3600 and client.files.retrieve(kept.id).expires_at == kept.expires_at

@@ -10,6 +10,7 @@ import openai
 import pytest
 from conftest import chat_request
 from fastapi.testclient import TestClient
+from scripted_batches import LAST_WORDS, ScriptedRuns, tenants_batches
 
 from nightshift.batch_api.lifecycle import BatchLifecycle
 from nightshift.batch_api.routes import create_app
@@ -19,36 +20,6 @@ from nightshift.config import BatchApiConfig
 
 pytestmark = pytest.mark.fast
 KEY = "key-alice"
-LAST_WORDS = "the model directory /models/x does not exist"
-
-
-class ScriptedRuns(BatchRuns):
-    """Runs that end as the test says, one scripted end per look once started."""
-
-    def __init__(self, *ends: RunEnd | None) -> None:
-        self.ends, self.orders, self.stopped = list(ends), [], []
-
-    def has_room(self) -> bool:
-        return True
-
-    def start(self, stored, order) -> StartedRun:
-        self.orders.append(order)
-        return StartedRun("scripted run", record={"run_group": 1000 + len(self.orders), "run_host": "here"})
-
-    def running(self, stored) -> bool:
-        return False
-
-    def ended(self, stored) -> RunEnd | None:
-        return self.ends.pop(0) if self.ends else None
-
-    def stop(self, stored) -> None:
-        self.stopped.append(stored.batch.id)
-
-    def last_words(self, stored) -> str:
-        return LAST_WORDS
-
-    def shutdown(self) -> None:
-        pass
 
 
 def a_batch(tmp_path, runs: BatchRuns, rows: int = 100, **create):
@@ -229,3 +200,55 @@ def test_a_batchs_output_files_expire_as_its_output_expires_after_says_and_take_
     assert all(store.file(i, owner_of(KEY)) is None for i in ids)
     assert not store.run_dir(batch.id).exists(), "no copy of the expired rows stays"
     assert store.batch(batch.id).batch.status == "cancelled", "the batch object stays"
+
+
+def test_batches_start_as_many_as_there_is_room_for_the_key_with_the_fewest_running_first(tmp_path):
+    """Three batches of one tenant, then one of another, two runs' room: the second tenant's
+    batch starts beside the first tenant's first, not behind its queue; as a run ends the next
+    turn is the first tenant's second batch, then its third."""
+
+    class TwoAtOnce(ScriptedRuns):
+        def __init__(self) -> None:
+            super().__init__()
+            self.live: set[str] = set()
+
+        def room(self) -> int:
+            return 2 - len(self.live)
+
+        def start(self, stored, order) -> StartedRun:
+            self.live.add(stored.batch.id)
+            return super().start(stored, order)
+
+        def ended(self, stored) -> RunEnd | None:
+            return RunEnd.COMPLETED if stored.batch.id not in self.live else None
+
+    runs = TwoAtOnce()
+    lifecycle, store, (a1, a2, a3, b1) = tenants_batches(
+        tmp_path, runs, [("key-alice", 50), ("key-alice", 50), ("key-alice", 50), ("key-bob", 5)]
+    )
+
+    lifecycle.step()
+    assert [order.batch_id for order in runs.orders] == [a1.id, b1.id]
+    assert [store.batch(b.id).batch.status for b in (a1, a2, a3, b1)] == [
+        "in_progress", "validating", "validating", "in_progress"
+    ]  # fmt: skip
+
+    runs.live.discard(b1.id)  # the small batch's run ends: one run's room again
+    lifecycle.step()
+    assert [order.batch_id for order in runs.orders] == [a1.id, b1.id, a2.id]
+
+
+def test_shortest_batch_first_sends_a_small_batchs_rows_ahead_of_a_large_ones_never_ahead_of_the_floor(tmp_path):
+    runs = ScriptedRuns()
+    settings = {"chat_engine_url": "http://gpu-1:8000/v1", "row_priority_floor": 10}
+    lifecycle, _, (large, small) = tenants_batches(
+        tmp_path, runs, [("key-a", 400), ("key-b", 10)], shortest_batch_first=True, **settings
+    )
+    lifecycle.step()
+    priorities = {order.batch_id: order.job_settings()["engine_priority"] for order in runs.orders}
+    assert priorities == {large.id: 10 + 9, small.id: 10 + 4}  # lower runs first; the floor holds
+
+    plain = ScriptedRuns()
+    lifecycle, _, _ = tenants_batches(tmp_path / "plain", plain, [("key-a", 400)], **settings)
+    lifecycle.step()
+    assert "engine_priority" not in plain.orders[0].job_settings(), "a FCFS engine server refuses priorities"
