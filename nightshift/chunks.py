@@ -27,6 +27,7 @@ from nightshift.storage import duckdb_connection, local_copies, location, read_t
 from nightshift.wire.openai_format import (
     RemoteCompletion,
     RemoteEmbedding,
+    as_response,
     embedding_output_line,
     embedding_vectors,
     error_line,
@@ -210,6 +211,8 @@ class ChunkWriter:
         if source == "engine":
             self.engine_prompt_tokens += usage["prompt_tokens"]
             self.cached_prompt_tokens += cached or 0
+        if request.responses is not None:
+            line = as_response(line, request.responses)
         return self._add(
             row,
             line,

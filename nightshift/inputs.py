@@ -28,13 +28,14 @@ import fsspec
 import orjson
 
 from nightshift.config import CorpusOptions
-from nightshift.errors import ExitStatus, NightshiftError
+from nightshift.errors import ExitStatus, NightshiftError, RequestRejected
 from nightshift.storage import filesystem, is_url
+from nightshift.wire.responses import RESPONSES_URL, chat_body, echoed
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
 EMBEDDINGS_URL = "/v1/embeddings"
-SUPPORTED_URLS = (CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL)
+SUPPORTED_URLS = (CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL, RESPONSES_URL)
 CORPUS_SUFFIXES = (".parquet", ".csv")
 
 
@@ -228,7 +229,20 @@ def parse_batch_line(raw: bytes, line_no: int) -> InputRow:
         return bad("missing_prompt", "a completion body needs a non-empty prompt", custom_id)
     if url == EMBEDDINGS_URL and body.get("input") in (None, "", []):
         return bad("missing_input", "an embeddings body needs a non-empty input", custom_id)
+    if url == RESPONSES_URL:
+        return _responses_row(obj, body, line_no, custom_id)
     return InputRow(line_no, custom_id, text, None)
+
+
+def _responses_row(line: dict, body: dict, line_no: int, custom_id: str) -> InputRow:
+    """A /v1/responses line as the chat line that asks the same, carrying what its Response object
+    echoes (nightshift.wire.responses); what chat cannot ask, the row's error."""
+    try:
+        chat = chat_body(body)
+    except RequestRejected as exc:
+        return InputRow(line_no, custom_id, None, row_error(exc.code, str(exc), line_no))
+    request = {**line, "url": CHAT_URL, "body": chat, "responses": echoed(body)}
+    return InputRow(line_no, custom_id, orjson.dumps(request).decode(), None)
 
 
 # --- corpora --------------------------------------------------------------------------

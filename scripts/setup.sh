@@ -33,6 +33,13 @@ if [ ! -x .venv-s3/bin/moto_server ]; then
   .venv-s3/bin/python -m pip install -q "moto[s3,server]"
 fi
 
+# A Prefect 3.8 server, as a team that upgraded its server runs: Nightshift's runs (Prefect 3.7 beside
+# vLLM, whose fastapi pin Prefect 3.8 cannot share) report to it (tests/test_prefect_versions.py).
+if [ ! -x .venv-prefect38/bin/prefect ]; then
+  "$PYTHON" -m venv .venv-prefect38
+  .venv-prefect38/bin/python -m pip install -q "prefect>=3.8,<3.9" "fastapi<0.151"
+fi
+
 # The work-pool tests run their Prefect server on PostgreSQL, as production does: Debian's
 # package, started by the tests themselves (bench/local_servers.py), no container.
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then

@@ -323,13 +323,15 @@ def test_an_embeddings_batch_answers_in_openais_embedding_shape(server):
 
 def test_a_small_batch_created_after_a_large_one_completes_first(warm_engine, tmp_path):
     """Two tenants on a server that runs two batches at once on a shared engine server, small
-    batches first there (`--shortest-batch-first`): a 10-line batch created while a 3,000-line
-    one runs is completed before it — as OpenAI and llm-d's gateway interleave tenants — and every
-    row of both is answered or cancelled once. Each batch's end reaches the operator's webhook,
-    signed: the official client's `webhooks.unwrap` takes it with the secret."""
+    batches first there (`--shortest-batch-first`): a 10-line batch (of /v1/responses lines)
+    created while a 3,000-line chat batch runs is completed before it — as OpenAI and llm-d's
+    gateway interleave tenants — and every row of both is answered or cancelled once. Each
+    batch's end reaches the operator's webhook, signed: the official client's `webhooks.unwrap`
+    takes it with the secret."""
     import base64
 
     from harness import WebhookReceiver
+    from openai.types.responses import Response
 
     secret = "whsec_" + base64.b64encode(uuid.uuid4().bytes).decode()
     receiver = WebhookReceiver()
@@ -342,9 +344,11 @@ def test_a_small_batch_created_after_a_large_one_completes_first(warm_engine, tm
         large = large_client.batches.create(input_file_id=upload(large_client, rows),
                                             endpoint="/v1/chat/completions", completion_window="24h")  # fmt: skip
         wait_for(large_client, large.id, lambda b: b.request_counts.completed > 0)
-        few = [chat_request(f"few-{i}", f"Say {i}.", max_tokens=16) for i in range(10)]
+        ask = {"instructions": "Be brief.", "max_output_tokens": 16}
+        few = [{"custom_id": f"few-{i}", "method": "POST", "url": "/v1/responses",
+                "body": {"input": f"Say {i}.", **ask}} for i in range(10)]  # fmt: skip
         small = small_client.batches.create(input_file_id=upload(small_client, few),
-                                            endpoint="/v1/chat/completions", completion_window="24h")  # fmt: skip
+                                            endpoint="/v1/responses", completion_window="24h")  # fmt: skip
         small_done, _ = wait_for(small_client, small.id, lambda b: b.status in TERMINAL)
         large_then = large_client.batches.retrieve(large.id)
         answered = lines_of(small_client, small_done.output_file_id)
@@ -366,6 +370,9 @@ def test_a_small_batch_created_after_a_large_one_completes_first(warm_engine, tm
     assert small_done.status == "completed" and small_done.request_counts.completed == len(few)
     assert large_then.status == "in_progress", "the small batch waited for the large one"
     assert sorted(line["custom_id"] for line in answered) == sorted(row["custom_id"] for row in few)
+    for line in answered:  # the small batch is a Responses API batch: each answer a Response object
+        response = Response.model_validate(line["response"]["body"])
+        assert response.instructions == "Be brief." and response.usage.output_tokens > 0 and response.output
     assert sorted(line["custom_id"] for line in outputs + errors) == sorted(row["custom_id"] for row in rows)
     events = [large_client.webhooks.unwrap(body, headers, secret=secret) for headers, body in receiver.requests]
     assert {event.data.id: event.type for event in events} == {small.id: "batch.completed", large.id: "batch.cancelled"}

@@ -34,7 +34,8 @@ def guarded(tmp_path_factory, stub):
     server = Server(
         root / "api", "--chat-engine-url", stub.url, "--max-file-bytes", str(MAX_FILE_BYTES),
         "--row-priority-floor", "10", logs=root,
-        env={"NIGHTSHIFT_ENGINE_API_KEY": "engine-key-never-for-tenants"},
+        env={"NIGHTSHIFT_ENGINE_API_KEY": "engine-key-never-for-tenants",
+             "NIGHTSHIFT_WEBHOOK_SECRET": "whsec-never-for-tenants"},
     ).start()  # fmt: skip
     yield server
     server.stop()
@@ -84,7 +85,8 @@ def test_a_rows_own_priority_never_jumps_the_operators_floor(guarded, stub):
 
 
 def test_a_run_never_inherits_the_tenants_keys(guarded):
-    """The batch's run process (found by its command line) holds no API key of the server's."""
+    """The batch's run process (found by its command line) holds no API key of the server's, nor
+    its webhooks' signing secret."""
     import psutil
 
     client = guarded.client(KEYS[3])
@@ -105,5 +107,5 @@ def test_a_run_never_inherits_the_tenants_keys(guarded):
     wait_for(client, batch.id, lambda b: b.status in TERMINAL)
     assert environments, "the batch's run was never seen"
     for environment in environments:
-        assert "NIGHTSHIFT_API_KEYS" not in environment
+        assert "NIGHTSHIFT_API_KEYS" not in environment and "NIGHTSHIFT_WEBHOOK_SECRET" not in environment
         assert environment.get("NIGHTSHIFT_ENGINE_API_KEY") == "engine-key-never-for-tenants"  # it talks to one

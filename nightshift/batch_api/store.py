@@ -32,7 +32,7 @@ from nightshift.deadline import parse_duration
 from nightshift.rundir import write_json_atomic
 from nightshift.storage import location
 
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
 TERMINAL = ("failed", "completed", "expired", "cancelled")
 _ID_PATTERN = re.compile(r"^(file-|batch_|evt_)[0-9a-f]{24}$")
 # OpenAI's bounds on `expires_after` (files) and `output_expires_after` (a batch's output files)

@@ -20,6 +20,7 @@ from typing import Any
 
 from nightshift.errors import RequestRejected
 from nightshift.inputs import CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL
+from nightshift.wire.responses import response_body
 
 # Accepted by vLLM's server but meaningless or unsupported in an offline batch.
 UNSUPPORTED_FIELDS = {
@@ -87,6 +88,7 @@ class PreparedRequest:
     parsed: Any = None  # a chat row with tools: its validated request, to take the calls out of the answer
     images: int = 0  # a chat row's image parts: checked, read when admitted (nightshift.wire.images)
     media: Any = None  # the run's nightshift.wire.media.MediaPolicy, which its images are read under
+    responses: dict | None = None  # a /v1/responses row's echoed fields: its answer is a Response object
 
 
 def _protocol(url: str):
@@ -161,7 +163,8 @@ def prepare_request(
     if url == CHAT_URL:
         tools = body.get("tools") or None
         return PreparedRequest(key, custom_id, "chat", body["messages"], params, parsed.chat_template_kwargs,
-                               body=body, tools=tools, parsed=parsed if tools else None, **named)  # fmt: skip
+                               body=body, tools=tools, parsed=parsed if tools else None,
+                               responses=request.get("responses"), **named)  # fmt: skip
     prompt = body["prompt"]
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         raise RequestRejected("invalid_request", "one prompt per batch line: a list of prompts is not supported")
@@ -275,7 +278,9 @@ def duplicate_key(request: dict, prepared: PreparedRequest) -> str | None:
 
         if not all_inline(prepared.prompt):  # an image named by path or URL may change under that name
             return None
-    canonical = json.dumps([request["url"], request["body"]], sort_keys=True, ensure_ascii=False)
+    # a /v1/responses row's answer is written as a Response object: never a chat row's twin
+    shape = [request["responses"]] if request.get("responses") is not None else []
+    canonical = json.dumps([request["url"], request["body"], *shape], sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -400,6 +405,12 @@ def remote_output_line(custom_id: str, kind: str, output: RemoteCompletion, mode
         "response": {"status_code": 200, "request_id": rid, "body": body},
         "error": None,
     }
+
+
+def as_response(line: dict, echo: dict) -> dict:
+    """A chat output line of a /v1/responses row, its body the Response object."""
+    response = line["response"]
+    return {**line, "response": {**response, "body": response_body(response["body"], echo, response["request_id"])}}
 
 
 def error_line(custom_id: str | None, error: dict, cache_key: str) -> dict:

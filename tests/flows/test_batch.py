@@ -56,6 +56,19 @@ def mixed_batch() -> list:
         chat_request("huge-max-tokens", "Hello", max_tokens=100_000),
         chat_request("zero-max-tokens", "Hello", max_tokens=0),
         chat_request("after-the-bad-ones", "Still fine"),
+        # the Responses API: plain-0's question, asked as a Response; a built-in tool, the row's error
+        {
+            "custom_id": "responses",
+            "method": "POST",
+            "url": "/v1/responses",
+            "body": {"input": "Document number 0 about invoices", "max_output_tokens": 8, "temperature": 0},
+        },
+        {
+            "custom_id": "responses-web-search",
+            "method": "POST",
+            "url": "/v1/responses",
+            "body": {"input": "News?", "tools": [{"type": "web_search"}]},
+        },
     ]
     # rows 16–19, one shard: identical requests, greedy and sampled
     rows[16:16] = [
@@ -115,7 +128,7 @@ def test_bad_rows_get_an_openai_style_error_with_a_code_and_their_line(mixed_run
         "invalid_custom_id",
         "empty_prompt",
     }
-    kinds_of_bad_line = 19  # 19 kinds of bad line, reported under 14 codes
+    kinds_of_bad_line = 20  # 20 kinds of bad line, reported under 14 codes
     assert sum(report.errors_by_code.values()) == len(errors) == kinds_of_bad_line
     by_id = {e["custom_id"]: e["error"]["code"] for e in errors}
     assert by_id["huge-max-tokens"] == "context_length_exceeded" and by_id["zero-max-tokens"] == "invalid_request"
@@ -146,6 +159,25 @@ def test_outputs_follow_the_openai_batch_output_format(mixed_run):
     assert choice["finish_reason"] == "length"
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 8
     assert outputs["completion"]["response"]["body"]["choices"][0]["text"]
+
+
+def test_a_responses_row_is_answered_as_a_response_object_with_its_chat_twins_words(mixed_run):
+    """A /v1/responses line asks plain-0's question: the official client's Response model reads its
+    body, and its text is the greedy chat answer's, token for token."""
+    from openai.types.responses import Response
+
+    _, run_dir, _ = mixed_run
+    outputs, errors = outcome_by_id(run_dir)
+    response = Response.model_validate(outputs["responses"]["response"]["body"])
+    chat = outputs["plain-0"]["response"]["body"]
+    assert response.object == "response" and response.model == "tiny"
+    assert response.output_text == chat["choices"][0]["message"]["content"]
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+    assert (response.usage.input_tokens, response.usage.output_tokens) == (
+        chat["usage"]["prompt_tokens"], chat["usage"]["completion_tokens"]
+    )  # fmt: skip
+    [refused] = [e for e in errors if e["custom_id"] == "responses-web-search"]
+    assert refused["error"]["code"] == "unsupported_parameter" and "web_search" in refused["error"]["message"]
 
 
 def test_sampling_fields_are_honoured(mixed_run):
@@ -228,8 +260,9 @@ def test_the_cost_report_totals_equal_the_usage_in_output_jsonl(mixed_run):
     _, run_dir, _ = mixed_run
     report = json.loads((run_dir / "report.json").read_text())
     usage = [row["response"]["body"]["usage"] for row in read_jsonl(run_dir / "output.jsonl")]
-    assert report["prompt_tokens"] == sum(u["prompt_tokens"] for u in usage)
-    assert report["completion_tokens"] == sum(u["completion_tokens"] for u in usage)
+    # a chat or completions line's usage, or a Response's (input_tokens, output_tokens)
+    assert report["prompt_tokens"] == sum(u.get("prompt_tokens", u.get("input_tokens")) for u in usage)
+    assert report["completion_tokens"] == sum(u.get("completion_tokens", u.get("output_tokens")) for u in usage)
     assert report["rows"] == len(usage) + len(read_jsonl(run_dir / "errors.jsonl"))
     assert (run_dir / "report.md").read_text().startswith("# Nightshift run report")
     assert (run_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

