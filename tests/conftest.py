@@ -149,7 +149,7 @@ def _warm_engine_outlives_each_test(request):
     server = request.getfixturevalue("warm_engine")
     yield
     if server.process.poll() is not None:
-        status, log = server.process.returncode, sorted(server.logs.glob("vllm-*.log"))[-1].read_text()[-4000:]
+        status, log = server.process.returncode, server.log_tail()
         server.start()
         pytest.fail(f"the shared engine server died during this test (exit {status}):\n{log}")
 

@@ -57,6 +57,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def quiet_port() -> int:
+    """A free port below Linux's ephemeral range (32768–60999), where `free_port` and every
+    outgoing connection take theirs: a server that binds only after a long start (vLLM's, ~20 s)
+    cannot lose its port to another test worker's server started meanwhile."""
+    import random
+
+    while True:
+        port = random.randrange(20000, 32000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+
+
 def wait_until(url: str, timeout: float = 120, process: subprocess.Popen | None = None) -> None:
     """Until `url` answers (any HTTP status); fails early if `process` exits first."""
     deadline = time.monotonic() + timeout
@@ -77,7 +93,7 @@ class EngineServer:
     an online fleet's server restarts."""
 
     def __init__(self, logs, model: str = "tiny", *arguments: str) -> None:
-        self.port, self.logs, self.process = free_port(), logs, None
+        self.port, self.logs, self.process = quiet_port(), logs, None
         self.model, self.arguments = model, arguments or (
             "--max-model-len", "2048", "--scheduling-policy", "priority", "--enable-prompt-tokens-details"
         )  # fmt: skip
@@ -92,10 +108,22 @@ class EngineServer:
             stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         wait_until(f"{self.url}/models", timeout=240, process=self.process)
+        answer = httpx.get(f"{self.url}/models", timeout=10)  # a keyed server (--api-key) says 401
+        served = [m["id"] for m in answer.json().get("data", [])] if answer.status_code == 200 else [self.model]
+        if self.process.poll() is not None or served != [self.model]:  # another server on its port
+            self.kill()
+            raise RuntimeError(f"{self.url} answers for {served}, not this {self.model} server ({self.log_tail()})")
         return self
 
+    def log_tail(self, size: int = 4000) -> str:
+        logs = sorted(self.logs.glob("vllm-*.log"))
+        return logs[-1].read_text(errors="replace")[-size:] if logs else "no log"
+
     def kill(self) -> None:
-        os.killpg(self.process.pid, signal.SIGKILL)
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:  # it died already
+            pass
         self.process.wait()
 
 

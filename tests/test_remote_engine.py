@@ -24,9 +24,9 @@ def engine_server(warm_engine):
     return warm_engine
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def own_engine_server(tmp_path_factory):
-    """A server of the drill's own, which it kills and restarts."""
+    """A server of the test's own, which it kills (and the drill restarts)."""
     server = EngineServer(tmp_path_factory.mktemp("engine-server")).start()
     yield server
     if server.process.poll() is None:
@@ -159,6 +159,30 @@ def test_a_server_killed_mid_run_and_restarted_or_gone_for_good_loses_no_row(own
     assert third.returncode == 0, output[-3000:]
     assert_every_row_once(gone, rows)
     assert all(path.stat().st_mtime_ns == mtime for path, mtime in kept.items()), "finished chunks are not redone"
+
+
+def test_a_fleet_moves_to_its_live_server_when_its_server_dies_mid_run(own_engine_server, engine_server, tmp_path):
+    """Two real servers of the tiny model; the run starts on the first, which is killed once chunks
+    are written: the rows in flight and the rest go to the second — exit 0, every row once, none
+    an error line — and the run's log says where they went."""
+    rows = questions(300, tokens=24)
+    run_dir = tmp_path / "run"
+    process = start_cli("run", write_jsonl(tmp_path / "in.jsonl", rows), "--output", run_dir, "--model", "tiny",
+                        "--engine-url", f"{own_engine_server.url},{engine_server.url}", "--chunk-size", "16",
+                        "--oracle-samples", "0", "--determinism-samples", "0",
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not list(run_dir.glob("shards/*/chunk-*.parquet")):
+        assert time.monotonic() < deadline and process.poll() is None, "no chunk was written"
+        time.sleep(0.2)
+    own_engine_server.kill()
+    output, _ = process.communicate(timeout=600)
+
+    assert process.returncode == 0, output[-3000:]
+    assert_every_row_once(run_dir, rows)
+    assert read_jsonl(run_dir / "errors.jsonl") == []
+    assert f"the engine server at {own_engine_server.url} stopped answering" in output
+    assert f"its rows go to {engine_server.url} now" in output
 
 
 def test_a_fleet_passes_over_a_server_that_does_not_answer(engine_server, tmp_path):

@@ -22,8 +22,10 @@ Faults, by what they say about the row:
 A fleet: `engine_url` may name several servers. The engine uses the first that answers, in the
 order its config gives (`EngineSettings.spread_over_servers` rotates it per shard group, so the
 groups on a work pool spread over the fleet); a server that does not answer at start is passed
-over, one that goes away mid-run ends that group's run as a lost worker's does, and its next
-attempt starts on a server that answers.
+over, and one that goes away mid-run hands its rows over: after FAILOVER_AFTER_S of refused or
+dropped connections, the rows in flight and the rest go to the next server of the fleet that
+answers with the same model (each row still written once). Only with no server left does the
+run end, resumably (exit 75), after `engine_unreachable_s`.
 
 The server's key comes from a Prefect Secret block (`engine_api_key_secret`) or
 `NIGHTSHIFT_ENGINE_API_KEY`, never from a parameter or a file.
@@ -55,6 +57,7 @@ _BACKOFF_FIRST_S, _BACKOFF_MOST_S = 0.5, 15.0
 READ_TIMEOUT_S = 600.0
 PROBE_TIMEOUT_S = 30.0
 FIRST_LOOK_TIMEOUT_S = 10.0  # a server of a fleet that takes longer to list its models is passed over
+FAILOVER_AFTER_S = 5.0  # a fleet's server unreachable this long: its rows go to another (engine_urls)
 _PATHS = {"chat": "/chat/completions", "completion": "/completions", "embedding": "/embeddings"}
 
 
@@ -93,13 +96,9 @@ class RemoteEngine:
         self._dead: BaseException | None = None
         started = time.monotonic()
         self.url, served = self._first_answering(config.engine_urls)
-        self.client = httpx.Client(
-            base_url=self.url,
-            headers=self._headers,
-            # a long row on a busy server may take minutes; one that never answers is retried, not waited on forever
-            timeout=httpx.Timeout(60.0, read=READ_TIMEOUT_S, pool=None),
-            limits=httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency),
-        )
+        self.client = self._client_of(self.url)
+        self._left: list[httpx.Client] = []  # clients of servers failed over from, closed at the end
+        self._switching, self._next_look = threading.Lock(), 0.0
         self._executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="nightshift-remote")
         self.served_model, self.max_model_len = _the_model(served, config, displayed(self.url))
         # "generate" answers chat and completions lines, "pooling" embeddings ones, as in-process
@@ -125,6 +124,44 @@ class RemoteEngine:
         self.announced: set[str] = set()
         polite = objective is not None and self.runner_type == "generate"  # the probe is a one-token chat
         self.politeness = ConcurrencyController(self._probe, objective, self.concurrency).start() if polite else None
+
+    def _client_of(self, url: str) -> httpx.Client:
+        return httpx.Client(
+            base_url=url,
+            headers=self._headers,
+            # a long row on a busy server may take minutes; one that never answers is retried, not waited on forever
+            timeout=httpx.Timeout(60.0, read=READ_TIMEOUT_S, pool=None),
+            limits=httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency),
+        )
+
+    def _fail_over(self, lost: str, why: str) -> bool:
+        """A fleet's server silent for FAILOVER_AFTER_S: its rows — those in flight, retried, and
+        the rest — go to the next server of the fleet that answers and serves the same model. True
+        once they do (this row's switch or another's). Each row is still written once: only an
+        answer received is written, and a row the lost server never answered is asked again."""
+        with self._switching:
+            if self.url != lost:
+                return True
+            if time.monotonic() < self._next_look:
+                return False
+            for url in (u for u in self.config.engine_urls if u != lost):
+                if self._serves_the_model(url):
+                    self._left.append(self.client)
+                    self.client, self.url = self._client_of(url), url
+                    log.warning("the engine server at %s stopped answering (%s): its rows go to %s now",
+                                displayed(lost), why, displayed(url))  # fmt: skip
+                    return True
+            self._next_look = time.monotonic() + FAILOVER_AFTER_S
+            return False
+
+    def _serves_the_model(self, url: str) -> bool:
+        try:
+            response = httpx.get(f"{url}/models", headers=self._headers, timeout=FIRST_LOOK_TIMEOUT_S)
+        except httpx.TransportError:
+            return False
+        if response.status_code >= 400:
+            return False
+        return self.served_model in [entry.get("id") for entry in response.json().get("data") or []]
 
     def _first_answering(self, urls: list[str]) -> tuple[str, list[dict]]:
         """The first of `urls` that lists its models, and the list; servers that do not answer are
@@ -239,7 +276,8 @@ class RemoteEngine:
         if self.politeness is not None:
             self.politeness.stop()
         self._executor.shutdown(wait=False, cancel_futures=True)
-        self.client.close()
+        for client in [*self._left, self.client]:
+            client.close()
 
     def _answer(self, request: PreparedRequest, given_up: threading.Event) -> tuple[PreparedRequest, object]:
         # an adapter's rows go to the server under the adapter's name (`vllm serve --lora-modules NAME=PATH`)
@@ -271,10 +309,11 @@ class RemoteEngine:
         while True:
             if self._closing.is_set() or (given_up is not None and given_up.is_set()):
                 raise _Abandoned()
+            url, gone = self.url, False
             try:
                 response = self.client.request(method, path, **kwargs)
             except httpx.TransportError as exc:  # refused, reset, timed out: the server's state, not the row's
-                why, wait_s = f"{type(exc).__name__}: {exc}", None
+                why, wait_s, gone = f"{type(exc).__name__}: {exc}", None, True
             else:
                 if response.status_code < 400:
                     return response
@@ -284,6 +323,9 @@ class RemoteEngine:
                 why, wait_s = f"{response.status_code} {_server_message(response)}", _retry_after(response)
             silent_since = silent_since or time.monotonic()
             silence = time.monotonic() - silent_since
+            if gone and silence > FAILOVER_AFTER_S and len(self.config.engine_urls) > 1 and self._fail_over(url, why):
+                silent_since, backoff = None, _BACKOFF_FIRST_S
+                continue
             if silence > self.config.engine_unreachable_s:
                 self._dead = EngineUnreachable(
                     f"the engine server at {displayed(self.url)} has not answered for {silence:.0f} s ({why}); "
