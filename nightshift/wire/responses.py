@@ -27,18 +27,25 @@ RESPONSES_URL = "/v1/responses"
 # the Response object's fields that repeat the request's
 ECHOED = ("instructions", "max_output_tokens", "temperature", "top_p", "tools", "tool_choice", "text",
           "parallel_tool_calls", "metadata")  # fmt: skip
-# request fields with no counterpart to translate, or meaningless in a batch: the row's error
-UNSUPPORTED = ("previous_response_id", "background", "stream", "reasoning", "conversation", "prompt",
-               "include", "truncation", "store_tools", "max_tool_calls", "top_logprobs", "stream_options")  # fmt: skip
+# what is translated or echoed; any other field (previous_response_id, background, stream,
+# reasoning, conversation, include, truncation, …) is the row's error
 PASSED = ("model", "temperature", "top_p", "parallel_tool_calls", "user", "seed", "service_tier")
 IGNORED = ("metadata", "store", "safety_identifier", "prompt_cache_key")
 
 
 def chat_body(body: dict) -> dict:
-    """The chat completions body that asks what the Responses body asks."""
+    """The chat completions body that asks what the Responses body asks. A tenant's line: a field
+    of the wrong shape (`"text": "x"`, `"tools": 5`) is the row's error, never the run's crash."""
     for name in body:
-        if name in UNSUPPORTED or name not in (*PASSED, *IGNORED, *ECHOED, "input"):
+        if name not in (*PASSED, *IGNORED, *ECHOED, "input"):
             raise RequestRejected("unsupported_parameter", f"{name!r} of the Responses API is not supported here")
+    try:
+        return _translated(body)
+    except (AttributeError, TypeError) as exc:
+        raise RequestRejected("invalid_request", f"a field of the Responses body has the wrong type: {exc}") from None
+
+
+def _translated(body: dict) -> dict:
     chat = {name: body[name] for name in PASSED if name in body}
     instructions = body.get("instructions")
     messages = [{"role": "system", "content": instructions}] if instructions else []

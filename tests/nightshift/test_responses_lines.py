@@ -70,6 +70,10 @@ def test_a_responses_line_is_read_as_the_chat_request_that_asks_the_same():
         ({"input": []}, "missing_input"),
         ({"instructions": "no input"}, "missing_input"),
         ({"input": [{"role": "robot", "content": "hi"}]}, "invalid_request"),
+        # hostile shapes: the row's error, never the run's crash
+        ({"input": "hi", "text": "json"}, "invalid_request"),
+        ({"input": "hi", "text": {"format": "json"}}, "invalid_request"),
+        ({"input": "hi", "tools": 5}, "invalid_request"),
     ],
 )
 def test_what_chat_cannot_ask_is_the_rows_error_with_openais_code(body, code):
