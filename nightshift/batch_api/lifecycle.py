@@ -104,11 +104,11 @@ class BatchLifecycle:
         """One look at every open batch. A batch whose look raises is that batch's trouble alone:
         the others are looked at all the same, and after STRIKES such looks in a row it fails
         with the reason (a poisoned or vanished input never holds the queue)."""
-        waiting = []
-        for stored in self.store.batches():
+        batches, waiting = self.store.batches(), []
+        for stored in batches:
             if stored.batch.status not in TERMINAL and not self._stop.is_set():
                 self._isolated(stored.batch.id, lambda stored=stored: waiting.extend(self._advance(stored)))
-        for stored in self._turns(waiting):
+        for stored in self._turns(waiting, batches):
             self._isolated(stored.batch.id, lambda stored=stored: self._launch(stored))
         if time.monotonic() >= self._next_sweep:
             try:
@@ -123,12 +123,12 @@ class BatchLifecycle:
         except Exception as exc:  # noqa: BLE001 - isolated per batch, said in its errors
             self._struck(batch_id, exc)
 
-    def _turns(self, waiting: list[StoredBatch]) -> list[StoredBatch]:
+    def _turns(self, waiting: list[StoredBatch], batches: list[StoredBatch]) -> list[StoredBatch]:
         """The validated batches that start now, as many as the runs have room for, fairly: the
-        key with the fewest batches running goes first, then the oldest batch — a tenant's tenth
-        batch never holds another tenant's first."""
+        key with the fewest batches running (in this look's `batches`) goes first, then the oldest
+        batch — a tenant's tenth batch never holds another tenant's first."""
         running: dict[str, int] = {}
-        for stored in self.store.batches():
+        for stored in batches:
             if stored.batch.status in ("in_progress", "finalizing"):
                 running[stored.owner] = running.get(stored.owner, 0) + 1
         chosen = []

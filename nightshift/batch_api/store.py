@@ -134,6 +134,20 @@ class StoredBatch(BaseModel):
     flow_run_id: str | None = Field(None, description="with a deployment: the latest run's flow run")
 
 
+class Delivery(BaseModel):
+    """A webhook event in the outbox: what is sent, to whom it still is to be sent, and when next."""
+
+    event: dict
+    pending: list[str] = Field(description="endpoints that have not yet answered 2xx")
+    attempts: int = 0
+    next_at: float = 0.0
+    first_at: float = Field(default_factory=time.time)
+
+    @property
+    def event_id(self) -> str:
+        return self.event["id"]
+
+
 def owner_of(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()[:32]
 
@@ -222,21 +236,12 @@ class Store:
     def active_batches(self, owner: str) -> int:
         return sum(b.batch.status not in TERMINAL for b in self.batches(owner))
 
-    # Webhook events not yet delivered (nightshift.batch_api.webhooks), oldest first
-    def save_webhook(self, event_id: str, delivery: dict) -> None:
-        write_json_atomic(self.root / "webhooks" / f"{_checked(event_id)}.json", delivery)
+    # Webhook events not yet delivered (nightshift.batch_api.webhooks)
+    def save_webhook(self, delivery: Delivery) -> None:
+        write_json_atomic(self.root / "webhooks" / f"{_checked(delivery.event_id)}.json", delivery.model_dump())
 
-    def webhooks(self) -> list[tuple[str, dict]]:
-        directory = self.root / "webhooks"
-        if not directory.exists():
-            return []
-        found = []
-        for path in sorted(directory.glob("*.json"), key=lambda p: p.name):
-            try:
-                found.append((path.name.removesuffix(".json"), json.loads(path.read_text())))
-            except (FileNotFoundError, ValueError):  # delivered meanwhile, or being replaced
-                continue
-        return found
+    def webhooks(self) -> list[Delivery]:
+        return self._all(Delivery, "webhooks")
 
     def drop_webhook(self, event_id: str) -> None:
         path = self.root / "webhooks" / f"{_checked(event_id)}.json"

@@ -25,9 +25,8 @@ import threading
 import time
 
 import httpx
-from pydantic import BaseModel, Field
 
-from nightshift.batch_api.store import Store, StoredBatch
+from nightshift.batch_api.store import Delivery, Store, StoredBatch
 from nightshift.config import BatchApiConfig
 from nightshift.errors import ConfigurationError
 
@@ -37,16 +36,6 @@ EVENT_TYPES = {s: f"batch.{s}" for s in ("completed", "failed", "expired", "canc
 RETRY_FOR_S = 72 * 3600  # OpenAI retries a webhook for up to 72 hours
 MOST_BACKOFF_S = 3600.0
 TIMEOUT_S = 10.0
-
-
-class Delivery(BaseModel):
-    """An event in the outbox: what is sent, to whom it still is to be sent, and when next."""
-
-    event: dict
-    pending: list[str] = Field(description="endpoints that have not yet answered 2xx")
-    attempts: int = 0
-    next_at: float = 0.0
-    first_at: float = Field(default_factory=time.time)
 
 
 def webhook_secret(config: BatchApiConfig) -> str | None:
@@ -120,7 +109,7 @@ class Webhooks:
                  "data": {"id": batch.id}}  # fmt: skip
         _to_prefect(stored, kind)
         if self.urls:
-            self.store.save_webhook(event_id, Delivery(event=event, pending=list(self.urls)).model_dump())
+            self.store.save_webhook(Delivery(event=event, pending=list(self.urls)))
             self._wake.set()
 
     def _loop(self) -> None:
@@ -134,12 +123,12 @@ class Webhooks:
 
     def deliver_due(self) -> None:
         """One pass over the outbox: each event due is sent to its pending endpoints."""
-        for event_id, raw in self.store.webhooks():
-            delivery = Delivery.model_validate(raw)
+        for delivery in self.store.webhooks():
             if delivery.next_at <= time.time() and not self._stop.is_set():
-                self._attempt(event_id, delivery)
+                self._attempt(delivery)
 
-    def _attempt(self, event_id: str, delivery: Delivery) -> None:
+    def _attempt(self, delivery: Delivery) -> None:
+        event_id = delivery.event_id
         body = json.dumps(delivery.event, separators=(",", ":")).encode()
         headers = signed_headers(self.secret or "", event_id, body, int(time.time()))
         delivery.pending = [url for url in delivery.pending if not _delivered(url, body, headers)]
@@ -152,7 +141,7 @@ class Webhooks:
             self.store.drop_webhook(event_id)
         else:
             delivery.next_at = time.time() + min(2.0 ** (delivery.attempts - 1), MOST_BACKOFF_S)
-            self.store.save_webhook(event_id, delivery.model_dump())
+            self.store.save_webhook(delivery)
 
 
 def _delivered(url: str, body: bytes, headers: dict[str, str]) -> bool:

@@ -48,8 +48,8 @@ def test_a_batchs_end_reaches_the_endpoint_signed_as_openai_signs_and_is_retried
     assert store.batch(batch.id).batch.status == "cancelled"
 
     webhooks.deliver_due()  # the endpoint answers 500: the event stays, due again in a second
-    [(_, waiting)] = store.webhooks()
-    assert waiting["attempts"] == 1 and waiting["next_at"] > time.time() and len(receiver.requests) == 1
+    [waiting] = store.webhooks()
+    assert waiting.attempts == 1 and waiting.next_at > time.time() and len(receiver.requests) == 1
     webhooks.deliver_due()
     assert len(receiver.requests) == 1, "not before its backoff"
     time.sleep(1.1)
@@ -72,8 +72,8 @@ def test_an_event_not_yet_delivered_is_sent_by_the_next_server(tmp_path, receive
     webhooks.deliver_due()  # refused once; then the server stops
 
     restarted = Webhooks(webhooks_config(tmp_path, receiver), Store(str(tmp_path / "api")))
-    [(event_id, delivery)] = store.webhooks()
-    store.save_webhook(event_id, {**delivery, "next_at": 0})  # its backoff over
+    [delivery] = store.webhooks()
+    store.save_webhook(delivery.model_copy(update={"next_at": 0}))  # its backoff over
     restarted.deliver_due()
 
     assert store.webhooks() == [] and len(receiver.received) == 1
