@@ -161,6 +161,12 @@ def _kill_leftovers(stored: StoredBatch) -> None:
 
     if psutil.boot_time() > stored.run_started:
         return
+    # The run (its group's leader) is gone: it died with its server, or `stop` reaped it. A live
+    # process of that pid took the number since — Linux hands out no pid still in use as a group
+    # id, so then the run left no process behind, and this group (its create time later than the
+    # run's start) is another program's, never to be killed. pid_max is 32,768 on many hosts.
+    if psutil.pid_exists(stored.run_group):
+        return
     members = []
     for process in psutil.process_iter():
         try:
