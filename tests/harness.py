@@ -51,6 +51,20 @@ def start_cli(*args, env: dict[str, str] | None = None, cwd=REPO, **popen) -> su
     return subprocess.Popen(nightshift_command(*args), cwd=cwd, env=child_env(env), **popen)
 
 
+def kill_what_it_left(process: subprocess.Popen) -> None:
+    """SIGKILL the process group of a child already waited for: what it left running. A live
+    process of its pid took the number since (no pid in use as a group id is handed out again),
+    so then nothing was left, and that group is another test's — never killed."""
+    import psutil
+
+    if psutil.pid_exists(process.pid):
+        return
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

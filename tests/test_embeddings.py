@@ -5,15 +5,13 @@ pooling runner on the bundled all-MiniLM-L6-v2), run as a user runs it."""
 
 import base64
 import json
-import os
-import signal
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 from conftest import read_jsonl, write_jsonl
-from harness import REPO, child_env, run_cli
+from harness import REPO, child_env, kill_what_it_left, run_cli
 
 from nightshift.models import resolve_model
 from nightshift.samples import sample_documents
@@ -75,10 +73,7 @@ def test_embedding_lines_give_the_vectors_vllm_run_batch_gives_and_bad_lines_are
         start_new_session=True,
     )
     assert reference_run.wait(timeout=600) == 0
-    try:  # run_batch leaves its engine processes behind: they would hold memory for the rest of the suite
-        os.killpg(reference_run.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    kill_what_it_left(reference_run)  # run_batch leaves its engine processes behind, holding memory
     # Ours gets three lines more, which it answers with per-row errors: a line for another
     # endpoint (named in the message), an empty input, an input past the model's context.
     bad_lines = [

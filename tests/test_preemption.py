@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 from conftest import read_jsonl, write_jsonl
-from harness import VLLM_OWN_PROCESSES, start_cli
+from harness import VLLM_OWN_PROCESSES, kill_what_it_left, start_cli
 
 ROWS = 240
 SHARD = 80
@@ -165,7 +165,7 @@ def test_sigterm_stops_within_the_grace_period_consistent_and_resumable(tmp_path
     first.send_signal(signal.SIGTERM)
     code = first.wait(timeout=60)
     stopped_after = time.monotonic() - sent
-    os.killpg(first.pid, signal.SIGKILL)  # anything left in the group would hold stdout open
+    kill_what_it_left(first)  # anything left in the group would hold stdout open
     out = first.stdout.read()
     assert code == 143, out[-3000:]
     assert stopped_after < 5 + 15  # grace + flush and shutdown
