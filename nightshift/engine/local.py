@@ -319,16 +319,20 @@ def _lora_requests(config: EngineConfig) -> dict:
 
 def _kill_engine_processes(wait: bool = True) -> None:
     """SIGKILL this process's vLLM engine processes and, with `wait`, until they are gone (a
-    GPU's memory is free only then)."""
+    GPU's memory is free only then). Only those of this process group: the engine's own, which
+    vLLM starts in it — never a `vllm serve` this program started in a session of its own (an
+    online server beside the batch, a test suite's shared server), though it is a child too."""
     import psutil
 
-    killed = []
+    ours, killed = os.getpgrp(), []
     for child in psutil.Process().children(recursive=True):
         try:
+            if os.getpgid(child.pid) != ours:
+                continue
             if "VLLM" in child.name() or any("VLLM" in part for part in child.cmdline()):
                 child.kill()
                 killed.append(child)
-        except psutil.Error:
+        except (psutil.Error, ProcessLookupError):
             pass
     deadline = time.monotonic() + (10 if wait else 0)
     while killed and time.monotonic() < deadline:  # dead once a zombie: reaping is their parent's (vLLM's)
