@@ -12,8 +12,11 @@ The fence: every run that takes the directory writes the next epoch, and every f
 makes visible under a directory it leased — chunk files, shard manifests, the merged outputs, the
 report — first checks that the lease is still its own (nightshift.storage's commit fence). A run
 frozen past its TTL (a stopped VM, a long pause) and taken over meanwhile comes back to find the
-lease another's: it stops with LeaseLost (exit status 2) and makes nothing more visible. The rows
-it committed before it froze are whole chunks, which the merge counts once.
+lease another's: it stops with LeaseLost (exit status 2) and makes nothing more visible. A write
+already past the check when it froze (an upload under way) is checked again once it lands, and a
+file it added is taken back (a chunk taken back after the new owner counted it only makes that
+shard's checkpoint fail its file check, so the shard is redone, never lost). The rows it
+committed before it froze are whole chunks, which the merge counts once.
 
 The lease is re-entrant within a process: `nightshift run` takes it before the engine starts
 loading, and the flow it runs takes the same one (a deployment's flow run takes its own).
@@ -104,15 +107,16 @@ def _release(path: Path, released: Lease) -> None:
             handle.truncate()
 
 
-def check_owner(target: str) -> None:
+def check_owner(target: str) -> bool:
     """The commit fence: refuse to make `target` visible under a run directory this process
-    leased and no longer owns."""
+    leased and no longer owns; whether `target` lies under one it leased at all."""
     if not is_url(target):
         target = str(Path(target).resolve())
+    guarded = False
     for root, mine in list(_held.items()):
         if not target.startswith(root.rstrip("/") + "/") or target == str(RunDir(root).lease):
             continue
-        current = _read(RunDir(root).lease)
+        guarded, current = True, _read(RunDir(root).lease)
         if current is None or current.token != mine.token:
             taken = f"{current.describe()}" if current else "another run (its lease is gone)"
             raise LeaseLost(
@@ -120,6 +124,7 @@ def check_owner(target: str) -> None:
                 f"not renew it (frozen or cut off for over {lease_ttl_s():.0f} s); it stops here and makes "
                 "nothing more visible — the other run owns the directory"
             )
+    return guarded
 
 
 add_commit_fence(check_owner)

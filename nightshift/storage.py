@@ -148,19 +148,35 @@ def read_fresh(path) -> bytes:
     return fs.cat_file(fs_path)
 
 
-# Called with every path just before it is made visible: the run directory's owner fence
-# (nightshift.lease) raises there when this process no longer owns the directory it writes in.
-_commit_fences: list[Callable[[str], None]] = []
+# Called with every path just before it is made visible, and again just after: the run
+# directory's owner fence (nightshift.lease) raises there when this process no longer owns the
+# directory it writes in, and says whether it guards `target` at all.
+_commit_fences: list[Callable[[str], bool]] = []
 
 
-def add_commit_fence(fence: Callable[[str], None]) -> None:
+def add_commit_fence(fence: Callable[[str], bool]) -> None:
     if fence not in _commit_fences:
         _commit_fences.append(fence)
 
 
-def _pass_fences(target) -> None:
-    for fence in _commit_fences:
-        fence(str(target))
+def _pass_fences(target) -> bool:
+    return any([fence(str(target)) for fence in _commit_fences])
+
+
+@contextmanager
+def _retracted_if_fenced(target, guarded: bool, existed: Callable[[], bool], remove: Callable[[], None]):
+    """Make `target` visible in the body, then pass the fences once more: a process frozen after
+    its check and before its write landed (a stopped VM mid-upload) wakes to find the directory
+    another's, and a file it added is taken back — one that was there before is left as it is."""
+    was_there = guarded and existed()
+    yield
+    if guarded:
+        try:
+            _pass_fences(target)
+        except NightshiftError:
+            if not was_there:
+                remove()
+            raise
 
 
 @contextmanager
@@ -175,9 +191,10 @@ def written_whole(path) -> Iterator[Path]:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             yield tmp
-            _pass_fences(target)
+            guarded = _pass_fences(target)
             _synced(tmp)  # on disk before it counts: a power cut leaves the old file or the new, whole
-            os.replace(tmp, target)
+            with _retracted_if_fenced(target, guarded, target.exists, lambda: target.unlink(missing_ok=True)):
+                os.replace(tmp, target)
             _synced(target.parent)
         except OSError as exc:
             if is_device_full(exc) and not isinstance(exc, StorageFull):
@@ -190,12 +207,13 @@ def written_whole(path) -> Iterator[Path]:
     try:
         tmp = Path(scratch) / target.name
         yield tmp
-        _pass_fences(target)
+        guarded = _pass_fences(target)
         fs, fs_path = filesystem(target)
-        try:
-            fs.put_file(str(tmp), fs_path, **_upload_options(target, tmp.stat().st_size))
-        except Exception as exc:
-            raise StorageError(f"could not write {target}: {exc}") from exc
+        with _retracted_if_fenced(target, guarded, lambda: fs.exists(fs_path), lambda: fs.rm_file(fs_path)):
+            try:
+                fs.put_file(str(tmp), fs_path, **_upload_options(target, tmp.stat().st_size))
+            except Exception as exc:
+                raise StorageError(f"could not write {target}: {exc}") from exc
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -99,3 +99,36 @@ def test_runtime_settings_come_from_the_environment_typed_and_checked(monkeypatc
     monkeypatch.setenv("NIGHTSHIFT_LEASE_TTL_S", "-1")
     with pytest.raises(ConfigurationError, match="NIGHTSHIFT_LEASE_TTL_S: Input should be greater than 0"):
         RuntimeSettings.from_environment()
+
+
+def test_a_write_already_past_the_fence_when_the_run_froze_is_taken_back_when_it_wakes(tmp_path, monkeypatch):
+    import nightshift.storage as storage
+
+    run = RunDir(tmp_path)
+    chunk = tmp_path / "shards" / "abc" / "chunk-00001.parquet"
+    manifest = tmp_path / "shards" / "abc" / "manifest.json"
+    synced = storage._synced
+
+    def frozen_then_taken_over(path):  # between the fence's check and the rename
+        synced(path)
+        if ".tmp-" in path.name and not path.name.startswith("lease.json"):
+            mine = Lease.load(run.lease)
+            mine.model_copy(update={"token": "the-other-run", "epoch": mine.epoch + 1}).save(run.lease)
+
+    with run_lease(tmp_path):
+        monkeypatch.setattr(storage, "_synced", frozen_then_taken_over)
+        with pytest.raises(LeaseLost):
+            with written_whole(chunk) as tmp:
+                tmp.write_text("late")
+    assert not chunk.exists(), "the chunk that landed after the takeover is taken back"
+    assert not list(tmp_path.rglob("*.tmp-*"))
+
+    monkeypatch.setattr(storage, "_synced", synced)
+    Lease.load(run.lease).model_copy(update={"released": True}).save(run.lease)  # the other run ended
+    manifest.write_text("the new owner's")
+    with run_lease(tmp_path):
+        monkeypatch.setattr(storage, "_synced", frozen_then_taken_over)
+        with pytest.raises(LeaseLost):
+            with written_whole(manifest) as tmp:
+                tmp.write_text("late")
+    assert manifest.exists(), "a file that was there before is never deleted"
