@@ -9,51 +9,12 @@ batch APIs' are examples of public list prices, not quotes: set your own.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from prefect.blocks.core import Block
 from pydantic import Field
 
-CPU_MACHINE = "cpu-2vcpu"
-# $ per accelerator-hour, on demand and spot: examples of public cloud list prices (2026), not quotes.
-ACCELERATOR_PRICES: dict[str, dict[str, float]] = {
-    "B200": {"on_demand": 6.00, "spot": 3.00},
-    "H200": {"on_demand": 3.80, "spot": 1.90},
-    "H100": {"on_demand": 3.00, "spot": 1.50},
-    "A100-80GB": {"on_demand": 1.90, "spot": 0.95},
-    "A100": {"on_demand": 1.40, "spot": 0.70},  # the 40 GB card
-    "L40S": {"on_demand": 1.10, "spot": 0.55},
-    "A10G": {"on_demand": 1.00, "spot": 0.40},
-    "L4": {"on_demand": 0.70, "spot": 0.28},
-    "T4": {"on_demand": 0.35, "spot": 0.12},
-    CPU_MACHINE: {"on_demand": 0.10, "spot": 0.03},
-}
+from nightshift.pricing import ACCELERATOR_PRICES, CPU_MACHINE, Rate, catalog_entry
 
-
-@dataclass(frozen=True)
-class Rate:
-    """What one run's hardware costs: per accelerator-hour, times `count`; None: unpriced."""
-
-    accelerator: str
-    count: int
-    on_demand: float | None
-    spot: float | None
-
-    @property
-    def priced(self) -> bool:
-        return self.on_demand is not None
-
-
-def catalog_entry(gpu_name: str, catalog: dict[str, dict[str, float]]) -> str | None:
-    """The catalog's key for an NVML device name ("NVIDIA H100 80GB HBM3" → "H100"): every
-    dash-separated part of the key in the name; the most specific key first (L40S before L4)."""
-    name = gpu_name.upper().replace("NVIDIA", " ").replace("TESLA", " ")
-    words = set(name.replace("-", " ").split())
-    for key in sorted(catalog, key=len, reverse=True):
-        parts = key.upper().split("-")
-        if parts[0] in words and all(part in name for part in parts[1:]):
-            return key
-    return None
+__all__ = ["ACCELERATOR_PRICES", "CPU_MACHINE", "GpuPricing", "ManagedApiPrices", "Rate", "catalog_entry"]
 
 
 class GpuPricing(Block):

@@ -482,8 +482,9 @@ def _print_report(report) -> None:
 
 
 def _report(args) -> int:
+    from nightshift.blocks.pricing import GpuPricing, ManagedApiPrices
+    from nightshift.report import trend, write_report
     from nightshift.rundir import RunDir
-    from nightshift.tasks.s6_report import trend, write_report
 
     if args.all:
         rows = trend(args.run_dir)
@@ -502,7 +503,7 @@ def _report(args) -> int:
     if not run_dir.plan_manifest.exists() or not run_dir.job.exists():
         print(f"nightshift: {args.run_dir} is not a run directory (no plan/manifest.json or job.json)", file=sys.stderr)
         return ExitStatus.CONFIGURATION
-    report = write_report(run_dir)
+    report = write_report(run_dir, GpuPricing(), ManagedApiPrices())
     print(json.dumps(report.figures(), indent=2) if args.format == "json" else run_dir.report_markdown.read_text())
     return ExitStatus.COMPLETE
 

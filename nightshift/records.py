@@ -209,7 +209,7 @@ class Politeness(_Record):
 
 class CostReport(_Record):
     """`report.json`: a run's rows, throughput and money, measured from its files and priced
-    (tasks/s6_report.py). `nightshift plan` reads earlier nights' reports as its history; the
+    (nightshift/report/). `nightshift plan` reads earlier nights' reports as its history; the
     figures it needs are required, the rest may be missing from a report of an older version."""
 
     rows: int

@@ -269,13 +269,13 @@ def test_the_cost_report_totals_equal_the_usage_in_output_jsonl(mixed_run):
 
 
 def test_cost_per_million_tokens_is_the_pricing_blocks_arithmetic(mixed_run):
-    from nightshift.blocks.pricing import GpuPricing
+    from nightshift.blocks.pricing import GpuPricing, ManagedApiPrices
+    from nightshift.report import build_report
     from nightshift.rundir import RunDir
-    from nightshift.tasks.s6_report import build_report
 
     _, run_dir, _ = mixed_run
     pricing = GpuPricing(accelerator="H100", accelerators=8, on_demand_per_hour=4.0, spot_per_hour=1.5)
-    report = build_report(RunDir(run_dir), pricing)
+    report = build_report(RunDir(run_dir), pricing, ManagedApiPrices())
     hours = report.generate_seconds / 3600
     tokens = report.prompt_tokens + report.completion_tokens
     assert report.cost_per_million_tokens == pytest.approx(hours * 8 * 4.0 / (tokens / 1e6), rel=1e-3)

@@ -8,12 +8,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nightshift.blocks.pricing import GpuPricing
+from nightshift.blocks.pricing import GpuPricing, ManagedApiPrices
 from nightshift.chunks import shard_cache_key
 from nightshift.config import EngineConfig, JobSpec
 from nightshift.records import Plan, Shard
+from nightshift.report import build_report
 from nightshift.rundir import RunDir
-from nightshift.tasks.s6_report import build_report
 
 pytestmark = pytest.mark.fast
 
@@ -66,7 +66,7 @@ def run_dir(tmp_path):
 
 def test_billed_hours_add_up_each_engine_slot_and_cost_follows_the_pricing_block(run_dir):
     pricing = GpuPricing(accelerator="H100", accelerators=2, on_demand_per_hour=4.0, spot_per_hour=1.5)
-    report = build_report(run_dir, pricing)
+    report = build_report(run_dir, pricing, ManagedApiPrices())
     assert report.engine_slots == 2 and report.generate_seconds == 5400.0
     assert report.accelerator_hours == pytest.approx(2 * 1.0 * 2)  # two slots of one hour, two GPUs each
     assert report.cost_on_demand == pytest.approx(16.0) and report.cost_spot == pytest.approx(6.0)
@@ -77,7 +77,7 @@ def test_billed_hours_add_up_each_engine_slot_and_cost_follows_the_pricing_block
 
 
 def test_rows_answered_without_generating_are_counted_apart_with_the_money_they_saved(run_dir):
-    report = build_report(run_dir, GpuPricing(on_demand_per_hour=4.0, accelerators=1))
+    report = build_report(run_dir, GpuPricing(on_demand_per_hour=4.0, accelerators=1), ManagedApiPrices())
     saved = report.served_without_generating
     generated = 750 - 150  # the duplicate's 150 tokens were never generated
     assert saved.rows == 1 and saved.tokens == 150
@@ -88,7 +88,7 @@ def test_rows_answered_without_generating_are_counted_apart_with_the_money_they_
 def test_pricing_is_arithmetic_on_the_measured_records_alone():
     from nightshift.blocks.pricing import ManagedApiPrices
     from nightshift.records import EngineTime, RowTotals
-    from nightshift.tasks.s6_report import priced
+    from nightshift.report import priced
 
     totals = RowTotals(
         rows=1000, succeeded=990, prompt_tokens=200_000, completion_tokens=50_000, truncation_share=0.0,
@@ -117,7 +117,7 @@ def test_pricing_is_arithmetic_on_the_measured_records_alone():
 def test_a_run_is_priced_as_the_card_nvml_named_and_an_unknown_card_is_unpriced():
     from nightshift.blocks.pricing import ACCELERATOR_PRICES, ManagedApiPrices, catalog_entry
     from nightshift.records import EngineTime, RowTotals
-    from nightshift.tasks.s6_report import priced
+    from nightshift.report import priced
 
     for nvml, key in [
         ("NVIDIA H200", "H200"), ("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA A100-SXM4-80GB", "A100-80GB"),
