@@ -19,6 +19,7 @@ from nightshift.config import DEFAULT_SHARD_SIZE, CanaryConfig, CorpusOptions, F
 from nightshift.deadline import DeadlineTimer, parse_deadline
 from nightshift.engine.local import start_engine_in_background
 from nightshift.errors import DeadlineReached
+from nightshift.fan_out import check_deployments
 from nightshift.jobs import check_job, size_for_input
 from nightshift.lease import run_lease
 from nightshift.records import RunReport
@@ -26,7 +27,7 @@ from nightshift.rundir import RunDir
 from nightshift.status import run_status
 from nightshift.storage import is_url, use_storage_options
 from nightshift.tasks.s1_plan_shards import plan_shards
-from nightshift.tasks.s2_fan_out import check_deployments, dispatch_shard_groups, validate_on_pool
+from nightshift.tasks.s2_fan_out import dispatch_shard_groups, validate_on_pool
 from nightshift.tasks.s3_generate import generate_here
 from nightshift.tasks.s4_merge import expire_unfinished, merge_outputs
 from nightshift.tasks.s5_canary import CanaryFailure, canary_validation

@@ -1,7 +1,7 @@
 """The shard-generation flow a GPU work pool runs: one engine load, a group of shards.
 
 The main flow dispatches it through the `nightshift-generate-shards/gpu` deployment (see
-tasks/s2_fan_out.py); it generates through the same cached tasks as a local run, so a shard
+nightshift/fan_out.py); it generates through the same cached tasks as a local run, so a shard
 finished anywhere is finished everywhere.
 """
 

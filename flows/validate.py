@@ -1,6 +1,6 @@
 """The canary checks as a flow run on the GPU pool: with fan-out, the orchestrating flow has no
 engine and may not hold the reference model, so the parent dispatches this flow through the
-`nightshift-validate/gpu` deployment (tasks/s2_fan_out.py: validate_on_pool) and gates on the
+`nightshift-validate/gpu` deployment (nightshift/fan_out.py: validate_on_pool) and gates on the
 verdict it writes to the run directory."""
 
 from __future__ import annotations

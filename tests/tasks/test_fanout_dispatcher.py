@@ -14,11 +14,11 @@ from types import SimpleNamespace
 import pytest
 from prefect.client.schemas.objects import StateType
 
+from nightshift import fan_out as fanout
 from nightshift import workers
 from nightshift.config import EngineConfig, FanOut, JobSpec
 from nightshift.errors import EngineCannotStartHere
 from nightshift.records import GroupManifest, Shard, ShardResult
-from nightshift.tasks import s2_fan_out as fanout
 
 pytestmark = pytest.mark.fast
 
@@ -137,7 +137,7 @@ def dispatch(run_dir, pool, groups=5, **settings):
     job = JOB
     shards = [shard(i) for i in range(groups)]
     fan_out = FanOut(deployment="gen/gpu", shards_per_group=1, poll_s=0.001, **settings)
-    dispatcher = fanout._Dispatcher(shards, job, str(run_dir), "ckpt", fan_out, pool)
+    dispatcher = fanout.Dispatcher(shards, job, str(run_dir), "ckpt", fan_out, pool)
     return shards, dispatcher.run()
 
 
@@ -254,7 +254,7 @@ def test_at_the_deadline_nothing_more_is_dispatched_and_waiting_runs_are_cancell
     pool.read_flow_run = read_and_pass_the_deadline
     fan_out = FanOut(deployment="gen/gpu", shards_per_group=1, poll_s=0.001, max_in_flight=3, heartbeat_timeout_s=1)
     deadline = datetime.now(timezone.utc) + timedelta(hours=1)
-    dispatcher = fanout._Dispatcher(
+    dispatcher = fanout.Dispatcher(
         [shard(i) for i in range(5)], JOB, str(tmp_path), "ckpt", fan_out, pool, None, deadline
     )
     try:
