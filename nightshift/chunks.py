@@ -24,6 +24,7 @@ from nightshift.deadline import EXPIRED_CODE
 from nightshift.records import Shard, ShardResult
 from nightshift.rundir import RunDir, write_json_atomic
 from nightshift.storage import duckdb_connection, local_copies, location, read_table, written_whole
+from nightshift.wire.lines import BatchLine
 from nightshift.wire.openai_format import (
     RemoteCompletion,
     RemoteEmbedding,
@@ -203,10 +204,9 @@ class ChunkWriter:
             line = output_line(
                 row["custom_id"], kind, output, model_name, self.cache_key, tokenizer, tool_calling, request.parsed
             )
-        first = line["response"]["body"]["choices"][0]
-        finish_reason = first["finish_reason"]
+        finish_reason = line.body["choices"][0]["finish_reason"]
         first = output.outputs[0]
-        usage = line["response"]["body"]["usage"]
+        usage = line.body["usage"]
         cached = getattr(output, "num_cached_tokens", None)
         if source == "engine":
             self.engine_prompt_tokens += usage["prompt_tokens"]
@@ -259,7 +259,7 @@ class ChunkWriter:
             embedding=vectors[0],
         )
 
-    def add_stored(self, row: dict, line: dict, stored: dict, adapter: str | None = None) -> None:
+    def add_stored(self, row: dict, line: BatchLine, stored: dict, adapter: str | None = None) -> None:
         """A row answered from the result cache (`adapter`: the one its request names)."""
         self._add(
             row,
@@ -288,12 +288,12 @@ class ChunkWriter:
             source=None,
         )
 
-    def _add(self, row: dict, line: dict, **fields) -> dict:
+    def _add(self, row: dict, line: BatchLine | None, **fields) -> dict:
         record = {
             "row_index": row["row_index"],
             "shard": self.shard_index,
             "custom_id": row["custom_id"],
-            "line": None if line is None else json.dumps(line, ensure_ascii=False),
+            "line": None if line is None else json.dumps(line.wire(), ensure_ascii=False),
             "embedding": None,
             "model": None,
             "image_tokens": None,

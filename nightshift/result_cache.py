@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nightshift.storage import StorageFull, duckdb_connection, location, size_text, sql_path, written_whole
+from nightshift.wire.lines import BatchLine
 from nightshift.wire.openai_format import batch_request_id
 
 log = logging.getLogger("nightshift.result_cache")
@@ -101,15 +102,10 @@ class ResultCache:
             )
 
 
-def cached_output_line(custom_id: str, cache_key: str, stored: dict) -> dict:
+def cached_output_line(custom_id: str, cache_key: str, stored: dict) -> BatchLine:
     """An output line for `custom_id` carrying a stored response, under this row's own ids."""
     rid = batch_request_id(custom_id, cache_key)
     body = json.loads(stored["body"])
     body["id"] = ("chatcmpl-" if stored["kind"] == "chat" else "cmpl-") + rid
     body["created"] = int(time.time())
-    return {
-        "id": f"batch_req_{rid}",
-        "custom_id": custom_id,
-        "response": {"status_code": 200, "request_id": rid, "body": body},
-        "error": None,
-    }
+    return BatchLine.answered(custom_id, rid, body)

@@ -370,7 +370,7 @@ def _write_unfinished(input_path: Path, run_dir: RunDir, code: str, message: str
             if raw.strip():
                 custom_id = _custom_id(raw)  # a batch cancelled in `validating`: its lines were never checked
                 error = {"code": code, "message": message, "line": line_no}
-                out.write(json.dumps(error_line(custom_id, error, "unplanned"), ensure_ascii=False) + "\n")
+                out.write(json.dumps(error_line(custom_id, error, "unplanned").wire(), ensure_ascii=False) + "\n")
                 failed += 1
     with written_whole(run_dir.output) as tmp:
         Path(tmp).write_text("")

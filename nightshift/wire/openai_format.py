@@ -20,6 +20,7 @@ from typing import Any
 
 from nightshift.errors import RequestRejected
 from nightshift.inputs import CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL
+from nightshift.wire.lines import BatchLine
 from nightshift.wire.responses import response_body
 
 # Accepted by vLLM's server but meaningless or unsupported in an offline batch.
@@ -299,7 +300,7 @@ def batch_request_id(custom_id: str, cache_key: str) -> str:
 
 def output_line(
     custom_id: str, kind: str, output, model_name: str, cache_key: str, tokenizer=None, tool_calling=None, parsed=None
-) -> dict:
+) -> BatchLine:
     """An OpenAI Batch output line for one finished vLLM RequestOutput; with `tool_calling` and a
     row with tools (`parsed`), its calls taken out of the text (nightshift.engine.tool_calls)."""
     rid = batch_request_id(custom_id, cache_key)
@@ -339,12 +340,7 @@ def output_line(
             **_prompt_tokens_details(output),
         },
     }
-    return {
-        "id": f"batch_req_{rid}",
-        "custom_id": custom_id,
-        "response": {"status_code": 200, "request_id": rid, "body": body},
-        "error": None,
-    }
+    return BatchLine.answered(custom_id, rid, body)
 
 
 def _prompt_tokens_details(output) -> dict:
@@ -394,29 +390,28 @@ class RemoteEmbedding:
         self.prompt_tokens = int((body.get("usage") or {}).get("prompt_tokens") or 0)
 
 
-def remote_output_line(custom_id: str, kind: str, output: RemoteCompletion, model_name: str, cache_key: str) -> dict:
+def remote_output_line(
+    custom_id: str, kind: str, output: RemoteCompletion, model_name: str, cache_key: str
+) -> BatchLine:
     """An OpenAI Batch output line for a row an engine server answered: its body as the server
     wrote it (choices, usage, logprobs), under this run's stable ids and served model name."""
     rid = batch_request_id(custom_id, cache_key)
     body = {**output.body, "id": ("chatcmpl-" if kind == "chat" else "cmpl-") + rid, "model": model_name}
-    return {
-        "id": f"batch_req_{rid}",
-        "custom_id": custom_id,
-        "response": {"status_code": 200, "request_id": rid, "body": body},
-        "error": None,
-    }
+    return BatchLine.answered(custom_id, rid, body)
 
 
-def as_response(line: dict, echo: dict) -> dict:
+def as_response(line: BatchLine, echo: dict) -> BatchLine:
     """A chat output line of a /v1/responses row, its body the Response object."""
-    response = line["response"]
-    return {**line, "response": {**response, "body": response_body(response["body"], echo, response["request_id"])}}
+    response = line.response
+    return BatchLine.answered(
+        line.custom_id, response.request_id, response_body(response.body, echo, response.request_id)
+    )
 
 
-def error_line(custom_id: str | None, error: dict, cache_key: str) -> dict:
+def error_line(custom_id: str | None, error: dict, cache_key: str) -> BatchLine:
     """An errors.jsonl line: OpenAI's shape, with the input line number added."""
     rid = batch_request_id(str(custom_id) if custom_id is not None else f"line-{error.get('line')}", cache_key)
-    return {"id": f"batch_req_{rid}", "custom_id": custom_id, "response": None, "error": error}
+    return BatchLine.failed(custom_id, rid, error)
 
 
 def _logprobs(choice, tokenizer, kind: str) -> dict | None:
@@ -463,7 +458,7 @@ def embedding_output_line(
     encoding_format: str,
     model_name: str,
     cache_key: str,
-) -> dict:
+) -> BatchLine:
     """An OpenAI Batch output line for an embeddings request: OpenAI's `list` of `embedding`s."""
     import base64
 
@@ -486,9 +481,4 @@ def embedding_output_line(
         "data": data,
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
     }
-    return {
-        "id": f"batch_req_{rid}",
-        "custom_id": custom_id,
-        "response": {"status_code": 200, "request_id": rid, "body": body},
-        "error": None,
-    }
+    return BatchLine.answered(custom_id, rid, body)

@@ -37,7 +37,7 @@ def test_a_chat_line_is_a_run_batch_line_holding_an_openai_chat_completion(logpr
 
     from nightshift.wire.openai_format import output_line
 
-    line = output_line("row-1", "chat", engine_output(logprobs), "tiny", CACHE_KEY)
+    line = output_line("row-1", "chat", engine_output(logprobs), "tiny", CACHE_KEY).wire()
     assert parsed_by_run_batch(line).custom_id == "row-1"
     completion = ChatCompletion.model_validate(line["response"]["body"])
     assert [c.message.content for c in completion.choices] == ["Hello there", "Hey"]
@@ -54,7 +54,7 @@ def test_a_completion_line_is_a_run_batch_line_holding_an_openai_completion(logp
 
     from nightshift.wire.openai_format import output_line
 
-    line = output_line("row-2", "completion", engine_output(logprobs), "tiny", CACHE_KEY)
+    line = output_line("row-2", "completion", engine_output(logprobs), "tiny", CACHE_KEY).wire()
     # run_batch serves no /v1/completions: its envelope, and the body as vLLM's server answers it
     parsed_by_run_batch({**line, "response": {**line["response"], "body": None}})
     CompletionResponse.model_validate(line["response"]["body"])
@@ -68,7 +68,7 @@ def test_an_embedding_line_is_a_run_batch_line_holding_an_openai_embedding_list(
 
     from nightshift.wire.openai_format import embedding_output_line
 
-    line = embedding_output_line("doc-1", [[0.5, -0.25], [1.0, 0.0]], 7, encoding_format, "minilm", CACHE_KEY)
+    line = embedding_output_line("doc-1", [[0.5, -0.25], [1.0, 0.0]], 7, encoding_format, "minilm", CACHE_KEY).wire()
     parsed_by_run_batch(line)
     if encoding_format == "float":  # the client's type holds floats; base64 is a string it decodes itself
         response = CreateEmbeddingResponse.model_validate(line["response"]["body"])
@@ -78,6 +78,6 @@ def test_an_embedding_line_is_a_run_batch_line_holding_an_openai_embedding_list(
 def test_an_error_line_is_a_run_batch_line_with_no_response():
     from nightshift.wire.openai_format import error_line
 
-    line = error_line("row-3", {"code": "invalid_json", "message": "line 3 is not JSON", "line": 3}, CACHE_KEY)
+    line = error_line("row-3", {"code": "invalid_json", "message": "line 3 is not JSON", "line": 3}, CACHE_KEY).wire()
     parsed = parsed_by_run_batch(line)
     assert parsed.response is None and parsed.error["code"] == "invalid_json"

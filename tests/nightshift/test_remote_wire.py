@@ -39,12 +39,12 @@ def test_a_servers_answer_keeps_its_body_under_the_runs_ids_without_the_token_id
     answer = RemoteCompletion(body, "chat")
     assert answer.outputs[0].text == "hi" and answer.outputs[0].token_ids == [7, 8]
     assert answer.num_cached_tokens == 2 and answer.prompt_token_ids == [1, 2, 3]
-    line = remote_output_line("row-1", "chat", answer, "my-model", "cache-key")
+    line = remote_output_line("row-1", "chat", answer, "my-model", "cache-key").wire()
     out = line["response"]["body"]
     assert out["model"] == "my-model" and out["id"].startswith("chatcmpl-") and out["id"] != body["id"]
     assert "prompt_token_ids" not in out and "token_ids" not in out["choices"][0]
     assert out["usage"]["prompt_tokens"] == 3 and line["custom_id"] == "row-1"
-    again = remote_output_line("row-1", "chat", answer, "my-model", "cache-key")
+    again = remote_output_line("row-1", "chat", answer, "my-model", "cache-key").wire()
     assert again["id"] == line["id"], "the same row in the same job gets the same id on every run"
 
 

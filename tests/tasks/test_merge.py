@@ -14,6 +14,7 @@ from nightshift.merge import IncompleteRun, merge
 from nightshift.plan import plan
 from nightshift.records import ShardResult
 from nightshift.rundir import RunDir
+from nightshift.wire.lines import BatchLine
 
 pytestmark = pytest.mark.fast
 
@@ -36,7 +37,7 @@ def finish(run_dir, job, shard, outcomes: dict[int, str]) -> None:
         row = {"row_index": index, "custom_id": f"r{index}", "line_no": index + 1}
         if outcome == "ok":
             writer._add(
-                row, {"custom_id": f"r{index}", "response": {"status_code": 200}},
+                row, BatchLine.answered(f"r{index}", f"q{index}", {"choices": []}),
                 ok=True, text=f"answer {index}", finish_reason="stop", prompt_tokens=3, completion_tokens=2,
                 error_code=None, source="engine",
             )  # fmt: skip

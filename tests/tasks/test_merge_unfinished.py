@@ -12,6 +12,7 @@ from nightshift.jobs import make_job
 from nightshift.merge import merge_unfinished
 from nightshift.plan import plan
 from nightshift.rundir import RunDir
+from nightshift.wire.lines import BatchLine
 
 pytestmark = pytest.mark.fast
 
@@ -29,7 +30,7 @@ def test_unfinished_rows_become_error_lines_and_finished_ones_stay_outputs(tmp_p
     for index in (0, 1):
         writer._add(
             {"row_index": index, "custom_id": f"r{index}"},
-            {"custom_id": f"r{index}", "response": {"status_code": 200}},
+            BatchLine.answered(f"r{index}", f"q{index}", {"choices": []}),
             ok=True, text="done", finish_reason="stop", prompt_tokens=3, completion_tokens=2,
             error_code=None, source="engine",
         )  # fmt: skip
