@@ -248,6 +248,12 @@ class EngineSettings(_Config):
         "the rows in flight adapt (additive increase, multiplicative decrease, at most engine_max_concurrency) "
         "to a probe at online priority; default: flat out at engine_max_concurrency",
     )
+    fleet_budget: bool = Field(
+        False,
+        description="with online_ttft_slo_ms: share one budget of rows in flight with every Nightshift client of "
+        "the server (runs, shard groups, serve's batches), kept as a Prefect global concurrency limit on "
+        "PREFECT_API_URL's server; one AIMD step for the fleet, each client its fair share",
+    )
     engine_unreachable_s: float = Field(
         120.0,
         gt=0,
@@ -264,6 +270,15 @@ class EngineSettings(_Config):
     @classmethod
     def _adapters(cls, value) -> tuple[LoraAdapter, ...]:
         return lora_adapters(value)
+
+    @model_validator(mode="after")
+    def _fleet_needs_an_objective(self) -> Self:
+        if self.fleet_budget and (self.online_ttft_slo_ms is None or not self.engine_url):
+            raise ValueError(
+                "fleet_budget shares the rows in flight an online objective adapts: give it with engine_url and "
+                "online_ttft_slo_ms"
+            )
+        return self
 
     @property
     def engine_urls(self) -> list[str]:
@@ -290,6 +305,7 @@ NIGHTSHIFT_ENGINE_FIELDS = frozenset(
         "engine_priority",
         "row_priority_floor",
         "online_ttft_slo_ms",
+        "fleet_budget",
         "engine_unreachable_s",
         "lora",  # vLLM takes enable_lora and sizes; the adapters go with each row (nightshift.engine.local)
         "engine_args",  # merged into the arguments as they are (engine_sizing.engine_arguments)

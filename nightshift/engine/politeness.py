@@ -7,14 +7,20 @@ meets right now. Within the objective, one more row may be in flight (up to the 
 half as many (at least one). The probe sees what online traffic sees; the server's own TTFT
 histogram (`/metrics`) cannot: it mixes in the batch's rows, whose TTFT under priority
 scheduling is long by design, and a Prometheus histogram keeps no labels to tell them apart.
+
+With `fleet_budget` the step is taken once for every client of the server and each client's limit
+is its share of the fleet's (nightshift.engine.fleet).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
 
 PROBE_INTERVAL_S = 1.0
 START_IN_FLIGHT = 4  # a shared server is met gently: the limit grows from here while online traffic keeps its objective
@@ -40,6 +46,7 @@ class ConcurrencyController:
         most: int,
         interval_s: float = PROBE_INTERVAL_S,
         clock: Callable[[], float] = time.time,
+        fleet=None,
     ) -> None:
         self.probe, self.objective_ms, self.most, self.interval_s, self.clock = (
             probe,
@@ -48,20 +55,31 @@ class ConcurrencyController:
             interval_s,
             clock,
         )
-        self.limit = min(most, START_IN_FLIGHT)
+        self.fleet = fleet  # a FleetBudget (nightshift.engine.fleet): the limit is the slots it holds
+        self.limit = fleet.look(None, objective_ms) if fleet is not None else min(most, START_IN_FLIGHT)
         self.looks: list[Look] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def observe(self, online_ttft_ms: float | None) -> int:
-        """One step: within the objective one more, over it half as many; no measurement, no change."""
-        if online_ttft_ms is not None:
+        """One step: within the objective one more, over it half as many; no measurement, no change.
+        In a fleet the step is the fleet's and the limit this client's share of it."""
+        if self.fleet is not None:
+            self.limit = self._fleet_look(online_ttft_ms)
+        elif online_ttft_ms is not None:
             self.limit = (
                 max(1, self.limit // 2) if online_ttft_ms > self.objective_ms else min(self.most, self.limit + 1)
             )
         ttft = None if online_ttft_ms is None else round(online_ttft_ms, 1)
         self.looks.append(Look(round(self.clock(), 3), ttft, self.limit))
         return self.limit
+
+    def _fleet_look(self, online_ttft_ms: float | None) -> int:
+        try:
+            return self.fleet.look(online_ttft_ms, self.objective_ms)
+        except Exception as exc:  # the Prefect server out of reach a moment: the slots held stay held
+            log.warning("the fleet budget could not be read (%s): %d rows in flight meanwhile", exc, self.limit)
+            return self.limit
 
     def start(self) -> ConcurrencyController:
         self._thread = threading.Thread(target=self._loop, name="nightshift-politeness", daemon=True)
@@ -70,6 +88,10 @@ class ConcurrencyController:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if self.fleet is not None:
+            self.fleet.close()
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):

@@ -45,7 +45,8 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from nightshift.config import EngineConfig
-from nightshift.engine.politeness import ConcurrencyController
+from nightshift.engine.fleet import FleetBudget
+from nightshift.engine.politeness import START_IN_FLIGHT, ConcurrencyController
 from nightshift.errors import ConfigurationError, EngineUnreachable, NightshiftError, Preempted
 from nightshift.wire.images import with_images_resolved
 from nightshift.wire.openai_format import PreparedRequest, RemoteCompletion, RemoteEmbedding, RequestRejected
@@ -120,10 +121,18 @@ class RemoteEngine:
             "max_concurrency": self.concurrency,
             "priority": config.engine_priority,
             "online_ttft_slo_ms": objective,
+            "fleet_budget": config.fleet_budget or None,
         }
         self.announced: set[str] = set()
         polite = objective is not None and self.runner_type == "generate"  # the probe is a one-token chat
-        self.politeness = ConcurrencyController(self._probe, objective, self.concurrency).start() if polite else None
+        fleet = (
+            FleetBudget(displayed(self.url), self.concurrency, START_IN_FLIGHT)
+            if polite and config.fleet_budget
+            else None
+        )
+        self.politeness = (
+            ConcurrencyController(self._probe, objective, self.concurrency, fleet=fleet).start() if polite else None
+        )
 
     def _client_of(self, url: str) -> httpx.Client:
         return httpx.Client(
@@ -262,7 +271,10 @@ class RemoteEngine:
                 if not in_flight:
                     if deadline is not None:
                         raise Preempted("stopped on SIGTERM after the rows in flight finished")
-                    return
+                    if exhausted:
+                        return
+                    time.sleep(0.25)  # no slot of the fleet's budget free yet: the other clients hold them
+                    continue
                 done, in_flight = wait(in_flight, timeout=0.25, return_when=FIRST_COMPLETED)
                 for future in done:
                     yield future.result()  # EngineUnreachable, ConfigurationError: the shard ends here
