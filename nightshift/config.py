@@ -628,6 +628,17 @@ class BatchApiConfig(_Config):
     engine_api_key_secret: str | None = Field(
         None, description="a Prefect Secret block with the engine servers' key (default: $NIGHTSHIFT_ENGINE_API_KEY)"
     )
+    online_ttft_slo_ms: float | None = Field(
+        None,
+        gt=0,
+        description="with chat_engine_url: the batches' rows in flight adapt to keep the server's online traffic's "
+        "time to first token within this many ms (docs/sharing-a-fleet.md); default: flat out",
+    )
+    fleet_budget: bool = Field(
+        False,
+        description="with online_ttft_slo_ms: the batches share one budget of rows in flight with every other "
+        "Nightshift client of the chat server, kept in Prefect (docs/sharing-a-fleet.md)",
+    )
 
     @field_validator("chat_engine_url", "embedding_engine_url")
     @classmethod
@@ -661,6 +672,16 @@ class BatchApiConfig(_Config):
             if not str(url).startswith(("http://", "https://")):
                 raise ValueError(f"webhook_url {url!r} is not an http:// or https:// URL")
         return urls
+
+    @model_validator(mode="after")
+    def _fleet_needs_an_objective(self) -> Self:
+        if self.online_ttft_slo_ms is not None and not self.chat_engine_url:
+            raise ValueError("online_ttft_slo_ms is kept on a shared chat server: give chat_engine_url")
+        if self.fleet_budget and self.online_ttft_slo_ms is None:
+            raise ValueError(
+                "fleet_budget shares the rows in flight an online objective adapts: give online_ttft_slo_ms"
+            )
+        return self
 
     max_file_bytes: int = Field(200 * 1024**2, gt=0, description="largest upload, as OpenAI's 200 MB")
     max_requests: int = Field(50_000, gt=0, description="most requests in one batch, as OpenAI's 50,000")

@@ -349,7 +349,16 @@ def _engine_settings(config: BatchApiConfig, embeds: bool, requests: int) -> dic
         return {**media, **adapters}
     secret = {"engine_api_key_secret": s} if (s := config.engine_api_key_secret) else {}
     floor = {"row_priority_floor": f} if (f := config.row_priority_floor) is not None else {}
-    return {**media, "engine_url": url, **secret, **floor, **_size_priority(config, requests), **adapters}
+    return {**media, "engine_url": url, **secret, **floor, **_size_priority(config, requests), **adapters,
+            **_politeness(config, embeds)}  # fmt: skip
+
+
+def _politeness(config: BatchApiConfig, embeds: bool) -> dict[str, object]:
+    """The online objective a chat batch keeps to on the shared server, and whether it shares the
+    fleet's budget (an embeddings server has no online chat traffic to probe)."""
+    if embeds or config.online_ttft_slo_ms is None:
+        return {}
+    return {"online_ttft_slo_ms": config.online_ttft_slo_ms, **({"fleet_budget": True} if config.fleet_budget else {})}
 
 
 def _size_priority(config: BatchApiConfig, requests: int) -> dict[str, int]:

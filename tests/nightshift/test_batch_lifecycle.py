@@ -119,6 +119,27 @@ def test_a_batch_runs_on_its_endpoints_engine_server_when_the_api_names_one_its_
     }
 
 
+def test_a_batch_on_a_shared_chat_server_keeps_the_online_objective_in_the_fleets_one_budget(tmp_path):
+    runs = ScriptedRuns(None, None)
+    lifecycle, store, _ = a_batch(tmp_path, runs, rows=10)
+    lifecycle.config = BatchApiConfig.model_validate(
+        {
+            **lifecycle.config.model_dump(),
+            "chat_engine_url": "http://gpu-1:8000/v1",
+            "online_ttft_slo_ms": 400,
+            "fleet_budget": True,
+        }  # fmt: skip
+    )
+
+    lifecycle.step()
+
+    [order] = runs.orders
+    settings = order.job_settings()
+    assert (settings["online_ttft_slo_ms"], settings["fleet_budget"]) == (400, True)
+    with pytest.raises(ValueError, match="fleet_budget shares the rows in flight"):
+        BatchApiConfig(storage=str(tmp_path / "api"), chat_engine_url="http://gpu-1:8000/v1", fleet_budget=True)
+
+
 def test_a_poisoned_batch_cancelled_before_validation_ends_alone_and_the_next_batch_still_starts(tmp_path):
     """A file of `[1, 2]`, junk and a non-string custom_id, cancelled before the runner looked at
     it: every line an error line (no custom_id to trust), and the batch behind it is started in
