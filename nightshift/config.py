@@ -125,6 +125,11 @@ def lora_adapters(value) -> tuple[LoraAdapter, ...]:
     return adapters
 
 
+# A run's class on a shared server: (the vLLM priority of its rows, its weight in a fleet budget).
+# Online traffic's default priority, 0, runs before every class.
+PRIORITY_CLASSES: dict[str, tuple[int, int]] = {"urgent": (1, 4), "nightly": (5, 2), "backfill": (10, 1)}
+
+
 class EngineSettings(_Config):
     """How the vLLM engine is built, the model aside. Fields mirror vLLM's `LLM(...)` arguments;
     None leaves the choice to vLLM (its offline defaults for the hardware) or to Nightshift's sizing."""
@@ -248,6 +253,12 @@ class EngineSettings(_Config):
         "the rows in flight adapt (additive increase, multiplicative decrease, at most engine_max_concurrency) "
         "to a probe at online priority; default: flat out at engine_max_concurrency",
     )
+    priority_class: Literal["urgent", "nightly", "backfill"] | None = Field(
+        None,
+        description="with engine_url: the run's class — its rows' vLLM priority (urgent 1, nightly 5, backfill 10; "
+        "online traffic's 0 runs first; engine_priority overrides) and, with fleet_budget, its weight in the "
+        "fleet's budget (4, 2, 1); needs a server run with --scheduling-policy priority",
+    )
     fleet_budget: bool = Field(
         False,
         description="with online_ttft_slo_ms: share one budget of rows in flight with every Nightshift client of "
@@ -273,12 +284,26 @@ class EngineSettings(_Config):
 
     @model_validator(mode="after")
     def _fleet_needs_an_objective(self) -> Self:
+        if self.priority_class and not self.engine_url:
+            raise ValueError("priority_class orders rows on a shared server: give it with engine_url")
         if self.fleet_budget and (self.online_ttft_slo_ms is None or not self.engine_url):
             raise ValueError(
                 "fleet_budget shares the rows in flight an online objective adapts: give it with engine_url and "
                 "online_ttft_slo_ms"
             )
         return self
+
+    @property
+    def run_priority(self) -> int | None:
+        """The vLLM priority of the run's rows: engine_priority, else its class's."""
+        if self.engine_priority is not None:
+            return self.engine_priority
+        return PRIORITY_CLASSES[self.priority_class][0] if self.priority_class else None
+
+    @property
+    def fleet_weight(self) -> int:
+        """The run's weight in a fleet budget: its class's (nightly's without one)."""
+        return PRIORITY_CLASSES[self.priority_class or "nightly"][1]
 
     @property
     def engine_urls(self) -> list[str]:
@@ -306,6 +331,7 @@ NIGHTSHIFT_ENGINE_FIELDS = frozenset(
         "row_priority_floor",
         "online_ttft_slo_ms",
         "fleet_budget",
+        "priority_class",
         "engine_unreachable_s",
         "lora",  # vLLM takes enable_lora and sizes; the adapters go with each row (nightshift.engine.local)
         "engine_args",  # merged into the arguments as they are (engine_sizing.engine_arguments)

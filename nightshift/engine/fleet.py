@@ -11,8 +11,9 @@ reports: the Prefect server.
   limit only when no other has stepped it since its own last look — about one step per probe
   interval for the whole fleet, however many clients.
 * **A client's rows in flight are the slots it holds** under Prefect concurrency leases. It takes
-  its fair share — the limit over the live clients, counted by a second limit
-  (`nightshift-fleet-<server>-clients`) where each holds one slot — and gives back what is over.
+  its fair share — the limit times its class's weight (urgent 4, nightly 2, backfill 1) over the
+  live clients' weights, counted by a second limit (`nightshift-fleet-<server>-clients`) where
+  each holds its weight in slots — and gives back what is over.
   Slots are taken only where the limit has room, so the clients together never hold more than it.
 * **Nothing leaks**: the leases are renewed while the client lives and released when it ends; a
   client killed with slots in hand loses them when its leases expire (Prefect's shortest, 60 s).
@@ -43,10 +44,16 @@ def limit_names(server: str) -> tuple[str, str]:
     return f"nightshift-fleet-{key}", f"nightshift-fleet-{key}-clients"
 
 
+def fair_share(limit: int, weight: int, weights: int, most: int) -> int:
+    """A client's slots of the fleet's `limit`: its `weight` over the live clients' `weights`
+    (rounded down, so the shares add up to no more than the limit), at least one, at most `most`."""
+    return min(most, max(1, limit * weight // max(weights, weight)))
+
+
 class FleetBudget:
     """This client's part of the fleet budget of one server, on the Prefect server it reports to."""
 
-    def __init__(self, server: str, most: int, start: int) -> None:
+    def __init__(self, server: str, most: int, start: int, weight: int = 1) -> None:
         from prefect.client.orchestration import get_client
         from prefect.settings import PREFECT_API_URL
 
@@ -56,14 +63,14 @@ class FleetBudget:
                 "PREFECT_API_URL (a run's temporary server is its own, shared with no one)"
             )
         self.name, self.clients_name = limit_names(server)
-        self.most, self.leases, self._lock = most, [], threading.Lock()
+        self.most, self.weight, self.leases, self._lock = most, weight, [], threading.Lock()
         self._seen: int | None = None
         self._renewed = time.monotonic()
         self.client = get_client(sync_client=True)
         self.client.__enter__()
         self._create(self.name, min(start, most))
         self._create(self.clients_name, 1_000_000)
-        self._member = self._take(self.clients_name)
+        self._member = self._take(self.clients_name, weight)
 
     def _create(self, name: str, limit: int) -> None:
         from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
@@ -76,10 +83,10 @@ class FleetBudget:
             # with a 500): its size is the fleet's, not reset here — and it must be there now
             self.client.read_global_concurrency_limit_by_name(name)
 
-    def _take(self, name: str) -> UUID | None:
-        """One slot of `name` under a lease, or None where the limit has no room."""
+    def _take(self, name: str, slots: int = 1) -> UUID | None:
+        """`slots` of `name` under one lease, or None where the limit has no room."""
         try:
-            response = self.client.increment_concurrency_slots_with_lease([name], 1, "concurrency", LEASE_S)
+            response = self.client.increment_concurrency_slots_with_lease([name], slots, "concurrency", LEASE_S)
         except httpx.HTTPStatusError as exc:
             if exc.response.status_code == LOCKED:
                 return None
@@ -92,8 +99,8 @@ class FleetBudget:
         it holds — its rows in flight."""
         with self._lock:
             limit = self._stepped(online_ttft_ms, objective_ms)
-            clients = max(1, self.client.read_global_concurrency_limit_by_name(self.clients_name).active_slots)
-            share = min(self.most, max(1, limit // clients))
+            weights = self.client.read_global_concurrency_limit_by_name(self.clients_name).active_slots
+            share = fair_share(limit, self.weight, weights, self.most)
             while len(self.leases) > share:
                 self.client.release_concurrency_slots_with_lease(self.leases.pop())
             while len(self.leases) < share and (lease := self._take(self.name)) is not None:

@@ -119,14 +119,15 @@ class RemoteEngine:
             "runner": self.runner_type,
             "max_model_len": self.max_model_len,
             "max_concurrency": self.concurrency,
-            "priority": config.engine_priority,
+            "priority": config.run_priority,
+            "priority_class": config.priority_class,
             "online_ttft_slo_ms": objective,
             "fleet_budget": config.fleet_budget or None,
         }
         self.announced: set[str] = set()
         polite = objective is not None and self.runner_type == "generate"  # the probe is a one-token chat
         fleet = (
-            FleetBudget(displayed(self.url), self.concurrency, START_IN_FLIGHT)
+            FleetBudget(displayed(self.url), self.concurrency, START_IN_FLIGHT, config.fleet_weight)
             if polite and config.fleet_budget
             else None
         )
@@ -206,7 +207,7 @@ class RemoteEngine:
             return False
 
     def describe(self) -> str:
-        priority = f", priority {self.config.engine_priority}" if self.config.engine_priority is not None else ""
+        priority = f", priority {self.config.run_priority}" if self.config.run_priority is not None else ""
         if self.politeness is not None:
             width = (
                 f"rows in flight adapting (from {self.politeness.limit}, at most {self.concurrency}) to keep online "
@@ -415,8 +416,8 @@ def row_priority(body: dict, config) -> int | None:
     """The vLLM priority a row is sent with: the run's engine_priority; the row's own only where
     the operator set a floor, and never below it (lower runs first: a row cannot jump ahead of
     online traffic or of the run's own priority)."""
-    floor = [p for p in (config.engine_priority, config.row_priority_floor) if p is not None]
+    floor = [p for p in (config.run_priority, config.row_priority_floor) if p is not None]
     own = body.get("priority")
     if config.row_priority_floor is not None and isinstance(own, int) and not isinstance(own, bool):
         return max([own, *floor])
-    return config.engine_priority
+    return config.run_priority
