@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 
 import anyio
+from prefect.exceptions import ObjectAlreadyExists
 from prefect.filesystems import WritableFileSystem
 from pydantic import Field
 
@@ -50,5 +51,11 @@ class RunCheckpoints(WritableFileSystem):
 def saved_run_checkpoints(basepath: str) -> str:
     """Save (idempotently) the checkpoints block of one run directory; returns its slug."""
     name = "nightshift-ckpt-" + hashlib.sha256(basepath.encode()).hexdigest()[:16]
-    RunCheckpoints(basepath=basepath).save(name, overwrite=True)
+    for attempt in range(3):
+        try:
+            RunCheckpoints(basepath=basepath).save(name, overwrite=True)
+            break
+        except ObjectAlreadyExists:  # runs started together on a new server: another registered the
+            if attempt == 2:  # block type between this one's look and its create; it is there now
+                raise
     return f"{RunCheckpoints.get_block_type_slug()}/{name}"

@@ -13,8 +13,9 @@ reports: the Prefect server.
 * **A client's rows in flight are the slots it holds** under Prefect concurrency leases. It takes
   its fair share — the limit times its class's weight (urgent 4, nightly 2, backfill 1) over the
   live clients' weights, counted by a second limit (`nightshift-fleet-<server>-clients`) where
-  each holds its weight in slots — and gives back what is over.
-  Slots are taken only where the limit has room, so the clients together never hold more than it.
+  each holds its weight in slots — and gives back what is over once those rows are done (a slot
+  is never given back while its row is still at the server). Slots are taken only where the limit
+  has room, so the clients together never hold more than it, nor have more rows at the server.
 * **Nothing leaks**: the leases are renewed while the client lives and released when it ends; a
   client killed with slots in hand loses them when its leases expire (Prefect's shortest, 60 s).
 """
@@ -93,20 +94,21 @@ class FleetBudget:
             raise
         return UUID(response.json()["lease_id"])
 
-    def look(self, online_ttft_ms: float | None, objective_ms: float) -> int:
+    def look(self, online_ttft_ms: float | None, objective_ms: float, in_flight: int = 0) -> int:
         """One look: the fleet's limit stepped (if no other client has since this one's last look),
-        this client's slots brought to its fair share where the limit has room; returns the slots
-        it holds — its rows in flight."""
+        this client's slots brought to its fair share where the limit has room; returns how many
+        rows it may have in flight — its share, of the slots it holds. A slot is given back only
+        once its row is done: with `in_flight` rows still at the server, it keeps that many."""
         with self._lock:
             limit = self._stepped(online_ttft_ms, objective_ms)
             weights = self.client.read_global_concurrency_limit_by_name(self.clients_name).active_slots
             share = fair_share(limit, self.weight, weights, self.most)
-            while len(self.leases) > share:
+            while len(self.leases) > max(share, in_flight):
                 self.client.release_concurrency_slots_with_lease(self.leases.pop())
             while len(self.leases) < share and (lease := self._take(self.name)) is not None:
                 self.leases.append(lease)
             self._renew()
-            return len(self.leases)
+            return min(share, len(self.leases))
 
     def _stepped(self, online_ttft_ms: float | None, objective_ms: float) -> int:
         from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate

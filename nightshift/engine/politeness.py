@@ -47,6 +47,7 @@ class ConcurrencyController:
         interval_s: float = PROBE_INTERVAL_S,
         clock: Callable[[], float] = time.time,
         fleet=None,
+        in_flight: Callable[[], int] = lambda: 0,
     ) -> None:
         self.probe, self.objective_ms, self.most, self.interval_s, self.clock = (
             probe,
@@ -56,6 +57,7 @@ class ConcurrencyController:
             clock,
         )
         self.fleet = fleet  # a FleetBudget (nightshift.engine.fleet): the limit is the slots it holds
+        self.in_flight = in_flight  # the client's rows at the server now: a fleet slot outlives its row
         self.limit = fleet.look(None, objective_ms) if fleet is not None else min(most, START_IN_FLIGHT)
         self.looks: list[Look] = []
         self._stop = threading.Event()
@@ -76,7 +78,7 @@ class ConcurrencyController:
 
     def _fleet_look(self, online_ttft_ms: float | None) -> int:
         try:
-            return self.fleet.look(online_ttft_ms, self.objective_ms)
+            return self.fleet.look(online_ttft_ms, self.objective_ms, self.in_flight())
         except Exception as exc:  # the Prefect server out of reach a moment: the slots held stay held
             log.warning("the fleet budget could not be read (%s): %d rows in flight meanwhile", exc, self.limit)
             return self.limit

@@ -80,6 +80,20 @@ def displayed(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
+class _Count:
+    """A number several threads change."""
+
+    def __init__(self) -> None:
+        self._value, self._lock = 0, threading.Lock()
+
+    def add(self, step: int) -> None:
+        with self._lock:
+            self._value += step
+
+    def value(self) -> int:
+        return self._value
+
+
 class RemoteEngine:
     """The server at `config.engine_url`, driven as nightshift.engine.local.BatchEngine is (the
     nightshift.engine.protocol.Engine both are)."""
@@ -95,6 +109,7 @@ class RemoteEngine:
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._closing = threading.Event()
         self._dead: BaseException | None = None
+        self._at_server = _Count()  # rows sent and not yet answered, over every shard of this client
         started = time.monotonic()
         self.url, served = self._first_answering(config.engine_urls)
         self.client = self._client_of(self.url)
@@ -132,7 +147,11 @@ class RemoteEngine:
             else None
         )
         self.politeness = (
-            ConcurrencyController(self._probe, objective, self.concurrency, fleet=fleet).start() if polite else None
+            ConcurrencyController(
+                self._probe, objective, self.concurrency, fleet=fleet, in_flight=self._at_server.value
+            ).start()
+            if polite
+            else None
         )
 
     def _client_of(self, url: str) -> httpx.Client:
@@ -268,7 +287,8 @@ class RemoteEngine:
                     if request is None:
                         exhausted = True
                     else:
-                        in_flight.add(self._executor.submit(self._answer, request, given_up))
+                        self._at_server.add(1)
+                        in_flight.add(self._executor.submit(self._answered, request, given_up))
                 if not in_flight:
                     if deadline is not None:
                         raise Preempted("stopped on SIGTERM after the rows in flight finished")
@@ -291,6 +311,12 @@ class RemoteEngine:
         self._executor.shutdown(wait=False, cancel_futures=True)
         for client in [*self._left, self.client]:
             client.close()
+
+    def _answered(self, request: PreparedRequest, given_up: threading.Event) -> tuple[PreparedRequest, object]:
+        try:
+            return self._answer(request, given_up)
+        finally:
+            self._at_server.add(-1)
 
     def _answer(self, request: PreparedRequest, given_up: threading.Event) -> tuple[PreparedRequest, object]:
         # an adapter's rows go to the server under the adapter's name (`vllm serve --lora-modules NAME=PATH`)
