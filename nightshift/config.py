@@ -128,6 +128,23 @@ def lora_adapters(value) -> tuple[LoraAdapter, ...]:
 # A run's class on a shared server: (the vLLM priority of its rows, its weight in a fleet budget).
 # Online traffic's default priority, 0, runs before every class.
 PRIORITY_CLASSES: dict[str, tuple[int, int]] = {"urgent": (1, 4), "nightly": (5, 2), "backfill": (10, 1)}
+PriorityClass = Literal["urgent", "nightly", "backfill"]
+BATCH_CLASS_KEY = "nightshift_priority_class"  # a Batch API batch's metadata key: its own class
+
+
+def batch_class(server_class: str | None, asked: str | None) -> str | None:
+    """A Batch API batch's class: the one its metadata asks (BATCH_CLASS_KEY) where the server's
+    allows it — a tenant may go below the server's class, never above it — else the server's."""
+    if asked is None:
+        return server_class
+    if asked not in PRIORITY_CLASSES:
+        raise ValueError(f"{BATCH_CLASS_KEY} {asked!r} is not one of {', '.join(PRIORITY_CLASSES)}")
+    ceiling = server_class or "nightly"
+    if PRIORITY_CLASSES[asked][0] < PRIORITY_CLASSES[ceiling][0]:
+        raise ValueError(
+            f"{BATCH_CLASS_KEY} {asked!r} is above this server's {ceiling!r}: a batch may only go below it"
+        )
+    return asked
 
 
 class EngineSettings(_Config):
@@ -253,7 +270,7 @@ class EngineSettings(_Config):
         "the rows in flight adapt (additive increase, multiplicative decrease, at most engine_max_concurrency) "
         "to a probe at online priority; default: flat out at engine_max_concurrency",
     )
-    priority_class: Literal["urgent", "nightly", "backfill"] | None = Field(
+    priority_class: PriorityClass | None = Field(
         None,
         description="with engine_url: the run's class — its rows' vLLM priority (urgent 1, nightly 5, backfill 10; "
         "online traffic's 0 runs first; engine_priority overrides) and, with fleet_budget, its weight in the "
@@ -659,6 +676,12 @@ class BatchApiConfig(_Config):
         gt=0,
         description="with chat_engine_url: the batches' rows in flight adapt to keep the server's online traffic's "
         "time to first token within this many ms (docs/sharing-a-fleet.md); default: flat out",
+    )
+    priority_class: PriorityClass | None = Field(
+        None,
+        description="with an engine server: the batches' class — their rows' vLLM priority (urgent 1, nightly 5, "
+        f"backfill 10, after online traffic's 0) and their weight in a fleet budget (4, 2, 1); a batch may ask a "
+        f"lower one in its metadata ({BATCH_CLASS_KEY}), never a higher; default: none (nightly's weight)",
     )
     fleet_budget: bool = Field(
         False,

@@ -47,17 +47,18 @@ class ScriptedRuns(BatchRuns):
 
 
 def tenants_batches(tmp_path, runs: BatchRuns, plan: list[tuple[str, int]], **settings):
-    """Batches created in `plan`'s order, each (API key, rows), through the API; the lifecycle."""
+    """Batches created in `plan`'s order, each (API key, rows) or (API key, rows, metadata), through
+    the API; the lifecycle."""
     config = BatchApiConfig(storage=str(tmp_path / "api"), chat_model="tiny", **settings)
     store = Store(config.storage)
     lifecycle = BatchLifecycle(config, store, runs)
-    app = create_app(config, store, lifecycle, {owner_of(key) for key, _ in plan})
+    app = create_app(config, store, lifecycle, {owner_of(key) for key, *_ in plan})
     created = []
     with TestClient(app, base_url="http://nightshift.test") as http:
-        for key, rows in plan:
+        for key, rows, *metadata in plan:
             client = openai.OpenAI(base_url="http://nightshift.test/v1", api_key=key, http_client=http, max_retries=0)
             content = "\n".join(json.dumps(chat_request(f"r{i}", "hi")) for i in range(rows)).encode()
             upload = client.files.create(file=("in.jsonl", io.BytesIO(content)), purpose="batch")
             created.append(client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
-                                                 completion_window="2h"))  # fmt: skip
+                                                 completion_window="2h", metadata=(metadata or [None])[0]))  # fmt: skip
     return lifecycle, store, created

@@ -34,7 +34,7 @@ from nightshift.batch_api.store import (
     new_id,
 )
 from nightshift.batch_api.webhooks import Webhooks
-from nightshift.config import BatchApiConfig
+from nightshift.config import BATCH_CLASS_KEY, BatchApiConfig, batch_class
 from nightshift.records import Plan, ProgressSnapshot, RunReport, Verdict
 from nightshift.rundir import RunDir
 from nightshift.storage import location, written_whole
@@ -210,7 +210,7 @@ class BatchLifecycle:
                 input_path=self._input(batch),
                 run_dir=str(self.store.run_dir(batch.id)),
                 model=self.config.embedding_model if embeds else self.config.chat_model,
-                engine=_engine_settings(self.config, embeds, batch.request_counts.total),
+                engine=_engine_settings(self.config, embeds, batch),
                 # Progress and checkpoints at least every twentieth of the batch: request_counts move.
                 chunk_size=max(8, min(512, batch.request_counts.total // 20)),
                 # the run keeps the completion window itself: it ends at it with its rows merged
@@ -334,10 +334,10 @@ def _validation_said(run_dir: RunDir) -> dict[str, str]:
     return {"nightshift_validation": verdict.verdict, "nightshift_validation_detail": words[:512]}
 
 
-def _engine_settings(config: BatchApiConfig, embeds: bool, requests: int) -> dict[str, object]:
+def _engine_settings(config: BatchApiConfig, embeds: bool, batch: BatchObject) -> dict[str, object]:
     """The settings of a batch's run: its rows are a tenant's (media only from data: URLs and
-    what the operator opened); the server answering its endpoint's rows, if any, and the priority
-    they are sent with there; the chat model's LoRA adapters."""
+    what the operator opened); the server answering its endpoint's rows, if any, the priority and
+    class they are sent with there; the chat model's LoRA adapters."""
     media = {
         "media_sources": "allowed",
         **({"allow_media_root": list(config.allow_media_root)} if config.allow_media_root else {}),
@@ -349,8 +349,10 @@ def _engine_settings(config: BatchApiConfig, embeds: bool, requests: int) -> dic
         return {**media, **adapters}
     secret = {"engine_api_key_secret": s} if (s := config.engine_api_key_secret) else {}
     floor = {"row_priority_floor": f} if (f := config.row_priority_floor) is not None else {}
-    return {**media, "engine_url": url, **secret, **floor, **_size_priority(config, requests), **adapters,
-            **_politeness(config, embeds)}  # fmt: skip
+    # checked when the batch was made (routes._new_batch): a class no higher than the server's
+    grade = batch_class(config.priority_class, (batch.metadata or {}).get(BATCH_CLASS_KEY))
+    return {**media, "engine_url": url, **secret, **floor, **_size_priority(config, batch.request_counts.total),
+            **adapters, **({"priority_class": grade} if grade else {}), **_politeness(config, embeds)}  # fmt: skip
 
 
 def _politeness(config: BatchApiConfig, embeds: bool) -> dict[str, object]:

@@ -37,7 +37,7 @@ from nightshift.batch_api.store import (
     page,
     window_seconds,
 )
-from nightshift.config import BatchApiConfig
+from nightshift.config import BATCH_CLASS_KEY, BatchApiConfig, batch_class
 from nightshift.errors import NightshiftError
 from nightshift.storage import StorageFull, written_whole
 
@@ -351,6 +351,10 @@ def _new_batch(config: BatchApiConfig, store: Store, runner: Runner, body: Creat
         metadata=body.metadata,
         model=config.embedding_model if body.endpoint == "/v1/embeddings" else config.chat_model,
     )
+    try:
+        batch_class(config.priority_class, (body.metadata or {}).get(BATCH_CLASS_KEY))
+    except ValueError as refused:
+        raise ApiError(400, f"Invalid metadata: {refused}.", param="metadata") from None
     cap = config.max_active_batches_per_key
     with runner.lock:  # counted and saved under one lock: two requests cannot both take the last place
         source = store.file(body.input_file_id, who)  # …nor can the file be deleted meanwhile

@@ -16,7 +16,7 @@ from nightshift.batch_api.lifecycle import BatchLifecycle
 from nightshift.batch_api.routes import create_app
 from nightshift.batch_api.runs import BatchRuns, RunEnd, StartedRun
 from nightshift.batch_api.store import Store, owner_of
-from nightshift.config import BatchApiConfig
+from nightshift.config import BATCH_CLASS_KEY, BatchApiConfig, EngineSettings
 
 pytestmark = pytest.mark.fast
 KEY = "key-alice"
@@ -273,3 +273,21 @@ def test_shortest_batch_first_sends_a_small_batchs_rows_ahead_of_a_large_ones_ne
     lifecycle, _, _ = tenants_batches(tmp_path / "plain", plain, [("key-a", 400)], **settings)
     lifecycle.step()
     assert "engine_priority" not in plain.orders[0].job_settings(), "a FCFS engine server refuses priorities"
+
+
+def test_a_batch_goes_at_the_servers_class_or_a_lower_one_its_metadata_asks_never_a_higher(tmp_path):
+    runs = ScriptedRuns()
+    settings = {"chat_engine_url": "http://gpu-1:8000/v1", "priority_class": "nightly"}
+    plan = [("key-a", 10), ("key-b", 10, {BATCH_CLASS_KEY: "backfill", "team": "search"})]
+    lifecycle, _, (plain, lowered) = tenants_batches(tmp_path, runs, plan, **settings)
+    lifecycle.step()
+    classes = {order.batch_id: order.job_settings().get("priority_class") for order in runs.orders}
+    assert classes == {plain.id: "nightly", lowered.id: "backfill"}
+    run = EngineSettings(engine_url="http://gpu-1:8000/v1", priority_class=classes[lowered.id])
+    assert (run.run_priority, run.fleet_weight) == (10, 1), "after the nightly batch's 5, a third of its share"
+
+    for asked, why in [("urgent", "above this server's 'nightly'"), ("whenever", "is not one of urgent")]:
+        with pytest.raises(openai.BadRequestError, match=why):
+            tenants_batches(tmp_path / asked, ScriptedRuns(), [("key-c", 10, {BATCH_CLASS_KEY: asked})], **settings)
+    lifecycle, _, _ = tenants_batches(tmp_path / "none", ScriptedRuns(), [("key-d", 10, {BATCH_CLASS_KEY: "nightly"})])
+    assert lifecycle.config.priority_class is None, "a server with no class lets a batch ask nightly or lower"
