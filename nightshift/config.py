@@ -642,6 +642,12 @@ class BatchApiConfig(_Config):
     embedding_engine_url: str | None = Field(
         None, description="the same for /v1/embeddings batches: a server of the embedding model"
     )
+    shared_engine: bool = Field(
+        False,
+        description="start one vLLM server of chat_model on this machine and send every chat and completions batch's "
+        "rows to it, so the batches running at once share one engine instead of each starting its own "
+        "(docs/batch-api.md); default: an engine per run",
+    )
     chat_lora: tuple[LoraAdapter, ...] = Field(
         (),
         description="a LoRA adapter of the chat model, NAME=PATH (repeatable): a batch's rows naming it as their "
@@ -724,8 +730,16 @@ class BatchApiConfig(_Config):
 
     @model_validator(mode="after")
     def _fleet_needs_an_objective(self) -> Self:
-        if self.online_ttft_slo_ms is not None and not self.chat_engine_url:
-            raise ValueError("online_ttft_slo_ms is kept on a shared chat server: give chat_engine_url")
+        if self.shared_engine and (self.chat_engine_url or self.deployment or self.chat_lora):
+            raise ValueError(
+                "shared_engine starts a server of chat_model on this machine for this machine's runs: not with "
+                "chat_engine_url (a server already), deployment (runs on other machines) or chat_lora (give "
+                "chat_engine_url of a server started with --lora-modules)"
+            )
+        if self.online_ttft_slo_ms is not None and not (self.chat_engine_url or self.shared_engine):
+            raise ValueError(
+                "online_ttft_slo_ms is kept on a shared chat server: give chat_engine_url or shared_engine"
+            )
         if self.fleet_budget and self.online_ttft_slo_ms is None:
             raise ValueError(
                 "fleet_budget shares the rows in flight an online objective adapts: give online_ttft_slo_ms"

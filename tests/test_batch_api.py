@@ -15,11 +15,14 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import openai
 import psutil
 import pytest
 from conftest import chat_request
 from harness import free_port, start_cli
+
+from nightshift.config import JobSpec
 
 KEYS = ("key-owner", "key-stranger", "key-files", "key-cancel", "key-window", "key-embed")  # a tenant per test
 TERMINAL = ("completed", "failed", "expired", "cancelled")
@@ -37,13 +40,13 @@ class Server:
         self.port = free_port()
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> Server:
+    def start(self, listen_s: float = 60) -> Server:
         log = open(self.logs / f"server-{self.port}.log", "ab")
         self.process = start_cli(
             "serve", "--storage", self.storage, "--port", self.port, "--chat-model", "tiny", "--poll-s", "0.3",
             *self.extra, env={**self.env, "NIGHTSHIFT_API_KEYS": ",".join(KEYS)}, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
-        deadline = time.time() + 60
+        deadline = time.time() + listen_s
         while time.time() < deadline:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1):
@@ -51,7 +54,7 @@ class Server:
             except OSError:
                 assert self.process.poll() is None, "the server exited at start"
                 time.sleep(0.3)
-        raise TimeoutError("the server did not listen within 60 s")
+        raise TimeoutError(f"the server did not listen within {listen_s:.0f} s")
 
     def client(self, key: str = KEYS[0]) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key, max_retries=0)
@@ -321,13 +324,14 @@ def test_an_embeddings_batch_answers_in_openais_embedding_shape(server):
     assert done.request_counts.model_dump() == {"total": 9, "completed": 8, "failed": 1}
 
 
-def test_a_small_batch_created_after_a_large_one_completes_first(warm_engine, tmp_path):
-    """Two tenants on a server that runs two batches at once on a shared engine server, small
-    batches first there (`--shortest-batch-first`): a 10-line batch (of /v1/responses lines)
-    created while a 3,000-line chat batch runs is completed before it — as OpenAI and llm-d's
-    gateway interleave tenants — and every row of both is answered or cancelled once. Each
-    batch's end reaches the operator's webhook, signed: the official client's `webhooks.unwrap`
-    takes it with the secret."""
+def test_a_small_batch_created_after_a_large_one_completes_first(tmp_path):
+    """Two tenants on a server that runs two batches at once on the one engine it started
+    (`--shared-engine`), small batches first there (`--shortest-batch-first`): a 10-line batch
+    (of /v1/responses lines) created while a 3,000-line chat batch runs is completed before it —
+    as OpenAI and llm-d's gateway interleave tenants — and every row of both is answered or
+    cancelled once; both batches' runs sent their rows to that one engine, and it ends with the
+    server. Each batch's end reaches the operator's webhook, signed: the official client's
+    `webhooks.unwrap` takes it with the secret."""
     import base64
 
     from harness import WebhookReceiver
@@ -335,9 +339,9 @@ def test_a_small_batch_created_after_a_large_one_completes_first(warm_engine, tm
 
     secret = "whsec_" + base64.b64encode(uuid.uuid4().bytes).decode()
     receiver = WebhookReceiver()
-    running = Server(tmp_path / "api", "--chat-engine-url", warm_engine.url, "--max-running-batches", "2",
-                     "--shortest-batch-first", "--webhook-url", receiver.url, logs=tmp_path,
-                     env={"NIGHTSHIFT_WEBHOOK_SECRET": secret}).start()  # fmt: skip
+    env = {"NIGHTSHIFT_WEBHOOK_SECRET": secret, "VLLM_CPU_KVCACHE_SPACE": "0.25"}  # the engine's KV: 256 MiB
+    running = Server(tmp_path / "api", "--shared-engine", "--max-running-batches", "2", "--shortest-batch-first",
+                     "--webhook-url", receiver.url, logs=tmp_path, env=env).start(listen_s=300)  # fmt: skip
     try:
         large_client, small_client = running.client(KEYS[0]), running.client(KEYS[1])
         rows = long_requests(3000, tokens=128)
@@ -366,6 +370,10 @@ def test_a_small_batch_created_after_a_large_one_completes_first(warm_engine, tm
     finally:
         running.stop()
         receiver.close()
+    engines = {JobSpec.load(tmp_path / "api" / "batches" / b.id / "job.json").engine.engine_url for b in (large, small)}
+    assert len(engines) == 1 and next(iter(engines)).startswith("http://127.0.0.1:"), f"one shared engine: {engines}"
+    with pytest.raises(httpx.TransportError):  # the shared engine ended with the server
+        httpx.get(f"{next(iter(engines))}/models", timeout=5)
 
     assert small_done.status == "completed" and small_done.request_counts.completed == len(few)
     assert large_then.status == "in_progress", "the small batch waited for the large one"

@@ -11,6 +11,7 @@ PREFECT_API_URL is set).
     nightshift.batch_api.local_process   `nightshift run` processes on this machine, fair between keys
     nightshift.batch_api.deployment      a flow run of a Prefect deployment, on its work pool
     nightshift.batch_api.webhooks      each batch's end, signed, to the operator's endpoints
+    nightshift.batch_api.shared_engine one engine server every batch's rows go to (--shared-engine)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from nightshift.batch_api.lifecycle import BatchLifecycle
 from nightshift.batch_api.local_process import LocalProcessRuns
 from nightshift.batch_api.routes import create_app
 from nightshift.batch_api.runs import BatchRuns
+from nightshift.batch_api.shared_engine import SharedEngine
 from nightshift.batch_api.store import Store, owner_of
 from nightshift.batch_api.webhooks import Webhooks
 from nightshift.config import BatchApiConfig
@@ -65,11 +67,18 @@ def serve(config: BatchApiConfig) -> int:
     if not is_url(config.storage):
         Path(config.storage).mkdir(parents=True, exist_ok=True)
     with run_lease(str(store.root)):  # one server per storage: two would run each batch twice
-        lifecycle = BatchLifecycle(config, store, batch_runs(config, store), webhooks)
-        app = create_app(config, store, lifecycle, owners)
-        lifecycle.start()
+        shared = SharedEngine(config.chat_model) if config.shared_engine else None
         try:
-            uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+            if shared is not None:  # before any batch runs: each is told where the engine is
+                config = config.model_copy(update={"chat_engine_url": shared.start()})
+            lifecycle = BatchLifecycle(config, store, batch_runs(config, store), webhooks)
+            app = create_app(config, store, lifecycle, owners)
+            lifecycle.start()
+            try:
+                uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+            finally:
+                lifecycle.shutdown()
         finally:
-            lifecycle.shutdown()
+            if shared is not None:
+                shared.stop()
     return 0

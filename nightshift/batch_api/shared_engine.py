@@ -1,0 +1,114 @@
+"""One engine for every batch: `nightshift serve --shared-engine`.
+
+Without it, each batch's run starts a vLLM engine of its own: with `--max-running-batches 2` two
+engines would each size themselves for the whole machine (on a GPU, 0.9 of the card each). With
+it, the server starts one vLLM OpenAI server of its chat model on 127.0.0.1, sized as a run's
+in-process engine is (nightshift.engine.sizing), with priority scheduling and cached-token
+details on; every chat and completions batch's run sends its rows there (`--engine-url`), so the
+batches running at once interleave in one engine's steps — with `--shortest-batch-first` a small
+batch's rows pass a large one's there, and `--priority-class` and `--online-ttft-slo-ms` apply as
+on any shared server. The server is stopped with `serve`, and dies with it if `serve` is killed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from nightshift.batch_api.local_process import WITHHELD, die_with_parent
+from nightshift.errors import ConfigurationError
+
+log = logging.getLogger("nightshift.serve")
+
+READY_TIMEOUT_S = 900.0  # a large model's load from a slow disk; a server that dies says so at once
+
+
+def server_flags(arguments: dict) -> list[str]:
+    """vLLM's engine keyword arguments as `vllm serve` flags: True as --flag, False as --no-flag,
+    a dict as JSON."""
+    flags = []
+    for name, value in arguments.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        else:
+            flags += [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
+    return flags
+
+
+def server_command(model: str, port: int) -> list[str]:
+    """The vLLM server of `model` (a bundled name or a path), sized as a run's own engine."""
+    from nightshift.config import EngineConfig
+    from nightshift.engine.sizing import engine_arguments
+    from nightshift.models import resolve_model
+
+    arguments = engine_arguments(EngineConfig(model=model))
+    arguments.pop("model")
+    return [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", resolve_model(model),
+        "--served-model-name", model, "--host", "127.0.0.1", "--port", str(port),
+        "--scheduling-policy", "priority", "--enable-prompt-tokens-details", *server_flags(arguments),
+    ]  # fmt: skip
+
+
+class SharedEngine:
+    """The chat model's server, started by `start()` (which returns its URL) and ended by `stop()`."""
+
+    def __init__(self, model: str) -> None:
+        self.model, self.process = model, None
+        self.log_path = Path(tempfile.mkdtemp(prefix="nightshift-shared-engine-")) / "vllm.log"
+
+    def start(self) -> str:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        command = server_command(self.model, port)
+        log.info("starting the shared engine for %s: %s (log: %s)", self.model, " ".join(command), self.log_path)
+        with open(self.log_path, "ab") as log_file:
+            self.process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                start_new_session=True, preexec_fn=die_with_parent,
+                env={name: value for name, value in os.environ.items() if name not in WITHHELD},
+            )  # fmt: skip
+        url = f"http://127.0.0.1:{port}/v1"
+        self._wait_ready(url)
+        log.info("the shared engine serves %s at %s", self.model, url)
+        return url
+
+    def _wait_ready(self, url: str) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                tail = self.log_path.read_text(errors="replace")[-2000:]
+                raise ConfigurationError(
+                    f"the shared engine for {self.model} exited with status {self.process.returncode} before it "
+                    f"was ready ({self.log_path}):\n{tail}"
+                )
+            try:
+                if httpx.get(f"{url}/models", timeout=5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise ConfigurationError(f"the shared engine for {self.model} was not ready in {READY_TIMEOUT_S:.0f} s")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
