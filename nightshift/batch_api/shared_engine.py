@@ -30,6 +30,7 @@ from nightshift.errors import ConfigurationError
 
 log = logging.getLogger("nightshift.serve")
 
+CPU_KV_SPACE = "VLLM_CPU_KVCACHE_SPACE"  # GiB of a CPU engine's KV cache, as the operator may set it
 READY_TIMEOUT_S = 900.0  # a large model's load from a slow disk; a server that dies says so at once
 
 
@@ -50,10 +51,13 @@ def server_command(model: str, port: int) -> list[str]:
     """The vLLM server of `model` (a bundled name or a path), sized as a run's own engine."""
     from nightshift.config import EngineConfig
     from nightshift.engine.sizing import engine_arguments
+    from nightshift.engine.vllm_adapter import platform_is_cpu
     from nightshift.models import resolve_model
 
     arguments = engine_arguments(EngineConfig(model=model))
     arguments.pop("model")
+    if platform_is_cpu() and (space := os.environ.get(CPU_KV_SPACE)):  # vLLM reads only whole GiB from it
+        arguments.setdefault("kv_cache_memory_bytes", int(float(space) * 1024**3))
     return [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", resolve_model(model),
         "--served-model-name", model, "--host", "127.0.0.1", "--port", str(port),
@@ -78,7 +82,7 @@ class SharedEngine:
             self.process = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                 start_new_session=True, preexec_fn=die_with_parent,
-                env={name: value for name, value in os.environ.items() if name not in WITHHELD},
+                env={name: value for name, value in os.environ.items() if name not in {*WITHHELD, CPU_KV_SPACE}},
             )  # fmt: skip
         url = f"http://127.0.0.1:{port}/v1"
         self._wait_ready(url)

@@ -24,6 +24,7 @@ def test_the_server_is_the_chat_model_sized_as_a_run_would_size_it_with_prioriti
     assert served["--served-model-name"] == "tiny" and served["--host"] == "127.0.0.1"  # never beyond this machine
     assert {"--scheduling-policy", "priority"} <= set(command) and "--enable-prompt-tokens-details" in command
     assert "--model" in command and "--dtype" in command and "--max-num-seqs" in command
+    assert served["--kv-cache-memory-bytes"] == str(1024**3 // 4), "a fraction of a GiB, which vLLM's variable refuses"
 
 
 @pytest.mark.parametrize(
