@@ -8,8 +8,10 @@ from __future__ import annotations
 import re
 import subprocess
 import threading
+import time
 
 import httpx
+import pytest
 from conftest import chat_request, read_jsonl, write_jsonl
 from harness import run_cli, start_cli
 
@@ -114,3 +116,44 @@ def test_a_fleet_budget_without_an_objective_is_refused_before_any_row(tmp_path)
                    "--engine-url", "http://127.0.0.1:9/v1", "--fleet-budget")  # fmt: skip
     assert done.returncode == 2, done.stderr[-2000:]
     assert "fleet_budget shares the rows in flight an online objective adapts" in done.stderr
+
+
+@pytest.mark.drill
+def test_a_client_killed_with_slots_in_hand_loses_them_when_its_leases_expire(warm_engine, tmp_path):
+    """A drill (`make drills`: it waits out Prefect's shortest lease, 60 s). A run SIGKILLed while
+    it holds fleet slots gives nothing back itself; its leases expire and the slots return to the
+    fleet, and the next run takes them and finishes."""
+    from prefect.client.orchestration import get_client
+
+    from nightshift.engine.fleet import LEASE_S
+
+    rows = [chat_request(f"q-{i:03d}", f"Tell me about topic {i}.", max_tokens=64) for i in range(600)]
+    batch = write_jsonl(tmp_path / "in.jsonl", rows)
+    polite = ["--model", "tiny", "--engine-url", warm_engine.url, "--oracle-samples", "0",
+              "--online-ttft-slo-ms", "60000", "--engine-max-concurrency", str(MOST), "--fleet-budget"]  # fmt: skip
+    with Watch(warm_engine.url) as watch:
+        victim = start_cli("run", batch, "--output", tmp_path / "killed", *polite,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.monotonic() + 300
+        while not any(look.get("slots", 0) >= 2 for look in watch.seen[-3:]) and time.monotonic() < deadline:
+            assert victim.poll() is None, "the run ended before it held its slots"
+            time.sleep(0.25)
+        victim.kill()
+        victim.wait()
+        killed_at = time.monotonic()
+        assert watch.seen[-1]["slots"] >= 1, "it was killed with slots in hand"
+        with get_client(sync_client=True) as client:
+            while time.monotonic() - killed_at < LEASE_S + 90:
+                if client.read_global_concurrency_limit_by_name(watch.fleet).active_slots == 0:
+                    break
+                time.sleep(1)
+            freed_after = time.monotonic() - killed_at
+            members = client.read_global_concurrency_limit_by_name(watch.clients).active_slots
+    assert freed_after < LEASE_S + 90, f"the killed run's slots still held {freed_after:.0f} s after"
+    assert members == 0, "its place among the fleet's clients expired too"
+    print(f"the killed run's slots came back {freed_after:.0f} s after the kill")
+
+    done = run_cli("run", batch, "--output", tmp_path / "killed", *polite)  # it resumes, with the slots
+    assert done.returncode == 0, done.stderr[-3000:]
+    answered = [line["custom_id"] for line in read_jsonl(tmp_path / "killed" / "output.jsonl")]
+    assert sorted(answered) == sorted(r["custom_id"] for r in rows), "every row once"
