@@ -15,7 +15,6 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import openai
 import psutil
 import pytest
@@ -274,6 +273,22 @@ def test_a_server_killed_mid_batch_resumes_it_when_started_again(tmp_path):
     assert not [p.pid for p in psutil.process_iter() if _group(p.pid) == first_run], "the killed run's engine lives on"
 
 
+def _group_listening_on(port: int) -> int:
+    [pid] = {c.pid for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port and c.status == "LISTEN"}
+    return os.getpgid(pid)
+
+
+def _processes_of(group: int) -> list[psutil.Process]:
+    alive = []
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == group and process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(process)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return alive
+
+
 def _group(pid: int) -> int | None:
     try:
         return os.getpgid(pid)
@@ -329,8 +344,8 @@ def test_a_small_batch_created_after_a_large_one_completes_first(tmp_path):
     (`--shared-engine`), small batches first there (`--shortest-batch-first`): a 10-line batch
     (of /v1/responses lines) created while a 3,000-line chat batch runs is completed before it —
     as OpenAI and llm-d's gateway interleave tenants — and every row of both is answered or
-    cancelled once; both batches' runs sent their rows to that one engine, and it ends with the
-    server. Each batch's end reaches the operator's webhook, signed: the official client's
+    cancelled once; both batches' runs sent their rows to that one engine, whose processes (API
+    server, engine core, worker) end with the server even when it is SIGKILLed. Each batch's end reaches the operator's webhook, signed: the official client's
     `webhooks.unwrap` takes it with the secret."""
     import base64
 
@@ -367,13 +382,19 @@ def test_a_small_batch_created_after_a_large_one_completes_first(tmp_path):
         deadline = time.monotonic() + 60
         while len(receiver.requests) < 2 and time.monotonic() < deadline:
             time.sleep(0.5)
+        batches = tmp_path / "api" / "batches"
+        engines = {JobSpec.load(batches / b.id / "job.json").engine.engine_url for b in (large, small)}
+        assert len(engines) == 1 and next(iter(engines)).startswith("http://127.0.0.1:"), f"one engine: {engines}"
+        engine_group = _group_listening_on(int(next(iter(engines)).rsplit(":", 1)[1].split("/")[0]))
+        assert len(_processes_of(engine_group)) >= 2, "vLLM's API server and its engine core"
+        running.kill()  # SIGKILL: serve cannot stop its engine itself
     finally:
         running.stop()
         receiver.close()
-    engines = {JobSpec.load(tmp_path / "api" / "batches" / b.id / "job.json").engine.engine_url for b in (large, small)}
-    assert len(engines) == 1 and next(iter(engines)).startswith("http://127.0.0.1:"), f"one shared engine: {engines}"
-    with pytest.raises(httpx.TransportError):  # the shared engine ended with the server
-        httpx.get(f"{next(iter(engines))}/models", timeout=5)
+    deadline = time.monotonic() + 30
+    while _processes_of(engine_group) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not _processes_of(engine_group), "the shared engine's processes outlived their server's SIGKILL"
 
     assert small_done.status == "completed" and small_done.request_counts.completed == len(few)
     assert large_then.status == "in_progress", "the small batch waited for the large one"

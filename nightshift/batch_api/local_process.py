@@ -61,7 +61,7 @@ class LocalProcessRuns(BatchRuns):
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=die_with_parent,
+                preexec_fn=_die_with_parent,
                 # A cancelled or expired batch stops now: rows in flight get 2 s, not a spot VM's 20.
                 env={
                     "NIGHTSHIFT_SIGTERM_GRACE_S": "2",
@@ -182,7 +182,7 @@ def _kill_leftovers(stored: StoredBatch) -> None:
             pass
 
 
-def die_with_parent() -> None:
+def _die_with_parent() -> None:
     """A run must not outlive a killed server: the restarted server resumes it instead."""
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

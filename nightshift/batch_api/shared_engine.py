@@ -12,6 +12,7 @@ on any shared server. The server is stopped with `serve`, and dies with it if `s
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from nightshift.batch_api.local_process import WITHHELD, die_with_parent
+from nightshift.batch_api.local_process import WITHHELD
 from nightshift.errors import ConfigurationError
 
 log = logging.getLogger("nightshift.serve")
@@ -79,9 +80,9 @@ class SharedEngine:
         command = server_command(self.model, port)
         log.info("starting the shared engine for %s: %s (log: %s)", self.model, " ".join(command), self.log_path)
         with open(self.log_path, "ab") as log_file:
-            self.process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=die_with_parent,
+            self.process = subprocess.Popen(  # under a supervisor that takes its whole group down with it
+                [sys.executable, "-m", "nightshift.batch_api.shared_engine", *command],
+                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
                 env={name: value for name, value in os.environ.items() if name not in {*WITHHELD, CPU_KV_SPACE}},
             )  # fmt: skip
         url = f"http://127.0.0.1:{port}/v1"
@@ -108,11 +109,52 @@ class SharedEngine:
         raise ConfigurationError(f"the shared engine for {self.model} was not ready in {READY_TIMEOUT_S:.0f} s")
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
+        """The server and every process it started (vLLM's engine core and workers outlive a
+        SIGTERMed API server on their own)."""
+        if self.process is None:
             return
-        os.killpg(self.process.pid, signal.SIGTERM)
+        for sent in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.process.pid, sent)
+            except ProcessLookupError:
+                break
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                continue
+
+
+def supervise(command: list[str]) -> int:
+    """The shared engine's supervisor, in the server's process group: it runs `command` (the
+    vLLM server) and takes the whole group down with SIGKILL when it is told to stop or when
+    `serve`, its parent, dies — even by SIGKILL; vLLM's engine core and workers, left to
+    themselves, outlive their API server."""
+
+    def down(*_) -> None:
+        os.killpg(0, signal.SIGKILL)
+
+    signal.signal(signal.SIGTERM, down)
+    signal.signal(signal.SIGINT, down)
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() == 1:  # serve died before the line above
+        down()
+    status = subprocess.Popen(command).wait()
+    _kill_the_rest_of_the_group()  # whatever the server left running
+    return status
+
+
+def _kill_the_rest_of_the_group() -> None:
+    import psutil
+
+    group = os.getpgid(0)
+    for process in psutil.process_iter():
         try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+            if process.pid != os.getpid() and os.getpgid(process.pid) == group:
+                process.kill()
+        except (ProcessLookupError, psutil.Error):
+            pass
+
+
+if __name__ == "__main__":
+    sys.exit(supervise(sys.argv[1:]))
