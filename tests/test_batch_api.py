@@ -345,8 +345,9 @@ def test_a_small_batch_created_after_a_large_one_completes_first(tmp_path):
     (of /v1/responses lines) created while a 3,000-line chat batch runs is completed before it —
     as OpenAI and llm-d's gateway interleave tenants — and every row of both is answered or
     cancelled once; both batches' runs sent their rows to that one engine, whose processes (API
-    server, engine core, worker) end with the server even when it is SIGKILLed. Each batch's end reaches the operator's webhook, signed: the official client's
-    `webhooks.unwrap` takes it with the secret."""
+    server, engine core, worker) end with the server even when it is SIGKILLed. Each batch's end
+    reaches the operator's webhook, signed: the official client's `webhooks.unwrap` takes it with
+    the secret."""
     import base64
 
     from harness import WebhookReceiver
