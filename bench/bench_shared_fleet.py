@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import httpx
@@ -41,7 +42,7 @@ sys.path.insert(0, str(REPO))
 from nightshift.models import resolve_model  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
-from local_servers import free_port, vllm_server, wait_for_prefect  # noqa: E402
+from local_servers import free_port, prefect_server, vllm_server  # noqa: E402
 
 # The server on its own core, the online clients and the batch's process on the other: on one
 # small machine, as near as it gets to a GPU server with its clients elsewhere (a CPU vLLM worker
@@ -151,19 +152,6 @@ def run_batch(batch: Path, run_dir: Path, url: str, model: str, extra: list[str]
     return run_batches(batch, [run_dir], url, model, [extra])
 
 
-def prefect_server(home: Path) -> tuple[subprocess.Popen, str]:
-    """A Prefect server of its own for the fleet budget (the runs' temporary servers share nothing)."""
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env={**os.environ, "PREFECT_HOME": str(home)}, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )  # fmt: skip
-    api = f"http://127.0.0.1:{port}/api"
-    wait_for_prefect(api, timeout=180)
-    return server, api
-
-
 CLASSES = ("urgent", "nightly", "backfill")
 
 
@@ -193,18 +181,14 @@ def phases(args, scratch: Path, url: str, online: OnlineLoad) -> tuple[list, flo
         ("controlled", batch, [objective], {}),
         (f"{args.runs} runs, each its own controller", part, [objective] * args.runs, {}),
     ]
-    prefect, api = prefect_server(scratch / "prefect") if args.runs > 1 else (None, None)
-    try:
-        if api:
+    with prefect_server(scratch / "prefect") if args.runs > 1 else nullcontext() as api:
+        if api:  # the fleet budget's, of the bench's own (the runs' temporary servers share nothing)
             budget = [[*objective, "--fleet-budget", "--priority-class", CLASSES[i % 3]] for i in range(args.runs)]
             plans.append((f"{args.runs} runs, one fleet budget", part, budget, {"PREFECT_API_URL": api}))
         for n, (name, rows, extras, env) in enumerate(plans):
             dirs = [scratch / f"phase{n}-run{i}" for i in range(len(extras))]
             phase = run_batches(rows, dirs, url, args.model, extras, env)
             done.append((name, phase, online.ttft_between(phase["started"], phase["finished"])))
-    finally:
-        if prefect is not None:
-            os.killpg(prefect.pid, signal.SIGKILL)
     return done, slo
 
 

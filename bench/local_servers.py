@@ -1,13 +1,15 @@
 """The servers the benches, drills and tests start on this machine: vLLM's OpenAI server, moto's S3,
-PostgreSQL, a webhook receiver."""
+PostgreSQL, a webhook receiver, a Prefect server."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -156,3 +158,25 @@ def wait_for_prefect(api: str, timeout: float = 120) -> None:
             pass
         time.sleep(0.5)
     raise SystemExit(f"the Prefect server at {api} did not start")
+
+
+@contextmanager
+def prefect_server(home: Path, prefect: list[str] | None = None, log: Path | None = None):
+    """`prefect server start` (this environment's, or the `prefect` command given) on a free port,
+    its state under `home` — a real server, whose services (the repossessor of expired leases)
+    run, unlike a test harness's; yields its API URL and is killed at the end."""
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}  # fmt: skip
+    env.pop("PREFECT_PROFILES_PATH", None)
+    with open(log or os.devnull, "wb") as out:
+        server = subprocess.Popen([*(prefect or [sys.executable, "-m", "prefect"]), "server", "start", "--host",
+                                   "127.0.0.1", "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                  start_new_session=True)  # fmt: skip
+    try:
+        wait_for_prefect(api, timeout=300)
+        yield api
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()

@@ -282,9 +282,9 @@ def _processes_of(group: int) -> list[psutil.Process]:
     alive = []
     for process in psutil.process_iter():
         try:
-            if os.getpgid(process.pid) == group and process.status() != psutil.STATUS_ZOMBIE:
+            if _group(process.pid) == group and process.status() != psutil.STATUS_ZOMBIE:
                 alive.append(process)
-        except (ProcessLookupError, psutil.Error):
+        except psutil.Error:
             pass
     return alive
 

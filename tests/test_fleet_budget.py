@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import pytest
 from conftest import chat_request, read_jsonl, write_jsonl
-from harness import free_port, run_cli, start_cli
-from local_servers import wait_for_prefect
+from harness import run_cli, start_cli
+from local_servers import prefect_server
 
 MOST = 6
 RUNS = 3
@@ -123,20 +121,8 @@ def test_a_fleet_budget_without_an_objective_is_refused_before_any_row(tmp_path)
 def real_prefect_server(tmp_path):
     """`prefect server start`, whose services run (the session's test server runs none): its
     repossessor takes back the slots of expired leases."""
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}  # fmt: skip
-    with open(tmp_path / "prefect.log", "wb") as log:
-        server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                   "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)  # fmt: skip
-    try:
-        wait_for_prefect(api, timeout=300)
+    with prefect_server(tmp_path / "prefect", log=tmp_path / "prefect.log") as api:
         yield api
-    finally:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
 
 
 @pytest.mark.drill

@@ -5,32 +5,20 @@ server (scripts/setup.sh's `.venv-prefect38`) takes a run: its flow run, task ru
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import time
 
 import httpx
 import orjson
 from conftest import chat_request
-from harness import REPO, free_port, run_cli
-from local_servers import wait_for_prefect
+from harness import REPO, run_cli
+from local_servers import prefect_server
 
 PREFECT_38 = REPO / ".venv-prefect38" / "bin" / "prefect"
 
 
 def test_a_run_reports_its_flow_run_tasks_and_events_to_a_prefect_38_server(tmp_path):
     assert PREFECT_38.exists(), "scripts/setup.sh provisions .venv-prefect38 (a Prefect 3.8 server)"
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), "PREFECT_API_URL": api,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}  # fmt: skip
-    env.pop("PREFECT_PROFILES_PATH", None)
-    with open(tmp_path / "server.log", "wb") as log:
-        server = subprocess.Popen([str(PREFECT_38), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                  env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    try:
-        wait_for_prefect(api, timeout=300)
+    with prefect_server(tmp_path / "home", [str(PREFECT_38)], log=tmp_path / "server.log") as api:
         version = httpx.get(f"{api}/admin/version").json()
         rows = [chat_request(f"r{i}", f"Say {i}.", max_tokens=8) for i in range(24)]
         (tmp_path / "in.jsonl").write_bytes(b"\n".join(orjson.dumps(row) for row in rows) + b"\n")
@@ -39,9 +27,6 @@ def test_a_run_reports_its_flow_run_tasks_and_events_to_a_prefect_38_server(tmp_
         flow_runs = httpx.post(f"{api}/flow_runs/filter", json={}).json()
         task_runs = httpx.post(f"{api}/task_runs/filter", json={}).json()
         events = _events(api, "nightshift.run.completed")
-    finally:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
 
     assert version.startswith("3.8."), version
     assert result.returncode == 0, result.stderr[-3000:]

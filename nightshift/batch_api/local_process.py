@@ -151,7 +151,7 @@ def _started_at(pid: int) -> float | None:
 
 
 def _kill_leftovers(stored: StoredBatch) -> None:
-    """A server killed with -9 takes its run along (`die_with_parent`), but not the engine
+    """A server killed with -9 takes its run along (`_die_with_parent`), but not the engine
     processes that run started: they would hold the machine's cores and memory forever. Only
     processes of the run's group started since the run did, on this boot, are its own: after a
     reboot, or with no start time recorded, a process group id may be anyone's."""
@@ -182,7 +182,12 @@ def _kill_leftovers(stored: StoredBatch) -> None:
             pass
 
 
+def on_parent_death(signum: int) -> None:
+    """This process gets `signum` when the thread that started it (its parent) ends, by any death."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signum)
+
+
 def _die_with_parent() -> None:
     """A run must not outlive a killed server: the restarted server resumes it instead."""
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    on_parent_death(signal.SIGKILL)

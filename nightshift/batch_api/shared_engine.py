@@ -12,7 +12,6 @@ on any shared server. The server is stopped with `serve`, and dies with it if `s
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from nightshift.batch_api.local_process import WITHHELD
+from nightshift.batch_api.local_process import WITHHELD, on_parent_death
 from nightshift.errors import ConfigurationError
 
 log = logging.getLogger("nightshift.serve")
@@ -135,8 +134,7 @@ def supervise(command: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, down)
     signal.signal(signal.SIGINT, down)
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    on_parent_death(signal.SIGTERM)
     if os.getppid() == 1:  # serve died before the line above
         down()
     status = subprocess.Popen(command).wait()
