@@ -456,6 +456,7 @@ def _run_preemptible(run_dir: str, start):
     sys.stderr.flush()
     import psutil
 
+    _settle_writes()
     for child in psutil.Process().children(recursive=True):  # engine core and its workers
         child.kill()
     os._exit(ExitStatus.PREEMPTED)
@@ -611,11 +612,22 @@ def entry() -> None:
     try:
         finished["code"] = main()
     finally:  # outputs are on disk (or the run failed): the engine's processes are killed at once
+        _settle_writes()
         if "nightshift.engine.local" in sys.modules:
             from nightshift.engine.local import abandon_engine
 
             abandon_engine()
     sys.exit(finished["code"])
+
+
+def _settle_writes() -> None:
+    """Let another thread's write that is past its fence check finish its second check (a run
+    that lost its lease takes back what it made visible) before os._exit cuts it off."""
+    if "nightshift.storage" in sys.modules:
+        from nightshift.storage import settle_commits
+
+        if not settle_commits(timeout=60):
+            print("nightshift: a write was still in flight after 60 s; exiting without it", file=sys.stderr)
 
 
 def _exit_now(finished: dict[str, int]) -> None:

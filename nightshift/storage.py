@@ -148,19 +148,54 @@ def read_fresh(path) -> bytes:
     return fs.cat_file(fs_path)
 
 
-# Called with every path just before it is made visible, and again just after: the run
-# directory's owner fence (nightshift.lease) raises there when this process no longer owns the
-# directory it writes in, and says whether it guards `target` at all.
-_commit_fences: list[Callable[[str], bool]] = []
+class _CommitGate:
+    """The process's commit gate. Its fences are called with every path just before it is made
+    visible, and again just after: the run directory's owner fence (nightshift.lease) raises there
+    when this process no longer owns the directory it writes in, and says whether it guards
+    `target` at all. It counts the writes between those two checks, so that a process about to
+    exit (the CLI ends with os._exit) lets each one finish its second check — and take back what
+    landed after a takeover — instead of cutting it off mid-upload to land once the process is
+    gone. Process-wide by nature: the fences guard every writer thread of the process."""
+
+    def __init__(self) -> None:
+        self.fences: list[Callable[[str], bool]] = []
+        self._in_flight = 0
+        self._settled = threading.Condition()
+
+    def passes(self, target) -> bool:
+        return any([fence(str(target)) for fence in self.fences])
+
+    @contextmanager
+    def in_flight(self) -> Iterator[None]:
+        with self._settled:
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._settled:
+                self._in_flight -= 1
+                self._settled.notify_all()
+
+    def settle(self, timeout: float) -> bool:
+        with self._settled:
+            return self._settled.wait_for(lambda: self._in_flight == 0, timeout=timeout)
+
+
+_gate = _CommitGate()
 
 
 def add_commit_fence(fence: Callable[[str], bool]) -> None:
-    if fence not in _commit_fences:
-        _commit_fences.append(fence)
+    if fence not in _gate.fences:
+        _gate.fences.append(fence)
 
 
 def _pass_fences(target) -> bool:
-    return any([fence(str(target)) for fence in _commit_fences])
+    return _gate.passes(target)
+
+
+def settle_commits(timeout: float = 60.0) -> bool:
+    """Wait until no write of this process is between its fence checks; whether none is."""
+    return _gate.settle(timeout)
 
 
 @contextmanager
@@ -191,10 +226,11 @@ def written_whole(path) -> Iterator[Path]:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             yield tmp
-            guarded = _pass_fences(target)
-            _synced(tmp)  # on disk before it counts: a power cut leaves the old file or the new, whole
-            with _retracted_if_fenced(target, guarded, target.exists, lambda: target.unlink(missing_ok=True)):
-                os.replace(tmp, target)
+            with _gate.in_flight():
+                guarded = _pass_fences(target)
+                _synced(tmp)  # on disk before it counts: a power cut leaves the old file or the new, whole
+                with _retracted_if_fenced(target, guarded, target.exists, lambda: target.unlink(missing_ok=True)):
+                    os.replace(tmp, target)
             _synced(target.parent)
         except OSError as exc:
             if is_device_full(exc) and not isinstance(exc, StorageFull):
@@ -207,13 +243,14 @@ def written_whole(path) -> Iterator[Path]:
     try:
         tmp = Path(scratch) / target.name
         yield tmp
-        guarded = _pass_fences(target)
-        fs, fs_path = filesystem(target)
-        with _retracted_if_fenced(target, guarded, lambda: fs.exists(fs_path), lambda: fs.rm_file(fs_path)):
-            try:
-                fs.put_file(str(tmp), fs_path, **_upload_options(target, tmp.stat().st_size))
-            except Exception as exc:
-                raise StorageError(f"could not write {target}: {exc}") from exc
+        with _gate.in_flight():
+            guarded = _pass_fences(target)
+            fs, fs_path = filesystem(target)
+            with _retracted_if_fenced(target, guarded, lambda: fs.exists(fs_path), lambda: fs.rm_file(fs_path)):
+                try:
+                    fs.put_file(str(tmp), fs_path, **_upload_options(target, tmp.stat().st_size))
+                except Exception as exc:
+                    raise StorageError(f"could not write {target}: {exc}") from exc
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -8,6 +8,23 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PIP=".venv/bin/python -m pip"
 
+# Two side venvs install in the background while the main one does (pip is one core's work; they
+# take ~35 s each here). The tests' S3-compatible server (moto) lives in its own venv: its boto3 and
+# s3fs's aiobotocore pin botocore differently, and resolving both together sends pip backtracking for
+# many minutes. A Prefect 3.8 server, as a team that upgraded its server runs: Nightshift's runs
+# (Prefect 3.7 beside vLLM, whose fastapi pin Prefect 3.8 cannot share) report to it
+# (tests/test_prefect_versions.py).
+side_venv() {  # side_venv DIR PACKAGE…: done once its install succeeded (DIR/.installed)
+  local dir=$1
+  shift
+  [ -f "$dir/.installed" ] && return 0
+  "$PYTHON" -m venv "$dir"
+  "$dir/bin/python" -m pip install -q "$@"
+  touch "$dir/.installed"
+}
+side_venv .venv-s3 "moto[s3,server]" & s3=$!
+side_venv .venv-prefect38 "prefect>=3.8,<3.9" "fastapi<0.151" & prefect38=$!
+
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then extra=gpu; else extra=cpu; fi
 stamp=".venv/.nightshift-installed"
 want="$(sha256sum pyproject.toml | cut -c1-16)-$extra"
@@ -26,19 +43,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
-# The tests' S3-compatible server (moto) lives in its own venv: its boto3 and s3fs's aiobotocore
-# pin botocore differently, and resolving both together sends pip backtracking for many minutes.
-if [ ! -x .venv-s3/bin/moto_server ]; then
-  "$PYTHON" -m venv .venv-s3
-  .venv-s3/bin/python -m pip install -q "moto[s3,server]"
-fi
 
-# A Prefect 3.8 server, as a team that upgraded its server runs: Nightshift's runs (Prefect 3.7 beside
-# vLLM, whose fastapi pin Prefect 3.8 cannot share) report to it (tests/test_prefect_versions.py).
-if [ ! -x .venv-prefect38/bin/prefect ]; then
-  "$PYTHON" -m venv .venv-prefect38
-  .venv-prefect38/bin/python -m pip install -q "prefect>=3.8,<3.9" "fastapi<0.151"
-fi
+wait "$s3" || { echo "setup: the S3 server's venv (.venv-s3) did not install" >&2; exit 1; }
+wait "$prefect38" || { echo "setup: the Prefect 3.8 venv (.venv-prefect38) did not install" >&2; exit 1; }
 
 # The work-pool tests run their Prefect server on PostgreSQL, as production does: Debian's
 # package, started by the tests themselves (bench/local_servers.py), no container.

@@ -52,6 +52,23 @@ def read_jsonl(path) -> list[dict]:
 FAST_LAYER_BUDGET_S = 120
 
 
+# What each test file costs here (seconds, setup included; `scripts/file_costs.py` writes it from
+# a run's `--junitxml`). Test files run whole on one worker each (`--dist loadfile`), and xdist
+# hands them out in the order of collection: the dearest go first, so that the run does not end
+# with one worker on a ten-minute file while the other has nothing left. xdist's own order (the
+# most tests first) put the few-test, long files last.
+FILE_COSTS = REPO / "tests" / "file_costs.json"
+
+
+def pytest_configure(config):
+    config.option.loadscopereorder = False  # xdist: keep the order below
+
+
+def pytest_collection_modifyitems(config, items):
+    costs = json.loads(FILE_COSTS.read_text()) if FILE_COSTS.exists() else {}
+    items.sort(key=lambda item: -costs.get(item.nodeid.split("::", 1)[0], 0.0))
+
+
 def pytest_sessionstart(session):
     session.config._nightshift_started = time.monotonic()
 

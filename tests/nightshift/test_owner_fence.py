@@ -132,3 +132,45 @@ def test_a_write_already_past_the_fence_when_the_run_froze_is_taken_back_when_it
             with written_whole(manifest) as tmp:
                 tmp.write_text("late")
     assert manifest.exists(), "a file that was there before is never deleted"
+
+
+def test_a_stopping_process_waits_for_the_writes_in_flight_so_none_lands_after_it_is_gone(tmp_path, monkeypatch):
+    """The CLI ends with os._exit: a chunk writer thread past the fence's check (a frozen VM woke
+    mid-upload) would be cut off before its second check takes the write back, and its object
+    would land after the process is gone — as a fresh-clone run of the frozen-lease test saw.
+    settle_commits() holds the exit until every write in flight has passed its second check."""
+    import threading
+
+    import nightshift.storage as storage
+
+    run = RunDir(tmp_path)
+    chunk = tmp_path / "shards" / "abc" / "chunk-00002.parquet"
+    synced, inside, wake = storage._synced, threading.Event(), threading.Event()
+
+    def frozen_mid_write(path):
+        synced(path)
+        if ".tmp-" in path.name and not path.name.startswith("lease.json"):
+            mine = Lease.load(run.lease)
+            mine.model_copy(update={"token": "the-other-run", "epoch": mine.epoch + 1}).save(run.lease)
+            inside.set()
+            wake.wait(30)
+
+    def writer(failures: list) -> None:
+        try:
+            with written_whole(chunk) as tmp:
+                tmp.write_text("late")
+        except LeaseLost as exc:
+            failures.append(exc)
+
+    failures: list = []
+    with run_lease(tmp_path):
+        monkeypatch.setattr(storage, "_synced", frozen_mid_write)
+        thread = threading.Thread(target=writer, args=(failures,), daemon=True)
+        thread.start()
+        assert inside.wait(10)
+        assert not storage.settle_commits(timeout=0.3), "a write in flight is not settled"
+        threading.Timer(0.5, wake.set).start()
+        assert storage.settle_commits(timeout=10)
+        assert not chunk.exists(), "settled: the write that landed after the takeover is already taken back"
+        thread.join(10)
+        assert failures, "and its writer was told that the lease is lost"
