@@ -131,6 +131,8 @@ def _command(args) -> int:
         quiet_third_parties()
         if args.command in ("run", "retry", "demo"):
             expected_failures_in_one_line()
+    if args.command in ("run", "retry", "demo") and (status := _shared_prefect_server()) is not None:
+        return status
     if args.command == "serve":
         return _serve(args)
     if args.command == "models":
@@ -316,6 +318,20 @@ def _run(args) -> int:
         told = exc if isinstance(exc, StorageFull) else StorageFull(Path(args.output), 0)
         print(f"nightshift: {told}", file=sys.stderr)
         return ExitStatus.STORAGE_FULL
+
+
+def _shared_prefect_server() -> int | None:
+    """With no Prefect server configured, the machine's shared temporary one (started by the first
+    run that needs it; nightshift/local_prefect.py); the exit status where it does not answer."""
+    from nightshift.errors import PrefectUnreachable
+    from nightshift.local_prefect import use_shared_server
+
+    try:
+        use_shared_server()
+    except PrefectUnreachable as exc:
+        print(f"nightshift: {exc}", file=sys.stderr)
+        return exc.exit_status
+    return None
 
 
 def _prefect_unreachable(exc: BaseException):

@@ -607,6 +607,12 @@ class RuntimeSettings(_Config):
     sigterm_grace_s: float = Field(
         20.0, ge=0, description="on SIGTERM, seconds the rows in flight get to finish (NIGHTSHIFT_SIGTERM_GRACE_S)"
     )
+    shared_prefect_idle_s: float = Field(
+        30.0,
+        ge=0,
+        description="the machine's shared temporary Prefect server (runs with no PREFECT_API_URL) stops after this "
+        "long with no run using it (NIGHTSHIFT_SHARED_PREFECT_IDLE_S)",
+    )
 
     @classmethod
     def from_environment(cls) -> RuntimeSettings:

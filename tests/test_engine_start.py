@@ -119,7 +119,8 @@ def test_a_run_whose_temporary_prefect_server_does_not_start_in_time_says_so_in_
     from harness import nightshift_command
 
     env = {name: value for name, value in child_env().items() if name != "PREFECT_API_URL"}
-    env |= {"PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "1"}
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "1",
+            "NIGHTSHIFT_SHARED_PREFECT_IDLE_S": "0"}  # fmt: skip
     requests = write_jsonl(tmp_path / "in.jsonl", [chat_request("a", "hi")])
     command = nightshift_command("run", requests, "--output", tmp_path / "run", "--model", "tiny", *NO_CHECKS)
 
@@ -129,3 +130,46 @@ def test_a_run_whose_temporary_prefect_server_does_not_start_in_time_says_so_in_
     [said] = [line for line in done.stderr.splitlines() if line.startswith("nightshift:")]
     assert "temporary server did not start within 1 s" in said and "run the same command again" in said
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
+
+
+def test_three_runs_started_together_with_no_prefect_server_share_one_temporary_server_that_then_stops(
+    tmp_path, warm_engine
+):
+    """No PREFECT_API_URL, three runs at once on one machine (this one, with the suite's other
+    worker beside them): Prefect would start a temporary server in each, on one SQLite database,
+    and on a busy machine they died before a row. They share the one the first starts
+    (nightshift/local_prefect.py): every run completes, all three report to the same server, none
+    starts one of its own, and the server stops once the last run has left it idle. The rows go to
+    the session's engine server: the subject is Prefect's server, not an engine."""
+    import re
+
+    import psutil
+    from harness import nightshift_command
+
+    home = tmp_path / "prefect-home"
+    env = {name: value for name, value in child_env().items() if name != "PREFECT_API_URL"}
+    env |= {"PREFECT_HOME": str(home), "NIGHTSHIFT_SHARED_PREFECT_IDLE_S": "3"}
+    requests = write_jsonl(tmp_path / "in.jsonl", [chat_request(f"r{i}", f"Say {i}.") for i in range(6)])
+    args = ("--model", "tiny", "--engine-url", warm_engine.url, *NO_CHECKS)
+    commands = [nightshift_command("run", requests, "--output", tmp_path / f"run{i}", *args) for i in range(3)]
+    runs = [
+        subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for command in commands
+    ]
+    outputs = [run.communicate(timeout=400)[0] for run in runs]
+
+    for run, output in zip(runs, outputs):
+        assert run.returncode == 0, output[-3000:]
+        assert "Starting temporary server" not in output, "a run started a temporary server of its own"
+    servers = {match for output in outputs for match in re.findall(r"View at (http://127\.0\.0\.1:\d+)/", output)}
+    assert len(servers) == 1, f"the three runs reported to one server, not {servers}"
+    port = int(next(iter(servers)).rsplit(":", 1)[1])
+
+    def listening() -> bool:
+        return any(c.laddr.port == port and c.status == psutil.CONN_LISTEN for c in psutil.net_connections("tcp"))
+
+    deadline = time.monotonic() + 60
+    while (listening() or (home / "nightshift-server" / "server.json").exists()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not listening(), "the shared server stopped once no run used it"
+    assert not (home / "nightshift-server" / "server.json").exists()
