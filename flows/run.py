@@ -37,6 +37,9 @@ def run_job(
     job = size_for_input(check_job(job), input_path, corpus)
     with run_lease(run_dir):  # before the engine loads: a second run on a live directory costs nothing
         start_engine_in_background(job.engine)
+        from nightshift.local_prefect import use_shared_server
+
+        use_shared_server()  # no Prefect server configured: the machine's shared temporary one, found or started
         from nightshift.flows.batch import batch_inference  # Prefect's import and start-up overlap the engine's load
 
         sizes = {"shard_size": shard_size} if shard_size else {}

@@ -131,7 +131,8 @@ def _command(args) -> int:
         quiet_third_parties()
         if args.command in ("run", "retry", "demo"):
             expected_failures_in_one_line()
-    if args.command in ("run", "retry", "demo") and (status := _shared_prefect_server()) is not None:
+    # `run` finds or starts it while its engine loads (flows/run.py), the others before their flow
+    if args.command in ("retry", "demo") and (status := _shared_prefect_server()) is not None:
         return status
     if args.command == "serve":
         return _serve(args)
@@ -339,6 +340,8 @@ def _prefect_unreachable(exc: BaseException):
     and stderr in the message), as one line that says what to do; None for any other error."""
     from nightshift.errors import PrefectUnreachable
 
+    if isinstance(exc, PrefectUnreachable):  # the machine's shared temporary server (nightshift.local_prefect)
+        return exc
     while exc is not None and _EPHEMERAL_TIMEOUT not in str(exc):
         exc = exc.__cause__ or exc.__context__
     if exc is None:
