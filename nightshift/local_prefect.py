@@ -21,6 +21,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from pathlib import Path
 import httpx
 
 from nightshift.errors import PrefectUnreachable
+from nightshift.processes import on_parent_death
 
 
 class Place:
@@ -155,7 +157,9 @@ def _refresh_prefect_settings(url: str) -> None:
 def supervise(home: str, port: int, idle_s: float) -> int:
     """The supervisor: run the temporary server until no client has been alive for `idle_s`."""
     place = Place(home)
-    server = subprocess.Popen(_server_command(port), env={**os.environ, **_TEMPORARY_SERVER_ENV})
+    server = subprocess.Popen(  # a supervisor killed outright takes its server with it
+        _server_command(port), env={**os.environ, **_TEMPORARY_SERVER_ENV}, preexec_fn=_dies_with_its_supervisor
+    )
     idle_since = None
     try:
         while server.poll() is None:
@@ -192,6 +196,10 @@ def _server_command(port: int) -> list[str]:
         "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port), "--log-level", "error",
         "--lifespan", "on",
     ]  # fmt: skip
+
+
+def _dies_with_its_supervisor() -> None:
+    on_parent_death(signal.SIGTERM)
 
 
 def _free_port() -> int:

@@ -173,3 +173,35 @@ def test_three_runs_started_together_with_no_prefect_server_share_one_temporary_
         time.sleep(0.5)
     assert not listening(), "the shared server stopped once no run used it"
     assert not (home / "nightshift-server" / "server.json").exists()
+
+
+def test_the_shared_temporary_server_dies_with_its_supervisor_even_when_it_is_killed_outright(tmp_path):
+    """The supervisor SIGKILLed (an OOM kill, a `kill -9`): the Prefect server it ran does not live
+    on holding the machine's database; the next run starts a new one."""
+    import os
+    import signal
+
+    import httpx
+
+    home = tmp_path / "prefect-home"
+    env = {name: value for name, value in child_env().items() if name != "PREFECT_API_URL"}
+    env |= {"PREFECT_HOME": str(home), "NIGHTSHIFT_SHARED_PREFECT_IDLE_S": "600"}
+    ask = "from nightshift.local_prefect import use_shared_server\nprint(use_shared_server())"
+    found = subprocess.run([sys.executable, "-c", ask], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    url = found.stdout.strip().splitlines()[-1]
+    assert found.returncode == 0 and httpx.get(f"{url}/health").status_code == 200, found.stderr[-2000:]
+
+    supervisor = json.loads((home / "nightshift-server" / "server.json").read_text())["pid"]
+    os.kill(supervisor, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"{url}/health", timeout=1)
+        except httpx.HTTPError:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError("the server outlived its supervisor's SIGKILL")
+    again = subprocess.run([sys.executable, "-c", ask], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.strip().splitlines()[-1] != url, again.stderr[-2000:]
+    os.kill(json.loads((home / "nightshift-server" / "server.json").read_text())["pid"], signal.SIGTERM)

@@ -8,7 +8,6 @@ processes too — and a restarted server can kill what a killed one's run left b
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -22,6 +21,7 @@ from nightshift.batch_api.runs import STOP_GRACE_S, BatchRuns, RunEnd, RunOrder,
 from nightshift.batch_api.store import Store, StoredBatch
 from nightshift.config import BatchApiConfig
 from nightshift.errors import ExitStatus
+from nightshift.processes import on_parent_death
 from nightshift.storage import is_url
 
 log = logging.getLogger("nightshift.serve")
@@ -180,12 +180,6 @@ def _kill_leftovers(stored: StoredBatch) -> None:
             process.kill()
         except psutil.Error:
             pass
-
-
-def on_parent_death(signum: int) -> None:
-    """This process gets `signum` when the thread that started it (its parent) ends, by any death."""
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signum)
 
 
 def _die_with_parent() -> None:

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import httpx
 
-from nightshift.batch_api.local_process import WITHHELD, on_parent_death
+from nightshift.batch_api.local_process import WITHHELD
 from nightshift.errors import ConfigurationError
+from nightshift.processes import on_parent_death
 
 log = logging.getLogger("nightshift.serve")
 
