@@ -475,7 +475,7 @@ def _run_preemptible(run_dir: str, start):
     sys.stderr.flush()
     import psutil
 
-    _settle_writes()
+    _settle_writes(timeout=10)  # the grace period is spent: a spot VM's notice is short
     for child in psutil.Process().children(recursive=True):  # engine core and its workers
         child.kill()
     os._exit(ExitStatus.PREEMPTED)
@@ -639,14 +639,14 @@ def entry() -> None:
     sys.exit(finished["code"])
 
 
-def _settle_writes() -> None:
+def _settle_writes(timeout: float = 60) -> None:
     """Let another thread's write that is past its fence check finish its second check (a run
     that lost its lease takes back what it made visible) before os._exit cuts it off."""
     if "nightshift.storage" in sys.modules:
         from nightshift.storage import settle_commits
 
-        if not settle_commits(timeout=60):
-            print("nightshift: a write was still in flight after 60 s; exiting without it", file=sys.stderr)
+        if not settle_commits(timeout=timeout):
+            print(f"nightshift: a write was still in flight after {timeout:.0f} s; exiting without it", file=sys.stderr)
 
 
 def _exit_now(finished: dict[str, int]) -> None:
