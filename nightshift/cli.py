@@ -346,11 +346,7 @@ def _prefect_unreachable(exc: BaseException):
         exc = exc.__cause__ or exc.__context__
     if exc is None:
         return None
-    waited = os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "20")
-    return PrefectUnreachable(
-        f"Prefect's temporary server did not start within {waited} s (a busy machine?); nothing was lost: "
-        "run the same command again to resume, or set PREFECT_API_URL to a running Prefect server"
-    )
+    return PrefectUnreachable.not_started(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "20"))
 
 
 def _exit_leaving_the_stalled_start(message: str) -> None:

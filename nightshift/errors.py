@@ -66,6 +66,14 @@ class PrefectUnreachable(NightshiftError, RuntimeError):
     exit_status = ExitStatus.TEMPORARY
     retryable = False
 
+    @classmethod
+    def not_started(cls, waited: str, log: str | None = None) -> PrefectUnreachable:
+        return cls(
+            f"Prefect's temporary server did not start within {waited} s (a busy machine?); nothing was lost: run "
+            "the same command again to resume, or set PREFECT_API_URL to a running Prefect server"
+            + (f" (its log: {log})" if log else "")
+        )
+
 
 class EngineStartStalled(NightshiftError, RuntimeError):
     """The engine was not ready within its `engine_start_timeout_s`. Nothing about the job is

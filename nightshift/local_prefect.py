@@ -22,7 +22,6 @@ import fcntl
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 import httpx
 
 from nightshift.errors import PrefectUnreachable
-from nightshift.processes import on_parent_death
+from nightshift.processes import free_port, on_parent_death
 
 
 class Place:
@@ -62,7 +61,7 @@ class Place:
         """The clients whose process still runs; the files of the others are removed."""
         live = []
         for entry in self.clients.iterdir():
-            pid, _, started = entry.name.partition("-")
+            pid = entry.name.partition("-")[0]
             if pid.isdigit() and _process_key(int(pid)) == entry.name:
                 live.append(entry.name)
             else:
@@ -113,7 +112,7 @@ def _start_supervisor(place: Place, settings) -> dict:
     server be) and record it; called under the place's lock."""
     env = {**os.environ, **settings.to_environment_variables(exclude_unset=True)}
     env.pop("PREFECT_API_URL", None)
-    port = _free_port()
+    port = free_port()
     with open(place.log, "wb") as log:
         supervisor = subprocess.Popen(
             [sys.executable, "-m", "nightshift.local_prefect", str(place.root.parent), str(port)],
@@ -133,11 +132,7 @@ def _wait_until_it_answers(place: Place, url: str, timeout_s: float) -> None:
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline or place.server() is None:
-            raise PrefectUnreachable(
-                f"Prefect's temporary server did not start within {timeout_s:.0f} s (a busy machine?); nothing was "
-                "lost: run the same command again to resume, or set PREFECT_API_URL to a running Prefect server "
-                f"(its log: {place.log})"
-            )
+            raise PrefectUnreachable.not_started(f"{timeout_s:.0f}", str(place.log))
         time.sleep(0.2)
 
 
@@ -200,12 +195,6 @@ def _server_command(port: int) -> list[str]:
 
 def _dies_with_its_supervisor() -> None:
     on_parent_death(signal.SIGTERM)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -189,10 +189,6 @@ def add_commit_fence(fence: Callable[[str], bool]) -> None:
         _gate.fences.append(fence)
 
 
-def _pass_fences(target) -> bool:
-    return _gate.passes(target)
-
-
 def settle_commits(timeout: float = 60.0) -> bool:
     """Wait until no write of this process is between its fence checks; whether none is."""
     return _gate.settle(timeout)
@@ -207,7 +203,7 @@ def _retracted_if_fenced(target, guarded: bool, existed: Callable[[], bool], rem
     yield
     if guarded:
         try:
-            _pass_fences(target)
+            _gate.passes(target)
         except NightshiftError:
             if not was_there:
                 remove()
@@ -227,7 +223,7 @@ def written_whole(path) -> Iterator[Path]:
             target.parent.mkdir(parents=True, exist_ok=True)
             yield tmp
             with _gate.in_flight():
-                guarded = _pass_fences(target)
+                guarded = _gate.passes(target)
                 _synced(tmp)  # on disk before it counts: a power cut leaves the old file or the new, whole
                 with _retracted_if_fenced(target, guarded, target.exists, lambda: target.unlink(missing_ok=True)):
                     os.replace(tmp, target)
@@ -244,7 +240,7 @@ def written_whole(path) -> Iterator[Path]:
         tmp = Path(scratch) / target.name
         yield tmp
         with _gate.in_flight():
-            guarded = _pass_fences(target)
+            guarded = _gate.passes(target)
             fs, fs_path = filesystem(target)
             with _retracted_if_fenced(target, guarded, lambda: fs.exists(fs_path), lambda: fs.rm_file(fs_path)):
                 try:

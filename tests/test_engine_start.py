@@ -20,6 +20,17 @@ from nightshift.engine.sizing import kv_bytes_per_token
 from nightshift.jobs import make_job
 
 NO_CHECKS = ("--oracle-samples", "0", "--determinism-samples", "0")
+
+
+def no_prefect_server(home, **env) -> dict[str, str]:
+    """A child's environment as a user's with no Prefect server configured: no PREFECT_API_URL,
+    its own PREFECT_HOME (the temporary server's database and the shared one's files), plus `env`."""
+    return {name: value for name, value in child_env().items() if name != "PREFECT_API_URL"} | {
+        "PREFECT_HOME": str(home),
+        **env,
+    }
+
+
 KV_MIB = (48, 64, 80)  # the three runs' KV budgets
 
 
@@ -118,9 +129,8 @@ def test_a_run_whose_temporary_prefect_server_does_not_start_in_time_says_so_in_
     start: one line that says what to do, exit status 75 (retryable), no traceback."""
     from harness import nightshift_command
 
-    env = {name: value for name, value in child_env().items() if name != "PREFECT_API_URL"}
-    env |= {"PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "1",
-            "NIGHTSHIFT_SHARED_PREFECT_IDLE_S": "0"}  # fmt: skip
+    env = no_prefect_server(tmp_path / "prefect-home", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="1",
+                            NIGHTSHIFT_SHARED_PREFECT_IDLE_S="0")  # fmt: skip
     requests = write_jsonl(tmp_path / "in.jsonl", [chat_request("a", "hi")])
     command = nightshift_command("run", requests, "--output", tmp_path / "run", "--model", "tiny", *NO_CHECKS)
 
@@ -147,8 +157,7 @@ def test_three_runs_started_together_with_no_prefect_server_share_one_temporary_
     from harness import nightshift_command
 
     home = tmp_path / "prefect-home"
-    env = {name: value for name, value in child_env().items() if name != "PREFECT_API_URL"}
-    env |= {"PREFECT_HOME": str(home), "NIGHTSHIFT_SHARED_PREFECT_IDLE_S": "3"}
+    env = no_prefect_server(home, NIGHTSHIFT_SHARED_PREFECT_IDLE_S="3")
     requests = write_jsonl(tmp_path / "in.jsonl", [chat_request(f"r{i}", f"Say {i}.") for i in range(6)])
     args = ("--model", "tiny", "--engine-url", warm_engine.url, *NO_CHECKS)
     commands = [nightshift_command("run", requests, "--output", tmp_path / f"run{i}", *args) for i in range(3)]
@@ -184,8 +193,7 @@ def test_the_shared_temporary_server_dies_with_its_supervisor_even_when_it_is_ki
     import httpx
 
     home = tmp_path / "prefect-home"
-    env = {name: value for name, value in child_env().items() if name != "PREFECT_API_URL"}
-    env |= {"PREFECT_HOME": str(home), "NIGHTSHIFT_SHARED_PREFECT_IDLE_S": "600"}
+    env = no_prefect_server(home, NIGHTSHIFT_SHARED_PREFECT_IDLE_S="600")
     ask = "from nightshift.local_prefect import use_shared_server\nprint(use_shared_server())"
     found = subprocess.run([sys.executable, "-c", ask], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     url = found.stdout.strip().splitlines()[-1]

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import httpx
 
 from nightshift.batch_api.local_process import WITHHELD
 from nightshift.errors import ConfigurationError
-from nightshift.processes import on_parent_death
+from nightshift.processes import free_port, on_parent_death
 
 log = logging.getLogger("nightshift.serve")
 
@@ -74,9 +73,7 @@ class SharedEngine:
         self.log_path = Path(tempfile.mkdtemp(prefix="nightshift-shared-engine-")) / "vllm.log"
 
     def start(self) -> str:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
         command = server_command(self.model, port)
         log.info("starting the shared engine for %s: %s (log: %s)", self.model, " ".join(command), self.log_path)
         with open(self.log_path, "ab") as log_file:
