@@ -254,12 +254,13 @@ def test_cancel_mid_run_keeps_finished_rows_and_a_queued_batch_expires(server):
 def test_a_server_killed_mid_batch_resumes_it_when_started_again(tmp_path):
     server = Server(tmp_path / "storage").start()
     client = server.client()
-    rows = long_requests(2000, tokens=64)
+    rows = long_requests(1400, tokens=64)  # in waves (rows decoded together): killed after the first
     batch = client.batches.create(input_file_id=upload(client, rows), endpoint="/v1/chat/completions",
                                   completion_window="24h")  # fmt: skip
-    wait_for(client, batch.id, lambda b: b.request_counts.completed > 0)
+    started, _ = wait_for(client, batch.id, lambda b: b.request_counts.completed > 0)
 
     server.kill()
+    assert started.request_counts.completed < len(rows), "killed mid-batch"
     first_run = json.loads((tmp_path / "storage" / "batches" / f"{batch.id}.json").read_text())["run_group"]
     server.start()
     try:

@@ -194,12 +194,28 @@ def gpu_workers(deployed):
     }
 
 
-def nightly_parameters(requests, run_dir, **fan_out) -> dict:
+@pytest.fixture(scope="module")
+def served(deployed, warm_engine):
+    """`tiny-served`: the tiny model on the test worker's warm engine server (`engine_url`).
+
+    The straggler drill, whose subject is dispatch, sends its rows there, so that none of its
+    child runs spends 25–40 s of this 2-core machine loading an engine of its own. The unfit
+    worker's drill is about a local engine's start, and the lost worker's run about a worker lost
+    with its engine and the canary checks on a GPU worker's engine: they keep `tiny-test`."""
+    deployed.python(
+        "from nightshift.blocks import ModelConfig\n"
+        "ModelConfig(model='tiny', options={'chunk_size': 2},\n"
+        f"            engine={{'max_num_seqs': 8, 'engine_url': {warm_engine.url!r}}}).save('tiny-served')\n"
+    )
+    return "tiny-served"
+
+
+def nightly_parameters(requests, run_dir, model: str = "tiny-test", **fan_out) -> dict:
     """The nightly run's parameters, its canary checks on the GPU pool (the lost-worker run checks them)."""
     return {
         "input_path": str(requests),
         "run_dir": str(run_dir),
-        "model": "tiny-test",
+        "model": model,
         "pricing": "test-gpu",
         "shard_size": 2,
         "fan_out": {
@@ -250,11 +266,11 @@ def assert_every_row_once(run_dir, rows: int) -> None:
     assert (run_dir / "errors.jsonl").read_text() == ""
 
 
-def test_a_straggling_group_is_reissued_and_the_first_finisher_wins(deployed, gpu_workers, tmp_path):
+def test_a_straggling_group_is_reissued_and_the_first_finisher_wins(deployed, gpu_workers, served, tmp_path):
     run_dir = tmp_path / "nightly"
     deployed.stall_flag.touch()  # the first child run to start hangs
     parameters = nightly_parameters(
-        requests_file(tmp_path / "in.jsonl", 8), run_dir, straggler_factor=1.0, straggler_min_s=0
+        requests_file(tmp_path / "in.jsonl", 8), run_dir, served, straggler_factor=1.0, straggler_min_s=0
     )
     run = start_nightly(deployed, dispatch_only(parameters))
     output, _ = run.communicate(timeout=900)
