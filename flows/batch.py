@@ -81,38 +81,39 @@ def batch_inference(
     job = size_for_input(job or ModelConfig.job_named(model), input_path, corpus)
     if result_cache:
         job = job.model_copy(update={"result_cache": result_cache})
-    run_dir = scheduled_run_dir(run_dir)
+    rd = RunDir(scheduled_run_dir(run_dir))
     try:
-        ending = _run(input_path, run_dir, job, shard_size, corpus, checkpoint_storage, pricing, validation,
+        ending = _run(input_path, rd, job, shard_size, corpus, checkpoint_storage, pricing, validation,
                       fan_out, storage, deadline_at)  # fmt: skip
     except CanaryFailure as failure:
-        events.emit(events.VALIDATION_FAILED, run_dir, job, error=str(failure)[:2000])
-        events.emit(events.RUN_FAILED, run_dir, job, error=str(failure)[:2000])
+        events.emit(events.VALIDATION_FAILED, rd, job, error=str(failure)[:2000])
+        events.emit(events.RUN_FAILED, rd, job, error=str(failure)[:2000])
         raise
     except BaseException as failure:
-        events.emit(events.RUN_FAILED, run_dir, job, error=f"{type(failure).__name__}: {failure}"[:2000])
+        events.emit(events.RUN_FAILED, rd, job, error=f"{type(failure).__name__}: {failure}"[:2000])
         raise
-    events.emit(events.RUN_EXPIRED if isinstance(ending, State) else events.RUN_COMPLETED, run_dir, job)
+    events.emit(events.RUN_EXPIRED if isinstance(ending, State) else events.RUN_COMPLETED, rd, job)
     return ending
 
 
-def _run(input_path, run_dir, job, shard_size, corpus, checkpoint_storage, pricing, validation, fan_out, storage,
+def _run(input_path, rd: RunDir, job, shard_size, corpus, checkpoint_storage, pricing, validation, fan_out, storage,
          deadline_at):  # fmt: skip
     from prefect.runtime import flow_run
 
-    with run_lease(run_dir, flow_run.id), DeadlineTimer(deadline_at):  # one live run per run directory
+    run_dir = str(rd)  # the tasks' parameter: a path or URL, as Prefect records it
+    with run_lease(rd, flow_run.id), DeadlineTimer(deadline_at):  # one live run per run directory
         if fan_out:
             check_deployments(fan_out)
         else:  # the engine loads here, while the input is planned
             check_job(job)
             start_engine_in_background(job.engine)
         validation = validation or CanaryConfig()
-        job.save(RunDir(run_dir).job)
+        job.save(rd.job)
         plan = plan_shards(
             input_path, run_dir, shard_size, corpus, validation.canaries, group_prefixes=job.regroup_shards
         )
-        progress.start(RunDir(run_dir), plan.total_rows, run_status(run_dir).rows_done)
-        checkpoints = checkpoint_storage or saved_run_checkpoints(str(RunDir(run_dir).checkpoints))
+        progress.start(rd, plan.total_rows, run_status(rd).rows_done)
+        checkpoints = checkpoint_storage or saved_run_checkpoints(str(rd.checkpoints))
         try:
             if fan_out:
                 results, cached = dispatch_shard_groups(
@@ -123,7 +124,7 @@ def _run(input_path, run_dir, job, shard_size, corpus, checkpoint_storage, prici
         except DeadlineReached:
             return _expired(run_dir, plan, deadline_at, pricing)
         # the lineage the dashboard shows: input → outputs (the merge) → report
-        outputs = assets.output_assets(run_dir, embedded=corpus is not None and corpus.task == "embed")
+        outputs = assets.output_assets(rd, embedded=corpus is not None and corpus.task == "embed")
         report = assets.materializing(merge_outputs, outputs, [assets.input_asset(input_path)])(plan, results, run_dir)
         try:
             # fanned out, the checks run where the engines are: this process may hold neither
@@ -131,7 +132,7 @@ def _run(input_path, run_dir, job, shard_size, corpus, checkpoint_storage, prici
             validated_by = validate_on_pool(run_dir, job, validation, fan_out, storage) if on_pool else None
             canary_validation(run_dir, job, validation, validated_by)
         finally:  # a failed validation still gets its cost report, verdict included
-            reporting = assets.materializing(cost_report, [assets.report_asset(run_dir)], outputs)
+            reporting = assets.materializing(cost_report, [assets.report_asset(rd)], outputs)
             reporting(run_dir, GpuPricing.load(pricing) if pricing else None)
     return report.model_copy(update={"shards": len(plan.shards), "shards_cached": cached})
 

@@ -15,6 +15,7 @@ from nightshift.config import JobSpec
 from nightshift.deadline import DeadlineTimer, parse_deadline
 from nightshift.drills import stall_if_drilled
 from nightshift.records import Shard
+from nightshift.rundir import RunDir
 from nightshift.storage import use_storage_options
 from nightshift.tasks.s3_generate import generate_here
 from nightshift.workers import handing_on_if_the_engine_cannot_start, heartbeat, write_group_manifest
@@ -36,14 +37,15 @@ def generate_shards(
     date-time) generation stops admitting rows and flushes what finished."""
     if storage:
         use_storage_options(storage_options_of(storage))
+    rd = RunDir(run_dir)
     with (
-        heartbeat(run_dir, group),
+        heartbeat(rd, group),
         DeadlineTimer(parse_deadline(deadline) if deadline else None),
-        handing_on_if_the_engine_cannot_start(run_dir, group),
+        handing_on_if_the_engine_cannot_start(rd, group),
     ):
         stall_if_drilled()
         # on a fleet of engine servers each group starts on its own one (the same in every attempt)
         job = job.model_copy(update={"engine": job.engine.spread_over_servers(group)})
         results, cached = generate_here(shards, job, run_dir, checkpoint_storage)
-        write_group_manifest(run_dir, group, results, cached)
+        write_group_manifest(rd, group, results, cached)
     return cached

@@ -29,12 +29,13 @@ def retry_errors(run_dir: str, storage: str | None = None) -> RunReport:
     environment's credentials)."""
     if storage:
         use_storage_options(storage_options_of(storage))
-    with run_lease(run_dir):
-        return _retry(run_dir)
-
-
-def _retry(run_dir: str) -> RunReport:
     rd = RunDir(run_dir)
+    with run_lease(rd):
+        return _retry(rd)
+
+
+def _retry(rd: RunDir) -> RunReport:
+    run_dir = str(rd)  # the tasks' parameter
     plan, job = Plan.load(rd.plan_manifest), JobSpec.load(rd.job)
     retry = {shard.index: retryable_rows(rd.shard_output(shard_cache_key(shard, job))) for shard in plan.shards}
     futures = {

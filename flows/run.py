@@ -33,9 +33,10 @@ def run_job(
     from nightshift.engine.local import start_engine_in_background
     from nightshift.jobs import check_job, size_for_input
     from nightshift.lease import run_lease
+    from nightshift.rundir import RunDir
 
     job = size_for_input(check_job(job), input_path, corpus)
-    with run_lease(run_dir):  # before the engine loads: a second run on a live directory costs nothing
+    with run_lease(RunDir(run_dir)):  # before the engine loads: a second run on a live directory costs nothing
         start_engine_in_background(job.engine)
         from nightshift.local_prefect import use_shared_server
 

@@ -12,11 +12,7 @@ from nightshift.config import CanaryConfig, JobSpec
 from nightshift.rundir import VALIDATION_GROUP, RunDir
 from nightshift.storage import use_storage_options
 from nightshift.validation.gate import validate
-from nightshift.workers import (
-    handing_on_if_the_engine_cannot_start,
-    heartbeat,
-    validation_verdict,
-)
+from nightshift.workers import handing_on_if_the_engine_cannot_start, heartbeat
 
 
 @flow(name="nightshift-validate")
@@ -29,7 +25,8 @@ def validate_run(run_dir: str, job: JobSpec, validation: CanaryConfig, storage: 
 
     if storage:
         use_storage_options(storage_options_of(storage))
-    with heartbeat(run_dir, VALIDATION_GROUP), handing_on_if_the_engine_cannot_start(run_dir, VALIDATION_GROUP):
-        verdict = validate(RunDir(run_dir), job, validation)
-        verdict.save(validation_verdict(run_dir, flow_run.id))
+    rd = RunDir(run_dir)
+    with heartbeat(rd, VALIDATION_GROUP), handing_on_if_the_engine_cannot_start(rd, VALIDATION_GROUP):
+        verdict = validate(rd, job, validation)
+        verdict.save(rd.validation_verdict(flow_run.id))
         return verdict.verdict != "failed"

@@ -27,21 +27,19 @@ def input_asset(input_path: str):
                  description="a Nightshift run's input"))  # fmt: skip
 
 
-def output_assets(run_dir: str, embedded: bool) -> list:
-    rd = RunDir(run_dir)
+def output_assets(run_dir: RunDir, embedded: bool) -> list:
     outputs = {
-        rd.output: "OpenAI Batch output lines of the rows that succeeded",
-        rd.errors: "OpenAI-style error lines of the rows that failed",
-        rd.results: "one row per input row: text, finish reason, tokens",
+        run_dir.output: "OpenAI Batch output lines of the rows that succeeded",
+        run_dir.errors: "OpenAI-style error lines of the rows that failed",
+        run_dir.results: "one row per input row: text, finish reason, tokens",
     }
     if embedded:
-        outputs[rd.embeddings] = "the corpus's vectors, one row per document"
-    return [_run_file_asset(rd, path, description) for path, description in outputs.items()]
+        outputs[run_dir.embeddings] = "the corpus's vectors, one row per document"
+    return [_run_file_asset(run_dir, path, description) for path, description in outputs.items()]
 
 
-def report_asset(run_dir: str):
-    rd = RunDir(run_dir)
-    return _run_file_asset(rd, rd.report_json, "the run's cost, throughput and validation")
+def report_asset(run_dir: RunDir):
+    return _run_file_asset(run_dir, run_dir.report_json, "the run's cost, throughput and validation")
 
 
 def _run_file_asset(rd: RunDir, path, description: str):
@@ -74,9 +72,9 @@ def record_outputs(report: RunReport) -> None:
     _record({asset_key(path): figures for path in _outputs(report)})
 
 
-def record_report(run_dir: str, cost: CostReport) -> None:
+def record_report(run_dir: RunDir, cost: CostReport) -> None:
     """The run's figures on the report asset (inside the report's materializing task run)."""
-    _record({asset_key(RunDir(run_dir).report_json): {**cost.headline_figures(), "validated": cost.validated}})
+    _record({asset_key(run_dir.report_json): {**cost.headline_figures(), "validated": cost.validated}})
 
 
 def _outputs(report: RunReport) -> list[str]:

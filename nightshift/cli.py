@@ -160,9 +160,10 @@ def _command(args) -> int:
         print(json.dumps(kubernetes_job_template(args.gpus, args.spot), indent=2))
         return ExitStatus.COMPLETE
     if args.command == "status":
+        from nightshift.rundir import RunDir
         from nightshift.status import print_status
 
-        return print_status(args.run_dir, as_json=args.json)
+        return print_status(RunDir(args.run_dir), as_json=args.json)
     return _run(args)
 
 
@@ -567,8 +568,9 @@ def _demo(args) -> int:
         )
     _print_report(report)
     texts = {d["id"]: d["text"] for d in docs}
-    validation = Verdict.load(RunDir(run_dir).validation)
-    print(f"validation: {validation.said()} ({', '.join(validation.checks)}; details in {RunDir(run_dir).validation})")
+    verdict_path = RunDir(run_dir).validation
+    validation = Verdict.load(verdict_path)
+    print(f"validation: {validation.said()} ({', '.join(validation.checks)}; details in {verdict_path})")
     print("\nSample summaries:")
     with open(report.output_path) as lines:
         for _, line in zip(range(4), lines):

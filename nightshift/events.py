@@ -36,8 +36,8 @@ VALIDATION_SKIPPED = "nightshift.validation.skipped"
 SHARD_COMPLETED = "nightshift.shard.completed"
 
 
-def run_resource(run_dir: str) -> dict[str, str]:
-    root = str(RunDir(run_dir).root)
+def run_resource(run_dir: RunDir) -> dict[str, str]:
+    root = str(run_dir)
     return {
         "prefect.resource.id": f"nightshift.run.{hashlib.sha256(root.encode()).hexdigest()[:16]}",
         "prefect.resource.name": root,
@@ -74,21 +74,20 @@ def related_resources(job: JobSpec) -> list[dict[str, str]]:
     return related
 
 
-def run_figures(run_dir: str) -> dict[str, object]:
+def run_figures(run_dir: RunDir) -> dict[str, object]:
     """What the run's files say it did: rows, failed, tokens, $ and whether it validated."""
-    rd = RunDir(run_dir)
     figures: dict[str, object] = {}
-    report = _json(rd.report_json)
+    report = _json(run_dir.report_json)
     if report:
         figures.update(headline_of(report))
-    verdict = _json(rd.validation)
+    verdict = _json(run_dir.validation)
     if verdict:
         figures["validated"] = verdict.get("validated")
         figures["validation_failures"] = verdict.get("failures") or []
     return figures
 
 
-def emit(event: str, run_dir: str, job: JobSpec, run_figures_too: bool = True, **payload) -> None:
+def emit(event: str, run_dir: RunDir, job: JobSpec, run_figures_too: bool = True, **payload) -> None:
     """Emit `event` for the run in `run_dir` with `payload`, and the run's figures unless told not
     to (a shard's event carries its own: mid-run, the run's files are an earlier attempt's)."""
     try:

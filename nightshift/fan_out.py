@@ -59,14 +59,8 @@ from nightshift.deadline import deadline_reached
 from nightshift.errors import ConfigurationError, DeadlineReached, EngineCannotStartHere
 from nightshift.preemption import grace_seconds
 from nightshift.records import GroupManifest, Refusal, Shard, ShardResult
-from nightshift.rundir import VALIDATION_GROUP
-from nightshift.workers import (
-    HeartbeatWatch,
-    group_manifest,
-    read_refusal,
-    unfit_workers,
-    validation_verdict,
-)
+from nightshift.rundir import VALIDATION_GROUP, RunDir
+from nightshift.workers import HeartbeatWatch, read_refusal, unfit_workers
 
 _FAILED = {StateType.FAILED, StateType.CRASHED, StateType.CANCELLED}
 
@@ -106,7 +100,7 @@ def check_deployments(fan_out: FanOut) -> None:
 def dispatch_shard_groups(
     shards: list[Shard],
     job: JobSpec,
-    run_dir: str,
+    run_dir: RunDir,
     checkpoint_storage: str,
     fan_out: FanOut,
     storage: str | None = None,
@@ -127,7 +121,7 @@ class Dispatcher:
         self,
         shards: list[Shard],
         job: JobSpec,
-        run_dir: str,
+        run_dir: RunDir,
         checkpoint_storage: str,
         fan_out: FanOut,
         client,
@@ -218,7 +212,7 @@ class Dispatcher:
             parameters={
                 "shards": [s.model_dump() for s in group.shards],
                 "job": self.job.model_dump(),
-                "run_dir": self.run_dir,
+                "run_dir": str(self.run_dir),
                 "checkpoint_storage": self.checkpoint_storage,
                 "group": group.key,
                 "storage": self.storage,
@@ -256,7 +250,7 @@ class Dispatcher:
                 self._crash_if_lost(group, run, watch.lost(running=state == StateType.RUNNING))
 
     def _manifest_written(self, group: _Group, run) -> bool:
-        return group_manifest(self.run_dir, group.key, str(run.id)).exists()
+        return self.run_dir.group_manifest(group.key, str(run.id)).exists()
 
     def _keep(self, group: _Group, run, how: str) -> None:
         """A run that failed or lost its worker after writing its manifest did the group."""
@@ -271,7 +265,7 @@ class Dispatcher:
     def _finish(self, group: _Group, run) -> None:
         group.winner = str(run.id)
         del group.live[group.winner]
-        manifest = group_manifest(self.run_dir, group.key, group.winner)
+        manifest = self.run_dir.group_manifest(group.key, group.winner)
         if not manifest.exists():
             raise RuntimeError(
                 f"child run {run.name} completed but {manifest} is missing: "
@@ -325,7 +319,7 @@ class UnfitWorkers:
 
     HAND_ON_LIMIT = 20
 
-    def __init__(self, client, deployment: str, run_dir: str, logger) -> None:
+    def __init__(self, client, deployment: str, run_dir: RunDir, logger) -> None:
         self.client, self.deployment, self.run_dir, self.logger = client, deployment, run_dir, logger
         self.said: set[str] = set()
 
@@ -374,7 +368,7 @@ def _parent_flow_run_id() -> str:
 
 
 def validate_on_pool(
-    run_dir: str, job: JobSpec, validation: CanaryConfig, fan_out: FanOut, storage: str | None = None
+    run_dir: RunDir, job: JobSpec, validation: CanaryConfig, fan_out: FanOut, storage: str | None = None
 ) -> str:
     """Run the canary checks as a flow run of `fan_out.validation_deployment` on the GPU pool,
     where an engine for the re-run and the reference model fit; returns that flow run's id once
@@ -390,7 +384,7 @@ def validate_on_pool(
             run = run_deployment(
                 fan_out.validation_deployment,
                 parameters={
-                    "run_dir": run_dir,
+                    "run_dir": str(run_dir),
                     "job": job.model_dump(),
                     "validation": validation.model_dump(),
                     "storage": storage,
@@ -404,7 +398,7 @@ def validate_on_pool(
             state = _followed_to_the_end(client, run.id, run_dir, fan_out)
             if state == StateType.COMPLETED:
                 return str(run.id)
-            if validation_verdict(run_dir, str(run.id)).exists():
+            if run_dir.validation_verdict(str(run.id)).exists():
                 logger.warning(
                     "validation run %s ended %s after writing its verdict: it is used", run.name, state.value
                 )
@@ -417,7 +411,7 @@ def validate_on_pool(
     raise RuntimeError(f"the canary checks failed to run {fan_out.max_attempts} times; see their child runs")
 
 
-def _followed_to_the_end(client, run_id: uuid.UUID, run_dir: str, fan_out: FanOut) -> StateType:
+def _followed_to_the_end(client, run_id: uuid.UUID, run_dir: RunDir, fan_out: FanOut) -> StateType:
     watch = _heartbeat_watch(run_dir, VALIDATION_GROUP, run_id, fan_out)
     while True:
         run = client.read_flow_run(run_id)
@@ -433,5 +427,5 @@ def _followed_to_the_end(client, run_id: uuid.UUID, run_dir: str, fan_out: FanOu
         time.sleep(fan_out.poll_s)
 
 
-def _heartbeat_watch(run_dir: str, group: str, run_id: uuid.UUID, fan_out: FanOut) -> HeartbeatWatch:
+def _heartbeat_watch(run_dir: RunDir, group: str, run_id: uuid.UUID, fan_out: FanOut) -> HeartbeatWatch:
     return HeartbeatWatch(run_dir, group, str(run_id), fan_out.heartbeat_timeout_s, fan_out.start_timeout_s)

@@ -65,10 +65,9 @@ def _heartbeat_s() -> float:
 
 
 @contextmanager
-def run_lease(run_dir: str | Path, flow_run_id: str | None = None):
+def run_lease(run_dir: RunDir, flow_run_id: str | None = None):
     """Hold the run directory's lease while the body runs (re-entrant within a process)."""
-    root = RunDir(run_dir).root
-    path = RunDir(run_dir).lease
+    root, path = run_dir.root, run_dir.lease
     with _lock:
         if str(root) in _held:
             outer = True

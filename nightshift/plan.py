@@ -182,7 +182,7 @@ def _write_regrouped(
     return shards, spill.count + len(canaries)
 
 
-def _flush_regrouped(run_dir, shards, rows, indices, canaries_of, next_canary) -> int:
+def _flush_regrouped(run_dir: RunDir, shards, rows, indices, canaries_of, next_canary) -> int:
     riding = canaries_of[len(shards)]
     indices = indices + list(range(next_canary, next_canary + len(riding)))
     shards.append(_write_shard(run_dir, len(shards), indices, rows + riding))

@@ -43,8 +43,13 @@ class RunDir:
     root: Path
 
     def __init__(self, root) -> None:
-        root = location(root)
+        """`root`: a path or URL as an entry point receives it (a flow's parameter, a CLI argument)."""
+        root = root.root if isinstance(root, RunDir) else location(root)
         object.__setattr__(self, "root", root if is_url(root) else root.resolve())
+
+    def __str__(self) -> str:
+        """The directory as a flow run's parameter names it (a local path or an `s3://` URL)."""
+        return str(self.root)
 
     @property
     def job(self) -> Path:

@@ -43,10 +43,9 @@ class RunStatus:
     tokens_per_second: float | None = None
 
 
-def run_status(run_dir: str | Path) -> RunStatus:
-    rd = RunDir(run_dir)
+def run_status(rd: RunDir) -> RunStatus:
     if not rd.plan_manifest.exists():
-        raise FileNotFoundError(f"{run_dir} has no plan yet (plan/manifest.json)")
+        raise FileNotFoundError(f"{rd} has no plan yet (plan/manifest.json)")
     plan, job = Plan.load(rd.plan_manifest), JobSpec.load(rd.job)
     shard_states, written = [], []
     for shard in plan.shards:
@@ -115,7 +114,7 @@ def _recent_rate(written: list[tuple[float, int]]) -> float | None:
     return sum(n for _, n in recent[1:]) / (recent[-1][0] - recent[0][0])
 
 
-def print_status(run_dir: str, as_json: bool = False) -> int:
+def print_status(run_dir: RunDir, as_json: bool = False) -> int:
     try:
         status = run_status(run_dir)
     except FileNotFoundError as exc:

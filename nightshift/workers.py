@@ -23,12 +23,12 @@ UNFIT_HOLD_S = 60.0
 
 
 @contextmanager
-def heartbeat(run_dir: str, group: str):
+def heartbeat(run_dir: RunDir, group: str):
     """Rewrite `groups/<group>/<flow run id>.alive` every few seconds while the body runs: its
     content carries the time (an object store has no mtime to touch)."""
     from prefect.runtime import flow_run
 
-    path = RunDir(run_dir).group_heartbeat(group, flow_run.id)
+    path = run_dir.group_heartbeat(group, flow_run.id)
     identity = worker_identity().model_dump()
 
     def beat_now() -> None:
@@ -68,22 +68,18 @@ def worker_slot(identity: WorkerIdentity) -> str:
     return f"{identity.host}/gpu-{devices}" if devices is not None else f"{identity.host}/all-gpus"
 
 
-def refusal_record(run_dir: str, group: str, flow_run_id: str) -> Path:
-    return RunDir(run_dir).group_refusal(group, flow_run_id)
-
-
-def read_refusal(run_dir: str, group: str, flow_run_id: str) -> Refusal | None:
+def read_refusal(run_dir: RunDir, group: str, flow_run_id: str) -> Refusal | None:
     """What a child run that could not start the engine on its worker left behind, if it did."""
     try:
-        return Refusal.load(refusal_record(run_dir, group, flow_run_id))
+        return Refusal.load(run_dir.group_refusal(group, flow_run_id))
     except (OSError, ValueError):
         return None
 
 
-def unfit_workers(run_dir: str) -> dict[str, str]:
+def unfit_workers(run_dir: RunDir) -> dict[str, str]:
     """Every worker slot that could not start this run's engine, with what it said."""
     found = {}
-    for marker in RunDir(run_dir).every_unfit_worker():
+    for marker in run_dir.every_unfit_worker():
         try:
             record = UnfitWorker.load(marker)
         except (OSError, ValueError):
@@ -93,7 +89,7 @@ def unfit_workers(run_dir: str) -> dict[str, str]:
 
 
 @contextmanager
-def handing_on_if_the_engine_cannot_start(run_dir: str, group: str, hold_s: float = UNFIT_HOLD_S):
+def handing_on_if_the_engine_cannot_start(run_dir: RunDir, group: str, hold_s: float = UNFIT_HOLD_S):
     """A child run whose worker cannot start the engine hands its group back to the pool.
 
     The first refusal on a worker slot is remembered in the run directory, so the worker's later
@@ -105,7 +101,7 @@ def handing_on_if_the_engine_cannot_start(run_dir: str, group: str, hold_s: floa
 
     identity = worker_identity()
     slot = worker_slot(identity)
-    marker = RunDir(run_dir).unfit_worker(slot)
+    marker = run_dir.unfit_worker(slot)
     try:
         earlier = UnfitWorker.load(marker).reason
     except (OSError, ValueError):
@@ -119,25 +115,16 @@ def handing_on_if_the_engine_cannot_start(run_dir: str, group: str, hold_s: floa
         if earlier is None:
             UnfitWorker(**identity.model_dump(), slot=slot, reason=reason).save(marker)
         Refusal(**identity.model_dump(), slot=slot, reason=reason, engine_started=earlier is None).save(
-            refusal_record(run_dir, group, flow_run.id)
+            run_dir.group_refusal(group, flow_run.id)
         )
         time.sleep(hold_s)
         raise
 
 
-def group_manifest(run_dir: str, group: str, flow_run_id: str) -> Path:
-    return RunDir(run_dir).group_manifest(group, flow_run_id)
-
-
-def validation_verdict(run_dir: str, flow_run_id: str) -> Path:
-    """Where the validation run `flow_run_id` leaves its verdict, under its own name."""
-    return RunDir(run_dir).validation_verdict(flow_run_id)
-
-
-def write_group_manifest(run_dir: str, group: str, results: list[ShardResult], cached: int) -> Path:
+def write_group_manifest(run_dir: RunDir, group: str, results: list[ShardResult], cached: int) -> Path:
     from prefect.runtime import flow_run
 
-    path = group_manifest(run_dir, group, flow_run.id)
+    path = run_dir.group_manifest(group, flow_run.id)
     GroupManifest(**worker_identity().model_dump(), flow_run_id=flow_run.id, cached=cached, results=results).save(path)
     return path
 
@@ -152,8 +139,10 @@ class HeartbeatWatch:
     that fails (a storage hiccup) says nothing either way: one failed read must not crash a
     run that is working."""
 
-    def __init__(self, run_dir: str, group: str, run_id: str, timeout_s: float, start_timeout_s: float, clock=None):
-        self.path = RunDir(run_dir).group_heartbeat(group, run_id)
+    def __init__(
+        self, run_dir: RunDir, group: str, run_id: str, timeout_s: float, start_timeout_s: float, clock=None
+    ) -> None:
+        self.path = run_dir.group_heartbeat(group, run_id)
         self.timeout_s, self.start_timeout_s = timeout_s, start_timeout_s
         self.clock = clock or time.monotonic
         self.pending_since: float | None = None

@@ -12,6 +12,7 @@ from prefect import task
 from nightshift import fan_out as dispatch
 from nightshift.config import CanaryConfig, FanOut, JobSpec
 from nightshift.records import Shard, ShardResult
+from nightshift.rundir import RunDir
 
 
 @task(name="dispatch-shard-groups")
@@ -25,7 +26,7 @@ def dispatch_shard_groups(
     deadline: datetime | None = None,
 ) -> tuple[list[ShardResult], int]:
     """Generate `shards` on the work pool behind `fan_out.deployment` (nightshift.fan_out)."""
-    return dispatch.dispatch_shard_groups(shards, job, run_dir, checkpoint_storage, fan_out, storage, deadline)
+    return dispatch.dispatch_shard_groups(shards, job, RunDir(run_dir), checkpoint_storage, fan_out, storage, deadline)
 
 
 @task(name="validate-on-pool")
@@ -33,4 +34,4 @@ def validate_on_pool(
     run_dir: str, job: JobSpec, validation: CanaryConfig, fan_out: FanOut, storage: str | None = None
 ) -> str:
     """The canary checks as a flow run of `fan_out.validation_deployment` (nightshift.fan_out)."""
-    return dispatch.validate_on_pool(run_dir, job, validation, fan_out, storage)
+    return dispatch.validate_on_pool(RunDir(run_dir), job, validation, fan_out, storage)

@@ -46,10 +46,11 @@ def _retry_unless_preempted(task, task_run, state) -> bool:
     retry_condition_fn=_retry_unless_preempted,
 )
 def generate_shard(shard: Shard, job: JobSpec, run_dir: str) -> ShardResult:
-    result = _told(generate(shard, job, RunDir(run_dir)))
+    rd = RunDir(run_dir)
+    result = _told(generate(shard, job, rd))
     events.emit(
         events.SHARD_COMPLETED,
-        run_dir,
+        rd,
         job,
         run_figures_too=False,
         shard=result.shard_index,

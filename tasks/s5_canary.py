@@ -14,7 +14,6 @@ from nightshift.records import (
 )
 from nightshift.rundir import RunDir
 from nightshift.validation.gate import validate
-from nightshift.workers import validation_verdict
 
 
 @task(name="canary-validation")
@@ -23,8 +22,9 @@ def canary_validation(run_dir: str, job: JobSpec, config: CanaryConfig, validate
     `validated_by` (the checks run on the GPU pool, where the engine is) left in the run directory."""
     from prefect.artifacts import create_markdown_artifact
 
-    verdict = validated_verdict(run_dir, validated_by) if validated_by else validate(RunDir(run_dir), job, config)
-    verdict.save(RunDir(run_dir).validation)
+    rd = RunDir(run_dir)
+    verdict = validated_verdict(rd, validated_by) if validated_by else validate(rd, job, config)
+    verdict.save(rd.validation)
     lines = [f"# Canary validation: {verdict.said()}", ""]
     lines += [f"- {failure}" for failure in verdict.failures]
     lines += [f"- {name}: {json.dumps(summary)}" for name, summary in verdict.summaries().items()]
@@ -41,7 +41,7 @@ def canary_validation(run_dir: str, job: JobSpec, config: CanaryConfig, validate
     if verdict.verdict == "not_validated":
         from nightshift import events
 
-        events.emit(events.VALIDATION_SKIPPED, run_dir, job, reasons=verdict.skipped_reasons)
+        events.emit(events.VALIDATION_SKIPPED, rd, job, reasons=verdict.skipped_reasons)
     if verdict.verdict == "failed":
         raise CanaryFailure(
             "validation failed — outputs are on disk but NOT validated: " + " | ".join(verdict.failures)
@@ -49,10 +49,10 @@ def canary_validation(run_dir: str, job: JobSpec, config: CanaryConfig, validate
     return verdict
 
 
-def validated_verdict(run_dir: str, flow_run_id: str) -> Verdict:
+def validated_verdict(run_dir: RunDir, flow_run_id: str) -> Verdict:
     """The verdict the validation run `flow_run_id` left under its own name: another run's — an
     earlier night's, or a duplicate's that was taken for lost and finished after all — is not it."""
-    path = validation_verdict(run_dir, flow_run_id)
+    path = run_dir.validation_verdict(flow_run_id)
     try:
         return Verdict.load(path)
     except FileNotFoundError:

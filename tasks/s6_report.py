@@ -30,5 +30,5 @@ def cost_report(run_dir: str, pricing: GpuPricing | None = None, managed: Manage
     table = {k: v for k, v in report.figures().items() if not isinstance(v, (dict, list))}
     create_table_artifact(key=f"nightshift-figures-{key}", table=[table], description="Nightshift run figures")
     get_run_logger().info(cost_line(report))
-    record_report(run_dir, report)  # run by the flow as the report asset's materializing task
+    record_report(rd, report)  # run by the flow as the report asset's materializing task
     return report

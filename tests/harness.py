@@ -148,8 +148,9 @@ def events_of(run_dir, wanted: set[str], timeout: float = 60) -> dict[str, list[
     from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
 
     from nightshift.events import run_resource
+    from nightshift.rundir import RunDir
 
-    resource = run_resource(str(run_dir))["prefect.resource.id"]
+    resource = run_resource(RunDir(run_dir))["prefect.resource.id"]
     window = EventOccurredFilter(since=datetime.now(timezone.utc) - timedelta(hours=1))
     found: dict[str, list[dict]] = {}
     deadline = time.monotonic() + timeout

@@ -96,6 +96,25 @@ def test_no_run_directory_file_name_is_spelled_outside_rundir():
     assert spelled == []
 
 
+def test_past_the_entry_points_a_run_directory_is_a_rundir_not_a_string():
+    """Flows and tasks take a run directory as Prefect records it (a path or URL) and make it a
+    RunDir once; every library function and record field past them is handed that RunDir."""
+    loose = []
+    for name, path in own_modules():
+        if layer_of(name) != "library" or name == "nightshift.rundir":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                arguments = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+                for argument in arguments:
+                    if (
+                        argument.arg in ("run_dir", "rd")
+                        and ast.unparse(argument.annotation or ast.Name("?")) != "RunDir"
+                    ):
+                        loose.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}({argument.arg})")
+    assert loose == []
+
+
 def _module_graph() -> dict[str, set[str]]:
     """Own module → the own modules it imports, at any depth of its code (a lazy import inside a
     function is a dependency all the same): `from a import b` counts as `a.b` where that is a module."""

@@ -16,6 +16,7 @@ def test_a_bucket_run_directory_has_one_live_run_too(s3_endpoint, monkeypatch):
     from conftest import REPO
 
     from nightshift.lease import run_lease
+    from nightshift.rundir import RunDir
 
     credentials = {
         "AWS_ACCESS_KEY_ID": "nightshift-test",
@@ -31,10 +32,11 @@ def test_a_bucket_run_directory_has_one_live_run_too(s3_endpoint, monkeypatch):
     other_process = [
         sys.executable,
         "-c",
-        f"from nightshift.lease import run_lease\nwith run_lease({run_dir!r}): print('took it')",
+        f"from nightshift.lease import run_lease\nfrom nightshift.rundir import RunDir\n"
+        f"with run_lease(RunDir({run_dir!r})): print('took it')",
     ]
 
-    with run_lease(run_dir):
+    with run_lease(RunDir(run_dir)):
         refused = subprocess.run(other_process, cwd=REPO, capture_output=True, text=True, env={**os.environ})
         assert refused.returncode != 0 and "RunDirectoryBusy" in refused.stderr
         assert f"is being run by pid {os.getpid()}" in refused.stderr

@@ -15,7 +15,6 @@ from nightshift.batch_api.runs import STOP_GRACE_S, BatchRuns, RunEnd, RunOrder,
 from nightshift.batch_api.store import Store, StoredBatch
 from nightshift.config import BatchApiConfig
 from nightshift.records import Verdict
-from nightshift.rundir import RunDir
 from nightshift.storage import is_url
 
 log = logging.getLogger("nightshift.serve")
@@ -37,7 +36,7 @@ class DeploymentRuns(BatchRuns):
             self.deployment,
             parameters={
                 "input_path": _absolute(order.input_path),
-                "run_dir": _absolute(order.run_dir),
+                "run_dir": str(order.run_dir),
                 "job": make_job(order.model, **order.job_settings()).model_dump(),
                 "deadline": order.deadline.isoformat(),
                 "fan_out": None,
@@ -62,7 +61,7 @@ class DeploymentRuns(BatchRuns):
             return None
         if state.is_completed():
             return RunEnd.EXPIRED if state.name == "Expired" else RunEnd.COMPLETED
-        validation = RunDir(self.store.run_dir(stored.batch.id)).validation
+        validation = self.store.run_dir(stored.batch.id).validation
         if state.is_failed() and validation.exists() and Verdict.load(validation).verdict == "failed":
             return RunEnd.GATE_FAILED
         log.warning("batch %s: flow run ended %s (%s)", stored.batch.id, state.name, state.message)

@@ -208,7 +208,7 @@ class BatchLifecycle:
             RunOrder(
                 batch_id=batch.id,
                 input_path=self._input(batch),
-                run_dir=str(self.store.run_dir(batch.id)),
+                run_dir=self.store.run_dir(batch.id),
                 model=self.config.embedding_model if embeds else self.config.chat_model,
                 engine=_engine_settings(self.config, embeds, batch),
                 # Progress and checkpoints at least every twentieth of the batch: request_counts move.
@@ -246,7 +246,7 @@ class BatchLifecycle:
             self._launch(stored)
 
     def _count_progress(self, stored: StoredBatch) -> None:
-        run_dir = RunDir(self.store.run_dir(stored.batch.id))
+        run_dir = self.store.run_dir(stored.batch.id)
         try:
             progress = ProgressSnapshot.load(run_dir.progress)
             canaries = Plan.load(run_dir.plan_manifest).canary_rows
@@ -266,7 +266,7 @@ class BatchLifecycle:
         """Stop the batch's run; its finished rows are its output, every other row an error line."""
         stored = self.store.batch(batch_id)
         self.runs.stop(stored)
-        run_dir = RunDir(self.store.run_dir(batch_id))
+        run_dir = self.store.run_dir(batch_id)
         if run_dir.plan_manifest.exists() and run_dir.job.exists():
             from nightshift.merge import merge_unfinished
 
@@ -276,7 +276,7 @@ class BatchLifecycle:
         self._finish(batch_id, status)
 
     def _finish(self, batch_id: str, status: str, gate_failed: bool = False) -> None:
-        run_dir = RunDir(self.store.run_dir(batch_id))
+        run_dir = self.store.run_dir(batch_id)
         report = RunReport.load(run_dir.summary)
         batch = self.store.batch(batch_id)
         owner, now = batch.owner, int(time.time())

@@ -48,7 +48,7 @@ class LocalProcessRuns(BatchRuns):
     def start(self, stored: StoredBatch, order: RunOrder) -> StartedRun:
         _kill_leftovers(stored)
         command = [
-            sys.executable, "-m", "nightshift.cli", "run", str(order.input_path), "--output", order.run_dir,
+            sys.executable, "-m", "nightshift.cli", "run", str(order.input_path), "--output", str(order.run_dir),
             "--model", order.model, "--deadline", order.deadline.isoformat(),
         ]  # fmt: skip
         for name, value in order.job_settings().items():

@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 from nightshift.batch_api.store import StoredBatch
+from nightshift.rundir import RunDir
 
 STOP_GRACE_S = 90.0  # a run told to stop flushes its finished rows first
 
@@ -37,7 +38,7 @@ class RunOrder:
 
     batch_id: str
     input_path: Path
-    run_dir: str
+    run_dir: RunDir
     model: str
     chunk_size: int
     deadline: datetime

@@ -29,7 +29,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from nightshift.deadline import parse_duration
-from nightshift.rundir import write_json_atomic
+from nightshift.rundir import RunDir, write_json_atomic
 from nightshift.storage import location
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
@@ -175,8 +175,8 @@ class Store:
     def path(self, relative: str) -> Path:
         return self.root / relative
 
-    def run_dir(self, batch_id: str) -> Path:
-        return self.root / "batches" / _checked(batch_id)
+    def run_dir(self, batch_id: str) -> RunDir:
+        return RunDir(self.root / "batches" / _checked(batch_id))
 
     # Files
     def upload_path(self, file_id: str) -> str:
@@ -294,7 +294,7 @@ class Store:
                 self._remove_run_dir(stored.batch.id)
 
     def _remove_run_dir(self, batch_id: str) -> None:
-        run_dir = self.run_dir(batch_id)
+        run_dir = self.run_dir(batch_id).root
         if run_dir.exists():
             run_dir.fs.rm(run_dir.path, recursive=True) if hasattr(run_dir, "fs") else shutil.rmtree(run_dir)
 

@@ -217,8 +217,8 @@ def test_retention_removes_old_files_and_finished_batches_with_their_run_directo
         store.save_batch(StoredBatch(owner="alice", batch=BatchObject(
             id=batch_id, endpoint="/v1/chat/completions", input_file_id=input_file, completion_window="24h",
             created_at=hour_ago, expires_at=hour_ago + 86400, status=status)))  # fmt: skip
-        store.run_dir(batch_id).mkdir(parents=True, exist_ok=True)
-        (store.run_dir(batch_id) / "output.jsonl").write_text("{}\n")
+        store.run_dir(batch_id).root.mkdir(parents=True, exist_ok=True)
+        store.run_dir(batch_id).output.write_text("{}\n")
 
     batch("batch_" + "a" * 24, "completed", old)
     batch("batch_" + "b" * 24, "in_progress", read_by_a_running_batch)
@@ -226,7 +226,7 @@ def test_retention_removes_old_files_and_finished_batches_with_their_run_directo
     batches, files = store.expire(int(time.time()) - 3600, int(time.time()))
 
     assert batches == ["batch_" + "a" * 24] and files == [old]
-    assert not store.run_dir("batch_" + "a" * 24).exists() and store.run_dir("batch_" + "b" * 24).exists()
+    assert not store.run_dir("batch_" + "a" * 24).root.exists() and store.run_dir("batch_" + "b" * 24).root.exists()
     assert store.file(fresh, "alice") and store.file(read_by_a_running_batch, "alice")
     assert not store.path(store.upload_path(old)).exists()
 

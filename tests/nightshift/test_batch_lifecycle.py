@@ -79,7 +79,7 @@ def test_a_run_is_ordered_with_the_endpoints_model_a_twentieth_of_the_batch_per_
     [order] = runs.orders
     assert order.model == "tiny" and order.chunk_size == 20
     assert order.deadline.timestamp() == batch.expires_at
-    assert order.run_dir == str(store.run_dir(batch.id))
+    assert order.run_dir == store.run_dir(batch.id)
     stored = store.batch(batch.id)
     assert stored.batch.status == "in_progress" and stored.batch.request_counts.total == 400
 
@@ -212,14 +212,14 @@ def test_a_batchs_output_files_expire_as_its_output_expires_after_says_and_take_
     errors = store.file(stored.batch.error_file_id, owner_of(KEY))
     assert errors.file.expires_at == errors.file.created_at + 7200
     assert store.expire(None, int(time.time())) == ([], []), "not yet"
-    assert store.run_dir(batch.id).exists()
+    assert store.run_dir(batch.id).root.exists()
 
     gone = store.expire(None, errors.file.expires_at)
 
     ids = {stored.batch.output_file_id, stored.batch.error_file_id}
     assert gone[0] == [] and set(gone[1]) == ids and len(ids) == 2
     assert all(store.file(i, owner_of(KEY)) is None for i in ids)
-    assert not store.run_dir(batch.id).exists(), "no copy of the expired rows stays"
+    assert not store.run_dir(batch.id).root.exists(), "no copy of the expired rows stays"
     assert store.batch(batch.id).batch.status == "cancelled", "the batch object stays"
 
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from nightshift.rundir import RunDir
 from nightshift.workers import HeartbeatWatch
 
 pytestmark = pytest.mark.fast
@@ -24,7 +25,7 @@ class Clock:
 @pytest.fixture
 def child(tmp_path):
     clock = Clock()
-    watch = HeartbeatWatch(str(tmp_path), "g1", "run-1", TIMEOUT_S, START_TIMEOUT_S, clock=clock)
+    watch = HeartbeatWatch(RunDir(tmp_path), "g1", "run-1", TIMEOUT_S, START_TIMEOUT_S, clock=clock)
     beats = iter(range(10**6))
 
     def beat(worker_time: float) -> None:  # what the child's heartbeat thread writes

@@ -19,17 +19,17 @@ def lease_of(run_dir) -> Lease:
 
 
 def test_every_run_that_takes_the_directory_gets_a_greater_epoch(tmp_path):
-    with run_lease(tmp_path):
+    with run_lease(RunDir(tmp_path)):
         assert lease_of(tmp_path).epoch == 1
     assert lease_of(tmp_path).released, "a released lease keeps its epoch"
-    with run_lease(tmp_path):
+    with run_lease(RunDir(tmp_path)):
         assert lease_of(tmp_path).epoch == 2 and not lease_of(tmp_path).released
 
 
 def test_a_run_whose_lease_was_taken_over_makes_nothing_visible_in_the_directory(tmp_path):
     chunk = tmp_path / "shards" / "abc" / "chunk-00000.parquet"
     elsewhere = tmp_path.parent / f"{tmp_path.name}-other" / "file.txt"
-    with run_lease(tmp_path):
+    with run_lease(RunDir(tmp_path)):
         with written_whole(chunk) as tmp:
             tmp.write_text("mine")
         ours = lease_of(tmp_path)
@@ -115,7 +115,7 @@ def test_a_write_already_past_the_fence_when_the_run_froze_is_taken_back_when_it
             mine = Lease.load(run.lease)
             mine.model_copy(update={"token": "the-other-run", "epoch": mine.epoch + 1}).save(run.lease)
 
-    with run_lease(tmp_path):
+    with run_lease(RunDir(tmp_path)):
         monkeypatch.setattr(storage, "_synced", frozen_then_taken_over)
         with pytest.raises(LeaseLost):
             with written_whole(chunk) as tmp:
@@ -126,7 +126,7 @@ def test_a_write_already_past_the_fence_when_the_run_froze_is_taken_back_when_it
     monkeypatch.setattr(storage, "_synced", synced)
     Lease.load(run.lease).model_copy(update={"released": True}).save(run.lease)  # the other run ended
     manifest.write_text("the new owner's")
-    with run_lease(tmp_path):
+    with run_lease(RunDir(tmp_path)):
         monkeypatch.setattr(storage, "_synced", frozen_then_taken_over)
         with pytest.raises(LeaseLost):
             with written_whole(manifest) as tmp:
@@ -163,7 +163,7 @@ def test_a_stopping_process_waits_for_the_writes_in_flight_so_none_lands_after_i
             failures.append(exc)
 
     failures: list = []
-    with run_lease(tmp_path):
+    with run_lease(RunDir(tmp_path)):
         monkeypatch.setattr(storage, "_synced", frozen_mid_write)
         thread = threading.Thread(target=writer, args=(failures,), daemon=True)
         thread.start()

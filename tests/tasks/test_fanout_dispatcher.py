@@ -19,6 +19,7 @@ from nightshift import workers
 from nightshift.config import EngineConfig, FanOut, JobSpec
 from nightshift.errors import EngineCannotStartHere
 from nightshift.records import GroupManifest, Shard, ShardResult
+from nightshift.rundir import RunDir
 
 pytestmark = pytest.mark.fast
 
@@ -92,7 +93,7 @@ class FakePool:
                 ]
                 identity = workers.worker_identity().model_dump()
                 GroupManifest(**identity, flow_run_id=str(run.id), cached=0, results=results).save(
-                    fanout.group_manifest(self.run_dir, run.group, str(run.id))
+                    RunDir(self.run_dir).group_manifest(run.group, str(run.id))
                 )
         return run
 
@@ -104,7 +105,7 @@ class FakePool:
             env.setenv("PREFECT__FLOW_RUN_ID", str(run.id))
             env.setenv("CUDA_VISIBLE_DEVICES", gpu)
             with contextlib.suppress(EngineCannotStartHere):
-                with workers.handing_on_if_the_engine_cannot_start(str(self.run_dir), run.group, hold_s=0):
+                with workers.handing_on_if_the_engine_cannot_start(RunDir(self.run_dir), run.group, hold_s=0):
                     self.engine_starts.append(gpu)
                     if gpu in self.cannot_start:
                         raise EngineCannotStartHere(f"the engine could not start: no memory on GPU {gpu}")
@@ -137,7 +138,7 @@ def dispatch(run_dir, pool, groups=5, **settings):
     job = JOB
     shards = [shard(i) for i in range(groups)]
     fan_out = FanOut(deployment="gen/gpu", shards_per_group=1, poll_s=0.001, **settings)
-    dispatcher = fanout.Dispatcher(shards, job, str(run_dir), "ckpt", fan_out, pool)
+    dispatcher = fanout.Dispatcher(shards, job, RunDir(run_dir), "ckpt", fan_out, pool)
     return shards, dispatcher.run()
 
 
@@ -201,7 +202,7 @@ def test_a_worker_that_cannot_start_the_engine_hands_its_groups_on_and_tries_onc
     _, (results, _) = dispatch(tmp_path, pool, groups=2, max_attempts=1)  # hand-ons are not attempts
     assert [r.shard_index for r in results] == [0, 1]
     assert pool.engine_starts.count("0") == 1, "the unfit worker tried its engine once, then refused at once"
-    assert list(workers.unfit_workers(str(tmp_path))) == [f"{workers.worker_identity().host}/gpu-0"]
+    assert list(workers.unfit_workers(RunDir(tmp_path))) == [f"{workers.worker_identity().host}/gpu-0"]
 
     made = list(pool.created)
     _, (again, _) = dispatch(tmp_path, pool, groups=2, max_attempts=1)  # the parent retried: same keys
@@ -255,7 +256,7 @@ def test_at_the_deadline_nothing_more_is_dispatched_and_waiting_runs_are_cancell
     fan_out = FanOut(deployment="gen/gpu", shards_per_group=1, poll_s=0.001, max_in_flight=3, heartbeat_timeout_s=1)
     deadline = datetime.now(timezone.utc) + timedelta(hours=1)
     dispatcher = fanout.Dispatcher(
-        [shard(i) for i in range(5)], JOB, str(tmp_path), "ckpt", fan_out, pool, None, deadline
+        [shard(i) for i in range(5)], JOB, RunDir(tmp_path), "ckpt", fan_out, pool, None, deadline
     )
     try:
         with pytest.raises(DeadlineReached):
