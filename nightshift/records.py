@@ -190,10 +190,6 @@ class Projection(_Record):
     cost_spot: float | None
 
 
-_VALIDATION_FIGURES = {"validated", "validation_state", "validation_failures", "validation_seconds",
-                       "validation_cost_on_demand", "validation_checks"}  # fmt: skip
-
-
 class Politeness(_Record):
     """How the batch shared its engine server with online traffic (nightshift/engine/politeness.py)."""
 
@@ -207,29 +203,27 @@ class Politeness(_Record):
     in_flight_max: int
 
 
-class CostReport(_Record):
-    """`report.json`: a run's rows, throughput and money, measured from its files and priced
-    (nightshift/report/). `nightshift plan` reads earlier nights' reports as its history; the
-    figures it needs are required, the rest may be missing from a report of an older version."""
+class Throughput(_Record):
+    """How fast the run's engines went (nightshift/report/price.py)."""
 
-    rows: int
-    failed: int
-    completion_tokens: int
     tokens_per_second: float | None = Field(description="tokens the engines generated per second of the run")
     engine_slots: int = Field(description="engines that ran side by side (GPUs billed)")
-    accelerator: str
-    run_dir: str = ""
-    model: str = ""
-    prompt_tokens: int = 0
-    image_tokens: int = Field(0, description="of the prompt tokens, those the rows' images became (a vision model)")
-    total_tokens: int = 0
-    truncation_share: float = 0.0
-    errors_by_code: dict[str, int] = Field(default_factory=dict)
     max_model_len: int | None = Field(None, description="the context the engine ran with")
     generate_seconds: float | None = None
     engine_seconds_summed: float | None = None
-    served_without_generating: NotGenerated = Field(default_factory=NotGenerated)
     output_tokens_per_second: float | None = None
+    rows_per_second: float | None = None
+    stragglers: list[Straggler] = Field(default_factory=list, description="slowest shards against the median")
+    prefix_cache_hit_rate: float | None = Field(
+        None, description="prompt tokens vLLM's prefix cache served / prompt tokens of the rows the engine ran"
+    )
+
+
+class Money(_Record):
+    """What the run cost on the hardware it used, per token and per row, against the managed APIs,
+    and projected to a million rows."""
+
+    accelerator: str
     accelerator_hours: float = 0.0
     cost_on_demand: float | None = 0.0  # None: the accelerator is unpriced (blocks/pricing.py)
     cost_spot: float | None = 0.0
@@ -237,35 +231,65 @@ class CostReport(_Record):
     cost_per_million_tokens_spot: float | None = None
     cost_per_million_output_tokens: float | None = None
     cost_per_million_output_tokens_spot: float | None = None
-    gpu_name: str | None = None
-    gpu_count: int = 0
-    gpu_telemetry: str | None = None
-    gpu_utilization_mean: float | None = None
-    gpu_memory_mib_mean: float | None = None
-    gpu_power_w_mean: float | None = None
-    stragglers: list[Straggler] = Field(default_factory=list, description="slowest shards against the median")
-    prefix_cache_hit_rate: float | None = Field(
-        None, description="prompt tokens vLLM's prefix cache served / prompt tokens of the rows the engine ran"
-    )
-    engine_settings: dict[str, Any] | None = Field(None, description="the engine's settings as vLLM resolved them")
-    engine_warnings: list[str] = Field(default_factory=list, description="known throughput traps those settings show")
-    politeness: Politeness | None = Field(None, description="with an online TTFT objective on an engine server")
-    rows_per_second: float | None = None
     cost_per_million_rows: float | None = None
     cost_per_million_rows_spot: float | None = None
+    served_without_generating: NotGenerated = Field(default_factory=NotGenerated)
     managed_api_cost: dict[str, float] = Field(default_factory=dict, description="the same tokens at list prices")
     by_model: dict[str, ModelRows] = Field(
         default_factory=dict,
         description="a run with LoRA adapters: rows, tokens and $ of the base model and of each adapter",
     )
     projection: Projection | None = None
-    # present once the canary stage has written its verdict
+
+
+class GpuFigures(_Record):
+    """The accelerators the run measured (pynvml), or none: a CPU run."""
+
+    gpu_name: str | None = None
+    gpu_count: int = 0
+    gpu_telemetry: str | None = None
+    gpu_utilization_mean: float | None = None
+    gpu_memory_mib_mean: float | None = None
+    gpu_power_w_mean: float | None = None
+
+
+class Priced(GpuFigures, Money, Throughput):
+    """The measured engine time and rows, priced: what `nightshift.report.priced` returns."""
+
+
+class EngineFigures(_Record):
+    engine_settings: dict[str, Any] | None = Field(None, description="the engine's settings as vLLM resolved them")
+    engine_warnings: list[str] = Field(default_factory=list, description="known throughput traps those settings show")
+
+
+class ValidationFigures(_Record):
+    """The canary stage's verdict, once it has written one."""
+
     validated: bool | None = None
     validation_state: str | None = Field(None, description="validated, not_validated (no check applied) or failed")
     validation_failures: list[str] | None = None
     validation_seconds: float | None = None
     validation_cost_on_demand: float | None = None
     validation_checks: dict[str, dict] | None = None
+
+
+class CostReport(ValidationFigures, EngineFigures, Priced):
+    """`report.json`: a run's rows, throughput and money, measured from its files and priced
+    (nightshift/report/), its records flat in one object. `nightshift plan` reads earlier nights'
+    reports as its history; the figures it needs are required, the rest may be missing from a
+    report of an older version."""
+
+    rows: int
+    failed: int
+    completion_tokens: int
+    run_dir: str = ""
+    model: str = ""
+    prompt_tokens: int = 0
+    image_tokens: int = Field(0, description="of the prompt tokens, those the rows' images became (a vision model)")
+    total_tokens: int = 0
+    truncation_share: float = 0.0
+    errors_by_code: dict[str, int] = Field(default_factory=dict)
+    politeness: Politeness | None = Field(None, description="with an online TTFT objective on an engine server")
 
     # what a run's event and its report asset say of it (nightshift.events, nightshift.assets)
     HEADLINE: ClassVar[tuple[str, ...]] = (
@@ -278,7 +302,7 @@ class CostReport(_Record):
 
     def figures(self) -> dict:
         """report.json's content: a run not validated (yet) has no validation figures, rather than nulls."""
-        return self.model_dump(exclude=_VALIDATION_FIGURES if self.validated is None else set())
+        return self.model_dump(exclude=set(ValidationFigures.model_fields) if self.validated is None else set())
 
     def save(self, path: Path) -> None:
         write_json_atomic(path, self.figures())

@@ -48,10 +48,10 @@ def build_report(
         total_tokens=totals.prompt_tokens + totals.completion_tokens,
         truncation_share=round(totals.truncation_share, 4),
         errors_by_code=errors_by_code(run_dir),
-        **validation_figures(run_dir, pricing.rate(time.gpu_name, time.gpu_count)),
-        **engine_figures(time),
         politeness=politeness(run_dir, job),
-        **priced(totals, time, pricing, managed, project_rows),
+        **dict(validation_figures(run_dir, pricing.rate(time.gpu_name, time.gpu_count))),
+        **dict(engine_figures(time)),
+        **dict(priced(totals, time, pricing, managed, project_rows)),
     )
 
 

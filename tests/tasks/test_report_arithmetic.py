@@ -98,20 +98,20 @@ def test_pricing_is_arithmetic_on_the_measured_records_alone():
     time = EngineTime(span_seconds=2400.0, slot_seconds=3600.0, slots=2)
     figures = priced(totals, time, GpuPricing(accelerators=1, on_demand_per_hour=3.0, spot_per_hour=1.0),
                      ManagedApiPrices(), project_rows=1_000_000)  # fmt: skip
-    assert figures["accelerator_hours"] == 1.0 and figures["cost_on_demand"] == 3.0 and figures["cost_spot"] == 1.0
-    assert figures["cost_per_million_tokens"] == pytest.approx(3.0 / 0.25)
-    assert figures["rows_per_second"] == pytest.approx(1000 / 2400, abs=0.005)
+    assert figures.accelerator_hours == 1.0 and figures.cost_on_demand == 3.0 and figures.cost_spot == 1.0
+    assert figures.cost_per_million_tokens == pytest.approx(3.0 / 0.25)
+    assert figures.rows_per_second == pytest.approx(1000 / 2400, abs=0.005)
     # a million rows at this speed: 1e6 / (1000 / 2400) s on each of the two slots
-    assert figures["projection"]["hours"] == pytest.approx(1e6 * 2400 / 1000 / 3600, rel=1e-3)
-    assert figures["projection"]["cost_on_demand"] == pytest.approx(1e6 * 2400 / 1000 / 3600 * 2 * 3.0, rel=1e-3)
+    assert figures.projection.hours == pytest.approx(1e6 * 2400 / 1000 / 3600, rel=1e-3)
+    assert figures.projection.cost_on_demand == pytest.approx(1e6 * 2400 / 1000 / 3600 * 2 * 3.0, rel=1e-3)
     embedding = RowTotals(
         rows=10, succeeded=10, prompt_tokens=5000, completion_tokens=0, truncation_share=0.0,
         rows_not_generated=0, tokens_not_generated=0,
     )  # fmt: skip
-    apis = priced(embedding, time, GpuPricing(), ManagedApiPrices())["managed_api_cost"]
+    apis = priced(embedding, time, GpuPricing(), ManagedApiPrices()).managed_api_cost
     assert all("embedding" in name for name in apis), "prompt tokens only: priced against embedding APIs"
     nothing_ran = priced(totals, EngineTime(), GpuPricing(), ManagedApiPrices())
-    assert nothing_ran["cost_per_million_tokens"] is None and nothing_ran["projection"]["hours"] is None
+    assert nothing_ran.cost_per_million_tokens is None and nothing_ran.projection.hours is None
 
 
 def test_a_run_is_priced_as_the_card_nvml_named_and_an_unknown_card_is_unpriced():
@@ -133,18 +133,15 @@ def test_a_run_is_priced_as_the_card_nvml_named_and_an_unknown_card_is_unpriced(
     on_h200 = priced(
         totals, EngineTime(**one_hour, gpu_name="NVIDIA H200", gpu_count=2), GpuPricing(), ManagedApiPrices()
     )
-    assert on_h200["accelerator"] == "H200" and on_h200["accelerator_hours"] == 2.0
-    assert on_h200["cost_on_demand"] == 2 * ACCELERATOR_PRICES["H200"]["on_demand"]
+    assert on_h200.accelerator == "H200" and on_h200.accelerator_hours == 2.0
+    assert on_h200.cost_on_demand == 2 * ACCELERATOR_PRICES["H200"]["on_demand"]
     on_cpu = priced(totals, EngineTime(**one_hour), GpuPricing(), ManagedApiPrices())
-    assert (
-        on_cpu["accelerator"] == "cpu-2vcpu"
-        and on_cpu["cost_on_demand"] == ACCELERATOR_PRICES["cpu-2vcpu"]["on_demand"]
-    )
+    assert on_cpu.accelerator == "cpu-2vcpu" and on_cpu.cost_on_demand == ACCELERATOR_PRICES["cpu-2vcpu"]["on_demand"]
     unknown = priced(totals, EngineTime(**one_hour, gpu_name="NVIDIA RTX PRO 6000", gpu_count=1), GpuPricing(),
                      ManagedApiPrices())  # fmt: skip
-    assert unknown["accelerator"] == "NVIDIA RTX PRO 6000 (unpriced)"
-    assert unknown["cost_on_demand"] is None and unknown["cost_per_million_tokens"] is None
-    assert unknown["projection"]["cost_on_demand"] is None
+    assert unknown.accelerator == "NVIDIA RTX PRO 6000 (unpriced)"
+    assert unknown.cost_on_demand is None and unknown.cost_per_million_tokens is None
+    assert unknown.projection.cost_on_demand is None
     given = priced(totals, EngineTime(**one_hour, gpu_name="NVIDIA RTX PRO 6000", gpu_count=1),
                    GpuPricing(accelerator="rtx-pro", on_demand_per_hour=1.5), ManagedApiPrices())  # fmt: skip
-    assert given["accelerator"] == "rtx-pro" and given["cost_on_demand"] == 1.5 and given["cost_spot"] == 1.5
+    assert given.accelerator == "rtx-pro" and given.cost_on_demand == 1.5 and given.cost_spot == 1.5
