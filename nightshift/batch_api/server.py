@@ -60,13 +60,14 @@ def serve(config: BatchApiConfig) -> int:
     import uvicorn
 
     from nightshift.lease import run_lease
+    from nightshift.rundir import RunDir
 
     owners = api_keys(config)  # before anything listens: no keys, no server
     store = Store(config.storage, config.retention_s)
     webhooks = Webhooks(config, store)  # and a signing secret for its endpoints, if any
     if not is_url(config.storage):
         Path(config.storage).mkdir(parents=True, exist_ok=True)
-    with run_lease(str(store.root)):  # one server per storage: two would run each batch twice
+    with run_lease(RunDir(store.root)):  # one server per storage: two would run each batch twice
         shared = SharedEngine(config.chat_model) if config.shared_engine else None
         try:
             if shared is not None:  # before any batch runs: each is told where the engine is
