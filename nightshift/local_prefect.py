@@ -55,14 +55,15 @@ class Place:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def register(self, pid: int) -> None:
-        (self.clients / _process_key(pid)).touch()
+        if (key := _process_key(pid)) is not None:  # a live process: this one
+            (self.clients / key).touch()
 
     def live_clients(self) -> list[str]:
         """The clients whose process still runs; the files of the others are removed."""
         live = []
         for entry in self.clients.iterdir():
             pid = entry.name.partition("-")[0]
-            if pid.isdigit() and _process_key(int(pid)) == entry.name:
+            if pid.isdigit() and _process_key(int(pid)) == entry.name:  # not a pid handed out again, nor a zombie
                 live.append(entry.name)
             else:
                 entry.unlink(missing_ok=True)
@@ -74,17 +75,24 @@ class Place:
             known = json.loads(self.state.read_text())
         except (FileNotFoundError, ValueError):
             return None
-        return known if _process_key(known["pid"]) == known.get("key") else None
+        key = _process_key(known["pid"])
+        return known if key is not None and key == known.get("key") else None
 
 
-def _process_key(pid: int) -> str:
-    """pid and start time: a pid the kernel hands out again is another process."""
+def _process_key(pid: int) -> str | None:
+    """pid and start time (a pid the kernel hands out again is another process), or None for a
+    process that is gone. A zombie is gone: a supervisor killed outright after its parent ended
+    is reparented, and where the machine's first process reaps no orphans (a container without
+    an init) it stays a zombie, with its pid and start time, serving nothing."""
     import psutil
 
     try:
-        return f"{pid}-{psutil.Process(pid).create_time():.2f}"
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return f"{pid}-{process.create_time():.2f}"
     except psutil.Error:
-        return f"{pid}-gone"
+        return None
 
 
 def use_shared_server() -> str | None:
