@@ -128,14 +128,8 @@ def _costs(totals: RowTotals, bill: _Bill, accelerator: str) -> Money:
 
 
 def _gpu_figures(time: EngineTime) -> GpuFigures:
-    return GpuFigures(
-        gpu_name=time.gpu_name,
-        gpu_count=time.gpu_count,
-        gpu_telemetry=time.gpu_telemetry,
-        gpu_utilization_mean=time.gpu_utilization_mean,
-        gpu_memory_mib_mean=time.gpu_memory_mib_mean,
-        gpu_power_w_mean=time.gpu_power_w_mean,
-    )
+    """The accelerator figures the engine time measured, under the same names."""
+    return GpuFigures(**time.model_dump(include=set(GpuFigures.model_fields)))
 
 
 def _projection(totals: RowTotals, time: EngineTime, rate: Rate, rows: int) -> Projection:
