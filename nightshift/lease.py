@@ -36,6 +36,7 @@ from pathlib import Path
 
 from nightshift.config import RuntimeSettings
 from nightshift.errors import ConfigurationError
+from nightshift.processes import started_at, still_runs
 from nightshift.records import Lease
 from nightshift.rundir import RunDir
 from nightshift.storage import add_commit_fence, is_device_full, is_url, read_fresh
@@ -147,13 +148,11 @@ def _acquire(path: Path, flow_run_id: str | None) -> Lease:
 
 
 def _lease(token: str, flow_run_id: str | None, epoch: int) -> Lease:
-    import psutil
-
     return Lease(
         token=token,
         host=socket.gethostname(),
         pid=os.getpid(),
-        pid_started=psutil.Process().create_time(),
+        pid_started=started_at(os.getpid()),
         flow_run_id=flow_run_id,
         since=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         heartbeat=time.time(),
@@ -175,14 +174,8 @@ def _alive(lease: Lease, path: Path, clock=time.monotonic, sleep=time.sleep) -> 
     if lease.released:
         return False
     ttl = lease_ttl_s()
-    if lease.host == socket.gethostname():
-        import psutil
-
-        try:
-            running = abs(psutil.Process(lease.pid).create_time() - lease.pid_started) < 1
-        except psutil.Error:
-            return False
-        return running and time.time() - lease.heartbeat <= ttl
+    if lease.host == socket.gethostname():  # a zombie holder (killed, never reaped) holds nothing
+        return still_runs(lease.pid, lease.pid_started) and time.time() - lease.heartbeat <= ttl
     log.warning("%s was run by %s: watching its lease for up to %.0f s to see whether it lives", path.parent,
                 lease.describe(), ttl)  # fmt: skip
     until = clock() + ttl

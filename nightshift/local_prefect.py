@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 
 from nightshift.errors import PrefectUnreachable
-from nightshift.processes import free_port, on_parent_death
+from nightshift.processes import free_port, on_parent_death, started_at
 
 
 class Place:
@@ -81,18 +81,9 @@ class Place:
 
 def _process_key(pid: int) -> str | None:
     """pid and start time (a pid the kernel hands out again is another process), or None for a
-    process that is gone. A zombie is gone: a supervisor killed outright after its parent ended
-    is reparented, and where the machine's first process reaps no orphans (a container without
-    an init) it stays a zombie, with its pid and start time, serving nothing."""
-    import psutil
-
-    try:
-        process = psutil.Process(pid)
-        if process.status() == psutil.STATUS_ZOMBIE:
-            return None
-        return f"{pid}-{process.create_time():.2f}"
-    except psutil.Error:
-        return None
+    process that is gone (a zombie too: see `started_at`)."""
+    started = started_at(pid)
+    return None if started is None else f"{pid}-{started:.2f}"
 
 
 def use_shared_server() -> str | None:

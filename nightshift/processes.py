@@ -1,4 +1,5 @@
-"""What a process Nightshift starts needs: a port to listen on, and to know when its parent dies."""
+"""What a process Nightshift starts needs (a port to listen on, to know when its parent dies), and
+what it needs to know of another process: whether it still runs."""
 
 from __future__ import annotations
 
@@ -18,3 +19,26 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def started_at(pid: int) -> float | None:
+    """When the process `pid` started (seconds since the epoch), or None for a process that is
+    gone. A zombie is gone: a process killed outright after its parent ended is reparented, and
+    where the machine's first process reaps no orphans (a container without an init) it stays a
+    zombie, with its pid and start time, doing nothing."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return process.create_time()
+    except psutil.Error:
+        return None
+
+
+def still_runs(pid: int, started: float) -> bool:
+    """Whether the process that was `pid`, started at `started`, still runs: not gone, not a
+    zombie, and not another process the kernel has since handed the same pid."""
+    now = started_at(pid)
+    return now is not None and abs(now - started) < 1

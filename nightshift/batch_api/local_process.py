@@ -21,7 +21,7 @@ from nightshift.batch_api.runs import STOP_GRACE_S, BatchRuns, RunEnd, RunOrder,
 from nightshift.batch_api.store import Store, StoredBatch
 from nightshift.config import BatchApiConfig
 from nightshift.errors import ExitStatus
-from nightshift.processes import on_parent_death
+from nightshift.processes import on_parent_death, started_at
 from nightshift.storage import is_url
 
 log = logging.getLogger("nightshift.serve")
@@ -70,7 +70,7 @@ class LocalProcessRuns(BatchRuns):
                 },
             )
         self.children[order.batch_id] = child
-        record = {"run_group": child.pid, "run_host": socket.gethostname(), "run_started": _started_at(child.pid)}
+        record = {"run_group": child.pid, "run_host": socket.gethostname(), "run_started": started_at(child.pid)}
         return StartedRun(f"run started ({order.model})", record=record)
 
     def running(self, stored: StoredBatch) -> bool:
@@ -141,15 +141,6 @@ def run_environment(order: RunOrder) -> dict[str, str]:
     return {name: value for name, value in os.environ.items() if name not in withheld}
 
 
-def _started_at(pid: int) -> float | None:
-    import psutil
-
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return None
-
-
 def _kill_leftovers(stored: StoredBatch) -> None:
     """A server killed with -9 takes its run along (`_die_with_parent`), but not the engine
     processes that run started: they would hold the machine's cores and memory forever. Only
@@ -164,8 +155,9 @@ def _kill_leftovers(stored: StoredBatch) -> None:
     # The run (its group's leader) is gone: it died with its server, or `stop` reaped it. A live
     # process of that pid took the number since — Linux hands out no pid still in use as a group
     # id, so then the run left no process behind, and this group (its create time later than the
-    # run's start) is another program's, never to be killed. pid_max is 32,768 on many hosts.
-    if psutil.pid_exists(stored.run_group):
+    # run's start) is another program's, never to be killed. pid_max is 32,768 on many hosts. A
+    # zombie run (killed with its server, never reaped) is gone: its engine processes are leftovers.
+    if started_at(stored.run_group) is not None:
         return
     members = []
     for process in psutil.process_iter():
