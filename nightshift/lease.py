@@ -37,9 +37,9 @@ from pathlib import Path
 from nightshift.config import RuntimeSettings
 from nightshift.errors import ConfigurationError
 from nightshift.processes import started_at, still_runs
-from nightshift.records import Lease
+from nightshift.records import Lease, LeaseBeat
 from nightshift.rundir import RunDir
-from nightshift.storage import add_commit_fence, is_device_full, is_url, read_fresh
+from nightshift.storage import add_commit_fence, is_device_full, is_url, location, read_fresh
 
 log = logging.getLogger("nightshift.lease")
 
@@ -80,7 +80,7 @@ def run_lease(run_dir: RunDir, flow_run_id: str | None = None):
         return
     mine = _held[str(root)]
     stop = threading.Event()
-    beat = threading.Thread(target=_beat, args=(path, mine.token, stop), name="nightshift-lease", daemon=True)
+    beat = threading.Thread(target=_beat, args=(run_dir, mine.token, stop), name="nightshift-lease", daemon=True)
     beat.start()
     try:
         yield
@@ -91,6 +91,7 @@ def run_lease(run_dir: RunDir, flow_run_id: str | None = None):
         current = _read(path)
         if current is not None and current.token == mine.token:  # the epoch stays: it only grows
             _release(path, current.model_copy(update={"released": True}))
+            _forget_beat(run_dir, mine.token)  # its heartbeat goes with it; a run taken over removes nothing
 
 
 def _release(path: Path, released: Lease) -> None:
@@ -144,6 +145,8 @@ def _acquire(path: Path, flow_run_id: str | None) -> Lease:
         raise RunDirectoryBusy(f"{path.parent} was just taken by {taken_by}")
     if current is not None and not current.released:
         log.warning("took over %s from %s, presumed dead", path.parent, current.describe())
+    if current is not None:
+        _forget_beat(RunDir(path.parent), current.token)
     return mine
 
 
@@ -160,12 +163,36 @@ def _lease(token: str, flow_run_id: str | None, epoch: int) -> Lease:
     )
 
 
-def _beat(path: Path, token: str, stop: threading.Event) -> None:
+def _beat(run_dir: RunDir, token: str, stop: threading.Event) -> None:
+    """Renew the lease: write this holder's own heartbeat file, never the lease itself. The write
+    passes the owner fence (checked before and after it lands), so a beat frozen past the TTL and
+    taken over meanwhile writes nothing when it wakes — had it rewritten the lease it read before
+    the freeze, it would have taken the directory back from its new owner."""
     while not stop.wait(_heartbeat_s()):
-        current = _read(path)
-        if current is None or current.token != token:
-            return  # taken over (this run was presumed dead): the fence stops its writes
-        current.model_copy(update={"heartbeat": time.time()}).save(path)
+        try:
+            LeaseBeat(heartbeat=time.time()).save(run_dir.lease_beat(token))
+        except LeaseLost:
+            return  # taken over (this run was presumed dead): the fence stops its other writes too
+        except OSError as exc:  # a storage hiccup: the next beat tries again
+            log.warning("lease heartbeat not written: %r", exc)
+
+
+def _forget_beat(run_dir: RunDir, token: str) -> None:
+    try:
+        location(run_dir.lease_beat(token)).unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def _last_beat(path: Path, lease: Lease) -> float:
+    """The holder's latest heartbeat: its beat file's, else when it took the directory."""
+    try:
+        return max(
+            lease.heartbeat,
+            LeaseBeat.model_validate_json(read_fresh(RunDir(path.parent).lease_beat(lease.token))).heartbeat,
+        )
+    except (OSError, ValueError):  # none yet, or torn: the lease's own time
+        return lease.heartbeat
 
 
 def _alive(lease: Lease, path: Path, clock=time.monotonic, sleep=time.sleep) -> bool:
@@ -175,14 +202,15 @@ def _alive(lease: Lease, path: Path, clock=time.monotonic, sleep=time.sleep) -> 
         return False
     ttl = lease_ttl_s()
     if lease.host == socket.gethostname():  # a zombie holder (killed, never reaped) holds nothing
-        return still_runs(lease.pid, lease.pid_started) and time.time() - lease.heartbeat <= ttl
+        return still_runs(lease.pid, lease.pid_started) and time.time() - _last_beat(path, lease) <= ttl
     log.warning("%s was run by %s: watching its lease for up to %.0f s to see whether it lives", path.parent,
                 lease.describe(), ttl)  # fmt: skip
+    first = _last_beat(path, lease)
     until = clock() + ttl
     while clock() < until:
         sleep(min(1.0, ttl / 10))
         now = _read(path)
-        if now is None or now.token != lease.token or now.heartbeat != lease.heartbeat:
+        if now is None or now.token != lease.token or _last_beat(path, now) != first:
             return now is not None and not now.released  # it beat (or another took it): alive
     return False
 

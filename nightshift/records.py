@@ -548,8 +548,9 @@ class Lease(_Record):
     flow_run_id: str | None = None
     since: str = Field(description="when the run took the directory, ISO 8601")
     heartbeat: float = Field(
-        description="Unix time of the holder's last beat: on its own host, older than the TTL is expired; elsewhere "
-        "only a heartbeat that stops changing for a TTL of the observer's own clock is"
+        description="Unix time the holder took the directory; its later beats are in its LeaseBeat. On its own "
+        "host, a last beat older than the TTL is expired; elsewhere only one that stops changing for a TTL of the "
+        "observer's own clock is"
     )
     epoch: int = Field(1, description="grows by one with every run that takes the directory: the owner fence")
     released: bool = Field(False, description="the holder ended and let go: nobody holds the directory")
@@ -557,6 +558,12 @@ class Lease(_Record):
     def describe(self) -> str:
         run = f", flow run {self.flow_run_id}" if self.flow_run_id else ""
         return f"pid {self.pid} on {self.host}{run}, since {self.since} (epoch {self.epoch})"
+
+
+class LeaseBeat(_Record):
+    """`lease-beats/TOKEN.json`: the lease holder's latest heartbeat (Unix time)."""
+
+    heartbeat: float
 
 
 class WorkerIdentity(_Record):

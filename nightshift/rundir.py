@@ -3,6 +3,7 @@
 RUN_DIR/
   job.json                            the JobSpec of the latest run (for `nightshift retry`)
   lease.json                          the live run holding the directory (nightshift/lease.py)
+  lease-beats/TOKEN.json              each holder's heartbeat (written under the owner fence)
   progress.json                       live progress: rows done, rate, ETA
   plan/manifest.json                  the Plan: shards in input order
   plan/shard-00000-<hash12>.parquet   a shard's input rows
@@ -58,6 +59,11 @@ class RunDir:
     @property
     def lease(self) -> Path:
         return self.root / "lease.json"
+
+    def lease_beat(self, token: str) -> Path:
+        """The heartbeat of the lease holder with `token`: a file of its own, so that a beat
+        frozen between reading the lease and writing can never write the lease back."""
+        return self.root / "lease-beats" / f"{token}.json"
 
     @property
     def progress(self) -> Path:

@@ -98,14 +98,14 @@ def test_a_run_frozen_past_its_lease_and_taken_over_makes_nothing_visible_when_i
         second = run_cli(*args, env=env, cwd=tmp_path / "b")
         assert second.returncode == 0, second.stderr[-3000:]
         assert "presumed dead" in second.stdout + second.stderr
-        published = {key: fs.cat(key) for key in fs.find(bucket) if not key.endswith("lease.json")}
+        published = {key: fs.cat(key) for key in fs.find(bucket) if "/lease" not in key}  # not the lease's own
     finally:
         os.killpg(first.pid, signal.SIGCONT)
     output = first.communicate(timeout=300)[0]
 
     assert first.returncode == 2, output[-3000:]
     assert "was taken over by" in output and "makes nothing more visible" in output, output[-3000:]
-    now = {key: fs.cat(key) for key in fs.find(bucket) if not key.endswith("lease.json")}
+    now = {key: fs.cat(key) for key in fs.find(bucket) if "/lease" not in key}
     merged = [orjson.loads(line) for line in fs.cat(f"{bucket}/runs/tonight/output.jsonl").splitlines()]
     assert [line["custom_id"] for line in merged] == ids, "every row once, in input order"
     changed = {key for key in now.keys() | published.keys() if now.get(key) != published.get(key)}

@@ -174,3 +174,28 @@ def test_a_stopping_process_waits_for_the_writes_in_flight_so_none_lands_after_i
         assert not chunk.exists(), "settled: the write that landed after the takeover is already taken back"
         thread.join(10)
         assert failures, "and its writer was told that the lease is lost"
+
+
+def test_a_heartbeat_never_rewrites_the_lease_so_a_beat_frozen_mid_way_cannot_take_it_back(tmp_path, monkeypatch):
+    """A beat that read the lease, froze (SIGSTOP, a paused VM) past the TTL while another run took
+    the directory, then wrote its heartbeat into the lease it had read, gave the directory back to
+    the frozen run: it then finished and published as if it owned it (seen in a loaded suite run
+    of tests/test_lease.py). Beats go to the holder's own file, through the owner fence."""
+    import time
+
+    from nightshift.records import LeaseBeat
+
+    monkeypatch.setenv("NIGHTSHIFT_LEASE_TTL_S", "0.4")  # a beat every 0.1 s
+    run = RunDir(tmp_path)
+    with run_lease(run):
+        taken = run.lease.read_bytes()
+        mine = lease_of(tmp_path)
+        time.sleep(0.5)
+        assert run.lease.read_bytes() == taken, "the beats left the lease as it was taken"
+        beat = LeaseBeat.load(run.lease_beat(mine.token)).heartbeat
+        assert beat > mine.heartbeat, "the holder's heartbeat moves in its own file"
+        mine.model_copy(update={"token": "the-other-run", "epoch": mine.epoch + 1}).save(run.lease)  # taken over
+        time.sleep(0.5)
+        assert lease_of(tmp_path).token == "the-other-run", "no beat of the old holder took it back"
+        assert LeaseBeat.load(run.lease_beat(mine.token)).heartbeat <= beat + 0.2, "the fence stopped its beats"
+    assert lease_of(tmp_path).token == "the-other-run" and not lease_of(tmp_path).released
