@@ -13,8 +13,6 @@ import signal
 import threading
 
 stop_requested = threading.Event()
-_active = 0
-_idle = threading.Condition()
 
 
 def grace_seconds() -> float:
@@ -49,21 +47,35 @@ def install_sigterm_handler() -> None:
     threading.Thread(target=watch, name="nightshift-sigterm", daemon=True).start()
 
 
-class generation_in_progress:
-    """Marks a generate call as running, so a stopping process can wait for its flush."""
+class _Generations:
+    """The generate calls running in this process, so that a stopping process can wait for their
+    flush (process-wide by nature, as the SIGTERM that stops them is)."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.idle = threading.Condition()
 
     def __enter__(self):
-        global _active
-        with _idle:
-            _active += 1
+        with self.idle:
+            self.active += 1
 
     def __exit__(self, *exc):
-        global _active
-        with _idle:
-            _active -= 1
-            _idle.notify_all()
+        with self.idle:
+            self.active -= 1
+            self.idle.notify_all()
+
+    def wait_until_flushed(self, timeout: float) -> bool:
+        with self.idle:
+            return self.idle.wait_for(lambda: self.active == 0, timeout=timeout)
+
+
+_generations = _Generations()
+
+
+def generation_in_progress() -> _Generations:
+    """Marks a generate call as running (`with generation_in_progress(): …`)."""
+    return _generations
 
 
 def wait_until_flushed(timeout: float) -> bool:
-    with _idle:
-        return _idle.wait_for(lambda: _active == 0, timeout=timeout)
+    return _generations.wait_until_flushed(timeout)

@@ -243,3 +243,49 @@ def test_vllm_is_reached_through_its_adapter_alone():
             if imported.split(".")[0] == "vllm" and (name, imported) not in PUBLIC_VLLM:
                 outside.append(f"{name} imports {imported}")
     assert outside == []
+
+
+# What a process shares among its threads, declared once with why it is the process's and not a
+# run's (docs/architecture.md, "What is process-wide"): everything else a run needs is passed down.
+PROCESS_WIDE = {
+    "nightshift.storage._options": "the credentials this process was handed (never a parameter or a file)",
+    "nightshift.storage._gate": "the commit gate: its fences guard every writer thread of the process",
+    "nightshift.preemption.stop_requested": "a SIGTERM is sent to the process",
+    "nightshift.preemption._generations": "the generate calls a SIGTERM waits for before the process exits",
+    "nightshift.deadline.deadline_reached": "the run's deadline stops the generate calls of its process",
+    "nightshift.lease._held": "the leases this process holds, which the commit fence checks every write against",
+    "nightshift.lease._lock": "guards _held",
+    "nightshift.progress._trackers": "live progress by run directory: tasks get paths, the CLI's console shows it",
+    "nightshift.engine.local.ENGINES": "vLLM's engine holds the process's accelerators: one cache per process",
+}
+
+
+def module_state(name: str, path: Path) -> list[str]:
+    """Module-level names bound to state: an empty container, a threading primitive, or an
+    instance of a class of the module itself; and any `global` statement."""
+    tree = ast.parse(path.read_text())
+    own_classes = {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
+    found = [f"{name}: global {', '.join(n.names)}" for n in ast.walk(tree) if isinstance(n, ast.Global)]
+    for node in tree.body:
+        value = node.value if isinstance(node, (ast.Assign, ast.AnnAssign)) else None
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        if value is None:
+            continue
+        empty = isinstance(value, (ast.Dict, ast.List, ast.Set)) and not getattr(
+            value, "keys", getattr(value, "elts", None)
+        )
+        call = value.func if isinstance(value, ast.Call) else None
+        threading_primitive = isinstance(call, ast.Attribute) and getattr(call.value, "id", None) == "threading"
+        own_instance = isinstance(call, ast.Name) and call.id in own_classes
+        if empty or threading_primitive or own_instance:
+            found += [f"{name}.{t.id}" for t in targets if isinstance(t, ast.Name)]
+    return found
+
+
+def test_process_wide_state_is_only_what_is_declared_and_why():
+    found = sorted(state for name, path in own_modules() for state in module_state(name, path))
+    assert found == sorted(PROCESS_WIDE), "process-wide state added or gone: pass it down instead, or declare why"
+    documented = (REPO / "docs" / "architecture.md").read_text()
+    assert [
+        s for s in PROCESS_WIDE if f"`{s.rsplit('.', 1)[0]}`" not in documented or s.rsplit(".", 1)[1] not in documented
+    ] == []
