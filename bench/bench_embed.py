@@ -40,10 +40,10 @@ def run_stage(job, corpus: str, shard_size: int) -> tuple[float, dict]:
     import pyarrow.parquet as pq
 
     from nightshift.config import CorpusOptions
-    from nightshift.generate import generate
-    from nightshift.merge import merge
-    from nightshift.plan import plan
     from nightshift.rundir import RunDir
+    from nightshift.stages.generate import generate
+    from nightshift.stages.merge import merge
+    from nightshift.stages.plan import plan
 
     run_dir = RunDir(tempfile.mkdtemp(prefix="nightshift-bench-embed-"))
     planned = plan(corpus, run_dir, shard_size, CorpusOptions(id_column="id", text_column="text", task="embed"))

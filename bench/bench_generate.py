@@ -52,9 +52,9 @@ def run_raw(engine, requests) -> tuple[float, int]:
 
 
 def run_pipeline(job, batch_path: str, shard_size: int) -> tuple[float, int]:
-    from nightshift.generate import generate
-    from nightshift.plan import plan
     from nightshift.rundir import RunDir
+    from nightshift.stages.generate import generate
+    from nightshift.stages.plan import plan
 
     run_dir = RunDir(tempfile.mkdtemp(prefix="nightshift-bench-"))
     shards = plan(batch_path, run_dir, shard_size).shards

@@ -41,7 +41,7 @@ PLAN = (
 import sys
 from nightshift.config import CorpusOptions
 from nightshift.rundir import RunDir
-from nightshift.plan import plan
+from nightshift.stages.plan import plan
 p = plan(sys.argv[1], RunDir(sys.argv[2]), 10_000, CorpusOptions(id_column="id", text_column="text", max_tokens=1))
 print(p.total_rows, peak_rss_kib(), p.layout)
 """
@@ -54,7 +54,7 @@ from nightshift.engine.local import shutdown_engine
 from nightshift.jobs import make_job
 from nightshift.records import Plan
 from nightshift.rundir import RunDir
-from nightshift.generate import generate
+from nightshift.stages.generate import generate
 if __name__ == "__main__":
     run_dir = RunDir(sys.argv[1])
     job = make_job("tiny", max_num_seqs=128)
@@ -66,7 +66,7 @@ if __name__ == "__main__":
 
 GENERATE_WITHOUT_ENGINE = """
 import json, pickle, sys
-from nightshift.chunks import shard_cache_key, write_chunk
+from nightshift.stages.chunks import shard_cache_key, write_chunk
 from nightshift.jobs import make_job
 from nightshift.records import Plan
 from nightshift.rundir import RunDir
@@ -101,7 +101,7 @@ MERGE = (
 import pickle, sys
 from nightshift.records import Plan
 from nightshift.rundir import RunDir
-from nightshift.merge import _merge_directories
+from nightshift.stages.merge import _merge_directories
 run_dir = RunDir(sys.argv[1])
 directories = pickle.load(open(sys.argv[2], "rb"))  # shard index → its output directory
 report = _merge_directories(Plan.load(run_dir.plan_manifest), directories, run_dir)

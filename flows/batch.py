@@ -19,7 +19,7 @@ from nightshift.config import DEFAULT_SHARD_SIZE, CanaryConfig, CorpusOptions, F
 from nightshift.deadline import DeadlineTimer, parse_deadline
 from nightshift.engine.local import start_engine_in_background
 from nightshift.errors import DeadlineReached
-from nightshift.fan_out import check_deployments
+from nightshift.fleet.fan_out import check_deployments
 from nightshift.jobs import check_job, size_for_input
 from nightshift.lease import run_lease
 from nightshift.records import RunReport

@@ -1,7 +1,7 @@
 """The shard-generation flow a GPU work pool runs: one engine load, a group of shards.
 
 The main flow dispatches it through the `nightshift-generate-shards/gpu` deployment (see
-nightshift/fan_out.py); it generates through the same cached tasks as a local run, so a shard
+nightshift/fleet/fan_out.py); it generates through the same cached tasks as a local run, so a shard
 finished anywhere is finished everywhere.
 """
 
@@ -14,11 +14,11 @@ from nightshift.blocks.storage import storage_options_of
 from nightshift.config import JobSpec
 from nightshift.deadline import DeadlineTimer, parse_deadline
 from nightshift.drills import stall_if_drilled
+from nightshift.fleet.workers import handing_on_if_the_engine_cannot_start, heartbeat, write_group_manifest
 from nightshift.records import Shard
 from nightshift.rundir import RunDir
 from nightshift.storage import use_storage_options
 from nightshift.tasks.s3_generate import generate_here
-from nightshift.workers import handing_on_if_the_engine_cannot_start, heartbeat, write_group_manifest
 
 
 @flow(name="nightshift-generate-shards", task_runner=ThreadPoolTaskRunner(max_workers=2))

@@ -12,12 +12,12 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from nightshift.blocks.storage import storage_options_of
-from nightshift.chunks import retryable_rows, shard_cache_key
 from nightshift.config import JobSpec
-from nightshift.generate import finished_result
 from nightshift.lease import run_lease
 from nightshift.records import Plan, RunReport
 from nightshift.rundir import RunDir
+from nightshift.stages.chunks import retryable_rows, shard_cache_key
+from nightshift.stages.generate import finished_result
 from nightshift.storage import use_storage_options
 from nightshift.tasks.s3_generate import retry_shard_rows
 from nightshift.tasks.s4_merge import merge_outputs

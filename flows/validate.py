@@ -1,6 +1,6 @@
 """The canary checks as a flow run on the GPU pool: with fan-out, the orchestrating flow has no
 engine and may not hold the reference model, so the parent dispatches this flow through the
-`nightshift-validate/gpu` deployment (nightshift/fan_out.py: validate_on_pool) and gates on the
+`nightshift-validate/gpu` deployment (nightshift/fleet/fan_out.py: validate_on_pool) and gates on the
 verdict it writes to the run directory."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from prefect import flow
 
 from nightshift.blocks.storage import storage_options_of
 from nightshift.config import CanaryConfig, JobSpec
+from nightshift.fleet.workers import handing_on_if_the_engine_cannot_start, heartbeat
 from nightshift.rundir import VALIDATION_GROUP, RunDir
 from nightshift.storage import use_storage_options
 from nightshift.validation.gate import validate
-from nightshift.workers import handing_on_if_the_engine_cannot_start, heartbeat
 
 
 @flow(name="nightshift-validate")

@@ -155,7 +155,7 @@ def _command(args) -> int:
     if args.command == "work-pool":
         import json
 
-        from nightshift.work_pools import kubernetes_job_template
+        from nightshift.fleet.work_pools import kubernetes_job_template
 
         print(json.dumps(kubernetes_job_template(args.gpus, args.spot), indent=2))
         return ExitStatus.COMPLETE
@@ -263,7 +263,7 @@ def _job(args, corpus):
 
 
 def _automations(args) -> int:
-    from nightshift.automations import AutomationsError, apply, notification_block_id, shipped_automations
+    from nightshift.fleet.automations import AutomationsError, apply, notification_block_id, shipped_automations
 
     try:
         block_id = notification_block_id(args.notify) if args.notify else None
@@ -278,11 +278,11 @@ def _automations(args) -> int:
 
 
 def _run(args) -> int:
-    from nightshift.canaries import CanaryFailure
     from nightshift.deadline import parse_deadline
     from nightshift.errors import EngineStartStalled, EngineUnreachable
     from nightshift.progress import ConsoleProgress
     from nightshift.rundir import RunDir
+    from nightshift.stages.canaries import CanaryFailure
 
     def start() -> int:
         corpus, validation = _corpus_options(args), _validation(args)
@@ -372,18 +372,18 @@ def _exit_leaving_the_stalled_start(message: str) -> None:
 
 
 def _plan(args) -> int:
-    """`nightshift plan`: the input planned as a run would, then nightshift/estimate.py's dry
+    """`nightshift plan`: the input planned as a run would, then nightshift/stages/estimate.py's dry
     run over it. Loads no engine unless asked to calibrate; needs no Prefect server."""
     import json
     import tempfile
 
     from nightshift.blocks.pricing import GpuPricing, ManagedApiPrices
     from nightshift.deadline import parse_deadline
-    from nightshift.estimate import estimate_input, render
     from nightshift.inputs import check_input, detect_kind
     from nightshift.jobs import check_model_files
-    from nightshift.plan import plan
     from nightshift.rundir import RunDir
+    from nightshift.stages.estimate import estimate_input, render
+    from nightshift.stages.plan import plan
 
     corpus = _corpus_options(args)
     job = _job(args, corpus)
@@ -406,9 +406,9 @@ def _calibrate(planned, job, rows: int, scratch: Path, pricing):
     import json
 
     from nightshift.config import CanaryConfig
-    from nightshift.estimate import Throughput
     from nightshift.records import CostReport
     from nightshift.rundir import RunDir
+    from nightshift.stages.estimate import Throughput
     from nightshift.storage import read_table
 
     sample, taken = scratch / "calibration.jsonl", 0

@@ -437,7 +437,7 @@ class JobOptions(_Config):
 
     @property
     def regroup_shards(self) -> bool:
-        """Whether the plan may cut shards on prompt-prefix groups (nightshift/plan.py)."""
+        """Whether the plan may cut shards on prompt-prefix groups (nightshift/stages/plan.py)."""
         return not (self.keep_order or self.shard_slices)
 
 

@@ -42,7 +42,7 @@ class Shard(_Record):
 class MisplacedSharedText(_Record):
     """Rows whose prompts share a long ending but not their beginning: text common to many rows
     placed after each row's own content, which vLLM's prefix cache can never serve
-    (nightshift/layout.py: `misplaced_shared_text`)."""
+    (nightshift/stages/layout.py: `misplaced_shared_text`)."""
 
     rows_sampled: int
     rows_affected: int = Field(description="sampled rows sharing more text at their end than at their start")
@@ -592,7 +592,9 @@ class GroupManifest(WorkerIdentity):
 class UnfitWorker(WorkerIdentity):
     """`groups/unfit-workers/<slot>.unfit`: a worker slot that could not start this run's engine."""
 
-    slot: str = Field(description="the machine and the GPUs its worker was given (nightshift.workers.worker_slot)")
+    slot: str = Field(
+        description="the machine and the GPUs its worker was given (nightshift.fleet.workers.worker_slot)"
+    )
     reason: str
 
 

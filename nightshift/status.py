@@ -11,10 +11,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from nightshift.chunks import chunk_files, shard_cache_key
 from nightshift.config import JobSpec
 from nightshift.records import Plan, ProgressSnapshot
 from nightshift.rundir import RunDir
+from nightshift.stages.chunks import chunk_files, shard_cache_key
 from nightshift.storage import parquet_rows
 
 

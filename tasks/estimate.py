@@ -1,5 +1,5 @@
 """Estimate stage of the `nightshift-plan` flow: tokens, hours, GPUs for a deadline and cost of a
-planned input (nightshift/estimate.py), shown in the dashboard as a markdown artifact."""
+planned input (nightshift/stages/estimate.py), shown in the dashboard as a markdown artifact."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from prefect import task
 from nightshift.blocks.pricing import GpuPricing, ManagedApiPrices
 from nightshift.config import JobSpec
 from nightshift.deadline import parse_deadline
-from nightshift.estimate import estimate_input, render
 from nightshift.records import Plan
+from nightshift.stages.estimate import estimate_input, render
 
 
 @task(name="estimate-night")

@@ -1,15 +1,15 @@
-"""Plan stage (`plan-shards`): a thin Prefect task over nightshift/plan.py, which cuts the input into
+"""Plan stage (`plan-shards`): a thin Prefect task over nightshift/stages/plan.py, which cuts the input into
 content-hashed shards."""
 
 from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from nightshift.canaries import load_canaries
 from nightshift.config import DEFAULT_SHARD_SIZE, CorpusOptions
-from nightshift.plan import layout_message, plan
 from nightshift.records import Plan
 from nightshift.rundir import RunDir
+from nightshift.stages.canaries import load_canaries
+from nightshift.stages.plan import layout_message, plan
 
 
 @task(name="plan-shards")

@@ -1,4 +1,4 @@
-"""Generate stage (`generate-shard`, `retry-shard-rows`): thin Prefect tasks over nightshift/generate.py,
+"""Generate stage (`generate-shard`, `retry-shard-rows`): thin Prefect tasks over nightshift/stages/generate.py,
 which answers a shard's rows on the process's engine. The task cache, keyed on the shard's hash,
 is the checkpoint store."""
 
@@ -10,15 +10,15 @@ from prefect import task
 from prefect.context import TaskRunContext
 
 from nightshift import events
-from nightshift.chunks import (
+from nightshift.config import JobSpec
+from nightshift.errors import NightshiftError
+from nightshift.records import Shard, ShardMetrics, ShardResult
+from nightshift.rundir import RunDir
+from nightshift.stages.chunks import (
     checkpoint_intact,
     shard_cache_key,
 )
-from nightshift.config import JobSpec
-from nightshift.errors import NightshiftError
-from nightshift.generate import _story, generate
-from nightshift.records import Shard, ShardMetrics, ShardResult
-from nightshift.rundir import RunDir
+from nightshift.stages.generate import _story, generate
 from nightshift.storage import is_device_full
 
 

@@ -1,4 +1,4 @@
-"""Merge stage (`merge-outputs`, `expire-unfinished`): thin Prefect tasks over nightshift/merge.py,
+"""Merge stage (`merge-outputs`, `expire-unfinished`): thin Prefect tasks over nightshift/stages/merge.py,
 which makes the shards' chunk files the run's outputs, in input order."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ from prefect import task
 
 from nightshift.assets import record_outputs
 from nightshift.deadline import EXPIRED_CODE
-from nightshift.merge import merge, merge_unfinished
 from nightshift.records import Plan, RunReport, ShardResult
 from nightshift.rundir import RunDir
+from nightshift.stages.merge import merge, merge_unfinished
 
 
 @task(name="merge-outputs")

@@ -7,12 +7,12 @@ import json
 
 from prefect import get_run_logger, task
 
-from nightshift.canaries import CanaryFailure
 from nightshift.config import CanaryConfig, JobSpec
 from nightshift.records import (
     Verdict,
 )
 from nightshift.rundir import RunDir
+from nightshift.stages.canaries import CanaryFailure
 from nightshift.validation.gate import validate
 
 

@@ -268,7 +268,7 @@ class BatchLifecycle:
         self.runs.stop(stored)
         run_dir = self.store.run_dir(batch_id)
         if run_dir.plan_manifest.exists() and run_dir.job.exists():
-            from nightshift.merge import merge_unfinished
+            from nightshift.stages.merge import merge_unfinished
 
             merge_unfinished(run_dir, code, message)
         else:  # never planned: every request is unfinished

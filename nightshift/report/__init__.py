@@ -5,7 +5,6 @@ writes `report.json`, `report.md` and `report.png` beside the outputs; the repor
 
 from __future__ import annotations
 
-from nightshift.chunks import shard_cache_key
 from nightshift.config import JobSpec
 from nightshift.pricing import ManagedPrices, RateSource
 from nightshift.records import CostReport, Plan
@@ -13,6 +12,7 @@ from nightshift.report.measure import engine_time, errors_by_code, politeness, r
 from nightshift.report.price import engine_figures, priced, validation_figures
 from nightshift.report.render import artifact_markdown, cost_line, render_chart, render_markdown
 from nightshift.rundir import RunDir
+from nightshift.stages.chunks import shard_cache_key
 from nightshift.storage import written_whole
 
 __all__ = [

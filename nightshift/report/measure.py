@@ -7,10 +7,10 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from nightshift.chunks import best_rows_sql, chunk_files, sql_path_list
 from nightshift.config import JobSpec
 from nightshift.records import EngineTime, ModelRows, Politeness, RowTotals, RunReport, ShardMetrics
 from nightshift.rundir import RunDir
+from nightshift.stages.chunks import best_rows_sql, chunk_files, sql_path_list
 from nightshift.storage import duckdb_connection, local_copies, sql_path
 
 

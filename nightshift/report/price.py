@@ -4,7 +4,6 @@ hardware the run used as itself (`nightshift.pricing`) — no I/O but the canary
 from __future__ import annotations
 
 from nightshift.engine.sizing import throughput_traps
-from nightshift.estimate import managed_api_cost
 from nightshift.pricing import ManagedPrices, Rate, RateSource
 from nightshift.records import (
     EngineFigures,
@@ -22,6 +21,7 @@ from nightshift.records import (
     Verdict,
 )
 from nightshift.rundir import RunDir
+from nightshift.stages.estimate import managed_api_cost
 
 
 def engine_figures(time: EngineTime) -> EngineFigures:

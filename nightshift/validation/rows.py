@@ -1,7 +1,7 @@
 """Which of a run's rows each check may sample, read as a stream from the run directory.
 
 - **oracle**: greedy, unconstrained, text-only rows (scored token by token against the
-  reference), and sampled rows with no seed whose tokens the run kept (nightshift.chunks keeps
+  reference), and sampled rows with no seed whose tokens the run kept (nightshift.stages.chunks keeps
   the first tokens of a systematic sample of sampled rows: a sampled text need not re-tokenize
   to the tokens the engine drew), scored for plausibility — the run's tokens must be no more
   surprising to the reference, on average, than its own sampling would be;
@@ -17,9 +17,9 @@ import random
 
 import orjson
 
-from nightshift.canaries import CANARY_PREFIX
 from nightshift.config import JobSpec
 from nightshift.rundir import RunDir
+from nightshift.stages.canaries import CANARY_PREFIX
 from nightshift.storage import duckdb_connection, local_copies, sql_path
 from nightshift.wire.images import image_parts
 
@@ -125,8 +125,8 @@ def generated_rows(run_dir: RunDir, job: JobSpec, columns: str, where: str, lazy
     shard by shard in input order, as tuples of `columns`: a run of millions of rows is read as
     a stream, and costs validation no more memory than one of thousands. Canary rows are not
     the run's own and are left out."""
-    from nightshift.chunks import best_rows_sql, chunk_files, shard_cache_key
     from nightshift.records import Plan
+    from nightshift.stages.chunks import best_rows_sql, chunk_files, shard_cache_key
 
     with duckdb_connection() as con:
         for shard in Plan.load(run_dir.plan_manifest).shards:

@@ -38,7 +38,7 @@ def _env(pod: dict) -> list:
 
 
 def test_spot_nodes_are_selected_and_tolerated_and_stay_variables():
-    from nightshift.work_pools import kubernetes_job_template
+    from nightshift.fleet.work_pools import kubernetes_job_template
 
     pod = rendered_pod(kubernetes_job_template(1, spot="gke"))
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true", "cloud.google.com/gke-spot": "true"}
@@ -48,7 +48,7 @@ def test_spot_nodes_are_selected_and_tolerated_and_stay_variables():
 
 
 def test_the_shipped_automations_are_prefects_own_with_their_placeholders_filled():
-    from nightshift.automations import shipped_automations
+    from nightshift.fleet.automations import shipped_automations
 
     block = "3f2b0c9e-0000-4000-8000-000000000001"
     automations = {a.name: a for a in shipped_automations(block, zombie_after_s=300)}
@@ -68,7 +68,7 @@ def test_the_shipped_automations_are_prefects_own_with_their_placeholders_filled
 
 
 def test_without_a_notification_block_only_the_zombie_automation_is_made():
-    from nightshift.automations import AutomationsError, shipped_automations
+    from nightshift.fleet.automations import AutomationsError, shipped_automations
 
     assert [a.name for a in shipped_automations(None)] == ["nightshift-crash-zombie-runs"]
     with pytest.raises(AutomationsError, match="at least 30"):
@@ -78,7 +78,7 @@ def test_without_a_notification_block_only_the_zombie_automation_is_made():
 def test_every_deployment_sends_heartbeats_often_enough_for_the_zombie_automation():
     import yaml
 
-    from nightshift.automations import DEFAULT_ZOMBIE_AFTER_S, REPO_DEPLOYMENTS
+    from nightshift.fleet.automations import DEFAULT_ZOMBIE_AFTER_S, REPO_DEPLOYMENTS
 
     for deployment in yaml.safe_load((REPO_DEPLOYMENTS / "prefect.yaml").read_text())["deployments"]:
         frequency = int(deployment["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"])

@@ -19,7 +19,7 @@ def on_call(prefect_server):
     from prefect.automations import Automation
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
 
-    from nightshift.automations import apply, notification_block_id, shipped_automations
+    from nightshift.fleet.automations import apply, notification_block_id, shipped_automations
 
     receiver = WebhookReceiver()
     CustomWebhookNotificationBlock(

@@ -40,10 +40,10 @@ def test_adapters_are_given_as_name_equals_path_and_each_name_once(tmp_path):
 
 
 def test_an_adapters_weights_are_part_of_every_shards_identity_and_a_changed_adapter_is_refused(tmp_path):
-    from nightshift.chunks import shard_cache_key
     from nightshift.engine.lora import local_adapter
     from nightshift.jobs import make_job
     from nightshift.records import Shard
+    from nightshift.stages.chunks import shard_cache_key
 
     adapter = fake_adapter(tmp_path / "a")
     before = make_job("tiny", lora=[f"support={adapter}"])

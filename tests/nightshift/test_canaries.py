@@ -2,7 +2,7 @@
 
 import pytest
 
-from nightshift.canaries import check_expectations
+from nightshift.stages.canaries import check_expectations
 
 pytestmark = pytest.mark.fast
 

@@ -4,7 +4,7 @@ most recent outcome wins; every row once."""
 import duckdb
 import pytest
 
-from nightshift.chunks import best_rows_sql, retryable_rows, rows_on_disk, write_chunk
+from nightshift.stages.chunks import best_rows_sql, retryable_rows, rows_on_disk, write_chunk
 
 pytestmark = pytest.mark.fast
 

@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from nightshift.config import EngineConfig, JobSpec
-from nightshift.estimate import Throughput, TokenCount, estimate, render, throughput_from_history
+from nightshift.stages.estimate import Throughput, TokenCount, estimate, render, throughput_from_history
 
 pytestmark = pytest.mark.fast
 
@@ -142,10 +142,10 @@ def test_the_input_order_prediction_replays_the_input_whatever_the_shards_layout
 
     from conftest import chat_request, write_jsonl
 
-    from nightshift.estimate import count_tokens, load_tokenizer
     from nightshift.jobs import make_job
-    from nightshift.plan import plan
     from nightshift.rundir import RunDir
+    from nightshift.stages.estimate import count_tokens, load_tokenizer
+    from nightshift.stages.plan import plan
 
     rows = [
         chat_request(f"d{d}q{q}", f"Document {d}: " + f"clause {d} " * 150 + f"Q{q}?")

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from nightshift.fleet.workers import HeartbeatWatch
 from nightshift.rundir import RunDir
-from nightshift.workers import HeartbeatWatch
 
 pytestmark = pytest.mark.fast
 

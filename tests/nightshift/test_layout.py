@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from nightshift.layout import PrefixCacheModel, prefix_order, prompt_key
+from nightshift.stages.layout import PrefixCacheModel, prefix_order, prompt_key
 
 pytestmark = pytest.mark.fast
 

@@ -6,10 +6,10 @@ import json
 import pytest
 from conftest import write_jsonl
 
-from nightshift.layout import misplaced_shared_text
-from nightshift.plan import plan
 from nightshift.rundir import RunDir
 from nightshift.samples import sample_documents
+from nightshift.stages.layout import misplaced_shared_text
+from nightshift.stages.plan import plan
 
 pytestmark = pytest.mark.fast
 

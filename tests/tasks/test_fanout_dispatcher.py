@@ -14,10 +14,10 @@ from types import SimpleNamespace
 import pytest
 from prefect.client.schemas.objects import StateType
 
-from nightshift import fan_out as fanout
-from nightshift import workers
 from nightshift.config import EngineConfig, FanOut, JobSpec
 from nightshift.errors import EngineCannotStartHere
+from nightshift.fleet import fan_out as fanout
+from nightshift.fleet import workers
 from nightshift.records import GroupManifest, Shard, ShardResult
 from nightshift.rundir import RunDir
 

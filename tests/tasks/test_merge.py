@@ -8,12 +8,12 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import chat_request, read_jsonl, write_jsonl
 
-from nightshift.chunks import ChunkWriter, shard_cache_key
 from nightshift.jobs import make_job
-from nightshift.merge import IncompleteRun, merge
-from nightshift.plan import plan
 from nightshift.records import ShardResult
 from nightshift.rundir import RunDir
+from nightshift.stages.chunks import ChunkWriter, shard_cache_key
+from nightshift.stages.merge import IncompleteRun, merge
+from nightshift.stages.plan import plan
 from nightshift.wire.lines import BatchLine
 
 pytestmark = pytest.mark.fast

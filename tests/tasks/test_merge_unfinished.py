@@ -7,11 +7,11 @@ import json
 import pytest
 from conftest import chat_request, read_jsonl, write_jsonl
 
-from nightshift.chunks import ChunkWriter, shard_cache_key
 from nightshift.jobs import make_job
-from nightshift.merge import merge_unfinished
-from nightshift.plan import plan
 from nightshift.rundir import RunDir
+from nightshift.stages.chunks import ChunkWriter, shard_cache_key
+from nightshift.stages.merge import merge_unfinished
+from nightshift.stages.plan import plan
 from nightshift.wire.lines import BatchLine
 
 pytestmark = pytest.mark.fast

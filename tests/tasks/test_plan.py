@@ -8,10 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import chat_request, write_jsonl
 
-from nightshift.canaries import CANARY_PREFIX
 from nightshift.inputs import InputRow
-from nightshift.plan import plan
 from nightshift.rundir import RunDir
+from nightshift.stages.canaries import CANARY_PREFIX
+from nightshift.stages.plan import plan
 
 pytestmark = pytest.mark.fast
 

@@ -9,11 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from nightshift.blocks.pricing import GpuPricing, ManagedApiPrices
-from nightshift.chunks import shard_cache_key
 from nightshift.config import EngineConfig, JobSpec
 from nightshift.records import Plan, Shard
 from nightshift.report import build_report
 from nightshift.rundir import RunDir
+from nightshift.stages.chunks import shard_cache_key
 
 pytestmark = pytest.mark.fast
 

@@ -24,7 +24,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nightshift.chunks import (
+from nightshift.config import JobSpec
+from nightshift.deadline import StopSignal, deadline_reached
+from nightshift.engine.local import EngineFailure, get_engine
+from nightshift.engine.protocol import Engine
+from nightshift.engine.sizing import throughput_traps
+from nightshift.engine.tool_calls import ToolCalling
+from nightshift.errors import DeadlineReached, Preempted
+from nightshift.models import local_model
+from nightshift.preemption import generation_in_progress, grace_seconds, stop_requested
+from nightshift.records import Shard, ShardMetrics, ShardResult
+from nightshift.rundir import RunDir
+from nightshift.stages.chunks import (
     ChunkWriter,
     Suspects,
     best_rows_sql,
@@ -33,19 +44,8 @@ from nightshift.chunks import (
     rows_on_disk,
     shard_cache_key,
 )
-from nightshift.config import JobSpec
-from nightshift.deadline import StopSignal, deadline_reached
-from nightshift.engine.local import EngineFailure, get_engine
-from nightshift.engine.protocol import Engine
-from nightshift.engine.sizing import throughput_traps
-from nightshift.engine.tool_calls import ToolCalling
-from nightshift.errors import DeadlineReached, Preempted
-from nightshift.layout import expected_work, prefix_order
-from nightshift.models import local_model
-from nightshift.preemption import generation_in_progress, grace_seconds, stop_requested
-from nightshift.records import Shard, ShardMetrics, ShardResult
-from nightshift.result_cache import ResultCache, cached_output_line
-from nightshift.rundir import RunDir
+from nightshift.stages.layout import expected_work, prefix_order
+from nightshift.stages.result_cache import ResultCache, cached_output_line
 from nightshift.storage import duckdb_connection, local_copies, read_table
 from nightshift.telemetry import GpuSampler
 from nightshift.wire.media import MediaPolicy

@@ -11,7 +11,7 @@ the input order; shards regrouped by prompt prefix are gathered and sorted by Du
 * ``embeddings.parquet`` — an embedded corpus: id, embedding (fixed-size list of float32),
   tokens, in input order; read as-is by DuckDB, pyarrow and pandas
 
-Each row's best outcome is taken (see nightshift/chunks.py), and each shard is proved to hold
+Each row's best outcome is taken (see nightshift/stages/chunks.py), and each shard is proved to hold
 exactly its planned rows. Each output is written whole (a local temporary, then one rename or
 one upload to the bucket) once every shard is in: a reader never sees a half-merged run, and a
 run that would lose or repeat a row changes no output at all.
@@ -27,12 +27,19 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nightshift.canaries import CANARY_PREFIX
-from nightshift.chunks import CHUNK_SCHEMA, ChunkWriter, best_rows_sql, chunk_files, rows_on_disk, shard_cache_key
 from nightshift.config import JobSpec
 from nightshift.errors import NightshiftError
 from nightshift.records import Plan, RunReport, Shard, ShardResult
 from nightshift.rundir import RunDir
+from nightshift.stages.canaries import CANARY_PREFIX
+from nightshift.stages.chunks import (
+    CHUNK_SCHEMA,
+    ChunkWriter,
+    best_rows_sql,
+    chunk_files,
+    rows_on_disk,
+    shard_cache_key,
+)
 from nightshift.storage import duckdb_connection, local_copies, read_table, written_whole
 
 RESULTS_COLUMNS = [

@@ -11,7 +11,7 @@ import copy
 import json
 from pathlib import Path
 
-K8S_GPU_TEMPLATE = Path(__file__).resolve().parent.parent / "deployments" / "k8s-gpu-job-template.json"
+K8S_GPU_TEMPLATE = Path(__file__).resolve().parents[2] / "deployments" / "k8s-gpu-job-template.json"
 
 # How each cloud labels and taints its spot (preemptible) nodes.
 SPOT_NODES = {

@@ -95,7 +95,7 @@ def handing_on_if_the_engine_cannot_start(run_dir: RunDir, group: str, hold_s: f
     The first refusal on a worker slot is remembered in the run directory, so the worker's later
     child runs of this run refuse at once instead of starting the engine again; each refusal
     leaves `<flow run id>.refused` beside the group's heartbeats, which the parent reads as
-    "dispatch this group again, not an attempt used up" (nightshift/fan_out.py). The run then holds
+    "dispatch this group again, not an attempt used up" (nightshift/fleet/fan_out.py). The run then holds
     its worker for `hold_s` before failing, so that worker does not take the group straight back."""
     from prefect.runtime import flow_run
 

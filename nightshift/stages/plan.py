@@ -2,7 +2,7 @@
 
 Streaming: rows are read once, one at a time, and written a shard at a time, so peak memory is
 one shard, whatever the corpus size (rows sharing prompt prefixes scattered over the input are
-first spilled to local disk, then regrouped: nightshift/layout.py). The same input and settings
+first spilled to local disk, then regrouped: nightshift/stages/layout.py). The same input and settings
 give the same shards with the same hashes, which is what makes a shard's hash a usable
 checkpoint key.
 """
@@ -23,9 +23,16 @@ import pyarrow.parquet as pq
 
 from nightshift.config import DEFAULT_SHARD_SIZE, CorpusOptions
 from nightshift.inputs import EMBEDDINGS_URL, InputRow, detect_kind, read_rows
-from nightshift.layout import LINT_SAMPLE_ROWS, PREFIX_CUTS, ShardCut, cut_shards, misplaced_shared_text, prefix_hashes
 from nightshift.records import Plan, Shard
 from nightshift.rundir import RunDir, written_whole
+from nightshift.stages.layout import (
+    LINT_SAMPLE_ROWS,
+    PREFIX_CUTS,
+    ShardCut,
+    cut_shards,
+    misplaced_shared_text,
+    prefix_hashes,
+)
 from nightshift.storage import sql_path
 
 SHARD_SCHEMA = pa.schema(
@@ -52,7 +59,7 @@ def plan(
 
     Shards are slices of the input, unless `group_prefixes` and rows sharing prompt prefixes lie
     scattered over an input of several shards: then each shard holds whole prefix groups
-    (nightshift/layout.py: `cut_shards`), so every group's prefix is computed once, on one engine.
+    (nightshift/stages/layout.py: `cut_shards`), so every group's prefix is computed once, on one engine.
     Canary rows ride inside the shards — one in each shard while they last, the rest in the last
     shard — so they run under the real load and batching.
     """

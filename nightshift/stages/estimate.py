@@ -37,9 +37,9 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from nightshift.config import JobSpec
-from nightshift.layout import PrefixCacheModel, expected_work, prefix_order
 from nightshift.records import CostReport, MisplacedSharedText, Plan
 from nightshift.rundir import RunDir
+from nightshift.stages.layout import PrefixCacheModel, expected_work, prefix_order
 from nightshift.storage import duckdb_connection, read_table, sql_path
 from nightshift.wire.openai_format import CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL
 
@@ -119,7 +119,7 @@ def count_tokens(
 ) -> TokenCount:
     """Prompt tokens of every valid row of the plan's shards, as the engine will count them; with
     `prefix_cache` (capacity in tokens, block size), the prefix-cache hit rate predicted for the
-    rows in input order and in the order generation sends them (nightshift/layout.py)."""
+    rows in input order and in the order generation sends them (nightshift/stages/layout.py)."""
     tally = _Tally()
     input_order, laid_out = (
         (PrefixCacheModel(*prefix_cache), PrefixCacheModel(*prefix_cache)) if prefix_cache else (None, None)
@@ -130,7 +130,7 @@ def count_tokens(
             if plan.layout == "input-slices":  # the shards in plan order are the input order
                 for _, ids, written, _ in generative:
                     input_order.run(ids, written)
-            # the order the generate stage will give the engine (nightshift/generate.py)
+            # the order the generate stage will give the engine (nightshift/stages/generate.py)
             layout = generative if keep_order else prefix_order(generative, lambda g: g[0], lambda g: g[3])
             for _, ids, written, _ in layout:
                 laid_out.run(ids, written)

@@ -12,7 +12,7 @@ import yaml
 
 from nightshift.errors import ConfigurationError
 
-REPO_DEPLOYMENTS = Path(__file__).resolve().parent.parent / "deployments"
+REPO_DEPLOYMENTS = Path(__file__).resolve().parents[2] / "deployments"
 SHIPPED = REPO_DEPLOYMENTS / "automations.yaml"
 DEFAULT_ZOMBIE_AFTER_S = 600  # ten of the 60-s heartbeats deployments/prefect.yaml asks for
 

@@ -17,7 +17,7 @@ What the dispatcher guarantees:
   died: Prefect would show it Running forever), or one left Pending for `start_timeout_s`, is
   marked Crashed and its group dispatched again; the new run resumes from the chunk files the
   lost one wrote. Silence is timed on the parent's clock, and a failed read of a heartbeat
-  counts for nothing (nightshift/workers.py: HeartbeatWatch).
+  counts for nothing (nightshift/fleet/workers.py: HeartbeatWatch).
 * **Work done is kept.** A child run that wrote its group's manifest and then failed or lost its
   worker (killed between the last write and reporting Completed) has done the group: its
   results are used, the group is not dispatched again.
@@ -53,14 +53,14 @@ from prefect.client.schemas.objects import StateType, WorkerStatus
 from prefect.deployments import run_deployment
 from prefect.states import Cancelled, Cancelling, Crashed
 
-from nightshift.chunks import shard_cache_key
 from nightshift.config import CanaryConfig, FanOut, JobSpec
 from nightshift.deadline import deadline_reached
 from nightshift.errors import ConfigurationError, DeadlineReached, EngineCannotStartHere
+from nightshift.fleet.workers import HeartbeatWatch, read_refusal, unfit_workers
 from nightshift.preemption import grace_seconds
 from nightshift.records import GroupManifest, Refusal, Shard, ShardResult
 from nightshift.rundir import VALIDATION_GROUP, RunDir
-from nightshift.workers import HeartbeatWatch, read_refusal, unfit_workers
+from nightshift.stages.chunks import shard_cache_key
 
 _FAILED = {StateType.FAILED, StateType.CRASHED, StateType.CANCELLED}
 
