@@ -84,7 +84,7 @@ def test_a_full_result_cache_is_said_once_and_the_run_completes_without_it(tmp_p
                      "--result-cache", str(cache), "--oracle-samples", "0", "--determinism-samples", "0"])  # fmt: skip
 
     assert cached_run(tmp_path / "full") == 0
-    warned = [r for r in caplog.records if r.name == "nightshift.stages.result_cache"]
+    warned = [r for r in caplog.records if r.name == "nightshift.result_cache"]
     assert len(warned) == 1 and warned[0].exc_info is None  # one line, no traceback
     assert warned[0].getMessage().startswith(f"result cache full: no space left on the device of {cache}")
     assert len(read_jsonl(tmp_path / "full" / "output.jsonl")) == 150
