@@ -40,7 +40,7 @@ def run_stage(job, corpus: str, shard_size: int) -> tuple[float, dict]:
     import pyarrow.parquet as pq
 
     from nightshift.config import CorpusOptions
-    from nightshift.rundir import RunDir
+    from nightshift.runtime.rundir import RunDir
     from nightshift.stages.generate import generate
     from nightshift.stages.merge import merge
     from nightshift.stages.plan import plan

@@ -52,7 +52,7 @@ def run_raw(engine, requests) -> tuple[float, int]:
 
 
 def run_pipeline(job, batch_path: str, shard_size: int) -> tuple[float, int]:
-    from nightshift.rundir import RunDir
+    from nightshift.runtime.rundir import RunDir
     from nightshift.stages.generate import generate
     from nightshift.stages.plan import plan
 

@@ -40,7 +40,7 @@ PLAN = (
     + """
 import sys
 from nightshift.config import CorpusOptions
-from nightshift.rundir import RunDir
+from nightshift.runtime.rundir import RunDir
 from nightshift.stages.plan import plan
 p = plan(sys.argv[1], RunDir(sys.argv[2]), 10_000, CorpusOptions(id_column="id", text_column="text", max_tokens=1))
 print(p.total_rows, peak_rss_kib(), p.layout)
@@ -53,7 +53,7 @@ from concurrent.futures import ThreadPoolExecutor
 from nightshift.engine.local import shutdown_engine
 from nightshift.jobs import make_job
 from nightshift.records import Plan
-from nightshift.rundir import RunDir
+from nightshift.runtime.rundir import RunDir
 from nightshift.stages.generate import generate
 if __name__ == "__main__":
     run_dir = RunDir(sys.argv[1])
@@ -69,8 +69,8 @@ import json, pickle, sys
 from nightshift.stages.chunks import shard_cache_key, write_chunk
 from nightshift.jobs import make_job
 from nightshift.records import Plan
-from nightshift.rundir import RunDir
-from nightshift.storage import read_table
+from nightshift.runtime.rundir import RunDir
+from nightshift.runtime.storage import read_table
 run_dir, job = RunDir(sys.argv[1]), make_job("tiny", max_num_seqs=128)
 directories = {}
 for shard in Plan.load(run_dir.plan_manifest).shards:
@@ -100,7 +100,7 @@ MERGE = (
     + """
 import pickle, sys
 from nightshift.records import Plan
-from nightshift.rundir import RunDir
+from nightshift.runtime.rundir import RunDir
 from nightshift.stages.merge import _merge_directories
 run_dir = RunDir(sys.argv[1])
 directories = pickle.load(open(sys.argv[2], "rb"))  # shard index → its output directory
@@ -115,7 +115,7 @@ SAMPLE = (
     + """
 import sys
 from nightshift.jobs import make_job
-from nightshift.rundir import RunDir
+from nightshift.runtime.rundir import RunDir
 from nightshift.validation.rows import checkable_rows
 pools = checkable_rows(RunDir(sys.argv[1]), make_job("tiny", max_num_seqs=128), 16)
 samples, chat_rows = pools.of("oracle", 16), pools.generated

@@ -154,7 +154,7 @@ def nightshift(model: str, served_name: str, input_path: Path, work: Path) -> di
 
 
 def planning_rows_per_second(input_path: Path, rows: int) -> float:
-    from nightshift.rundir import RunDir
+    from nightshift.runtime.rundir import RunDir
     from nightshift.stages.plan import plan
 
     with tempfile.TemporaryDirectory() as scratch:

@@ -1,4 +1,4 @@
-"""The shard telemetry (nightshift/telemetry.py) against a real GPU's NVML: which GPUs each
+"""The shard telemetry (nightshift/observe/telemetry.py) against a real GPU's NVML: which GPUs each
 `CUDA_VISIBLE_DEVICES` form samples, and whether utilization, memory and power move with load.
 
 Needs an NVIDIA GPU, its driver, torch with CUDA and nvidia-ml-py (not vLLM):
@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nightshift.telemetry import GpuSampler  # noqa: E402
+from nightshift.observe.telemetry import GpuSampler  # noqa: E402
 
 
 def sampled_while(seconds: float, busy: bool, devices: str | None) -> dict:

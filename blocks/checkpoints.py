@@ -5,7 +5,7 @@ Prefect wants result storage saved server-side. This block saves a path and noth
 credentials of an `s3://` run directory come from each process (its environment or role, or
 the ObjectStorage block its flow loaded), so the block document shown in the UI holds no
 secret, and every worker reaches the same checkpoints with its own credentials. Results are
-written whole (nightshift.storage), so a cached result is never read half-written.
+written whole (nightshift.runtime.storage), so a cached result is never read half-written.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from prefect.exceptions import ObjectAlreadyExists
 from prefect.filesystems import WritableFileSystem
 from pydantic import Field
 
-from nightshift.storage import location, written_whole
+from nightshift.runtime.storage import location, written_whole
 
 
 class RunCheckpoints(WritableFileSystem):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from prefect.blocks.core import Block
 from pydantic import Field
 
-from nightshift.pricing import ACCELERATOR_PRICES, CPU_MACHINE, Rate, catalog_entry
+from nightshift.report.pricing import ACCELERATOR_PRICES, CPU_MACHINE, Rate, catalog_entry
 
 __all__ = ["ACCELERATOR_PRICES", "CPU_MACHINE", "GpuPricing", "ManagedApiPrices", "Rate", "catalog_entry"]
 

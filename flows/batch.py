@@ -10,22 +10,23 @@ from prefect import flow
 from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from nightshift import assets, events, progress
 from nightshift.blocks.checkpoints import saved_run_checkpoints
 from nightshift.blocks.model import ModelConfig
 from nightshift.blocks.pricing import GpuPricing
 from nightshift.blocks.storage import storage_options_of
 from nightshift.config import DEFAULT_SHARD_SIZE, CanaryConfig, CorpusOptions, FanOut, JobSpec
-from nightshift.deadline import DeadlineTimer, parse_deadline
 from nightshift.engine.local import start_engine_in_background
 from nightshift.errors import DeadlineReached
 from nightshift.fleet.fan_out import check_deployments
 from nightshift.jobs import check_job, size_for_input
-from nightshift.lease import run_lease
+from nightshift.observe import assets, events
+from nightshift.observe.status import run_status
 from nightshift.records import RunReport
-from nightshift.rundir import RunDir
-from nightshift.status import run_status
-from nightshift.storage import is_url, use_storage_options
+from nightshift.runtime import progress
+from nightshift.runtime.deadline import DeadlineTimer, parse_deadline
+from nightshift.runtime.lease import run_lease
+from nightshift.runtime.rundir import RunDir
+from nightshift.runtime.storage import is_url, use_storage_options
 from nightshift.tasks.s1_plan_shards import plan_shards
 from nightshift.tasks.s2_fan_out import dispatch_shard_groups, validate_on_pool
 from nightshift.tasks.s3_generate import generate_here
@@ -69,7 +70,7 @@ def batch_inference(
     generated in this process.
     `result_cache` names a directory of deterministic rows' outputs shared across runs: rows
     answered there are not generated again.
-    `deadline` ("6h", "08:00", "2026-11-27T08:00+01:00"; see nightshift/deadline.py) is kept:
+    `deadline` ("6h", "08:00", "2026-11-27T08:00+01:00"; see nightshift/runtime/deadline.py) is kept:
     at it, admission stops, finished rows are merged and every other row becomes a
     `batch_expired` error line; the flow run ends Completed, named "Expired".
     """

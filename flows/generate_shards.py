@@ -12,12 +12,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from nightshift.blocks.storage import storage_options_of
 from nightshift.config import JobSpec
-from nightshift.deadline import DeadlineTimer, parse_deadline
 from nightshift.drills import stall_if_drilled
 from nightshift.fleet.workers import handing_on_if_the_engine_cannot_start, heartbeat, write_group_manifest
 from nightshift.records import Shard
-from nightshift.rundir import RunDir
-from nightshift.storage import use_storage_options
+from nightshift.runtime.deadline import DeadlineTimer, parse_deadline
+from nightshift.runtime.rundir import RunDir
+from nightshift.runtime.storage import use_storage_options
 from nightshift.tasks.s3_generate import generate_here
 
 

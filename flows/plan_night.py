@@ -11,7 +11,7 @@ from prefect import flow
 from nightshift.blocks.model import ModelConfig
 from nightshift.blocks.pricing import GpuPricing
 from nightshift.config import DEFAULT_SHARD_SIZE, CorpusOptions, JobSpec
-from nightshift.deadline import parse_deadline
+from nightshift.runtime.deadline import parse_deadline
 from nightshift.tasks.estimate import estimate_night
 from nightshift.tasks.s1_plan_shards import plan_shards
 

@@ -13,12 +13,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from nightshift.blocks.storage import storage_options_of
 from nightshift.config import JobSpec
-from nightshift.lease import run_lease
 from nightshift.records import Plan, RunReport
-from nightshift.rundir import RunDir
+from nightshift.runtime.lease import run_lease
+from nightshift.runtime.rundir import RunDir
+from nightshift.runtime.storage import use_storage_options
 from nightshift.stages.chunks import retryable_rows, shard_cache_key
 from nightshift.stages.generate import finished_result
-from nightshift.storage import use_storage_options
 from nightshift.tasks.s3_generate import retry_shard_rows
 from nightshift.tasks.s4_merge import merge_outputs
 

@@ -32,13 +32,13 @@ def run_job(
     check_input(input_path, detect_kind(input_path, corpus), corpus)  # before vLLM is even imported
     from nightshift.engine.local import start_engine_in_background
     from nightshift.jobs import check_job, size_for_input
-    from nightshift.lease import run_lease
-    from nightshift.rundir import RunDir
+    from nightshift.runtime.lease import run_lease
+    from nightshift.runtime.rundir import RunDir
 
     job = size_for_input(check_job(job), input_path, corpus)
     with run_lease(RunDir(run_dir)):  # before the engine loads: a second run on a live directory costs nothing
         start_engine_in_background(job.engine)
-        from nightshift.local_prefect import use_shared_server
+        from nightshift.runtime.local_prefect import use_shared_server
 
         use_shared_server()  # no Prefect server configured: the machine's shared temporary one, found or started
         from nightshift.flows.batch import batch_inference  # Prefect's import and start-up overlap the engine's load

@@ -10,8 +10,8 @@ from prefect import flow
 from nightshift.blocks.storage import storage_options_of
 from nightshift.config import CanaryConfig, JobSpec
 from nightshift.fleet.workers import handing_on_if_the_engine_cannot_start, heartbeat
-from nightshift.rundir import VALIDATION_GROUP, RunDir
-from nightshift.storage import use_storage_options
+from nightshift.runtime.rundir import VALIDATION_GROUP, RunDir
+from nightshift.runtime.storage import use_storage_options
 from nightshift.validation.gate import validate
 
 

@@ -6,8 +6,8 @@ package by pyproject's package-dir — by the installed wheel, and by the editab
 finder for a checkout (`scripts/setup.sh` installs one).
 """
 
-from nightshift.logs import keep_vllm_from_configuring_logging as _keep_vllm_from_configuring_logging
+from nightshift.observe.logs import keep_vllm_from_configuring_logging as _keep_vllm_from_configuring_logging
 
 # Before anything imports vLLM, in whatever process imports Nightshift (the CLI, a work-pool
-# worker's flow run, `nightshift serve`, a test): vLLM must not reconfigure logging (nightshift/logs.py).
+# worker's flow run, `nightshift serve`, a test): vLLM must not reconfigure logging (nightshift/observe/logs.py).
 _keep_vllm_from_configuring_logging()

@@ -123,7 +123,7 @@ def _add_operator_commands(commands) -> None:
 def _command(args) -> int:
     # The run's story is in Prefect's log lines; the engine's own (every process's INFO, its
     # shutdown warnings) and third parties' warnings and bars only with --verbose.
-    from nightshift.logs import expected_failures_in_one_line, quiet_third_parties, set_vllm_log_level
+    from nightshift.observe.logs import expected_failures_in_one_line, quiet_third_parties, set_vllm_log_level
 
     verbose = getattr(args, "verbose", False)
     set_vllm_log_level("INFO" if verbose else os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"))
@@ -160,8 +160,8 @@ def _command(args) -> int:
         print(json.dumps(kubernetes_job_template(args.gpus, args.spot), indent=2))
         return ExitStatus.COMPLETE
     if args.command == "status":
-        from nightshift.rundir import RunDir
-        from nightshift.status import print_status
+        from nightshift.observe.status import print_status
+        from nightshift.runtime.rundir import RunDir
 
         return print_status(RunDir(args.run_dir), as_json=args.json)
     return _run(args)
@@ -278,10 +278,10 @@ def _automations(args) -> int:
 
 
 def _run(args) -> int:
-    from nightshift.deadline import parse_deadline
     from nightshift.errors import EngineStartStalled, EngineUnreachable
-    from nightshift.progress import ConsoleProgress
-    from nightshift.rundir import RunDir
+    from nightshift.runtime.deadline import parse_deadline
+    from nightshift.runtime.progress import ConsoleProgress
+    from nightshift.runtime.rundir import RunDir
     from nightshift.stages.canaries import CanaryFailure
 
     def start() -> int:
@@ -310,7 +310,7 @@ def _run(args) -> int:
         print(f"nightshift: {exc}", file=sys.stderr)
         return exc.exit_status
     except Exception as exc:
-        from nightshift.storage import StorageFull, is_device_full
+        from nightshift.runtime.storage import StorageFull, is_device_full
 
         if (unreachable := _prefect_unreachable(exc)) is not None:
             print(f"nightshift: {unreachable}", file=sys.stderr)
@@ -324,9 +324,9 @@ def _run(args) -> int:
 
 def _shared_prefect_server() -> int | None:
     """With no Prefect server configured, the machine's shared temporary one (started by the first
-    run that needs it; nightshift/local_prefect.py); the exit status where it does not answer."""
+    run that needs it; nightshift/runtime/local_prefect.py); the exit status where it does not answer."""
     from nightshift.errors import PrefectUnreachable
-    from nightshift.local_prefect import use_shared_server
+    from nightshift.runtime.local_prefect import use_shared_server
 
     try:
         use_shared_server()
@@ -341,7 +341,7 @@ def _prefect_unreachable(exc: BaseException):
     and stderr in the message), as one line that says what to do; None for any other error."""
     from nightshift.errors import PrefectUnreachable
 
-    if isinstance(exc, PrefectUnreachable):  # the machine's shared temporary server (nightshift.local_prefect)
+    if isinstance(exc, PrefectUnreachable):  # the machine's shared temporary server (nightshift.runtime.local_prefect)
         return exc
     while exc is not None and _EPHEMERAL_TIMEOUT not in str(exc):
         exc = exc.__cause__ or exc.__context__
@@ -378,10 +378,10 @@ def _plan(args) -> int:
     import tempfile
 
     from nightshift.blocks.pricing import GpuPricing, ManagedApiPrices
-    from nightshift.deadline import parse_deadline
     from nightshift.inputs import check_input, detect_kind
     from nightshift.jobs import check_model_files
-    from nightshift.rundir import RunDir
+    from nightshift.runtime.deadline import parse_deadline
+    from nightshift.runtime.rundir import RunDir
     from nightshift.stages.estimate import estimate_input, render
     from nightshift.stages.plan import plan
 
@@ -407,9 +407,9 @@ def _calibrate(planned, job, rows: int, scratch: Path, pricing):
 
     from nightshift.config import CanaryConfig
     from nightshift.records import CostReport
-    from nightshift.rundir import RunDir
+    from nightshift.runtime.rundir import RunDir
+    from nightshift.runtime.storage import read_table
     from nightshift.stages.estimate import Throughput
-    from nightshift.storage import read_table
 
     sample, taken = scratch / "calibration.jsonl", 0
     with open(sample, "w", encoding="utf-8") as out:
@@ -452,7 +452,7 @@ def _serve(args) -> int:
 
 def _run_preemptible(run_dir: str, start):
     """Run `start()`; on SIGTERM, let generation flush its finished rows and exit 143."""
-    from nightshift import preemption
+    from nightshift.runtime import preemption
 
     preemption.install_sigterm_handler()
     try:
@@ -501,7 +501,7 @@ def _print_report(report) -> None:
 def _report(args) -> int:
     from nightshift.blocks.pricing import GpuPricing, ManagedApiPrices
     from nightshift.report import trend, write_report
-    from nightshift.rundir import RunDir
+    from nightshift.runtime.rundir import RunDir
 
     if args.all:
         rows = trend(args.run_dir)
@@ -545,7 +545,7 @@ def _demo(args) -> int:
     from nightshift.jobs import make_job
     from nightshift.models import provision
     from nightshift.records import Verdict
-    from nightshift.rundir import RunDir
+    from nightshift.runtime.rundir import RunDir
     from nightshift.samples import sample_documents
 
     if args.model in ("tiny", "smollm2"):
@@ -559,7 +559,7 @@ def _demo(args) -> int:
         id_column="id", text_column="text", template=DEMO_TEMPLATE, system=DEMO_SYSTEM, max_tokens=64, temperature=0.0
     )
     from nightshift.config import CanaryConfig
-    from nightshift.progress import ConsoleProgress
+    from nightshift.runtime.progress import ConsoleProgress
 
     canaries = Path(__file__).resolve().parent.parent / "deployments" / "canaries" / "demo.jsonl"
     with ConsoleProgress():  # 200 summaries take minutes on a CPU: show them moving
@@ -592,7 +592,7 @@ def _demo_embeddings(corpus_path: Path, run_dir: Path, texts: dict[str, str]) ->
     from nightshift.config import CorpusOptions
     from nightshift.jobs import make_job
     from nightshift.models import provision
-    from nightshift.storage import sql_path
+    from nightshift.runtime.storage import sql_path
 
     print("\nEmbedding the same documents with all-MiniLM-L6-v2 ...")
     provision(("minilm",))
@@ -640,8 +640,8 @@ def entry() -> None:
 def _settle_writes(timeout: float = 60) -> None:
     """Let another thread's write that is past its fence check finish its second check (a run
     that lost its lease takes back what it made visible) before os._exit cuts it off."""
-    if "nightshift.storage" in sys.modules:
-        from nightshift.storage import settle_commits
+    if "nightshift.runtime.storage" in sys.modules:
+        from nightshift.runtime.storage import settle_commits
 
         if not settle_commits(timeout=timeout):
             print(f"nightshift: a write was still in flight after {timeout:.0f} s; exiting without it", file=sys.stderr)

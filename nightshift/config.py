@@ -21,9 +21,9 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from nightshift.deadline import parse_duration
 from nightshift.errors import ConfigurationError
-from nightshift.rundir import write_json_atomic
+from nightshift.runtime.deadline import parse_duration
+from nightshift.runtime.rundir import write_json_atomic
 
 # Bump when the bytes a shard's generation writes change shape: old checkpoints
 # then stop matching instead of being read with the wrong layout.
@@ -456,7 +456,7 @@ class JobSpec(JobOptions):
 
     @classmethod
     def load(cls, path: Path) -> JobSpec:
-        from nightshift.storage import location
+        from nightshift.runtime.storage import location
 
         return cls.model_validate_json(location(path).read_text())
 

@@ -29,7 +29,7 @@ import orjson
 
 from nightshift.config import CorpusOptions
 from nightshift.errors import ExitStatus, NightshiftError, RequestRejected
-from nightshift.storage import filesystem, is_url
+from nightshift.runtime.storage import filesystem, is_url
 from nightshift.wire.responses import RESPONSES_URL, chat_body, echoed
 
 CHAT_URL = "/v1/chat/completions"
@@ -113,7 +113,7 @@ def read_rows(
     path: str, kind: str, corpus: CorpusOptions | None = None, storage_options: dict | None = None
 ) -> Iterator[InputRow]:
     """Stream the rows of `path` (`storage_options` go to fsspec: s3fs credentials, endpoint;
-    by default the process's, see nightshift.storage). Raises InputError for an unreadable or
+    by default the process's, see nightshift.runtime.storage). Raises InputError for an unreadable or
     empty input."""
     try:
         if storage_options is None:

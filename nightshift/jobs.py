@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from nightshift.config import EngineConfig, EngineSettings, JobOptions, JobSpec
 from nightshift.errors import ConfigurationError
 from nightshift.models import DEFAULT_MODEL, KNOWN_MODELS, WEIGHT_SUFFIXES, remote_model_identity, resolve_model
-from nightshift.storage import is_url
+from nightshift.runtime.storage import is_url
 
 
 def model_identity(model_path: str) -> str:

@@ -126,7 +126,7 @@ def remote_model_identity(url: str) -> str:
     key, size and ETag. The same on every worker: no local path or mtime enters it."""
     import hashlib
 
-    from nightshift.storage import filesystem
+    from nightshift.runtime.storage import filesystem
 
     fs, root = filesystem(url)
     parts = []
@@ -147,7 +147,7 @@ def local_model(model: str, identity: str | None = None) -> str:
     reused by later runs; with `identity` (the job's), the local copy must be of those weights:
     a stale copy is fetched again, and weights changed on the bucket since the job was made are
     refused rather than silently used. Anything else is returned as it is."""
-    from nightshift.storage import is_url
+    from nightshift.runtime.storage import is_url
 
     if not is_url(model):
         return model
@@ -170,7 +170,7 @@ def local_model(model: str, identity: str | None = None) -> str:
 
 
 def _fetch(url: str, target: Path, identity: str) -> None:
-    from nightshift.storage import filesystem
+    from nightshift.runtime.storage import filesystem
 
     fs, root = filesystem(url)
     staging = target.with_name(f"{target.name}.partial-{os.getpid()}")

@@ -13,8 +13,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from nightshift.rundir import write_json_atomic
-from nightshift.storage import location
+from nightshift.runtime.rundir import write_json_atomic
+from nightshift.runtime.storage import location
 
 
 class _Record(BaseModel):
@@ -291,7 +291,7 @@ class CostReport(ValidationFigures, EngineFigures, Priced):
     errors_by_code: dict[str, int] = Field(default_factory=dict)
     politeness: Politeness | None = Field(None, description="with an online TTFT objective on an engine server")
 
-    # what a run's event and its report asset say of it (nightshift.events, nightshift.assets)
+    # what a run's event and its report asset say of it (nightshift.observe.events, nightshift.observe.assets)
     HEADLINE: ClassVar[tuple[str, ...]] = (
         "rows", "failed", "prompt_tokens", "completion_tokens", "cost_on_demand", "cost_spot",
         "cost_per_million_tokens", "tokens_per_second", "prefix_cache_hit_rate",
@@ -539,7 +539,7 @@ class Verdict(_Record):
 
 
 class Lease(_Record):
-    """`lease.json`: the one live run of a run directory (nightshift/lease.py)."""
+    """`lease.json`: the one live run of a run directory (nightshift/runtime/lease.py)."""
 
     token: str = Field(description="the holder's secret-free claim: a later writer with another token took it over")
     host: str

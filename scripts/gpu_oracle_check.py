@@ -6,11 +6,11 @@ NVIDIA GPU, torch, transformers and nvidia-ml-py (no vLLM, no Prefect needed):
 1. The run's tokens: greedy in float32 on the CPU, as a float32 engine produces them.
 2. The old gate: greedy again in bf16 on the GPU, free-running; how many samples agree exactly
    on their first tokens (one near-tie flipped by bf16 changes every later token).
-3. The gate now: `nightshift.oracle.oracle_check` — the run's tokens scored teacher-forced on
+3. The gate now: `nightshift.validation.oracle.oracle_check` — the run's tokens scored teacher-forced on
    the GPU (float32 where the reference fits, as it does here); every sample of the float32 run
    and of a bf16 GPU run (step 2's tokens) must be accepted.
 4. A tampered reference (the weights plus noise): the same tokens must be rejected.
-5. `nightshift.telemetry.GpuSampler` while batched bf16 generation runs: its samples and the
+5. `nightshift.observe.telemetry.GpuSampler` while batched bf16 generation runs: its samples and the
    tokens finished per second go to OUT/gpu_run.json; `render_chart` draws them on the CPU side
    (docs/report.md).
 
@@ -69,7 +69,7 @@ def sampled_generation(model, tokenizer, seconds: float, device: str) -> dict:
     """Batched bf16 greedy generation on the GPU for `seconds`, sampled by GpuSampler."""
     import torch
 
-    from nightshift.telemetry import GpuSampler
+    from nightshift.observe.telemetry import GpuSampler
 
     batch = tokenizer.apply_chat_template(
         [[{"role": "user", "content": p}] for p in PROMPTS * 16], add_generation_prompt=True,
@@ -103,7 +103,7 @@ def main() -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nightshift.oracle import oracle_check
+    from nightshift.validation.oracle import oracle_check
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="a local model directory (safetensors)")

@@ -9,8 +9,8 @@ from prefect import task
 
 from nightshift.blocks.pricing import GpuPricing, ManagedApiPrices
 from nightshift.config import JobSpec
-from nightshift.deadline import parse_deadline
 from nightshift.records import Plan
+from nightshift.runtime.deadline import parse_deadline
 from nightshift.stages.estimate import estimate_input, render
 
 

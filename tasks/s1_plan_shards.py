@@ -7,7 +7,7 @@ from prefect import get_run_logger, task
 
 from nightshift.config import DEFAULT_SHARD_SIZE, CorpusOptions
 from nightshift.records import Plan
-from nightshift.rundir import RunDir
+from nightshift.runtime.rundir import RunDir
 from nightshift.stages.canaries import load_canaries
 from nightshift.stages.plan import layout_message, plan
 
@@ -21,7 +21,7 @@ def plan_shards(
     canary_file: str | None = None,
     group_prefixes: bool = True,
 ) -> Plan:
-    """An `s3://` input is read with this process's credentials (nightshift.storage): the
+    """An `s3://` input is read with this process's credentials (nightshift.runtime.storage): the
     environment's, or the ObjectStorage block the flow loaded. None travels as a parameter."""
     canaries = [row for row, _ in load_canaries(canary_file)] if canary_file else None
     planned = plan(input_path, RunDir(run_dir), shard_size, corpus, canaries, group_prefixes=group_prefixes)

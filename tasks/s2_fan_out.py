@@ -12,7 +12,7 @@ from prefect import task
 from nightshift.config import CanaryConfig, FanOut, JobSpec
 from nightshift.fleet import fan_out as dispatch
 from nightshift.records import Shard, ShardResult
-from nightshift.rundir import RunDir
+from nightshift.runtime.rundir import RunDir
 
 
 @task(name="dispatch-shard-groups")

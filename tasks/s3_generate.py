@@ -9,17 +9,17 @@ from pathlib import Path
 from prefect import task
 from prefect.context import TaskRunContext
 
-from nightshift import events
 from nightshift.config import JobSpec
 from nightshift.errors import NightshiftError
+from nightshift.observe import events
 from nightshift.records import Shard, ShardMetrics, ShardResult
-from nightshift.rundir import RunDir
+from nightshift.runtime.rundir import RunDir
+from nightshift.runtime.storage import is_device_full
 from nightshift.stages.chunks import (
     checkpoint_intact,
     shard_cache_key,
 )
 from nightshift.stages.generate import _story, generate
-from nightshift.storage import is_device_full
 
 
 def _task_cache_key(context: TaskRunContext, parameters: dict) -> str:

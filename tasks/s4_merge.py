@@ -5,16 +5,16 @@ from __future__ import annotations
 
 from prefect import task
 
-from nightshift.assets import record_outputs
-from nightshift.deadline import EXPIRED_CODE
+from nightshift.observe.assets import record_outputs
 from nightshift.records import Plan, RunReport, ShardResult
-from nightshift.rundir import RunDir
+from nightshift.runtime.deadline import EXPIRED_CODE
+from nightshift.runtime.rundir import RunDir
 from nightshift.stages.merge import merge, merge_unfinished
 
 
 @task(name="merge-outputs")
 def merge_outputs(plan: Plan, results: list[ShardResult], run_dir: str) -> RunReport:
-    """The flow runs it as the materializing task of the run's output assets (nightshift/assets.py)."""
+    """The flow runs it as the materializing task of the run's output assets (nightshift/observe/assets.py)."""
     report = _told(merge(plan, results, RunDir(run_dir)))
     record_outputs(report)
     return report

@@ -11,7 +11,7 @@ from nightshift.config import CanaryConfig, JobSpec
 from nightshift.records import (
     Verdict,
 )
-from nightshift.rundir import RunDir
+from nightshift.runtime.rundir import RunDir
 from nightshift.stages.canaries import CanaryFailure
 from nightshift.validation.gate import validate
 
@@ -39,7 +39,7 @@ def canary_validation(run_dir: str, job: JobSpec, config: CanaryConfig, validate
         "".join(f"\n  - {failure}" for failure in verdict.failures),
     )
     if verdict.verdict == "not_validated":
-        from nightshift import events
+        from nightshift.observe import events
 
         events.emit(events.VALIDATION_SKIPPED, rd, job, reasons=verdict.skipped_reasons)
     if verdict.verdict == "failed":

@@ -8,11 +8,11 @@ import re
 
 from prefect import get_run_logger, task
 
-from nightshift.assets import record_report
 from nightshift.blocks.pricing import GpuPricing, ManagedApiPrices
+from nightshift.observe.assets import record_report
 from nightshift.records import CostReport
 from nightshift.report import artifact_markdown, cost_line, write_report
-from nightshift.rundir import RunDir
+from nightshift.runtime.rundir import RunDir
 
 
 @task(name="cost-report")

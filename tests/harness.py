@@ -147,8 +147,8 @@ def events_of(run_dir, wanted: set[str], timeout: float = 60) -> dict[str, list[
     from prefect.client.orchestration import get_client
     from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
 
-    from nightshift.events import run_resource
-    from nightshift.rundir import RunDir
+    from nightshift.observe.events import run_resource
+    from nightshift.runtime.rundir import RunDir
 
     resource = run_resource(RunDir(run_dir))["prefect.resource.id"]
     window = EventOccurredFilter(since=datetime.now(timezone.utc) - timedelta(hours=1))

@@ -148,7 +148,7 @@ def test_three_runs_started_together_with_no_prefect_server_share_one_temporary_
     """No PREFECT_API_URL, three runs at once on one machine (this one, with the suite's other
     worker beside them): Prefect would start a temporary server in each, on one SQLite database,
     and on a busy machine they died before a row. They share the one the first starts
-    (nightshift/local_prefect.py): every run completes, all three report to the same server, none
+    (nightshift/runtime/local_prefect.py): every run completes, all three report to the same server, none
     starts one of its own, and the server stops once the last run has left it idle. The rows go to
     the session's engine server: the subject is Prefect's server, not an engine."""
     import re
@@ -194,7 +194,7 @@ def test_the_shared_temporary_server_dies_with_its_supervisor_even_when_it_is_ki
 
     home = tmp_path / "prefect-home"
     env = no_prefect_server(home, NIGHTSHIFT_SHARED_PREFECT_IDLE_S="600")
-    ask = "from nightshift.local_prefect import use_shared_server\nprint(use_shared_server())"
+    ask = "from nightshift.runtime.local_prefect import use_shared_server\nprint(use_shared_server())"
     found = subprocess.run([sys.executable, "-c", ask], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     url = found.stdout.strip().splitlines()[-1]
     assert found.returncode == 0 and httpx.get(f"{url}/health").status_code == 200, found.stderr[-2000:]

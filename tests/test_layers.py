@@ -83,10 +83,10 @@ RUN_DIRECTORY_NAMES = (
 
 
 def test_no_run_directory_file_name_is_spelled_outside_rundir():
-    """The run directory's layout lives in nightshift/rundir.py; everyone else asks RunDir."""
+    """The run directory's layout lives in nightshift/runtime/rundir.py; everyone else asks RunDir."""
     spelled = []
     for name, path in own_modules():
-        if name == "nightshift.rundir":
+        if name == "nightshift.runtime.rundir":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             value = node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else ""
@@ -101,7 +101,7 @@ def test_past_the_entry_points_a_run_directory_is_a_rundir_not_a_string():
     RunDir once; every library function and record field past them is handed that RunDir."""
     loose = []
     for name, path in own_modules():
-        if layer_of(name) != "library" or name == "nightshift.rundir":
+        if layer_of(name) != "library" or name == "nightshift.runtime.rundir":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -248,14 +248,14 @@ def test_vllm_is_reached_through_its_adapter_alone():
 # What a process shares among its threads, declared once with why it is the process's and not a
 # run's (docs/architecture.md, "What is process-wide"): everything else a run needs is passed down.
 PROCESS_WIDE = {
-    "nightshift.storage._options": "the credentials this process was handed (never a parameter or a file)",
-    "nightshift.storage._gate": "the commit gate: its fences guard every writer thread of the process",
-    "nightshift.preemption.stop_requested": "a SIGTERM is sent to the process",
-    "nightshift.preemption._generations": "the generate calls a SIGTERM waits for before the process exits",
-    "nightshift.deadline.deadline_reached": "the run's deadline stops the generate calls of its process",
-    "nightshift.lease._held": "the leases this process holds, which the commit fence checks every write against",
-    "nightshift.lease._lock": "guards _held",
-    "nightshift.progress._trackers": "live progress by run directory: tasks get paths, the CLI's console shows it",
+    "nightshift.runtime.storage._options": "the credentials this process was handed (never a parameter or a file)",
+    "nightshift.runtime.storage._gate": "the commit gate: its fences guard every writer thread of the process",
+    "nightshift.runtime.preemption.stop_requested": "a SIGTERM is sent to the process",
+    "nightshift.runtime.preemption._generations": "the generate calls a SIGTERM waits for before the process exits",
+    "nightshift.runtime.deadline.deadline_reached": "the run's deadline stops the generate calls of its process",
+    "nightshift.runtime.lease._held": "the leases this process holds; the commit fence checks every write against them",
+    "nightshift.runtime.lease._lock": "guards _held",
+    "nightshift.runtime.progress._trackers": "live progress by run directory: tasks get paths, the console shows it",
     "nightshift.engine.local.ENGINES": "vLLM's engine holds the process's accelerators: one cache per process",
 }
 

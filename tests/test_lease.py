@@ -15,8 +15,8 @@ def test_a_bucket_run_directory_has_one_live_run_too(s3_endpoint, monkeypatch):
     import s3fs
     from conftest import REPO
 
-    from nightshift.lease import run_lease
-    from nightshift.rundir import RunDir
+    from nightshift.runtime.lease import run_lease
+    from nightshift.runtime.rundir import RunDir
 
     credentials = {
         "AWS_ACCESS_KEY_ID": "nightshift-test",
@@ -32,7 +32,7 @@ def test_a_bucket_run_directory_has_one_live_run_too(s3_endpoint, monkeypatch):
     other_process = [
         sys.executable,
         "-c",
-        f"from nightshift.lease import run_lease\nfrom nightshift.rundir import RunDir\n"
+        f"from nightshift.runtime.lease import run_lease\nfrom nightshift.runtime.rundir import RunDir\n"
         f"with run_lease(RunDir({run_dir!r})): print('took it')",
     ]
 

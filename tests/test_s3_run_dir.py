@@ -105,9 +105,9 @@ def test_a_bucket_run_survives_throttling_server_errors_stalls_and_dropped_conne
     import orjson
     from fault_proxy import FaultyS3Proxy
 
-    from nightshift import storage
     from nightshift.flows.run import run_job
     from nightshift.jobs import make_job
+    from nightshift.runtime import storage
 
     tiny_job = make_job("tiny", chunk_size=10, max_num_seqs=16)
 

@@ -15,7 +15,7 @@ from nightshift.batch_api.runs import STOP_GRACE_S, BatchRuns, RunEnd, RunOrder,
 from nightshift.batch_api.store import Store, StoredBatch
 from nightshift.config import BatchApiConfig
 from nightshift.records import Verdict
-from nightshift.storage import is_url
+from nightshift.runtime.storage import is_url
 
 log = logging.getLogger("nightshift.serve")
 

@@ -36,8 +36,8 @@ from nightshift.batch_api.store import (
 from nightshift.batch_api.webhooks import Webhooks
 from nightshift.config import BATCH_CLASS_KEY, BatchApiConfig, batch_class
 from nightshift.records import Plan, ProgressSnapshot, RunReport, Verdict
-from nightshift.rundir import RunDir
-from nightshift.storage import location, written_whole
+from nightshift.runtime.rundir import RunDir
+from nightshift.runtime.storage import location, written_whole
 from nightshift.wire.openai_format import error_line
 
 log = logging.getLogger("nightshift.serve")

@@ -21,8 +21,8 @@ from nightshift.batch_api.runs import STOP_GRACE_S, BatchRuns, RunEnd, RunOrder,
 from nightshift.batch_api.store import Store, StoredBatch
 from nightshift.config import BatchApiConfig
 from nightshift.errors import ExitStatus
-from nightshift.processes import on_parent_death, started_at
-from nightshift.storage import is_url
+from nightshift.runtime.processes import on_parent_death, started_at
+from nightshift.runtime.storage import is_url
 
 log = logging.getLogger("nightshift.serve")
 

@@ -39,7 +39,7 @@ from nightshift.batch_api.store import (
 )
 from nightshift.config import BATCH_CLASS_KEY, BatchApiConfig, batch_class
 from nightshift.errors import NightshiftError
-from nightshift.storage import StorageFull, written_whole
+from nightshift.runtime.storage import StorageFull, written_whole
 
 
 class Runner(Protocol):

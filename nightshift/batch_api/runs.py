@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 from nightshift.batch_api.store import StoredBatch
-from nightshift.rundir import RunDir
+from nightshift.runtime.rundir import RunDir
 
 STOP_GRACE_S = 90.0  # a run told to stop flushes its finished rows first
 

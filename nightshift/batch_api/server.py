@@ -29,7 +29,7 @@ from nightshift.batch_api.store import Store, owner_of
 from nightshift.batch_api.webhooks import Webhooks
 from nightshift.config import BatchApiConfig
 from nightshift.errors import ConfigurationError
-from nightshift.storage import is_url
+from nightshift.runtime.storage import is_url
 
 
 def api_keys(config: BatchApiConfig) -> set[str]:
@@ -59,8 +59,8 @@ def serve(config: BatchApiConfig) -> int:
     """Run the API until SIGINT/SIGTERM; batches in flight resume on the next start."""
     import uvicorn
 
-    from nightshift.lease import run_lease
-    from nightshift.rundir import RunDir
+    from nightshift.runtime.lease import run_lease
+    from nightshift.runtime.rundir import RunDir
 
     owners = api_keys(config)  # before anything listens: no keys, no server
     store = Store(config.storage, config.retention_s)

@@ -26,7 +26,7 @@ import httpx
 
 from nightshift.batch_api.local_process import WITHHELD
 from nightshift.errors import ConfigurationError
-from nightshift.processes import free_port, on_parent_death
+from nightshift.runtime.processes import free_port, on_parent_death
 
 log = logging.getLogger("nightshift.serve")
 

@@ -28,9 +28,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from nightshift.deadline import parse_duration
-from nightshift.rundir import RunDir, write_json_atomic
-from nightshift.storage import location
+from nightshift.runtime.deadline import parse_duration
+from nightshift.runtime.rundir import RunDir, write_json_atomic
+from nightshift.runtime.storage import location
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
 TERMINAL = ("failed", "completed", "expired", "cancelled")

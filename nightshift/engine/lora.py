@@ -15,7 +15,7 @@ from pathlib import Path
 
 from nightshift.config import LoraAdapter
 from nightshift.errors import ConfigurationError
-from nightshift.storage import is_url
+from nightshift.runtime.storage import is_url
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")

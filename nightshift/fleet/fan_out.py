@@ -54,12 +54,12 @@ from prefect.deployments import run_deployment
 from prefect.states import Cancelled, Cancelling, Crashed
 
 from nightshift.config import CanaryConfig, FanOut, JobSpec
-from nightshift.deadline import deadline_reached
 from nightshift.errors import ConfigurationError, DeadlineReached, EngineCannotStartHere
 from nightshift.fleet.workers import HeartbeatWatch, read_refusal, unfit_workers
-from nightshift.preemption import grace_seconds
 from nightshift.records import GroupManifest, Refusal, Shard, ShardResult
-from nightshift.rundir import VALIDATION_GROUP, RunDir
+from nightshift.runtime.deadline import deadline_reached
+from nightshift.runtime.preemption import grace_seconds
+from nightshift.runtime.rundir import VALIDATION_GROUP, RunDir
 from nightshift.stages.chunks import shard_cache_key
 
 _FAILED = {StateType.FAILED, StateType.CRASHED, StateType.CANCELLED}

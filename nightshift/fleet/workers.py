@@ -14,7 +14,7 @@ from pathlib import Path
 
 from nightshift.errors import EngineCannotStartHere
 from nightshift.records import GroupManifest, Heartbeat, Refusal, ShardResult, UnfitWorker, WorkerIdentity
-from nightshift.rundir import RunDir
+from nightshift.runtime.rundir import RunDir
 
 HEARTBEAT_INTERVAL_S = 5.0
 # A refusing child keeps its worker's slot this long, so the pool hands the group it gave back

@@ -1,19 +1,20 @@
 """The cost and throughput report of a run: measured from its files (`measure`, SQL in DuckDB),
-priced as the hardware it ran on (`price`, arithmetic), rendered (`render`). `write_report`
+priced as the hardware it ran on (`price`, arithmetic, at a rate from the catalog in `pricing`),
+rendered (`render`). `write_report`
 writes `report.json`, `report.md` and `report.png` beside the outputs; the report stage's task
 (tasks/s6_report.py) adds the dashboard's artifacts."""
 
 from __future__ import annotations
 
 from nightshift.config import JobSpec
-from nightshift.pricing import ManagedPrices, RateSource
 from nightshift.records import CostReport, Plan
 from nightshift.report.measure import engine_time, errors_by_code, politeness, row_totals, trend
 from nightshift.report.price import engine_figures, priced, validation_figures
+from nightshift.report.pricing import ManagedPrices, RateSource
 from nightshift.report.render import artifact_markdown, cost_line, render_chart, render_markdown
-from nightshift.rundir import RunDir
+from nightshift.runtime.rundir import RunDir
+from nightshift.runtime.storage import written_whole
 from nightshift.stages.chunks import shard_cache_key
-from nightshift.storage import written_whole
 
 __all__ = [
     "artifact_markdown",

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from nightshift.config import JobSpec
 from nightshift.records import EngineTime, ModelRows, Politeness, RowTotals, RunReport, ShardMetrics
-from nightshift.rundir import RunDir
+from nightshift.runtime.rundir import RunDir
+from nightshift.runtime.storage import duckdb_connection, local_copies, sql_path
 from nightshift.stages.chunks import best_rows_sql, chunk_files, sql_path_list
-from nightshift.storage import duckdb_connection, local_copies, sql_path
 
 
 def politeness(run_dir: RunDir, job: JobSpec) -> Politeness | None:

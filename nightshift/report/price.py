@@ -1,10 +1,9 @@
 """The report's throughput and money: arithmetic on what was measured, and the prices of the
-hardware the run used as itself (`nightshift.pricing`) — no I/O but the canary verdict's file."""
+hardware the run used as itself (`nightshift.report.pricing`) — no I/O but the canary verdict's file."""
 
 from __future__ import annotations
 
 from nightshift.engine.sizing import throughput_traps
-from nightshift.pricing import ManagedPrices, Rate, RateSource
 from nightshift.records import (
     EngineFigures,
     EngineTime,
@@ -20,7 +19,8 @@ from nightshift.records import (
     ValidationFigures,
     Verdict,
 )
-from nightshift.rundir import RunDir
+from nightshift.report.pricing import ManagedPrices, Rate, RateSource
+from nightshift.runtime.rundir import RunDir
 from nightshift.stages.estimate import managed_api_cost
 
 

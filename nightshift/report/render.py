@@ -8,8 +8,8 @@ from pathlib import Path
 from nightshift.config import JobSpec
 from nightshift.records import CostReport, ShardMetrics
 from nightshift.report.measure import chunk_landings
-from nightshift.rundir import RunDir
-from nightshift.storage import written_whole
+from nightshift.runtime.rundir import RunDir
+from nightshift.runtime.storage import written_whole
 
 
 def _percent(share: float | None) -> float | None:

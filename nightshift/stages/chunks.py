@@ -18,12 +18,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nightshift import progress
 from nightshift.config import JobSpec
-from nightshift.deadline import EXPIRED_CODE
 from nightshift.records import Shard, ShardResult
-from nightshift.rundir import RunDir, write_json_atomic
-from nightshift.storage import duckdb_connection, local_copies, location, read_table, written_whole
+from nightshift.runtime import progress
+from nightshift.runtime.deadline import EXPIRED_CODE
+from nightshift.runtime.rundir import RunDir, write_json_atomic
+from nightshift.runtime.storage import duckdb_connection, local_copies, location, read_table, written_whole
 from nightshift.wire.lines import BatchLine
 from nightshift.wire.openai_format import (
     RemoteCompletion,

@@ -38,9 +38,9 @@ from pydantic import BaseModel, Field
 
 from nightshift.config import JobSpec
 from nightshift.records import CostReport, MisplacedSharedText, Plan
-from nightshift.rundir import RunDir
+from nightshift.runtime.rundir import RunDir
+from nightshift.runtime.storage import duckdb_connection, read_table, sql_path
 from nightshift.stages.layout import PrefixCacheModel, expected_work, prefix_order
-from nightshift.storage import duckdb_connection, read_table, sql_path
 from nightshift.wire.openai_format import CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL
 
 
@@ -412,7 +412,7 @@ def prefix_cache_shape(job: JobSpec) -> tuple[int | None, int] | None:
     engine would get — set, or sized as a CPU engine sizes it; on a GPU unless set, unbounded —
     in vLLM's default blocks (16 tokens on GPUs, 128 on CPUs). None without prefix caching."""
     from nightshift.engine.sizing import cpu_kv_cache_bytes, kv_bytes_per_token, with_platform_defaults
-    from nightshift.telemetry import GpuSampler
+    from nightshift.observe.telemetry import GpuSampler
 
     if job.engine.enable_prefix_caching is False:
         return None
@@ -426,7 +426,7 @@ def prefix_cache_shape(job: JobSpec) -> tuple[int | None, int] | None:
 
 def local_rate(pricing):
     """The price of this host's hardware as the pricing block has it (the card NVML names)."""
-    from nightshift.telemetry import GpuSampler
+    from nightshift.observe.telemetry import GpuSampler
 
     sampler = GpuSampler()
     return pricing.rate(sampler.gpu_name, sampler.gpu_count)

@@ -25,16 +25,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nightshift.config import JobSpec
-from nightshift.deadline import StopSignal, deadline_reached
 from nightshift.engine.local import EngineFailure, get_engine
 from nightshift.engine.protocol import Engine
 from nightshift.engine.sizing import throughput_traps
 from nightshift.engine.tool_calls import ToolCalling
 from nightshift.errors import DeadlineReached, Preempted
 from nightshift.models import local_model
-from nightshift.preemption import generation_in_progress, grace_seconds, stop_requested
+from nightshift.observe.telemetry import GpuSampler
 from nightshift.records import Shard, ShardMetrics, ShardResult
-from nightshift.rundir import RunDir
+from nightshift.runtime.deadline import StopSignal, deadline_reached
+from nightshift.runtime.preemption import generation_in_progress, grace_seconds, stop_requested
+from nightshift.runtime.rundir import RunDir
+from nightshift.runtime.storage import duckdb_connection, local_copies, read_table
 from nightshift.stages.chunks import (
     ChunkWriter,
     Suspects,
@@ -46,8 +48,6 @@ from nightshift.stages.chunks import (
 )
 from nightshift.stages.layout import expected_work, prefix_order
 from nightshift.stages.result_cache import ResultCache, cached_output_line
-from nightshift.storage import duckdb_connection, local_copies, read_table
-from nightshift.telemetry import GpuSampler
 from nightshift.wire.media import MediaPolicy
 from nightshift.wire.openai_format import PreparedRequest, RequestRejected, ServedModels, duplicate_key, prepare_request
 

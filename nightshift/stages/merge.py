@@ -30,7 +30,8 @@ import pyarrow.parquet as pq
 from nightshift.config import JobSpec
 from nightshift.errors import NightshiftError
 from nightshift.records import Plan, RunReport, Shard, ShardResult
-from nightshift.rundir import RunDir
+from nightshift.runtime.rundir import RunDir
+from nightshift.runtime.storage import duckdb_connection, local_copies, read_table, written_whole
 from nightshift.stages.canaries import CANARY_PREFIX
 from nightshift.stages.chunks import (
     CHUNK_SCHEMA,
@@ -40,7 +41,6 @@ from nightshift.stages.chunks import (
     rows_on_disk,
     shard_cache_key,
 )
-from nightshift.storage import duckdb_connection, local_copies, read_table, written_whole
 
 RESULTS_COLUMNS = [
     "custom_id", "text", "finish_reason", "prompt_tokens", "completion_tokens", "shard", "source", "model",
@@ -206,7 +206,7 @@ class _Totals:
 
 class _Outputs:
     """The run's output files, appended to shard by shard. Each is written to a local temporary
-    and becomes its file or object whole when every shard is in (nightshift.storage); if any
+    and becomes its file or object whole when every shard is in (nightshift.runtime.storage); if any
     shard fails its check, none of them changes."""
 
     RESULTS = pa.schema([CHUNK_SCHEMA.field(name) for name in RESULTS_COLUMNS])

@@ -24,7 +24,8 @@ import pyarrow.parquet as pq
 from nightshift.config import DEFAULT_SHARD_SIZE, CorpusOptions
 from nightshift.inputs import EMBEDDINGS_URL, InputRow, detect_kind, read_rows
 from nightshift.records import Plan, Shard
-from nightshift.rundir import RunDir, written_whole
+from nightshift.runtime.rundir import RunDir, written_whole
+from nightshift.runtime.storage import sql_path
 from nightshift.stages.layout import (
     LINT_SAMPLE_ROWS,
     PREFIX_CUTS,
@@ -33,7 +34,6 @@ from nightshift.stages.layout import (
     misplaced_shared_text,
     prefix_hashes,
 )
-from nightshift.storage import sql_path
 
 SHARD_SCHEMA = pa.schema(
     [

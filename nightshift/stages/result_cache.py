@@ -9,7 +9,7 @@ used for sampled rows without a seed; a changed model, dtype, context, seed or q
 changes the fingerprint, so nothing from another configuration is served.
 
 Layout: `DIR/<output fingerprint[:16]>/<shard key>-<time>-<random>.parquet`, written whole
-(see nightshift.storage), so a reader sees complete files only; lookups are DuckDB over the
+(see nightshift.runtime.storage), so a reader sees complete files only; lookups are DuckDB over the
 fingerprint's files, filtered to one shard's keys. DIR may be a local directory or an
 object-store URL (`s3://bucket/nightshift-cache`).
 """
@@ -24,7 +24,7 @@ import uuid
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nightshift.storage import StorageFull, duckdb_connection, location, size_text, sql_path, written_whole
+from nightshift.runtime.storage import StorageFull, duckdb_connection, location, size_text, sql_path, written_whole
 from nightshift.wire.lines import BatchLine
 from nightshift.wire.openai_format import batch_request_id
 

@@ -32,7 +32,6 @@ from nightshift.config import CanaryConfig, JobSpec
 from nightshift.engine.lora import local_adapter
 from nightshift.fleet.workers import worker_identity
 from nightshift.models import local_model, weight_bytes
-from nightshift.oracle import oracle_check, reference_class
 from nightshift.records import (
     CanariesCheck,
     CanaryOutcome,
@@ -46,9 +45,10 @@ from nightshift.records import (
     SkippedCheck,
     Verdict,
 )
-from nightshift.rundir import RunDir
+from nightshift.runtime.rundir import RunDir
+from nightshift.runtime.storage import duckdb_connection, sql_path
 from nightshift.stages.canaries import CANARY_PREFIX, check_expectations, load_canaries
-from nightshift.storage import duckdb_connection, sql_path
+from nightshift.validation.oracle import oracle_check, reference_class
 from nightshift.validation.rows import checkable_rows, embedded_rows, rerun_text, rerun_token_ids
 from nightshift.validation.settings_gate import settings_gate
 

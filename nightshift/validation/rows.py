@@ -18,9 +18,9 @@ import random
 import orjson
 
 from nightshift.config import JobSpec
-from nightshift.rundir import RunDir
+from nightshift.runtime.rundir import RunDir
+from nightshift.runtime.storage import duckdb_connection, local_copies, sql_path
 from nightshift.stages.canaries import CANARY_PREFIX
-from nightshift.storage import duckdb_connection, local_copies, sql_path
 from nightshift.wire.images import image_parts
 
 # Body fields under which the engine's tokens are not the model's own most likely ones (an

@@ -196,7 +196,7 @@ def _bounded(read_some, url: str, policy: MediaPolicy) -> bytes:
 
 
 def _object_size(url: str) -> int:
-    from nightshift.storage import location
+    from nightshift.runtime.storage import location
 
     try:
         return location(url).stat().st_size
@@ -205,7 +205,7 @@ def _object_size(url: str) -> int:
 
 
 def _read_object(url: str, policy: MediaPolicy) -> bytes:
-    from nightshift.storage import location
+    from nightshift.runtime.storage import location
 
     try:
         with location(url).open("rb") as handle:

@@ -95,7 +95,7 @@ def test_every_adapter_row_is_the_merged_models_greedy_answer_and_every_base_row
 def test_the_oracle_gates_adapter_rows_on_the_merged_reference_and_a_swapped_adapter_fails(mixed_run, adapters):
     from nightshift.config import CanaryConfig
     from nightshift.records import Verdict
-    from nightshift.rundir import RunDir
+    from nightshift.runtime.rundir import RunDir
     from nightshift.validation.gate import validate
 
     run_dir, job = mixed_run
@@ -116,7 +116,7 @@ def test_forced_tool_call_rows_are_asked_again_and_must_call_the_same(mixed_run)
     """Constrained rows (a grammar picks the tokens) are no oracle's to score, but the
     determinism re-ask covers them (issue 50): the forced calls come back the same."""
     from nightshift.config import CanaryConfig
-    from nightshift.rundir import RunDir
+    from nightshift.runtime.rundir import RunDir
     from nightshift.validation.gate import validate
 
     run_dir, job = mixed_run

@@ -271,7 +271,7 @@ def test_the_cost_report_totals_equal_the_usage_in_output_jsonl(mixed_run):
 def test_cost_per_million_tokens_is_the_pricing_blocks_arithmetic(mixed_run):
     from nightshift.blocks.pricing import GpuPricing, ManagedApiPrices
     from nightshift.report import build_report
-    from nightshift.rundir import RunDir
+    from nightshift.runtime.rundir import RunDir
 
     _, run_dir, _ = mixed_run
     pricing = GpuPricing(accelerator="H100", accelerators=8, on_demand_per_hour=4.0, spot_per_hour=1.5)

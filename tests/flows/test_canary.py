@@ -77,7 +77,7 @@ def test_a_run_whose_canaries_hold_is_validated_and_canaries_stay_out_of_the_out
     assert "nightshift.run.failed" not in emitted
 
     # The lineage view: input → output.jsonl (the merge, with its figures) → report.json.
-    from nightshift.assets import asset_key
+    from nightshift.observe.assets import asset_key
 
     output, report_json = asset_key(run_dir / "output.jsonl"), asset_key(run_dir / "report.json")
     made = materializations_of([output, report_json])

@@ -18,8 +18,8 @@ def long_rows(count: int) -> list[dict]:
 def test_a_deadline_mid_run_merges_the_finished_rows_and_expires_the_rest(tmp_path, prefect_server, tiny_job):
     from prefect.client.orchestration import get_client
 
-    from nightshift.deadline import deadline_reached
     from nightshift.flows.run import run_job
+    from nightshift.runtime.deadline import deadline_reached
 
     path = write_jsonl(tmp_path / "in.jsonl", long_rows(ROWS))
     run_dir = tmp_path / "run"

@@ -24,7 +24,7 @@ def questions_about_documents(path, documents=6, questions=4):
 def test_questions_about_one_document_reuse_its_cached_prefix_as_the_plan_predicted(tmp_path, prefect_server, tiny_job):
     from nightshift.flows.run import run_job
     from nightshift.records import Plan, RunReport
-    from nightshift.rundir import RunDir
+    from nightshift.runtime.rundir import RunDir
     from nightshift.stages.estimate import count_tokens, load_tokenizer, prefix_cache_shape
 
     path = questions_about_documents(tmp_path / "in.jsonl")

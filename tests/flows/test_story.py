@@ -7,7 +7,7 @@ import time
 from conftest import chat_request, write_jsonl
 
 from nightshift.records import ProgressSnapshot
-from nightshift.rundir import RunDir
+from nightshift.runtime.rundir import RunDir
 
 
 def test_progress_moves_by_the_row_and_the_logs_tell_the_story(tmp_path, prefect_server, tiny_job):
@@ -68,8 +68,8 @@ def test_progress_moves_by_the_row_and_the_logs_tell_the_story(tmp_path, prefect
 def test_the_console_line_says_rows_rate_and_eta():
     import io
 
-    from nightshift.progress import ConsoleProgress
     from nightshift.records import ProgressSnapshot
+    from nightshift.runtime.progress import ConsoleProgress
 
     state = ProgressSnapshot(
         completed=250, total=1000, elapsed_seconds=10, rolling_tokens_per_second=1234.5, eta_seconds=125.0, updated=0

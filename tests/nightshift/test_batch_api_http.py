@@ -206,7 +206,7 @@ def test_retention_removes_old_files_and_finished_batches_with_their_run_directo
     def aged(file_id):
         stored = store.file(file_id, "alice")
         aged_file = stored.model_copy(update={"file": stored.file.model_copy(update={"created_at": hour_ago})})
-        from nightshift.rundir import write_json_atomic
+        from nightshift.runtime.rundir import write_json_atomic
 
         write_json_atomic(store.root / "files" / f"{file_id}.json", aged_file.model_dump())
 

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from nightshift import progress
-from nightshift.progress import ConsoleProgress, Progress
-from nightshift.rundir import RunDir
+from nightshift.runtime import progress
+from nightshift.runtime.progress import ConsoleProgress, Progress
+from nightshift.runtime.rundir import RunDir
 
 pytestmark = pytest.mark.fast
 

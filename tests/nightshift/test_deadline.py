@@ -6,8 +6,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from nightshift.deadline import DeadlineTimer, StopSignal, deadline_reached, parse_deadline
 from nightshift.errors import ConfigurationError
+from nightshift.runtime.deadline import DeadlineTimer, StopSignal, deadline_reached, parse_deadline
 
 pytestmark = pytest.mark.fast
 

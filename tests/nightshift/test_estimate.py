@@ -143,7 +143,7 @@ def test_the_input_order_prediction_replays_the_input_whatever_the_shards_layout
     from conftest import chat_request, write_jsonl
 
     from nightshift.jobs import make_job
-    from nightshift.rundir import RunDir
+    from nightshift.runtime.rundir import RunDir
     from nightshift.stages.estimate import count_tokens, load_tokenizer
     from nightshift.stages.plan import plan
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from nightshift.fleet.workers import HeartbeatWatch
-from nightshift.rundir import RunDir
+from nightshift.runtime.rundir import RunDir
 
 pytestmark = pytest.mark.fast
 

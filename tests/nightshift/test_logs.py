@@ -56,7 +56,7 @@ def test_the_configuration_step_llm_runs_leaves_live_handlers_alone():
 
 
 def test_a_users_request_for_vllms_own_configuration_is_overruled(monkeypatch):
-    from nightshift.logs import keep_vllm_from_configuring_logging
+    from nightshift.observe.logs import keep_vllm_from_configuring_logging
 
     monkeypatch.setenv("VLLM_CONFIGURE_LOGGING", "1")
     keep_vllm_from_configuring_logging()
@@ -66,7 +66,7 @@ def test_a_users_request_for_vllms_own_configuration_is_overruled(monkeypatch):
 def test_a_vllm_logging_file_is_applied_once_by_nightshift_and_kept_from_vllm(tmp_path, monkeypatch):
     from vllm.config.logging import LoggingConfig
 
-    from nightshift.logs import keep_vllm_from_configuring_logging
+    from nightshift.observe.logs import keep_vllm_from_configuring_logging
 
     config = {
         "version": 1,
@@ -83,7 +83,7 @@ def test_a_vllm_logging_file_is_applied_once_by_nightshift_and_kept_from_vllm(tm
 
 
 def test_the_vllm_logger_has_the_asked_level_and_one_handler(monkeypatch):
-    from nightshift.logs import set_vllm_log_level
+    from nightshift.observe.logs import set_vllm_log_level
 
     monkeypatch.setenv("VLLM_LOGGING_LEVEL", "INFO")
     set_vllm_log_level("ERROR")
@@ -97,7 +97,7 @@ def test_the_vllm_logger_has_the_asked_level_and_one_handler(monkeypatch):
 def test_importing_nightshift_leaves_the_level_a_command_chooses_to_the_command(monkeypatch):
     """The import gives the logger vLLM's default level but does not write it down as if asked:
     `nightshift run` (ERROR unless --verbose) must still see the level as unset."""
-    from nightshift.logs import keep_vllm_from_configuring_logging
+    from nightshift.observe.logs import keep_vllm_from_configuring_logging
 
     monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
     keep_vllm_from_configuring_logging()

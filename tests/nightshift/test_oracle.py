@@ -4,7 +4,7 @@ the other way passes, a token the reference would not produce fails."""
 import pytest
 import torch
 
-from nightshift.oracle import score_tokens
+from nightshift.validation.oracle import score_tokens
 
 pytestmark = pytest.mark.fast
 

@@ -6,10 +6,10 @@ import pytest
 
 from nightshift.config import RuntimeSettings
 from nightshift.errors import ConfigurationError
-from nightshift.lease import LeaseLost, _alive, run_lease
 from nightshift.records import Lease
-from nightshift.rundir import RunDir
-from nightshift.storage import written_whole
+from nightshift.runtime.lease import LeaseLost, _alive, run_lease
+from nightshift.runtime.rundir import RunDir
+from nightshift.runtime.storage import written_whole
 
 pytestmark = pytest.mark.fast
 
@@ -102,7 +102,7 @@ def test_runtime_settings_come_from_the_environment_typed_and_checked(monkeypatc
 
 
 def test_a_write_already_past_the_fence_when_the_run_froze_is_taken_back_when_it_wakes(tmp_path, monkeypatch):
-    import nightshift.storage as storage
+    import nightshift.runtime.storage as storage
 
     run = RunDir(tmp_path)
     chunk = tmp_path / "shards" / "abc" / "chunk-00001.parquet"
@@ -141,7 +141,7 @@ def test_a_stopping_process_waits_for_the_writes_in_flight_so_none_lands_after_i
     settle_commits() holds the exit until every write in flight has passed its second check."""
     import threading
 
-    import nightshift.storage as storage
+    import nightshift.runtime.storage as storage
 
     run = RunDir(tmp_path)
     chunk = tmp_path / "shards" / "abc" / "chunk-00002.parquet"

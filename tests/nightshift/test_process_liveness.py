@@ -1,4 +1,4 @@
-"""Who counts as alive (nightshift/processes.py), wherever Nightshift asks: the shared temporary
+"""Who counts as alive (nightshift/runtime/processes.py), wherever Nightshift asks: the shared temporary
 Prefect server's supervisor and clients, a run directory's lease holder, a killed server's run.
 
 A process killed outright whose parent is gone is reparented, and on a machine whose first
@@ -18,10 +18,10 @@ import pytest
 
 from nightshift.batch_api.local_process import _kill_leftovers
 from nightshift.batch_api.store import BatchObject, StoredBatch
-from nightshift.lease import _alive
-from nightshift.local_prefect import Place
-from nightshift.processes import started_at, still_runs
 from nightshift.records import Lease
+from nightshift.runtime.lease import _alive
+from nightshift.runtime.local_prefect import Place
+from nightshift.runtime.processes import started_at, still_runs
 
 pytestmark = pytest.mark.fast
 

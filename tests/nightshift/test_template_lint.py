@@ -6,7 +6,7 @@ import json
 import pytest
 from conftest import write_jsonl
 
-from nightshift.rundir import RunDir
+from nightshift.runtime.rundir import RunDir
 from nightshift.samples import sample_documents
 from nightshift.stages.layout import misplaced_shared_text
 from nightshift.stages.plan import plan

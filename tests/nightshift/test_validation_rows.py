@@ -83,7 +83,7 @@ def test_each_check_judges_the_rows_it_can(body, checks):
 def test_a_sampled_rows_tokens_are_plausible_when_drawn_from_the_reference_and_not_when_from_another_model():
     import torch
 
-    from nightshift.oracle import excess_surprisal
+    from nightshift.validation.oracle import excess_surprisal
 
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(64, 500, generator=generator) * 3

@@ -5,7 +5,7 @@ function against a real GPU's NVML."""
 
 import pytest
 
-from nightshift.telemetry import visible_gpus
+from nightshift.observe.telemetry import visible_gpus
 
 pytestmark = pytest.mark.fast
 

@@ -19,7 +19,7 @@ from nightshift.errors import EngineCannotStartHere
 from nightshift.fleet import fan_out as fanout
 from nightshift.fleet import workers
 from nightshift.records import GroupManifest, Shard, ShardResult
-from nightshift.rundir import RunDir
+from nightshift.runtime.rundir import RunDir
 
 pytestmark = pytest.mark.fast
 
@@ -233,8 +233,8 @@ def test_with_a_deadline_the_fleet_is_as_wide_as_the_measured_pace_needs(left, g
 
 
 def test_at_the_deadline_nothing_more_is_dispatched_and_waiting_runs_are_cancelled(tmp_path, monkeypatch):
-    from nightshift.deadline import deadline_reached
     from nightshift.errors import DeadlineReached
+    from nightshift.runtime.deadline import deadline_reached
 
     monkeypatch.setenv("NIGHTSHIFT_SIGTERM_GRACE_S", "0")
     first, running, waiting = (fanout.group_key([shard(i)], JOB) for i in range(3))

@@ -10,7 +10,7 @@ from conftest import chat_request, read_jsonl, write_jsonl
 
 from nightshift.jobs import make_job
 from nightshift.records import ShardResult
-from nightshift.rundir import RunDir
+from nightshift.runtime.rundir import RunDir
 from nightshift.stages.chunks import ChunkWriter, shard_cache_key
 from nightshift.stages.merge import IncompleteRun, merge
 from nightshift.stages.plan import plan

@@ -8,7 +8,7 @@ import pytest
 from conftest import chat_request, read_jsonl, write_jsonl
 
 from nightshift.jobs import make_job
-from nightshift.rundir import RunDir
+from nightshift.runtime.rundir import RunDir
 from nightshift.stages.chunks import ChunkWriter, shard_cache_key
 from nightshift.stages.merge import merge_unfinished
 from nightshift.stages.plan import plan

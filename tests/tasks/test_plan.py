@@ -9,7 +9,7 @@ import pytest
 from conftest import chat_request, write_jsonl
 
 from nightshift.inputs import InputRow
-from nightshift.rundir import RunDir
+from nightshift.runtime.rundir import RunDir
 from nightshift.stages.canaries import CANARY_PREFIX
 from nightshift.stages.plan import plan
 

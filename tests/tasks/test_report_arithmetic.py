@@ -12,7 +12,7 @@ from nightshift.blocks.pricing import GpuPricing, ManagedApiPrices
 from nightshift.config import EngineConfig, JobSpec
 from nightshift.records import Plan, Shard
 from nightshift.report import build_report
-from nightshift.rundir import RunDir
+from nightshift.runtime.rundir import RunDir
 from nightshift.stages.chunks import shard_cache_key
 
 pytestmark = pytest.mark.fast

@@ -2,7 +2,7 @@
 
 RUN_DIR/
   job.json                            the JobSpec of the latest run (for `nightshift retry`)
-  lease.json                          the live run holding the directory (nightshift/lease.py)
+  lease.json                          the live run holding the directory (nightshift/runtime/lease.py)
   lease-beats/TOKEN.json              each holder's heartbeat (written under the owner fence)
   progress.json                       live progress: rows done, rate, ETA
   plan/manifest.json                  the Plan: shards in input order
@@ -23,7 +23,7 @@ RUN_DIR/
   report.json  report.md  report.png  the cost and throughput report
 
 RUN_DIR is a local directory or an object-store prefix (`s3://bucket/runs/tonight`): the same
-layout either way, reached through `nightshift.storage`.
+layout either way, reached through `nightshift.runtime.storage`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from nightshift.storage import is_url, location, written_whole
+from nightshift.runtime.storage import is_url, location, written_whole
 
 VALIDATION_GROUP = "validation"  # the canary checks' child run on the pool heartbeats as this group
 

@@ -10,7 +10,7 @@ its heartbeat has not changed for a TTL of watching — two hosts' clocks are ne
 
 The fence: every run that takes the directory writes the next epoch, and every file this process
 makes visible under a directory it leased — chunk files, shard manifests, the merged outputs, the
-report — first checks that the lease is still its own (nightshift.storage's commit fence). A run
+report — first checks that the lease is still its own (nightshift.runtime.storage's commit fence). A run
 frozen past its TTL (a stopped VM, a long pause) and taken over meanwhile comes back to find the
 lease another's: it stops with LeaseLost (exit status 2) and makes nothing more visible. A write
 already past the check when it froze (an upload under way) is checked again once it lands, and a
@@ -36,10 +36,10 @@ from pathlib import Path
 
 from nightshift.config import RuntimeSettings
 from nightshift.errors import ConfigurationError
-from nightshift.processes import started_at, still_runs
 from nightshift.records import Lease, LeaseBeat
-from nightshift.rundir import RunDir
-from nightshift.storage import add_commit_fence, is_device_full, is_url, location, read_fresh
+from nightshift.runtime.processes import started_at, still_runs
+from nightshift.runtime.rundir import RunDir
+from nightshift.runtime.storage import add_commit_fence, is_device_full, is_url, location, read_fresh
 
 log = logging.getLogger("nightshift.lease")
 

@@ -109,10 +109,10 @@ def quiet_third_parties() -> None:
 
 class _OneLineForAFullDisk(logging.Filter):
     """A full disk is an expected end, said in one line with the path and the space
-    (nightshift.storage.StorageFull): the console's records of it lose their traceback."""
+    (nightshift.runtime.storage.StorageFull): the console's records of it lose their traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from nightshift.storage import is_device_full
+        from nightshift.runtime.storage import is_device_full
 
         if record.exc_info and record.exc_info[1] is not None and is_device_full(record.exc_info[1]):
             record.exc_info, record.exc_text = None, None

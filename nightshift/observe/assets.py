@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from nightshift.records import CostReport, RunReport
-from nightshift.rundir import RunDir
-from nightshift.storage import is_url
+from nightshift.runtime.rundir import RunDir
+from nightshift.runtime.storage import is_url
 
 
 def asset_key(path) -> str:

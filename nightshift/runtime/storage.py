@@ -150,7 +150,7 @@ def read_fresh(path) -> bytes:
 
 class _CommitGate:
     """The process's commit gate. Its fences are called with every path just before it is made
-    visible, and again just after: the run directory's owner fence (nightshift.lease) raises there
+    visible, and again just after: the run directory's owner fence (nightshift.runtime.lease) raises there
     when this process no longer owns the directory it writes in, and says whether it guards
     `target` at all. It counts the writes between those two checks, so that a process about to
     exit (the CLI ends with os._exit) lets each one finish its second check — and take back what

@@ -5,7 +5,7 @@ Prefect starts a temporary server inside every process that has no `PREFECT_API_
 busy machine they time out ("database is locked", then "Timed out while attempting to connect to
 ephemeral Prefect API server") before a row is sent. A run, retry or demo with no server
 configured uses the machine's shared one instead: the first to arrive starts it — a small
-supervisor process of its own session, `python -m nightshift.local_prefect`, which runs the same
+supervisor process of its own session, `python -m nightshift.runtime.local_prefect`, which runs the same
 temporary server Prefect would (no UI, no background services, the same database under
 PREFECT_HOME) — and the others find it. It stops once no run has used it for
 `NIGHTSHIFT_SHARED_PREFECT_IDLE_S` (30 s). Its address, its log and its clients are files under
@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 
 from nightshift.errors import PrefectUnreachable
-from nightshift.processes import free_port, on_parent_death, started_at
+from nightshift.runtime.processes import free_port, on_parent_death, started_at
 
 
 class Place:
@@ -114,7 +114,7 @@ def _start_supervisor(place: Place, settings) -> dict:
     port = free_port()
     with open(place.log, "wb") as log:
         supervisor = subprocess.Popen(
-            [sys.executable, "-m", "nightshift.local_prefect", str(place.root.parent), str(port)],
+            [sys.executable, "-m", "nightshift.runtime.local_prefect", str(place.root.parent), str(port)],
             env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     server = {"pid": supervisor.pid, "key": _process_key(supervisor.pid), "url": f"http://127.0.0.1:{port}/api"}

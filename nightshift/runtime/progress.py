@@ -14,7 +14,7 @@ import time
 from collections import deque
 
 from nightshift.records import ProgressSnapshot
-from nightshift.rundir import RunDir
+from nightshift.runtime.rundir import RunDir
 
 log = logging.getLogger("nightshift.progress")
 LOG_EVERY_S = 60.0
@@ -179,7 +179,7 @@ def _print_logs_through(console, stream) -> list:
 
     from prefect.logging.handlers import PrefectConsoleHandler
 
-    from nightshift.logs import every_handler
+    from nightshift.observe.logs import every_handler
 
     restores = []
     for handler in every_handler():

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from nightshift.config import JobSpec
 from nightshift.records import Plan, ProgressSnapshot
-from nightshift.rundir import RunDir
+from nightshift.runtime.rundir import RunDir
+from nightshift.runtime.storage import parquet_rows
 from nightshift.stages.chunks import chunk_files, shard_cache_key
-from nightshift.storage import parquet_rows
 
 
 @dataclass

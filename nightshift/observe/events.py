@@ -23,8 +23,8 @@ import logging
 
 from nightshift.config import JobSpec
 from nightshift.records import headline_of
-from nightshift.rundir import RunDir
-from nightshift.storage import location
+from nightshift.runtime.rundir import RunDir
+from nightshift.runtime.storage import location
 
 log = logging.getLogger("nightshift.events")
 
