@@ -20,7 +20,8 @@ test-fast: setup
 	.venv/bin/python -m pytest -m fast tests
 
 # The drills: kills on a flaky bucket, an engine server killed mid-run, a Batch API window that
-# runs out — each waits by design; the suite keeps a faster test of each part. Nightly-style.
+# runs out, a fleet-budget client killed with slots in hand, a GPU worker lost mid-run — each
+# waits by design; the suite keeps a faster test of each part. Nightly-style.
 drills: setup
 	.venv/bin/python -m pytest tests -m drill
 

@@ -251,8 +251,12 @@ def test_cancel_mid_run_keeps_finished_rows_and_a_queued_batch_expires(server):
     ]
 
 
-def test_a_server_killed_mid_batch_resumes_it_when_started_again(tmp_path):
-    server = Server(tmp_path / "storage").start()
+def test_a_server_killed_mid_batch_resumes_it_when_started_again(tmp_path, warm_engine):
+    """The batch's rows go to the test worker's engine server (`--chat-engine-url`): the subject is
+    the batch store's resume after a SIGKILL and the killed server's run, which the restarted
+    server ends (what a dead run left, its engine included, is killed: tests/nightshift/
+    test_leftovers.py, test_process_liveness.py)."""
+    server = Server(tmp_path / "storage", "--chat-engine-url", warm_engine.url).start()
     client = server.client()
     rows = long_requests(1400, tokens=64)  # in waves (rows decoded together): killed after the first
     batch = client.batches.create(input_file_id=upload(client, rows), endpoint="/v1/chat/completions",
@@ -271,7 +275,7 @@ def test_a_server_killed_mid_batch_resumes_it_when_started_again(tmp_path):
 
     assert done.status == "completed" and done.request_counts.completed == len(rows)
     assert sorted(line["custom_id"] for line in outputs) == sorted(row["custom_id"] for row in rows)
-    assert not [p.pid for p in psutil.process_iter() if _group(p.pid) == first_run], "the killed run's engine lives on"
+    assert not [p.pid for p in psutil.process_iter() if _group(p.pid) == first_run], "the killed server's run lives on"
 
 
 def _group_listening_on(port: int) -> int:

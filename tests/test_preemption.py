@@ -40,7 +40,10 @@ def nightshift(args, env: dict[str, str] | None = None):
     )
 
 
-def run_args(input_path, run_dir):
+def run_args(input_path, run_dir, engine_url: str | None = None):
+    """The run's arguments: its own engine, or the engine server at `engine_url`, as many rows in
+    flight there as the local engine decodes together."""
+    engine = ["--engine-url", engine_url, "--engine-max-concurrency", "8"] if engine_url else ["--max-num-seqs", "8"]
     return [
         "run",
         str(input_path),
@@ -58,8 +61,7 @@ def run_args(input_path, run_dir):
         str(SHARD),
         "--chunk-size",
         "16",
-        "--max-num-seqs",
-        "8",
+        *engine,
     ]
 
 
@@ -96,10 +98,14 @@ def finish(process, timeout=600):
 
 
 def test_sigkill_at_a_random_moment_then_rerun_loses_and_repeats_nothing_and_the_rerun_alone_holds_the_directory(
-    tmp_path,
+    tmp_path, warm_engine
 ):
+    """The runs reach the test worker's engine server: the subject is the run directory after a
+    kill — its chunks, checkpoints and lease — not an engine inside the killed process (an engine
+    killed mid-shard: tests/flows/test_engine_faults.py; runs killed with their engines: the kill
+    drill, tests/test_drill_kill.py)."""
     source, run_dir = corpus(tmp_path / "in.jsonl"), tmp_path / "run"
-    first = nightshift(run_args(source, run_dir))
+    first = nightshift(run_args(source, run_dir, warm_engine.url))
     wait_for_chunks(run_dir, at_least=3, process=first)
     time.sleep(random.uniform(0, 4))
     os.killpg(first.pid, signal.SIGKILL)  # the whole process group: the CLI and whatever it started
@@ -113,8 +119,9 @@ def test_sigkill_at_a_random_moment_then_rerun_loses_and_repeats_nothing_and_the
 
     killed_lease = json.loads((run_dir / "lease.json").read_text())
     assert not killed_lease["released"]  # left behind: a lost machine releases nothing
-    rerun = nightshift(run_args(source, run_dir))
-    assert_a_second_run_is_refused_while(rerun, run_dir, source)
+    args = run_args(source, run_dir, warm_engine.url)
+    rerun = nightshift(args)
+    assert_a_second_run_is_refused_while(rerun, run_dir, args)
     code, out = finish(rerun)
     assert code == 0, out[-3000:]
     assert_complete_exactly_once(run_dir)
@@ -134,7 +141,7 @@ def test_sigkill_at_a_random_moment_then_rerun_loses_and_repeats_nothing_and_the
         assert path.stat().st_mtime_ns == mtime
 
 
-def assert_a_second_run_is_refused_while(live, run_dir: Path, source: Path) -> None:
+def assert_a_second_run_is_refused_while(live, run_dir: Path, args: list[str]) -> None:
     """One live run per run directory: once `live` holds the lease (the killed run's lease does
     not stop it), a second run is refused, naming it, before any engine or Prefect starts."""
     deadline = time.monotonic() + 120
@@ -143,7 +150,7 @@ def assert_a_second_run_is_refused_while(live, run_dir: Path, source: Path) -> N
         time.sleep(0.2)
     since = json.loads((run_dir / "lease.json").read_text())["since"]
     started = time.monotonic()
-    second = nightshift(run_args(source, run_dir))
+    second = nightshift(args)
     output, _ = second.communicate(timeout=120)
     assert second.returncode == 2, output[-2000:]
     assert f"is being run by pid {live.pid}" in output and since in output

@@ -1,6 +1,6 @@
 """The nightly deployment on real work pools: a `prefect server start`, process pools, workers,
-`prefect deploy` from deployments/prefect.yaml, `prefect deployment run --watch` — and one GPU
-worker killed mid-run.
+`prefect deploy` from deployments/prefect.yaml, `prefect deployment run --watch` — and, as a drill
+(`make drills`), one GPU worker killed mid-run.
 
 Shards fan out to both GPU workers; the killed worker's group is re-dispatched to the other;
 the merged output holds every row exactly once; the run is driven only by block names. The
@@ -267,16 +267,20 @@ def assert_every_row_once(run_dir, rows: int) -> None:
 
 
 def test_a_straggling_group_is_reissued_and_the_first_finisher_wins(deployed, gpu_workers, served, tmp_path):
+    """Also the suite's run of the canary checks on the GPU pool (the lost-worker drill checks
+    them too): the determinism re-ask goes to the run's engine server, the oracle scores on the
+    tiny model's local weights, in a validation flow run of a GPU worker."""
     run_dir = tmp_path / "nightly"
     deployed.stall_flag.touch()  # the first child run to start hangs
     parameters = nightly_parameters(
         requests_file(tmp_path / "in.jsonl", 8), run_dir, served, straggler_factor=1.0, straggler_min_s=0
     )
-    run = start_nightly(deployed, dispatch_only(parameters))
+    run = start_nightly(deployed, parameters)
     output, _ = run.communicate(timeout=900)
     assert run.returncode == 0, output[-4000:]
 
     assert_every_row_once(run_dir, 8)
+    assert_validated_on_a_gpu_worker(deployed, run_dir)
 
     def children_states():  # the loser's worker may still be stopping it
         states = sorted(
@@ -288,7 +292,8 @@ def test_a_straggling_group_is_reissued_and_the_first_finisher_wins(deployed, gp
 
     states = _wait(children_states, None, "the duplicate was not cancelled", timeout=120)
     assert states == ["CANCELLED", "COMPLETED", "COMPLETED"], "two groups, one dispatched twice, its loser cancelled"
-    assert len(list((run_dir / "groups").glob("*/*.json"))) == 2, "only the winners' results are used"
+    results = [m for m in (run_dir / "groups").glob("*/*.json") if m.parent.name != "validation"]
+    assert len(results) == 2, "only the winners' results are used"
 
 
 def test_a_worker_that_cannot_start_the_engine_hands_its_groups_to_the_others(deployed, gpu_workers, tmp_path):
@@ -340,8 +345,15 @@ def bucket(deployed, s3_endpoint):
 
 @pytest.fixture(scope="module")
 def lost_worker_run(deployed, gpu_workers, bucket, tmp_path_factory):
-    """A nightly run, input and run directory on the bucket, during which one GPU worker — and the
-    flow run and engine it ran — is SIGKILLed."""
+    """A drill (`make drills`): a nightly run, input and run directory on the bucket, during which
+    one GPU worker — and the flow run and engine it ran — is SIGKILLed. It waits by design (a
+    heartbeat timeout, engines started again: about 200 s here). The suite proves its parts
+    faster: when a child run counts as lost (tests/nightshift/test_heartbeat_watch.py), that its
+    group is dispatched again and a retried parent gets its runs back, and that a run that wrote its
+    results before its worker was lost is not redone (tests/tasks/test_fanout_dispatcher.py);
+    fan-out to both GPU workers with every row once, and the canary checks on the pool (the
+    straggler drill, above); a run directory on a bucket, resumed with every row once and no
+    secret in any object (tests/test_s3_run_dir.py)."""
     root, _ = bucket
     tmp = tmp_path_factory.mktemp("lost-worker")
     (root / "in.jsonl").write_bytes(requests_file(tmp / "in.jsonl", ROWS).read_bytes())
@@ -366,6 +378,7 @@ def lost_worker_run(deployed, gpu_workers, bucket, tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.drill
 def test_the_bucket_is_all_the_lost_worker_run_shared(bucket, lost_worker_run):
     root, secret = bucket
     names = {p.name for p in lost_worker_run.iterdir()}
@@ -374,6 +387,7 @@ def test_the_bucket_is_all_the_lost_worker_run_shared(bucket, lost_worker_run):
         assert not path.is_file() or secret.encode() not in path.read_bytes(), path
 
 
+@pytest.mark.drill
 def test_shards_run_on_both_gpu_workers_and_the_merged_output_is_complete(lost_worker_run):
     assert_every_row_once(lost_worker_run, ROWS)
     winners = [json.loads(m.read_text()) for m in (lost_worker_run / "groups").glob("*/*.json")]
@@ -384,21 +398,26 @@ def test_shards_run_on_both_gpu_workers_and_the_merged_output_is_complete(lost_w
     assert report["engine_slots"] == 2, "two GPUs ran side by side and both are billed"
 
 
+@pytest.mark.drill
 def test_the_canary_checks_ran_on_a_gpu_worker_not_in_the_orchestrating_flow(deployed, lost_worker_run):
-    verdict = json.loads((lost_worker_run / "validation.json").read_text())
+    assert_validated_on_a_gpu_worker(deployed, lost_worker_run)
+
+
+def assert_validated_on_a_gpu_worker(deployed, run_dir) -> None:
+    verdict = json.loads((run_dir / "validation.json").read_text())
     assert verdict["validated"], verdict["failures"]
     assert verdict["where"]["cuda_visible_devices"] in ("0", "1"), "validated on a GPU worker"
     assert verdict["checks"]["determinism"]["of"] == 2, "the re-run had an engine there"
     assert verdict["checks"]["oracle"]["agreement"] == 1.0
     runs = {r["id"]: r for r in deployed.flow_runs("nightshift-validate")}
     validation_run = runs[verdict["where"]["flow_run_id"]]
-    assert validation_run["parameters"]["run_dir"] == str(lost_worker_run)
+    assert validation_run["parameters"]["run_dir"] == str(run_dir)
     assert validation_run["state_type"] == "COMPLETED"
-    assert verdict == json.loads(
-        (lost_worker_run / "groups" / "validation" / f"{validation_run['id']}.verdict").read_text()
-    ), "validation.json is the verdict of the run that gated the flow, as that run left it"
+    left = json.loads((run_dir / "groups" / "validation" / f"{validation_run['id']}.verdict").read_text())
+    assert verdict == left, "validation.json is the verdict of the run that gated the flow, as that run left it"
 
 
+@pytest.mark.drill
 def test_the_lost_workers_run_is_shown_crashed_and_its_group_redone(deployed, lost_worker_run):
     children = [
         c
@@ -414,6 +433,7 @@ def test_the_lost_workers_run_is_shown_crashed_and_its_group_redone(deployed, lo
     assert len(did_a_group) == GROUPS, "every group finished once"
 
 
+@pytest.mark.drill
 def test_retrying_the_nightly_run_dispatches_no_group_twice(deployed, lost_worker_run):
     [parent] = [p for p in deployed.flow_runs("nightshift-batch") if p["parameters"]["run_dir"] == str(lost_worker_run)]
     children_before = len(deployed.flow_runs("nightshift-generate-shards"))
