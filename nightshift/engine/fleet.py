@@ -30,6 +30,7 @@ from uuid import UUID
 
 import httpx
 
+from nightshift.engine.politeness import Aimd
 from nightshift.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class FleetBudget:
         self.name, self.clients_name = limit_names(server)
         self.most, self.weight, self.leases, self._lock = most, weight, [], threading.Lock()
         self._seen: int | None = None
+        self._aimd = Aimd(most)
         self._renewed = time.monotonic()
         self.client = get_client(sync_client=True)
         self.client.__enter__()
@@ -115,7 +117,7 @@ class FleetBudget:
 
         limit = self.client.read_global_concurrency_limit_by_name(self.name).limit
         if online_ttft_ms is not None and self._seen in (None, limit):
-            stepped = max(1, limit // 2) if online_ttft_ms > objective_ms else min(self.most, limit + 1)
+            stepped = self._aimd.step(limit, online_ttft_ms, objective_ms)
             if stepped != limit:
                 self.client.update_global_concurrency_limit(self.name, GlobalConcurrencyLimitUpdate(limit=stepped))
             limit = stepped
