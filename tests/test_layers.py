@@ -260,11 +260,27 @@ PROCESS_WIDE = {
 }
 
 
+def _frozen(module: str, name: str) -> bool:
+    """Whether `module.name` is a frozen dataclass: an instance of it is a constant, not state."""
+    import dataclasses
+    import importlib
+
+    cls = getattr(importlib.import_module(module), name, None)
+    return dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen
+
+
 def module_state(name: str, path: Path) -> list[str]:
     """Module-level names bound to state: an empty container, a threading primitive, or an
-    instance of a class of the module itself; and any `global` statement."""
+    instance of a class of the module itself or of another Nightshift module; and any `global`
+    statement."""
     tree = ast.parse(path.read_text())
-    own_classes = {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
+    own_classes = {node.name for node in tree.body if isinstance(node, ast.ClassDef)} | {
+        alias.asname or alias.name
+        for node in tree.body
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("nightshift")
+        for alias in node.names
+        if alias.name[:1].isupper() and not _frozen(node.module, alias.name)
+    }
     found = [f"{name}: global {', '.join(n.names)}" for n in ast.walk(tree) if isinstance(n, ast.Global)]
     for node in tree.body:
         value = node.value if isinstance(node, (ast.Assign, ast.AnnAssign)) else None

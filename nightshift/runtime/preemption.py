@@ -12,6 +12,8 @@ import os
 import signal
 import threading
 
+from nightshift.runtime.in_flight import InFlight
+
 stop_requested = threading.Event()
 
 
@@ -47,35 +49,15 @@ def install_sigterm_handler() -> None:
     threading.Thread(target=watch, name="nightshift-sigterm", daemon=True).start()
 
 
-class _Generations:
-    """The generate calls running in this process, so that a stopping process can wait for their
-    flush (process-wide by nature, as the SIGTERM that stops them is)."""
-
-    def __init__(self) -> None:
-        self.active = 0
-        self.idle = threading.Condition()
-
-    def __enter__(self):
-        with self.idle:
-            self.active += 1
-
-    def __exit__(self, *exc):
-        with self.idle:
-            self.active -= 1
-            self.idle.notify_all()
-
-    def wait_until_flushed(self, timeout: float) -> bool:
-        with self.idle:
-            return self.idle.wait_for(lambda: self.active == 0, timeout=timeout)
+# the generate calls running in this process, so that a stopping process can wait for their flush
+# (process-wide by nature, as the SIGTERM that stops them is)
+_generations = InFlight()
 
 
-_generations = _Generations()
-
-
-def generation_in_progress() -> _Generations:
+def generation_in_progress() -> InFlight:
     """Marks a generate call as running (`with generation_in_progress(): …`)."""
     return _generations
 
 
 def wait_until_flushed(timeout: float) -> bool:
-    return _generations.wait_until_flushed(timeout)
+    return _generations.wait_until_none(timeout)

@@ -32,6 +32,7 @@ from pathlib import Path
 import fsspec
 
 from nightshift.errors import ExitStatus, NightshiftError
+from nightshift.runtime.in_flight import InFlight
 
 # botocore's retry loop, for throttling, 5xx and connection errors on every request.
 # A dead endpoint fails in about a minute, not after ten full connect timeouts.
@@ -159,26 +160,10 @@ class _CommitGate:
 
     def __init__(self) -> None:
         self.fences: list[Callable[[str], bool]] = []
-        self._in_flight = 0
-        self._settled = threading.Condition()
+        self.writes = InFlight()  # the writes between their two checks
 
     def passes(self, target) -> bool:
         return any([fence(str(target)) for fence in self.fences])
-
-    @contextmanager
-    def in_flight(self) -> Iterator[None]:
-        with self._settled:
-            self._in_flight += 1
-        try:
-            yield
-        finally:
-            with self._settled:
-                self._in_flight -= 1
-                self._settled.notify_all()
-
-    def settle(self, timeout: float) -> bool:
-        with self._settled:
-            return self._settled.wait_for(lambda: self._in_flight == 0, timeout=timeout)
 
 
 _gate = _CommitGate()
@@ -191,7 +176,7 @@ def add_commit_fence(fence: Callable[[str], bool]) -> None:
 
 def settle_commits(timeout: float = 60.0) -> bool:
     """Wait until no write of this process is between its fence checks; whether none is."""
-    return _gate.settle(timeout)
+    return _gate.writes.wait_until_none(timeout)
 
 
 @contextmanager
@@ -222,7 +207,7 @@ def written_whole(path) -> Iterator[Path]:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             yield tmp
-            with _gate.in_flight():
+            with _gate.writes:
                 guarded = _gate.passes(target)
                 _synced(tmp)  # on disk before it counts: a power cut leaves the old file or the new, whole
                 with _retracted_if_fenced(target, guarded, target.exists, lambda: target.unlink(missing_ok=True)):
@@ -239,7 +224,7 @@ def written_whole(path) -> Iterator[Path]:
     try:
         tmp = Path(scratch) / target.name
         yield tmp
-        with _gate.in_flight():
+        with _gate.writes:
             guarded = _gate.passes(target)
             fs, fs_path = filesystem(target)
             with _retracted_if_fenced(target, guarded, lambda: fs.exists(fs_path), lambda: fs.rm_file(fs_path)):
