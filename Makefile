@@ -13,7 +13,7 @@ TEST_WORKERS ?= $(or $(NIGHTSHIFT_TEST_WORKERS),2)
 
 test: setup
 	.venv/bin/ruff check .
-	.venv/bin/python -m pytest tests -m "not drill" -n $(TEST_WORKERS) --dist loadfile
+	.venv/bin/python -m pytest tests -m "not drill" -n $(TEST_WORKERS) --dist loadfile --junitxml=.ci/times.xml
 
 # The fast layer alone: no engine, no Prefect server (well under a minute).
 test-fast: setup
