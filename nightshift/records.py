@@ -553,7 +553,9 @@ class Lease(_Record):
         "observer's own clock is"
     )
     epoch: int = Field(1, description="grows by one with every run that takes the directory: the owner fence")
-    released: bool = Field(False, description="the holder ended and let go: nobody holds the directory")
+    released: bool = Field(
+        False, description="written by runs before 2026-12-07; a holder now lets go in its LeaseBeat"
+    )
 
     def describe(self) -> str:
         run = f", flow run {self.flow_run_id}" if self.flow_run_id else ""
@@ -561,9 +563,10 @@ class Lease(_Record):
 
 
 class LeaseBeat(_Record):
-    """`lease-beats/TOKEN.json`: the lease holder's latest heartbeat (Unix time)."""
+    """`lease-beats/TOKEN.json`: the lease holder's latest heartbeat (Unix time), and its release."""
 
     heartbeat: float
+    released: bool = Field(False, description="the holder ended and let go: nobody holds the directory")
 
 
 class WorkerIdentity(_Record):

@@ -120,4 +120,5 @@ def test_a_run_frozen_past_its_lease_and_taken_over_makes_nothing_visible_when_i
         rows = pq.read_table(io.BytesIO(now.get(key) or published[key]), columns=["custom_id"]).column(0)
         assert set(rows.to_pylist()) <= set(ids), key
     lease = orjson.loads(fs.cat(f"{bucket}/runs/tonight/lease.json"))
-    assert lease["epoch"] == 2 and lease["released"]
+    let_go = orjson.loads(fs.cat(f"{bucket}/runs/tonight/lease-beats/{lease['token']}.json"))
+    assert lease["epoch"] == 2 and let_go["released"]

@@ -125,8 +125,9 @@ def test_sigkill_at_a_random_moment_then_rerun_loses_and_repeats_nothing_and_the
     code, out = finish(rerun)
     assert code == 0, out[-3000:]
     assert_complete_exactly_once(run_dir)
-    released = json.loads((run_dir / "lease.json").read_text())
-    assert released["released"] and released["epoch"] == killed_lease["epoch"] + 1, "released at the end"
+    rerun_lease = json.loads((run_dir / "lease.json").read_text())
+    let_go = json.loads((run_dir / "lease-beats" / f"{rerun_lease['token']}.json").read_text())
+    assert let_go["released"] and rerun_lease["epoch"] == killed_lease["epoch"] + 1, "released at the end"
     # A shard killed between its result file and its task-cache record runs its task again and finds
     # every row on disk (its chunks untouched, below): checkpointed, though not through the cache.
     checkpointed = int(re.search(r"\((\d+) from checkpoints\)", out).group(1))

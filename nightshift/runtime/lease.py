@@ -86,26 +86,35 @@ def run_lease(run_dir: RunDir, flow_run_id: str | None = None):
         yield
     finally:
         stop.set()
+        beat.join(timeout=lease_ttl_s())  # no beat of it lands after the release
         with _lock:
             _held.pop(str(root), None)
         current = _read(path)
-        if current is not None and current.token == mine.token:  # the epoch stays: it only grows
-            _release(path, current.model_copy(update={"released": True}))
-            _forget_beat(run_dir, mine.token)  # its heartbeat goes with it; a run taken over removes nothing
+        if current is not None and current.token == mine.token:  # a run taken over writes nothing more
+            _let_go(run_dir, mine.token)
 
 
-def _release(path: Path, released: Lease) -> None:
-    """Save the released lease; on a full disk, over the old lease's own bytes (compact JSON is
-    shorter than the saved one, so no new space is needed) — else the next run would find this
-    process's lease held and refuse to start once there is room."""
+def _let_go(run_dir: RunDir, token: str) -> None:
+    """Release the directory in the holder's own beat file, never in the lease: a run frozen (or
+    its storage stalled) past the TTL after its last beat may have been taken over before this
+    write lands, and a released lease written then would have replaced the new owner's — which
+    its next fence check would read as taken over, stopping the live run. The next run to take
+    the directory removes the file. On a full disk the file is rewritten in its own block; where
+    even that fails, the next run here takes the directory at once (its process is gone), one
+    elsewhere after a TTL of watching."""
+    path, released = run_dir.lease_beat(token), LeaseBeat(heartbeat=time.time(), released=True)
     try:
         released.save(path)
     except OSError as exc:
         if is_url(path) or not is_device_full(exc):
             raise
-        with open(path, "r+b") as handle:
-            handle.write(released.model_dump_json().encode())
-            handle.truncate()
+        try:
+            with open(path, "r+b") as handle:
+                handle.write(released.model_dump_json().encode())
+                handle.truncate()
+        except OSError as again:
+            log.warning("%s: the release was not written (%r); the directory is free once this process ends",
+                        run_dir.root, again)  # fmt: skip
 
 
 def check_owner(target: str) -> bool:
@@ -143,7 +152,7 @@ def _acquire(path: Path, flow_run_id: str | None) -> Lease:
     if winner is None or winner.token != mine.token:
         taken_by = winner.describe() if winner else "another run"
         raise RunDirectoryBusy(f"{path.parent} was just taken by {taken_by}")
-    if current is not None and not current.released:
+    if current is not None and not released(path, current):
         log.warning("took over %s from %s, presumed dead", path.parent, current.describe())
     if current is not None:
         _forget_beat(RunDir(path.parent), current.token)
@@ -184,34 +193,39 @@ def _forget_beat(run_dir: RunDir, token: str) -> None:
         pass
 
 
-def _last_beat(path: Path, lease: Lease) -> float:
-    """The holder's latest heartbeat: its beat file's, else when it took the directory."""
+def _beat_of(path: Path, lease: Lease) -> LeaseBeat:
+    """The holder's latest beat: its beat file's, else (none yet, or torn) when it took the directory."""
     try:
-        return max(
-            lease.heartbeat,
-            LeaseBeat.model_validate_json(read_fresh(RunDir(path.parent).lease_beat(lease.token))).heartbeat,
-        )
-    except (OSError, ValueError):  # none yet, or torn: the lease's own time
-        return lease.heartbeat
+        beat = LeaseBeat.model_validate_json(read_fresh(RunDir(path.parent).lease_beat(lease.token)))
+    except (OSError, ValueError):
+        return LeaseBeat(heartbeat=lease.heartbeat, released=lease.released)
+    return beat.model_copy(
+        update={"heartbeat": max(beat.heartbeat, lease.heartbeat), "released": beat.released or lease.released}
+    )
+
+
+def released(path: Path, lease: Lease) -> bool:
+    """Whether the holder let go (in its beat file; `Lease.released` in directories of older runs)."""
+    return _beat_of(path, lease).released
 
 
 def _alive(lease: Lease, path: Path, clock=time.monotonic, sleep=time.sleep) -> bool:
     """Whether the lease's holder still runs: on this host by its process and this clock; from
     another host by watching whether its heartbeat moves within a TTL of this host's clock."""
-    if lease.released:
+    if released(path, lease):
         return False
     ttl = lease_ttl_s()
     if lease.host == socket.gethostname():  # a zombie holder (killed, never reaped) holds nothing
-        return still_runs(lease.pid, lease.pid_started) and time.time() - _last_beat(path, lease) <= ttl
+        return still_runs(lease.pid, lease.pid_started) and time.time() - _beat_of(path, lease).heartbeat <= ttl
     log.warning("%s was run by %s: watching its lease for up to %.0f s to see whether it lives", path.parent,
                 lease.describe(), ttl)  # fmt: skip
-    first = _last_beat(path, lease)
+    first = _beat_of(path, lease).heartbeat
     until = clock() + ttl
     while clock() < until:
         sleep(min(1.0, ttl / 10))
         now = _read(path)
-        if now is None or now.token != lease.token or _last_beat(path, now) != first:
-            return now is not None and not now.released  # it beat (or another took it): alive
+        if now is None or now.token != lease.token or _beat_of(path, now).heartbeat != first:
+            return now is not None and not released(path, now)  # it beat (or another took it): alive
     return False
 
 

@@ -6,8 +6,8 @@ import pytest
 
 from nightshift.config import RuntimeSettings
 from nightshift.errors import ConfigurationError
-from nightshift.records import Lease
-from nightshift.runtime.lease import LeaseLost, _alive, run_lease
+from nightshift.records import Lease, LeaseBeat
+from nightshift.runtime.lease import LeaseLost, _alive, released, run_lease
 from nightshift.runtime.rundir import RunDir
 from nightshift.runtime.storage import written_whole
 
@@ -21,9 +21,40 @@ def lease_of(run_dir) -> Lease:
 def test_every_run_that_takes_the_directory_gets_a_greater_epoch(tmp_path):
     with run_lease(RunDir(tmp_path)):
         assert lease_of(tmp_path).epoch == 1
-    assert lease_of(tmp_path).released, "a released lease keeps its epoch"
+    assert released(RunDir(tmp_path).lease, lease_of(tmp_path)), "released, and the lease keeps its epoch"
     with run_lease(RunDir(tmp_path)):
-        assert lease_of(tmp_path).epoch == 2 and not lease_of(tmp_path).released
+        assert lease_of(tmp_path).epoch == 2 and not released(RunDir(tmp_path).lease, lease_of(tmp_path))
+
+
+def test_a_run_taken_over_while_it_let_go_leaves_the_new_owners_lease_alone(tmp_path, monkeypatch):
+    """A run whose storage stalled (or that froze) past the TTL after its last beat is taken over
+    before its release lands: the release names only its own claim, and the new owner, who had
+    read the lease as its own, still owns the directory and may write there. (The release used to
+    rewrite the lease it had read, marked released, over the new owner's.)"""
+    import nightshift.records as records
+    import nightshift.runtime.lease as lease
+
+    run, writes, taken = RunDir(tmp_path), records.write_json_atomic, {}
+
+    def taken_over_first(path, data):  # the release's write lands after the takeover's
+        if taken.get("now") and "by" not in taken:
+            taken["by"] = lease_of(tmp_path).model_copy(update={"token": "the-other-run", "host": "gpu-9", "epoch": 2})
+            writes(run.lease, taken["by"].model_dump())
+        writes(path, data)
+
+    with run_lease(run):
+        monkeypatch.setattr(records, "write_json_atomic", taken_over_first)
+        taken["now"] = True
+    monkeypatch.setattr(records, "write_json_atomic", writes)
+    now = lease_of(tmp_path)
+    assert now.token == "the-other-run" and not released(run.lease, now), "the new owner's lease stands"
+    lease._held[str(tmp_path)] = now  # the new owner, by its fence, still owns the directory
+    try:
+        with written_whole(tmp_path / "report.json") as tmp:
+            tmp.write_text("the new owner's")
+    finally:
+        lease._held.pop(str(tmp_path))
+    assert (tmp_path / "report.json").read_text() == "the new owner's"
 
 
 def test_a_run_whose_lease_was_taken_over_makes_nothing_visible_in_the_directory(tmp_path):
@@ -124,7 +155,7 @@ def test_a_write_already_past_the_fence_when_the_run_froze_is_taken_back_when_it
     assert not list(tmp_path.rglob("*.tmp-*"))
 
     monkeypatch.setattr(storage, "_synced", synced)
-    Lease.load(run.lease).model_copy(update={"released": True}).save(run.lease)  # the other run ended
+    LeaseBeat(heartbeat=0, released=True).save(run.lease_beat(Lease.load(run.lease).token))  # the other run ended
     manifest.write_text("the new owner's")
     with run_lease(RunDir(tmp_path)):
         monkeypatch.setattr(storage, "_synced", frozen_then_taken_over)
@@ -198,4 +229,4 @@ def test_a_heartbeat_never_rewrites_the_lease_so_a_beat_frozen_mid_way_cannot_ta
         time.sleep(0.5)
         assert lease_of(tmp_path).token == "the-other-run", "no beat of the old holder took it back"
         assert LeaseBeat.load(run.lease_beat(mine.token)).heartbeat <= beat + 0.2, "the fence stopped its beats"
-    assert lease_of(tmp_path).token == "the-other-run" and not lease_of(tmp_path).released
+    assert lease_of(tmp_path).token == "the-other-run" and not released(run.lease, lease_of(tmp_path))
