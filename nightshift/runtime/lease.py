@@ -102,15 +102,15 @@ def _let_go(run_dir: RunDir, token: str) -> None:
     the directory removes the file. On a full disk the file is rewritten in its own block; where
     even that fails, the next run here takes the directory at once (its process is gone), one
     elsewhere after a TTL of watching."""
-    path, released = run_dir.lease_beat(token), LeaseBeat(heartbeat=time.time(), released=True)
+    path, release = run_dir.lease_beat(token), LeaseBeat(heartbeat=time.time(), released=True)
     try:
-        released.save(path)
+        release.save(path)
     except OSError as exc:
         if is_url(path) or not is_device_full(exc):
             raise
         try:
             with open(path, "r+b") as handle:
-                handle.write(released.model_dump_json().encode())
+                handle.write(release.model_dump_json().encode())
                 handle.truncate()
         except OSError as again:
             log.warning("%s: the release was not written (%r); the directory is free once this process ends",
@@ -212,20 +212,23 @@ def released(path: Path, lease: Lease) -> bool:
 def _alive(lease: Lease, path: Path, clock=time.monotonic, sleep=time.sleep) -> bool:
     """Whether the lease's holder still runs: on this host by its process and this clock; from
     another host by watching whether its heartbeat moves within a TTL of this host's clock."""
-    if released(path, lease):
+    first = _beat_of(path, lease)  # one read of the beat file per look
+    if first.released:
         return False
     ttl = lease_ttl_s()
     if lease.host == socket.gethostname():  # a zombie holder (killed, never reaped) holds nothing
-        return still_runs(lease.pid, lease.pid_started) and time.time() - _beat_of(path, lease).heartbeat <= ttl
+        return still_runs(lease.pid, lease.pid_started) and time.time() - first.heartbeat <= ttl
     log.warning("%s was run by %s: watching its lease for up to %.0f s to see whether it lives", path.parent,
                 lease.describe(), ttl)  # fmt: skip
-    first = _beat_of(path, lease).heartbeat
     until = clock() + ttl
     while clock() < until:
         sleep(min(1.0, ttl / 10))
         now = _read(path)
-        if now is None or now.token != lease.token or _beat_of(path, now).heartbeat != first:
-            return now is not None and not released(path, now)  # it beat (or another took it): alive
+        if now is None:
+            return False
+        beat = _beat_of(path, now)
+        if now.token != lease.token or beat.heartbeat != first.heartbeat or beat.released:
+            return not beat.released  # it beat (or another took it): alive; it let go meanwhile: free
     return False
 
 
