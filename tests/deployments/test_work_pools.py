@@ -296,7 +296,18 @@ def test_a_straggling_group_is_reissued_and_the_first_finisher_wins(deployed, gp
     assert len(results) == 2, "only the winners' results are used"
 
 
+@pytest.mark.drill
 def test_a_worker_that_cannot_start_the_engine_hands_its_groups_to_the_others(deployed, gpu_workers, tmp_path):
+    """A drill (`make drills`): a third GPU worker whose engine cannot start (a KV budget larger
+    than the machine) takes a group of a real nightly run, refuses it and the run's later groups,
+    and the two fit workers answer every row. It costs about 200–265 s in the suite, nearly all of
+    it engine starts in flow-run processes. The suite proves its parts faster: the real engine's
+    refusal is said once, with its memory picture, and never retried (flows/test_configuration.py::
+    test_an_engine_that_cannot_start_is_said_once_with_its_memory_picture_and_not_retried); the
+    dispatcher hands a refused group on without counting an attempt, the unfit worker tries its
+    engine once, and a run fails with their words when every online worker refuses
+    (tasks/test_fanout_dispatcher.py); groups spread over both GPU workers with every row once
+    (the straggler test, above)."""
     unfit = deployed.spawn(
         "worker-gpu-2",
         [PREFECT, "worker", "start", "--pool", "nightshift-gpu", "--limit", "1", "--name", "gpu-2"],
