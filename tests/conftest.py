@@ -62,23 +62,6 @@ FILE_COSTS = REPO / "tests" / "file_costs.json"
 
 def pytest_configure(config):
     config.option.loadscopereorder = False  # xdist: keep the order below
-    _a_core_per_worker()
-
-
-def _a_core_per_worker() -> None:
-    """Each test worker's CPU engines compute on a core of their own, as engines on hosts of
-    their own would. vLLM's CPU default binds an engine's threads to every core but the last,
-    and Nightshift gives a machine's only engine every core (engine/sizing.py): in a suite of
-    two workers, each with its warm engine server, every engine but the first bound itself to
-    core 0 — two workers' engines took turns on one core while the other ran Python. The
-    operator's VLLM_CPU_OMP_THREADS_BIND wins over both, and every child inherits it."""
-    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
-    cores = sorted(os.sched_getaffinity(0))
-    if worker is None or count is None or "VLLM_CPU_OMP_THREADS_BIND" in os.environ or int(count) > len(cores):
-        return
-    index = int(worker.removeprefix("gw"))
-    share = len(cores) // int(count)
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in cores[index * share : (index + 1) * share])
 
 
 def pytest_collection_modifyitems(config, items):
