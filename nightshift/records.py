@@ -334,6 +334,11 @@ class ProgressSnapshot(_Record):
     tokens: int = 0
     rolling_tokens_per_second: float | None = Field(None, description="over the last minute")
     updated: float = Field(description="Unix time of this snapshot: a stale one is a run no longer writing")
+    epoch: int | None = Field(
+        None,
+        description="the lease epoch of the run that wrote it: a snapshot of an epoch older than the "
+        "directory's lease is the late write of a run since taken over, and its readers ignore it",
+    )
 
 
 class ModelRows(_Record):

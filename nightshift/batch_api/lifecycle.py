@@ -36,6 +36,7 @@ from nightshift.batch_api.store import (
 from nightshift.batch_api.webhooks import Webhooks
 from nightshift.config import BATCH_CLASS_KEY, BatchApiConfig, batch_class
 from nightshift.records import Plan, ProgressSnapshot, RunReport, Verdict
+from nightshift.runtime.lease import superseded
 from nightshift.runtime.rundir import RunDir
 from nightshift.runtime.storage import location, written_whole
 from nightshift.wire.openai_format import error_line
@@ -251,6 +252,8 @@ class BatchLifecycle:
             progress = ProgressSnapshot.load(run_dir.progress)
             canaries = Plan.load(run_dir.plan_manifest).canary_rows
         except (FileNotFoundError, ValueError):
+            return
+        if superseded(run_dir, progress.epoch):  # the late write of a run taken over
             return
         done = max(0, min(progress.completed - canaries, stored.batch.request_counts.total))
 

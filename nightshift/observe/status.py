@@ -13,6 +13,7 @@ from pathlib import Path
 
 from nightshift.config import JobSpec
 from nightshift.records import Plan, ProgressSnapshot
+from nightshift.runtime.lease import superseded
 from nightshift.runtime.rundir import RunDir
 from nightshift.runtime.storage import parquet_rows
 from nightshift.stages.chunks import chunk_files, shard_cache_key
@@ -86,12 +87,13 @@ def _eta(remaining: int, rate: float | None) -> float | None:
 
 
 def _live_progress(rd: RunDir, total: int) -> ProgressSnapshot | None:
-    """progress.json of a run still writing it (updated in the last two minutes), else None."""
+    """progress.json of a run still writing it (updated in the last two minutes, by the lease's
+    holder: not the late write of a run taken over), else None."""
     try:
         live = ProgressSnapshot.load(rd.progress)
     except (OSError, ValueError):
         return None
-    if live.total != total or time.time() - live.updated > 120:
+    if live.total != total or time.time() - live.updated > 120 or superseded(rd, live.epoch):
         return None
     return live
 

@@ -117,6 +117,22 @@ def _let_go(run_dir: RunDir, token: str) -> None:
                         run_dir.root, again)  # fmt: skip
 
 
+def held_epoch(run_dir: RunDir) -> int | None:
+    """The epoch of the lease this process holds on `run_dir`; None where it holds none."""
+    mine = _held.get(str(run_dir.root))
+    return mine.epoch if mine else None
+
+
+def superseded(run_dir: RunDir, epoch: int | None) -> bool:
+    """Whether what a run wrote under lease `epoch` comes from a run since taken over. The fence
+    cannot recall a write already past its first check when its run froze: that write lands when
+    the run wakes, and readers of live files (progress.json) use this to ignore it."""
+    if epoch is None:
+        return False
+    current = _read(run_dir.lease)
+    return current is not None and current.epoch > epoch
+
+
 def check_owner(target: str) -> bool:
     """The commit fence: refuse to make `target` visible under a run directory this process
     leased and no longer owns; whether `target` lies under one it leased at all."""

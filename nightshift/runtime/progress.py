@@ -3,7 +3,10 @@ and a log line with the rolling tokens/s every minute.
 
 progress.json can be read at any moment without touching the job:
     {"completed": rows, "total": rows, "elapsed_seconds": s, "eta_seconds": s | null,
-     "tokens": n, "rolling_tokens_per_second": x | null, "updated": unix time}
+     "tokens": n, "rolling_tokens_per_second": x | null, "updated": unix time,
+     "epoch": the writer's lease epoch | null}
+A snapshot of an epoch older than the directory's lease is the late write of a run taken over
+(frozen with the write in flight): `lease.superseded` tells its readers to ignore it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 from collections import deque
 
 from nightshift.records import ProgressSnapshot
+from nightshift.runtime.lease import held_epoch
 from nightshift.runtime.rundir import RunDir
 
 log = logging.getLogger("nightshift.progress")
@@ -70,6 +74,7 @@ class Progress:
             tokens=self.tokens,
             rolling_tokens_per_second=round(rate, 2) if rate is not None else None,
             updated=now,
+            epoch=held_epoch(self.run_dir),  # a late write of a run taken over is ignored by readers
         )
 
     def write(self) -> None:

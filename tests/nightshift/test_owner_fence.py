@@ -230,3 +230,25 @@ def test_a_heartbeat_never_rewrites_the_lease_so_a_beat_frozen_mid_way_cannot_ta
         assert lease_of(tmp_path).token == "the-other-run", "no beat of the old holder took it back"
         assert LeaseBeat.load(run.lease_beat(mine.token)).heartbeat <= beat + 0.2, "the fence stopped its beats"
     assert lease_of(tmp_path).token == "the-other-run" and not released(run.lease, lease_of(tmp_path))
+
+
+def test_a_progress_snapshot_of_a_run_since_taken_over_is_not_read_as_the_live_runs(tmp_path):
+    """The fence cannot recall a write already past its first check when its run froze: a frozen
+    run's progress.json write lands when it wakes, over the new owner's. Each snapshot carries its
+    writer's lease epoch, and `nightshift status` and the Batch API's counts ignore one of an
+    epoch the directory's lease has passed."""
+    from nightshift.observe.status import _live_progress
+    from nightshift.records import ProgressSnapshot
+    from nightshift.runtime.lease import superseded
+    from nightshift.runtime.progress import Progress
+
+    run = RunDir(tmp_path)
+    with run_lease(run):
+        Progress(run, total=10, completed=3)  # it writes progress.json as it starts
+        snapshot = ProgressSnapshot.load(run.progress)
+        assert snapshot.epoch == 1 and _live_progress(run, 10) == snapshot
+    assert _live_progress(run, 10) == snapshot, "a run that ended is not superseded"
+
+    lease_of(tmp_path).model_copy(update={"epoch": 2, "token": "another-run"}).save(run.lease)  # taken over
+    assert superseded(run, 1) and not superseded(run, 2) and not superseded(run, None)
+    assert _live_progress(run, 10) is None, "the late snapshot of the run taken over is not the live run's"
