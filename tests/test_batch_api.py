@@ -251,10 +251,14 @@ def test_cancel_mid_run_keeps_finished_rows_and_a_queued_batch_expires(server):
     ]
 
 
+@pytest.mark.drill
 def test_a_server_killed_mid_batch_resumes_it_when_started_again(tmp_path, warm_engine):
-    """The batch's rows go to the test worker's engine server (`--chat-engine-url`): the subject is
-    the batch store's resume after a SIGKILL and the killed server's run, which the restarted
-    server ends (what a dead run left, its engine included, is killed: tests/nightshift/
+    """A drill (`make drills`): 1,400 rows, a server SIGKILLed mid-batch and started again (200–260 s
+    in the suite). The batch's rows go to the test worker's engine server (`--chat-engine-url`): the
+    subject is the batch store's resume after a SIGKILL and the killed server's run, which the
+    restarted server ends. The suite proves the parts faster: a new server resumes the batch from the
+    storage (tests/nightshift/test_batch_lifecycle.py), a killed run resumes from its checkpoints
+    (tests/test_preemption.py), and what a dead run left is killed (tests/nightshift/
     test_leftovers.py, test_process_liveness.py)."""
     server = Server(tmp_path / "storage", "--chat-engine-url", warm_engine.url).start()
     client = server.client()

@@ -8,6 +8,7 @@ gives it another chance.
 import threading
 import time
 
+import pytest
 from conftest import chat_request, read_jsonl, write_jsonl
 
 
@@ -35,9 +36,13 @@ def test_killing_the_engine_mid_shard_retries_the_shard_and_loses_nothing(
     assert [row["custom_id"] for row in read_jsonl(run_dir / "output.jsonl")] == [f"r{i}" for i in range(120)]
 
 
+@pytest.mark.drill
 def test_a_row_that_kills_the_engine_twice_is_set_aside_then_retried(
     tmp_path, prefect_server, tiny_job, engine_in_its_own_processes, monkeypatch
 ):
+    """A drill (`make drills`): the engine's processes killed twice, three engines started (about
+    120 s in the suite). The suite proves the rule faster on the real stage, chunks and merge:
+    tests/tasks/test_generate_suspects.py."""
     from nightshift.engine.local import shutdown_engine
     from nightshift.flows.retry import retry_errors
     from nightshift.flows.run import run_job

@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from scripted_batches import LAST_WORDS, ScriptedRuns, tenants_batches
 
 from nightshift.batch_api.lifecycle import BatchLifecycle
+from nightshift.batch_api.local_process import LocalProcessRuns
 from nightshift.batch_api.routes import create_app
 from nightshift.batch_api.runs import BatchRuns, RunEnd, StartedRun
 from nightshift.batch_api.store import Store, owner_of
@@ -53,6 +54,34 @@ def test_a_run_that_keeps_getting_lost_is_resumed_until_its_attempts_are_used_th
     assert stored.run_attempts == 3 and stored.run_group == 1003, "the latest run is the one recorded"
     assert stored.batch.status == "failed"
     assert [(e.code, e.message) for e in stored.batch.errors.data] == [("run_failed", LAST_WORDS)]
+
+
+def test_a_server_killed_mid_batch_is_followed_by_one_that_resumes_the_batch_from_the_storage(tmp_path):
+    """The fast representative of the drill tests/test_batch_api.py::test_a_server_killed_mid_batch_
+    resumes_it_when_started_again: all a server knows of a batch is on the storage, so a new one finds
+    it in_progress, its run not its own (LocalProcessRuns says LOST), and starts it again in the same
+    run directory (the run resumes from its checkpoints: tests/test_preemption.py) within the window."""
+    first_runs = ScriptedRuns(None)
+    killed, _, batch = a_batch(tmp_path, first_runs, rows=40)
+    killed.step()
+    [first] = first_runs.orders
+
+    config, store = killed.config, Store(killed.config.storage)  # the restarted server: nothing carried over
+    stored = store.batch(batch.id)
+    assert stored.batch.status == "in_progress" and stored.run_group == 1001
+    assert LocalProcessRuns(config, store).ended(stored) is RunEnd.LOST, "a run the server did not start is lost"
+    restarted_runs = ScriptedRuns(RunEnd.LOST, None)
+    BatchLifecycle(config, store, restarted_runs).step()
+
+    [again] = restarted_runs.orders
+    assert (again.attempt, first.attempt) == (1, 0)
+    assert (again.run_dir.root, again.input_path, again.deadline) == (
+        first.run_dir.root,
+        first.input_path,
+        first.deadline,
+    )
+    resumed = store.batch(batch.id)
+    assert resumed.batch.status == "in_progress" and resumed.run_attempts == 2
 
 
 def test_a_refused_run_fails_the_batch_at_once_with_the_runs_own_reason(tmp_path):
