@@ -84,6 +84,39 @@ def test_a_server_killed_mid_batch_is_followed_by_one_that_resumes_the_batch_fro
     assert resumed.batch.status == "in_progress" and resumed.run_attempts == 2
 
 
+def test_request_counts_follow_the_live_runs_progress_never_a_late_snapshot_of_a_run_taken_over(tmp_path):
+    """A frozen run's progress.json write can land after a new run took the directory over (the
+    fence cannot recall a write already past it): the batch's counts ignore a snapshot of an epoch
+    the directory's lease has passed, and follow the new run's."""
+    from nightshift.records import ProgressSnapshot
+    from nightshift.runtime.lease import run_lease
+    from nightshift.runtime.progress import Progress
+    from nightshift.stages.plan import plan
+
+    runs = ScriptedRuns(None, None, None, None)
+    lifecycle, store, batch = a_batch(tmp_path, runs, rows=40)
+    lifecycle.step()
+    [order] = runs.orders
+    run = order.run_dir
+    plan(str(order.input_path), run, shard_size=100)
+
+    def counted() -> int:
+        lifecycle.step()
+        return store.batch(batch.id).batch.request_counts.completed
+
+    with run_lease(run):  # the first run, epoch 1
+        Progress(run, total=40, completed=10)
+        late = ProgressSnapshot.load(run.progress).model_copy(update={"completed": 25})
+    assert counted() == 10
+    with run_lease(run):  # the run that took the directory over, epoch 2
+        Progress(run, total=40, completed=20)
+        assert counted() == 20
+        late.save(run.progress)  # the first run's write, frozen past the fence, lands now
+        assert counted() == 20, "a late snapshot of the run taken over does not move the counts"
+        Progress(run, total=40, completed=30)
+        assert counted() == 30
+
+
 def test_a_refused_run_fails_the_batch_at_once_with_the_runs_own_reason(tmp_path):
     runs = ScriptedRuns(RunEnd.REFUSED)
     lifecycle, store, batch = a_batch(tmp_path, runs)
