@@ -253,17 +253,17 @@ class BatchLifecycle:
             canaries = Plan.load(run_dir.plan_manifest).canary_rows
         except (FileNotFoundError, ValueError):
             return
-        if superseded(run_dir, progress.epoch):  # the late write of a run taken over
-            return
         done = max(0, min(progress.completed - canaries, stored.batch.request_counts.total))
+        # the lease is read only when the count would move: not the late write of a run taken over
+        if done == stored.batch.request_counts.completed or superseded(run_dir, progress.epoch):
+            return
 
         def counted(s: StoredBatch) -> None:
             s.batch.request_counts.completed = done
             if done >= s.batch.request_counts.total and s.batch.status == "in_progress":
                 s.batch.status, s.batch.finalizing_at = "finalizing", int(time.time())
 
-        if done != stored.batch.request_counts.completed:
-            self.update(stored.batch.id, counted)
+        self.update(stored.batch.id, counted)
 
     def _close(self, batch_id: str, status: str, code: str, message: str) -> None:
         """Stop the batch's run; its finished rows are its output, every other row an error line."""

@@ -49,9 +49,10 @@ class DyingEngine:
 
     def generate(self, requests, stop=None, grace_s=20.0):
         requests = list(requests)
-        self.batches.append([r.custom_id for r in requests])
-        if self.poisoned and any(r.custom_id == POISON for r in requests):
-            admitted = requests[: [r.custom_id for r in requests].index(POISON) + 1]
+        ids = [r.custom_id for r in requests]
+        self.batches.append(ids)
+        if self.poisoned and POISON in ids:
+            admitted = requests[: ids.index(POISON) + 1]
             raise EngineFailure("engine died", in_flight=[r.key for r in admitted])
         for request in requests:
             body = {"choices": [{"index": 0, "message": {"role": "assistant", "content": f"re {request.custom_id}"},
@@ -81,7 +82,9 @@ def test_a_row_the_engine_dies_under_twice_is_set_aside_and_nightshift_retry_giv
 ):
     run_dir, job, planned, engine = shard_with_poison
     (shard,) = planned.shards
-    suspects = lambda: Suspects(run_dir.shard_output(shard_cache_key(shard, job))).counts  # noqa: E731
+
+    def suspects() -> dict[int, int]:
+        return Suspects(run_dir.shard_output(shard_cache_key(shard, job))).counts
 
     with pytest.raises(EngineFailure):  # first death: every row admitted with the poison is a suspect
         stage.generate(shard, job, run_dir)
